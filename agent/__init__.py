@@ -1,0 +1,1 @@
+"""The sitepair provider agent: enrollment, the control stream, host backends and replication."""

@@ -1,0 +1,1 @@
+"""Host backends: the boundary between the agent and the hypervisor."""

@@ -1,0 +1,1 @@
+"""The sitepair broker: CA, enrollment, inventory, jobs, protection and failover orchestration."""

@@ -1,0 +1,1 @@
+"""The broker's persistent store: schema, migrations and the dataclasses it returns."""

@@ -1,0 +1,1 @@
+"""Virtual disks: raw, VHD and VHDX (fixed, dynamic, differencing)."""

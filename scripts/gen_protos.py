@@ -28,8 +28,11 @@ def generate(out_root: Path) -> list[Path]:
     if not protos:
         raise SystemExit("no .proto files under proto/sitepair/v1")
     well_known = Path(protoc.__file__).parent / "_proto"
+    bindir = Path(sys.executable).parent
     args = [
         "grpc_tools.protoc",
+        f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
         f"--python_out={out_root}",

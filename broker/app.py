@@ -1,0 +1,379 @@
+"""The broker's composition root: build every component, serve, shut down gracefully.
+
+``Broker.start()`` opens the store, loads the CA, binds the enrollment port (server TLS) and the
+control/admin port (mutual TLS, ``require_client_auth``), and starts the sibling tasks (heartbeat
+writer, liveness monitor, certificate renewal). ``Broker.shutdown()`` is idempotent: it stops
+accepting, tells connected agents Goodbye(SHUTTING_DOWN), lets calls drain for a grace period,
+flushes heartbeats and closes the store. If a sibling task fails, the broker shuts down rather
+than limp on half-alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+import grpc.aio
+
+from broker import config as config_mod
+from broker.auth import BrokerAuthorizer
+from broker.ca import CertificateAuthority, ServerCertificate, write_operator_profile
+from broker.commands import CommandDispatcher
+from broker.heartbeats import HeartbeatWriter, LivenessMonitor
+from broker.home import BrokerHome
+from broker.jobs import JobManager
+from broker.servers import ServerOperations
+from broker.sessions import SessionRegistry
+from broker.store.sqlite import SqliteStore
+from sitepair import pki, tickets
+from sitepair.clock import SYSTEM_CLOCK, Clock
+from sitepair.errors import ConfigError, FailedPrecondition
+from sitepair.fsutil import atomic_write, ensure_private_dir
+from sitepair.rpc import server_options
+from sitepair.v1 import admin_pb2_grpc, control_pb2, control_pb2_grpc, enrollment_pb2_grpc
+
+log = logging.getLogger("sitepair.broker")
+
+
+@dataclasses.dataclass
+class BrokerContext:
+    """What the services share. Built once by :class:`Broker`."""
+
+    config: config_mod.BrokerConfig
+    home: BrokerHome
+    clock: Clock
+    store: SqliteStore
+    ca: CertificateAuthority
+    server_cert: ServerCertificate
+    authorizer: BrokerAuthorizer
+    sessions: SessionRegistry
+    jobs: JobManager
+    dispatcher: CommandDispatcher
+    heartbeats: HeartbeatWriter
+    servers: ServerOperations
+    started_at: float
+    bound_enrollment: str = ""
+    bound_control: str = ""
+
+    def enrollment_addresses(self) -> list[str]:
+        return list(self.config.advertise.enrollment) or [self.bound_enrollment]
+
+    def control_addresses(self) -> list[str]:
+        return list(self.config.advertise.control) or [self.bound_control]
+
+
+def init_home(
+    root: Path,
+    *,
+    vault: str,
+    enrollment: str = "127.0.0.1:8444",
+    control: str = "127.0.0.1:8443",
+    server_names: tuple[str, ...] = ("localhost",),
+    clock: Clock = SYSTEM_CLOCK,
+) -> BrokerHome:
+    """Create a broker home: config, CA, serving certificate, ticket key, store, local admin."""
+    pki.check_vault_name(vault)
+    home = BrokerHome(Path(root))
+    if home.config.exists() or home.ca_key.exists():
+        raise FailedPrecondition(
+            f"{home.root} already holds a broker",
+            hint="use another folder, or `serve` the existing one",
+        )
+    ensure_private_dir(home.root)
+    now = clock.now()
+    atomic_write(
+        home.config,
+        config_mod.render(
+            vault, enrollment=enrollment, control=control, names=server_names
+        ).encode(),
+    )
+    cfg = config_mod.load(home.config)
+    ca = CertificateAuthority.create(home, vault, now=now)
+    ServerCertificate(
+        home,
+        ca,
+        clock,
+        lifetime=cfg.certificates.server_lifetime,
+        dns_names=cfg.certificates.server_names,
+        ip_addresses=cfg.certificates.server_ips,
+    ).ensure_fresh()
+    ensure_private_dir(home.ticket_key.parent)
+    tickets.write_signing_key(home.ticket_key, tickets.generate_signing_key())
+    store = SqliteStore.open(home.database)
+    try:
+        with store.write() as tx:
+            tx.set_meta("vault", vault)
+            tx.set_meta("created_at", str(now))
+    finally:
+        store.close()
+    # A local operator so `sitepair-broker ... --home DIR` works on this machine at once.
+    key = pki.generate_key()
+    cert = ca.issue(
+        key.public_key(),
+        pki.Identity(vault=vault, role=pki.Role.ADMIN, id="local-admin"),
+        common_name="local admin",
+        now=now,
+        lifetime=cfg.certificates.operator_lifetime,
+    )
+    write_operator_profile(
+        home.admin_dir, key=key, cert=cert, ca_pem=ca.pem, vault=vault, addresses=[control]
+    )
+    return home
+
+
+class Broker:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        config: config_mod.BrokerConfig | None = None,
+    ) -> None:
+        self.home = BrokerHome(Path(home))
+        self.config = config or config_mod.load(self.home.config)
+        self.clock = clock
+        self.ctx: BrokerContext | None = None
+        self._enroll_server: grpc.aio.Server | None = None
+        self._control_server: grpc.aio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopped = asyncio.Event()
+        self._shutdown_started = False
+        self._liveness: LivenessMonitor | None = None
+        self._failure: BaseException | None = None
+        self._heartbeat_task: asyncio.Task[Any] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> BrokerContext:
+        cfg, home, clock = self.config, self.home, self.clock
+        store = await asyncio.to_thread(SqliteStore.open, home.database)
+        vault = await asyncio.to_thread(_stored_vault, store)
+        if vault != cfg.vault:
+            store.close()
+            raise ConfigError(
+                f"{home.config} names vault {cfg.vault!r} but the store belongs to {vault!r}"
+            )
+        ca = CertificateAuthority.load(home, cfg.vault)
+        server_cert = ServerCertificate(
+            home,
+            ca,
+            clock,
+            lifetime=cfg.certificates.server_lifetime,
+            dns_names=cfg.certificates.server_names,
+            ip_addresses=cfg.certificates.server_ips,
+        )
+        removed = await asyncio.to_thread(_removed_servers, store)
+        disconnected = await asyncio.to_thread(_disconnect_all, store, clock.now())
+        authorizer = BrokerAuthorizer(cfg.vault, removed_servers=removed)
+        sessions = SessionRegistry()
+        jobs = JobManager(store, clock)
+        dispatcher = CommandDispatcher(store, sessions, clock)
+        heartbeats = HeartbeatWriter(store)
+        servers = ServerOperations(
+            store=store,
+            clock=clock,
+            jobs=jobs,
+            sessions=sessions,
+            dispatcher=dispatcher,
+            authorizer=authorizer,
+            spawn=self.spawn,
+        )
+        ctx = BrokerContext(
+            config=cfg,
+            home=home,
+            clock=clock,
+            store=store,
+            ca=ca,
+            server_cert=server_cert,
+            authorizer=authorizer,
+            sessions=sessions,
+            jobs=jobs,
+            dispatcher=dispatcher,
+            heartbeats=heartbeats,
+            servers=servers,
+            started_at=clock.now(),
+        )
+        self.ctx = ctx
+        # Imported here: the servicers import BrokerContext from this module.
+        from broker.services.admin import AdminService
+        from broker.services.control import ControlService
+        from broker.services.enrollment import EnrollmentService
+
+        limits = cfg.limits
+        self._enroll_server = grpc.aio.server(
+            options=server_options(max_message_bytes=256 * 1024, max_concurrent_streams=8),
+            maximum_concurrent_rpcs=limits.max_concurrent_enrollments * 2,
+        )
+        enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
+            EnrollmentService(ctx), self._enroll_server
+        )
+        enroll_port = self._bind(
+            self._enroll_server,
+            cfg.listen.enrollment,
+            server_cert.credentials(require_client_auth=False),
+        )
+        self._control_server = grpc.aio.server(
+            options=server_options(
+                max_message_bytes=limits.max_message_bytes,
+                max_concurrent_streams=limits.max_streams_per_connection,
+            ),
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+        )
+        control_pb2_grpc.add_ControlServicer_to_server(ControlService(ctx), self._control_server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(ctx), self._control_server)
+        control_port = self._bind(
+            self._control_server,
+            cfg.listen.control,
+            server_cert.credentials(require_client_auth=True),
+        )
+        ctx.bound_enrollment = _with_port(cfg.listen.enrollment, enroll_port)
+        ctx.bound_control = _with_port(cfg.listen.control, control_port)
+        await self._enroll_server.start()
+        await self._control_server.start()
+
+        self._liveness = LivenessMonitor(
+            store,
+            sessions,
+            clock,
+            interval=cfg.heartbeat.interval,
+            missed=cfg.heartbeat.missed,
+        )
+        self._heartbeat_task = self.spawn(heartbeats.run(), essential=True)
+        self.spawn(self._liveness.run(), essential=True)
+        self.spawn(self._renew_serving_certificate(), essential=True)
+        await jobs.recover()
+        await asyncio.to_thread(self._write_run_file)
+        log.info(
+            "broker started",
+            extra={
+                "fields": {
+                    "vault": cfg.vault,
+                    "enrollment": ctx.bound_enrollment,
+                    "control": ctx.bound_control,
+                    "store": store.description,
+                    "was_connected": disconnected,
+                }
+            },
+        )
+        return ctx
+
+    def _bind(self, server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials) -> int:
+        try:
+            port = server.add_secure_port(address, creds)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"cannot listen on {address}: {exc}",
+                hint="is another broker running, or the port in use?",
+            ) from exc
+        if port == 0:
+            raise ConfigError(f"cannot listen on {address}", hint="is the port in use?")
+        return port
+
+    def _write_run_file(self) -> None:
+        assert self.ctx is not None
+        doc = {
+            "pid": os.getpid(),
+            "vault": self.config.vault,
+            "enrollment": self.ctx.bound_enrollment,
+            "control": self.ctx.bound_control,
+        }
+        atomic_write(self.home.run_file, (json.dumps(doc, indent=2) + "\n").encode())
+
+    def spawn(self, coro: Awaitable[Any], *, essential: bool = False) -> asyncio.Task[Any]:
+        """Run ``coro`` as a sibling task; if ``essential`` and it fails, the broker stops."""
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if exc is not None:
+                log.error("background task failed", exc_info=exc)
+                if essential and not self._shutdown_started:
+                    self._failure = exc
+                    self._stopped.set()
+
+        task.add_done_callback(done)
+        return task
+
+    async def _renew_serving_certificate(self) -> None:
+        assert self.ctx is not None
+        while True:
+            await asyncio.sleep(600)
+            await asyncio.to_thread(self.ctx.server_cert.ensure_fresh)
+
+    async def run(self) -> None:
+        """Start, serve until :meth:`shutdown` is called (or an essential task fails)."""
+        await self.start()
+        await self._stopped.wait()
+        await self.shutdown()
+        if self._failure is not None:
+            raise self._failure
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to shut down (safe from a signal handler on the loop)."""
+        self._stopped.set()
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        if self._shutdown_started:
+            return
+        self._shutdown_started = True
+        self._stopped.set()
+        ctx = self.ctx
+        if ctx is not None:
+            ctx.sessions.close_all(
+                control_pb2.Goodbye(
+                    reason=control_pb2.Goodbye.SHUTTING_DOWN, message="the broker is shutting down"
+                )
+            )
+        for server in (self._enroll_server, self._control_server):
+            if server is not None:
+                await server.stop(grace)
+        if self._liveness is not None:
+            await self._liveness.shutdown()
+        if ctx is not None:
+            await ctx.heartbeats.shutdown()
+            if self._heartbeat_task is not None:
+                # Let the heartbeat writer flush its last batch.
+                await asyncio.wait([self._heartbeat_task], timeout=5)
+        pending = [t for t in self._tasks if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        if ctx is not None:
+            ctx.store.close()
+            with contextlib.suppress(OSError):
+                self.home.run_file.unlink()
+        log.info("broker stopped")
+
+
+def _with_port(address: str, port: int) -> str:
+    host = address.rsplit(":", 1)[0]
+    return f"{host}:{port}"
+
+
+def _stored_vault(store: SqliteStore) -> str:
+    with store.read() as tx:
+        vault = tx.get_meta("vault")
+    if vault is None:
+        raise ConfigError(f"store {store.path} has no vault: was the home made by `init`?")
+    return vault
+
+
+def _removed_servers(store: SqliteStore) -> set[str]:
+    with store.read() as tx:
+        return tx.removed_server_ids()
+
+
+def _disconnect_all(store: SqliteStore, now: float) -> int:
+    with store.write() as tx:
+        return tx.disconnect_all_servers(now)

@@ -1,0 +1,50 @@
+"""Authorization of every RPC from the verified peer certificate.
+
+gRPC has already checked the certificate chains to our CA (mutual TLS with
+``require_client_auth``); here we check what the identity may do: the vault must be ours, the
+role must be one the method accepts, and a removed server is refused at once even though its
+certificate has not expired yet (the deny-list).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sitepair import pki
+from sitepair.errors import PermissionDenied
+
+log = logging.getLogger("sitepair.broker.auth")
+
+
+class BrokerAuthorizer:
+    def __init__(self, vault: str, *, removed_servers: set[str] | None = None) -> None:
+        self.vault = vault
+        self._removed_servers = set(removed_servers or ())
+
+    def deny_server(self, server_id: str) -> None:
+        self._removed_servers.add(server_id)
+
+    def is_denied(self, server_id: str) -> bool:
+        return server_id in self._removed_servers
+
+    def authorize(self, identity: pki.Identity, roles: frozenset[pki.Role]) -> None:
+        if identity.vault != self.vault:
+            raise PermissionDenied(
+                f"certificate belongs to vault {identity.vault!r}; "
+                f"this broker serves {self.vault!r}"
+            )
+        if identity.role not in roles:
+            allowed = ", ".join(sorted(r.value for r in roles))
+            log.warning(
+                "role refused",
+                extra={"fields": {"identity": identity.uri, "allowed": allowed}},
+            )
+            raise PermissionDenied(
+                f"a certificate with role {identity.role.value!r} may not call this API "
+                f"(allowed: {allowed})"
+            )
+        if identity.role == pki.Role.AGENT and identity.id in self._removed_servers:
+            raise PermissionDenied(
+                f"server {identity.id} was removed from the vault",
+                hint="register the host again with a new registration key",
+            )

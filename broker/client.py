@@ -1,0 +1,119 @@
+"""The operator's side of the admin API: a profile (who I am, where the broker is) and a client.
+
+A profile is a folder holding ``admin.key`` (0600), ``admin.crt``, ``ca.crt`` and
+``profile.json`` (vault and broker control addresses). ``sitepair-broker init`` writes one into
+``<home>/admin`` for the local operator; ``sitepair-broker operators add NAME --out DIR`` makes one
+for another operator, whose key is generated on the operator's side and never sent anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from sitepair import pki
+from sitepair.errors import ConfigError, SitepairError
+from sitepair.rpc import channel_options, error_from_rpc
+from sitepair.v1 import admin_pb2, admin_pb2_grpc
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    directory: Path
+    vault: str
+    addresses: tuple[str, ...]
+    key_pem: bytes
+    cert_pem: bytes
+    ca_pem: bytes
+
+    @classmethod
+    def load(cls, directory: Path, *, run_file: Path | None = None) -> Profile:
+        """Read a profile; ``run_file`` (a broker's run/broker.json) overrides the address with
+        the one the broker actually bound, for brokers listening on port 0."""
+        try:
+            doc = json.loads((directory / "profile.json").read_text(encoding="utf-8"))
+            key_pem = (directory / "admin.key").read_bytes()
+            cert_pem = (directory / "admin.crt").read_bytes()
+            ca_pem = (directory / "ca.crt").read_bytes()
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"no operator profile in {directory} ({Path(exc.filename).name} is missing)",
+                hint="pass --home with a broker home, or --profile with a folder made by "
+                "`operators add`",
+            ) from exc
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read operator profile {directory}: {exc}") from exc
+        addresses = tuple(doc.get("addresses") or ())
+        if run_file is not None and run_file.exists():
+            try:
+                run = json.loads(run_file.read_text(encoding="utf-8"))
+                addresses = (run["control"], *addresses)
+            except (OSError, json.JSONDecodeError, KeyError):
+                pass  # a stale or partial run file: fall back to the configured address
+        if not addresses:
+            raise ConfigError(f"operator profile {directory} names no broker address")
+        return cls(
+            directory=directory,
+            vault=str(doc.get("vault", "")),
+            addresses=addresses,
+            key_pem=key_pem,
+            cert_pem=cert_pem,
+            ca_pem=ca_pem,
+        )
+
+
+class AdminClient:
+    """Blocking admin API client; every failure is a SitepairError with a readable message."""
+
+    def __init__(self, profile: Profile, *, timeout: float = 30.0) -> None:
+        self.profile = profile
+        self.timeout = timeout
+        self.address = profile.addresses[0]
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=profile.ca_pem,
+            private_key=profile.key_pem,
+            certificate_chain=profile.cert_pem,
+        )
+        self._channel = grpc.secure_channel(
+            self.address, creds, options=channel_options(target_name=pki.BROKER_DNS_NAME)
+        )
+        self.stub = admin_pb2_grpc.AdminStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
+        fn = getattr(self.stub, method)
+        try:
+            return fn(request, timeout=timeout or self.timeout, wait_for_ready=False)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, peer=f"broker at {self.address}") from None
+
+    def watch_job(self, job_id: str) -> Iterator[admin_pb2.Job]:
+        try:
+            yield from self.stub.WatchJob(admin_pb2.GetJobRequest(id=job_id))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, peer=f"broker at {self.address}") from None
+
+
+def wait_job(client: AdminClient, job_id: str) -> admin_pb2.Job:
+    """Block until a job is final and return it."""
+    last: admin_pb2.Job | None = None
+    for job in client.watch_job(job_id):
+        last = job
+    if last is None:
+        raise SitepairError(f"job {job_id} stream ended without a state")
+    return last

@@ -1,0 +1,193 @@
+"""Commands to agents: stored first, delivered over the control stream, acknowledged once.
+
+A command is persisted as ``pending`` before anything is sent. It is written to the agent's stream
+when the agent is connected (now, or when it next connects) and becomes ``delivered``; it is sent
+again on every new stream until the agent acknowledges an outcome. The agent keeps a journal of
+command ids, so a redelivered command is answered from the journal and never executed twice.
+Outcomes are recorded at most once; an outcome for another server's command is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
+from broker.store.models import Command, CommandState
+from broker.store.sqlite import SqliteStore
+from sitepair.clock import Clock
+from sitepair.errors import NotFound
+from sitepair.v1 import control_pb2
+
+if TYPE_CHECKING:
+    from broker.sessions import AgentSession, SessionRegistry
+
+log = logging.getLogger("sitepair.broker.commands")
+
+
+class CommandDispatcher:
+    def __init__(self, store: SqliteStore, sessions: SessionRegistry, clock: Clock) -> None:
+        self._store = store
+        self._sessions = sessions
+        self._clock = clock
+        self._waiters: dict[str, list[asyncio.Future[Command]]] = {}
+
+    async def submit(
+        self,
+        server_id: str,
+        body: control_pb2.Command,
+        *,
+        epoch: int = 0,
+        job_id: str | None = None,
+        job_step: int | None = None,
+    ) -> Command:
+        """Store a command for ``server_id`` and deliver it now if the agent is connected."""
+        now = self._clock.now()
+        message = control_pb2.Command()
+        message.CopyFrom(body)
+        message.id = f"cmd-{uuid.uuid4().hex}"
+        message.epoch = epoch
+        message.created_at.FromNanoseconds(int(now * 1e9))
+        kind = message.WhichOneof("body") or "unknown"
+        cmd = Command(
+            id=message.id,
+            server_id=server_id,
+            kind=kind,
+            payload=message.SerializeToString(),
+            state=CommandState.PENDING,
+            created_at=now,
+            job_id=job_id,
+            job_step=job_step,
+        )
+
+        def insert() -> None:
+            with self._store.write() as tx:
+                if tx.get_server(server_id) is None:
+                    raise NotFound(f"no server {server_id}")
+                tx.insert_command(cmd)
+
+        await asyncio.to_thread(insert)
+        log.info(
+            "command queued",
+            extra={"fields": {"command": cmd.id, "kind": kind, "server": server_id}},
+        )
+        session = self._sessions.get(server_id)
+        if session is not None:
+            await self._deliver(session, [cmd])
+        return cmd
+
+    async def deliver_open(self, session: AgentSession) -> int:
+        """Send every unacknowledged command of the session's server (on connect)."""
+
+        def read() -> list[Command]:
+            with self._store.read() as tx:
+                return tx.open_commands(session.server_id)
+
+        cmds = await asyncio.to_thread(read)
+        await self._deliver(session, cmds)
+        return len(cmds)
+
+    async def _deliver(self, session: AgentSession, cmds: list[Command]) -> None:
+        sent = []
+        for cmd in cmds:
+            if cmd.id in session.sent_commands:
+                continue
+            message = control_pb2.Command()
+            message.ParseFromString(cmd.payload)
+            if session.send(control_pb2.BrokerMessage(command=message)):
+                session.sent_commands.add(cmd.id)
+                sent.append(cmd.id)
+        if not sent:
+            return
+        now = self._clock.now()
+
+        def mark() -> None:
+            with self._store.write() as tx:
+                tx.mark_commands_delivered(sent, now)
+
+        await asyncio.to_thread(mark)
+
+    async def handle_ack(self, server_id: str, ack: control_pb2.CommandAck) -> Command | None:
+        """Record an agent's acknowledgement; returns the completed command (None if ignored)."""
+        if ack.state == control_pb2.CommandAck.RECEIVED:
+            return None
+        if ack.state not in (control_pb2.CommandAck.SUCCEEDED, control_pb2.CommandAck.FAILED):
+            log.warning("ack with no outcome ignored", extra={"fields": {"server": server_id}})
+            return None
+        state = (
+            CommandState.SUCCEEDED
+            if ack.state == control_pb2.CommandAck.SUCCEEDED
+            else CommandState.FAILED
+        )
+        now = self._clock.now()
+
+        def complete() -> Command | None:
+            with self._store.write() as tx:
+                return tx.complete_command(
+                    ack.command_id,
+                    server_id=server_id,
+                    state=state,
+                    now=now,
+                    result_json=ack.result_json[:65536],
+                    error=ack.error[:4096],
+                )
+
+        cmd = await asyncio.to_thread(complete)
+        if cmd is None:
+            log.info(
+                "duplicate or foreign ack ignored",
+                extra={"fields": {"server": server_id, "command": ack.command_id}},
+            )
+            return None
+        log.info(
+            "command completed",
+            extra={"fields": {"command": cmd.id, "state": cmd.state.value, "error": cmd.error}},
+        )
+        for fut in self._waiters.pop(cmd.id, []):
+            if not fut.done():
+                fut.set_result(cmd)
+        return cmd
+
+    async def get(self, command_id: str) -> Command:
+        def read() -> Command | None:
+            with self._store.read() as tx:
+                return tx.get_command(command_id)
+
+        cmd = await asyncio.to_thread(read)
+        if cmd is None:
+            raise NotFound(f"no command {command_id}")
+        return cmd
+
+    async def wait(self, command_id: str, *, poll: float = 5.0) -> Command:
+        """Wait until the command has an outcome (or was cancelled)."""
+        while True:
+            cmd = await self.get(command_id)
+            if not cmd.state.open:
+                return cmd
+            fut: asyncio.Future[Command] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(command_id, []).append(fut)
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), timeout=poll)
+            except TimeoutError:
+                continue  # re-read: it may have been cancelled or completed elsewhere
+            finally:
+                waiters = self._waiters.get(command_id)
+                if waiters and fut in waiters:
+                    waiters.remove(fut)
+                    if not waiters:
+                        del self._waiters[command_id]
+
+    async def cancel_for_server(self, server_id: str, reason: str) -> list[Command]:
+        now = self._clock.now()
+
+        def cancel() -> list[Command]:
+            with self._store.write() as tx:
+                return tx.cancel_open_commands(server_id, now, reason)
+
+        cmds = await asyncio.to_thread(cancel)
+        for cmd in cmds:
+            for fut in self._waiters.pop(cmd.id, []):
+                if not fut.done():
+                    fut.set_result(await self.get(cmd.id))
+        return cmds

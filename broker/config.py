@@ -1,0 +1,225 @@
+"""Broker configuration (``<home>/broker.toml``), parsed once into frozen dataclasses.
+
+``sitepair-broker init`` writes a commented file with every setting; each field below documents
+what it does. Unknown keys are an error (a typo must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from sitepair import pki
+from sitepair.durations import parse_duration
+from sitepair.errors import ConfigError, InvalidArgument
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenConfig:
+    #: Where agents enroll (server TLS only; the registration secret authenticates the agent).
+    enrollment: str = "127.0.0.1:8444"
+    #: Control stream and admin API (mutual TLS). Port 0 picks a free port (tests).
+    control: str = "127.0.0.1:8443"
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvertiseConfig:
+    """Addresses written into credentials files and handed to agents; empty = the listen ones."""
+
+    enrollment: tuple[str, ...] = ()
+    control: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CertificateConfig:
+    #: Lifetime of agent certificates; agents renew at half of it.
+    agent_lifetime: float = 24 * 3600.0
+    #: Lifetime of operator (admin) certificates.
+    operator_lifetime: float = 365 * 86400.0
+    #: Lifetime of the broker's own serving certificate; renewed at half life without restart.
+    server_lifetime: float = 90 * 86400.0
+    #: Extra DNS names and IP addresses for the broker's serving certificate.
+    server_names: tuple[str, ...] = ("localhost",)
+    server_ips: tuple[str, ...] = ("127.0.0.1",)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeysConfig:
+    #: Default validity of a registration key.
+    default_validity: float = 5 * 86400.0
+    #: Longest validity an operator may ask for.
+    max_validity: float = 90 * 86400.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HeartbeatConfig:
+    #: How often agents send a heartbeat (the broker tells them in Welcome).
+    interval: float = 10.0
+    #: Heartbeats missed in a row before a server is marked disconnected.
+    missed: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitsConfig:
+    #: Concurrent RPCs the control/admin server accepts (each connected agent holds one stream).
+    max_concurrent_rpcs: int = 20_000
+    #: Concurrent HTTP/2 streams per client connection.
+    max_streams_per_connection: int = 32
+    #: Largest message on the control and admin channels.
+    max_message_bytes: int = 8 * 1024 * 1024
+    #: Concurrent enrollment calls.
+    max_concurrent_enrollments: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    #: "json" (one object per line) or "text".
+    format: str = "json"
+    #: Log file; empty = standard error.
+    file: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerConfig:
+    vault: str
+    listen: ListenConfig = ListenConfig()
+    advertise: AdvertiseConfig = AdvertiseConfig()
+    certificates: CertificateConfig = CertificateConfig()
+    keys: KeysConfig = KeysConfig()
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
+    limits: LimitsConfig = LimitsConfig()
+    log: LogConfig = LogConfig()
+
+
+_DURATION_FIELDS = {
+    "agent_lifetime",
+    "operator_lifetime",
+    "server_lifetime",
+    "default_validity",
+    "max_validity",
+    "interval",
+}
+
+
+def _section(cls: type[Any], data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in {where}: {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{where}.{name}"
+        default = getattr(cls(), name)
+        try:
+            if name in _DURATION_FIELDS:
+                values[name] = parse_duration(value, what=key)
+            elif isinstance(default, tuple):
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"{key} must be a list of strings")
+                values[name] = tuple(value)
+            elif type(value) is not type(default):
+                raise ConfigError(f"{key} must be a {type(default).__name__}")
+            else:
+                values[name] = value
+        except InvalidArgument as exc:
+            raise ConfigError(exc.message) from exc
+    return cls(**values)
+
+
+def parse(text: str, *, source: str = "broker.toml") -> BrokerConfig:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
+    vault = doc.pop("vault", None)
+    if not isinstance(vault, str):
+        raise ConfigError(f'{source} must set vault = "<name>"')
+    try:
+        pki.check_vault_name(vault)
+    except InvalidArgument as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    sections = {
+        "listen": ListenConfig,
+        "advertise": AdvertiseConfig,
+        "certificates": CertificateConfig,
+        "keys": KeysConfig,
+        "heartbeat": HeartbeatConfig,
+        "limits": LimitsConfig,
+        "log": LogConfig,
+    }
+    unknown = sorted(set(doc) - set(sections))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s): {', '.join(unknown)}")
+    parts = {
+        name: _section(cls, doc.get(name, {}), f"{source} [{name}]")
+        for name, cls in sections.items()
+    }
+    cfg = BrokerConfig(vault=vault, **parts)
+    if cfg.heartbeat.missed < 1 or cfg.heartbeat.interval <= 0:
+        raise ConfigError(f"{source} [heartbeat]: interval must be > 0 and missed >= 1")
+    if cfg.log.format not in ("json", "text"):
+        raise ConfigError(f'{source} [log] format must be "json" or "text"')
+    return cfg
+
+
+def load(path: Path) -> BrokerConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"no broker configuration at {path}",
+            hint="create a broker home with `sitepair-broker init --home DIR`",
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    return parse(text, source=str(path))
+
+
+def render(vault: str, *, enrollment: str, control: str, names: tuple[str, ...]) -> str:
+    """The commented broker.toml that ``init`` writes."""
+    name_list = ", ".join(f'"{n}"' for n in names)
+    return f"""# sitepair broker configuration. Durations: 30s, 10m, 24h, 5d.
+vault = "{vault}"
+
+[listen]
+# Agents enroll here (server TLS; the registration secret authenticates the agent).
+enrollment = "{enrollment}"
+# Control stream and admin API (mutual TLS).
+control = "{control}"
+
+[advertise]
+# Addresses written into credentials files and given to agents; empty = the listen addresses.
+enrollment = []
+control = []
+
+[certificates]
+agent_lifetime = "24h"       # agents renew at half life
+operator_lifetime = "365d"
+server_lifetime = "90d"      # the broker renews its own at half life, without a restart
+server_names = [{name_list}]
+server_ips = ["127.0.0.1"]
+
+[keys]
+default_validity = "5d"
+max_validity = "90d"
+
+[heartbeat]
+interval = "10s"
+missed = 3                   # a server is disconnected after this many missed heartbeats
+
+[limits]
+max_concurrent_rpcs = 20000
+max_streams_per_connection = 32
+max_message_bytes = 8388608
+max_concurrent_enrollments = 256
+
+[log]
+level = "info"
+format = "json"              # or "text"
+file = ""                    # empty = standard error
+"""

@@ -1,0 +1,66 @@
+"""The broker's home folder: where each file lives, and ``init`` that creates it.
+
+::
+
+    <home>/broker.toml            configuration
+    <home>/broker.db              the embedded store (SQLite)
+    <home>/ca/ca.key, ca.crt      the vault's certificate authority (key 0600, folder 0700)
+    <home>/tls/server.key, .crt   the broker's serving certificate (renewed automatically)
+    <home>/tickets/signing.key    Ed25519 key that signs replication tickets
+    <home>/admin/                 a local operator's credentials (see ``broker.client.Profile``)
+    <home>/run/broker.json        written by ``serve``: pid and the addresses actually bound
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerHome:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "broker.toml"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "broker.db"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.ca_dir / "ca.key"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.ca_dir / "ca.crt"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def server_key(self) -> Path:
+        return self.tls_dir / "server.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.tls_dir / "server.crt"
+
+    @property
+    def ticket_key(self) -> Path:
+        return self.root / "tickets" / "signing.key"
+
+    @property
+    def admin_dir(self) -> Path:
+        return self.root / "admin"
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / "run" / "broker.json"

@@ -1,0 +1,243 @@
+"""Jobs: every operation an operator starts is a persistent job with ordered steps.
+
+A job is created with its steps up front (so ``jobs watch`` shows what is coming), moves through
+``queued -> running [-> waiting] -> succeeded | failed | cancelled``, and each step records its
+own state, message and progress. Everything is in the store, so a broker restart loses nothing;
+:meth:`JobManager.recover` decides at start-up what happens to jobs that were in flight, so no
+job stays "running" forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from broker.store.models import Job, JobState, JobStep, StepState
+from broker.store.sqlite import SqliteStore
+from sitepair.clock import Clock
+from sitepair.errors import FailedPrecondition, NotFound
+
+log = logging.getLogger("sitepair.broker.jobs")
+
+#: Called at start-up for an unfinished job of its kind; returns True if it took the job over.
+Resumer = Callable[[Job], Awaitable[bool]]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+class JobManager:
+    def __init__(self, store: SqliteStore, clock: Clock) -> None:
+        self._store = store
+        self._clock = clock
+        self._changed = asyncio.Condition()
+        self._resumers: dict[str, Resumer] = {}
+        self._cancel_hooks: dict[str, Callable[[], Awaitable[None]]] = {}
+
+    # -- creation and updates ---------------------------------------------------------------
+    async def create(
+        self,
+        kind: str,
+        target: str,
+        steps: list[str],
+        *,
+        created_by: str,
+        params: dict[str, Any] | None = None,
+        state: JobState = JobState.RUNNING,
+    ) -> Job:
+        now = self._clock.now()
+        job_id = new_id("job")
+        job = Job(
+            id=job_id,
+            kind=kind,
+            target=target,
+            state=state,
+            created_at=now,
+            updated_at=now,
+            created_by=created_by,
+            params_json=json.dumps(params or {}, sort_keys=True),
+            steps=tuple(
+                JobStep(job_id=job_id, index=i, name=name, state=StepState.PENDING)
+                for i, name in enumerate(steps)
+            ),
+        )
+
+        def insert() -> None:
+            with self._store.write() as tx:
+                tx.insert_job(job)
+
+        await asyncio.to_thread(insert)
+        log.info(
+            "job created",
+            extra={"fields": {"job": job_id, "kind": kind, "target": target, "by": created_by}},
+        )
+        await self._notify()
+        return job
+
+    async def step(
+        self,
+        job_id: str,
+        index: int,
+        state: StepState | None = None,
+        *,
+        message: str | None = None,
+        done: int | None = None,
+        total: int | None = None,
+    ) -> None:
+        now = self._clock.now()
+
+        def update() -> None:
+            with self._store.write() as tx:
+                tx.update_step(
+                    job_id,
+                    index,
+                    now=now,
+                    state=state,
+                    message=message,
+                    progress_done=done,
+                    progress_total=total,
+                )
+
+        await asyncio.to_thread(update)
+        await self._notify()
+
+    async def set_state(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> None:
+        now = self._clock.now()
+
+        def update() -> None:
+            with self._store.write() as tx:
+                job = tx.get_job(job_id)
+                if job is None:
+                    raise NotFound(f"no job {job_id}")
+                if job.state.final:
+                    return  # a final state is never left (a late ack cannot revive a job)
+                tx.update_job(
+                    job_id,
+                    now=now,
+                    state=state,
+                    error=error,
+                    result_json=json.dumps(result, sort_keys=True) if result is not None else None,
+                )
+                if state.final:
+                    # Steps that never ran are marked so the job reads truthfully.
+                    for s in job.steps:
+                        if s.state in (StepState.PENDING, StepState.RUNNING):
+                            tx.update_step(
+                                job_id,
+                                s.index,
+                                now=now,
+                                state=StepState.CANCELLED
+                                if state == JobState.CANCELLED or s.state == StepState.PENDING
+                                else StepState.FAILED,
+                            )
+
+        await asyncio.to_thread(update)
+        if state.final:
+            self._cancel_hooks.pop(job_id, None)
+            log.info(
+                "job finished",
+                extra={"fields": {"job": job_id, "state": state.value, "error": error or ""}},
+            )
+        await self._notify()
+
+    async def succeed(self, job_id: str, result: dict[str, Any] | None = None) -> None:
+        await self.set_state(job_id, JobState.SUCCEEDED, result=result)
+
+    async def fail(self, job_id: str, error: str) -> None:
+        await self.set_state(job_id, JobState.FAILED, error=error)
+
+    # -- reading and watching ---------------------------------------------------------------
+    async def get(self, job_id: str) -> Job:
+        def read() -> Job | None:
+            with self._store.read() as tx:
+                return tx.get_job(job_id)
+
+        job = await asyncio.to_thread(read)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}", hint="see `sitepair-broker jobs list`")
+        return job
+
+    async def list(self, *, state: str = "", kind: str = "", limit: int = 100) -> list[Job]:
+        def read() -> list[Job]:
+            with self._store.read() as tx:
+                return tx.list_jobs(state=state, kind=kind, limit=limit)
+
+        return await asyncio.to_thread(read)
+
+    async def watch(self, job_id: str, *, poll: float = 1.0) -> AsyncIterator[Job]:
+        """Yield the job now and after every change, until it is final."""
+        last: Job | None = None
+        while True:
+            job = await self.get(job_id)
+            if job != last:
+                yield job
+                last = job
+            if job.state.final:
+                return
+            # Re-read after a change or a poll interval (another process may have changed it).
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout=poll)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- cancellation and recovery ----------------------------------------------------------
+    def on_cancel(self, job_id: str, hook: Callable[[], Awaitable[None]]) -> None:
+        """Register what cancelling a running job must do (stop its runner, undo steps)."""
+        self._cancel_hooks[job_id] = hook
+
+    async def cancel(self, job_id: str) -> Job:
+        job = await self.get(job_id)
+        if job.state.final:
+            raise FailedPrecondition(f"job {job_id} already {job.state.value}")
+        hook = self._cancel_hooks.pop(job_id, None)
+        if hook is None and job.state == JobState.RUNNING and job.kind in self._resumers:
+            raise FailedPrecondition(
+                f"job {job_id} ({job.kind}) cannot be cancelled at this step",
+                hint="wait for it to finish, then undo its effect with the matching command",
+            )
+        if hook is not None:
+            await hook()
+        await self.set_state(job_id, JobState.CANCELLED, error="cancelled by an operator")
+        return await self.get(job_id)
+
+    def register_resumer(self, kind: str, resumer: Resumer) -> None:
+        self._resumers[kind] = resumer
+
+    async def recover(self) -> None:
+        """At start-up: hand unfinished jobs to their kind's resumer, fail the rest plainly."""
+
+        def read() -> list[Job]:
+            with self._store.read() as tx:
+                jobs = [tx.get_job(i) for i in tx.unfinished_job_ids()]
+                return [j for j in jobs if j is not None]
+
+        for job in await asyncio.to_thread(read):
+            resumer = self._resumers.get(job.kind)
+            taken = False
+            if resumer is not None:
+                try:
+                    taken = await resumer(job)
+                except Exception:
+                    log.exception("job resume failed", extra={"fields": {"job": job.id}})
+            if not taken:
+                await self.fail(
+                    job.id,
+                    "the broker restarted while this job was running and it cannot be resumed; "
+                    "check the target's state and start the operation again",
+                )

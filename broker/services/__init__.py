@@ -1,0 +1,1 @@
+"""gRPC servicers: protobuf at the edge, domain calls inside."""

@@ -1,0 +1,317 @@
+"""The operator API (port 8443, mutual TLS, role ``admin``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc.aio
+
+from broker.convert import job_to_proto, key_to_proto, server_to_proto
+from broker.store.models import Operator, RegistrationKey
+from sitepair import __version__, credentials, pki
+from sitepair.errors import InvalidArgument, NotFound
+from sitepair.protoconv import timestamp
+from sitepair.rpc import rpc
+from sitepair.v1 import admin_pb2, admin_pb2_grpc
+
+if TYPE_CHECKING:
+    from broker.app import BrokerContext
+
+log = logging.getLogger("sitepair.broker.admin")
+
+ADMIN = [pki.Role.ADMIN]
+MAX_KEY_USES = 1000
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(self, ctx: BrokerContext) -> None:
+        self.ctx = ctx
+        self.authorizer = ctx.authorizer
+
+    @rpc(roles=ADMIN)
+    async def GetBrokerInfo(
+        self,
+        request: admin_pb2.GetBrokerInfoRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.BrokerInfo:
+        ctx = self.ctx
+        return admin_pb2.BrokerInfo(
+            vault=ctx.config.vault,
+            version=__version__,
+            started_at=timestamp(ctx.started_at),
+            enrollment_addresses=ctx.enrollment_addresses(),
+            control_addresses=ctx.control_addresses(),
+            store=ctx.store.description,
+            connected_servers=len(ctx.sessions),
+            server_certificate_not_after=timestamp(ctx.server_cert.not_after),
+            ca_not_after=timestamp(pki.not_after(ctx.ca.cert)),
+        )
+
+    # -- registration keys ------------------------------------------------------------------
+    @rpc(roles=ADMIN)
+    async def CreateRegistrationKey(
+        self,
+        request: admin_pb2.CreateRegistrationKeyRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.CreateRegistrationKeyResponse:
+        ctx = self.ctx
+        site = pki.check_identifier(request.site, "site")
+        validity = float(request.valid_seconds) or ctx.config.keys.default_validity
+        if validity > ctx.config.keys.max_validity:
+            raise InvalidArgument(
+                f"a registration key may be valid for at most "
+                f"{ctx.config.keys.max_validity / 86400:g} days",
+                hint="ask for a shorter validity, or raise [keys] max_validity",
+            )
+        uses = request.uses or 1
+        if uses > MAX_KEY_USES:
+            raise InvalidArgument(f"a registration key may have at most {MAX_KEY_USES} uses")
+        now = ctx.clock.now()
+        key_id = f"key-{uuid.uuid4().hex[:12]}"
+        secret = credentials.new_secret()
+        key = RegistrationKey(
+            id=key_id,
+            site=site,
+            secret_hash=credentials.hash_secret(key_id, secret),
+            created_at=now,
+            expires_at=now + validity,
+            uses_total=uses,
+            uses_remaining=uses,
+            revoked_at=None,
+            created_by=identity.id,
+        )
+
+        def insert() -> None:
+            with ctx.store.write() as tx:
+                tx.insert_key(key)
+
+        await asyncio.to_thread(insert)
+        creds = credentials.Credentials(
+            vault=ctx.config.vault,
+            site=site,
+            enrollment_addresses=tuple(ctx.enrollment_addresses()),
+            ca_pem=ctx.ca.pem,
+            key_id=key_id,
+            secret=secret,
+            expires_at=key.expires_at,
+            uses=uses,
+        )
+        log.info(
+            "registration key created",
+            extra={"fields": {"key": key_id, "site": site, "uses": uses, "by": identity.id}},
+        )
+        return admin_pb2.CreateRegistrationKeyResponse(
+            key=key_to_proto(key, now), credentials_file=creds.to_json()
+        )
+
+    @rpc(roles=ADMIN)
+    async def ListRegistrationKeys(
+        self,
+        request: admin_pb2.ListRegistrationKeysRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.ListRegistrationKeysResponse:
+        def read() -> list[RegistrationKey]:
+            with self.ctx.store.read() as tx:
+                return tx.list_keys()
+
+        now = self.ctx.clock.now()
+        keys = [
+            key_to_proto(k, now)
+            for k in await asyncio.to_thread(read)
+            if request.include_inactive or k.state(now) == "active"
+        ]
+        return admin_pb2.ListRegistrationKeysResponse(keys=keys)
+
+    @rpc(roles=ADMIN)
+    async def RevokeRegistrationKey(
+        self,
+        request: admin_pb2.RevokeRegistrationKeyRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.RegistrationKey:
+        now = self.ctx.clock.now()
+
+        def revoke() -> RegistrationKey:
+            with self.ctx.store.write() as tx:
+                return tx.revoke_key(request.id, now)
+
+        key = await asyncio.to_thread(revoke)
+        log.info("registration key revoked", extra={"fields": {"key": key.id, "by": identity.id}})
+        return key_to_proto(key, now)
+
+    # -- servers ----------------------------------------------------------------------------
+    @rpc(roles=ADMIN)
+    async def ListServers(
+        self,
+        request: admin_pb2.ListServersRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.ListServersResponse:
+        def read() -> list[admin_pb2.Server]:
+            with self.ctx.store.read() as tx:
+                servers = tx.list_servers(
+                    site=request.site, include_removed=request.include_removed
+                )
+                return [server_to_proto(s, tx.get_inventory(s.id)) for s in servers]
+
+        return admin_pb2.ListServersResponse(servers=await asyncio.to_thread(read))
+
+    @rpc(roles=ADMIN)
+    async def GetServer(
+        self,
+        request: admin_pb2.GetServerRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.Server:
+        def read() -> admin_pb2.Server:
+            with self.ctx.store.read() as tx:
+                server = tx.find_server(request.server)
+                return server_to_proto(server, tx.get_inventory(server.id), with_inventory=True)
+
+        return await asyncio.to_thread(read)
+
+    @rpc(roles=ADMIN)
+    async def RemoveServer(
+        self,
+        request: admin_pb2.RemoveServerRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.Job:
+        return job_to_proto(await self.ctx.servers.remove(request.server, by=identity.id))
+
+    @rpc(roles=ADMIN)
+    async def PingServer(
+        self,
+        request: admin_pb2.PingServerRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.Job:
+        job = await self.ctx.servers.ping(request.server, request.note, by=identity.id)
+        return job_to_proto(job)
+
+    @rpc(roles=ADMIN)
+    async def RefreshServer(
+        self,
+        request: admin_pb2.RefreshServerRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.Job:
+        return job_to_proto(await self.ctx.servers.refresh(request.server, by=identity.id))
+
+    # -- operators --------------------------------------------------------------------------
+    @rpc(roles=ADMIN)
+    async def AddOperator(
+        self,
+        request: admin_pb2.AddOperatorRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.AddOperatorResponse:
+        ctx = self.ctx
+        name = pki.check_identifier(request.name, "operator name")
+        public_key = pki.public_key_from_csr(request.csr_der)
+        lifetime = float(request.valid_seconds) or ctx.config.certificates.operator_lifetime
+        now = ctx.clock.now()
+        op_id = f"op-{uuid.uuid4().hex[:12]}"
+        cert = ctx.ca.issue(
+            public_key,
+            pki.Identity(vault=ctx.config.vault, role=pki.Role.ADMIN, id=op_id),
+            common_name=name,
+            now=now,
+            lifetime=lifetime,
+        )
+        op = Operator(
+            id=op_id,
+            name=name,
+            created_at=now,
+            cert_serial=format(cert.serial_number, "x"),
+            cert_not_after=pki.not_after(cert),
+        )
+
+        def insert() -> None:
+            with ctx.store.write() as tx:
+                tx.insert_operator(op)
+
+        await asyncio.to_thread(insert)
+        log.info(
+            "operator added", extra={"fields": {"operator": op_id, "name": name, "by": identity.id}}
+        )
+        return admin_pb2.AddOperatorResponse(
+            certificate_pem=pki.cert_to_pem(cert),
+            ca_pem=ctx.ca.pem,
+            control_addresses=ctx.control_addresses(),
+            vault=ctx.config.vault,
+        )
+
+    @rpc(roles=ADMIN)
+    async def ListOperators(
+        self,
+        request: admin_pb2.ListOperatorsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.ListOperatorsResponse:
+        def read() -> list[Operator]:
+            with self.ctx.store.read() as tx:
+                return tx.list_operators()
+
+        return admin_pb2.ListOperatorsResponse(
+            operators=[
+                admin_pb2.Operator(
+                    id=o.id,
+                    name=o.name,
+                    created_at=timestamp(o.created_at),
+                    certificate_not_after=timestamp(o.cert_not_after),
+                )
+                for o in await asyncio.to_thread(read)
+            ]
+        )
+
+    # -- jobs -------------------------------------------------------------------------------
+    @rpc(roles=ADMIN)
+    async def ListJobs(
+        self,
+        request: admin_pb2.ListJobsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.ListJobsResponse:
+        jobs = await self.ctx.jobs.list(
+            state=request.state, kind=request.kind, limit=min(request.limit or 100, 1000)
+        )
+        return admin_pb2.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs])
+
+    @rpc(roles=ADMIN)
+    async def GetJob(
+        self,
+        request: admin_pb2.GetJobRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.Job:
+        return job_to_proto(await self.ctx.jobs.get(request.id))
+
+    @rpc(roles=ADMIN)
+    async def WatchJob(
+        self,
+        request: admin_pb2.GetJobRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> AsyncIterator[admin_pb2.Job]:
+        if not request.id:
+            raise NotFound("no job id given")
+        async for job in self.ctx.jobs.watch(request.id):
+            yield job_to_proto(job)
+
+    @rpc(roles=ADMIN)
+    async def CancelJob(
+        self,
+        request: admin_pb2.GetJobRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.Job:
+        log.info("job cancel asked", extra={"fields": {"job": request.id, "by": identity.id}})
+        return job_to_proto(await self.ctx.jobs.cancel(request.id))

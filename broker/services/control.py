@@ -1,0 +1,232 @@
+"""The control stream and certificate renewal (port 8443, mutual TLS, role ``agent``).
+
+The stream's server is whoever the verified certificate names; no request field can change that,
+so one agent cannot act as another. The conversation:
+
+    agent: Hello                      broker: Welcome, then every unacknowledged command
+    agent: Inventory (when changed)   broker: Command ... (whenever one is submitted)
+    agent: Heartbeat (every interval) broker: Goodbye (removed, replaced, shutting down)
+    agent: CommandAck ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc.aio
+from google.protobuf import json_format
+
+from broker.sessions import AgentSession
+from broker.store.models import HeartbeatRecord, Server, StoredInventory
+from sitepair import PROTOCOL_VERSION, pki
+from sitepair.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from sitepair.protoconv import seconds, timestamp
+from sitepair.rpc import rpc
+from sitepair.v1 import common_pb2, control_pb2, control_pb2_grpc
+
+if TYPE_CHECKING:
+    from broker.app import BrokerContext
+
+log = logging.getLogger("sitepair.broker.control")
+
+#: How long a new stream may take to say Hello.
+HELLO_TIMEOUT = 30.0
+
+
+class ControlService(control_pb2_grpc.ControlServicer):
+    def __init__(self, ctx: BrokerContext) -> None:
+        self.ctx = ctx
+        self.authorizer = ctx.authorizer
+
+    async def _server(self, identity: pki.Identity) -> Server:
+        def read() -> Server | None:
+            with self.ctx.store.read() as tx:
+                return tx.get_server(identity.id)
+
+        server = await asyncio.to_thread(read)
+        if server is None:
+            raise PermissionDenied(f"no server {identity.id} is registered in this vault")
+        if server.removed_at is not None:
+            self.authorizer.deny_server(server.id)
+            raise PermissionDenied(
+                f"server {server.name} ({server.id}) was removed from the vault",
+                hint="register the host again with a new registration key",
+            )
+        return server
+
+    @rpc(roles=[pki.Role.AGENT])
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[control_pb2.AgentMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> AsyncIterator[control_pb2.BrokerMessage]:
+        ctx = self.ctx
+        server = await self._server(identity)
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), timeout=HELLO_TIMEOUT)
+        except (TimeoutError, StopAsyncIteration) as exc:
+            raise InvalidArgument("the control stream must start with Hello") from exc
+        if first.WhichOneof("body") != "hello":
+            raise InvalidArgument("the control stream must start with Hello")
+        hello = first.hello
+        if hello.protocol_version and hello.protocol_version > PROTOCOL_VERSION:
+            raise FailedPrecondition(
+                f"agent speaks protocol {hello.protocol_version}, this broker {PROTOCOL_VERSION}",
+                hint="upgrade the broker before its agents",
+            )
+        now = ctx.clock.now()
+        session = AgentSession(
+            server_id=server.id, name=server.name, site=server.site, connected_at=now
+        )
+        ctx.sessions.open(session)
+        facts_json = json_format.MessageToJson(hello.facts, indent=None)
+
+        def connected() -> None:
+            with ctx.store.write() as tx:
+                tx.set_server_connected(
+                    server.id,
+                    now=now,
+                    facts_json=facts_json,
+                    agent_version=hello.agent_version,
+                    cloud=hello.facts.cloud,
+                )
+
+        await asyncio.to_thread(connected)
+        log.info(
+            "agent connected",
+            extra={"fields": {"server": server.id, "name": server.name, "peer": context.peer()}},
+        )
+        yield control_pb2.BrokerMessage(
+            welcome=control_pb2.Welcome(
+                host_id=server.id,
+                name=server.name,
+                site=server.site,
+                heartbeat_interval_ms=int(ctx.config.heartbeat.interval * 1000),
+                server_time=timestamp(ctx.clock.now()),
+                protocol_version=PROTOCOL_VERSION,
+            )
+        )
+        reader = asyncio.create_task(self._read(request_iterator, session))
+        try:
+            await ctx.dispatcher.deliver_open(session)
+            while True:
+                message = await session.outbound.get()
+                if message is None:
+                    break
+                yield message
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            if ctx.sessions.release(session):
+                await asyncio.to_thread(self._disconnected, server.id)
+                log.info("agent disconnected", extra={"fields": {"server": server.id}})
+
+    def _disconnected(self, server_id: str) -> None:
+        with self.ctx.store.write() as tx:
+            tx.set_servers_disconnected([server_id], self.ctx.clock.now())
+
+    async def _read(
+        self, request_iterator: AsyncIterator[control_pb2.AgentMessage], session: AgentSession
+    ) -> None:
+        """Handle what the agent sends until its side of the stream ends."""
+        ctx = self.ctx
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("body")
+                if kind == "heartbeat":
+                    hb = message.heartbeat
+                    ctx.heartbeats.submit(
+                        HeartbeatRecord(
+                            server_id=session.server_id,
+                            seq=hb.seq,
+                            sent_at=seconds(hb.sent_at),
+                            received_at=ctx.clock.now(),
+                            metrics_json=json_format.MessageToJson(hb.metrics, indent=None),
+                        )
+                    )
+                elif kind == "inventory":
+                    await self._store_inventory(session, message.inventory)
+                elif kind == "ack":
+                    await ctx.dispatcher.handle_ack(session.server_id, message.ack)
+                else:
+                    log.warning(
+                        "unexpected message on control stream",
+                        extra={"fields": {"server": session.server_id, "kind": kind}},
+                    )
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as exc:
+            log.info(
+                "control stream read ended",
+                extra={"fields": {"server": session.server_id, "code": exc.code().name}},
+            )
+        except Exception:
+            log.exception(
+                "control stream reader failed", extra={"fields": {"server": session.server_id}}
+            )
+        finally:
+            session.close()
+
+    async def _store_inventory(self, session: AgentSession, inv: common_pb2.Inventory) -> None:
+        now = self.ctx.clock.now()
+        record = StoredInventory(
+            server_id=session.server_id,
+            digest=inv.digest,
+            collected_at=seconds(inv.collected_at) or now,
+            received_at=now,
+            payload=inv.SerializeToString(),
+        )
+
+        def put() -> None:
+            with self.ctx.store.write() as tx:
+                tx.put_inventory(record)
+
+        await asyncio.to_thread(put)
+        session.inventory_digest = inv.digest
+        log.info(
+            "inventory received",
+            extra={"fields": {"server": session.server_id, "vms": len(inv.vms)}},
+        )
+
+    @rpc(roles=[pki.Role.AGENT])
+    async def Renew(
+        self,
+        request: control_pb2.RenewRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> control_pb2.RenewResponse:
+        ctx = self.ctx
+        server = await self._server(identity)
+        public_key = pki.public_key_from_csr(request.csr_der)
+        now = ctx.clock.now()
+        cert = ctx.ca.issue_agent(
+            public_key,
+            host_id=server.id,
+            name=server.name,
+            site=server.site,
+            now=now,
+            lifetime=ctx.config.certificates.agent_lifetime,
+        )
+
+        def record() -> None:
+            with ctx.store.write() as tx:
+                tx.update_server_certificate(
+                    server.id, format(cert.serial_number, "x"), pki.not_after(cert)
+                )
+
+        await asyncio.to_thread(record)
+        log.info(
+            "agent certificate renewed",
+            extra={"fields": {"server": server.id, "serial": format(cert.serial_number, "x")}},
+        )
+        return control_pb2.RenewResponse(
+            certificate_pem=pki.cert_to_pem(cert),
+            ca_pem=ctx.ca.pem,
+            not_after=timestamp(pki.not_after(cert)),
+        )

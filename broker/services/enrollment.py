@@ -1,0 +1,166 @@
+"""Enrollment: a registration key buys one agent certificate (port 8444, server TLS).
+
+The order of checks matters:
+
+1. the request is well formed (name, CSR with a valid self-signature and a P-256 key);
+2. the key exists and the secret matches its stored hash (constant-time); a wrong secret does
+   not consume a use, so nobody can burn an operator's key by guessing;
+3. one use is taken atomically (``UPDATE ... WHERE uses_remaining > 0``), *then* expiry is
+   checked: an expired key is refused and its use consumed, as the design asks;
+4. the server record is created with an id the broker chooses; the certificate's identity comes
+   from that record, never from the CSR subject. Steps 3 and 4 are one transaction, so a refused
+   name (already registered) gives the use back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import grpc.aio
+from cryptography import x509
+from google.protobuf import json_format
+
+from broker.store.models import Server
+from sitepair import credentials, pki
+from sitepair.clock import iso
+from sitepair.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from sitepair.protoconv import timestamp
+from sitepair.rpc import rpc
+from sitepair.v1 import enrollment_pb2, enrollment_pb2_grpc
+
+if TYPE_CHECKING:
+    from broker.app import BrokerContext
+
+log = logging.getLogger("sitepair.broker.enrollment")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+    server: Server | None = None
+    cert: x509.Certificate | None = None
+    refusal: str = ""
+    expires_at: float = 0.0
+
+
+class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
+    def __init__(self, ctx: BrokerContext) -> None:
+        self.ctx = ctx
+        self.authorizer = ctx.authorizer
+        self._slots = asyncio.Semaphore(ctx.config.limits.max_concurrent_enrollments)
+
+    @rpc(roles=None)
+    async def Register(
+        self,
+        request: enrollment_pb2.RegisterRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> enrollment_pb2.RegisterResponse:
+        if self._slots.locked():
+            raise ResourceExhausted("too many registrations at once", hint="retry in a moment")
+        async with self._slots:
+            return await self._register(request)
+
+    async def _register(
+        self, request: enrollment_pb2.RegisterRequest
+    ) -> enrollment_pb2.RegisterResponse:
+        ctx = self.ctx
+        name = pki.check_identifier(request.name, "server name")
+        if not request.key_id:
+            raise InvalidArgument("registration request has no key id")
+        if request.vault and request.vault != ctx.config.vault:
+            raise FailedPrecondition(
+                f"the credentials are for vault {request.vault!r}, but this broker serves vault "
+                f"{ctx.config.vault!r}",
+                hint="use a credentials file created by this broker",
+            )
+        public_key = pki.public_key_from_csr(request.csr_der)
+        facts_json = json_format.MessageToJson(request.facts, indent=None)
+        now = ctx.clock.now()
+        lifetime = ctx.config.certificates.agent_lifetime
+
+        def enroll() -> _Outcome:
+            with ctx.store.write() as tx:
+                key = tx.get_key(request.key_id)
+                if key is None or not credentials.secret_matches(
+                    request.key_id, request.secret, key.secret_hash
+                ):
+                    return _Outcome(refusal="unknown")
+                if not tx.consume_key_use(key.id):
+                    return _Outcome(refusal="revoked" if key.revoked_at is not None else "used up")
+                if now >= key.expires_at:
+                    return _Outcome(refusal="expired", expires_at=key.expires_at)  # use consumed
+                host_id = f"host-{uuid.uuid4().hex[:16]}"
+                cert = ctx.ca.issue_agent(
+                    public_key,
+                    host_id=host_id,
+                    name=name,
+                    site=key.site,
+                    now=now,
+                    lifetime=lifetime,
+                )
+                server = Server(
+                    id=host_id,
+                    name=name,
+                    site=key.site,
+                    registered_at=now,
+                    registration_key_id=key.id,
+                    cert_serial=format(cert.serial_number, "x"),
+                    cert_not_after=pki.not_after(cert),
+                    facts_json=facts_json,
+                    agent_version=request.facts.agent_version,
+                    cloud=request.facts.cloud,
+                )
+                tx.insert_server(server)
+                return _Outcome(server=server, cert=cert)
+
+        outcome = await asyncio.to_thread(enroll)
+        if outcome.server is None or outcome.cert is None:
+            log.warning(
+                "registration refused",
+                extra={"fields": {"key": request.key_id, "name": name, "why": outcome.refusal}},
+            )
+            if outcome.refusal == "unknown":
+                raise Unauthenticated(
+                    f"registration key {request.key_id!r} is unknown or its secret does not match",
+                    hint="check the credentials file, or create a new key",
+                )
+            if outcome.refusal == "expired":
+                raise PermissionDenied(
+                    f"registration key {request.key_id} expired at {iso(outcome.expires_at)}",
+                    hint="create a new key with `sitepair-broker keys create`",
+                )
+            raise PermissionDenied(
+                f"registration key {request.key_id} is {outcome.refusal}",
+                hint="create a new key with `sitepair-broker keys create`",
+            )
+        server, cert = outcome.server, outcome.cert
+        log.info(
+            "server registered",
+            extra={
+                "fields": {
+                    "server": server.id,
+                    "name": server.name,
+                    "site": server.site,
+                    "key": server.registration_key_id,
+                    "serial": server.cert_serial,
+                }
+            },
+        )
+        return enrollment_pb2.RegisterResponse(
+            host_id=server.id,
+            site=server.site,
+            vault=ctx.config.vault,
+            certificate_pem=pki.cert_to_pem(cert),
+            ca_pem=ctx.ca.pem,
+            control_addresses=ctx.control_addresses(),
+            not_after=timestamp(server.cert_not_after),
+        )

@@ -1,0 +1,166 @@
+"""What the store returns: plain frozen dataclasses, never rows or protobuf messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"  # waiting for an operator (a manual action) or for an agent to return
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class StepState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+
+class CommandState(enum.StrEnum):
+    PENDING = "pending"  # stored, not yet handed to a connected agent
+    DELIVERED = "delivered"  # written to the agent's stream; redelivered until acknowledged
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def open(self) -> bool:
+        return self in (CommandState.PENDING, CommandState.DELIVERED)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistrationKey:
+    id: str
+    site: str
+    secret_hash: bytes
+    created_at: float
+    expires_at: float
+    uses_total: int
+    uses_remaining: int
+    revoked_at: float | None
+    created_by: str
+
+    def state(self, now: float) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.uses_remaining <= 0:
+            return "used up"
+        if now >= self.expires_at:
+            return "expired"
+        return "active"
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    id: str
+    name: str
+    site: str
+    registered_at: float
+    registration_key_id: str
+    cert_serial: str
+    cert_not_after: float
+    facts_json: str = "{}"
+    agent_version: str = ""
+    cloud: str = ""
+    connected: bool = False
+    connected_since: float | None = None
+    disconnected_at: float | None = None
+    last_heartbeat_at: float | None = None
+    last_heartbeat_sent_at: float | None = None
+    last_heartbeat_seq: int | None = None
+    metrics_json: str = "{}"
+    removed_at: float | None = None
+
+    @property
+    def state(self) -> str:
+        if self.removed_at is not None:
+            return "removed"
+        return "connected" if self.connected else "disconnected"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredInventory:
+    server_id: str
+    digest: str
+    collected_at: float
+    received_at: float
+    payload: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Operator:
+    id: str
+    name: str
+    created_at: float
+    cert_serial: str
+    cert_not_after: float
+    removed_at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobStep:
+    job_id: str
+    index: int
+    name: str
+    state: StepState
+    started_at: float | None = None
+    finished_at: float | None = None
+    message: str = ""
+    progress_done: int = 0
+    progress_total: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    id: str
+    kind: str
+    target: str
+    state: JobState
+    created_at: float
+    updated_at: float
+    created_by: str
+    finished_at: float | None = None
+    error: str = ""
+    params_json: str = "{}"
+    result_json: str = ""
+    steps: tuple[JobStep, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    id: str
+    server_id: str
+    kind: str
+    payload: bytes
+    state: CommandState
+    created_at: float
+    delivered_at: float | None = None
+    deliveries: int = 0
+    completed_at: float | None = None
+    result_json: str = ""
+    error: str = ""
+    job_id: str | None = None
+    job_step: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class HeartbeatRecord:
+    """One heartbeat, as the batched writer stores it."""
+
+    server_id: str
+    seq: int
+    sent_at: float
+    received_at: float
+    metrics_json: str

@@ -1,0 +1,673 @@
+"""The embedded store: SQLite in WAL mode, versioned migrations, dataclasses out.
+
+Usage::
+
+    store = SqliteStore.open(home / "broker.db")
+    with store.write() as tx:          # BEGIN IMMEDIATE: one writer at a time, atomically
+        tx.insert_job(job)
+    with store.read() as tx:
+        jobs = tx.list_jobs()
+
+Every method is blocking; the broker calls the store from worker threads
+(``asyncio.to_thread``), never on its event loop. Each thread gets its own connection.
+``synchronous=FULL``: a committed registration, command or epoch survives power loss; the
+heartbeat writer batches many heartbeats per transaction, so the fsync cost stays small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from broker.store.models import (
+    Command,
+    CommandState,
+    HeartbeatRecord,
+    Job,
+    JobState,
+    JobStep,
+    Operator,
+    RegistrationKey,
+    Server,
+    StepState,
+    StoredInventory,
+)
+from sitepair.errors import AlreadyExists, FailedPrecondition, NotFound, SitepairError
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class StoreError(SitepairError):
+    """The store cannot be opened or used (a newer schema, a damaged file, a full disk)."""
+
+    status = "UNAVAILABLE"
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration shipped with this code, in order."""
+    found = []
+    for entry in importlib.resources.files("broker.store.migrations").iterdir():
+        m = _MIGRATION_NAME.match(entry.name)
+        if m:
+            found.append((int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(versions) + 1)):
+        raise StoreError(f"migrations are not numbered 1..n without gaps: {versions}")
+    return found
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: Path) -> SqliteStore:
+        store = cls(path)
+        store.migrate()
+        return store
+
+    @property
+    def description(self) -> str:
+        return f"sqlite:{self.path}"
+
+    # -- connections ------------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreError("store is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=30
+                )
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA busy_timeout=30000")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _transaction(self, begin: str) -> Iterator[Tx]:
+        conn = self._conn()
+        try:
+            conn.execute(begin)
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, exc) from exc
+        try:
+            yield Tx(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise _store_error(self.path, exc) from exc
+
+    def write(self) -> contextlib.AbstractContextManager[Tx]:
+        """A write transaction (``BEGIN IMMEDIATE``: takes the write lock up front)."""
+        return self._transaction("BEGIN IMMEDIATE")
+
+    def read(self) -> contextlib.AbstractContextManager[Tx]:
+        """A consistent read snapshot."""
+        return self._transaction("BEGIN DEFERRED")
+
+    def close(self) -> None:
+        self._closed = True
+        with self._all_lock:
+            for conn in self._all:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._all.clear()
+
+    # -- schema -----------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        conn = self._conn()
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+        )
+        row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    def migrate(self) -> int:
+        """Apply every migration newer than the store's version, each in its own transaction."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            current = self.schema_version()
+        except sqlite3.DatabaseError as exc:
+            raise _store_error(self.path, exc) from exc
+        known = migrations()
+        if current > len(known):
+            raise StoreError(
+                f"store {self.path} has schema version {current}, newer than this broker "
+                f"knows ({len(known)})",
+                hint="run the newer sitepair version that wrote it",
+            )
+        conn = self._conn()
+        for version, name, sql in known[current:]:
+            script = (
+                "BEGIN IMMEDIATE;\n"
+                + sql
+                + f"\nINSERT INTO schema_migrations VALUES ({version}, '{name}', {time.time()});"
+                + "\nCOMMIT;"
+            )
+            try:
+                conn.executescript(script)
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise StoreError(
+                    f"migration {version} ({name}) failed on {self.path}: {exc}"
+                ) from exc
+        return len(known)
+
+
+def _store_error(path: Path, exc: sqlite3.Error) -> StoreError:
+    text = str(exc)
+    if "disk is full" in text or "database or disk is full" in text:
+        return StoreError(f"store {path}: the disk is full", hint="free space, then retry")
+    if "not a database" in text or "malformed" in text:
+        return StoreError(
+            f"store {path} is damaged ({text})", hint="restore it from a backup of the broker home"
+        )
+    return StoreError(f"store {path}: {text}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _key(row: sqlite3.Row | tuple[Any, ...]) -> RegistrationKey:
+    return RegistrationKey(*row)
+
+
+_SERVER_COLS = (
+    "id, name, site, registered_at, registration_key_id, cert_serial, cert_not_after, "
+    "facts_json, agent_version, cloud, connected, connected_since, disconnected_at, "
+    "last_heartbeat_at, last_heartbeat_sent_at, last_heartbeat_seq, metrics_json, removed_at"
+)
+
+
+def _server(row: tuple[Any, ...]) -> Server:
+    values = list(row)
+    values[10] = bool(values[10])
+    return Server(*values)
+
+
+_JOB_COLS = (
+    "id, kind, target, state, created_at, updated_at, created_by, finished_at, error, "
+    "params_json, result_json"
+)
+_STEP_COLS = (
+    "job_id, idx, name, state, started_at, finished_at, message, progress_done, progress_total"
+)
+_COMMAND_COLS = (
+    "id, server_id, kind, payload, state, created_at, delivered_at, deliveries, completed_at, "
+    "result_json, error, job_id, job_step"
+)
+
+
+def _step(row: tuple[Any, ...]) -> JobStep:
+    values = list(row)
+    values[3] = StepState(values[3])
+    return JobStep(*values)
+
+
+def _command(row: tuple[Any, ...]) -> Command:
+    values = list(row)
+    values[4] = CommandState(values[4])
+    return Command(*values)
+
+
+class Tx:
+    """The repository: every query the broker makes, inside one transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._c = conn
+
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = self._c.execute(sql, args).fetchone()
+        return row
+
+    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self._c.execute(sql, args).fetchall())
+
+    # -- meta -------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._c.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # -- registration keys ------------------------------------------------------------------
+    def insert_key(self, key: RegistrationKey) -> None:
+        self._c.execute(
+            "INSERT INTO registration_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                key.id,
+                key.site,
+                key.secret_hash,
+                key.created_at,
+                key.expires_at,
+                key.uses_total,
+                key.uses_remaining,
+                key.revoked_at,
+                key.created_by,
+            ),
+        )
+
+    def get_key(self, key_id: str) -> RegistrationKey | None:
+        row = self._one("SELECT * FROM registration_keys WHERE id = ?", (key_id,))
+        return None if row is None else _key(row)
+
+    def list_keys(self) -> list[RegistrationKey]:
+        return [_key(r) for r in self._all("SELECT * FROM registration_keys ORDER BY created_at")]
+
+    def consume_key_use(self, key_id: str) -> bool:
+        """Take one use of a key atomically; False if none was left or it was revoked."""
+        cur = self._c.execute(
+            "UPDATE registration_keys SET uses_remaining = uses_remaining - 1 "
+            "WHERE id = ? AND uses_remaining > 0 AND revoked_at IS NULL",
+            (key_id,),
+        )
+        return cur.rowcount == 1
+
+    def revoke_key(self, key_id: str, now: float) -> RegistrationKey:
+        cur = self._c.execute(
+            "UPDATE registration_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+            (now, key_id),
+        )
+        key = self.get_key(key_id)
+        if key is None:
+            raise NotFound(f"no registration key {key_id!r}")
+        if cur.rowcount == 0:
+            raise FailedPrecondition(f"registration key {key_id} was already revoked")
+        return key
+
+    # -- servers ----------------------------------------------------------------------------
+    def insert_server(self, s: Server) -> None:
+        try:
+            self._c.execute(
+                f"INSERT INTO servers ({_SERVER_COLS}) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    s.id,
+                    s.name,
+                    s.site,
+                    s.registered_at,
+                    s.registration_key_id,
+                    s.cert_serial,
+                    s.cert_not_after,
+                    s.facts_json,
+                    s.agent_version,
+                    s.cloud,
+                    int(s.connected),
+                    s.connected_since,
+                    s.disconnected_at,
+                    s.last_heartbeat_at,
+                    s.last_heartbeat_sent_at,
+                    s.last_heartbeat_seq,
+                    s.metrics_json,
+                    s.removed_at,
+                ),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(
+                f"a server named {s.name!r} is already registered at site {s.site!r}",
+                hint="remove it first with `sitepair-broker servers remove`, or pick another name",
+            ) from exc
+
+    def get_server(self, server_id: str) -> Server | None:
+        row = self._one(f"SELECT {_SERVER_COLS} FROM servers WHERE id = ?", (server_id,))
+        return None if row is None else _server(row)
+
+    def find_server(self, ref: str) -> Server:
+        """By id, or by name among servers not removed (a name must then be unambiguous)."""
+        server = self.get_server(ref)
+        if server is not None:
+            return server
+        rows = self._all(
+            f"SELECT {_SERVER_COLS} FROM servers WHERE name = ? AND removed_at IS NULL", (ref,)
+        )
+        if not rows:
+            raise NotFound(f"no server with id or name {ref!r}", hint="see `servers list`")
+        if len(rows) > 1:
+            sites = ", ".join(sorted(r[2] for r in rows))
+            raise FailedPrecondition(
+                f"server name {ref!r} exists at several sites ({sites})", hint="use its id"
+            )
+        return _server(rows[0])
+
+    def list_servers(self, *, site: str = "", include_removed: bool = False) -> list[Server]:
+        sql = f"SELECT {_SERVER_COLS} FROM servers WHERE 1 = 1"
+        args: list[Any] = []
+        if site:
+            sql += " AND site = ?"
+            args.append(site)
+        if not include_removed:
+            sql += " AND removed_at IS NULL"
+        return [_server(r) for r in self._all(sql + " ORDER BY site, name", args)]
+
+    def removed_server_ids(self) -> set[str]:
+        return {r[0] for r in self._all("SELECT id FROM servers WHERE removed_at IS NOT NULL")}
+
+    def set_server_connected(
+        self, server_id: str, *, now: float, facts_json: str, agent_version: str, cloud: str
+    ) -> None:
+        self._c.execute(
+            "UPDATE servers SET connected = 1, connected_since = ?, facts_json = ?, "
+            "agent_version = ?, cloud = CASE WHEN ? <> '' THEN ? ELSE cloud END, "
+            "last_heartbeat_at = ? WHERE id = ?",
+            (now, facts_json, agent_version, cloud, cloud, now, server_id),
+        )
+
+    def set_servers_disconnected(self, server_ids: Sequence[str], now: float) -> None:
+        self._c.executemany(
+            "UPDATE servers SET connected = 0, disconnected_at = ? WHERE id = ? AND connected = 1",
+            [(now, sid) for sid in server_ids],
+        )
+
+    def disconnect_all_servers(self, now: float) -> int:
+        """At broker start: nobody is connected to a broker that has just started."""
+        cur = self._c.execute(
+            "UPDATE servers SET connected = 0, disconnected_at = ? WHERE connected = 1", (now,)
+        )
+        return cur.rowcount
+
+    def connected_servers_silent_since(self, cutoff: float) -> list[str]:
+        rows = self._all(
+            "SELECT id FROM servers WHERE connected = 1 AND removed_at IS NULL "
+            "AND coalesce(last_heartbeat_at, 0) < ?",
+            (cutoff,),
+        )
+        return [r[0] for r in rows]
+
+    def mark_server_removed(self, server_id: str, now: float) -> None:
+        self._c.execute(
+            "UPDATE servers SET removed_at = ?, connected = 0 WHERE id = ? AND removed_at IS NULL",
+            (now, server_id),
+        )
+
+    def update_server_certificate(self, server_id: str, serial: str, not_after: float) -> None:
+        self._c.execute(
+            "UPDATE servers SET cert_serial = ?, cert_not_after = ? WHERE id = ?",
+            (serial, not_after, server_id),
+        )
+
+    def record_heartbeats(self, beats: Sequence[HeartbeatRecord]) -> None:
+        self._c.executemany(
+            "UPDATE servers SET last_heartbeat_at = ?, last_heartbeat_sent_at = ?, "
+            "last_heartbeat_seq = ?, metrics_json = ? WHERE id = ? AND removed_at IS NULL",
+            [(b.received_at, b.sent_at, b.seq, b.metrics_json, b.server_id) for b in beats],
+        )
+
+    # -- inventory --------------------------------------------------------------------------
+    def put_inventory(self, inv: StoredInventory) -> None:
+        self._c.execute(
+            "INSERT INTO server_inventory VALUES (?, ?, ?, ?, ?) ON CONFLICT (server_id) DO UPDATE "
+            "SET digest = excluded.digest, collected_at = excluded.collected_at, "
+            "received_at = excluded.received_at, payload = excluded.payload",
+            (inv.server_id, inv.digest, inv.collected_at, inv.received_at, inv.payload),
+        )
+
+    def get_inventory(self, server_id: str) -> StoredInventory | None:
+        row = self._one("SELECT * FROM server_inventory WHERE server_id = ?", (server_id,))
+        return None if row is None else StoredInventory(*row)
+
+    # -- operators --------------------------------------------------------------------------
+    def insert_operator(self, op: Operator) -> None:
+        self._c.execute(
+            "INSERT INTO operators VALUES (?, ?, ?, ?, ?, ?)",
+            (op.id, op.name, op.created_at, op.cert_serial, op.cert_not_after, op.removed_at),
+        )
+
+    def list_operators(self) -> list[Operator]:
+        return [Operator(*r) for r in self._all("SELECT * FROM operators ORDER BY created_at")]
+
+    # -- jobs -------------------------------------------------------------------------------
+    def insert_job(self, job: Job) -> None:
+        self._c.execute(
+            f"INSERT INTO jobs ({_JOB_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.id,
+                job.kind,
+                job.target,
+                job.state.value,
+                job.created_at,
+                job.updated_at,
+                job.created_by,
+                job.finished_at,
+                job.error,
+                job.params_json,
+                job.result_json,
+            ),
+        )
+        self._c.executemany(
+            f"INSERT INTO job_steps ({_STEP_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    job.id,
+                    s.index,
+                    s.name,
+                    s.state.value,
+                    s.started_at,
+                    s.finished_at,
+                    s.message,
+                    s.progress_done,
+                    s.progress_total,
+                )
+                for s in job.steps
+            ],
+        )
+
+    def get_job(self, job_id: str) -> Job | None:
+        row = self._one(f"SELECT {_JOB_COLS} FROM jobs WHERE id = ?", (job_id,))
+        if row is None:
+            return None
+        steps = tuple(
+            _step(r)
+            for r in self._all(
+                f"SELECT {_STEP_COLS} FROM job_steps WHERE job_id = ? ORDER BY idx", (job_id,)
+            )
+        )
+        (jid, kind, target, state, created, updated, by, finished, error, params, result) = row
+        return Job(
+            id=jid,
+            kind=kind,
+            target=target,
+            state=JobState(state),
+            created_at=created,
+            updated_at=updated,
+            created_by=by,
+            finished_at=finished,
+            error=error,
+            params_json=params,
+            result_json=result,
+            steps=steps,
+        )
+
+    def list_jobs(self, *, state: str = "", kind: str = "", limit: int = 100) -> list[Job]:
+        sql = "SELECT id FROM jobs WHERE 1 = 1"
+        args: list[Any] = []
+        if state:
+            sql += " AND state = ?"
+            args.append(state)
+        if kind:
+            sql += " AND kind = ?"
+            args.append(kind)
+        sql += " ORDER BY created_at DESC, id LIMIT ?"
+        args.append(limit)
+        jobs = [self.get_job(r[0]) for r in self._all(sql, args)]
+        return [j for j in jobs if j is not None]
+
+    def unfinished_job_ids(self) -> list[str]:
+        rows = self._all(
+            "SELECT id FROM jobs WHERE state IN ('queued', 'running', 'waiting') "
+            "ORDER BY created_at"
+        )
+        return [r[0] for r in rows]
+
+    def update_job(
+        self,
+        job_id: str,
+        *,
+        now: float,
+        state: JobState | None = None,
+        error: str | None = None,
+        result_json: str | None = None,
+    ) -> None:
+        sets = ["updated_at = ?"]
+        args: list[Any] = [now]
+        if state is not None:
+            sets.append("state = ?")
+            args.append(state.value)
+            if state.final:
+                sets.append("finished_at = ?")
+                args.append(now)
+        if error is not None:
+            sets.append("error = ?")
+            args.append(error)
+        if result_json is not None:
+            sets.append("result_json = ?")
+            args.append(result_json)
+        args.append(job_id)
+        self._c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", args)
+
+    def update_step(
+        self,
+        job_id: str,
+        index: int,
+        *,
+        now: float,
+        state: StepState | None = None,
+        message: str | None = None,
+        progress_done: int | None = None,
+        progress_total: int | None = None,
+    ) -> None:
+        sets: list[str] = []
+        args: list[Any] = []
+        if state is not None:
+            sets.append("state = ?")
+            args.append(state.value)
+            if state == StepState.RUNNING:
+                sets.append("started_at = coalesce(started_at, ?)")
+                args.append(now)
+            elif state != StepState.PENDING:
+                sets.append("finished_at = ?")
+                args.append(now)
+        if message is not None:
+            sets.append("message = ?")
+            args.append(message)
+        if progress_done is not None:
+            sets.append("progress_done = ?")
+            args.append(progress_done)
+        if progress_total is not None:
+            sets.append("progress_total = ?")
+            args.append(progress_total)
+        if not sets:
+            return
+        args += [job_id, index]
+        self._c.execute(
+            f"UPDATE job_steps SET {', '.join(sets)} WHERE job_id = ? AND idx = ?",
+            args,
+        )
+        self._c.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (now, job_id))
+
+    # -- commands ---------------------------------------------------------------------------
+    def insert_command(self, cmd: Command) -> None:
+        self._c.execute(
+            f"INSERT INTO commands ({_COMMAND_COLS}) VALUES "
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                cmd.id,
+                cmd.server_id,
+                cmd.kind,
+                cmd.payload,
+                cmd.state.value,
+                cmd.created_at,
+                cmd.delivered_at,
+                cmd.deliveries,
+                cmd.completed_at,
+                cmd.result_json,
+                cmd.error,
+                cmd.job_id,
+                cmd.job_step,
+            ),
+        )
+
+    def get_command(self, command_id: str) -> Command | None:
+        row = self._one(f"SELECT {_COMMAND_COLS} FROM commands WHERE id = ?", (command_id,))
+        return None if row is None else _command(row)
+
+    def open_commands(self, server_id: str) -> list[Command]:
+        rows = self._all(
+            f"SELECT {_COMMAND_COLS} FROM commands WHERE server_id = ? "
+            "AND state IN ('pending', 'delivered') ORDER BY created_at, id",
+            (server_id,),
+        )
+        return [_command(r) for r in rows]
+
+    def mark_commands_delivered(self, command_ids: Sequence[str], now: float) -> None:
+        self._c.executemany(
+            "UPDATE commands SET state = 'delivered', delivered_at = ?, "
+            "deliveries = deliveries + 1 WHERE id = ? AND state IN ('pending', 'delivered')",
+            [(now, cid) for cid in command_ids],
+        )
+
+    def complete_command(
+        self,
+        command_id: str,
+        *,
+        server_id: str,
+        state: CommandState,
+        now: float,
+        result_json: str = "",
+        error: str = "",
+    ) -> Command | None:
+        """Record a command's outcome once; None if it is unknown, not this server's, or done."""
+        cur = self._c.execute(
+            "UPDATE commands SET state = ?, completed_at = ?, result_json = ?, error = ? "
+            "WHERE id = ? AND server_id = ? AND state IN ('pending', 'delivered')",
+            (state.value, now, result_json, error, command_id, server_id),
+        )
+        if cur.rowcount != 1:
+            return None
+        return self.get_command(command_id)
+
+    def cancel_open_commands(self, server_id: str, now: float, reason: str) -> list[Command]:
+        cmds = self.open_commands(server_id)
+        self._c.execute(
+            "UPDATE commands SET state = 'cancelled', completed_at = ?, error = ? "
+            "WHERE server_id = ? AND state IN ('pending', 'delivered')",
+            (now, reason, server_id),
+        )
+        return cmds
+
+    def commands_for_job(self, job_id: str) -> list[Command]:
+        rows = self._all(
+            f"SELECT {_COMMAND_COLS} FROM commands WHERE job_id = ? ORDER BY created_at, id",
+            (job_id,),
+        )
+        return [_command(r) for r in rows]

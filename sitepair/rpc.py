@@ -1,0 +1,224 @@
+"""gRPC plumbing shared by broker and agent: limits, TLS, peer identity, error translation.
+
+Servers turn :class:`~sitepair.errors.SitepairError` into gRPC statuses in exactly one place, the
+``@rpc`` decorator below; unexpected exceptions are logged with their traceback on the server and
+reach the client as INTERNAL with a reference, never as a traceback. Clients turn statuses back
+into SitepairError subclasses with :func:`error_from_rpc`.
+
+Identity is taken only from the verified peer certificate (``context.auth_context()``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+from cryptography import x509
+
+from sitepair import pki
+from sitepair.errors import (
+    ALL_BY_STATUS,
+    SitepairError,
+    Unauthenticated,
+    Unavailable,
+)
+
+log = logging.getLogger("sitepair.rpc")
+
+#: Largest message on the control and admin channels (inventories of big hosts fit easily).
+CONTROL_MAX_MESSAGE = 8 * 1024 * 1024
+#: Replication batches are ~1 MiB of payload; the cap leaves room for incompressible data.
+REPLICATION_MAX_MESSAGE = 16 * 1024 * 1024
+
+
+def server_options(
+    *, max_message_bytes: int = CONTROL_MAX_MESSAGE, max_concurrent_streams: int = 32
+) -> list[tuple[str, Any]]:
+    """Limits and keepalive policy set explicitly on every server we run."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_concurrent_streams", max_concurrent_streams),
+        # Answer client keepalive pings; refuse abusive ping rates (GOAWAY too_many_pings).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 3),
+        # Our own keepalive finds dead peers (a host that lost power) within about a minute.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.max_connection_idle_ms", 30 * 60_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def channel_options(
+    *, target_name: str | None, max_message_bytes: int = CONTROL_MAX_MESSAGE
+) -> list[tuple[str, Any]]:
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # We run our own jittered reconnect loop; keep gRPC's own backoff short and bounded.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 5_000),
+        ("grpc.enable_retries", 0),
+    ]
+    if target_name:
+        opts.append(("grpc.ssl_target_name_override", target_name))
+    return opts
+
+
+# -- identity ---------------------------------------------------------------------------------
+
+
+def peer_certificate(
+    context: grpc.aio.ServicerContext[Any, Any] | grpc.ServicerContext,
+) -> x509.Certificate:
+    auth = context.auth_context()
+    pems = list(auth.get("x509_pem_cert") or [])
+    if not pems or not isinstance(pems[0], bytes):
+        raise Unauthenticated("no client certificate was presented")
+    return x509.load_pem_x509_certificate(pems[0])
+
+
+def peer_identity(
+    context: grpc.aio.ServicerContext[Any, Any] | grpc.ServicerContext,
+) -> pki.Identity:
+    """The identity in the peer's certificate; gRPC has verified its chain against our CA."""
+    return pki.identity_from_cert(peer_certificate(context))
+
+
+class Authorizer(Protocol):
+    """Decides whether a verified identity may call a method that accepts ``roles``."""
+
+    def authorize(self, identity: pki.Identity, roles: frozenset[pki.Role]) -> None: ...
+
+
+# -- server-side error mapping ----------------------------------------------------------------
+
+
+def status_of(error: SitepairError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
+
+
+def rpc(*, roles: Sequence[pki.Role] | None) -> Callable[..., Any]:
+    """Decorate an aio servicer method: authorize the caller, map errors to statuses.
+
+    ``roles=None`` means no client certificate is expected (the enrollment port). Otherwise the
+    method receives the caller's verified identity as a third argument, after ``self.authorizer``
+    has accepted it. Works for unary methods and for async-generator (streaming) methods.
+    """
+    allowed = frozenset(roles) if roles is not None else None
+
+    def authorize(self: Any, context: grpc.aio.ServicerContext[Any, Any]) -> pki.Identity | None:
+        if allowed is None:
+            return None
+        identity = peer_identity(context)
+        self.authorizer.authorize(identity, allowed)
+        return identity
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        name = fn.__name__
+        if inspect.isasyncgenfunction(fn):
+
+            @functools.wraps(fn)
+            async def stream_wrapper(
+                self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                try:
+                    identity = authorize(self, context)
+                    args = (request, context) if allowed is None else (request, context, identity)
+                    async for item in fn(self, *args):
+                        yield item
+                except SitepairError as exc:
+                    await _abort(context, name, exc)
+                except (grpc.aio.AbortError, GeneratorExit):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the one place unexpected errors end
+                    await _abort_internal(context, name, exc)
+
+            return stream_wrapper
+
+        @functools.wraps(fn)
+        async def unary_wrapper(
+            self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Any:
+            try:
+                identity = authorize(self, context)
+                args = (request, context) if allowed is None else (request, context, identity)
+                return await fn(self, *args)
+            except SitepairError as exc:
+                await _abort(context, name, exc)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one place unexpected errors end
+                await _abort_internal(context, name, exc)
+            raise AssertionError("unreachable: abort raises")
+
+        return unary_wrapper
+
+    return decorate
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], method: str, exc: SitepairError
+) -> None:
+    level = (
+        logging.WARNING
+        if exc.status in ("INTERNAL", "PERMISSION_DENIED", "UNAUTHENTICATED")
+        else logging.INFO
+    )
+    log.log(
+        level,
+        "rpc refused",
+        extra={"fields": {"method": method, "status": exc.status, "error": str(exc)}},
+    )
+    await context.abort(status_of(exc), str(exc))
+
+
+async def _abort_internal(
+    context: grpc.aio.ServicerContext[Any, Any], method: str, exc: Exception
+) -> None:
+    ref = uuid.uuid4().hex[:12]
+    log.error(
+        "rpc failed unexpectedly",
+        exc_info=exc,
+        extra={"fields": {"method": method, "ref": ref}},
+    )
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error in {method} (reference {ref} in the server log)"
+    )
+
+
+# -- client-side translation ------------------------------------------------------------------
+
+_TLS_HINTS = ("handshake", "certificate", "ssl", "tls", "x509")
+
+
+def error_from_rpc(exc: grpc.RpcError, *, peer: str) -> SitepairError:
+    """Turn a failed call into the matching SitepairError with an operator-readable message."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else None) or str(code)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        lowered = details.lower()
+        if any(h in lowered for h in _TLS_HINTS):
+            return Unavailable(
+                f"TLS with {peer} failed: {details}",
+                hint="the peer's certificate is not signed by the CA this side trusts (credentials "
+                "or certificates for another broker?), or this side's certificate was refused",
+            )
+        return Unavailable(f"cannot reach {peer}: {details}", hint="is it running and reachable?")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        cls: type[SitepairError] = ALL_BY_STATUS["DEADLINE_EXCEEDED"]
+        return cls(f"{peer} did not answer in time")
+    cls = ALL_BY_STATUS.get(code.name, SitepairError) if code is not None else SitepairError
+    return cls(details)

@@ -1,1 +1,187 @@
-"""Virtual disks: raw, VHD and VHDX (fixed, dynamic, differencing)."""
+"""Virtual disks: raw, VHD and VHDX (fixed, dynamic, differencing).
+
+Entry points:
+
+- :func:`open_disk` opens any supported image, detecting its format from its content;
+- :func:`create_disk` creates one and returns it opened for writing;
+- :func:`detect_format` says what a file is without opening it as a disk.
+
+The VHDX implementation lives in :mod:`sitepair.vdisk.vhdx` and is imported only when a VHDX
+image is met, so the rest works (and says so clearly) where that module is unavailable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from sitepair.errors import VirtualDiskError
+from sitepair.vdisk.base import DiskFormat, DiskInfo, SubFormat, VirtualDisk, coalesce
+from sitepair.vdisk.fileio import O_BINARY, file_size, pread
+from sitepair.vdisk.raw import create_raw, open_raw
+from sitepair.vdisk.vhd import create_vhd, open_vhd, probe_vhd, set_parent_vhd
+
+__all__ = [
+    "DiskFormat",
+    "DiskInfo",
+    "SubFormat",
+    "VirtualDisk",
+    "VirtualDiskError",
+    "coalesce",
+    "create_disk",
+    "detect_format",
+    "open_disk",
+    "set_parent",
+    "vhdx_available",
+]
+
+#: Extensions that may hold a raw image (anything else must be recognised by its content).
+RAW_EXTENSIONS = frozenset({".raw", ".img"})
+#: Extensions whose files must be recognised; never treated as raw.
+VHD_EXTENSIONS = frozenset({".vhd", ".avhd"})
+VHDX_EXTENSIONS = frozenset({".vhdx", ".avhdx"})
+_HEAD = 64 * 1024
+
+
+def _vhdx() -> ModuleType:
+    """The VHDX module, or a clear error if this build lacks it."""
+    try:
+        return importlib.import_module("sitepair.vdisk.vhdx")
+    except ModuleNotFoundError as exc:
+        if exc.name != "sitepair.vdisk.vhdx":
+            raise
+        raise VirtualDiskError(
+            "VHDX support is not available in this build (sitepair.vdisk.vhdx is missing)"
+        ) from exc
+
+
+def vhdx_available() -> bool:
+    try:
+        _vhdx()
+    except VirtualDiskError:
+        return False
+    return True
+
+
+def _probe_vhdx(head: bytes) -> bool:
+    try:
+        module = _vhdx()
+    except VirtualDiskError:
+        # Without the module we still recognise the file identifier, to say what it is.
+        return head[:8] == b"vhdxfile"
+    return bool(module.probe_vhdx(head))
+
+
+def detect_format(path: str | os.PathLike[str]) -> DiskFormat | None:
+    """The format a file's content declares: VHDX by its file identifier, VHD by a footer at
+    the end or the start; ``None`` if neither (the file may be a raw image)."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | O_BINARY)
+    except FileNotFoundError as exc:
+        raise VirtualDiskError(f"{p}: no such file") from exc
+    except OSError as exc:
+        raise VirtualDiskError(f"{p}: cannot open: {exc.strerror}") from exc
+    try:
+        size = file_size(fd)
+        head = pread(fd, _HEAD, 0)
+        tail = pread(fd, 512, size - 512) if size >= 512 else b""
+    finally:
+        os.close(fd)
+    if _probe_vhdx(head):
+        return DiskFormat.VHDX
+    if probe_vhd(head, tail):
+        return DiskFormat.VHD
+    return None
+
+
+def open_disk(
+    path: str | os.PathLike[str],
+    *,
+    read_only: bool = False,
+    format: DiskFormat | str | None = None,
+) -> VirtualDisk:
+    """Open an image, detecting its format from its content unless ``format`` is given.
+
+    A file with no VHD/VHDX signature is opened as raw only if its name ends in .raw or .img
+    or the caller passes ``format=DiskFormat.RAW``; an unrecognised .vhd/.vhdx is an error,
+    never silently raw."""
+    p = Path(path)
+    fmt = DiskFormat(format) if format is not None else detect_format(p)
+    if fmt is None:
+        ext = p.suffix.lower()
+        if ext in RAW_EXTENSIONS:
+            fmt = DiskFormat.RAW
+        elif ext in VHD_EXTENSIONS | VHDX_EXTENSIONS:
+            kind = "VHDX" if ext in VHDX_EXTENSIONS else "VHD"
+            raise VirtualDiskError(
+                f"{p}: not a {kind} image: no {kind} signature found (the file is damaged or "
+                "is not a virtual disk)"
+            )
+        else:
+            raise VirtualDiskError(
+                f"{p}: unrecognised image format (no VHD or VHDX signature)",
+                hint="name raw images .raw or .img, or pass the raw format explicitly",
+            )
+    if fmt is DiskFormat.VHDX:
+        disk: VirtualDisk = _vhdx().open_vhdx(p, read_only=read_only)
+        return disk
+    if fmt is DiskFormat.VHD:
+        return open_vhd(p, read_only=read_only)
+    return open_raw(p, read_only=read_only)
+
+
+def create_disk(
+    path: str | os.PathLike[str],
+    *,
+    format: DiskFormat | str,
+    subformat: SubFormat | str,
+    size: int | None = None,
+    block_size: int | None = None,
+    parent: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> VirtualDisk:
+    """Create an image and return it opened for writing.
+
+    ``size`` is required except for differencing disks (which take the parent's size).
+    ``block_size`` defaults to the format's own default (VHD 2 MiB, VHDX 32 MiB); raw images
+    are always sparse and have no subformat other than fixed (dynamic is accepted as a
+    synonym: the file is sparse either way). Extra ``options`` go to the format
+    (VHDX: ``logical_sector_size``, ``physical_sector_size``)."""
+    fmt = DiskFormat(format)
+    sub = SubFormat(subformat)
+    p = Path(path)
+    if fmt is DiskFormat.RAW:
+        if sub is SubFormat.DIFFERENCING or parent is not None:
+            raise VirtualDiskError(f"{p}: raw images cannot be differencing disks")
+        if options:
+            raise VirtualDiskError(f"{p}: raw images take no options ({', '.join(options)})")
+        if size is None:
+            raise VirtualDiskError(f"{p}: a size is needed to create a raw image")
+        create_raw(p, size=size)
+    elif fmt is DiskFormat.VHD:
+        if options:
+            raise VirtualDiskError(f"{p}: VHD takes no options ({', '.join(options)})")
+        kwargs: dict[str, Any] = {} if block_size is None else {"block_size": block_size}
+        create_vhd(p, size=size, subformat=sub, parent=parent, **kwargs)
+    else:
+        module = _vhdx()
+        kwargs = dict(options)
+        if block_size is not None:
+            kwargs["block_size"] = block_size
+        module.create_vhdx(p, size=size, subformat=sub, parent=parent, **kwargs)
+    return open_disk(p, format=fmt)
+
+
+def set_parent(child: str | os.PathLike[str], new_parent: str | os.PathLike[str]) -> None:
+    """Relink a differencing disk to a new parent, with its format's own function."""
+    fmt = detect_format(child)
+    if fmt is DiskFormat.VHD:
+        set_parent_vhd(child, new_parent)
+    elif fmt is DiskFormat.VHDX:
+        _vhdx().set_parent_vhdx(child, new_parent)
+    else:
+        raise VirtualDiskError(f"{child}: not a VHD or VHDX image; it cannot have a parent")

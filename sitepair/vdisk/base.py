@@ -66,7 +66,13 @@ class DiskInfo:
 
 
 class VirtualDisk(abc.ABC):
-    """One opened image (and, for a differencing disk, its opened parent chain)."""
+    """One opened image (and, for a differencing disk, its opened parent chain).
+
+    ``parent`` is a plain attribute and implementations read through it on every access (they
+    never cache parent data): :func:`sitepair.vdisk.ops.merge` swaps a child's read-only parent
+    for a writable open of the same file, so it can write the child's layer into the parent
+    while reading the child.
+    """
 
     path: Path
     format: DiskFormat
@@ -110,6 +116,13 @@ class VirtualDisk(abc.ABC):
     @abc.abstractmethod
     def read(self, offset: int, length: int) -> bytes:
         """Guest bytes ``[offset, offset+length)``; raises VirtualDiskError beyond the end."""
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the guest bytes at ``offset`` (``len(buf)`` of them).
+
+        The default copies from :meth:`read`; formats override it so a differencing child can
+        have its parent read straight into the child's buffer."""
+        buf[:] = self.read(offset, len(buf))
 
     @abc.abstractmethod
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:

@@ -161,18 +161,23 @@ def create_disk(
             raise VirtualDiskError(f"{p}: raw images take no options ({', '.join(options)})")
         if size is None:
             raise VirtualDiskError(f"{p}: a size is needed to create a raw image")
-        create_raw(p, size=size)
-    elif fmt is DiskFormat.VHD:
+        return create_raw(p, size=size)
+    if fmt is DiskFormat.VHD:
         if options:
             raise VirtualDiskError(f"{p}: VHD takes no options ({', '.join(options)})")
         kwargs: dict[str, Any] = {} if block_size is None else {"block_size": block_size}
-        create_vhd(p, size=size, subformat=sub, parent=parent, **kwargs)
-    else:
-        module = _vhdx()
-        kwargs = dict(options)
-        if block_size is not None:
-            kwargs["block_size"] = block_size
-        module.create_vhdx(p, size=size, subformat=sub, parent=parent, **kwargs)
+        return create_vhd(p, size=size, subformat=sub, parent=parent, **kwargs)
+    module = _vhdx()
+    kwargs = dict(options)
+    if block_size is not None:
+        kwargs["block_size"] = block_size
+    if parent is not None:
+        kwargs["parent"] = Path(parent)
+    if size is None and sub is not SubFormat.DIFFERENCING:
+        raise VirtualDiskError(f"{p}: a size is needed to create a {sub} VHDX")
+    created = module.create_vhdx(p, size=size or 0, subformat=sub, **kwargs)
+    if isinstance(created, VirtualDisk):
+        return created
     return open_disk(p, format=fmt)
 
 

@@ -49,8 +49,9 @@ def open_raw(path: str | os.PathLike[str], *, read_only: bool = False) -> RawDis
         raise
 
 
-def create_raw(path: str | os.PathLike[str], *, size: int) -> None:
-    """Create a sparse raw image of ``size`` bytes (never overwriting an existing file)."""
+def create_raw(path: str | os.PathLike[str], *, size: int) -> RawDisk:
+    """Create a sparse raw image of ``size`` bytes (never overwriting an existing file) and
+    return it opened writable."""
     p = Path(path)
     if size < 0:
         raise VirtualDiskError(f"{p}: size must not be negative (got {size})")
@@ -64,13 +65,13 @@ def create_raw(path: str | os.PathLike[str], *, size: int) -> None:
         lock_file(fd, p, exclusive=True)
         os.ftruncate(fd, size)
         datasync(fd)
+        fsync_dir(p)
+        return RawDisk(p, fd, read_only=False)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
             p.unlink()
         raise
-    os.close(fd)
-    fsync_dir(p)
 
 
 class RawDisk(VirtualDisk):

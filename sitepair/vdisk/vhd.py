@@ -337,9 +337,8 @@ class VhdDisk(VirtualDisk):
             max(highest, reserved_end, *(r.end for r in regions)),
             L.SECTOR,
         )
-        self._details["parent_unique_id"] = (
-            str(header.parent_unique_id) if footer.disk_type == L.DISK_DIFFERENCING else None
-        )
+        if footer.disk_type == L.DISK_DIFFERENCING:
+            self._details["parent_unique_id"] = str(header.parent_unique_id)
 
     def _open_parent(self, chain: tuple[Path, ...]) -> None:
         me = self.path.resolve()
@@ -917,9 +916,10 @@ def create_vhd(
     subformat: SubFormat | str,
     block_size: int = DEFAULT_BLOCK_SIZE,
     parent: str | os.PathLike[str] | None = None,
-) -> None:
-    """Create a VHD. ``size`` is the virtual size in bytes (a multiple of 512); a
-    differencing disk takes its parent's size (``size`` may be None or must match).
+) -> VhdDisk:
+    """Create a VHD and return it opened writable. ``size`` is the virtual size in bytes (a
+    multiple of 512); a differencing disk takes its parent's size (``size`` may be None or
+    must match).
 
     The file is created exclusively (an existing file is never overwritten), written
     completely and synced, with its folder entry. Fixed disks are sparse files until written."""
@@ -999,13 +999,13 @@ def create_vhd(
                 pwrite_all(fd, blob, at)
             pwrite_all(fd, fbytes, pos)
         datasync(fd)
+        fsync_dir(p)
+        return VhdDisk(p, fd, read_only=False, chain=())
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
             p.unlink()
         raise
-    os.close(fd)
-    fsync_dir(p)
 
 
 def _check_create_size(p: Path, size: int) -> None:

@@ -1,0 +1,144 @@
+"""``sitepair-agent``: register this host with a broker, run the agent, show its state."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from agent import config as config_mod
+from sitepair import __version__, log
+from sitepair.cliutil import EXIT_OK, print_json, run_main
+from sitepair.clock import iso
+
+PROG = "sitepair-agent"
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from agent.enroll import register
+
+    storage = {}
+    for item in args.storage or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{PROG}: --storage must be NAME=FOLDER, got {item!r}")
+        storage[name] = path
+    networks = []
+    for item in args.network or []:
+        name, _, subnets = item.partition("=")
+        networks.append((name, [s for s in subnets.split(",") if s]))
+    toml = config_mod.render(
+        vm_root=args.vm_root,
+        cloud=args.cloud or "",
+        storage=storage,
+        networks=networks,
+        certificate_port=args.certificate_port,
+        ticket_port=args.ticket_port,
+    )
+    home = Path(args.home)
+    ident = register(Path(args.credentials), name=args.name, home=home, agent_toml=toml)
+    if args.json:
+        print_json({"host_id": ident.host_id, "site": ident.site, "vault": ident.vault})
+    else:
+        print(
+            f"registered {ident.name} as {ident.host_id} (site {ident.site}, vault {ident.vault})"
+        )
+        print(f"  certificate valid until {iso(ident.not_after)}; identity in {home / 'identity'}")
+        print(f"  run it with: {PROG} run --home {home}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import AgentDaemon
+
+    home = Path(args.home)
+    cfg = config_mod.load(home)
+    log.setup(
+        level=cfg.log.level,
+        json_format=cfg.log.format == "json",
+        file=Path(cfg.log.file) if cfg.log.file else None,
+    )
+    daemon = AgentDaemon(home)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        stopping: list[asyncio.Task[None]] = []
+
+        def stop() -> None:
+            stopping.append(loop.create_task(daemon.shutdown()))
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
+                signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop))
+        await daemon.run()
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.identity import AgentIdentity
+
+    home = Path(args.home)
+    ident = AgentIdentity.load(home)
+    cfg = config_mod.load(home)
+    doc = {
+        "host_id": ident.host_id,
+        "name": ident.name,
+        "site": ident.site,
+        "vault": ident.vault,
+        "broker": list(ident.control_addresses),
+        "certificate_not_after": iso(ident.not_after),
+        "renew_at": iso(ident.renew_at()),
+        "backend": cfg.backend.kind,
+        "vm_root": str(cfg.backend.vm_root),
+    }
+    if args.json:
+        print_json(doc)
+    else:
+        for k, v in doc.items():
+            print(f"{k:<22} {v}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = sub.add_parser("register", help="enroll this host with a broker")
+    sp.add_argument("--credentials", required=True, help="file from `sitepair-broker keys create`")
+    sp.add_argument("--name", required=True, help="server name shown in the broker")
+    sp.add_argument("--home", required=True, help="agent home folder")
+    sp.add_argument("--vm-root", default="vms", help="directory backend: folder of VMs")
+    sp.add_argument("--cloud", help="cloud this host joins")
+    sp.add_argument("--storage", action="append", help="storage classification NAME=FOLDER")
+    sp.add_argument("--network", action="append", help="VM network NAME[=CIDR,CIDR]")
+    sp.add_argument("--certificate-port", type=int, default=8084)
+    sp.add_argument("--ticket-port", type=int, default=8083)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_register)
+
+    sp = sub.add_parser("run", help="run the agent until SIGTERM/SIGINT")
+    sp.add_argument("--home", required=True)
+    sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("status", help="show this agent's identity and configuration")
+    sp.add_argument("--home", required=True)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(PROG, lambda: int(args.fn(args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Executing broker commands exactly once, with the journal as the memory of what ran.
+
+Handlers are registered by command kind (the ``body`` oneof name of ``sitepair.v1.Command``).
+The executor answers every delivery: a first delivery is journaled as running, acknowledged as
+RECEIVED, executed, journaled with its outcome and acknowledged with it; a repeated delivery is
+answered from the journal without running anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from agent.journal import CommandJournal
+from sitepair.clock import Clock
+from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound, SitepairError
+from sitepair.v1 import control_pb2
+
+log = logging.getLogger("sitepair.agent.commands")
+
+Handler = Callable[[control_pb2.Command], Awaitable[dict[str, Any]]]
+Ack = Callable[[control_pb2.CommandAck], Awaitable[None]]
+
+MAX_SCRIPT_OUTPUT = 64 * 1024
+
+
+class CommandExecutor:
+    def __init__(self, journal: CommandJournal, clock: Clock) -> None:
+        self._journal = journal
+        self._clock = clock
+        self._handlers: dict[str, Handler] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    def register(self, kind: str, handler: Handler) -> None:
+        self._handlers[kind] = handler
+
+    async def handle(self, command: control_pb2.Command, ack: Ack) -> None:
+        """Answer one delivery of ``command``; ``ack`` sends an acknowledgement to the broker."""
+        kind = command.WhichOneof("body") or "unknown"
+        if command.id in self._running:
+            await ack(
+                control_pb2.CommandAck(command_id=command.id, state=control_pb2.CommandAck.RECEIVED)
+            )
+            return  # already running in this process: its outcome will be acknowledged
+        seen = await asyncio.to_thread(self._journal.begin, command.id, kind, self._clock.now())
+        if seen is not None:
+            if seen.state == "running":
+                await ack(
+                    control_pb2.CommandAck(
+                        command_id=command.id, state=control_pb2.CommandAck.RECEIVED
+                    )
+                )
+                return
+            log.info(
+                "command redelivered; answering from the journal",
+                extra={"fields": {"command": command.id, "kind": kind, "state": seen.state}},
+            )
+            await ack(
+                control_pb2.CommandAck(
+                    command_id=command.id,
+                    state=control_pb2.CommandAck.SUCCEEDED
+                    if seen.state == "succeeded"
+                    else control_pb2.CommandAck.FAILED,
+                    result_json=seen.result_json,
+                    error=seen.error,
+                )
+            )
+            return
+        await ack(
+            control_pb2.CommandAck(command_id=command.id, state=control_pb2.CommandAck.RECEIVED)
+        )
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[command.id] = task
+        try:
+            ok, result_json, error = await self._execute(kind, command)
+        finally:
+            self._running.pop(command.id, None)
+        await asyncio.to_thread(
+            self._journal.finish,
+            command.id,
+            ok=ok,
+            now=self._clock.now(),
+            result_json=result_json,
+            error=error,
+        )
+        await ack(
+            control_pb2.CommandAck(
+                command_id=command.id,
+                state=control_pb2.CommandAck.SUCCEEDED if ok else control_pb2.CommandAck.FAILED,
+                result_json=result_json,
+                error=error,
+            )
+        )
+
+    async def _execute(self, kind: str, command: control_pb2.Command) -> tuple[bool, str, str]:
+        handler = self._handlers.get(kind)
+        if handler is None:
+            return False, "", f"this agent does not know the command {kind!r} (upgrade it?)"
+        log.info("command started", extra={"fields": {"command": command.id, "kind": kind}})
+        try:
+            result = await handler(command)
+        except SitepairError as exc:
+            log.warning(
+                "command failed", extra={"fields": {"command": command.id, "error": str(exc)}}
+            )
+            return False, "", str(exc)
+        except Exception as exc:
+            log.exception("command crashed", extra={"fields": {"command": command.id}})
+            return False, "", f"internal error in the agent: {type(exc).__name__}: {exc}"
+        log.info("command succeeded", extra={"fields": {"command": command.id, "kind": kind}})
+        return True, json.dumps(result, sort_keys=True, default=str), ""
+
+
+async def run_script(scripts_dir: Path, request: control_pb2.RunScript) -> dict[str, Any]:
+    """Run a script the operator placed in the agent's scripts folder, with a timeout.
+
+    Only a bare file name inside ``scripts_dir`` is accepted, so the broker cannot make an agent
+    run an arbitrary program. Output (stdout and stderr, interleaved) is kept up to 64 KiB.
+    A non-zero exit status or a timeout is a failure whose message carries the output's tail.
+    """
+    name = request.script
+    if not name or Path(name).name != name or name.startswith("."):
+        raise InvalidArgument(f"script name {name!r} must be a file name in the scripts folder")
+    path = scripts_dir / name
+    if not path.is_file():
+        raise NotFound(f"no script {name!r} in {scripts_dir}")
+    timeout = request.timeout_seconds or 300
+    argv = [str(path), *request.args]
+    if path.suffix == ".py":
+        argv = [sys.executable, *argv]
+    elif sys.platform == "win32" and path.suffix.lower() == ".ps1":  # pragma: no cover
+        argv = ["powershell", "-NoProfile", "-ExecutionPolicy", "Bypass", "-File", *argv]
+    env = {**os.environ, **dict(request.env)}
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+        cwd=str(scripts_dir),
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=timeout)
+    except TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+        tail = out[-2000:].decode(errors="replace")
+        raise FailedPrecondition(
+            f"script {name} timed out after {timeout} s; output: {tail}"
+        ) from None
+    text = out[-MAX_SCRIPT_OUTPUT:].decode(errors="replace")
+    if proc.returncode != 0:
+        raise FailedPrecondition(
+            f"script {name} exited with status {proc.returncode}; output: {text[-2000:]}"
+        )
+    return {"script": name, "exit_status": proc.returncode, "output": text}

@@ -1,0 +1,226 @@
+"""Agent configuration (``<home>/agent.toml``), parsed once into frozen dataclasses.
+
+``sitepair-agent register`` writes it with the options given on the command line; an operator
+may edit it later (restart the agent to apply). Relative paths are relative to the agent home.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from sitepair import pki
+from sitepair.errors import ConfigError, InvalidArgument
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig:
+    """A VM network this host offers, as the backend reports it to the broker."""
+
+    name: str
+    subnets: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendConfig:
+    #: "directory" (portable; VMs are folders) or "hyperv" (Windows hosts only).
+    kind: str = "directory"
+    #: Root folder of the directory backend's VMs.
+    vm_root: Path = Path("vms")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicationConfig:
+    #: Address the replication receiver listens on.
+    listen_host: str = "127.0.0.1"
+    #: Mutual-TLS (certificate) replication port.
+    certificate_port: int = 8084
+    #: TLS + broker ticket replication port.
+    ticket_port: int = 8083
+    #: Where replica disks go when no storage mapping names a classification.
+    default_replica_path: Path = Path("replicas")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "json"
+    file: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    home: Path
+    #: Cloud this host belongs to, as the host itself declares it ("" = set by the broker).
+    cloud: str = ""
+    backend: BackendConfig = BackendConfig()
+    #: Storage classifications: name -> folder.
+    storage: tuple[tuple[str, Path], ...] = ()
+    networks: tuple[NetworkConfig, ...] = ()
+    replication: ReplicationConfig = ReplicationConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def scripts_dir(self) -> Path:
+        return self.home / "scripts"
+
+
+def _path(home: Path, value: Any, where: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a path")
+    p = Path(value)
+    return p if p.is_absolute() else home / p
+
+
+def _check_keys(data: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in {where}: {', '.join(unknown)}")
+
+
+def parse(text: str, home: Path, *, source: str = "agent.toml") -> AgentConfig:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
+    _check_keys(doc, {"cloud", "backend", "storage", "networks", "replication", "log"}, source)
+    cloud = doc.get("cloud", "")
+    if not isinstance(cloud, str):
+        raise ConfigError(f"{source}: cloud must be a string")
+    if cloud:
+        try:
+            pki.check_identifier(cloud, "cloud name")
+        except InvalidArgument as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+
+    b = doc.get("backend", {})
+    _check_keys(b, {"kind", "vm_root"}, f"{source} [backend]")
+    kind = b.get("kind", "directory")
+    if kind not in ("directory", "hyperv"):
+        raise ConfigError(f'{source} [backend] kind must be "directory" or "hyperv"')
+    backend = BackendConfig(
+        kind=kind, vm_root=_path(home, b.get("vm_root", "vms"), f"{source} [backend] vm_root")
+    )
+
+    storage_doc = doc.get("storage", {})
+    if not isinstance(storage_doc, dict):
+        raise ConfigError(f'{source} [storage] must be a table of name = "folder"')
+    storage = tuple(
+        (
+            pki.check_identifier(name, "storage classification"),
+            _path(home, path, f"[storage] {name}"),
+        )
+        for name, path in sorted(storage_doc.items())
+    )
+
+    nets = []
+    for i, n in enumerate(doc.get("networks", [])):
+        if not isinstance(n, dict) or not isinstance(n.get("name"), str):
+            raise ConfigError(f"{source} [[networks]] #{i + 1} needs a name")
+        _check_keys(n, {"name", "subnets"}, f"{source} [[networks]] {n['name']}")
+        subnets = n.get("subnets", [])
+        if not isinstance(subnets, list) or not all(isinstance(s, str) for s in subnets):
+            raise ConfigError(f"{source} [[networks]] {n['name']}: subnets must be strings")
+        nets.append(NetworkConfig(name=n["name"], subnets=tuple(subnets)))
+
+    r = doc.get("replication", {})
+    _check_keys(
+        r,
+        {"listen_host", "certificate_port", "ticket_port", "default_replica_path"},
+        f"{source} [replication]",
+    )
+    for port_key in ("certificate_port", "ticket_port"):
+        port = r.get(port_key, 0)
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigError(f"{source} [replication] {port_key} must be a port number")
+    replication = ReplicationConfig(
+        listen_host=str(r.get("listen_host", "127.0.0.1")),
+        certificate_port=int(r.get("certificate_port", 8084)),
+        ticket_port=int(r.get("ticket_port", 8083)),
+        default_replica_path=_path(
+            home, r.get("default_replica_path", "replicas"), "[replication] default_replica_path"
+        ),
+    )
+
+    lg = doc.get("log", {})
+    _check_keys(lg, {"level", "format", "file"}, f"{source} [log]")
+    log_cfg = LogConfig(
+        level=str(lg.get("level", "info")),
+        format=str(lg.get("format", "json")),
+        file=str(lg.get("file", "")),
+    )
+    if log_cfg.format not in ("json", "text"):
+        raise ConfigError(f'{source} [log] format must be "json" or "text"')
+    return AgentConfig(
+        home=home,
+        cloud=cloud,
+        backend=backend,
+        storage=storage,
+        networks=tuple(nets),
+        replication=replication,
+        log=log_cfg,
+    )
+
+
+def load(home: Path) -> AgentConfig:
+    path = home / "agent.toml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"no agent configuration at {path}",
+            hint="register this host first: sitepair-agent register --credentials FILE "
+            "--name NAME --home DIR",
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    return parse(text, home, source=str(path))
+
+
+def render(
+    *,
+    vm_root: str = "vms",
+    cloud: str = "",
+    storage: dict[str, str] | None = None,
+    networks: list[tuple[str, list[str]]] | None = None,
+    certificate_port: int = 8084,
+    ticket_port: int = 8083,
+    listen_host: str = "127.0.0.1",
+) -> str:
+    """The agent.toml that ``register`` writes."""
+    lines = [
+        "# sitepair agent configuration. Relative paths are relative to this folder.",
+        f'cloud = "{cloud}"            # cloud this host joins ("" = assigned by the broker)',
+        "",
+        "[backend]",
+        'kind = "directory"         # "directory" (portable) or "hyperv" (Windows only)',
+        f'vm_root = "{vm_root}"',
+        "",
+        "[storage]                  # storage classifications: name = folder",
+    ]
+    for name, path in sorted((storage or {}).items()):
+        lines.append(f'{name} = "{path}"')
+    for name, subnets in networks or []:
+        lines += [
+            "",
+            "[[networks]]",
+            f'name = "{name}"',
+            f"subnets = {list(subnets)!r}".replace("'", '"'),
+        ]
+    lines += [
+        "",
+        "[replication]",
+        f'listen_host = "{listen_host}"',
+        f"certificate_port = {certificate_port}   # mutual TLS",
+        f"ticket_port = {ticket_port}        # TLS + broker-signed ticket",
+        'default_replica_path = "replicas"',
+        "",
+        "[log]",
+        'level = "info"',
+        'format = "json"',
+        'file = ""                  # empty = standard error',
+        "",
+    ]
+    return "\n".join(lines)

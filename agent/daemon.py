@@ -1,0 +1,101 @@
+"""The agent's composition root: build the components, run them as siblings, stop them all.
+
+Sibling tasks (control stream, certificate renewal, later the replication receiver and
+senders) run under one :meth:`AgentDaemon.run`; when one fails, the others are cancelled and the
+failure is reported, so the agent never limps on half-alive. :meth:`shutdown` is idempotent and
+is all the service wrappers (systemd, Windows service) ever call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from agent import config as config_mod
+from agent.commands import CommandExecutor, run_script
+from agent.control import ControlClient
+from agent.hosts import make_backend
+from agent.identity import AgentIdentity, repair_pair
+from agent.journal import CommandJournal
+from agent.renewal import CertificateRenewer, IdentityHolder
+from sitepair.clock import SYSTEM_CLOCK, Clock
+from sitepair.v1 import control_pb2
+
+log = logging.getLogger("sitepair.agent")
+
+
+class AgentDaemon:
+    def __init__(self, home: Path, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.home = Path(home)
+        self.clock = clock
+        self.config = config_mod.load(self.home)
+        repair_pair(self.home)
+        self.identity = IdentityHolder(AgentIdentity.load(self.home))
+        self.backend = make_backend(self.config)
+        self.journal = CommandJournal(self.home / "state" / "agent.db")
+        interrupted = self.journal.interrupted(clock.now())
+        if interrupted:
+            log.warning(
+                "commands interrupted by the last stop were not re-run",
+                extra={"fields": {"commands": interrupted}},
+            )
+        self.executor = CommandExecutor(self.journal, clock)
+        self.control = ControlClient(
+            identity=self.identity.get,
+            backend=self.backend,
+            executor=self.executor,
+            clock=clock,
+            cloud=self.config.cloud,
+        )
+        self.renewer = CertificateRenewer(self.home, self.identity, clock)
+        self._register_handlers()
+        self._stopping = False
+
+    def _register_handlers(self) -> None:
+        async def ping(cmd: control_pb2.Command) -> dict[str, Any]:
+            ident = self.identity.get()
+            return {"note": cmd.ping.note, "host_id": ident.host_id, "name": ident.name}
+
+        async def refresh(cmd: control_pb2.Command) -> dict[str, Any]:
+            inv = await asyncio.to_thread(self.backend.inventory)
+            self.control.refresh_inventory()
+            return {"vms": len(inv.vms)}
+
+        async def script(cmd: control_pb2.Command) -> dict[str, Any]:
+            return await run_script(self.config.scripts_dir, cmd.run_script)
+
+        self.executor.register("ping", ping)
+        self.executor.register("refresh_inventory", refresh)
+        self.executor.register("run_script", script)
+
+    async def run(self) -> None:
+        ident = self.identity.get()
+        log.info(
+            "agent starting",
+            extra={"fields": {"host_id": ident.host_id, "name": ident.name, "site": ident.site}},
+        )
+        tasks = [
+            asyncio.create_task(self.control.run(), name="control"),
+            asyncio.create_task(self.renewer.run(), name="renewal"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if not t.cancelled() and t.exception() is not None and not self._stopping:
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            await self.shutdown()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.journal.close()
+            log.info("agent stopped")
+
+    async def shutdown(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        await self.control.shutdown()
+        await self.renewer.shutdown()

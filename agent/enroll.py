@@ -1,0 +1,127 @@
+"""``sitepair-agent register``: trade a registration key for this host's certificate.
+
+The private key is generated here and never leaves the host (written 0600). The request goes
+over TLS to the broker's enrollment port, and the broker's certificate must chain to the CA in
+the credentials file (pinned; the system's trust store is not used). The answer is checked
+before anything is saved: the certificate must be signed by that CA, carry our public key, and
+name the vault of the credentials and the role ``agent``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+
+from agent import config as config_mod
+from agent.facts import host_facts
+from agent.identity import AgentIdentity, IdentityFiles
+from sitepair import credentials, pki
+from sitepair.clock import SYSTEM_CLOCK, Clock, iso
+from sitepair.errors import (
+    ConfigError,
+    FailedPrecondition,
+    SitepairError,
+    Unavailable,
+)
+from sitepair.fsutil import atomic_write, ensure_private_dir
+from sitepair.rpc import channel_options, error_from_rpc
+from sitepair.v1 import enrollment_pb2, enrollment_pb2_grpc
+
+log = logging.getLogger("sitepair.agent.enroll")
+
+
+def register(
+    credentials_path: Path,
+    *,
+    name: str,
+    home: Path,
+    agent_toml: str | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    timeout: float = 30.0,
+) -> AgentIdentity:
+    """Register this host; returns the saved identity. ``agent_toml`` is written if the home has
+    no configuration yet."""
+    name = pki.check_identifier(name, "server name")
+    creds = credentials.load(credentials_path)
+    if clock.now() >= creds.expires_at:
+        raise ConfigError(
+            f"registration key {creds.key_id} expired at {iso(creds.expires_at)}",
+            hint="ask an operator for a new one: sitepair-broker keys create",
+        )
+    files = IdentityFiles(home)
+    if files.info.exists():
+        raise FailedPrecondition(
+            f"{home} already holds a registered agent",
+            hint=f"remove {files.directory} first if this host must register again",
+        )
+    ensure_private_dir(home)
+    if agent_toml is not None and not (home / "agent.toml").exists():
+        atomic_write(home / "agent.toml", agent_toml.encode())
+    cfg = config_mod.load(home)
+
+    key = pki.generate_key()
+    request = enrollment_pb2.RegisterRequest(
+        key_id=creds.key_id,
+        secret=creds.secret,
+        name=name,
+        csr_der=pki.make_csr(key, name),
+        facts=host_facts(backend=cfg.backend.kind, cloud=cfg.cloud),
+        vault=creds.vault,
+    )
+    response = _call(creds, request, timeout)
+
+    cert = pki.load_cert_pem(response.certificate_pem, what="certificate from the broker")
+    pki.verify_issued_by(cert, creds.ca_cert)
+    if cert.public_key() != key.public_key():
+        raise SitepairError("the broker returned a certificate for another key; nothing saved")
+    identity = pki.identity_from_cert(cert)
+    if (
+        identity.role != pki.Role.AGENT
+        or identity.vault != creds.vault
+        or identity.id != response.host_id
+    ):
+        raise SitepairError(
+            f"the broker returned a certificate for {identity.uri}, not an agent of vault "
+            f"{creds.vault}; nothing saved"
+        )
+    agent = AgentIdentity(
+        host_id=response.host_id,
+        name=name,
+        site=response.site,
+        vault=creds.vault,
+        control_addresses=tuple(response.control_addresses),
+        enrollment_addresses=creds.enrollment_addresses,
+        key_pem=pki.key_to_pem(key),
+        cert_pem=response.certificate_pem,
+        ca_pem=creds.ca_pem,
+    )
+    agent.save(home)
+    log.info(
+        "registered",
+        extra={"fields": {"host_id": agent.host_id, "site": agent.site, "vault": agent.vault}},
+    )
+    return agent
+
+
+def _call(
+    creds: credentials.Credentials, request: enrollment_pb2.RegisterRequest, timeout: float
+) -> enrollment_pb2.RegisterResponse:
+    tls = grpc.ssl_channel_credentials(root_certificates=creds.ca_pem)
+    last: SitepairError | None = None
+    for address in creds.enrollment_addresses:
+        with grpc.secure_channel(
+            address, tls, options=channel_options(target_name=pki.BROKER_DNS_NAME)
+        ) as channel:
+            stub = enrollment_pb2_grpc.EnrollmentStub(channel)
+            try:
+                response: enrollment_pb2.RegisterResponse = stub.Register(request, timeout=timeout)
+                return response
+            except grpc.RpcError as exc:
+                err = error_from_rpc(exc, peer=f"broker at {address}")
+                if not isinstance(err, Unavailable):
+                    raise err from None
+                last = err
+    assert last is not None
+    raise last

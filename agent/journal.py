@@ -1,0 +1,106 @@
+"""The agent's command journal: the record that makes every command run at most once.
+
+Before executing a command the agent records it as ``running`` (durably); afterwards it records
+the outcome. When the broker redelivers a command (its acknowledgement was lost, or the agent
+restarted), the journal answers:
+
+* ``succeeded`` / ``failed``: acknowledge again with the stored outcome, do not run it again;
+* ``running`` found at start-up (the agent died while running it): report it as failed, "
+  interrupted", and do not run it again; the broker's job decides whether to retry with a new
+  command (which has a new id).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import threading
+from pathlib import Path
+
+from sitepair.errors import ConfigError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS commands (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,          -- running, succeeded, failed
+    received_at REAL NOT NULL,
+    finished_at REAL,
+    result_json TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class JournalEntry:
+    id: str
+    kind: str
+    state: str
+    received_at: float
+    finished_at: float | None
+    result_json: str
+    error: str
+
+
+class CommandJournal:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(f"agent state {path} cannot be opened: {exc}") from exc
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def get(self, command_id: str) -> JournalEntry | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, kind, state, received_at, finished_at, result_json, error "
+                "FROM commands WHERE id = ?",
+                (command_id,),
+            ).fetchone()
+        return None if row is None else JournalEntry(*row)
+
+    def begin(self, command_id: str, kind: str, now: float) -> JournalEntry | None:
+        """Record a command as running. Returns the existing entry if it was seen before (then
+        the caller must not run it), or None if this is its first delivery."""
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO commands (id, kind, state, received_at) "
+                "VALUES (?, ?, 'running', ?)",
+                (command_id, kind, now),
+            )
+            if cur.rowcount == 1:
+                return None
+        return self.get(command_id)
+
+    def finish(
+        self, command_id: str, *, ok: bool, now: float, result_json: str = "", error: str = ""
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE commands SET state = ?, finished_at = ?, result_json = ?, error = ? "
+                "WHERE id = ?",
+                ("succeeded" if ok else "failed", now, result_json, error, command_id),
+            )
+
+    def interrupted(self, now: float) -> list[str]:
+        """At start-up: commands left 'running' by a previous process; marked failed."""
+        with self._lock:
+            ids = [
+                r[0] for r in self._db.execute("SELECT id FROM commands WHERE state = 'running'")
+            ]
+            self._db.execute(
+                "UPDATE commands SET state = 'failed', finished_at = ?, "
+                "error = 'the agent stopped while running this command; it was not run again' "
+                "WHERE state = 'running'",
+                (now,),
+            )
+        return ids

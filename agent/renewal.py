@@ -1,0 +1,115 @@
+"""Certificate renewal at half life, with a fresh key each time, over mutual TLS.
+
+The current certificate authenticates the renewal; the broker signs the new public key with the
+identity from its own record. If the broker cannot be reached the renewer retries with backoff;
+if the certificate has already expired, mutual TLS is impossible and the agent must register
+again (the log says so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+from agent.identity import AgentIdentity
+from sitepair import pki
+from sitepair.clock import Clock, iso
+from sitepair.errors import SitepairError, Unauthenticated
+from sitepair.rpc import channel_options, error_from_rpc
+from sitepair.v1 import control_pb2, control_pb2_grpc
+
+log = logging.getLogger("sitepair.agent.renewal")
+
+
+class IdentityHolder:
+    """The current identity, replaced on renewal; listeners hear about each new certificate."""
+
+    def __init__(self, identity: AgentIdentity) -> None:
+        self._identity = identity
+        self._listeners: list[Callable[[AgentIdentity], None]] = []
+
+    def get(self) -> AgentIdentity:
+        return self._identity
+
+    def set(self, identity: AgentIdentity) -> None:
+        self._identity = identity
+        for listener in self._listeners:
+            listener(identity)
+
+    def subscribe(self, listener: Callable[[AgentIdentity], None]) -> None:
+        self._listeners.append(listener)
+
+
+class CertificateRenewer:
+    def __init__(self, home: Path, holder: IdentityHolder, clock: Clock) -> None:
+        self._home = home
+        self._holder = holder
+        self._clock = clock
+        self._stop = asyncio.Event()
+        self.renewals = 0
+
+    async def renew_now(self) -> AgentIdentity:
+        current = self._holder.get()
+        if self._clock.now() >= current.not_after:
+            raise Unauthenticated(
+                f"this agent's certificate expired at {iso(current.not_after)}",
+                hint="register the host again with a new registration key",
+            )
+        key = pki.generate_key()
+        request = control_pb2.RenewRequest(csr_der=pki.make_csr(key, current.name))
+        address = current.control_addresses[0]
+        async with grpc.aio.secure_channel(
+            address,
+            current.channel_credentials(),
+            options=channel_options(target_name=pki.BROKER_DNS_NAME),
+        ) as channel:
+            try:
+                response = await control_pb2_grpc.ControlStub(channel).Renew(request, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                raise error_from_rpc(exc, peer=f"broker at {address}") from None
+        cert = pki.load_cert_pem(response.certificate_pem, what="renewed certificate")
+        pki.verify_issued_by(cert, pki.load_cert_pem(current.ca_pem))
+        ident = pki.identity_from_cert(cert)
+        if cert.public_key() != key.public_key() or ident.id != current.host_id:
+            raise SitepairError(
+                "the broker returned a certificate that is not ours; kept the old one"
+            )
+        renewed = current.with_certificate(key, response.certificate_pem)
+        await asyncio.to_thread(renewed.save_certificate, self._home)
+        self._holder.set(renewed)
+        self.renewals += 1
+        log.info("certificate renewed", extra={"fields": {"not_after": iso(renewed.not_after)}})
+        return renewed
+
+    async def run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            wait = max(0.0, self._holder.get().renew_at() - self._clock.now())
+            if failures and wait == 0:
+                wait = min(300.0, 2.0**failures)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=wait)
+            if self._stop.is_set():
+                return
+            if self._clock.now() < self._holder.get().renew_at():
+                continue
+            try:
+                await self.renew_now()
+                failures = 0
+            except Unauthenticated as exc:
+                log.error(
+                    "certificate expired; cannot renew", extra={"fields": {"error": str(exc)}}
+                )
+                failures = min(failures + 1, 10)
+            except SitepairError as exc:
+                failures = min(failures + 1, 10)
+                log.warning("renewal failed; will retry", extra={"fields": {"error": str(exc)}})
+
+    async def shutdown(self) -> None:
+        self._stop.set()

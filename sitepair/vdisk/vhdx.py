@@ -779,6 +779,37 @@ class VhdxDisk(VirtualDisk):
         self._check_range(offset, length)
         if length == 0:
             return b""
+        plan = self._read_plan(offset, length)
+        if len(plan) == 1 and plan[0][0] == 0 and plan[0][2] == length and not self._overlay:
+            # The common case: one contiguous run in the file, returned without a copy.
+            data = os.pread(self._fd, length, plan[0][3])
+            return data if len(data) == length else data + bytes(length - len(data))
+        out = bytearray(length)
+        self._fill(memoryview(out), plan)
+        return bytes(out)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self._check_open()
+        self._check_range(offset, len(buf))
+        if len(buf):
+            self._fill(buf.cast("B"), self._read_plan(offset, len(buf)))
+
+    def _fill(self, view: memoryview, plan: list[tuple[int, int, int, int]]) -> None:
+        for kind, out_off, n, where in plan:
+            part = view[out_off : out_off + n]
+            if kind == 0:
+                self._read_file_into(part, where)
+            elif kind == 1:
+                self._read_partial_into(part, where)
+            elif kind == 2:
+                self._parent_read_into(part, where)
+            else:
+                part[:] = bytes(n)
+
+    def _read_plan(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """``(kind, out offset, length, where)`` pieces: kind 0 reads ``where`` in the file
+        (contiguous runs merged), 1 a partially present block at guest ``where``, 2 the parent
+        at guest ``where``, 3 zeros."""
         bs = self._geo.block_size
         cr = self._geo.chunk_ratio
         bat = self._bat
@@ -807,21 +838,10 @@ class VhdxDisk(VirtualDisk):
                 plan.append((1, pos - offset, n, pos))
             elif state == PAYLOAD_BLOCK_NOT_PRESENT and self.parent is not None:
                 plan.append((2, pos - offset, n, pos))
-            # other states read as zeros
-            pos += n
-        if len(plan) == 1 and plan[0][0] == 0 and plan[0][2] == length and not self._overlay:
-            data = os.pread(self._fd, length, plan[0][3])
-            return data if len(data) == length else data + bytes(length - len(data))
-        out = bytearray(length)
-        view = memoryview(out)
-        for kind, out_off, n, where in plan:
-            if kind == 0:
-                self._read_file_into(view[out_off : out_off + n], where)
-            elif kind == 1:
-                self._read_partial_into(view[out_off : out_off + n], where)
             else:
-                view[out_off : out_off + n] = self._parent_read(where, n)
-        return bytes(out)
+                plan.append((3, pos - offset, n, pos))  # the other states read as zeros
+            pos += n
+        return plan
 
     def _read_file_into(self, view: memoryview, file_offset: int) -> None:
         if hasattr(os, "preadv"):
@@ -836,12 +856,19 @@ class VhdxDisk(VirtualDisk):
             self._overlay.apply(file_offset, view)
 
     def _parent_read(self, guest_offset: int, n: int) -> bytes:
+        out = bytearray(n)
+        self._parent_read_into(memoryview(out), guest_offset)
+        return bytes(out)
+
+    def _parent_read_into(self, view: memoryview, guest_offset: int) -> None:
+        """Parent bytes at ``guest_offset``; zeros past the parent's end (a grown child)."""
         parent = self.parent
-        if parent is None or guest_offset >= parent.virtual_size:
-            return bytes(n)
-        avail = min(n, parent.virtual_size - guest_offset)
-        data = parent.read(guest_offset, avail)
-        return data if avail == n else data + bytes(n - avail)
+        n = len(view)
+        avail = 0 if parent is None else max(0, min(n, parent.virtual_size - guest_offset))
+        if parent is not None and avail:
+            parent.read_into(guest_offset, view[:avail])
+        if avail < n:
+            view[avail:] = bytes(n - avail)
 
     def _read_partial_into(self, view: memoryview, guest_offset: int) -> None:
         """Read a range inside one PARTIALLY_PRESENT block, sector by sector (2.5.1.1)."""
@@ -860,7 +887,7 @@ class VhdxDisk(VirtualDisk):
             if present:
                 self._read_file_into(part, base_file + lo)
             else:
-                part[:] = self._parent_read(block * bs + lo, hi - lo)
+                self._parent_read_into(part, block * bs + lo)
 
     # -- sector bitmaps --------------------------------------------------------------------
     def _bitmap_location(self, block: int) -> int:
@@ -1047,21 +1074,41 @@ class VhdxDisk(VirtualDisk):
             self._make_room_for_metadata()
             idx = self._geo.payload_index(block)
             entry = self._bat[idx]
-            state = entry & BAT_STATE_MASK
             whole = in_block == 0 and n == self._block_length(block)
             if fixed or not whole:
                 # Fixed disks keep every block allocated (2.5.1.1 note 6): zeros are written.
                 self._write_zero_range(block, in_block, n)
-                continue
-            if state == PAYLOAD_BLOCK_ZERO:
-                continue
+            else:
+                self._zero_whole_block(idx, entry, block)
+
+    def _zero_whole_block(self, idx: int, entry: int, block: int) -> None:
+        """Make a whole payload block read as zeros without writing its bytes.
+
+        Dynamic disks use PAYLOAD_BLOCK_ZERO. Differencing disks that must hide parent data get
+        a fresh all-zero FULLY_PRESENT block instead (sparse at the end of the file): the spec
+        says ZERO reads as zeros there too, but libvhdi reads a differencing disk's ZERO blocks
+        from the parent, and an image that two readers disagree on is worse than a few
+        unwritten megabytes of address space."""
+        state = entry & BAT_STATE_MASK
+        bs = self._geo.block_size
+        if self._params.has_parent:
+            if state in _ZERO_READ_STATES:
+                return
             if state == PAYLOAD_BLOCK_NOT_PRESENT and not self._range_or_parent_has_data(
-                block, in_block, n
+                block, 0, self._block_length(block)
             ):
-                continue
+                return
+            offset, fresh = self._allocate(bs)
+            if not fresh:
+                self._zero_fill(offset, bs)
+                self._data_unsynced = True
+            self._set_entry(idx, PAYLOAD_BLOCK_FULLY_PRESENT, offset)
+        else:
+            if state in (PAYLOAD_BLOCK_ZERO, PAYLOAD_BLOCK_NOT_PRESENT):
+                return
             self._set_entry(idx, PAYLOAD_BLOCK_ZERO)
-            if state in _PRESENT_STATES:
-                self._pending_free.append((entry & BAT_OFFSET_MASK, self._geo.block_size))
+        if state in _PRESENT_STATES:
+            self._pending_free.append((entry & BAT_OFFSET_MASK, bs))
 
     def _range_or_parent_has_data(self, block: int, in_block: int, n: int) -> bool:
         if not self._params.has_parent:
@@ -1095,7 +1142,7 @@ class VhdxDisk(VirtualDisk):
             if not (falls_through and self._range_or_parent_has_data(block, in_block, n)):
                 return  # already reads as zeros: stay sparse
             if whole:
-                self._set_entry(idx, PAYLOAD_BLOCK_ZERO)  # hides the parent's data
+                self._zero_whole_block(idx, entry, block)  # hides the parent's data
                 return
         if falls_through and not whole:
             self._allocate_partial(block, in_block, view)

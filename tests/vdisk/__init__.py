@@ -1,0 +1,1 @@
+"""Virtual disk tests."""

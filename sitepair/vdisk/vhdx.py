@@ -1231,23 +1231,37 @@ class VhdxDisk(VirtualDisk):
         changes: dict[str, uuid.UUID] = {}
         if not self._file_write_guid_changed:
             changes["file_write_guid"] = uuid.uuid4()
+        writer: LogWriter | None = None
         if self._session_log_guid is None:
             if self._header.log_length < MiB:
                 raise self._fail("has no log, so its metadata cannot be updated safely")
-            self._session_log_guid = uuid.uuid4()
-            changes["log_guid"] = self._session_log_guid
+            log_guid = uuid.uuid4()
+            changes["log_guid"] = log_guid
+            writer = LogWriter(self._fd, self._header.log_offset, self._header.log_length, log_guid)
         if data_change and not self._data_write_guid_changed:
             changes["data_write_guid"] = uuid.uuid4()
         if not changes:
             return
+        if writer is not None:
+            # The session's first entry (no descriptors) is durable before the header names
+            # its LogGuid, so a header with a non-zero LogGuid always has a valid sequence to
+            # find (2.3.3 calls a log without one corrupt). The header's LogGuid is zero until
+            # then - the log is empty - so no reader can mistake what we overwrite here.
+            size = os.fstat(self._fd).st_size
+            self._guarded(
+                lambda: writer.append(
+                    [],
+                    flushed_file_offset=size - size % MiB,
+                    last_file_offset=_round_up(max(size, self._alloc_end), MiB),
+                )
+            )
         self._guarded(lambda: self._update_headers(**changes))
         self._file_write_guid_changed = True
         if "data_write_guid" in changes:
             self._data_write_guid_changed = True
-        if "log_guid" in changes:
-            self._log_writer = LogWriter(
-                self._fd, self._header.log_offset, self._header.log_length, changes["log_guid"]
-            )
+        if writer is not None:
+            self._session_log_guid = writer.log_guid
+            self._log_writer = writer
             self._compute_free_space_once()
 
     def _compute_free_space_once(self) -> None:

@@ -36,7 +36,7 @@ from sitepair import pki, tickets
 from sitepair.clock import SYSTEM_CLOCK, Clock
 from sitepair.errors import ConfigError, FailedPrecondition
 from sitepair.fsutil import atomic_write, ensure_private_dir
-from sitepair.rpc import server_options
+from sitepair.rpc import add_servicer, server_options
 from sitepair.v1 import admin_pb2_grpc, control_pb2, control_pb2_grpc, enrollment_pb2_grpc
 
 log = logging.getLogger("sitepair.broker")
@@ -210,8 +210,10 @@ class Broker:
             options=server_options(max_message_bytes=256 * 1024, max_concurrent_streams=8),
             maximum_concurrent_rpcs=limits.max_concurrent_enrollments * 2,
         )
-        enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
-            EnrollmentService(ctx), self._enroll_server
+        add_servicer(
+            enrollment_pb2_grpc.add_EnrollmentServicer_to_server,
+            EnrollmentService(ctx),
+            self._enroll_server,
         )
         enroll_port = self._bind(
             self._enroll_server,
@@ -225,8 +227,14 @@ class Broker:
             ),
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         )
-        control_pb2_grpc.add_ControlServicer_to_server(ControlService(ctx), self._control_server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(ctx), self._control_server)
+        add_servicer(
+            control_pb2_grpc.add_ControlServicer_to_server,
+            ControlService(ctx),
+            self._control_server,
+        )
+        add_servicer(
+            admin_pb2_grpc.add_AdminServicer_to_server, AdminService(ctx), self._control_server
+        )
         control_port = self._bind(
             self._control_server,
             cfg.listen.control,

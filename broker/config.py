@@ -94,6 +94,8 @@ class BrokerConfig:
     log: LogConfig = LogConfig()
 
 
+_KIND_NAMES = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
+
 _DURATION_FIELDS = {
     "agent_lifetime",
     "operator_lifetime",
@@ -123,7 +125,7 @@ def _section(cls: type[Any], data: Any, where: str) -> Any:
                     raise ConfigError(f"{key} must be a list of strings")
                 values[name] = tuple(value)
             elif type(value) is not type(default):
-                raise ConfigError(f"{key} must be a {type(default).__name__}")
+                raise ConfigError(f"{key} must be {_KIND_NAMES.get(type(default), 'a value')}")
             else:
                 values[name] = value
         except InvalidArgument as exc:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from typing import overload
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 
+@overload
+def timestamp(ts: float) -> Timestamp: ...
+@overload
+def timestamp(ts: None) -> None: ...
+@overload
+def timestamp(ts: float | None) -> Timestamp | None: ...
 def timestamp(ts: float | None) -> Timestamp | None:
     """A Timestamp for ``ts`` seconds since the epoch (None stays None)."""
     if ts is None:

@@ -24,6 +24,7 @@ from cryptography import x509
 from sitepair import pki
 from sitepair.errors import (
     ALL_BY_STATUS,
+    InvalidArgument,
     SitepairError,
     Unauthenticated,
     Unavailable,
@@ -103,6 +104,72 @@ class Authorizer(Protocol):
     def authorize(self, identity: pki.Identity, roles: frozenset[pki.Role]) -> None: ...
 
 
+# -- safe registration: malformed requests become INVALID_ARGUMENT ---------------------------
+
+
+class Malformed:
+    """What a request deserializes to when its bytes are not a valid message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the client's bad input
+            return Malformed(exc)
+
+    return parse
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.handlers: dict[str, dict[str, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # rebuilt from the registered handlers below
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers[service] = handlers
+
+
+def add_servicer(
+    add_fn: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server
+) -> None:
+    """Register a servicer like the generated ``add_*_to_server`` does, but with request parsing
+    that turns malformed bytes into INVALID_ARGUMENT inside our ``@rpc`` handlers, instead of an
+    UNKNOWN status and a traceback from inside grpc."""
+    capture = _Capture()
+    add_fn(servicer, capture)
+    for service, handlers in capture.handlers.items():
+        safe = {
+            name: h._replace(request_deserializer=_safe(h.request_deserializer))
+            for name, h in handlers.items()
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, safe),))
+        server.add_registered_method_handlers(service, safe)  # type: ignore[attr-defined]
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for item in requests:
+        if isinstance(item, Malformed):
+            raise InvalidArgument(f"malformed message in the request stream: {item.error}")
+        yield item
+
+
+def _check_request(request: Any) -> Any:
+    if isinstance(request, Malformed):
+        raise InvalidArgument(f"malformed request: {request.error}")
+    if hasattr(request, "__aiter__"):
+        return _checked(request)
+    return request
+
+
 # -- server-side error mapping ----------------------------------------------------------------
 
 
@@ -136,6 +203,7 @@ def rpc(*, roles: Sequence[pki.Role] | None) -> Callable[..., Any]:
             ) -> AsyncIterator[Any]:
                 try:
                     identity = authorize(self, context)
+                    request = _check_request(request)
                     args = (request, context) if allowed is None else (request, context, identity)
                     async for item in fn(self, *args):
                         yield item
@@ -154,6 +222,7 @@ def rpc(*, roles: Sequence[pki.Role] | None) -> Callable[..., Any]:
         ) -> Any:
             try:
                 identity = authorize(self, context)
+                request = _check_request(request)
                 args = (request, context) if allowed is None else (request, context, identity)
                 return await fn(self, *args)
             except SitepairError as exc:

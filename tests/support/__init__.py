@@ -1,0 +1,1 @@
+"""Helpers for tests and the cross-site harness: real brokers and agents."""

@@ -1,0 +1,1 @@
+"""The demo behind `make demo`: a broker and two sites on this machine."""

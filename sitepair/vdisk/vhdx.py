@@ -22,9 +22,12 @@ Crash safety of our own writes (the ordering choices the spec leaves to implemen
     * Headers are never written through the log (2.2.2.1): a header update writes the
       non-current slot with the next sequence number and flushes, then does the same to the
       other slot, so both hold the same current state.
-    * The first modification after an open updates the headers first: a new FileWriteGuid, a
-      new LogGuid, and - before the first change of guest-visible data - a new DataWriteGuid.
-      Opening writable and closing without writing changes nothing in the file.
+    * The first modification after an open writes one empty log entry under a new LogGuid,
+      then updates the headers: a new FileWriteGuid, that LogGuid, and - before the first
+      change of guest-visible data - a new DataWriteGuid. (Entry before header, so a header
+      never names a LogGuid without a valid entry; the header's LogGuid is zero until then, so
+      nothing live is overwritten.) Opening writable and closing without writing changes
+      nothing in the file.
     * Payload data is written in place (never through the log, 2.3). A new block is allocated at
       the end of the file (sparse, so it reads as zeros) or in space known to be free (which we
       zero-fill where the write does not cover it); its data is written there before the

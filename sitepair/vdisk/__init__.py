@@ -20,7 +20,7 @@ from typing import Any
 
 from sitepair.errors import VirtualDiskError
 from sitepair.vdisk.base import DiskFormat, DiskInfo, SubFormat, VirtualDisk, coalesce
-from sitepair.vdisk.fileio import O_BINARY, file_size, pread
+from sitepair.vdisk.fileio import file_size, open_image, pread
 from sitepair.vdisk.raw import create_raw, open_raw
 from sitepair.vdisk.vhd import create_vhd, open_vhd, probe_vhd, set_parent_vhd
 
@@ -79,12 +79,7 @@ def detect_format(path: str | os.PathLike[str]) -> DiskFormat | None:
     """The format a file's content declares: VHDX by its file identifier, VHD by a footer at
     the end or the start; ``None`` if neither (the file may be a raw image)."""
     p = Path(path)
-    try:
-        fd = os.open(p, os.O_RDONLY | O_BINARY)
-    except FileNotFoundError as exc:
-        raise VirtualDiskError(f"{p}: no such file") from exc
-    except OSError as exc:
-        raise VirtualDiskError(f"{p}: cannot open: {exc.strerror}") from exc
+    fd = open_image(p, read_only=True)
     try:
         size = file_size(fd)
         head = pread(fd, _HEAD, 0)

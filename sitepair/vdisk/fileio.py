@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,29 @@ O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
 
 def open_flags(*, read_only: bool) -> int:
     return (os.O_RDONLY if read_only else os.O_RDWR) | O_BINARY | O_CLOEXEC
+
+
+def open_image(path: Path, *, read_only: bool, create: bool = False) -> int:
+    """Open an image file for positional I/O; a VirtualDiskError (never a bare OSError) for a
+    missing file, a file that exists when creating, or something that is not a regular file."""
+    flags = open_flags(read_only=read_only)
+    if create:
+        flags |= os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError as exc:
+        raise VirtualDiskError(f"{path}: no such file") from exc
+    except FileExistsError as exc:
+        raise VirtualDiskError(f"{path}: already exists; refusing to overwrite it") from exc
+    except IsADirectoryError as exc:
+        raise VirtualDiskError(f"{path}: is a directory, not an image file") from exc
+    except OSError as exc:
+        verb = "create" if create else "open"
+        raise VirtualDiskError(f"{path}: cannot {verb}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise VirtualDiskError(f"{path}: not a regular file")
+    return fd
 
 
 def pread(fd: int, length: int, offset: int) -> bytes:

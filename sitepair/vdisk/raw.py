@@ -20,7 +20,7 @@ from sitepair.vdisk.fileio import (
     datasync,
     file_size,
     fsync_dir,
-    open_flags,
+    open_image,
     pread_exact,
     preadv_exact,
     pwrite_all,
@@ -35,12 +35,7 @@ SECTOR = 512
 def open_raw(path: str | os.PathLike[str], *, read_only: bool = False) -> RawDisk:
     """Open a raw image (no format detection: any file is a raw image)."""
     p = Path(path)
-    try:
-        fd = os.open(p, open_flags(read_only=read_only))
-    except FileNotFoundError as exc:
-        raise VirtualDiskError(f"{p}: no such file") from exc
-    except OSError as exc:
-        raise VirtualDiskError(f"{p}: cannot open: {exc.strerror}") from exc
+    fd = open_image(p, read_only=read_only)
     try:
         lock_file(fd, p, exclusive=not read_only)
         return RawDisk(p, fd, read_only=read_only)
@@ -55,12 +50,7 @@ def create_raw(path: str | os.PathLike[str], *, size: int) -> RawDisk:
     p = Path(path)
     if size < 0:
         raise VirtualDiskError(f"{p}: size must not be negative (got {size})")
-    try:
-        fd = os.open(p, os.O_CREAT | os.O_EXCL | open_flags(read_only=False), 0o644)
-    except FileExistsError as exc:
-        raise VirtualDiskError(f"{p}: already exists; refusing to overwrite it") from exc
-    except OSError as exc:
-        raise VirtualDiskError(f"{p}: cannot create: {exc.strerror}") from exc
+    fd = open_image(p, read_only=False, create=True)
     try:
         lock_file(fd, p, exclusive=True)
         os.ftruncate(fd, size)

@@ -15,10 +15,11 @@ Writing and crash safety
     metadata write is a single sector (a BAT sector, a bitmap sector) that devices write
     atomically:
 
-    1. A write into an unallocated block appends the block at the end of the data: its sector
-       bitmap and data are written first, then the footer right after the new block (so the
-       file keeps ending in a valid footer). The in-memory BAT points at the block at once,
-       the on-disk BAT does not yet.
+    1. A write into an unallocated block appends the block at the end of the data (placed
+       so its data starts on a 4 KiB boundary of the file): its sector bitmap and data are
+       written first, then the footer right after the new block (so the file keeps ending in
+       a valid footer). The in-memory BAT points at the block at once, the on-disk BAT does
+       not yet.
     2. ``flush()`` makes all of that durable (``fdatasync``), and only then writes the changed
        BAT sectors and sector bitmaps of already-referenced blocks, and syncs again.
 
@@ -27,8 +28,8 @@ Writing and crash safety
     footer, the copy at offset 0 (identical: the footer never changes when blocks are added)
     still opens the image, and ``info`` says so. A writable open repairs both: it rewrites the
     end footer right after the last referenced block and truncates the unreferenced tail.
-    A crash after step 2 leaves the new state. Flushed data is therefore never lost, and
-    unflushed writes are either fully visible or absent per block.
+    A crash after step 2 leaves the new state. Flushed data is therefore never lost; a write
+    made after the last flush may be present, absent or (as on a real disk) partly present.
 
 Differencing disks
     The parent is found through the parent locators, W2ru (relative to the child's folder,
@@ -68,7 +69,7 @@ from sitepair.vdisk.fileio import (
     file_size,
     fsync_dir,
     is_zero,
-    open_flags,
+    open_image,
     pread_exact,
     preadv_exact,
     pwrite_all,
@@ -87,6 +88,8 @@ _BITMAP_CACHE_ENTRIES = 8192
 #: rather than split into two reads (the hop is usually the next block's 512-byte bitmap).
 _MAX_READ_GAP = 64 * 1024
 _ZEROS = bytes(4 * MiB)
+#: File alignment of the data of the blocks we allocate.
+_DATA_ALIGNMENT = 4096
 #: Guest bytes described by one byte of a sector bitmap (8 sectors).
 _BITMAP_BYTE_SPAN = 8 * 512
 #: Why differencing writes are extended to the end of their bitmap byte:
@@ -121,12 +124,7 @@ def open_vhd(
 
     ``_chain`` lists the children already opened above this one, to detect parent loops."""
     p = Path(path)
-    try:
-        fd = os.open(p, open_flags(read_only=read_only))
-    except FileNotFoundError as exc:
-        raise VirtualDiskError(f"{p}: no such file") from exc
-    except OSError as exc:
-        raise VirtualDiskError(f"{p}: cannot open: {exc.strerror}") from exc
+    fd = open_image(p, read_only=read_only)
     try:
         lock_file(fd, p, exclusive=not read_only)
         return VhdDisk(p, fd, read_only=read_only, chain=_chain)
@@ -751,8 +749,13 @@ class VhdDisk(VirtualDisk):
         """Append block ``index`` holding ``seg`` at ``in_block``, then the footer after it.
         The on-disk BAT entry is written by the next flush (see the module docstring)."""
         fd, bs, bm_bytes = self._fd, self._bs, self._bm_bytes
-        start = self._data_end
+        # Place the block so its data starts on a 4 KiB boundary of the file (the bitmap sits
+        # in the sector(s) just before): guest writes of whole pages then never make the host
+        # read a partial page first. The gap left before it (under 4 KiB) is referenced by
+        # nothing; the specification allows any sector offset in the BAT.
+        start = round_up(self._data_end + bm_bytes, _DATA_ALIGNMENT) - bm_bytes
         old_end = self._file_end
+        self._zero_fill(self._data_end, start, old_end)
         if self.subformat is SubFormat.DIFFERENCING:
             bitmap = bytearray(bm_bytes)
             L.set_bits(bitmap, in_block // L.SECTOR, (in_block + len(seg)) // L.SECTOR)
@@ -946,12 +949,7 @@ def create_vhd(
     _check_create_size(p, size)
     if sub is not SubFormat.FIXED:
         _check_block_size(p, block_size)
-    try:
-        fd = os.open(p, os.O_CREAT | os.O_EXCL | open_flags(read_only=False), 0o644)
-    except FileExistsError as exc:
-        raise VirtualDiskError(f"{p}: already exists; refusing to overwrite it") from exc
-    except OSError as exc:
-        raise VirtualDiskError(f"{p}: cannot create: {exc.strerror}") from exc
+    fd = open_image(p, read_only=False, create=True)
     try:
         lock_file(fd, p, exclusive=True)
         footer = L.new_footer(disk_type=_DISK_TYPE_OF[sub], size=size)
@@ -1038,10 +1036,7 @@ def set_parent_vhd(child: str | os.PathLike[str], new_parent: str | os.PathLike[
         raise VirtualDiskError(f"{child_path}: a disk cannot be its own parent")
     with open_vhd(parent_path, read_only=True, _chain=(child_path.resolve(),)) as par:
         parent_id, parent_size = par.identity, par.virtual_size
-    try:
-        fd = os.open(child_path, open_flags(read_only=False))
-    except OSError as exc:
-        raise VirtualDiskError(f"{child_path}: cannot open: {exc.strerror}") from exc
+    fd = open_image(child_path, read_only=False)
     try:
         lock_file(fd, child_path, exclusive=True)
         disk = VhdDisk(child_path, fd, read_only=False, chain=(), open_parent=False)

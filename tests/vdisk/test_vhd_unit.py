@@ -254,3 +254,21 @@ def test_damaged_footer_detected_through_copy(tmp_path: Path) -> None:
     size = img.stat().st_size
     patch(img, size - 512, bytes(512))
     assert detect_format(img) is DiskFormat.VHD
+
+
+def test_allocated_block_data_is_page_aligned(tmp_path: Path) -> None:
+    img = tmp_path / "d.vhd"
+    with create_vhd(img, size=16 * MiB, subformat="dynamic") as disk:
+        for off in (5 * MiB, 0, 11 * MiB + 7):
+            disk.write(off, b"z" * 100)
+    offsets = [int.from_bytes(read_at(img, 1536 + 4 * i, 4), "big") * 512 for i in (0, 2, 5)]
+    assert all((off + 512) % 4096 == 0 for off in offsets)
+    with open_disk(img, read_only=True) as disk:
+        assert disk.read(11 * MiB + 7, 100) == b"z" * 100
+
+
+def test_not_an_image_file(tmp_path: Path) -> None:
+    with pytest.raises(VirtualDiskError, match="is a directory"):
+        open_disk(tmp_path, format="raw")
+    with pytest.raises(VirtualDiskError, match="no such file"):
+        open_vhd(tmp_path / "nope.vhd")

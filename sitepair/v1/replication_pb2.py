@@ -25,49 +25,49 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsitepair/v1/replication.proto\x12\x0bsitepair.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\x08\x44iskSpec\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\x14\n\x0cvirtual_size\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x1b\n\x13logical_sector_size\x18\x05 \x01(\r\x12\x1c\n\x14physical_sector_size\x18\x06 \x01(\r\"\xad\x02\n\x0b\x43ycleHeader\x12\x17\n\x0frelationship_id\x18\x01 \x01(\t\x12\r\n\x05vm_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x15\n\rbase_sequence\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12$\n\x04kind\x18\x06 \x01(\x0e\x32\x16.sitepair.v1.CycleKind\x12$\n\x05\x64isks\x18\x07 \x03(\x0b\x32\x15.sitepair.v1.DiskSpec\x12\x16\n\x0e\x61pp_consistent\x18\x08 \x01(\x08\x12*\n\x06\x63ut_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btotal_bytes\x18\n \x01(\x04\x12\x19\n\x11resume_from_batch\x18\x0b \x01(\x04\"\x8b\x01\n\x05\x42lock\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\r\x12%\n\x04kind\x18\x04 \x01(\x0e\x32\x17.sitepair.v1.Block.Kind\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0c\"\x1a\n\x04Kind\x12\x08\n\x04\x44\x41TA\x10\x00\x12\x08\n\x04ZERO\x10\x01\"\x87\x01\n\nBlockBatch\x12\r\n\x05index\x18\x01 \x01(\x04\x12!\n\x05\x63odec\x18\x02 \x01(\x0e\x32\x12.sitepair.v1.Codec\x12\x12\n\nraw_length\x18\x03 \x01(\r\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\"\n\x06\x62locks\x18\x05 \x03(\x0b\x32\x12.sitepair.v1.Block\"b\n\x0c\x43ycleTrailer\x12\x13\n\x0b\x62\x61tch_count\x18\x01 \x01(\x04\x12\x13\n\x0b\x62lock_count\x18\x02 \x01(\x04\x12\x12\n\ndata_bytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ycle_digest\x18\x04 \x01(\x0c\"\x9a\x01\n\x0c\x43ycleMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.sitepair.v1.CycleHeaderH\x00\x12(\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x17.sitepair.v1.BlockBatchH\x00\x12,\n\x07trailer\x18\x03 \x01(\x0b\x32\x19.sitepair.v1.CycleTrailerH\x00\x42\x06\n\x04\x62ody\"\xc1\x01\n\nCycleReply\x12)\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x15.sitepair.v1.AcceptedH\x00\x12*\n\tbatch_ack\x18\x02 \x01(\x0b\x32\x15.sitepair.v1.BatchAckH\x00\x12+\n\tcommitted\x18\x03 \x01(\x0b\x32\x16.sitepair.v1.CommittedH\x00\x12\'\n\x07refused\x18\x04 \x01(\x0b\x32\x14.sitepair.v1.RefusedH\x00\x42\x06\n\x04\x62ody\"%\n\x08\x41\x63\x63\x65pted\x12\x19\n\x11resume_from_batch\x18\x01 \x01(\x04\"\x19\n\x08\x42\x61tchAck\x12\r\n\x05index\x18\x01 \x01(\x04\"O\n\tCommitted\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x30\n\x0c\x63ommitted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"(\n\x07Refused\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\".\n\x13ReplicaStateRequest\x12\x17\n\x0frelationship_id\x18\x01 \x01(\t\"\xaa\x01\n\x0cReplicaState\x12\x17\n\x0frelationship_id\x18\x01 \x01(\t\x12\x1a\n\x12\x63ommitted_sequence\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x18\n\x10partial_sequence\x18\x04 \x01(\x04\x12\x1d\n\x15partial_acked_batches\x18\x05 \x01(\x04\x12\x1d\n\x15partial_header_digest\x18\x06 \x01(\x0c\"N\n\x0e\x44igestsRequest\x12\x17\n\x0frelationship_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64isk_id\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\"W\n\x0b\x44igestBatch\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\x04\x12\x0f\n\x07\x64igests\x18\x03 \x01(\x0c\x12\x11\n\tallocated\x18\x04 \x01(\x0c*V\n\tCycleKind\x12\x1a\n\x16\x43YCLE_KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07INITIAL\x10\x01\x12\t\n\x05\x44\x45LTA\x10\x02\x12\n\n\x06RESYNC\x10\x03\x12\t\n\x05\x46INAL\x10\x04*\'\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x0e\n\nCODEC_ZSTD\x10\x01\x32\xdb\x01\n\x0bReplication\x12?\n\x05\x43ycle\x12\x19.sitepair.v1.CycleMessage\x1a\x17.sitepair.v1.CycleReply(\x01\x30\x01\x12G\n\x08GetState\x12 .sitepair.v1.ReplicaStateRequest\x1a\x19.sitepair.v1.ReplicaState\x12\x42\n\x07\x44igests\x12\x1b.sitepair.v1.DigestsRequest\x1a\x18.sitepair.v1.DigestBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsitepair/v1/replication.proto\x12\x0bsitepair.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\x08\x44iskSpec\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\x14\n\x0cvirtual_size\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x1b\n\x13logical_sector_size\x18\x05 \x01(\r\x12\x1c\n\x14physical_sector_size\x18\x06 \x01(\r\"\xec\x02\n\x0b\x43ycleHeader\x12\x17\n\x0frelationship_id\x18\x01 \x01(\t\x12\r\n\x05vm_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x15\n\rbase_sequence\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12$\n\x04kind\x18\x06 \x01(\x0e\x32\x16.sitepair.v1.CycleKind\x12$\n\x05\x64isks\x18\x07 \x03(\x0b\x32\x15.sitepair.v1.DiskSpec\x12\x16\n\x0e\x61pp_consistent\x18\x08 \x01(\x08\x12*\n\x06\x63ut_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btotal_bytes\x18\n \x01(\x04\x12\x19\n\x11resume_from_batch\x18\x0b \x01(\x04\x12\x13\n\x0bplan_digest\x18\x0c \x01(\x0c\x12\x13\n\x0b\x62\x61tch_count\x18\r \x01(\x04\x12\x13\n\x0bsource_host\x18\x0e \x01(\t\"\x8b\x01\n\x05\x42lock\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\r\x12%\n\x04kind\x18\x04 \x01(\x0e\x32\x17.sitepair.v1.Block.Kind\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0c\"\x1a\n\x04Kind\x12\x08\n\x04\x44\x41TA\x10\x00\x12\x08\n\x04ZERO\x10\x01\"\x87\x01\n\nBlockBatch\x12\r\n\x05index\x18\x01 \x01(\x04\x12!\n\x05\x63odec\x18\x02 \x01(\x0e\x32\x12.sitepair.v1.Codec\x12\x12\n\nraw_length\x18\x03 \x01(\r\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\"\n\x06\x62locks\x18\x05 \x03(\x0b\x32\x12.sitepair.v1.Block\"b\n\x0c\x43ycleTrailer\x12\x13\n\x0b\x62\x61tch_count\x18\x01 \x01(\x04\x12\x13\n\x0b\x62lock_count\x18\x02 \x01(\x04\x12\x12\n\ndata_bytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ycle_digest\x18\x04 \x01(\x0c\"\x9a\x01\n\x0c\x43ycleMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.sitepair.v1.CycleHeaderH\x00\x12(\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x17.sitepair.v1.BlockBatchH\x00\x12,\n\x07trailer\x18\x03 \x01(\x0b\x32\x19.sitepair.v1.CycleTrailerH\x00\x42\x06\n\x04\x62ody\"\xc1\x01\n\nCycleReply\x12)\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x15.sitepair.v1.AcceptedH\x00\x12*\n\tbatch_ack\x18\x02 \x01(\x0b\x32\x15.sitepair.v1.BatchAckH\x00\x12+\n\tcommitted\x18\x03 \x01(\x0b\x32\x16.sitepair.v1.CommittedH\x00\x12\'\n\x07refused\x18\x04 \x01(\x0b\x32\x14.sitepair.v1.RefusedH\x00\x42\x06\n\x04\x62ody\"%\n\x08\x41\x63\x63\x65pted\x12\x19\n\x11resume_from_batch\x18\x01 \x01(\x04\"\x19\n\x08\x42\x61tchAck\x12\r\n\x05index\x18\x01 \x01(\x04\"f\n\tCommitted\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x30\n\x0c\x63ommitted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rapplied_bytes\x18\x03 \x01(\x04\"(\n\x07Refused\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\".\n\x13ReplicaStateRequest\x12\x17\n\x0frelationship_id\x18\x01 \x01(\t\"\xaa\x01\n\x0cReplicaState\x12\x17\n\x0frelationship_id\x18\x01 \x01(\t\x12\x1a\n\x12\x63ommitted_sequence\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x18\n\x10partial_sequence\x18\x04 \x01(\x04\x12\x1d\n\x15partial_acked_batches\x18\x05 \x01(\x04\x12\x1d\n\x15partial_header_digest\x18\x06 \x01(\x0c\"]\n\x0e\x44igestsRequest\x12\x17\n\x0frelationship_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64isk_id\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"W\n\x0b\x44igestBatch\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\x04\x12\x0f\n\x07\x64igests\x18\x03 \x01(\x0c\x12\x11\n\tallocated\x18\x04 \x01(\x0c*V\n\tCycleKind\x12\x1a\n\x16\x43YCLE_KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07INITIAL\x10\x01\x12\t\n\x05\x44\x45LTA\x10\x02\x12\n\n\x06RESYNC\x10\x03\x12\t\n\x05\x46INAL\x10\x04*\'\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x0e\n\nCODEC_ZSTD\x10\x01\x32\xdb\x01\n\x0bReplication\x12?\n\x05\x43ycle\x12\x19.sitepair.v1.CycleMessage\x1a\x17.sitepair.v1.CycleReply(\x01\x30\x01\x12G\n\x08GetState\x12 .sitepair.v1.ReplicaStateRequest\x1a\x19.sitepair.v1.ReplicaState\x12\x42\n\x07\x44igests\x12\x1b.sitepair.v1.DigestsRequest\x1a\x18.sitepair.v1.DigestBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sitepair.v1.replication_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CYCLEKIND']._serialized_start=1842
-  _globals['_CYCLEKIND']._serialized_end=1928
-  _globals['_CODEC']._serialized_start=1930
-  _globals['_CODEC']._serialized_end=1969
+  _globals['_CYCLEKIND']._serialized_start=1943
+  _globals['_CYCLEKIND']._serialized_end=2029
+  _globals['_CODEC']._serialized_start=2031
+  _globals['_CODEC']._serialized_end=2070
   _globals['_DISKSPEC']._serialized_start=80
   _globals['_DISKSPEC']._serialized_end=224
   _globals['_CYCLEHEADER']._serialized_start=227
-  _globals['_CYCLEHEADER']._serialized_end=528
-  _globals['_BLOCK']._serialized_start=531
-  _globals['_BLOCK']._serialized_end=670
-  _globals['_BLOCK_KIND']._serialized_start=644
-  _globals['_BLOCK_KIND']._serialized_end=670
-  _globals['_BLOCKBATCH']._serialized_start=673
-  _globals['_BLOCKBATCH']._serialized_end=808
-  _globals['_CYCLETRAILER']._serialized_start=810
-  _globals['_CYCLETRAILER']._serialized_end=908
-  _globals['_CYCLEMESSAGE']._serialized_start=911
-  _globals['_CYCLEMESSAGE']._serialized_end=1065
-  _globals['_CYCLEREPLY']._serialized_start=1068
-  _globals['_CYCLEREPLY']._serialized_end=1261
-  _globals['_ACCEPTED']._serialized_start=1263
-  _globals['_ACCEPTED']._serialized_end=1300
-  _globals['_BATCHACK']._serialized_start=1302
-  _globals['_BATCHACK']._serialized_end=1327
-  _globals['_COMMITTED']._serialized_start=1329
-  _globals['_COMMITTED']._serialized_end=1408
-  _globals['_REFUSED']._serialized_start=1410
-  _globals['_REFUSED']._serialized_end=1450
-  _globals['_REPLICASTATEREQUEST']._serialized_start=1452
-  _globals['_REPLICASTATEREQUEST']._serialized_end=1498
-  _globals['_REPLICASTATE']._serialized_start=1501
-  _globals['_REPLICASTATE']._serialized_end=1671
-  _globals['_DIGESTSREQUEST']._serialized_start=1673
-  _globals['_DIGESTSREQUEST']._serialized_end=1751
-  _globals['_DIGESTBATCH']._serialized_start=1753
-  _globals['_DIGESTBATCH']._serialized_end=1840
-  _globals['_REPLICATION']._serialized_start=1972
-  _globals['_REPLICATION']._serialized_end=2191
+  _globals['_CYCLEHEADER']._serialized_end=591
+  _globals['_BLOCK']._serialized_start=594
+  _globals['_BLOCK']._serialized_end=733
+  _globals['_BLOCK_KIND']._serialized_start=707
+  _globals['_BLOCK_KIND']._serialized_end=733
+  _globals['_BLOCKBATCH']._serialized_start=736
+  _globals['_BLOCKBATCH']._serialized_end=871
+  _globals['_CYCLETRAILER']._serialized_start=873
+  _globals['_CYCLETRAILER']._serialized_end=971
+  _globals['_CYCLEMESSAGE']._serialized_start=974
+  _globals['_CYCLEMESSAGE']._serialized_end=1128
+  _globals['_CYCLEREPLY']._serialized_start=1131
+  _globals['_CYCLEREPLY']._serialized_end=1324
+  _globals['_ACCEPTED']._serialized_start=1326
+  _globals['_ACCEPTED']._serialized_end=1363
+  _globals['_BATCHACK']._serialized_start=1365
+  _globals['_BATCHACK']._serialized_end=1390
+  _globals['_COMMITTED']._serialized_start=1392
+  _globals['_COMMITTED']._serialized_end=1494
+  _globals['_REFUSED']._serialized_start=1496
+  _globals['_REFUSED']._serialized_end=1536
+  _globals['_REPLICASTATEREQUEST']._serialized_start=1538
+  _globals['_REPLICASTATEREQUEST']._serialized_end=1584
+  _globals['_REPLICASTATE']._serialized_start=1587
+  _globals['_REPLICASTATE']._serialized_end=1757
+  _globals['_DIGESTSREQUEST']._serialized_start=1759
+  _globals['_DIGESTSREQUEST']._serialized_end=1852
+  _globals['_DIGESTBATCH']._serialized_start=1854
+  _globals['_DIGESTBATCH']._serialized_end=1941
+  _globals['_REPLICATION']._serialized_start=2073
+  _globals['_REPLICATION']._serialized_end=2292
 # @@protoc_insertion_point(module_scope)

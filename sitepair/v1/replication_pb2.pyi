@@ -111,6 +111,9 @@ class CycleHeader(_message.Message):
     CUT_AT_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     RESUME_FROM_BATCH_FIELD_NUMBER: _builtins.int
+    PLAN_DIGEST_FIELD_NUMBER: _builtins.int
+    BATCH_COUNT_FIELD_NUMBER: _builtins.int
+    SOURCE_HOST_FIELD_NUMBER: _builtins.int
     relationship_id: _builtins.str
     vm_id: _builtins.str
     sequence: _builtins.int
@@ -123,7 +126,13 @@ class CycleHeader(_message.Message):
     total_bytes: _builtins.int
     """guest bytes this cycle carries (for progress)"""
     resume_from_batch: _builtins.int
-    """first batch index the sender will send"""
+    """unused by senders; kept for wire compatibility"""
+    plan_digest: _builtins.bytes
+    """blake3 over the block layout (disk, offset, length) of the whole cycle"""
+    batch_count: _builtins.int
+    """how many batches the cycle has"""
+    source_host: _builtins.str
+    """informational; the receiver trusts only the authenticated peer"""
     @_builtins.property
     def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiskSpec]: ...
     @_builtins.property
@@ -144,10 +153,13 @@ class CycleHeader(_message.Message):
         cut_at: _timestamp_pb2.Timestamp | None = ...,
         total_bytes: _builtins.int = ...,
         resume_from_batch: _builtins.int = ...,
+        plan_digest: _builtins.bytes = ...,
+        batch_count: _builtins.int = ...,
+        source_host: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cut_at", b"cut_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_consistent", b"app_consistent", "base_sequence", b"base_sequence", "cut_at", b"cut_at", "disks", b"disks", "epoch", b"epoch", "kind", b"kind", "relationship_id", b"relationship_id", "resume_from_batch", b"resume_from_batch", "sequence", b"sequence", "total_bytes", b"total_bytes", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_consistent", b"app_consistent", "base_sequence", b"base_sequence", "batch_count", b"batch_count", "cut_at", b"cut_at", "disks", b"disks", "epoch", b"epoch", "kind", b"kind", "plan_digest", b"plan_digest", "relationship_id", b"relationship_id", "resume_from_batch", b"resume_from_batch", "sequence", b"sequence", "source_host", b"source_host", "total_bytes", b"total_bytes", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -245,8 +257,9 @@ class CycleTrailer(_message.Message):
     batch_count: _builtins.int
     block_count: _builtins.int
     data_bytes: _builtins.int
+    """guest bytes of DATA blocks (zero blocks excluded)"""
     cycle_digest: _builtins.bytes
-    """blake3 over the block digests in order"""
+    """blake3 over every block's (disk, offset, length, kind, digest) in order"""
     def __init__(
         self,
         *,
@@ -371,7 +384,9 @@ class Committed(_message.Message):
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
     COMMITTED_AT_FIELD_NUMBER: _builtins.int
+    APPLIED_BYTES_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
+    applied_bytes: _builtins.int
     @_builtins.property
     def committed_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -379,10 +394,11 @@ class Committed(_message.Message):
         *,
         sequence: _builtins.int = ...,
         committed_at: _timestamp_pb2.Timestamp | None = ...,
+        applied_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_bytes", b"applied_bytes", "committed_at", b"committed_at", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -473,19 +489,22 @@ class DigestsRequest(_message.Message):
     RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
     DISK_ID_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     relationship_id: _builtins.str
     disk_id: _builtins.str
     block_size: _builtins.int
+    epoch: _builtins.int
     def __init__(
         self,
         *,
         relationship_id: _builtins.str = ...,
         disk_id: _builtins.str = ...,
         block_size: _builtins.int = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "disk_id", b"disk_id", "relationship_id", b"relationship_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "disk_id", b"disk_id", "epoch", b"epoch", "relationship_id", b"relationship_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,1 @@
+"""Replication: change tracking, cycles between agents, the replica store."""

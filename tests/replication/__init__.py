@@ -1,0 +1,1 @@
+"""Replication tests: two agents on loopback with real mTLS and tickets."""

@@ -195,6 +195,7 @@ def test_tickets_expired_replayed_forged_refused(pair: Pair, tmp_path: Path) -> 
         try:
             with pytest.raises((Unauthenticated, PermissionDenied)):
                 client.get_state("rel-1")
+                pytest.fail(f"a {what} ticket was accepted")
         finally:
             client.close()
     # A certificate-mode relationship cannot be reached on the ticket port and vice versa.

@@ -58,6 +58,20 @@ class Bench:
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
+    def interleaved(self, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+        """Median wall time of each function, running them in turn within each round (so a
+        drift in the machine's speed affects all of them alike), page cache dropped before
+        each one when possible."""
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(self.runs):
+            for name, fn in fns.items():
+                if self.cold:
+                    self.drop_caches()
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        return {name: statistics.median(t) for name, t in times.items()}
+
     def timed(self, fn: Callable[[], object], *, cold: bool) -> float:
         """Median wall time of ``fn`` over the runs (page cache dropped first if asked)."""
         times = []
@@ -135,7 +149,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--size", type=float, default=1, help="GiB of the read/write images")
-    parser.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument("--runs", type=int, default=5, help="runs per measurement (median)")
     parser.add_argument("--writes", type=int, default=4000, help="random 64 KiB writes per run")
     parser.add_argument("--update-docs", action="store_true", help="rewrite docs/benchmarks.md")
     args = parser.parse_args()
@@ -161,19 +175,23 @@ def main() -> int:
         # 1. Sequential reads.
         seq: dict[str, dict[str, float]] = {}
         for request in (1 * MiB, 4 * MiB):
-            base = bench.timed(lambda r=request: _read_pread(raw, size, r), cold=True)
-            seq.setdefault("raw file, os.pread", {})[f"{request // MiB}M"] = base
-            t = bench.timed(lambda r=request: _read_disk(raw, size, r), cold=True)
-            seq.setdefault("raw, sitepair", {})[f"{request // MiB}M"] = t
+            readers: dict[str, Callable[[], object]] = {
+                "raw file, os.pread": lambda r=request: _read_pread(raw, size, r),
+                "raw, sitepair": lambda r=request: _read_disk(raw, size, r),
+            }
             for fmt in formats:
-                t = bench.timed(lambda f=fmt, r=request: _read_disk(images[f], size, r), cold=True)
-                seq.setdefault(f"{fmt.upper()} dynamic, sitepair", {})[f"{request // MiB}M"] = t
+                readers[f"{fmt.upper()} dynamic, sitepair"] = lambda f=fmt, r=request: _read_disk(
+                    images[f], size, r
+                )
+            for name, t in bench.interleaved(readers).items():
+                seq.setdefault(name, {})[f"{request // MiB}M"] = t
         if have_qemu:
+            qemu_readers: dict[str, Callable[[], object]] = {}
             for fmt, qfmt in [("raw", "raw")] + [(f, "vpc" if f == "vhd" else f) for f in formats]:
-                t = bench.timed(lambda f=fmt, q=qfmt: _qemu_read(images[f], q, size), cold=True)
-                seq.setdefault(f"{fmt.upper() if fmt != 'raw' else 'raw'}, qemu-img convert", {})[
-                    "qemu"
-                ] = t
+                label = f"{fmt.upper() if fmt != 'raw' else 'raw'}, qemu-img convert"
+                qemu_readers[label] = lambda f=fmt, q=qfmt: _qemu_read(images[f], q, size)
+            for name, t in bench.interleaved(qemu_readers).items():
+                seq.setdefault(name, {})["qemu"] = t
         raw_1m = seq["raw file, os.pread"]["1M"]
         raw_4m = seq["raw file, os.pread"]["4M"]
         for name, results in seq.items():
@@ -234,7 +252,7 @@ def main() -> int:
         write_rows: list[list[str]] = []
         for fmt in ["raw", *formats]:
             per_s = args.writes / bench.timed(
-                lambda f=fmt: _random_writes(images[f], args.writes, size, seed=3), cold=False
+                lambda f=fmt: _random_writes(images[f], args.writes, size, seed=3), cold=True
             )
             fresh_times = []
             for run in range(args.runs):

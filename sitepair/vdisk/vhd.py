@@ -511,9 +511,10 @@ class VhdDisk(VirtualDisk):
             return pread_exact(self._fd, length, offset, self.path, "guest data")
         bs = self._bs
         first = offset // bs
-        if first == (offset + length - 1) // bs and self._full[first]:
+        if first == (offset + length - 1) // bs:
+            # Within one block whose bitmap is full: straight from the file, no copy.
             entry = self._bat[first]
-            if entry != L.UNALLOCATED:
+            if entry != L.UNALLOCATED and (self._full[first] or self._bitmap(first) is None):
                 pos = entry * L.SECTOR + self._bm_bytes + offset - first * bs
                 return pread_exact(self._fd, length, pos, self.path, f"block {first}")
         out = bytearray(length)

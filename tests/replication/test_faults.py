@@ -1,0 +1,288 @@
+"""Faults on the wire and at the replica: corruption, truncation, resume, bad digests, full disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.replication.blocks import BlockRef
+from agent.replication.sender import CyclePlan, CycleRefused, ReplicaClient
+from sitepair import pki, vdisk
+from sitepair.errors import SitepairError
+from sitepair.v1 import replication_pb2
+from tests.replication.conftest import Pair
+from tests.replication.test_cycles import MiB, header, make_disk, plan_for, replica_bytes
+from tests.support.proxy import FaultProxy
+
+
+def client_via(pair: Pair, address: str) -> ReplicaClient:
+    return ReplicaClient(
+        identity=pair.primary,
+        replica_host=pair.replica.host_id,
+        address=address,
+        auth="certificate",
+    )
+
+
+def test_corrupted_bytes_on_the_wire_are_never_applied(pair: Pair, tmp_path: Path) -> None:
+    src = tmp_path / "src.vhdx"
+    model = make_disk(src, 24 * MiB, writes=80)
+    pair.grant("rel-1", "vm-1")
+    proxy = FaultProxy(pair.cert_address)
+    try:
+        plan = plan_for(src, "os", replication_pb2.INITIAL)
+        for at in (3 * MiB, 9 * MiB):  # flip one byte deep inside the stream, twice
+            proxy.corrupt_at = at
+            client = client_via(pair, proxy.address)
+            try:
+                with pytest.raises(SitepairError):
+                    client.send_cycle(
+                        header("rel-1", "vm-1", 1, replication_pb2.INITIAL), plan, compress=False
+                    )
+            finally:
+                client.close()
+            assert pair.registry.store(pair.state.grant("rel-1")).state.committed_sequence == 0  # type: ignore[arg-type]
+        assert proxy.stats.corrupted == 2
+        client = client_via(pair, proxy.address)
+        try:
+            result = client.send_cycle(
+                header("rel-1", "vm-1", 1, replication_pb2.INITIAL), plan, compress=False
+            )
+        finally:
+            client.close()
+        assert result.resumed_from > 0  # durable batches from the broken attempts were kept
+        assert replica_bytes(pair, "rel-1", "os") == bytes(model)
+    finally:
+        proxy.close()
+
+
+def test_truncated_stream_resumes_from_the_last_acknowledged_batch(
+    pair: Pair, tmp_path: Path
+) -> None:
+    src = tmp_path / "src.vhdx"
+    model = make_disk(src, 32 * MiB, writes=120)
+    pair.grant("rel-1", "vm-1")
+    proxy = FaultProxy(pair.cert_address)
+    try:
+        plan = plan_for(src, "os", replication_pb2.INITIAL)
+        proxy.cut_after = 12 * MiB
+        client = client_via(pair, proxy.address)
+        try:
+            with pytest.raises(SitepairError):
+                client.send_cycle(
+                    header("rel-1", "vm-1", 1, replication_pb2.INITIAL), plan, compress=False
+                )
+        finally:
+            client.close()
+        assert proxy.stats.cut == 1
+        partial_seq, acked, _ = pair.registry.store(pair.state.grant("rel-1")).partial()  # type: ignore[arg-type]
+        assert partial_seq == 1 and acked >= 8
+        client = client_via(pair, proxy.address)
+        try:
+            result = client.send_cycle(
+                header("rel-1", "vm-1", 1, replication_pb2.INITIAL), plan, compress=False
+            )
+        finally:
+            client.close()
+        assert (
+            result.resumed_from >= acked
+        )  # the receiver may have made more durable as the stream ended
+        assert replica_bytes(pair, "rel-1", "os") == bytes(model)
+    finally:
+        proxy.close()
+
+
+def test_delta_interrupted_then_resumed_is_atomic(pair: Pair, tmp_path: Path) -> None:
+    """A delta stream cut half-way leaves the replica exactly at the previous cycle."""
+    src = tmp_path / "src.vhdx"
+    model = make_disk(src, 16 * MiB)
+    pair.grant("rel-1", "vm-1")
+    client = client_via(pair, pair.cert_address)
+    try:
+        client.send_cycle(
+            header("rel-1", "vm-1", 1, replication_pb2.INITIAL),
+            plan_for(src, "os", replication_pb2.INITIAL),
+            compress=True,
+        )
+    finally:
+        client.close()
+    before = bytes(model)
+    with vdisk.open_disk(src) as d:
+        data = os.urandom(12 * MiB)
+        d.write(2 * MiB, data)
+        model[2 * MiB : 14 * MiB] = data
+    delta = plan_for(src, "os", replication_pb2.DELTA, [(2 * MiB, 12 * MiB)])
+    proxy = FaultProxy(pair.cert_address)
+    try:
+        proxy.cut_after = 9 * MiB
+        client = client_via(pair, proxy.address)
+        try:
+            with pytest.raises(SitepairError):
+                client.send_cycle(
+                    header("rel-1", "vm-1", 2, replication_pb2.DELTA), delta, compress=False
+                )
+        finally:
+            client.close()
+        assert replica_bytes(pair, "rel-1", "os") == before  # nothing of the half cycle shows
+        client = client_via(pair, proxy.address)
+        try:
+            result = client.send_cycle(
+                header("rel-1", "vm-1", 2, replication_pb2.DELTA), delta, compress=False
+            )
+        finally:
+            client.close()
+        assert result.resumed_from > 0
+        assert replica_bytes(pair, "rel-1", "os") == bytes(model)
+    finally:
+        proxy.close()
+
+
+def test_bad_digest_from_an_authenticated_sender_is_refused(pair: Pair, tmp_path: Path) -> None:
+    """Corruption inside TLS (a buggy or hostile sender): the receiver's own check refuses."""
+    src = tmp_path / "src.vhdx"
+    make_disk(src, 4 * MiB)
+    pair.grant("rel-1", "vm-1")
+    channel = grpc.secure_channel(
+        pair.cert_address,
+        pair.primary.channel_credentials(),
+        options=[("grpc.ssl_target_name_override", pki.agent_dns_name(pair.replica.host_id))],
+    )
+    with channel:
+        cycle = channel.stream_stream(
+            "/sitepair.v1.Replication/Cycle",
+            request_serializer=replication_pb2.CycleMessage.SerializeToString,
+            response_deserializer=replication_pb2.CycleReply.FromString,
+        )
+        h = header("rel-1", "vm-1", 1, replication_pb2.INITIAL)
+        h.disks.add(disk_id="os", virtual_size=4 * MiB, format="vhdx")
+        h.batch_count = 1
+        payload = os.urandom(65536)
+        bad = replication_pb2.BlockBatch(index=0, raw_length=65536, payload=payload)
+        bad.blocks.add(
+            disk_id="os",
+            offset=0,
+            length=65536,
+            kind=replication_pb2.Block.DATA,
+            digest=b"\x00" * 32,
+        )
+        replies = list(
+            cycle(
+                iter(
+                    [
+                        replication_pb2.CycleMessage(header=h),
+                        replication_pb2.CycleMessage(batch=bad),
+                    ]
+                ),
+                timeout=10,
+            )
+        )
+    kinds = [r.WhichOneof("body") for r in replies]
+    assert kinds == ["accepted", "refused"]
+    assert replies[-1].refused.code == "bad-digest"
+    assert "does not match its digest" in replies[-1].refused.message
+    store = pair.registry.store(pair.state.grant("rel-1"))  # type: ignore[arg-type]
+    assert store.state.committed_sequence == 0
+    assert store.partial()[1] == 0
+
+
+def test_oversized_decompression_claim_refused_before_allocating(pair: Pair) -> None:
+    from agent.replication.blocks import BadBatch, Decoder
+
+    batch = replication_pb2.BlockBatch(
+        index=0, raw_length=(1 << 32) - 1, codec=replication_pb2.CODEC_ZSTD, payload=b"x"
+    )
+    with pytest.raises(BadBatch, match="claims"):
+        Decoder().decode(batch)
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor().compress(bytes(8 * MiB))
+    batch = replication_pb2.BlockBatch(
+        index=0, raw_length=65536, codec=replication_pb2.CODEC_ZSTD, payload=bomb
+    )
+    batch.blocks.add(
+        disk_id="os", offset=0, length=65536, kind=replication_pb2.Block.DATA, digest=b"\x00" * 32
+    )
+    with pytest.raises(BadBatch):
+        Decoder().decode(batch)
+
+
+def test_resume_state_from_the_replica_is_checked(pair: Pair, tmp_path: Path) -> None:
+    """A replica answering with an impossible resume point is not believed."""
+    from agent.replication import replica as replica_mod
+
+    src = tmp_path / "src.vhdx"
+    make_disk(src, 4 * MiB)
+    pair.grant("rel-1", "vm-1")
+    original = replica_mod.Incoming.__init__
+
+    def lying_init(self, *a, **kw):  # type: ignore[no-untyped-def]
+        original(self, *a, **kw)
+        self.resume = 10_000
+
+    replica_mod.Incoming.__init__ = lying_init  # type: ignore[method-assign]
+    client = client_via(pair, pair.cert_address)
+    try:
+        with pytest.raises(SitepairError, match="refusing its resume state"):
+            client.send_cycle(
+                header("rel-1", "vm-1", 1, replication_pb2.INITIAL),
+                plan_for(src, "os", replication_pb2.INITIAL),
+                compress=True,
+            )
+    finally:
+        replica_mod.Incoming.__init__ = original  # type: ignore[method-assign]
+        client.close()
+
+
+def test_replica_disk_full_is_refused_cleanly_and_recovers(
+    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.replication import replica as replica_mod
+
+    src = tmp_path / "src.vhdx"
+    model = make_disk(src, 8 * MiB)
+    pair.grant("rel-1", "vm-1")
+    client = client_via(pair, pair.cert_address)
+    try:
+        client.send_cycle(
+            header("rel-1", "vm-1", 1, replication_pb2.INITIAL),
+            plan_for(src, "os", replication_pb2.INITIAL),
+            compress=True,
+        )
+        before = bytes(model)
+        with vdisk.open_disk(src) as d:
+            d.write(MiB, b"\xab" * MiB)
+            model[MiB : 2 * MiB] = b"\xab" * MiB
+        delta = plan_for(src, "os", replication_pb2.DELTA, [(MiB, MiB)])
+        monkeypatch.setattr(replica_mod.ReplicaStore, "free_space", lambda self: 10 * MiB)
+        with pytest.raises(CycleRefused) as err:
+            client.send_cycle(
+                header("rel-1", "vm-1", 2, replication_pb2.DELTA), delta, compress=True
+            )
+        assert err.value.code == "disk-full"
+        assert "free space" in str(err.value) or "MiB free" in str(err.value)
+        assert replica_bytes(pair, "rel-1", "os") == before
+        monkeypatch.undo()
+        result = client.send_cycle(
+            header("rel-1", "vm-1", 2, replication_pb2.DELTA), delta, compress=True
+        )
+        assert (
+            result.resumed_from == 1
+        )  # all batches were durable: only the trailer travelled again
+        assert replica_bytes(pair, "rel-1", "os") == bytes(model)
+    finally:
+        client.close()
+
+
+def test_plan_blocks_are_aligned_and_cover_ranges() -> None:
+    from agent.replication.blocks import blocks_for, group
+
+    refs = list(blocks_for("d", [(100, 10), (65530, 20), (70000, 1)], 200_000))
+    assert refs == [BlockRef("d", 0, 65536), BlockRef("d", 65536, 65536)]
+    tail = list(blocks_for("d", [(199_990, 10)], 200_000))
+    assert tail == [BlockRef("d", 196608, 200_000 - 196608)]
+    batches = group(blocks_for("d", [(0, 3 * MiB)], 4 * MiB))
+    assert [sum(b.length for b in batch) for batch in batches] == [MiB, MiB, MiB]
+    assert CyclePlan  # imported for the type

@@ -133,7 +133,8 @@ def chs_geometry(size: int) -> tuple[int, int, int]:
 
 def bitmap_bytes(block_size: int) -> int:
     """Size of a block's sector bitmap: one bit per sector, padded to a whole sector."""
-    return -(-(block_size // SECTOR // 8) // SECTOR) * SECTOR
+    bytes_needed = -(-(block_size // SECTOR) // 8)  # at least one byte, even for tiny blocks
+    return -(-bytes_needed // SECTOR) * SECTOR
 
 
 @dataclass(frozen=True)

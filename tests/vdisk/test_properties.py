@@ -8,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -115,7 +116,7 @@ def _run(
 @given(
     data=st.data(),
     size=st.sampled_from([64 * KiB, 100 * KiB + 512, 1024 * KiB + 1536]),
-    block_size=st.sampled_from([4 * KiB, 16 * KiB, 64 * KiB]),
+    block_size=st.sampled_from([512, 2 * KiB, 4 * KiB, 16 * KiB, 64 * KiB]),
 )
 def test_vhd_dynamic_and_differencing_match_model(
     data: st.DataObject, size: int, block_size: int
@@ -139,3 +140,22 @@ def test_raw_matches_model(data: st.DataObject, size: int) -> None:
     ops = data.draw(operations(size, children=False))
     with tempfile.TemporaryDirectory() as folder:
         _run(Path(folder), "raw", "fixed", size, None, ops)
+
+
+@pytest.mark.slow
+@settings(PROPERTY_SETTINGS, max_examples=1500)
+@given(
+    data=st.data(),
+    fmt_sub=st.sampled_from([("vhd", "dynamic"), ("vhd", "fixed"), ("raw", "fixed")]),
+    size=st.sampled_from([64 * KiB, 100 * KiB + 512, 1024 * KiB + 1536]),
+    block_size=st.sampled_from([512, 4 * KiB, 16 * KiB, 64 * KiB, 2048 * KiB]),
+)
+def test_thorough_all_formats_match_model(
+    data: st.DataObject, fmt_sub: tuple[str, str], size: int, block_size: int
+) -> None:
+    """The same properties with many more examples, block sizes down to one sector, and
+    images up to 1 MiB (``make test-slow``)."""
+    fmt, sub = fmt_sub
+    ops = data.draw(operations(size, children=fmt == "vhd"))
+    with tempfile.TemporaryDirectory() as folder:
+        _run(Path(folder), fmt, sub, size, block_size if sub == "dynamic" else None, ops)

@@ -60,6 +60,7 @@ def test_bitmap_helpers() -> None:
     assert L.bitmap_full(bm, 4096)
     assert L.bitmap_bytes(2 * MiB) == 512 and L.bitmap_bytes(4096) == 512
     assert L.bitmap_bytes(64 * MiB) == 16384
+    assert L.bitmap_bytes(512) == 512  # one bit, still a whole sector
 
 
 def test_identity_and_layout_of_a_new_dynamic_disk(tmp_path: Path) -> None:

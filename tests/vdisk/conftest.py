@@ -1,14 +1,20 @@
-"""Fixtures shared by the virtual-disk tests."""
+"""Collection rules shared by the virtual-disk tests."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from sitepair.vdisk import vhdx_available
+_HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture
-def needs_vhdx() -> None:
-    """Skip a test that needs the VHDX implementation where this tree does not have it."""
-    if not vhdx_available():
-        pytest.skip("sitepair.vdisk.vhdx is not available in this tree")
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` in this folder run only when asked for (``-m slow``, as
+    ``make test-slow`` does), so the default run stays quick."""
+    if "slow" in (config.getoption("markexpr", "") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow (make test-slow)")
+    for item in items:
+        if "slow" in item.keywords and _HERE in item.path.resolve().parents:
+            item.add_marker(skip)

@@ -83,6 +83,16 @@ def _check(image: Path, before: bytes, seed: int, durable: int, started: int) ->
 
 @pytest.mark.parametrize("kind", ["dynamic", "differencing"])
 def test_sigkill_never_loses_flushed_data(tmp_path: Path, kind: str) -> None:
+    _sigkill_rounds(tmp_path, kind, (0.3, 0.8, 0.1, 1.2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dynamic", "differencing"])
+def test_sigkill_many_rounds(tmp_path: Path, kind: str) -> None:
+    _sigkill_rounds(tmp_path, kind, tuple(0.05 + 0.17 * (i % 9) for i in range(20)))
+
+
+def _sigkill_rounds(tmp_path: Path, kind: str, durations: tuple[float, ...]) -> None:
     base = tmp_path / "base.vhd"
     with create_disk(base, format="vhd", subformat="dynamic", size=SIZE, block_size=16 << 10) as d:
         d.write(3 << 20, b"\x5a" * (1 << 20))
@@ -94,7 +104,7 @@ def test_sigkill_never_loses_flushed_data(tmp_path: Path, kind: str) -> None:
         ).close()
     with open_disk(image, read_only=True) as disk:
         state = disk.read(0, SIZE)
-    for round_, run_for in enumerate((0.3, 0.8, 0.1, 1.2)):
+    for round_, run_for in enumerate(durations):
         seed = 1000 * round_ + 7
         durable, started = _kill_writer(image, seed, run_for)
         assert durable >= 4

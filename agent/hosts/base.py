@@ -1,10 +1,24 @@
-"""The host backend contract: what the agent asks of the hypervisor, in plain dataclasses."""
+"""The host backend contract: what the agent asks of the hypervisor, in plain dataclasses.
+
+Besides the inventory, a backend gives replication what Hyper-V gives Hyper-V Replica:
+
+- a **consistent cut** of all of a VM's disks (:meth:`HostBackend.take_cut`, a checkpoint):
+  each disk's chain up to a frozen top layer, plus the byte ranges changed since the last cut
+  the replica committed (from the backend's change tracking, the analog of RCT), or ``None``
+  with a reason when the tracking cannot be trusted;
+- **release** of a cut once the replica committed it (:meth:`HostBackend.release_cut`), which
+  folds the frozen layers back so chains stay short;
+- a way for workloads to write a VM's disks so that the tracking sees every write
+  (:meth:`HostBackend.open_writer`), and the VM state changes failover needs.
+"""
 
 from __future__ import annotations
 
 import abc
 import dataclasses
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +71,88 @@ class HostInventory:
     storage: tuple[StorageRecord, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class FrozenDisk:
+    """One disk of a cut."""
+
+    disk_id: str
+    #: Base first, frozen top last: opening ``chain[-1]`` read-only reads the cut.
+    chain: tuple[Path, ...]
+    virtual_size: int
+    #: "vhdx" or "vhd".
+    format: str
+    #: ``(offset, length)`` byte ranges changed since the last released cut, coalesced,
+    #: aligned to the change-log block (64 KiB; the last range ends at ``virtual_size``);
+    #: ``None`` when the tracking cannot be trusted (see :attr:`Cut.untrusted_reason`).
+    changed: tuple[tuple[int, int], ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    """A crash- or application-consistent point of all of a VM's disks."""
+
+    vm_id: str
+    #: Unique; persisted with the VM, so it survives agent restarts.
+    cut_id: str
+    #: Unix time the disks were frozen.
+    taken_at: float
+    #: True only if the VM's pre-checkpoint hook ran and succeeded (the VSS analog).
+    app_consistent: bool
+    disks: tuple[FrozenDisk, ...]
+    #: Why the tracking cannot be trusted, in an operator's words ("" = trusted). When set,
+    #: every ``disks[i].changed`` is ``None`` and the cycle must resync (checksum or full).
+    untrusted_reason: str = ""
+
+    @property
+    def trusted(self) -> bool:
+        return not self.untrusted_reason
+
+
+class VmWriter(abc.ABC):
+    """Writes into a VM's active disk layers the way its guest would, seen by the tracking.
+
+    Usable from any process while the backend takes cuts; thread-safe. A context manager:
+    leaving the block closes the writer (flushing and closing its disks cleanly)."""
+
+    @abc.abstractmethod
+    def write(self, disk_id: str, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write guest bytes of disk ``disk_id`` at ``offset``."""
+
+    @abc.abstractmethod
+    def write_zeroes(self, disk_id: str, offset: int, length: int) -> None:
+        """Make ``[offset, offset + length)`` of disk ``disk_id`` read as zeros."""
+
+    @abc.abstractmethod
+    def read(self, disk_id: str, offset: int, length: int) -> bytes:
+        """Guest bytes of disk ``disk_id`` as the guest sees them now."""
+
+    @abc.abstractmethod
+    def virtual_size(self, disk_id: str) -> int:
+        """Guest-visible size of disk ``disk_id`` in bytes."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Make every completed write durable."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush and close. Idempotent."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 class HostBackend(abc.ABC):
     """One hypervisor. Methods block (they touch disks or call the hypervisor): the agent calls
-    them from worker threads."""
+    them from worker threads. ``vm_ref`` is a VM's id or name."""
 
     kind: str
 
@@ -70,3 +163,37 @@ class HostBackend(abc.ABC):
     def volumes(self) -> list[Path]:
         """Folders whose free space matters (VM storage, replicas), for heartbeat metrics."""
         return []
+
+    @abc.abstractmethod
+    def open_writer(self, vm_ref: str) -> VmWriter:
+        """A writer for the VM's disks (a workload, a guest simulator)."""
+
+    @abc.abstractmethod
+    def take_cut(self, vm_ref: str, *, app_consistent: bool = False) -> Cut:
+        """Checkpoint every disk of the VM at one instant and describe the frozen chains.
+
+        ``changed`` covers everything written since the last *released* cut: a cut taken
+        while an earlier one is outstanding covers both. ``app_consistent`` asks the guest to
+        quiesce first (pre-checkpoint hook); a failing hook raises and no cut is made."""
+
+    @abc.abstractmethod
+    def outstanding_cut(self, vm_ref: str) -> Cut | None:
+        """The newest cut taken and not released, or ``None``; survives agent restarts."""
+
+    @abc.abstractmethod
+    def release_cut(self, vm_ref: str, cut_id: str) -> None:
+        """The replica committed ``cut_id``: fold it and every older cut back, and start the
+        next cut's ``changed`` from here. Idempotent; safe to re-run after a crash."""
+
+    @abc.abstractmethod
+    def reset_tracking(self, vm_ref: str, cut_id: str) -> None:
+        """A full or checksum resync of ``cut_id`` made the replica equal to it: tracking is
+        trusted again from that cut on (reasons found later still count)."""
+
+    @abc.abstractmethod
+    def set_vm_state(self, vm_ref: str, state: str) -> VmRecord:
+        """Change the VM's power state: "off", "running" or "paused"."""
+
+    @abc.abstractmethod
+    def connect_nic(self, vm_ref: str, nic: str, network: str) -> VmRecord:
+        """Connect NIC ``nic`` to VM network ``network`` ("" disconnects it)."""

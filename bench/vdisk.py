@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,12 +177,12 @@ def main() -> int:
         seq: dict[str, dict[str, float]] = {}
         for request in (1 * MiB, 4 * MiB):
             readers: dict[str, Callable[[], object]] = {
-                "raw file, os.pread": lambda r=request: _read_pread(raw, size, r),
-                "raw, sitepair": lambda r=request: _read_disk(raw, size, r),
+                "raw file, os.pread": partial(_read_pread, raw, size, request),
+                "raw, sitepair": partial(_read_disk, raw, size, request),
             }
             for fmt in formats:
-                readers[f"{fmt.upper()} dynamic, sitepair"] = lambda f=fmt, r=request: _read_disk(
-                    images[f], size, r
+                readers[f"{fmt.upper()} dynamic, sitepair"] = partial(
+                    _read_disk, images[fmt], size, request
                 )
             for name, t in bench.interleaved(readers).items():
                 seq.setdefault(name, {})[f"{request // MiB}M"] = t
@@ -189,7 +190,7 @@ def main() -> int:
             qemu_readers: dict[str, Callable[[], object]] = {}
             for fmt, qfmt in [("raw", "raw")] + [(f, "vpc" if f == "vhd" else f) for f in formats]:
                 label = f"{fmt.upper() if fmt != 'raw' else 'raw'}, qemu-img convert"
-                qemu_readers[label] = lambda f=fmt, q=qfmt: _qemu_read(images[f], q, size)
+                qemu_readers[label] = partial(_qemu_read, images[fmt], qfmt, size)
             for name, t in bench.interleaved(qemu_readers).items():
                 seq.setdefault(name, {})["qemu"] = t
         raw_1m = seq["raw file, os.pread"]["1M"]
@@ -252,7 +253,7 @@ def main() -> int:
         write_rows: list[list[str]] = []
         for fmt in ["raw", *formats]:
             per_s = args.writes / bench.timed(
-                lambda f=fmt: _random_writes(images[f], args.writes, size, seed=3), cold=True
+                partial(_random_writes, images[fmt], args.writes, size, 3), cold=True
             )
             fresh_times = []
             for run in range(args.runs):

@@ -177,7 +177,7 @@ def test_every_crash_point_opens_with_flushed_data(
 
     rec = _Recorder()
     monkeypatch.setattr(vhd, "pwrite_all", rec.pwrite_all)
-    monkeypatch.setattr(vhd.os, "ftruncate", rec.ftruncate)
+    monkeypatch.setattr(os, "ftruncate", rec.ftruncate)
     writes = plan(5, size, 40)
     states = [before]  # guest view after each flush
     model = bytearray(before)

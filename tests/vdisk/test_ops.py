@@ -214,7 +214,7 @@ def test_merge_interrupted_after_writing_parent_finishes_on_rerun(
     before = {p: _all(p) for p in (c2, c3, kid)}
     import sitepair.vdisk.ops as ops
 
-    calls = []
+    calls: list[Path] = []
 
     def crash_after_first(child: Path, new_parent: Path) -> None:
         if calls:

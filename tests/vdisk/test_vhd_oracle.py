@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,7 +120,7 @@ def test_our_images_pass_qemu_compare_and_libvhdi(
     require_pyvhdi()
     img = tmp_path / "ours.vhd"
     expected = bytearray(SIZE)
-    kwargs = {"block_size": block_size} if block_size else {}
+    kwargs: dict[str, Any] = {"block_size": block_size} if block_size else {}
     with create_vhd(img, size=SIZE, subformat=subformat, **kwargs) as disk:
         for off, data in _random_writes(7, SIZE, 40):
             disk.write(off, data)

@@ -117,7 +117,9 @@ def test_differencing_locators(tmp_path: Path) -> None:
     base, child = tmp_path / "base" / "b.vhd", tmp_path / "kids" / "c.avhd"
     create_vhd(base, size=4 * MiB, subformat="dynamic").close()
     with create_vhd(child, size=None, subformat="differencing", parent=base) as disk:
-        locs = {d["platform"]: d["path"] for d in disk.info().details["parent_locators"]}  # type: ignore[union-attr]
+        entries = disk.info().details["parent_locators"]
+    assert isinstance(entries, list)
+    locs = {d["platform"]: d["path"] for d in entries}
     assert locs["W2ru"] == "..\\base\\b.vhd"
     assert locs["W2ku"] == str(base.absolute())
     # The relative locator wins: move both folders together and the chain still opens.

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc.aio
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker import config as config_mod
 from broker.auth import BrokerAuthorizer
@@ -58,6 +59,7 @@ class BrokerContext:
     dispatcher: CommandDispatcher
     heartbeats: HeartbeatWriter
     servers: ServerOperations
+    ticket_key: ed25519.Ed25519PrivateKey
     started_at: float
     bound_enrollment: str = ""
     bound_control: str = ""
@@ -197,6 +199,7 @@ class Broker:
             dispatcher=dispatcher,
             heartbeats=heartbeats,
             servers=servers,
+            ticket_key=tickets.load_signing_key(home.ticket_key),
             started_at=clock.now(),
         )
         self.ctx = ctx

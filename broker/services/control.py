@@ -21,8 +21,8 @@ import grpc.aio
 from google.protobuf import json_format
 
 from broker.sessions import AgentSession
-from broker.store.models import HeartbeatRecord, Server, StoredInventory
-from sitepair import PROTOCOL_VERSION, pki
+from broker.store.models import HeartbeatRecord, Relationship, Server, StoredInventory
+from sitepair import PROTOCOL_VERSION, pki, tickets
 from sitepair.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from sitepair.protoconv import seconds, timestamp
 from sitepair.rpc import rpc
@@ -192,6 +192,41 @@ class ControlService(control_pb2_grpc.ControlServicer):
         log.info(
             "inventory received",
             extra={"fields": {"server": session.server_id, "vms": len(inv.vms)}},
+        )
+
+    @rpc(roles=[pki.Role.AGENT])
+    async def IssueTicket(
+        self,
+        request: control_pb2.TicketRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> control_pb2.TicketResponse:
+        ctx = self.ctx
+        await self._server(identity)
+
+        def read() -> Relationship:
+            with ctx.store.read() as tx:
+                return tx.find_relationship(request.relationship_id)
+
+        rel = await asyncio.to_thread(read)
+        if rel.id != request.relationship_id or rel.disabled_at is not None:
+            raise PermissionDenied(f"relationship {request.relationship_id} is not active")
+        if rel.primary_server != identity.id:
+            raise PermissionDenied(
+                f"only the primary host of {rel.id} may ask for its replication tickets"
+            )
+        now = ctx.clock.now()
+        ticket = tickets.issue(
+            ctx.ticket_key,
+            source_host=rel.primary_server,
+            replica_host=rel.replica_server,
+            relationship=rel.id,
+            vm=rel.vm_id,
+            epoch=rel.epoch,
+            now=now,
+        )
+        return control_pb2.TicketResponse(
+            ticket=ticket, expires_at=timestamp(now + tickets.DEFAULT_LIFETIME)
         )
 
     @rpc(roles=[pki.Role.AGENT])

@@ -164,3 +164,92 @@ class HeartbeatRecord:
     sent_at: float
     received_at: float
     metrics_json: str
+
+
+# -- protection management ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class InventoryVm:
+    server_id: str
+    vm_id: str
+    name: str
+    generation: int
+    cpu_count: int
+    memory_mb: int
+    state: str
+    disks_json: str
+    nics_json: str
+    updated_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class HostStorage:
+    server_id: str
+    name: str
+    path: str
+    total_bytes: int
+    free_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Cloud:
+    name: str
+    site: str
+    description: str
+    created_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CloudPair:
+    primary_cloud: str
+    recovery_cloud: str
+    policy_json: str
+    created_at: float
+    updated_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    source: str
+    target: str
+    created_at: float
+
+
+class RelationshipState(enum.StrEnum):
+    ENABLING = "enabling"
+    INITIAL_REPLICATION = "initial-replication"
+    PROTECTED = "protected"
+    RESYNC_REQUIRED = "resync-required"
+    RESYNCHRONIZING = "resynchronizing"
+    FAILOVER_IN_PROGRESS = "failover-in-progress"
+    FAILED_OVER_TEST = "failed-over-test"
+    FAILED_OVER_PLANNED = "failed-over-planned"
+    FAILED_OVER_UNPLANNED = "failed-over-unplanned"
+    COMMITTED = "committed"
+    REVERSE_REPLICATING = "reverse-replicating"
+    DISABLED = "disabled"
+
+
+@dataclasses.dataclass(frozen=True)
+class Relationship:
+    id: str
+    vm_id: str
+    vm_name: str
+    primary_cloud: str
+    recovery_cloud: str
+    primary_server: str
+    replica_server: str
+    state: RelationshipState
+    epoch: int
+    policy_json: str
+    replica_folder: str = ""
+    replica_vm_json: str = "{}"
+    primary_status_json: str = "{}"
+    replica_status_json: str = "{}"
+    health: str = "normal"
+    health_reasons_json: str = "[]"
+    paused: bool = False
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    disabled_at: float | None = None

@@ -17,6 +17,7 @@ heartbeat writer batches many heartbeats per transaction, so the fsync cost stay
 from __future__ import annotations
 
 import contextlib
+import enum
 import importlib.resources
 import re
 import sqlite3
@@ -27,14 +28,21 @@ from pathlib import Path
 from typing import Any
 
 from broker.store.models import (
+    Cloud,
+    CloudPair,
     Command,
     CommandState,
     HeartbeatRecord,
+    HostStorage,
+    InventoryVm,
     Job,
     JobState,
     JobStep,
+    Mapping,
     Operator,
     RegistrationKey,
+    Relationship,
+    RelationshipState,
     Server,
     StepState,
     StoredInventory,
@@ -671,3 +679,267 @@ class Tx:
             (job_id,),
         )
         return [_command(r) for r in rows]
+
+    # -- inventory tables -------------------------------------------------------------------
+    def replace_inventory(
+        self,
+        server_id: str,
+        vms: Sequence[InventoryVm],
+        networks: Sequence[tuple[str, str]],
+        storage: Sequence[HostStorage],
+    ) -> None:
+        """Make the server's VMs, networks and storage classifications exactly these."""
+        self._c.execute("DELETE FROM vms WHERE server_id = ?", (server_id,))
+        self._c.executemany(
+            "INSERT INTO vms VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    v.server_id,
+                    v.vm_id,
+                    v.name,
+                    v.generation,
+                    v.cpu_count,
+                    v.memory_mb,
+                    v.state,
+                    v.disks_json,
+                    v.nics_json,
+                    v.updated_at,
+                )
+                for v in vms
+            ],
+        )
+        self._c.execute("DELETE FROM host_networks WHERE server_id = ?", (server_id,))
+        self._c.executemany(
+            "INSERT INTO host_networks VALUES (?, ?, ?)",
+            [(server_id, name, subnets) for name, subnets in networks],
+        )
+        self._c.execute("DELETE FROM host_storage WHERE server_id = ?", (server_id,))
+        self._c.executemany(
+            "INSERT INTO host_storage VALUES (?, ?, ?, ?, ?)",
+            [(s.server_id, s.name, s.path, s.total_bytes, s.free_bytes) for s in storage],
+        )
+
+    def list_vms(self, *, server_id: str = "") -> list[InventoryVm]:
+        sql = "SELECT * FROM vms"
+        args: list[Any] = []
+        if server_id:
+            sql += " WHERE server_id = ?"
+            args.append(server_id)
+        return [InventoryVm(*r) for r in self._all(sql + " ORDER BY name, server_id", args)]
+
+    def find_vms(self, ref: str) -> list[InventoryVm]:
+        rows = self._all(
+            "SELECT * FROM vms WHERE vm_id = ? OR name = ? ORDER BY server_id", (ref, ref)
+        )
+        return [InventoryVm(*r) for r in rows]
+
+    def host_networks(self, server_id: str = "") -> list[tuple[str, str, str]]:
+        sql = "SELECT server_id, name, subnets_json FROM host_networks"
+        args: list[Any] = []
+        if server_id:
+            sql += " WHERE server_id = ?"
+            args.append(server_id)
+        return [(r[0], r[1], r[2]) for r in self._all(sql + " ORDER BY name", args)]
+
+    def host_storage(self, server_id: str = "") -> list[HostStorage]:
+        sql = "SELECT * FROM host_storage"
+        args: list[Any] = []
+        if server_id:
+            sql += " WHERE server_id = ?"
+            args.append(server_id)
+        return [HostStorage(*r) for r in self._all(sql + " ORDER BY name", args)]
+
+    # -- clouds ------------------------------------------------------------------------------
+    def insert_cloud(self, cloud: Cloud) -> None:
+        try:
+            self._c.execute(
+                "INSERT INTO clouds VALUES (?, ?, ?, ?)",
+                (cloud.name, cloud.site, cloud.description, cloud.created_at),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"a cloud named {cloud.name!r} already exists") from exc
+
+    def get_cloud(self, name: str) -> Cloud | None:
+        row = self._one("SELECT * FROM clouds WHERE name = ?", (name,))
+        return None if row is None else Cloud(*row)
+
+    def list_clouds(self) -> list[Cloud]:
+        return [Cloud(*r) for r in self._all("SELECT * FROM clouds ORDER BY name")]
+
+    def delete_cloud(self, name: str) -> None:
+        self._c.execute("DELETE FROM cloud_hosts WHERE cloud = ?", (name,))
+        self._c.execute("DELETE FROM clouds WHERE name = ?", (name,))
+
+    def set_host_cloud(self, server_id: str, cloud: str | None, now: float) -> None:
+        self._c.execute("DELETE FROM cloud_hosts WHERE server_id = ?", (server_id,))
+        if cloud is not None:
+            self._c.execute("INSERT INTO cloud_hosts VALUES (?, ?, ?)", (server_id, cloud, now))
+
+    def cloud_of(self, server_id: str) -> str | None:
+        row = self._one("SELECT cloud FROM cloud_hosts WHERE server_id = ?", (server_id,))
+        return None if row is None else str(row[0])
+
+    def cloud_hosts(self, cloud: str) -> list[str]:
+        return [
+            r[0]
+            for r in self._all(
+                "SELECT server_id FROM cloud_hosts WHERE cloud = ? ORDER BY server_id", (cloud,)
+            )
+        ]
+
+    # -- cloud pairs -------------------------------------------------------------------------
+    def insert_pair(self, pair: CloudPair) -> None:
+        self._c.execute(
+            "INSERT INTO cloud_pairs VALUES (?, ?, ?, ?, ?)",
+            (
+                pair.primary_cloud,
+                pair.recovery_cloud,
+                pair.policy_json,
+                pair.created_at,
+                pair.updated_at,
+            ),
+        )
+
+    def pair_of(self, cloud: str) -> CloudPair | None:
+        """The pair a cloud belongs to, as primary or as recovery."""
+        row = self._one(
+            "SELECT * FROM cloud_pairs WHERE primary_cloud = ? OR recovery_cloud = ?",
+            (cloud, cloud),
+        )
+        return None if row is None else CloudPair(*row)
+
+    def list_pairs(self) -> list[CloudPair]:
+        return [
+            CloudPair(*r) for r in self._all("SELECT * FROM cloud_pairs ORDER BY primary_cloud")
+        ]
+
+    def update_pair_policy(self, primary_cloud: str, policy_json: str, now: float) -> None:
+        self._c.execute(
+            "UPDATE cloud_pairs SET policy_json = ?, updated_at = ? WHERE primary_cloud = ?",
+            (policy_json, now, primary_cloud),
+        )
+
+    def delete_pair(self, primary_cloud: str) -> None:
+        self._c.execute("DELETE FROM cloud_pairs WHERE primary_cloud = ?", (primary_cloud,))
+
+    # -- mappings ----------------------------------------------------------------------------
+    def put_mapping(self, kind: str, source: str, target: str, now: float) -> None:
+        table, col, target_col = _MAPPING_TABLES[kind]
+        self._c.execute(
+            f"INSERT INTO {table} VALUES (?, ?, ?) ON CONFLICT ({col}) "
+            f"DO UPDATE SET {target_col} = excluded.{target_col}",
+            (source, target, now),
+        )
+
+    def list_mappings(self, kind: str) -> list[Mapping]:
+        table, col, _ = _MAPPING_TABLES[kind]
+        return [Mapping(*r) for r in self._all(f"SELECT * FROM {table} ORDER BY {col}")]
+
+    def delete_mapping(self, kind: str, source: str) -> bool:
+        table, col, _ = _MAPPING_TABLES[kind]
+        return self._c.execute(f"DELETE FROM {table} WHERE {col} = ?", (source,)).rowcount == 1
+
+    # -- relationships -----------------------------------------------------------------------
+    def insert_relationship(self, r: Relationship) -> None:
+        try:
+            self._c.execute(
+                f"INSERT INTO relationships ({_REL_COLS}) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    r.id,
+                    r.vm_id,
+                    r.vm_name,
+                    r.primary_cloud,
+                    r.recovery_cloud,
+                    r.primary_server,
+                    r.replica_server,
+                    r.state.value,
+                    r.epoch,
+                    r.policy_json,
+                    r.replica_folder,
+                    r.replica_vm_json,
+                    r.primary_status_json,
+                    r.replica_status_json,
+                    r.health,
+                    r.health_reasons_json,
+                    int(r.paused),
+                    r.created_at,
+                    r.updated_at,
+                    r.disabled_at,
+                ),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"VM {r.vm_name} is already protected") from exc
+
+    def get_relationship(self, rel_id: str) -> Relationship | None:
+        row = self._one(f"SELECT {_REL_COLS} FROM relationships WHERE id = ?", (rel_id,))
+        return None if row is None else _relationship(row)
+
+    def find_relationship(self, ref: str) -> Relationship:
+        """By id, or the active relationship of a VM (id or name)."""
+        r = self.get_relationship(ref)
+        if r is not None:
+            return r
+        rows = self._all(
+            f"SELECT {_REL_COLS} FROM relationships WHERE (vm_id = ? OR vm_name = ?) "
+            "AND disabled_at IS NULL",
+            (ref, ref),
+        )
+        if not rows:
+            raise NotFound(f"no protected VM or relationship {ref!r}", hint="see `vms list`")
+        if len(rows) > 1:
+            raise FailedPrecondition(
+                f"{ref!r} names several protected VMs; use the relationship id"
+            )
+        return _relationship(rows[0])
+
+    def list_relationships(self, *, include_disabled: bool = False) -> list[Relationship]:
+        sql = f"SELECT {_REL_COLS} FROM relationships"
+        if not include_disabled:
+            sql += " WHERE disabled_at IS NULL"
+        return [_relationship(r) for r in self._all(sql + " ORDER BY vm_name, id")]
+
+    def update_relationship(self, rel_id: str, now: float, **fields: Any) -> None:
+        allowed = set(_REL_COLS.replace(" ", "").split(",")) - {"id", "created_at"}
+        sets = []
+        args: list[Any] = []
+        for key, value in fields.items():
+            if key not in allowed:
+                raise ValueError(f"not a relationship column: {key}")
+            sets.append(f"{key} = ?")
+            if isinstance(value, enum.Enum):
+                args.append(value.value)
+            elif isinstance(value, bool):
+                args.append(int(value))
+            else:
+                args.append(value)
+        sets.append("updated_at = ?")
+        args += [now, rel_id]
+        self._c.execute(f"UPDATE relationships SET {', '.join(sets)} WHERE id = ?", args)
+
+    def relationships_of_server(self, server_id: str) -> list[Relationship]:
+        rows = self._all(
+            f"SELECT {_REL_COLS} FROM relationships WHERE disabled_at IS NULL "
+            "AND (primary_server = ? OR replica_server = ?)",
+            (server_id, server_id),
+        )
+        return [_relationship(r) for r in rows]
+
+
+_MAPPING_TABLES = {
+    "network": ("network_mappings", "source_network", "target_network"),
+    "storage": ("storage_mappings", "source_class", "target_class"),
+}
+
+_REL_COLS = (
+    "id, vm_id, vm_name, primary_cloud, recovery_cloud, primary_server, replica_server, state, "
+    "epoch, policy_json, replica_folder, replica_vm_json, primary_status_json, "
+    "replica_status_json, health, health_reasons_json, paused, created_at, updated_at, disabled_at"
+)
+
+
+def _relationship(row: tuple[Any, ...]) -> Relationship:
+    values = list(row)
+    values[7] = RelationshipState(values[7])
+    values[16] = bool(values[16])
+    return Relationship(*values)

@@ -29,6 +29,7 @@ class AgentMessage(_message.Message):
     INVENTORY_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    REPLICATION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -37,6 +38,8 @@ class AgentMessage(_message.Message):
     def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
     def ack(self) -> Global___CommandAck: ...
+    @_builtins.property
+    def replication(self) -> Global___ReplicationReport: ...
     def __init__(
         self,
         *,
@@ -44,12 +47,13 @@ class AgentMessage(_message.Message):
         inventory: _common_pb2.Inventory | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         ack: Global___CommandAck | None = ...,
+        replication: Global___ReplicationReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "inventory", b"inventory"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "inventory", b"inventory", "replication", b"replication"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "inventory", b"inventory"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "inventory", b"inventory", "replication", b"replication"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "inventory", "heartbeat", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "inventory", "heartbeat", "ack", "replication"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -238,6 +242,11 @@ class Command(_message.Message):
     PING_FIELD_NUMBER: _builtins.int
     REFRESH_INVENTORY_FIELD_NUMBER: _builtins.int
     RUN_SCRIPT_FIELD_NUMBER: _builtins.int
+    CONFIGURE_REPLICA_FIELD_NUMBER: _builtins.int
+    CONFIGURE_SOURCE_FIELD_NUMBER: _builtins.int
+    REMOVE_RELATIONSHIP_FIELD_NUMBER: _builtins.int
+    REPLICATION_ACTION_FIELD_NUMBER: _builtins.int
+    SET_BANDWIDTH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     epoch: _builtins.int
     """relationship epoch the command belongs to (0 = not relationship-bound)"""
@@ -249,6 +258,16 @@ class Command(_message.Message):
     def refresh_inventory(self) -> Global___RefreshInventory: ...
     @_builtins.property
     def run_script(self) -> Global___RunScript: ...
+    @_builtins.property
+    def configure_replica(self) -> Global___ConfigureReplica: ...
+    @_builtins.property
+    def configure_source(self) -> Global___ConfigureSource: ...
+    @_builtins.property
+    def remove_relationship(self) -> Global___RemoveRelationship: ...
+    @_builtins.property
+    def replication_action(self) -> Global___ReplicationAction: ...
+    @_builtins.property
+    def set_bandwidth(self) -> Global___SetBandwidth: ...
     def __init__(
         self,
         *,
@@ -258,12 +277,17 @@ class Command(_message.Message):
         ping: Global___Ping | None = ...,
         refresh_inventory: Global___RefreshInventory | None = ...,
         run_script: Global___RunScript | None = ...,
+        configure_replica: Global___ConfigureReplica | None = ...,
+        configure_source: Global___ConfigureSource | None = ...,
+        remove_relationship: Global___RemoveRelationship | None = ...,
+        replication_action: Global___ReplicationAction | None = ...,
+        set_bandwidth: Global___SetBandwidth | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "created_at", b"created_at", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "run_script", b"run_script"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "created_at", b"created_at", "epoch", b"epoch", "id", b"id", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "run_script", b"run_script"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "epoch", b"epoch", "id", b"id", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script", "configure_replica", "configure_source", "remove_relationship", "replication_action", "set_bandwidth"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -449,3 +473,449 @@ class RenewResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RenewResponse: _TypeAlias = RenewResponse  # noqa: Y015
+
+@_typing.final
+class ConfigureReplica(_message.Message):
+    """-- replication commands and reports --------------------------------------------------------
+
+    To the replica host: accept cycles of a relationship from its source host.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
+    VM_NAME_FIELD_NUMBER: _builtins.int
+    SOURCE_HOST_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    FOLDER_FIELD_NUMBER: _builtins.int
+    AUTH_FIELD_NUMBER: _builtins.int
+    TICKET_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    RECOVERY_POINTS_FIELD_NUMBER: _builtins.int
+    POINT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    vm_id: _builtins.str
+    vm_name: _builtins.str
+    source_host: _builtins.str
+    epoch: _builtins.int
+    folder: _builtins.str
+    """replica folder; "" = <default replica path>/<relationship>"""
+    auth: _builtins.str
+    """"certificate" (8084) or "ticket" (8083)"""
+    ticket_public_key: _builtins.bytes
+    """the broker's Ed25519 ticket key (ticket auth)"""
+    recovery_points: _builtins.int
+    """additional hourly recovery points, 0-24"""
+    point_interval_seconds: _builtins.int
+    """0 = one hour"""
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        vm_id: _builtins.str = ...,
+        vm_name: _builtins.str = ...,
+        source_host: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        folder: _builtins.str = ...,
+        auth: _builtins.str = ...,
+        ticket_public_key: _builtins.bytes = ...,
+        recovery_points: _builtins.int = ...,
+        point_interval_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "epoch", b"epoch", "folder", b"folder", "point_interval_seconds", b"point_interval_seconds", "recovery_points", b"recovery_points", "relationship_id", b"relationship_id", "source_host", b"source_host", "ticket_public_key", b"ticket_public_key", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigureReplica: _TypeAlias = ConfigureReplica  # noqa: Y015
+
+@_typing.final
+class InitialReplication(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Method:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _MethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[InitialReplication._Method.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        NETWORK: InitialReplication._Method.ValueType  # 0
+        """now, over the network"""
+        SCHEDULED: InitialReplication._Method.ValueType  # 1
+        """over the network, starting at start_at"""
+        OFFLINE: InitialReplication._Method.ValueType  # 2
+        """export to export_path; the replica imports it"""
+
+    class Method(_Method, metaclass=_MethodEnumTypeWrapper): ...
+    NETWORK: InitialReplication.Method.ValueType  # 0
+    """now, over the network"""
+    SCHEDULED: InitialReplication.Method.ValueType  # 1
+    """over the network, starting at start_at"""
+    OFFLINE: InitialReplication.Method.ValueType  # 2
+    """export to export_path; the replica imports it"""
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    START_AT_FIELD_NUMBER: _builtins.int
+    EXPORT_PATH_FIELD_NUMBER: _builtins.int
+    method: Global___InitialReplication.Method.ValueType
+    export_path: _builtins.str
+    @_builtins.property
+    def start_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        method: Global___InitialReplication.Method.ValueType = ...,
+        start_at: _timestamp_pb2.Timestamp | None = ...,
+        export_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_at", b"start_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["export_path", b"export_path", "method", b"method", "start_at", b"start_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InitialReplication: _TypeAlias = InitialReplication  # noqa: Y015
+
+@_typing.final
+class ConfigureSource(_message.Message):
+    """To the primary host: replicate a VM to its replica host."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
+    REPLICA_HOST_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    AUTH_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
+    COPY_FREQUENCY_SECONDS_FIELD_NUMBER: _builtins.int
+    APP_CONSISTENT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    BANDWIDTH_LIMIT_FIELD_NUMBER: _builtins.int
+    TRACKER_FIELD_NUMBER: _builtins.int
+    INITIAL_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    vm_id: _builtins.str
+    replica_host: _builtins.str
+    address: _builtins.str
+    """host:port of the replica's receiver"""
+    epoch: _builtins.int
+    auth: _builtins.str
+    compression: _builtins.bool
+    copy_frequency_seconds: _builtins.int
+    """30, 300 or 900"""
+    app_consistent_interval_seconds: _builtins.int
+    """0 = never"""
+    bandwidth_limit: _builtins.int
+    """bytes per second, 0 = unlimited"""
+    tracker: _builtins.str
+    """"changelog" (default) or "scan" """
+    @_builtins.property
+    def initial(self) -> Global___InitialReplication: ...
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        vm_id: _builtins.str = ...,
+        replica_host: _builtins.str = ...,
+        address: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        auth: _builtins.str = ...,
+        compression: _builtins.bool = ...,
+        copy_frequency_seconds: _builtins.int = ...,
+        app_consistent_interval_seconds: _builtins.int = ...,
+        bandwidth_limit: _builtins.int = ...,
+        tracker: _builtins.str = ...,
+        initial: Global___InitialReplication | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initial", b"initial"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "app_consistent_interval_seconds", b"app_consistent_interval_seconds", "auth", b"auth", "bandwidth_limit", b"bandwidth_limit", "compression", b"compression", "copy_frequency_seconds", b"copy_frequency_seconds", "epoch", b"epoch", "initial", b"initial", "relationship_id", b"relationship_id", "replica_host", b"replica_host", "tracker", b"tracker", "vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigureSource: _TypeAlias = ConfigureSource  # noqa: Y015
+
+@_typing.final
+class RemoveRelationship(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    DELETE_REPLICA_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    delete_replica: _builtins.bool
+    """replica side: remove the replica's disks too"""
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        delete_replica: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete_replica", b"delete_replica", "relationship_id", b"relationship_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveRelationship: _TypeAlias = RemoveRelationship  # noqa: Y015
+
+@_typing.final
+class ReplicationAction(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Action:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ReplicationAction._Action.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        RUN_CYCLE: ReplicationAction._Action.ValueType  # 0
+        RESYNC: ReplicationAction._Action.ValueType  # 1
+        VERIFY: ReplicationAction._Action.ValueType  # 2
+        PAUSE: ReplicationAction._Action.ValueType  # 3
+        RESUME: ReplicationAction._Action.ValueType  # 4
+        IMPORT: ReplicationAction._Action.ValueType  # 5
+        """replica side: import an offline export from path"""
+
+    class Action(_Action, metaclass=_ActionEnumTypeWrapper): ...
+    RUN_CYCLE: ReplicationAction.Action.ValueType  # 0
+    RESYNC: ReplicationAction.Action.ValueType  # 1
+    VERIFY: ReplicationAction.Action.ValueType  # 2
+    PAUSE: ReplicationAction.Action.ValueType  # 3
+    RESUME: ReplicationAction.Action.ValueType  # 4
+    IMPORT: ReplicationAction.Action.ValueType  # 5
+    """replica side: import an offline export from path"""
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    REPAIR_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    action: Global___ReplicationAction.Action.ValueType
+    repair: _builtins.bool
+    """VERIFY: send mismatching blocks again"""
+    path: _builtins.str
+    """IMPORT: the export folder"""
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        action: Global___ReplicationAction.Action.ValueType = ...,
+        repair: _builtins.bool = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "path", b"path", "relationship_id", b"relationship_id", "repair", b"repair"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicationAction: _TypeAlias = ReplicationAction  # noqa: Y015
+
+@_typing.final
+class SetBandwidth(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    """"" = the host-wide limit"""
+    bytes_per_second: _builtins.int
+    """0 = unlimited"""
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        bytes_per_second: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_per_second", b"bytes_per_second", "relationship_id", b"relationship_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBandwidth: _TypeAlias = SetBandwidth  # noqa: Y015
+
+@_typing.final
+class RecoveryPoint(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    CUT_AT_FIELD_NUMBER: _builtins.int
+    APP_CONSISTENT_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    app_consistent: _builtins.bool
+    pinned: _builtins.bool
+    @_builtins.property
+    def cut_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        cut_at: _timestamp_pb2.Timestamp | None = ...,
+        app_consistent: _builtins.bool = ...,
+        pinned: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cut_at", b"cut_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_consistent", b"app_consistent", "cut_at", b"cut_at", "pinned", b"pinned", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoveryPoint: _TypeAlias = RecoveryPoint  # noqa: Y015
+
+@_typing.final
+class RelationshipStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    COMMITTED_SEQUENCE_FIELD_NUMBER: _builtins.int
+    CYCLES_SUCCEEDED_FIELD_NUMBER: _builtins.int
+    CYCLES_FAILED_FIELD_NUMBER: _builtins.int
+    CYCLES_MISSED_FIELD_NUMBER: _builtins.int
+    LAST_SUCCESS_AT_FIELD_NUMBER: _builtins.int
+    LAST_CYCLE_SECONDS_FIELD_NUMBER: _builtins.int
+    AVG_CYCLE_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_CYCLE_SECONDS_FIELD_NUMBER: _builtins.int
+    LAST_CYCLE_BYTES_FIELD_NUMBER: _builtins.int
+    AVG_CYCLE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_CYCLE_BYTES_FIELD_NUMBER: _builtins.int
+    PENDING_BYTES_FIELD_NUMBER: _builtins.int
+    PROGRESS_DONE_FIELD_NUMBER: _builtins.int
+    PROGRESS_TOTAL_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_CODE_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    LAST_CUT_AT_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    role: _builtins.str
+    """"primary" or "replica" """
+    state: _builtins.str
+    epoch: _builtins.int
+    committed_sequence: _builtins.int
+    cycles_succeeded: _builtins.int
+    cycles_failed: _builtins.int
+    cycles_missed: _builtins.int
+    last_cycle_seconds: _builtins.float
+    avg_cycle_seconds: _builtins.float
+    max_cycle_seconds: _builtins.float
+    last_cycle_bytes: _builtins.int
+    avg_cycle_bytes: _builtins.int
+    max_cycle_bytes: _builtins.int
+    pending_bytes: _builtins.int
+    progress_done: _builtins.int
+    progress_total: _builtins.int
+    last_error: _builtins.str
+    last_error_code: _builtins.str
+    paused: _builtins.bool
+    vm_id: _builtins.str
+    @_builtins.property
+    def last_success_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecoveryPoint]: ...
+    @_builtins.property
+    def last_cut_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        role: _builtins.str = ...,
+        state: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        committed_sequence: _builtins.int = ...,
+        cycles_succeeded: _builtins.int = ...,
+        cycles_failed: _builtins.int = ...,
+        cycles_missed: _builtins.int = ...,
+        last_success_at: _timestamp_pb2.Timestamp | None = ...,
+        last_cycle_seconds: _builtins.float = ...,
+        avg_cycle_seconds: _builtins.float = ...,
+        max_cycle_seconds: _builtins.float = ...,
+        last_cycle_bytes: _builtins.int = ...,
+        avg_cycle_bytes: _builtins.int = ...,
+        max_cycle_bytes: _builtins.int = ...,
+        pending_bytes: _builtins.int = ...,
+        progress_done: _builtins.int = ...,
+        progress_total: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        last_error_code: _builtins.str = ...,
+        points: _abc.Iterable[Global___RecoveryPoint] | None = ...,
+        last_cut_at: _timestamp_pb2.Timestamp | None = ...,
+        paused: _builtins.bool = ...,
+        vm_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_cut_at", b"last_cut_at", "last_success_at", b"last_success_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_cycle_bytes", b"avg_cycle_bytes", "avg_cycle_seconds", b"avg_cycle_seconds", "committed_sequence", b"committed_sequence", "cycles_failed", b"cycles_failed", "cycles_missed", b"cycles_missed", "cycles_succeeded", b"cycles_succeeded", "epoch", b"epoch", "last_cut_at", b"last_cut_at", "last_cycle_bytes", b"last_cycle_bytes", "last_cycle_seconds", b"last_cycle_seconds", "last_error", b"last_error", "last_error_code", b"last_error_code", "last_success_at", b"last_success_at", "max_cycle_bytes", b"max_cycle_bytes", "max_cycle_seconds", b"max_cycle_seconds", "paused", b"paused", "pending_bytes", b"pending_bytes", "points", b"points", "progress_done", b"progress_done", "progress_total", b"progress_total", "relationship_id", b"relationship_id", "role", b"role", "state", b"state", "vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelationshipStatus: _TypeAlias = RelationshipStatus  # noqa: Y015
+
+@_typing.final
+class ReplicationReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def relationships(self) -> _containers.RepeatedCompositeFieldContainer[Global___RelationshipStatus]: ...
+    def __init__(
+        self,
+        *,
+        relationships: _abc.Iterable[Global___RelationshipStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["relationships", b"relationships"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicationReport: _TypeAlias = ReplicationReport  # noqa: Y015
+
+@_typing.final
+class TicketRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["relationship_id", b"relationship_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TicketRequest: _TypeAlias = TicketRequest  # noqa: Y015
+
+@_typing.final
+class TicketResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKET_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ticket: _builtins.str
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        ticket: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TicketResponse: _TypeAlias = TicketResponse  # noqa: Y015

@@ -44,6 +44,11 @@ class ControlStub:
                 request_serializer=sitepair_dot_v1_dot_control__pb2.RenewRequest.SerializeToString,
                 response_deserializer=sitepair_dot_v1_dot_control__pb2.RenewResponse.FromString,
                 _registered_method=True)
+        self.IssueTicket = channel.unary_unary(
+                '/sitepair.v1.Control/IssueTicket',
+                request_serializer=sitepair_dot_v1_dot_control__pb2.TicketRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_control__pb2.TicketResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -64,6 +69,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueTicket(self, request, context):
+        """A fresh single-use replication ticket for a relationship the caller is the primary of
+        (ticket authentication, port 8083).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +89,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Renew,
                     request_deserializer=sitepair_dot_v1_dot_control__pb2.RenewRequest.FromString,
                     response_serializer=sitepair_dot_v1_dot_control__pb2.RenewResponse.SerializeToString,
+            ),
+            'IssueTicket': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueTicket,
+                    request_deserializer=sitepair_dot_v1_dot_control__pb2.TicketRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_control__pb2.TicketResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +150,33 @@ class Control:
             '/sitepair.v1.Control/Renew',
             sitepair_dot_v1_dot_control__pb2.RenewRequest.SerializeToString,
             sitepair_dot_v1_dot_control__pb2.RenewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueTicket(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Control/IssueTicket',
+            sitepair_dot_v1_dot_control__pb2.TicketRequest.SerializeToString,
+            sitepair_dot_v1_dot_control__pb2.TicketResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,10 @@ class ControlStub:
     """
     Renew: _grpc.UnaryUnaryMultiCallable[_control_pb2.RenewRequest, _control_pb2.RenewResponse]
     """Certificate renewal with a fresh key; identity taken from the caller's current certificate."""
+    IssueTicket: _grpc.UnaryUnaryMultiCallable[_control_pb2.TicketRequest, _control_pb2.TicketResponse]
+    """A fresh single-use replication ticket for a relationship the caller is the primary of
+    (ticket authentication, port 8083).
+    """
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -47,6 +51,10 @@ class ControlAsyncStub(ControlStub):
     """
     Renew: _aio.UnaryUnaryMultiCallable[_control_pb2.RenewRequest, _control_pb2.RenewResponse]  # type: ignore[assignment]
     """Certificate renewal with a fresh key; identity taken from the caller's current certificate."""
+    IssueTicket: _aio.UnaryUnaryMultiCallable[_control_pb2.TicketRequest, _control_pb2.TicketResponse]  # type: ignore[assignment]
+    """A fresh single-use replication ticket for a relationship the caller is the primary of
+    (ticket authentication, port 8083).
+    """
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -66,5 +74,15 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.RenewResponse, _abc.Awaitable[_control_pb2.RenewResponse]]:
         """Certificate renewal with a fresh key; identity taken from the caller's current certificate."""
+
+    @_abc_1.abstractmethod
+    def IssueTicket(
+        self,
+        request: _control_pb2.TicketRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.TicketResponse, _abc.Awaitable[_control_pb2.TicketResponse]]:
+        """A fresh single-use replication ticket for a relationship the caller is the primary of
+        (ticket authentication, port 8083).
+        """
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,457 @@
+"""One protected VM on its primary host: decide, plan and send cycles; keep statistics.
+
+Each cycle, :meth:`SourceRelationship.run_cycle`:
+
+1. asks the replica what it holds (committed sequence, epoch); a replica at a higher epoch means
+   this host was failed over from: it is fenced and stops;
+2. finishes a cycle that committed before this host could record it (release the cut);
+3. picks the kind: INITIAL (replica empty), RESYNC (tracking untrusted, or asked for), or
+   DELTA; reuses an outstanding cut that was never committed (so the replica can resume it) or
+   takes a new consistent cut through the host backend;
+4. plans the blocks: all allocated blocks (initial), the tracker's changed blocks (delta), or
+   the blocks whose digests differ from the replica's (resync: only differing blocks travel);
+5. records the cycle as outstanding, sends it, and on commit releases the cut (the backend folds
+   the frozen layers back) and, after an initial or resync cycle, trusts tracking again.
+
+A crash anywhere leaves the outstanding record and the cut; the next call picks up from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.hosts.base import Cut, HostBackend
+from agent.identity import AgentIdentity
+from agent.replication.blocks import BLOCK, BlockRef, blocks_for, group
+from agent.replication.sender import CyclePlan, CycleRefused, CycleResult, DiskPlan, ReplicaClient
+from agent.replication.state import ReplicationState, SourceConfig
+from agent.replication.throttle import TokenBucket
+from agent.replication.tracking import DigestStore, differing_ranges, digests_of
+from sitepair import vdisk
+from sitepair.clock import Clock
+from sitepair.errors import FailedPrecondition, SitepairError, StaleEpoch
+from sitepair.protoconv import timestamp
+from sitepair.v1 import replication_pb2
+
+log = logging.getLogger("sitepair.agent.replication")
+
+KIND_NAMES = {
+    replication_pb2.INITIAL: "initial",
+    replication_pb2.DELTA: "delta",
+    replication_pb2.RESYNC: "resync",
+    replication_pb2.FINAL: "final",
+}
+
+
+@dataclasses.dataclass
+class Stats:
+    """What the broker shows per protected VM (and uses for health)."""
+
+    state: str = "initial-replication-pending"
+    cycles_succeeded: int = 0
+    cycles_failed: int = 0
+    cycles_missed: int = 0
+    last_success_at: float = 0.0
+    last_cut_at: float = 0.0
+    last_error: str = ""
+    last_error_code: str = ""
+    last_cycle_seconds: float = 0.0
+    max_cycle_seconds: float = 0.0
+    total_cycle_seconds: float = 0.0
+    last_cycle_bytes: int = 0
+    max_cycle_bytes: int = 0
+    total_cycle_bytes: int = 0
+    wire_bytes: int = 0
+    progress_done: int = 0
+    progress_total: int = 0
+    committed_sequence: int = 0
+
+    @property
+    def avg_cycle_seconds(self) -> float:
+        return self.total_cycle_seconds / self.cycles_succeeded if self.cycles_succeeded else 0.0
+
+    @property
+    def avg_cycle_bytes(self) -> float:
+        return self.total_cycle_bytes / self.cycles_succeeded if self.cycles_succeeded else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyReport:
+    disks: dict[str, list[tuple[int, int]]]  # mismatching ranges per disk
+    repaired: bool
+    sequence: int
+
+    @property
+    def mismatched_bytes(self) -> int:
+        return sum(length for ranges in self.disks.values() for _, length in ranges)
+
+
+class SourceRelationship:
+    def __init__(
+        self,
+        config: SourceConfig,
+        *,
+        backend: HostBackend,
+        state: ReplicationState,
+        identity: Callable[[], AgentIdentity],
+        clock: Clock,
+        work_dir: Path,
+        ticket_provider: Callable[[], str] | None = None,
+        host_bucket: TokenBucket | None = None,
+        tracker: str = "changelog",
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.state = state
+        self.identity = identity
+        self.clock = clock
+        self.ticket_provider = ticket_provider
+        self.tracker = tracker
+        self.digest_store = DigestStore(work_dir / config.relationship / "digests")
+        self.bucket = TokenBucket(config.bandwidth_limit)
+        self.host_bucket = host_bucket
+        self.stats = Stats()
+        self.lock = threading.Lock()  # one cycle (or verify) at a time
+        self.last_result: CycleResult | None = None
+        self.resync_requested = False
+
+    @property
+    def relationship(self) -> str:
+        return self.config.relationship
+
+    def client(self) -> ReplicaClient:
+        return ReplicaClient(
+            identity=self.identity(),
+            replica_host=self.config.replica_host,
+            address=self.config.address,
+            auth=self.config.auth,
+            ticket_provider=self.ticket_provider,
+        )
+
+    def _extra(self) -> dict[str, Any]:
+        found = self.state.source(self.relationship)
+        return found[1] if found else {}
+
+    def _set_extra(self, **changes: Any) -> None:
+        self.state.update_source_extra(self.relationship, **changes)
+
+    # -- one cycle --------------------------------------------------------------------------
+    def run_cycle(self, *, app_consistent: bool = False, final: bool = False) -> CycleResult | None:
+        """Run one cycle to completion (blocking). Returns None when there was nothing to do."""
+        with self.lock:
+            client = self.client()
+            try:
+                return self._run_cycle(client, app_consistent=app_consistent, final=final)
+            except CycleRefused as exc:
+                self._failed(exc.code, str(exc))
+                if exc.code == "stale-epoch":
+                    self.stats.state = "fenced"
+                    raise StaleEpoch(str(exc)) from None
+                raise
+            except StaleEpoch as exc:
+                self.stats.state = "fenced"
+                self._failed("stale-epoch", str(exc))
+                raise
+            except SitepairError as exc:
+                self._failed(getattr(exc, "status", "error").lower(), str(exc))
+                raise
+            finally:
+                client.close()
+
+    def _failed(self, code: str, message: str) -> None:
+        self.stats.cycles_failed += 1
+        self.stats.last_error = message
+        self.stats.last_error_code = code
+        log.warning(
+            "cycle failed",
+            extra={"fields": {"relationship": self.relationship, "code": code, "error": message}},
+        )
+
+    def _run_cycle(
+        self, client: ReplicaClient, *, app_consistent: bool, final: bool
+    ) -> CycleResult | None:
+        cfg = self.config
+        replica = client.get_state(self.relationship)
+        if replica.epoch > cfg.epoch:
+            raise StaleEpoch(
+                f"the replica of {self.relationship} is at epoch {replica.epoch}, this host at "
+                f"{cfg.epoch}: this VM was failed over and this host must not replicate it"
+            )
+        extra = self._extra()
+        pending = extra.get("cycle")
+        outstanding = self.backend.outstanding_cut(cfg.vm_id)
+        if pending and pending["sequence"] <= replica.committed_sequence:
+            # Committed on the replica before we could record it: finish that bookkeeping.
+            self._finish(pending, outstanding)
+            extra = self._extra()
+            pending = None
+            outstanding = self.backend.outstanding_cut(cfg.vm_id)
+        next_seq = replica.committed_sequence + 1
+        if replica.committed_sequence == 0:
+            kind = replication_pb2.INITIAL
+        elif self.resync_requested or extra.get("needs_resync"):
+            kind = replication_pb2.RESYNC
+        else:
+            kind = replication_pb2.FINAL if final else replication_pb2.DELTA
+
+        cut: Cut | None = None
+        if (
+            pending
+            and outstanding is not None
+            and pending.get("cut_id") == outstanding.cut_id
+            and pending["sequence"] == next_seq
+            and not final
+        ):
+            cut = outstanding  # resend the same cycle: the replica resumes where it stopped
+            kind = replication_pb2.CycleKind.ValueType(int(pending["kind"]))
+        if cut is None:
+            cut = self.backend.take_cut(cfg.vm_id, app_consistent=app_consistent)
+        untrusted = cut.untrusted_reason or (self.tracker == "scan" and not self._have_digests(cut))
+        if kind in (replication_pb2.DELTA, replication_pb2.FINAL) and untrusted:
+            reason = cut.untrusted_reason or "no digests from an earlier cycle to scan against"
+            log.warning(
+                "change tracking untrusted; resynchronizing",
+                extra={"fields": {"relationship": self.relationship, "reason": reason}},
+            )
+            self._set_extra(needs_resync=True, resync_reason=reason)
+            kind = replication_pb2.RESYNC
+        self.stats.state = {
+            replication_pb2.INITIAL: "initial-replication",
+            replication_pb2.RESYNC: "resynchronizing",
+        }.get(kind, "replicating")
+
+        plan, scan_digests = self._plan(client, cut, kind)
+        header = replication_pb2.CycleHeader(
+            relationship_id=self.relationship,
+            vm_id=cfg.vm_id,
+            sequence=next_seq,
+            base_sequence=replica.committed_sequence,
+            epoch=cfg.epoch,
+            kind=kind,
+            app_consistent=cut.app_consistent,
+            cut_at=timestamp(cut.taken_at),
+            source_host=self.identity().host_id,
+        )
+        record = {"sequence": next_seq, "cut_id": cut.cut_id, "kind": kind}
+        self._set_extra(cycle=record)
+        log.info(
+            "cycle starting",
+            extra={
+                "fields": {
+                    "relationship": self.relationship,
+                    "sequence": next_seq,
+                    "kind": KIND_NAMES.get(kind, str(kind)),
+                    "bytes": plan.total_bytes,
+                }
+            },
+        )
+        self.stats.progress_done, self.stats.progress_total = 0, plan.total_bytes
+
+        def progress(done: int, total: int) -> None:
+            self.stats.progress_done = plan.total_bytes * done // max(total, 1)
+
+        buckets = [self.bucket] + ([self.host_bucket] if self.host_bucket else [])
+        result = client.send_cycle(
+            header, plan, compress=cfg.compression, buckets=buckets, progress=progress
+        )
+        if self.tracker == "scan" or kind in (replication_pb2.INITIAL, replication_pb2.RESYNC):
+            for disk in cut.disks:
+                digests = scan_digests.get(disk.disk_id) or digests_of(Path(disk.chain[-1]))
+                self.digest_store.save(disk.disk_id, digests)
+        self._finish(record, cut)
+        self.resync_requested = False
+        self.last_result = result
+        st = self.stats
+        st.cycles_succeeded += 1
+        st.last_success_at = self.clock.now()
+        st.last_cut_at = cut.taken_at
+        st.last_cycle_seconds = result.seconds
+        st.max_cycle_seconds = max(st.max_cycle_seconds, result.seconds)
+        st.total_cycle_seconds += result.seconds
+        st.last_cycle_bytes = result.raw_bytes
+        st.max_cycle_bytes = max(st.max_cycle_bytes, result.raw_bytes)
+        st.total_cycle_bytes += result.raw_bytes
+        st.wire_bytes += result.wire_bytes
+        st.committed_sequence = next_seq
+        st.state = "protected"
+        st.last_error = st.last_error_code = ""
+        log.info(
+            "cycle committed",
+            extra={
+                "fields": {
+                    "relationship": self.relationship,
+                    "sequence": next_seq,
+                    "raw_bytes": result.raw_bytes,
+                    "wire_bytes": result.wire_bytes,
+                    "seconds": round(result.seconds, 3),
+                    "resumed_from": result.resumed_from,
+                }
+            },
+        )
+        return result
+
+    def _have_digests(self, cut: Cut) -> bool:
+        return all(self.digest_store.load(d.disk_id) is not None for d in cut.disks)
+
+    def _finish(self, record: dict[str, Any], cut: Cut | None) -> None:
+        """The replica committed ``record``: release its cut and clear the bookkeeping."""
+        if cut is not None and cut.cut_id == record.get("cut_id"):
+            self.backend.release_cut(self.config.vm_id, cut.cut_id)
+            if record["kind"] in (replication_pb2.INITIAL, replication_pb2.RESYNC):
+                self.backend.reset_tracking(self.config.vm_id, cut.cut_id)
+        self._set_extra(cycle=None, needs_resync=False, resync_reason="")
+
+    def _plan(
+        self, client: ReplicaClient, cut: Cut, kind: replication_pb2.CycleKind.ValueType
+    ) -> tuple[CyclePlan, dict[str, list[bytes]]]:
+        disks: list[DiskPlan] = []
+        blocks: list[BlockRef] = []
+        scan: dict[str, list[bytes]] = {}
+        for fd in cut.disks:
+            top = Path(fd.chain[-1])
+            with vdisk.open_disk(top, read_only=True) as d:
+                plan_disk = DiskPlan(
+                    disk_id=fd.disk_id,
+                    chain_top=top,
+                    virtual_size=d.virtual_size,
+                    format=fd.format,
+                    logical_sector_size=d.logical_sector_size,
+                    physical_sector_size=d.physical_sector_size,
+                )
+                allocated = list(d.allocated_ranges()) if kind == replication_pb2.INITIAL else []
+            disks.append(plan_disk)
+            if kind == replication_pb2.INITIAL:
+                ranges = allocated
+            elif kind == replication_pb2.RESYNC:
+                ours = digests_of(top)
+                scan[fd.disk_id] = ours
+                theirs, _ = client.digests(self.relationship, fd.disk_id, epoch=self.config.epoch)
+                ranges = differing_ranges(ours, theirs, virtual_size=plan_disk.virtual_size)
+            elif self.tracker == "scan":
+                ours = digests_of(top)
+                scan[fd.disk_id] = ours
+                previous = self.digest_store.load(fd.disk_id) or []
+                ranges = differing_ranges(ours, previous, virtual_size=plan_disk.virtual_size)
+            else:
+                assert fd.changed is not None
+                ranges = list(fd.changed)
+            blocks.extend(blocks_for(fd.disk_id, ranges, plan_disk.virtual_size, block=BLOCK))
+        batches = tuple(tuple(b) for b in group(blocks))
+        return CyclePlan(kind=kind, disks=tuple(disks), batches=batches), scan
+
+    # -- verify -----------------------------------------------------------------------------
+    def verify(self, *, repair: bool = True) -> VerifyReport:
+        """Compare source and replica digests at one point in time without moving disk data.
+
+        A fresh cut is taken and sent as a delta cycle, so both sides hold exactly that cut;
+        its layers stay frozen until the comparison is done. Mismatching blocks are reported
+        and, with ``repair``, sent again in a resync cycle."""
+        with self.lock:
+            client = self.client()
+            try:
+                replica = client.get_state(self.relationship)
+                if replica.committed_sequence == 0:
+                    raise FailedPrecondition(
+                        f"{self.relationship}: initial replication has not completed; "
+                        "there is nothing to verify yet"
+                    )
+                if self._extra().get("cycle"):
+                    raise FailedPrecondition(
+                        f"{self.relationship}: a cycle is outstanding; verify after it commits"
+                    )
+                cut = self.backend.take_cut(self.config.vm_id)
+                if cut.untrusted_reason:
+                    raise FailedPrecondition(
+                        f"{self.relationship}: change tracking is untrusted "
+                        f"({cut.untrusted_reason}); run a resync, which compares every block"
+                    )
+                result = self._send_cut(client, cut, replication_pb2.DELTA)
+                mismatches: dict[str, list[tuple[int, int]]] = {}
+                for fd in cut.disks:
+                    top = Path(fd.chain[-1])
+                    ours = digests_of(top)
+                    theirs, _ = client.digests(
+                        self.relationship, fd.disk_id, epoch=self.config.epoch
+                    )
+                    ranges = differing_ranges(ours, theirs, virtual_size=fd.virtual_size)
+                    if ranges:
+                        mismatches[fd.disk_id] = ranges
+                if mismatches:
+                    log.warning(
+                        "verify found blocks on the replica that differ from the source",
+                        extra={
+                            "fields": {
+                                "relationship": self.relationship,
+                                "ranges": {k: len(v) for k, v in mismatches.items()},
+                                "repair": repair,
+                            }
+                        },
+                    )
+                    if repair:
+                        result = self._send_cut(
+                            client, cut, replication_pb2.RESYNC, ranges=mismatches
+                        )
+                self.backend.release_cut(self.config.vm_id, cut.cut_id)
+                return VerifyReport(
+                    disks=mismatches, repaired=bool(mismatches) and repair, sequence=result.sequence
+                )
+            finally:
+                client.close()
+
+    def _send_cut(
+        self,
+        client: ReplicaClient,
+        cut: Cut,
+        kind: replication_pb2.CycleKind.ValueType,
+        *,
+        ranges: dict[str, list[tuple[int, int]]] | None = None,
+    ) -> CycleResult:
+        replica = client.get_state(self.relationship)
+        disks: list[DiskPlan] = []
+        blocks: list[BlockRef] = []
+        for fd in cut.disks:
+            top = Path(fd.chain[-1])
+            with vdisk.open_disk(top, read_only=True) as d:
+                disks.append(
+                    DiskPlan(
+                        fd.disk_id,
+                        top,
+                        d.virtual_size,
+                        fd.format,
+                        d.logical_sector_size,
+                        d.physical_sector_size,
+                    )
+                )
+            if ranges is not None:
+                rngs = ranges.get(fd.disk_id, [])
+            elif fd.changed is None:
+                raise SitepairError(
+                    f"tracking of {self.relationship} is untrusted; run a resync first"
+                )
+            else:
+                rngs = list(fd.changed)
+            blocks.extend(blocks_for(fd.disk_id, rngs, disks[-1].virtual_size))
+        plan = CyclePlan(
+            kind=kind, disks=tuple(disks), batches=tuple(tuple(b) for b in group(blocks))
+        )
+        header = replication_pb2.CycleHeader(
+            relationship_id=self.relationship,
+            vm_id=self.config.vm_id,
+            sequence=replica.committed_sequence + 1,
+            base_sequence=replica.committed_sequence,
+            epoch=self.config.epoch,
+            kind=kind,
+            cut_at=timestamp(cut.taken_at),
+            source_host=self.identity().host_id,
+        )
+        buckets = [self.bucket] + ([self.host_bucket] if self.host_bucket else [])
+        result = client.send_cycle(header, plan, compress=self.config.compression, buckets=buckets)
+        self.stats.committed_sequence = header.sequence
+        self.stats.total_cycle_bytes += result.raw_bytes
+        self.stats.wire_bytes += result.wire_bytes
+        return result

@@ -1,0 +1,464 @@
+"""The agent's replication service: the receiver, one runner per protected VM, the commands.
+
+It is a sibling task of the control stream in the agent daemon. The broker configures it with
+commands (ConfigureReplica on the recovery host, ConfigureSource on the primary), which are
+persisted so replication continues across agent restarts without the broker. Each source
+relationship has a runner that starts a cycle every copy-frequency interval (counting the
+intervals a slow cycle overran as missed), backs off after failures, and stops for good when the
+replica reports a higher epoch (this host was failed over from: fenced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from agent.config import AgentConfig
+from agent.hosts.base import HostBackend
+from agent.identity import AgentIdentity
+from agent.replication.engine import SourceRelationship
+from agent.replication.offline import export_cut, import_export
+from agent.replication.receiver import ReceiverServer, ReplicaRegistry
+from agent.replication.state import Grant, ReplicationState, SourceConfig
+from agent.replication.throttle import TokenBucket
+from sitepair import pki
+from sitepair.clock import Clock
+from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound, SitepairError, StaleEpoch
+from sitepair.protoconv import seconds, timestamp
+from sitepair.rpc import channel_options, error_from_rpc
+from sitepair.v1 import control_pb2, control_pb2_grpc, replication_pb2
+
+log = logging.getLogger("sitepair.agent.replication")
+
+COPY_FREQUENCIES = (30, 300, 900)
+#: After a failed cycle, retry after this long (capped by the copy frequency).
+RETRY_AFTER = 10.0
+
+
+class BrokerTickets:
+    """Asks the broker for a fresh ticket per connection (ticket authentication)."""
+
+    def __init__(self, identity: Callable[[], AgentIdentity]) -> None:
+        self._identity = identity
+
+    def __call__(self, relationship: str) -> str:
+        ident = self._identity()
+        address = ident.control_addresses[0]
+        with grpc.secure_channel(
+            address,
+            ident.channel_credentials(),
+            options=channel_options(target_name=pki.BROKER_DNS_NAME),
+        ) as channel:
+            try:
+                resp = control_pb2_grpc.ControlStub(channel).IssueTicket(
+                    control_pb2.TicketRequest(relationship_id=relationship), timeout=30
+                )
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, peer=f"broker at {address}") from None
+        return str(resp.ticket)
+
+
+class ReplicationService:
+    def __init__(
+        self,
+        *,
+        home: Path,
+        config: AgentConfig,
+        backend: HostBackend,
+        identity: Callable[[], AgentIdentity],
+        clock: Clock,
+        tickets: Callable[[str], str] | None = None,
+    ) -> None:
+        self.home = home
+        self.config = config
+        self.backend = backend
+        self.identity = identity
+        self.clock = clock
+        self.tickets = tickets or BrokerTickets(identity)
+        self.state = ReplicationState(home / "state" / "replication.db")
+        self.registry = ReplicaRegistry(self.state, clock)
+        self.receiver = ReceiverServer(
+            registry=self.registry, identity=identity, on_commit=self._replica_committed
+        )
+        self.host_bucket = TokenBucket(0)
+        self.work_dir = home / "state" / "replication"
+        self.sources: dict[str, SourceRelationship] = {}
+        self._runners: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._stop = asyncio.Event()
+        self.ports: dict[str, int] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        r = self.config.replication
+        self.ports = await asyncio.to_thread(
+            self.receiver.start,
+            host=r.listen_host,
+            certificate_port=r.certificate_port,
+            ticket_port=r.ticket_port,
+        )
+        for grant in self.state.grants():
+            await asyncio.to_thread(self.registry.store, grant)  # finishes interrupted applies
+        for source, _ in self.state.sources():
+            self._start_runner(source)
+
+    async def run(self) -> None:
+        await self.start()
+        await self._stop.wait()
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        for task in self._runners.values():
+            task.cancel()
+        await asyncio.gather(*self._runners.values(), return_exceptions=True)
+        self._runners.clear()
+        await asyncio.to_thread(self.receiver.stop, 2.0)
+        self.state.close()
+
+    # -- commands ---------------------------------------------------------------------------
+    async def configure_replica(self, cmd: control_pb2.ConfigureReplica) -> dict[str, Any]:
+        pki.check_identifier(cmd.relationship_id, "relationship id")
+        if cmd.auth not in ("certificate", "ticket"):
+            raise InvalidArgument(f"unknown authentication {cmd.auth!r}")
+        if cmd.recovery_points > 24:
+            raise InvalidArgument("at most 24 additional recovery points")
+        folder = (
+            Path(cmd.folder)
+            if cmd.folder
+            else self.config.replication.default_replica_path / cmd.relationship_id
+        )
+        grant = Grant(
+            relationship=cmd.relationship_id,
+            vm_id=cmd.vm_id,
+            vm_name=cmd.vm_name,
+            source_host=cmd.source_host,
+            epoch=cmd.epoch,
+            folder=str(folder),
+            auth=cmd.auth,
+            ticket_public_key=cmd.ticket_public_key.hex(),
+            recovery_points=cmd.recovery_points,
+            point_interval=float(cmd.point_interval_seconds or 3600),
+        )
+        await asyncio.to_thread(self.state.put_grant, grant)
+        store = await asyncio.to_thread(self.registry.store, grant)
+        log.info(
+            "replica configured",
+            extra={
+                "fields": {
+                    "relationship": grant.relationship,
+                    "source": grant.source_host,
+                    "folder": str(folder),
+                }
+            },
+        )
+        return {
+            "relationship": grant.relationship,
+            "folder": str(folder),
+            "committed_sequence": store.state.committed_sequence,
+            "ports": self.ports,
+        }
+
+    async def configure_source(self, cmd: control_pb2.ConfigureSource) -> dict[str, Any]:
+        pki.check_identifier(cmd.relationship_id, "relationship id")
+        if cmd.auth not in ("certificate", "ticket"):
+            raise InvalidArgument(f"unknown authentication {cmd.auth!r}")
+        if cmd.copy_frequency_seconds not in COPY_FREQUENCIES and cmd.copy_frequency_seconds > 0:
+            log.info(
+                "non-standard copy frequency",
+                extra={"fields": {"seconds": cmd.copy_frequency_seconds}},
+            )
+        await asyncio.to_thread(self.backend_vm_check, cmd.vm_id)
+        source = SourceConfig(
+            relationship=cmd.relationship_id,
+            vm_id=cmd.vm_id,
+            replica_host=cmd.replica_host,
+            address=cmd.address,
+            epoch=cmd.epoch,
+            auth=cmd.auth,
+            compression=cmd.compression,
+            copy_frequency=float(cmd.copy_frequency_seconds or 300),
+            app_consistent_interval=float(cmd.app_consistent_interval_seconds),
+            bandwidth_limit=float(cmd.bandwidth_limit),
+        )
+        previous = self.state.source(cmd.relationship_id)
+        extra = previous[1] if previous else {}
+        extra.update(
+            {
+                "tracker": cmd.tracker or "changelog",
+                "initial_method": control_pb2.InitialReplication.Method.Name(cmd.initial.method),
+                "initial_at": seconds(cmd.initial.start_at),
+                "export_path": cmd.initial.export_path,
+            }
+        )
+        await asyncio.to_thread(self.state.put_source, source, extra)
+        old = self._runners.pop(cmd.relationship_id, None)
+        if old is not None:
+            old.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await old
+        self.sources.pop(cmd.relationship_id, None)
+        self._start_runner(source)
+        log.info(
+            "source configured",
+            extra={
+                "fields": {
+                    "relationship": source.relationship,
+                    "vm": source.vm_id,
+                    "replica": source.address,
+                }
+            },
+        )
+        return {"relationship": source.relationship}
+
+    def backend_vm_check(self, vm_id: str) -> None:
+        inv = self.backend.inventory()
+        if not any(vm_id in (vm.id, vm.name) for vm in inv.vms):
+            raise NotFound(f"no VM {vm_id} on this host")
+
+    async def remove(self, cmd: control_pb2.RemoveRelationship) -> dict[str, Any]:
+        rel = cmd.relationship_id
+        removed = []
+        task = self._runners.pop(rel, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.sources.pop(rel, None) is not None or self.state.source(rel) is not None:
+            await asyncio.to_thread(self.state.remove_source, rel)
+            removed.append("source")
+        grant = self.state.grant(rel)
+        if grant is not None:
+            await asyncio.to_thread(self.state.remove_grant, rel)
+            self.registry.forget(rel)
+            removed.append("replica")
+            if cmd.delete_replica:
+                await asyncio.to_thread(shutil.rmtree, grant.folder, True)
+                removed.append("replica disks deleted")
+        log.info(
+            "relationship removed", extra={"fields": {"relationship": rel, "removed": removed}}
+        )
+        return {"relationship": rel, "removed": removed}
+
+    async def action(self, cmd: control_pb2.ReplicationAction) -> dict[str, Any]:
+        rel = cmd.relationship_id
+        a = control_pb2.ReplicationAction
+        if cmd.action == a.IMPORT:
+            grant = self.registry.grant(rel)
+            store = await asyncio.to_thread(self.registry.store, grant)
+            seq = await asyncio.to_thread(import_export, store, Path(cmd.path))
+            return {"relationship": rel, "imported_sequence": seq}
+        source = self.sources.get(rel)
+        if source is None:
+            raise NotFound(f"this host is not the primary of relationship {rel}")
+        if cmd.action == a.PAUSE:
+            await asyncio.to_thread(self.state.update_source_extra, rel, paused=True)
+            return {"relationship": rel, "paused": True}
+        if cmd.action == a.RESUME:
+            await asyncio.to_thread(self.state.update_source_extra, rel, paused=False)
+            self._wake[rel].set()
+            return {"relationship": rel, "paused": False}
+        if cmd.action == a.VERIFY:
+            report = await asyncio.to_thread(source.verify, repair=cmd.repair)
+            return {
+                "relationship": rel,
+                "sequence": report.sequence,
+                "mismatched_bytes": report.mismatched_bytes,
+                "mismatches": {k: [list(r) for r in v] for k, v in report.disks.items()},
+                "repaired": report.repaired,
+            }
+        if cmd.action == a.RESYNC:
+            source.resync_requested = True
+        result = await asyncio.to_thread(source.run_cycle)
+        return {
+            "relationship": rel,
+            "sequence": result.sequence if result else 0,
+            "bytes": result.raw_bytes if result else 0,
+            "kind": replication_pb2.CycleKind.Name(replication_pb2.CycleKind.ValueType(result.kind))
+            if result
+            else "",
+        }
+
+    async def set_bandwidth(self, cmd: control_pb2.SetBandwidth) -> dict[str, Any]:
+        if not cmd.relationship_id:
+            self.host_bucket.set_rate(float(cmd.bytes_per_second))
+            return {"host_limit": cmd.bytes_per_second}
+        source = self.sources.get(cmd.relationship_id)
+        if source is None:
+            raise NotFound(f"this host is not the primary of relationship {cmd.relationship_id}")
+        source.bucket.set_rate(float(cmd.bytes_per_second))
+        return {"relationship": cmd.relationship_id, "limit": cmd.bytes_per_second}
+
+    # -- runners ----------------------------------------------------------------------------
+    def _start_runner(self, source: SourceConfig) -> None:
+        found = self.state.source(source.relationship)
+        extra = found[1] if found else {}
+        rel = SourceRelationship(
+            source,
+            backend=self.backend,
+            state=self.state,
+            identity=self.identity,
+            clock=self.clock,
+            work_dir=self.work_dir,
+            ticket_provider=self._ticket_provider(source) if source.auth == "ticket" else None,
+            host_bucket=self.host_bucket,
+            tracker=str(extra.get("tracker", "changelog")),
+        )
+        self.sources[source.relationship] = rel
+        self._wake[source.relationship] = asyncio.Event()
+        self._runners[source.relationship] = asyncio.create_task(
+            self._run_source(rel), name=f"replicate-{source.relationship}"
+        )
+
+    def _ticket_provider(self, source: SourceConfig) -> Callable[[], str]:
+        def provide() -> str:
+            return self.tickets(source.relationship)
+
+        return provide
+
+    async def _run_source(self, rel: SourceRelationship) -> None:
+        cfg = rel.config
+        wake = self._wake[cfg.relationship]
+        extra = self.state.source(cfg.relationship)[1]  # type: ignore[index]
+        next_at = self.clock.now()
+        if extra.get("initial_method") == "SCHEDULED" and extra.get("initial_at"):
+            next_at = max(next_at, float(extra["initial_at"]))
+        last_app = 0.0
+        while not self._stop.is_set():
+            delay = max(0.0, next_at - self.clock.now())
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=delay)
+            extra = self.state.source(cfg.relationship)[1]  # type: ignore[index]
+            if extra.get("paused"):
+                rel.stats.state = "paused"
+                next_at = self.clock.now() + cfg.copy_frequency
+                continue
+            started = self.clock.now()
+            app = (
+                bool(cfg.app_consistent_interval)
+                and started - last_app >= cfg.app_consistent_interval
+            )
+            try:
+                if extra.get("initial_method") == "OFFLINE" and not extra.get("exported"):
+                    await asyncio.to_thread(self._export, rel, extra)
+                result = await asyncio.to_thread(rel.run_cycle, app_consistent=app)
+                if app and result is not None:
+                    last_app = started
+            except StaleEpoch as exc:
+                log.error(
+                    "relationship fenced; replication stopped on this host",
+                    extra={"fields": {"relationship": cfg.relationship, "error": str(exc)}},
+                )
+                return
+            except SitepairError as exc:
+                log.warning(
+                    "cycle will be retried",
+                    extra={"fields": {"relationship": cfg.relationship, "error": str(exc)}},
+                )
+                next_at = self.clock.now() + min(RETRY_AFTER, cfg.copy_frequency)
+                continue
+            elapsed = self.clock.now() - started
+            overran = math.floor(elapsed / cfg.copy_frequency) if cfg.copy_frequency > 0 else 0
+            rel.stats.cycles_missed += overran
+            next_at = started + cfg.copy_frequency * (overran + 1)
+
+    def _export(self, rel: SourceRelationship, extra: dict[str, Any]) -> None:
+        cfg = rel.config
+        path = extra.get("export_path")
+        if not path:
+            raise FailedPrecondition("offline initial replication needs an export path")
+        cut = self.backend.take_cut(cfg.vm_id)
+        export_cut(cut, Path(path), relationship=cfg.relationship, vm_id=cfg.vm_id, epoch=cfg.epoch)
+        self.state.update_source_extra(
+            cfg.relationship,
+            exported=True,
+            cycle={"sequence": 1, "cut_id": cut.cut_id, "kind": replication_pb2.INITIAL},
+        )
+        rel.stats.state = "waiting-for-import"
+        log.info(
+            "initial copy exported",
+            extra={"fields": {"relationship": cfg.relationship, "path": path}},
+        )
+
+    def wake(self, relationship: str) -> None:
+        event = self._wake.get(relationship)
+        if event is not None:
+            event.set()
+
+    # -- reports ----------------------------------------------------------------------------
+    def _replica_committed(
+        self, grant: Grant, store: Any, header: replication_pb2.CycleHeader
+    ) -> None:
+        store.maybe_seal(
+            max_points=grant.recovery_points,
+            interval=grant.point_interval,
+            app_consistent=header.app_consistent,
+        )
+
+    def report(self) -> control_pb2.ReplicationReport:
+        out = control_pb2.ReplicationReport()
+        for rel_id, rel in self.sources.items():
+            st = rel.stats
+            extra = (self.state.source(rel_id) or (None, {}))[1]
+            out.relationships.add(
+                relationship_id=rel_id,
+                role="primary",
+                vm_id=rel.config.vm_id,
+                state=("paused" if extra.get("paused") else st.state),
+                epoch=rel.config.epoch,
+                committed_sequence=st.committed_sequence,
+                cycles_succeeded=st.cycles_succeeded,
+                cycles_failed=st.cycles_failed,
+                cycles_missed=st.cycles_missed,
+                last_success_at=timestamp(st.last_success_at) if st.last_success_at else None,
+                last_cycle_seconds=st.last_cycle_seconds,
+                avg_cycle_seconds=st.avg_cycle_seconds,
+                max_cycle_seconds=st.max_cycle_seconds,
+                last_cycle_bytes=st.last_cycle_bytes,
+                avg_cycle_bytes=int(st.avg_cycle_bytes),
+                max_cycle_bytes=st.max_cycle_bytes,
+                progress_done=st.progress_done,
+                progress_total=st.progress_total,
+                last_error=st.last_error,
+                last_error_code=st.last_error_code,
+                last_cut_at=timestamp(st.last_cut_at) if st.last_cut_at else None,
+                paused=bool(extra.get("paused")),
+            )
+        for grant in self.state.grants():
+            try:
+                store = self.registry.store(grant)
+            except SitepairError as exc:
+                out.relationships.add(
+                    relationship_id=grant.relationship,
+                    role="replica",
+                    state="error",
+                    last_error=str(exc),
+                )
+                continue
+            s = store.state
+            status = out.relationships.add(
+                relationship_id=grant.relationship,
+                role="replica",
+                vm_id=grant.vm_id,
+                state="replica" if s.committed_sequence else "waiting-for-initial",
+                epoch=max(s.epoch, grant.epoch),
+                committed_sequence=s.committed_sequence,
+                last_success_at=timestamp(s.committed_at) if s.committed_at else None,
+                last_cut_at=timestamp(s.cut_at) if s.cut_at else None,
+            )
+            for p in s.points:
+                status.points.add(
+                    sequence=p.sequence,
+                    cut_at=timestamp(p.cut_at),
+                    app_consistent=p.app_consistent,
+                    pinned=bool(p.pins),
+                )
+        return out

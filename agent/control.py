@@ -106,12 +106,16 @@ class ControlClient:
         executor: CommandExecutor,
         clock: Clock,
         cloud: str = "",
+        facts: Callable[[], common_pb2.HostFacts] | None = None,
+        reports: Callable[[], list[control_pb2.AgentMessage]] | None = None,
     ) -> None:
         self._identity = identity
         self._backend = backend
         self._executor = executor
         self._clock = clock
         self._cloud = cloud
+        self._facts = facts
+        self._reports = reports
         self._stop = asyncio.Event()
         self._outbound: asyncio.Queue[control_pb2.AgentMessage] | None = None
         self._inventory_digest = ""
@@ -179,7 +183,9 @@ class ControlClient:
             await call.write(
                 control_pb2.AgentMessage(
                     hello=control_pb2.Hello(
-                        facts=host_facts(backend=self._backend.kind, cloud=self._cloud),
+                        facts=self._facts()
+                        if self._facts is not None
+                        else host_facts(backend=self._backend.kind, cloud=self._cloud),
                         agent_version=__version__,
                         protocol_version=PROTOCOL_VERSION,
                     )
@@ -274,6 +280,12 @@ class ControlClient:
                 self._force_inventory.clear()
                 self._inventory_digest = inventory.digest
                 outbound.put_nowait(control_pb2.AgentMessage(inventory=inventory))
+            if self._reports is not None:
+                try:
+                    for message in await asyncio.to_thread(self._reports):
+                        outbound.put_nowait(message)
+                except (OSError, SitepairError) as exc:
+                    log.warning("status report failed", extra={"fields": {"error": str(exc)}})
             seq += 1
             metrics = await asyncio.to_thread(sample, volumes)
             outbound.put_nowait(

@@ -16,12 +16,14 @@ from typing import Any
 from agent import config as config_mod
 from agent.commands import CommandExecutor, run_script
 from agent.control import ControlClient
+from agent.facts import host_facts
 from agent.hosts import make_backend
 from agent.identity import AgentIdentity, repair_pair
 from agent.journal import CommandJournal
 from agent.renewal import CertificateRenewer, IdentityHolder
+from agent.replication.service import ReplicationService
 from sitepair.clock import SYSTEM_CLOCK, Clock
-from sitepair.v1 import control_pb2
+from sitepair.v1 import common_pb2, control_pb2
 
 log = logging.getLogger("sitepair.agent")
 
@@ -42,12 +44,21 @@ class AgentDaemon:
                 extra={"fields": {"commands": interrupted}},
             )
         self.executor = CommandExecutor(self.journal, clock)
+        self.replication = ReplicationService(
+            home=self.home,
+            config=self.config,
+            backend=self.backend,
+            identity=self.identity.get,
+            clock=clock,
+        )
         self.control = ControlClient(
             identity=self.identity.get,
             backend=self.backend,
             executor=self.executor,
             clock=clock,
             cloud=self.config.cloud,
+            facts=self.facts,
+            reports=self._reports,
         )
         self.renewer = CertificateRenewer(self.home, self.identity, clock)
         self._register_handlers()
@@ -66,9 +77,45 @@ class AgentDaemon:
         async def script(cmd: control_pb2.Command) -> dict[str, Any]:
             return await run_script(self.config.scripts_dir, cmd.run_script)
 
+        rep = self.replication
+
+        async def configure_replica(cmd: control_pb2.Command) -> dict[str, Any]:
+            return await rep.configure_replica(cmd.configure_replica)
+
+        async def configure_source(cmd: control_pb2.Command) -> dict[str, Any]:
+            return await rep.configure_source(cmd.configure_source)
+
+        async def remove(cmd: control_pb2.Command) -> dict[str, Any]:
+            return await rep.remove(cmd.remove_relationship)
+
+        async def action(cmd: control_pb2.Command) -> dict[str, Any]:
+            return await rep.action(cmd.replication_action)
+
+        async def bandwidth(cmd: control_pb2.Command) -> dict[str, Any]:
+            return await rep.set_bandwidth(cmd.set_bandwidth)
+
         self.executor.register("ping", ping)
         self.executor.register("refresh_inventory", refresh)
         self.executor.register("run_script", script)
+        self.executor.register("configure_replica", configure_replica)
+        self.executor.register("configure_source", configure_source)
+        self.executor.register("remove_relationship", remove)
+        self.executor.register("replication_action", action)
+        self.executor.register("set_bandwidth", bandwidth)
+
+    def facts(self) -> common_pb2.HostFacts:
+        facts = host_facts(backend=self.backend.kind, cloud=self.config.cloud)
+        facts.replication_host = self.config.replication.listen_host
+        facts.certificate_port = self.replication.ports.get("certificate", 0)
+        facts.ticket_port = self.replication.ports.get("ticket", 0)
+        facts.default_replica_path = str(self.config.replication.default_replica_path)
+        return facts
+
+    def _reports(self) -> list[control_pb2.AgentMessage]:
+        report = self.replication.report()
+        if not report.relationships:
+            return []
+        return [control_pb2.AgentMessage(replication=report)]
 
     async def run(self) -> None:
         ident = self.identity.get()
@@ -76,7 +123,9 @@ class AgentDaemon:
             "agent starting",
             extra={"fields": {"host_id": ident.host_id, "name": ident.name, "site": ident.site}},
         )
+        await self.replication.start()
         tasks = [
+            asyncio.create_task(self.replication.run(), name="replication"),
             asyncio.create_task(self.control.run(), name="control"),
             asyncio.create_task(self.renewer.run(), name="renewal"),
         ]
@@ -99,3 +148,4 @@ class AgentDaemon:
         self._stopping = True
         await self.control.shutdown()
         await self.renewer.shutdown()
+        await self.replication.shutdown()

@@ -94,10 +94,16 @@ class ReplicationService:
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._stop = asyncio.Event()
+        self._started = False
+        self._closed = False
         self.ports: dict[str, int] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
+        """Open the receiver ports and start the runners (idempotent)."""
+        if self._started:
+            return
+        self._started = True
         r = self.config.replication
         self.ports = await asyncio.to_thread(
             self.receiver.start,
@@ -115,6 +121,9 @@ class ReplicationService:
         await self._stop.wait()
 
     async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
         for task in self._runners.values():
             task.cancel()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sitepair/v1/common.proto\x12\x0bsitepair.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbb\x01\n\tHostFacts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\n\n\x02os\x18\x02 \x01(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x11\n\tcpu_count\x18\x05 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x15\n\ragent_version\x18\x07 \x01(\t\x12\x18\n\x10protocol_version\x18\x08 \x01(\r\x12\r\n\x05\x63loud\x18\t \x01(\t\"F\n\rVolumeMetrics\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x12\n\nfree_bytes\x18\x03 \x01(\x04\"\xbc\x01\n\x0bHostMetrics\x12\x13\n\x0b\x63pu_percent\x18\x01 \x01(\x01\x12\x1a\n\x12memory_total_bytes\x18\x02 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x04\x12+\n\x07volumes\x18\x04 \x03(\x0b\x32\x1a.sitepair.v1.VolumeMetrics\x12\x17\n\x0fload_average_1m\x18\x05 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x06 \x01(\x04\"z\n\x0eVirtualDiskRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x14\n\x0cvirtual_size\x18\x04 \x01(\x04\x12\x15\n\rstorage_class\x18\x05 \x01(\t\x12\x11\n\tfile_size\x18\x06 \x01(\x04\"3\n\x05VmNic\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07network\x18\x02 \x01(\t\x12\x0b\n\x03mac\x18\x03 \x01(\t\"\xc1\x01\n\x0eVirtualMachine\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\r\x12\x11\n\tcpu_count\x18\x04 \x01(\r\x12\x11\n\tmemory_mb\x18\x05 \x01(\x04\x12\r\n\x05state\x18\x06 \x01(\t\x12*\n\x05\x64isks\x18\x07 \x03(\x0b\x32\x1b.sitepair.v1.VirtualDiskRef\x12 \n\x04nics\x18\x08 \x03(\x0b\x32\x12.sitepair.v1.VmNic\"*\n\tVmNetwork\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07subnets\x18\x02 \x03(\t\"\\\n\x15StorageClassification\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\"\xd6\x01\n\tInventory\x12(\n\x03vms\x18\x01 \x03(\x0b\x32\x1b.sitepair.v1.VirtualMachine\x12(\n\x08networks\x18\x02 \x03(\x0b\x32\x16.sitepair.v1.VmNetwork\x12\x33\n\x07storage\x18\x03 \x03(\x0b\x32\".sitepair.v1.StorageClassification\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x30\n\x0c\x63ollected_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sitepair/v1/common.proto\x12\x0bsitepair.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x02\n\tHostFacts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\n\n\x02os\x18\x02 \x01(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x11\n\tcpu_count\x18\x05 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x15\n\ragent_version\x18\x07 \x01(\t\x12\x18\n\x10protocol_version\x18\x08 \x01(\r\x12\r\n\x05\x63loud\x18\t \x01(\t\x12\x18\n\x10replication_host\x18\n \x01(\t\x12\x18\n\x10\x63\x65rtificate_port\x18\x0b \x01(\r\x12\x13\n\x0bticket_port\x18\x0c \x01(\r\x12\x1c\n\x14\x64\x65\x66\x61ult_replica_path\x18\r \x01(\t\"F\n\rVolumeMetrics\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x12\n\nfree_bytes\x18\x03 \x01(\x04\"\xbc\x01\n\x0bHostMetrics\x12\x13\n\x0b\x63pu_percent\x18\x01 \x01(\x01\x12\x1a\n\x12memory_total_bytes\x18\x02 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x04\x12+\n\x07volumes\x18\x04 \x03(\x0b\x32\x1a.sitepair.v1.VolumeMetrics\x12\x17\n\x0fload_average_1m\x18\x05 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x06 \x01(\x04\"z\n\x0eVirtualDiskRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x14\n\x0cvirtual_size\x18\x04 \x01(\x04\x12\x15\n\rstorage_class\x18\x05 \x01(\t\x12\x11\n\tfile_size\x18\x06 \x01(\x04\"3\n\x05VmNic\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07network\x18\x02 \x01(\t\x12\x0b\n\x03mac\x18\x03 \x01(\t\"\xc1\x01\n\x0eVirtualMachine\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\r\x12\x11\n\tcpu_count\x18\x04 \x01(\r\x12\x11\n\tmemory_mb\x18\x05 \x01(\x04\x12\r\n\x05state\x18\x06 \x01(\t\x12*\n\x05\x64isks\x18\x07 \x03(\x0b\x32\x1b.sitepair.v1.VirtualDiskRef\x12 \n\x04nics\x18\x08 \x03(\x0b\x32\x12.sitepair.v1.VmNic\"*\n\tVmNetwork\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07subnets\x18\x02 \x03(\t\"\\\n\x15StorageClassification\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\"\xd6\x01\n\tInventory\x12(\n\x03vms\x18\x01 \x03(\x0b\x32\x1b.sitepair.v1.VirtualMachine\x12(\n\x08networks\x18\x02 \x03(\x0b\x32\x16.sitepair.v1.VmNetwork\x12\x33\n\x07storage\x18\x03 \x03(\x0b\x32\".sitepair.v1.StorageClassification\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x30\n\x0c\x63ollected_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,21 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sitepair.v1.common_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HOSTFACTS']._serialized_start=75
-  _globals['_HOSTFACTS']._serialized_end=262
-  _globals['_VOLUMEMETRICS']._serialized_start=264
-  _globals['_VOLUMEMETRICS']._serialized_end=334
-  _globals['_HOSTMETRICS']._serialized_start=337
-  _globals['_HOSTMETRICS']._serialized_end=525
-  _globals['_VIRTUALDISKREF']._serialized_start=527
-  _globals['_VIRTUALDISKREF']._serialized_end=649
-  _globals['_VMNIC']._serialized_start=651
-  _globals['_VMNIC']._serialized_end=702
-  _globals['_VIRTUALMACHINE']._serialized_start=705
-  _globals['_VIRTUALMACHINE']._serialized_end=898
-  _globals['_VMNETWORK']._serialized_start=900
-  _globals['_VMNETWORK']._serialized_end=942
-  _globals['_STORAGECLASSIFICATION']._serialized_start=944
-  _globals['_STORAGECLASSIFICATION']._serialized_end=1036
-  _globals['_INVENTORY']._serialized_start=1039
-  _globals['_INVENTORY']._serialized_end=1253
+  _globals['_HOSTFACTS']._serialized_end=365
+  _globals['_VOLUMEMETRICS']._serialized_start=367
+  _globals['_VOLUMEMETRICS']._serialized_end=437
+  _globals['_HOSTMETRICS']._serialized_start=440
+  _globals['_HOSTMETRICS']._serialized_end=628
+  _globals['_VIRTUALDISKREF']._serialized_start=630
+  _globals['_VIRTUALDISKREF']._serialized_end=752
+  _globals['_VMNIC']._serialized_start=754
+  _globals['_VMNIC']._serialized_end=805
+  _globals['_VIRTUALMACHINE']._serialized_start=808
+  _globals['_VIRTUALMACHINE']._serialized_end=1001
+  _globals['_VMNETWORK']._serialized_start=1003
+  _globals['_VMNETWORK']._serialized_end=1045
+  _globals['_STORAGECLASSIFICATION']._serialized_start=1047
+  _globals['_STORAGECLASSIFICATION']._serialized_end=1139
+  _globals['_INVENTORY']._serialized_start=1142
+  _globals['_INVENTORY']._serialized_end=1356
 # @@protoc_insertion_point(module_scope)

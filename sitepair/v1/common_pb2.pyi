@@ -34,6 +34,10 @@ class HostFacts(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     CLOUD_FIELD_NUMBER: _builtins.int
+    REPLICATION_HOST_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_PORT_FIELD_NUMBER: _builtins.int
+    TICKET_PORT_FIELD_NUMBER: _builtins.int
+    DEFAULT_REPLICA_PATH_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
     os: _builtins.str
     """e.g. "Linux 6.18.0", "Windows Server 2022" """
@@ -47,6 +51,13 @@ class HostFacts(_message.Message):
     protocol_version: _builtins.int
     cloud: _builtins.str
     """cloud the host names in its own config ("" = none)"""
+    replication_host: _builtins.str
+    """address other hosts reach this one's receiver at"""
+    certificate_port: _builtins.int
+    """replication receiver, mutual TLS (0 = not listening)"""
+    ticket_port: _builtins.int
+    """replication receiver, TLS + ticket (0 = not listening)"""
+    default_replica_path: _builtins.str
     def __init__(
         self,
         *,
@@ -59,10 +70,14 @@ class HostFacts(_message.Message):
         agent_version: _builtins.str = ...,
         protocol_version: _builtins.int = ...,
         cloud: _builtins.str = ...,
+        replication_host: _builtins.str = ...,
+        certificate_port: _builtins.int = ...,
+        ticket_port: _builtins.int = ...,
+        default_replica_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "backend", b"backend", "cloud", b"cloud", "cpu_count", b"cpu_count", "hostname", b"hostname", "memory_total_bytes", b"memory_total_bytes", "os", b"os", "platform", b"platform", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "backend", b"backend", "certificate_port", b"certificate_port", "cloud", b"cloud", "cpu_count", b"cpu_count", "default_replica_path", b"default_replica_path", "hostname", b"hostname", "memory_total_bytes", b"memory_total_bytes", "os", b"os", "platform", b"platform", "protocol_version", b"protocol_version", "replication_host", b"replication_host", "ticket_port", b"ticket_port"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,15 @@ def register_agent(
     networks: list[tuple[str, list[str]]] | None = None,
     cloud: str = "",
 ) -> AgentIdentity:
-    toml = config_mod.render(vm_root="vms", storage=storage, networks=networks, cloud=cloud)
+    # Port 0: several agents share this machine; each reports the ports it bound.
+    toml = config_mod.render(
+        vm_root="vms",
+        storage=storage,
+        networks=networks,
+        cloud=cloud,
+        certificate_port=0,
+        ticket_port=0,
+    )
     ident = register(credentials, name=name, home=home, agent_toml=toml)
     (home / "vms").mkdir(exist_ok=True)
     return ident

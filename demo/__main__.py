@@ -127,6 +127,10 @@ def main() -> int:
                 f"gold={home / 'gold'}",
                 "--network",
                 "corp=10.0.0.0/24",
+                "--certificate-port",
+                "0",
+                "--ticket-port",
+                "0",
             )
             (home / "vms").mkdir(exist_ok=True)
             (home / "gold").mkdir(exist_ok=True)

@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import heapq
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -44,10 +45,9 @@ def _chunks(ranges: Iterable[tuple[int, int]], limit: int) -> Iterator[tuple[int
 
 def _first_difference(a: bytes, b: bytes) -> int:
     """Index of the first differing byte of two equal-length, unequal buffers."""
-    view_a, view_b = memoryview(a), memoryview(b)
     step = 4096
     for pos in range(0, len(a), step):
-        if view_a[pos : pos + step] != view_b[pos : pos + step]:
+        if a[pos : pos + step] != b[pos : pos + step]:
             for i in range(pos, min(pos + step, len(a))):
                 if a[i] != b[i]:
                     return i
@@ -272,14 +272,21 @@ def digest(disk: VirtualDisk, block_size: int, *, threads: int = 2) -> list[byte
             zero_digests[n] = hasher.digest()
         return zero_digests[n]
 
+    local = threading.local()
+
     def hash_block(index: int) -> bytes:
+        # Each thread reads into its own reused buffer (read_into): no allocation per read.
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = memoryview(bytearray(min(CHUNK, max(block_size, 1))))
         start = index * block_size
         end = min(start + block_size, size)
         hasher = blake3.blake3()
         pos = start
         while pos < end:
-            step = min(end - pos, CHUNK)
-            hasher.update(disk.read(pos, step))
+            step = min(end - pos, len(buf))
+            disk.read_into(pos, buf[:step])
+            hasher.update(buf[:step])
             pos += step
         return hasher.digest()
 

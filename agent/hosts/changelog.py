@@ -149,8 +149,9 @@ def describe_identity(identity: str) -> str:
         return f"DataWriteGuid {identity[5:]}"
     if identity.startswith("vhd:"):
         _kind, size, mtime_ns, digest = identity.split(":", 3)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(mtime_ns) / 1e9))
-        return f"{size} bytes, modified {stamp} UTC, footer {digest}"
+        seconds, nanos = divmod(int(mtime_ns), 1_000_000_000)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+        return f"{size} bytes, modified {stamp}.{nanos // 1_000_000:03d} UTC, footer {digest}"
     return identity
 
 

@@ -467,8 +467,16 @@ class DirectoryBackend(HostBackend):
             spec.name,
             lambda: self.read_vm(folder),
             boot=changelog.boot_uuid(self._boot_id()),
+            recover=lambda: self.recover(spec.name),
             poll_interval=self._writer_poll,
         )
+
+    def recover(self, vm_ref: str) -> None:
+        """Finish or undo an operation a dead process left half done (every other operation,
+        and a writer that finds one, does this first)."""
+        folder, spec = self.find_vm(vm_ref)
+        with self._exclusive(folder, spec.name):
+            self._recover(folder)
 
     # -- cuts -------------------------------------------------------------------------------
     def take_cut(self, vm_ref: str, *, app_consistent: bool = False) -> Cut:
@@ -1019,7 +1027,7 @@ def _parent_is(child: Path, parent: Path) -> bool:
 def _modified(where: str, path: Path, current: str, recorded: str) -> str:
     return (
         f"{where}: {path} was modified outside sitepair (it now has "
-        f"{changelog.describe_identity(current)}; sitepair last left it with "
+        f"{changelog.describe_identity(current)}, where sitepair left it with "
         f"{changelog.describe_identity(recorded)}), so its changes are not in the change log"
     )
 

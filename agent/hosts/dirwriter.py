@@ -12,6 +12,11 @@ next write takes the lock again once the operation is over, compares the chain g
 rereads ``vm.json``, and opens the (possibly new) active layer: the writer never writes a frozen
 layer, and its callers notice nothing but a pause.
 
+If the backend died in the middle of an operation (``vm.lock`` still says "requested" but
+nobody holds ``vm.ops.lock``), the writer finishes or undoes that operation itself before it
+opens a disk (``recover``, the backend's own recovery, which any process may run): after a
+crash in the middle of a merge the chain cannot be opened until then.
+
 The per-write cost is a mutex, a dictionary lookup, a bit test in memory (and, for a block not
 marked yet, one ``pwrite`` of a byte) and the disk write itself.
 """
@@ -62,9 +67,11 @@ class DirectoryVmWriter(VmWriter):
         read_spec: Callable[[], VmSpec],
         *,
         boot: uuid.UUID,
+        recover: Callable[[], None] | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
     ) -> None:
         self.folder = folder
+        self._recover = recover
         self.vm_name = vm_name
         self._read_spec = read_spec
         self._boot = boot
@@ -164,6 +171,11 @@ class DirectoryVmWriter(VmWriter):
 
     def _acquire(self) -> None:
         state = self._lock.acquire_shared()
+        if state.requested and self._recover is not None:
+            # A request nobody serves: the backend died mid-operation. Finish its job first.
+            self._lock.release()
+            self._recover()
+            state = self._lock.acquire_shared()
         # Once holding the lock, an old request can only be left over from a backend that
         # died; the watcher must not close the disks for it.
         self._served = state.request

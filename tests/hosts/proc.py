@@ -9,9 +9,9 @@
 ``python -m tests.hosts.proc release VM_ROOT VM CUT_ID [--crash POINT]``
 ``python -m tests.hosts.proc cut VM_ROOT VM [--crash POINT]``
     Run ``release_cut`` / ``take_cut`` and SIGKILL this process at crash point POINT: a name
-    the backend passes to its fault hook, or ``merge-write:<fmt>`` (right after the first
-    write a merge makes into a disk of that format), ``relink-before`` / ``relink-after``
-    (around the merge's relink of the layer above).
+    the backend passes to its fault hook, or ``merge-write:<fmt>`` (right after a write a
+    merge makes into a disk of that format), ``relink-before`` / ``relink-after`` (around the
+    merge's relink of the layer above). ``POINT@N`` dies at the N-th time POINT is reached.
 """
 
 from __future__ import annotations
@@ -31,19 +31,28 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def install_crash(point: str) -> Any:
-    """Patch what is needed to die at ``point``; returns the backend's fault hook."""
+def install_crash(spec: str) -> Any:
+    """Patch what is needed to die at ``spec`` (``POINT`` or ``POINT@N``); returns the
+    backend's fault hook."""
+    point, _, nth = spec.partition("@")
+    remaining = [int(nth or 1)]
+
+    def reached(name: str) -> None:
+        if name == point:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                die()
+
     if point.startswith("merge-write:"):
-        fmt = point.split(":", 1)[1]
         from sitepair.vdisk.vhd import VhdDisk
         from sitepair.vdisk.vhdx import VhdxDisk
 
-        cls: Any = VhdxDisk if fmt == "vhdx" else VhdDisk
+        cls: Any = VhdxDisk if point.endswith("vhdx") else VhdDisk
         real_write = cls.write
 
         def write(self: Any, offset: int, data: Any) -> None:
             real_write(self, offset, data)
-            die()
+            reached(point)
 
         cls.write = write
     elif point in ("relink-before", "relink-after"):
@@ -52,18 +61,13 @@ def install_crash(point: str) -> Any:
         real_set_parent = ops.set_parent
 
         def set_parent(child: Any, parent: Any) -> None:
-            if point == "relink-before":
-                die()
+            reached("relink-before")
             real_set_parent(child, parent)
-            die()
+            reached("relink-after")
 
-        ops.set_parent = set_parent  # type: ignore[assignment]
+        ops.set_parent = set_parent
 
-    def hook(name: str) -> None:
-        if name == point:
-            die()
-
-    return hook
+    return reached
 
 
 def main() -> int:

@@ -205,7 +205,7 @@ class VhdDisk(VirtualDisk):
                     why = copy_error.message if copy_error else "missing"
                     self._details["footer_copy"] = f"damaged: {why}"
                     self._copy_needs_repair = True
-                elif copy_footer.pack() != tail:
+                elif head != tail:
                     self._details["footer_copy"] = "differs from the footer at the end"
                     self._copy_needs_repair = True
                 else:
@@ -231,7 +231,8 @@ class VhdDisk(VirtualDisk):
                 )
             raise VirtualDiskError("; ".join(reasons))
         self._footer = footer
-        self._footer_bytes = footer.pack()
+        # The footer exactly as found (reserved bytes included), for every copy we write.
+        self._footer_bytes = tail if end_footer is not None else head
         self.subformat = _SUBFORMAT_OF[footer.disk_type]
         self._size = footer.current_size
         self._file_end = size

@@ -275,3 +275,19 @@ def test_not_an_image_file(tmp_path: Path) -> None:
         open_disk(tmp_path, format="raw")
     with pytest.raises(VirtualDiskError, match="no such file"):
         open_vhd(tmp_path / "nope.vhd")
+
+
+def test_foreign_footer_bytes_are_kept(tmp_path: Path) -> None:
+    """Reserved footer bytes another tool wrote survive our writes (the footer moves when a
+    block is appended) and the two footers stay identical."""
+    from tests.vdisk.helpers import edit_footers
+
+    img = tmp_path / "d.vhd"
+    create_vhd(img, size=8 * MiB, subformat="dynamic").close()
+    edit_footers(img, 200, b"foreign")
+    with open_vhd(img) as disk:
+        assert disk.info().details["footer_copy"] == "ok"
+        disk.write(3 * MiB, b"x" * 10)
+    end = read_at(img, img.stat().st_size - 512, 512)
+    assert end == read_at(img, 0, 512)
+    assert end[200:207] == b"foreign"

@@ -52,6 +52,7 @@ from pathlib import Path
 
 from sitepair.errors import FailedPrecondition, NotFound
 from sitepair.fsutil import fsync_dir
+from sitepair.vdisk.fileio import O_BINARY, pread, pwrite_all
 
 MAGIC = b"SPCHGLOG"
 VERSION = 1
@@ -116,10 +117,10 @@ def layer_identity(path: Path) -> str:
     try:
         with path.open("rb") as f:
             st = os.fstat(f.fileno())
-            head = os.pread(f.fileno(), 8, 0)
+            head = pread(f.fileno(), 8, 0)
             if head == b"vhdxfile":
                 return _vhdx_identity(f.fileno())
-            footer = os.pread(f.fileno(), 512, max(0, st.st_size - 512))
+            footer = pread(f.fileno(), 512, max(0, st.st_size - 512))
     except OSError as exc:
         return f"unreadable:{exc.strerror or exc}"
     digest = hashlib.sha256(footer).hexdigest()[:16]
@@ -133,7 +134,7 @@ def _vhdx_identity(fd: int) -> str:
     best = None
     for offset in HEADER_OFFSETS:
         try:
-            header = parse_header(os.pread(fd, VHDX_HEADER_SIZE, offset))
+            header = parse_header(pread(fd, VHDX_HEADER_SIZE, offset))
         except FormatError:
             continue
         if best is None or header.sequence_number > best.sequence_number:
@@ -312,7 +313,7 @@ def create_log(
     tmp = Path(tmp_name)
     try:
         try:
-            os.pwrite(fd, header.pack(), 0)
+            pwrite_all(fd, header.pack(), 0)
             os.ftruncate(fd, HEADER_SIZE + header.bitmap_bytes)
             os.fsync(fd)
         finally:
@@ -351,9 +352,9 @@ def check_header(header: LogHeader, path: Path, *, disk_id: str, layer: str) -> 
 def rewrite_header(path: Path, header: LogHeader) -> LogHeader:
     """Write a new header in place (sequence raised) and fsync."""
     new = dataclasses.replace(header, sequence=header.sequence + 1)
-    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    fd = os.open(path, os.O_RDWR | O_BINARY)
     try:
-        os.pwrite(fd, new.pack(), 0)
+        pwrite_all(fd, new.pack(), 0)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -362,7 +363,7 @@ def rewrite_header(path: Path, header: LogHeader) -> LogHeader:
 
 def read_bitmap(path: Path, header: LogHeader) -> bytes:
     with path.open("rb") as f:
-        data = os.pread(f.fileno(), header.bitmap_bytes, HEADER_SIZE)
+        data = pread(f.fileno(), header.bitmap_bytes, HEADER_SIZE)
     if len(data) < header.bitmap_bytes:
         data += bytes(header.bitmap_bytes - len(data))  # a sparse tail reads as zeros
     return data
@@ -478,7 +479,7 @@ class LogWriter:
             )
         if header.state == STATE_OPEN and header.boot != boot:
             flags |= FLAG_REBOOT
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        fd = os.open(path, os.O_RDWR | O_BINARY)
         try:
             opened = dataclasses.replace(
                 header,
@@ -489,9 +490,9 @@ class LogWriter:
                 opened_at=time.time(),
                 sequence=header.sequence + 1,
             )
-            os.pwrite(fd, opened.pack(), 0)
+            pwrite_all(fd, opened.pack(), 0)
             os.fsync(fd)  # "open" is durable before any data write it covers
-            bits = bytearray(os.pread(fd, opened.bitmap_bytes, HEADER_SIZE))
+            bits = bytearray(pread(fd, opened.bitmap_bytes, HEADER_SIZE))
             bits.extend(bytes(opened.bitmap_bytes - len(bits)))
         except BaseException:
             os.close(fd)
@@ -510,7 +511,7 @@ class LogWriter:
             if bits[byte] & mask:
                 return
             bits[byte] |= mask
-            os.pwrite(self._fd, bits[byte : byte + 1], HEADER_SIZE + byte)
+            pwrite_all(self._fd, bits[byte : byte + 1], HEADER_SIZE + byte)
             return
         changed = False
         for block in range(first, last + 1):
@@ -520,7 +521,7 @@ class LogWriter:
                 changed = True
         if changed:
             b0, b1 = first >> 3, (last >> 3) + 1
-            os.pwrite(self._fd, bits[b0:b1], HEADER_SIZE + b0)
+            pwrite_all(self._fd, bits[b0:b1], HEADER_SIZE + b0)
 
     def close_clean(self, identity: str) -> None:
         """The layer is flushed and closed: make the bits durable, then record ``clean``."""
@@ -535,7 +536,7 @@ class LogWriter:
                 writer_pid=0,
                 sequence=self.header.sequence + 1,
             )
-            os.pwrite(self._fd, clean.pack(), 0)
+            pwrite_all(self._fd, clean.pack(), 0)
             os.fsync(self._fd)
             self.header = clean
         finally:

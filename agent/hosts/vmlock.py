@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sitepair.errors import Unavailable
+from sitepair.vdisk.fileio import O_BINARY, pread, pwrite_all
 
 LOCK_NAME = "vm.lock"
 OPS_LOCK_NAME = "vm.ops.lock"
@@ -74,7 +75,7 @@ class LockState:
 
 
 def _open(path: Path) -> int:
-    return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+    return os.open(path, os.O_RDWR | os.O_CREAT | O_BINARY, 0o644)
 
 
 class _Lock:
@@ -175,10 +176,15 @@ class VmLockFile:
         self.folder = folder
         self.path = folder / LOCK_NAME
         self._lock = _Lock(self.path)
+        # Header I/O goes through its own descriptor: on Windows the locking calls move the
+        # lock descriptor's file position.
+        self._header_fd = _open(self.path)
         self._ops_path = folder / OPS_LOCK_NAME
 
     def close(self) -> None:
         self._lock.close()
+        with contextlib.suppress(OSError):
+            os.close(self._header_fd)
 
     @property
     def held(self) -> str:
@@ -186,17 +192,16 @@ class VmLockFile:
 
     # -- header ----------------------------------------------------------------------------
     def state(self) -> LockState:
-        raw = os.pread(self._lock.fd, _HEADER.size, 0)
+        raw = pread(self._header_fd, _HEADER.size, 0)
         if len(raw) < _HEADER.size:
             return LockState(0, 0, 0)
         _magic, generation, request, done = _HEADER.unpack(raw)
         return LockState(generation, request, done)
 
     def _put(self, offset: int, value: int) -> None:
-        raw = os.pread(self._lock.fd, 8, 0)
-        if raw != _MAGIC:
-            os.pwrite(self._lock.fd, _HEADER.pack(_MAGIC, 0, 0, 0), 0)
-        os.pwrite(self._lock.fd, struct.pack("<Q", value), offset)
+        if pread(self._header_fd, 8, 0) != _MAGIC:
+            pwrite_all(self._header_fd, _HEADER.pack(_MAGIC, 0, 0, 0), 0)
+        pwrite_all(self._header_fd, struct.pack("<Q", value), offset)
 
     # -- writers' side ---------------------------------------------------------------------
     def backend_busy(self) -> bool:

@@ -816,6 +816,11 @@ class DirectoryBackend(HostBackend):
             try:
                 header = changelog.read_header(lp)
                 changelog.check_header(header, lp, disk_id=cd.disk_id, layer=entry)
+                if header.virtual_size != cd.virtual_size:
+                    raise changelog.ChangeLogError(
+                        f"it describes a {header.virtual_size}-byte disk, not "
+                        f"{cd.virtual_size} bytes"
+                    )
                 bitmaps.append(changelog.read_bitmap(lp, header))
             except (changelog.ChangeLogError, changelog.ChangeLogMissing, OSError) as exc:
                 raise FailedPrecondition(

@@ -39,7 +39,7 @@ from sitepair import vdisk
 from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound, SitepairError
 
 if TYPE_CHECKING:
-    from agent.hosts.directory import VmSpec
+    from agent.hosts.vmspec import VmSpec
 
 log = logging.getLogger("sitepair.agent.directory")
 

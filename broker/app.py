@@ -30,6 +30,7 @@ from broker.commands import CommandDispatcher
 from broker.heartbeats import HeartbeatWriter, LivenessMonitor
 from broker.home import BrokerHome
 from broker.jobs import JobManager
+from broker.protection import ProtectionManager
 from broker.servers import ServerOperations
 from broker.sessions import SessionRegistry
 from broker.store.sqlite import SqliteStore
@@ -59,6 +60,7 @@ class BrokerContext:
     dispatcher: CommandDispatcher
     heartbeats: HeartbeatWriter
     servers: ServerOperations
+    protection: ProtectionManager
     ticket_key: ed25519.Ed25519PrivateKey
     started_at: float
     bound_enrollment: str = ""
@@ -186,6 +188,18 @@ class Broker:
             authorizer=authorizer,
             spawn=self.spawn,
         )
+        ticket_key = tickets.load_signing_key(home.ticket_key)
+        protection = ProtectionManager(
+            store=store,
+            clock=clock,
+            jobs=jobs,
+            dispatcher=dispatcher,
+            sessions=sessions,
+            spawn=self.spawn,
+            ticket_key=ticket_key,
+            agent_lifetime=cfg.certificates.agent_lifetime,
+            health=cfg.health,
+        )
         ctx = BrokerContext(
             config=cfg,
             home=home,
@@ -199,7 +213,8 @@ class Broker:
             dispatcher=dispatcher,
             heartbeats=heartbeats,
             servers=servers,
-            ticket_key=tickets.load_signing_key(home.ticket_key),
+            protection=protection,
+            ticket_key=ticket_key,
             started_at=clock.now(),
         )
         self.ctx = ctx
@@ -258,6 +273,7 @@ class Broker:
         self._heartbeat_task = self.spawn(heartbeats.run(), essential=True)
         self.spawn(self._liveness.run(), essential=True)
         self.spawn(self._renew_serving_certificate(), essential=True)
+        self.spawn(protection.run_health(cfg.heartbeat.interval), essential=True)
         await jobs.recover()
         await asyncio.to_thread(self._write_run_file)
         log.info(

@@ -535,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("jobs", help="operations and their progress").add_subparsers(
         dest="sub", required=True, metavar="ACTION"
     )
+    from broker.cli_protection import register as register_protection
+
+    register_protection(sub, add, _client, _watch, _show_job_result)
+
     sp = add(jobs, "list", cmd_jobs_list, "list recent jobs")
     sp.add_argument("--state")
     sp.add_argument("--kind")

@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from broker.health import HealthConfig
 from sitepair import pki
 from sitepair.durations import parse_duration
 from sitepair.errors import ConfigError, InvalidArgument
@@ -92,11 +93,14 @@ class BrokerConfig:
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     limits: LimitsConfig = LimitsConfig()
     log: LogConfig = LogConfig()
+    health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
 
 
 _KIND_NAMES = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
 
 _DURATION_FIELDS = {
+    "offline_critical_after",
+    "window",
     "agent_lifetime",
     "operator_lifetime",
     "server_lifetime",
@@ -153,6 +157,7 @@ def parse(text: str, *, source: str = "broker.toml") -> BrokerConfig:
         "heartbeat": HeartbeatConfig,
         "limits": LimitsConfig,
         "log": LogConfig,
+        "health": HealthConfig,
     }
     unknown = sorted(set(doc) - set(sections))
     if unknown:
@@ -224,4 +229,12 @@ max_concurrent_enrollments = 256
 level = "info"
 format = "json"              # or "text"
 file = ""                    # empty = standard error
+
+[health]
+lag_warning_cycles = 3.0     # Warning: no successful cycle for this many copy intervals
+lag_critical_cycles = 12.0   # Critical beyond this many
+offline_critical_after = "5m"  # a host offline turns its VMs Warning, then Critical after this
+missed_rate_warning = 0.2    # Warning: more than this fraction of cycles missed in the window
+window = "1h"
+certificate_warning_fraction = 0.25
 """

@@ -6,8 +6,9 @@ import json
 
 from google.protobuf import json_format
 
-from broker.store.models import Job, RegistrationKey, Server, StoredInventory
-from sitepair.protoconv import timestamp
+from broker.policy import Policy, validate
+from broker.store.models import Job, RegistrationKey, Relationship, Server, StoredInventory
+from sitepair.protoconv import seconds, timestamp
 from sitepair.v1 import admin_pb2, common_pb2
 
 
@@ -81,3 +82,77 @@ def job_to_proto(job: Job) -> admin_pb2.Job:
             for s in job.steps
         ],
     )
+
+
+# -- protection ---------------------------------------------------------------------------------
+
+
+def policy_to_proto(p: Policy) -> admin_pb2.Policy:
+    return admin_pb2.Policy(
+        copy_frequency_seconds=p.copy_frequency,
+        recovery_points=p.recovery_points,
+        app_consistent_hours=p.app_consistent_hours,
+        compression=p.compression,
+        authentication=p.authentication,
+        port=p.effective_port,
+        initial_method=p.initial_method,
+        initial_at=timestamp(p.initial_at) if p.initial_at else None,
+        export_path=p.export_path,
+        import_path=p.import_path,
+        delete_replica_on_disable=p.delete_replica_on_disable,
+        bandwidth_limit=p.bandwidth_limit,
+    )
+
+
+def policy_from_proto(msg: admin_pb2.Policy) -> Policy:
+    """The policy a request asks for; the copy frequency, authentication and initial method
+    default to the policy defaults when unset (the CLI always sends every field)."""
+    d = Policy()
+    return validate(
+        Policy(
+            copy_frequency=msg.copy_frequency_seconds or d.copy_frequency,
+            recovery_points=msg.recovery_points,
+            app_consistent_hours=msg.app_consistent_hours,
+            compression=msg.compression,
+            authentication=msg.authentication or d.authentication,
+            port=msg.port,
+            initial_method=msg.initial_method or d.initial_method,
+            initial_at=seconds(msg.initial_at) if msg.HasField("initial_at") else 0.0,
+            export_path=msg.export_path,
+            import_path=msg.import_path,
+            delete_replica_on_disable=msg.delete_replica_on_disable,
+            bandwidth_limit=msg.bandwidth_limit,
+        )
+    )
+
+
+def relationship_to_proto(r: Relationship, names: dict[str, str]) -> admin_pb2.ProtectedVm:
+    msg = admin_pb2.ProtectedVm(
+        relationship_id=r.id,
+        vm_id=r.vm_id,
+        vm_name=r.vm_name,
+        primary_cloud=r.primary_cloud,
+        recovery_cloud=r.recovery_cloud,
+        primary_server=names.get(r.primary_server, r.primary_server),
+        replica_server=names.get(r.replica_server, r.replica_server),
+        state=r.state.value,
+        health=r.health,
+        reasons=[admin_pb2.HealthReason(**x) for x in json.loads(r.health_reasons_json or "[]")],
+        epoch=r.epoch,
+        paused=r.paused,
+        policy=policy_to_proto(Policy.from_json(r.policy_json)),
+        created_at=timestamp(r.created_at),
+        replica_folder=r.replica_folder,
+    )
+    for field, text in (
+        ("primary_status", r.primary_status_json),
+        ("replica_status", r.replica_status_json),
+    ):
+        doc = json.loads(text or "{}")
+        doc.pop("reported_at", None)
+        last = doc.pop("last_success_at", None)
+        target = getattr(msg, field)
+        json_format.ParseDict(doc, target, ignore_unknown_fields=True)
+        if last:
+            target.last_success_at.CopyFrom(timestamp(float(last)))
+    return msg

@@ -78,6 +78,7 @@ class ReplicaRegistry:
                     vm_id=grant.vm_id,
                     epoch=grant.epoch,
                     clock=self.clock,
+                    adopt=grant.adopt,
                 )
                 store.recover()
                 self._stores[grant.relationship] = store

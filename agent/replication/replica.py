@@ -140,8 +140,18 @@ class ReplicaStore:
     # -- lifecycle --------------------------------------------------------------------------
     @classmethod
     def create(
-        cls, root: Path, *, relationship: str, vm_id: str, epoch: int, clock: Any = None
+        cls,
+        root: Path,
+        *,
+        relationship: str,
+        vm_id: str,
+        epoch: int,
+        clock: Any = None,
+        adopt: bool = False,
     ) -> ReplicaStore:
+        """Open the replica in ``root``, creating it if needed. With ``adopt``, a replica of the
+        same VM left by an earlier relationship is taken over (disks and recovery points kept)
+        so that a checksum resync, not a full copy, brings it up to date."""
         root.mkdir(parents=True, exist_ok=True)
         (root / "disks").mkdir(exist_ok=True)
         (root / "staging").mkdir(exist_ok=True)
@@ -149,7 +159,28 @@ class ReplicaStore:
         if state_file.exists():
             store = cls.open(root, clock=clock)
             if store.state.relationship != relationship:
-                raise FailedPrecondition(f"{root} holds the replica of another relationship")
+                if not adopt or store.state.vm_id != vm_id:
+                    raise FailedPrecondition(
+                        f"{root} holds the replica of relationship {store.state.relationship} "
+                        f"(VM {store.state.vm_id})",
+                        hint="choose another folder, or adopt it when it is a replica of this VM",
+                    )
+                log.info(
+                    "adopting an existing replica",
+                    extra={
+                        "fields": {
+                            "from": store.state.relationship,
+                            "to": relationship,
+                            "sequence": store.state.committed_sequence,
+                        }
+                    },
+                )
+                with store.lock:
+                    for d in (root / "staging").iterdir():
+                        shutil.rmtree(d, ignore_errors=True)
+                    store.state.relationship = relationship
+                    store.state.epoch = epoch
+                    store._save()
             return store
         state = State(relationship=relationship, vm_id=vm_id, epoch=epoch)
         atomic_write(state_file, state.to_json())

@@ -155,6 +155,7 @@ class ReplicationService:
             ticket_public_key=cmd.ticket_public_key.hex(),
             recovery_points=cmd.recovery_points,
             point_interval=float(cmd.point_interval_seconds or 3600),
+            adopt=cmd.adopt,
         )
         await asyncio.to_thread(self.state.put_grant, grant)
         store = await asyncio.to_thread(self.registry.store, grant)
@@ -207,6 +208,9 @@ class ReplicationService:
                 "export_path": cmd.initial.export_path,
             }
         )
+        if cmd.resync_first and not previous:
+            extra["needs_resync"] = True
+            extra["resync_reason"] = "the replica holds an older copy of this VM"
         await asyncio.to_thread(self.state.put_source, source, extra)
         old = self._runners.pop(cmd.relationship_id, None)
         if old is not None:

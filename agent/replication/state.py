@@ -61,6 +61,7 @@ class Grant:
     ticket_public_key: str = ""  # hex, for auth == "ticket"
     recovery_points: int = 0
     point_interval: float = 3600.0
+    adopt: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

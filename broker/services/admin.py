@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import grpc.aio
 
 from broker.convert import job_to_proto, key_to_proto, server_to_proto
+from broker.services.admin_protection import ProtectionAdmin
 from broker.store.models import Operator, RegistrationKey
 from sitepair import __version__, credentials, pki
 from sitepair.errors import InvalidArgument, NotFound
@@ -27,7 +28,7 @@ ADMIN = [pki.Role.ADMIN]
 MAX_KEY_USES = 1000
 
 
-class AdminService(admin_pb2_grpc.AdminServicer):
+class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
     def __init__(self, ctx: BrokerContext) -> None:
         self.ctx = ctx
         self.authorizer = ctx.authorizer

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import grpc.aio
 from google.protobuf import json_format
 
+from broker.inventory import join_declared_cloud, sync_inventory
 from broker.sessions import AgentSession
 from broker.store.models import HeartbeatRecord, Relationship, Server, StoredInventory
 from sitepair import PROTOCOL_VERSION, pki, tickets
@@ -95,6 +96,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                     agent_version=hello.agent_version,
                     cloud=hello.facts.cloud,
                 )
+                join_declared_cloud(tx, server, hello.facts.cloud, now)
 
         await asyncio.to_thread(connected)
         log.info(
@@ -154,6 +156,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
                     await self._store_inventory(session, message.inventory)
                 elif kind == "ack":
                     await ctx.dispatcher.handle_ack(session.server_id, message.ack)
+                elif kind == "replication":
+                    await ctx.protection.on_report(session.server_id, message.replication)
                 else:
                     log.warning(
                         "unexpected message on control stream",
@@ -186,6 +190,9 @@ class ControlService(control_pb2_grpc.ControlServicer):
         def put() -> None:
             with self.ctx.store.write() as tx:
                 tx.put_inventory(record)
+                server = tx.get_server(session.server_id)
+                if server is not None:
+                    sync_inventory(tx, server, inv, now)
 
         await asyncio.to_thread(put)
         session.inventory_digest = inv.digest

@@ -8,7 +8,9 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from sitepair.v1 import common_pb2 as _common_pb2
+from sitepair.v1 import control_pb2 as _control_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +21,723 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class Policy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COPY_FREQUENCY_SECONDS_FIELD_NUMBER: _builtins.int
+    RECOVERY_POINTS_FIELD_NUMBER: _builtins.int
+    APP_CONSISTENT_HOURS_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
+    AUTHENTICATION_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    INITIAL_METHOD_FIELD_NUMBER: _builtins.int
+    INITIAL_AT_FIELD_NUMBER: _builtins.int
+    EXPORT_PATH_FIELD_NUMBER: _builtins.int
+    IMPORT_PATH_FIELD_NUMBER: _builtins.int
+    DELETE_REPLICA_ON_DISABLE_FIELD_NUMBER: _builtins.int
+    BANDWIDTH_LIMIT_FIELD_NUMBER: _builtins.int
+    copy_frequency_seconds: _builtins.int
+    """30, 300 or 900"""
+    recovery_points: _builtins.int
+    """0-24"""
+    app_consistent_hours: _builtins.int
+    """0-12, fewer than recovery_points"""
+    compression: _builtins.bool
+    authentication: _builtins.str
+    """"certificate" or "ticket" """
+    port: _builtins.int
+    """0 = 8084 / 8083"""
+    initial_method: _builtins.str
+    """"network", "scheduled", "offline" """
+    export_path: _builtins.str
+    import_path: _builtins.str
+    delete_replica_on_disable: _builtins.bool
+    bandwidth_limit: _builtins.int
+    """bytes per second, 0 = unlimited"""
+    @_builtins.property
+    def initial_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        copy_frequency_seconds: _builtins.int = ...,
+        recovery_points: _builtins.int = ...,
+        app_consistent_hours: _builtins.int = ...,
+        compression: _builtins.bool = ...,
+        authentication: _builtins.str = ...,
+        port: _builtins.int = ...,
+        initial_method: _builtins.str = ...,
+        initial_at: _timestamp_pb2.Timestamp | None = ...,
+        export_path: _builtins.str = ...,
+        import_path: _builtins.str = ...,
+        delete_replica_on_disable: _builtins.bool = ...,
+        bandwidth_limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_at", b"initial_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_consistent_hours", b"app_consistent_hours", "authentication", b"authentication", "bandwidth_limit", b"bandwidth_limit", "compression", b"compression", "copy_frequency_seconds", b"copy_frequency_seconds", "delete_replica_on_disable", b"delete_replica_on_disable", "export_path", b"export_path", "import_path", b"import_path", "initial_at", b"initial_at", "initial_method", b"initial_method", "port", b"port", "recovery_points", b"recovery_points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Policy: _TypeAlias = Policy  # noqa: Y015
+
+@_typing.final
+class VmInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_ID_FIELD_NUMBER: _builtins.int
+    SERVER_NAME_FIELD_NUMBER: _builtins.int
+    CLOUD_FIELD_NUMBER: _builtins.int
+    VM_FIELD_NUMBER: _builtins.int
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    PROTECTION_STATE_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    server_id: _builtins.str
+    server_name: _builtins.str
+    cloud: _builtins.str
+    relationship_id: _builtins.str
+    """"" = not protected"""
+    protection_state: _builtins.str
+    health: _builtins.str
+    @_builtins.property
+    def vm(self) -> _common_pb2.VirtualMachine: ...
+    def __init__(
+        self,
+        *,
+        server_id: _builtins.str = ...,
+        server_name: _builtins.str = ...,
+        cloud: _builtins.str = ...,
+        vm: _common_pb2.VirtualMachine | None = ...,
+        relationship_id: _builtins.str = ...,
+        protection_state: _builtins.str = ...,
+        health: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud", b"cloud", "health", b"health", "protection_state", b"protection_state", "relationship_id", b"relationship_id", "server_id", b"server_id", "server_name", b"server_name", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VmInfo: _TypeAlias = VmInfo  # noqa: Y015
+
+@_typing.final
+class ListVmsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_FIELD_NUMBER: _builtins.int
+    server: _builtins.str
+    """"" = all"""
+    def __init__(
+        self,
+        *,
+        server: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["server", b"server"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVmsRequest: _TypeAlias = ListVmsRequest  # noqa: Y015
+
+@_typing.final
+class ListVmsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___VmInfo]: ...
+    def __init__(
+        self,
+        *,
+        vms: _abc.Iterable[Global___VmInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vms", b"vms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVmsResponse: _TypeAlias = ListVmsResponse  # noqa: Y015
+
+@_typing.final
+class Cloud(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    HOSTS_FIELD_NUMBER: _builtins.int
+    PAIRED_WITH_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    site: _builtins.str
+    description: _builtins.str
+    paired_with: _builtins.str
+    role: _builtins.str
+    """"primary", "recovery" or "" """
+    @_builtins.property
+    def hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """server names"""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        site: _builtins.str = ...,
+        description: _builtins.str = ...,
+        hosts: _abc.Iterable[_builtins.str] | None = ...,
+        paired_with: _builtins.str = ...,
+        role: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "hosts", b"hosts", "name", b"name", "paired_with", b"paired_with", "role", b"role", "site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Cloud: _TypeAlias = Cloud  # noqa: Y015
+
+@_typing.final
+class CreateCloudRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    site: _builtins.str
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        site: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCloudRequest: _TypeAlias = CreateCloudRequest  # noqa: Y015
+
+@_typing.final
+class CloudRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloudRef: _TypeAlias = CloudRef  # noqa: Y015
+
+@_typing.final
+class ListCloudsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCloudsRequest: _TypeAlias = ListCloudsRequest  # noqa: Y015
+
+@_typing.final
+class ListCloudsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLOUDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def clouds(self) -> _containers.RepeatedCompositeFieldContainer[Global___Cloud]: ...
+    def __init__(
+        self,
+        *,
+        clouds: _abc.Iterable[Global___Cloud] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clouds", b"clouds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCloudsResponse: _TypeAlias = ListCloudsResponse  # noqa: Y015
+
+@_typing.final
+class CloudHostRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLOUD_FIELD_NUMBER: _builtins.int
+    SERVER_FIELD_NUMBER: _builtins.int
+    cloud: _builtins.str
+    server: _builtins.str
+    def __init__(
+        self,
+        *,
+        cloud: _builtins.str = ...,
+        server: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud", b"cloud", "server", b"server"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloudHostRequest: _TypeAlias = CloudHostRequest  # noqa: Y015
+
+@_typing.final
+class PairCloudsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    RECOVERY_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    primary: _builtins.str
+    recovery: _builtins.str
+    @_builtins.property
+    def policy(self) -> Global___Policy: ...
+    def __init__(
+        self,
+        *,
+        primary: _builtins.str = ...,
+        recovery: _builtins.str = ...,
+        policy: Global___Policy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "primary", b"primary", "recovery", b"recovery"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairCloudsRequest: _TypeAlias = PairCloudsRequest  # noqa: Y015
+
+@_typing.final
+class CloudPairInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    RECOVERY_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    PROTECTED_VMS_FIELD_NUMBER: _builtins.int
+    primary: _builtins.str
+    recovery: _builtins.str
+    protected_vms: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___Policy: ...
+    def __init__(
+        self,
+        *,
+        primary: _builtins.str = ...,
+        recovery: _builtins.str = ...,
+        policy: Global___Policy | None = ...,
+        protected_vms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "primary", b"primary", "protected_vms", b"protected_vms", "recovery", b"recovery"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloudPairInfo: _TypeAlias = CloudPairInfo  # noqa: Y015
+
+@_typing.final
+class ListPairsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPairsRequest: _TypeAlias = ListPairsRequest  # noqa: Y015
+
+@_typing.final
+class ListPairsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIRS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___CloudPairInfo]: ...
+    def __init__(
+        self,
+        *,
+        pairs: _abc.Iterable[Global___CloudPairInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pairs", b"pairs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPairsResponse: _TypeAlias = ListPairsResponse  # noqa: Y015
+
+@_typing.final
+class MapRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"network" or "storage" """
+    source: _builtins.str
+    target: _builtins.str
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        source: _builtins.str = ...,
+        target: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "source", b"source", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MapRequest: _TypeAlias = MapRequest  # noqa: Y015
+
+@_typing.final
+class MappingInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    SOURCE_CLOUDS_FIELD_NUMBER: _builtins.int
+    TARGET_CLOUDS_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    source: _builtins.str
+    target: _builtins.str
+    @_builtins.property
+    def source_clouds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def target_clouds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        source: _builtins.str = ...,
+        target: _builtins.str = ...,
+        source_clouds: _abc.Iterable[_builtins.str] | None = ...,
+        target_clouds: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "source", b"source", "source_clouds", b"source_clouds", "target", b"target", "target_clouds", b"target_clouds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MappingInfo: _TypeAlias = MappingInfo  # noqa: Y015
+
+@_typing.final
+class ListMappingsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMappingsRequest: _TypeAlias = ListMappingsRequest  # noqa: Y015
+
+@_typing.final
+class ListMappingsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAPPINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mappings(self) -> _containers.RepeatedCompositeFieldContainer[Global___MappingInfo]: ...
+    def __init__(
+        self,
+        *,
+        mappings: _abc.Iterable[Global___MappingInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mappings", b"mappings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMappingsResponse: _TypeAlias = ListMappingsResponse  # noqa: Y015
+
+@_typing.final
+class ProtectVmRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    ACCEPT_NO_NETWORK_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """VM id or name"""
+    accept_no_network: _builtins.bool
+    """protect even if some NIC's network has no mapping"""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        accept_no_network: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_no_network", b"accept_no_network", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProtectVmRequest: _TypeAlias = ProtectVmRequest  # noqa: Y015
+
+@_typing.final
+class DisableProtectionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Replica:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ReplicaEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[DisableProtectionRequest._Replica.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        POLICY: DisableProtectionRequest._Replica.ValueType  # 0
+        """what the pair's policy says"""
+        KEEP: DisableProtectionRequest._Replica.ValueType  # 1
+        DELETE: DisableProtectionRequest._Replica.ValueType  # 2
+
+    class Replica(_Replica, metaclass=_ReplicaEnumTypeWrapper): ...
+    POLICY: DisableProtectionRequest.Replica.ValueType  # 0
+    """what the pair's policy says"""
+    KEEP: DisableProtectionRequest.Replica.ValueType  # 1
+    DELETE: DisableProtectionRequest.Replica.ValueType  # 2
+
+    VM_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """VM id or name, or relationship id"""
+    replica: Global___DisableProtectionRequest.Replica.ValueType
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        replica: Global___DisableProtectionRequest.Replica.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica", b"replica", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisableProtectionRequest: _TypeAlias = DisableProtectionRequest  # noqa: Y015
+
+@_typing.final
+class ReplicationActionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    NO_REPAIR_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    action: _builtins.str
+    """"pause", "resume", "resync", "verify", "cycle" """
+    no_repair: _builtins.bool
+    """verify: only report mismatches"""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        action: _builtins.str = ...,
+        no_repair: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "no_repair", b"no_repair", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicationActionRequest: _TypeAlias = ReplicationActionRequest  # noqa: Y015
+
+@_typing.final
+class HealthReason(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    level: _builtins.str
+    code: _builtins.str
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        level: _builtins.str = ...,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "level", b"level", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthReason: _TypeAlias = HealthReason  # noqa: Y015
+
+@_typing.final
+class ProtectedVm(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
+    VM_NAME_FIELD_NUMBER: _builtins.int
+    PRIMARY_CLOUD_FIELD_NUMBER: _builtins.int
+    RECOVERY_CLOUD_FIELD_NUMBER: _builtins.int
+    PRIMARY_SERVER_FIELD_NUMBER: _builtins.int
+    REPLICA_SERVER_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    PRIMARY_STATUS_FIELD_NUMBER: _builtins.int
+    REPLICA_STATUS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    REPLICA_FOLDER_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    vm_id: _builtins.str
+    vm_name: _builtins.str
+    primary_cloud: _builtins.str
+    recovery_cloud: _builtins.str
+    primary_server: _builtins.str
+    """names"""
+    replica_server: _builtins.str
+    state: _builtins.str
+    health: _builtins.str
+    epoch: _builtins.int
+    paused: _builtins.bool
+    replica_folder: _builtins.str
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___HealthReason]: ...
+    @_builtins.property
+    def policy(self) -> Global___Policy: ...
+    @_builtins.property
+    def primary_status(self) -> _control_pb2.RelationshipStatus: ...
+    @_builtins.property
+    def replica_status(self) -> _control_pb2.RelationshipStatus: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        vm_id: _builtins.str = ...,
+        vm_name: _builtins.str = ...,
+        primary_cloud: _builtins.str = ...,
+        recovery_cloud: _builtins.str = ...,
+        primary_server: _builtins.str = ...,
+        replica_server: _builtins.str = ...,
+        state: _builtins.str = ...,
+        health: _builtins.str = ...,
+        reasons: _abc.Iterable[Global___HealthReason] | None = ...,
+        epoch: _builtins.int = ...,
+        paused: _builtins.bool = ...,
+        policy: Global___Policy | None = ...,
+        primary_status: _control_pb2.RelationshipStatus | None = ...,
+        replica_status: _control_pb2.RelationshipStatus | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        replica_folder: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "policy", b"policy", "primary_status", b"primary_status", "replica_status", b"replica_status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "epoch", b"epoch", "health", b"health", "paused", b"paused", "policy", b"policy", "primary_cloud", b"primary_cloud", "primary_server", b"primary_server", "primary_status", b"primary_status", "reasons", b"reasons", "recovery_cloud", b"recovery_cloud", "relationship_id", b"relationship_id", "replica_folder", b"replica_folder", "replica_server", b"replica_server", "replica_status", b"replica_status", "state", b"state", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProtectedVm: _TypeAlias = ProtectedVm  # noqa: Y015
+
+@_typing.final
+class ProtectedRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProtectedRef: _TypeAlias = ProtectedRef  # noqa: Y015
+
+@_typing.final
+class ListProtectedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCLUDE_DISABLED_FIELD_NUMBER: _builtins.int
+    include_disabled: _builtins.bool
+    def __init__(
+        self,
+        *,
+        include_disabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_disabled", b"include_disabled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProtectedRequest: _TypeAlias = ListProtectedRequest  # noqa: Y015
+
+@_typing.final
+class ListProtectedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProtectedVm]: ...
+    def __init__(
+        self,
+        *,
+        vms: _abc.Iterable[Global___ProtectedVm] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vms", b"vms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProtectedResponse: _TypeAlias = ListProtectedResponse  # noqa: Y015
 
 @_typing.final
 class GetBrokerInfoRequest(_message.Message):

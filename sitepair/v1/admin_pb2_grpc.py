@@ -109,6 +109,101 @@ class AdminStub:
                 request_serializer=sitepair_dot_v1_dot_admin__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
                 _registered_method=True)
+        self.ListVms = channel.unary_unary(
+                '/sitepair.v1.Admin/ListVms',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.ListVmsRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.ListVmsResponse.FromString,
+                _registered_method=True)
+        self.CreateCloud = channel.unary_unary(
+                '/sitepair.v1.Admin/CreateCloud',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.CreateCloudRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Cloud.FromString,
+                _registered_method=True)
+        self.ListClouds = channel.unary_unary(
+                '/sitepair.v1.Admin/ListClouds',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.ListCloudsRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.ListCloudsResponse.FromString,
+                _registered_method=True)
+        self.GetCloud = channel.unary_unary(
+                '/sitepair.v1.Admin/GetCloud',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.CloudRef.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Cloud.FromString,
+                _registered_method=True)
+        self.DeleteCloud = channel.unary_unary(
+                '/sitepair.v1.Admin/DeleteCloud',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.CloudRef.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Cloud.FromString,
+                _registered_method=True)
+        self.AddCloudHost = channel.unary_unary(
+                '/sitepair.v1.Admin/AddCloudHost',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.CloudHostRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Cloud.FromString,
+                _registered_method=True)
+        self.RemoveCloudHost = channel.unary_unary(
+                '/sitepair.v1.Admin/RemoveCloudHost',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.CloudHostRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Cloud.FromString,
+                _registered_method=True)
+        self.PairClouds = channel.unary_unary(
+                '/sitepair.v1.Admin/PairClouds',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.PairCloudsRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.UnpairClouds = channel.unary_unary(
+                '/sitepair.v1.Admin/UnpairClouds',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.CloudRef.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.CloudPairInfo.FromString,
+                _registered_method=True)
+        self.SetPairPolicy = channel.unary_unary(
+                '/sitepair.v1.Admin/SetPairPolicy',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.PairCloudsRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListPairs = channel.unary_unary(
+                '/sitepair.v1.Admin/ListPairs',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.ListPairsRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.ListPairsResponse.FromString,
+                _registered_method=True)
+        self.Map = channel.unary_unary(
+                '/sitepair.v1.Admin/Map',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.MapRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.MappingInfo.FromString,
+                _registered_method=True)
+        self.Unmap = channel.unary_unary(
+                '/sitepair.v1.Admin/Unmap',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.MapRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.MappingInfo.FromString,
+                _registered_method=True)
+        self.ListMappings = channel.unary_unary(
+                '/sitepair.v1.Admin/ListMappings',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.ListMappingsRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.ListMappingsResponse.FromString,
+                _registered_method=True)
+        self.ProtectVm = channel.unary_unary(
+                '/sitepair.v1.Admin/ProtectVm',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.ProtectVmRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.DisableProtection = channel.unary_unary(
+                '/sitepair.v1.Admin/DisableProtection',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.DisableProtectionRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.ReplicationAction = channel.unary_unary(
+                '/sitepair.v1.Admin/ReplicationAction',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.ReplicationActionRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListProtected = channel.unary_unary(
+                '/sitepair.v1.Admin/ListProtected',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.ListProtectedRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.ListProtectedResponse.FromString,
+                _registered_method=True)
+        self.GetProtected = channel.unary_unary(
+                '/sitepair.v1.Admin/GetProtected',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.ProtectedRef.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.ProtectedVm.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -205,6 +300,121 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListVms(self, request, context):
+        """-- protection management --
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCloud(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListClouds(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCloud(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCloud(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddCloudHost(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveCloudHost(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PairClouds(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpairClouds(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPairPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPairs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Map(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmap(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMappings(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProtectVm(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableProtection(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplicationAction(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProtected(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProtected(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -282,6 +492,101 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=sitepair_dot_v1_dot_admin__pb2.GetJobRequest.FromString,
                     response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'ListVms': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVms,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.ListVmsRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.ListVmsResponse.SerializeToString,
+            ),
+            'CreateCloud': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCloud,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.CreateCloudRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Cloud.SerializeToString,
+            ),
+            'ListClouds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClouds,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.ListCloudsRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.ListCloudsResponse.SerializeToString,
+            ),
+            'GetCloud': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCloud,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.CloudRef.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Cloud.SerializeToString,
+            ),
+            'DeleteCloud': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCloud,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.CloudRef.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Cloud.SerializeToString,
+            ),
+            'AddCloudHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddCloudHost,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.CloudHostRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Cloud.SerializeToString,
+            ),
+            'RemoveCloudHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveCloudHost,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.CloudHostRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Cloud.SerializeToString,
+            ),
+            'PairClouds': grpc.unary_unary_rpc_method_handler(
+                    servicer.PairClouds,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.PairCloudsRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'UnpairClouds': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpairClouds,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.CloudRef.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.CloudPairInfo.SerializeToString,
+            ),
+            'SetPairPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPairPolicy,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.PairCloudsRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'ListPairs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPairs,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.ListPairsRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.ListPairsResponse.SerializeToString,
+            ),
+            'Map': grpc.unary_unary_rpc_method_handler(
+                    servicer.Map,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.MapRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.MappingInfo.SerializeToString,
+            ),
+            'Unmap': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmap,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.MapRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.MappingInfo.SerializeToString,
+            ),
+            'ListMappings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMappings,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.ListMappingsRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.ListMappingsResponse.SerializeToString,
+            ),
+            'ProtectVm': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProtectVm,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.ProtectVmRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'DisableProtection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableProtection,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.DisableProtectionRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'ReplicationAction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplicationAction,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.ReplicationActionRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'ListProtected': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProtected,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.ListProtectedRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.ListProtectedResponse.SerializeToString,
+            ),
+            'GetProtected': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProtected,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.ProtectedRef.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.ProtectedVm.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -689,6 +994,519 @@ class Admin:
             '/sitepair.v1.Admin/CancelJob',
             sitepair_dot_v1_dot_admin__pb2.GetJobRequest.SerializeToString,
             sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVms(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/ListVms',
+            sitepair_dot_v1_dot_admin__pb2.ListVmsRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.ListVmsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCloud(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/CreateCloud',
+            sitepair_dot_v1_dot_admin__pb2.CreateCloudRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Cloud.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClouds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/ListClouds',
+            sitepair_dot_v1_dot_admin__pb2.ListCloudsRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.ListCloudsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCloud(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/GetCloud',
+            sitepair_dot_v1_dot_admin__pb2.CloudRef.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Cloud.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCloud(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/DeleteCloud',
+            sitepair_dot_v1_dot_admin__pb2.CloudRef.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Cloud.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddCloudHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/AddCloudHost',
+            sitepair_dot_v1_dot_admin__pb2.CloudHostRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Cloud.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveCloudHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/RemoveCloudHost',
+            sitepair_dot_v1_dot_admin__pb2.CloudHostRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Cloud.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PairClouds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/PairClouds',
+            sitepair_dot_v1_dot_admin__pb2.PairCloudsRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpairClouds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/UnpairClouds',
+            sitepair_dot_v1_dot_admin__pb2.CloudRef.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.CloudPairInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPairPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/SetPairPolicy',
+            sitepair_dot_v1_dot_admin__pb2.PairCloudsRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPairs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/ListPairs',
+            sitepair_dot_v1_dot_admin__pb2.ListPairsRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.ListPairsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Map(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/Map',
+            sitepair_dot_v1_dot_admin__pb2.MapRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.MappingInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/Unmap',
+            sitepair_dot_v1_dot_admin__pb2.MapRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.MappingInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMappings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/ListMappings',
+            sitepair_dot_v1_dot_admin__pb2.ListMappingsRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.ListMappingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProtectVm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/ProtectVm',
+            sitepair_dot_v1_dot_admin__pb2.ProtectVmRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableProtection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/DisableProtection',
+            sitepair_dot_v1_dot_admin__pb2.DisableProtectionRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplicationAction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/ReplicationAction',
+            sitepair_dot_v1_dot_admin__pb2.ReplicationActionRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProtected(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/ListProtected',
+            sitepair_dot_v1_dot_admin__pb2.ListProtectedRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.ListProtectedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProtected(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/GetProtected',
+            sitepair_dot_v1_dot_admin__pb2.ProtectedRef.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.ProtectedVm.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,26 @@ class AdminStub:
     WatchJob: _grpc.UnaryStreamMultiCallable[_admin_pb2.GetJobRequest, _admin_pb2.Job]
     """Sends the job now and again on every change until it reaches a final state."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetJobRequest, _admin_pb2.Job]
+    ListVms: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListVmsRequest, _admin_pb2.ListVmsResponse]
+    """-- protection management --"""
+    CreateCloud: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateCloudRequest, _admin_pb2.Cloud]
+    ListClouds: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCloudsRequest, _admin_pb2.ListCloudsResponse]
+    GetCloud: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloudRef, _admin_pb2.Cloud]
+    DeleteCloud: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloudRef, _admin_pb2.Cloud]
+    AddCloudHost: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloudHostRequest, _admin_pb2.Cloud]
+    RemoveCloudHost: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloudHostRequest, _admin_pb2.Cloud]
+    PairClouds: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PairCloudsRequest, _admin_pb2.Job]
+    UnpairClouds: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloudRef, _admin_pb2.CloudPairInfo]
+    SetPairPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PairCloudsRequest, _admin_pb2.Job]
+    ListPairs: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPairsRequest, _admin_pb2.ListPairsResponse]
+    Map: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MapRequest, _admin_pb2.MappingInfo]
+    Unmap: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MapRequest, _admin_pb2.MappingInfo]
+    ListMappings: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListMappingsRequest, _admin_pb2.ListMappingsResponse]
+    ProtectVm: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ProtectVmRequest, _admin_pb2.Job]
+    DisableProtection: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DisableProtectionRequest, _admin_pb2.Job]
+    ReplicationAction: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReplicationActionRequest, _admin_pb2.Job]
+    ListProtected: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListProtectedRequest, _admin_pb2.ListProtectedResponse]
+    GetProtected: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ProtectedRef, _admin_pb2.ProtectedVm]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -67,6 +87,26 @@ class AdminAsyncStub(AdminStub):
     WatchJob: _aio.UnaryStreamMultiCallable[_admin_pb2.GetJobRequest, _admin_pb2.Job]  # type: ignore[assignment]
     """Sends the job now and again on every change until it reaches a final state."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetJobRequest, _admin_pb2.Job]  # type: ignore[assignment]
+    ListVms: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListVmsRequest, _admin_pb2.ListVmsResponse]  # type: ignore[assignment]
+    """-- protection management --"""
+    CreateCloud: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateCloudRequest, _admin_pb2.Cloud]  # type: ignore[assignment]
+    ListClouds: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCloudsRequest, _admin_pb2.ListCloudsResponse]  # type: ignore[assignment]
+    GetCloud: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloudRef, _admin_pb2.Cloud]  # type: ignore[assignment]
+    DeleteCloud: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloudRef, _admin_pb2.Cloud]  # type: ignore[assignment]
+    AddCloudHost: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloudHostRequest, _admin_pb2.Cloud]  # type: ignore[assignment]
+    RemoveCloudHost: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloudHostRequest, _admin_pb2.Cloud]  # type: ignore[assignment]
+    PairClouds: _aio.UnaryUnaryMultiCallable[_admin_pb2.PairCloudsRequest, _admin_pb2.Job]  # type: ignore[assignment]
+    UnpairClouds: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloudRef, _admin_pb2.CloudPairInfo]  # type: ignore[assignment]
+    SetPairPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.PairCloudsRequest, _admin_pb2.Job]  # type: ignore[assignment]
+    ListPairs: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPairsRequest, _admin_pb2.ListPairsResponse]  # type: ignore[assignment]
+    Map: _aio.UnaryUnaryMultiCallable[_admin_pb2.MapRequest, _admin_pb2.MappingInfo]  # type: ignore[assignment]
+    Unmap: _aio.UnaryUnaryMultiCallable[_admin_pb2.MapRequest, _admin_pb2.MappingInfo]  # type: ignore[assignment]
+    ListMappings: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListMappingsRequest, _admin_pb2.ListMappingsResponse]  # type: ignore[assignment]
+    ProtectVm: _aio.UnaryUnaryMultiCallable[_admin_pb2.ProtectVmRequest, _admin_pb2.Job]  # type: ignore[assignment]
+    DisableProtection: _aio.UnaryUnaryMultiCallable[_admin_pb2.DisableProtectionRequest, _admin_pb2.Job]  # type: ignore[assignment]
+    ReplicationAction: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReplicationActionRequest, _admin_pb2.Job]  # type: ignore[assignment]
+    ListProtected: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListProtectedRequest, _admin_pb2.ListProtectedResponse]  # type: ignore[assignment]
+    GetProtected: _aio.UnaryUnaryMultiCallable[_admin_pb2.ProtectedRef, _admin_pb2.ProtectedVm]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -174,5 +214,139 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def ListVms(
+        self,
+        request: _admin_pb2.ListVmsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListVmsResponse, _abc.Awaitable[_admin_pb2.ListVmsResponse]]:
+        """-- protection management --"""
+
+    @_abc_1.abstractmethod
+    def CreateCloud(
+        self,
+        request: _admin_pb2.CreateCloudRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Cloud, _abc.Awaitable[_admin_pb2.Cloud]]: ...
+
+    @_abc_1.abstractmethod
+    def ListClouds(
+        self,
+        request: _admin_pb2.ListCloudsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCloudsResponse, _abc.Awaitable[_admin_pb2.ListCloudsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetCloud(
+        self,
+        request: _admin_pb2.CloudRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Cloud, _abc.Awaitable[_admin_pb2.Cloud]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteCloud(
+        self,
+        request: _admin_pb2.CloudRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Cloud, _abc.Awaitable[_admin_pb2.Cloud]]: ...
+
+    @_abc_1.abstractmethod
+    def AddCloudHost(
+        self,
+        request: _admin_pb2.CloudHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Cloud, _abc.Awaitable[_admin_pb2.Cloud]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveCloudHost(
+        self,
+        request: _admin_pb2.CloudHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Cloud, _abc.Awaitable[_admin_pb2.Cloud]]: ...
+
+    @_abc_1.abstractmethod
+    def PairClouds(
+        self,
+        request: _admin_pb2.PairCloudsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def UnpairClouds(
+        self,
+        request: _admin_pb2.CloudRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CloudPairInfo, _abc.Awaitable[_admin_pb2.CloudPairInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def SetPairPolicy(
+        self,
+        request: _admin_pb2.PairCloudsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def ListPairs(
+        self,
+        request: _admin_pb2.ListPairsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListPairsResponse, _abc.Awaitable[_admin_pb2.ListPairsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Map(
+        self,
+        request: _admin_pb2.MapRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.MappingInfo, _abc.Awaitable[_admin_pb2.MappingInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def Unmap(
+        self,
+        request: _admin_pb2.MapRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.MappingInfo, _abc.Awaitable[_admin_pb2.MappingInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def ListMappings(
+        self,
+        request: _admin_pb2.ListMappingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListMappingsResponse, _abc.Awaitable[_admin_pb2.ListMappingsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ProtectVm(
+        self,
+        request: _admin_pb2.ProtectVmRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def DisableProtection(
+        self,
+        request: _admin_pb2.DisableProtectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def ReplicationAction(
+        self,
+        request: _admin_pb2.ReplicationActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def ListProtected(
+        self,
+        request: _admin_pb2.ListProtectedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListProtectedResponse, _abc.Awaitable[_admin_pb2.ListProtectedResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetProtected(
+        self,
+        request: _admin_pb2.ProtectedRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ProtectedVm, _abc.Awaitable[_admin_pb2.ProtectedVm]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

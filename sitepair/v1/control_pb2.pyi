@@ -493,6 +493,7 @@ class ConfigureReplica(_message.Message):
     TICKET_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     RECOVERY_POINTS_FIELD_NUMBER: _builtins.int
     POINT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    ADOPT_FIELD_NUMBER: _builtins.int
     relationship_id: _builtins.str
     vm_id: _builtins.str
     vm_name: _builtins.str
@@ -508,6 +509,8 @@ class ConfigureReplica(_message.Message):
     """additional hourly recovery points, 0-24"""
     point_interval_seconds: _builtins.int
     """0 = one hour"""
+    adopt: _builtins.bool
+    """take over a replica of this VM left by an earlier relationship"""
     def __init__(
         self,
         *,
@@ -521,10 +524,11 @@ class ConfigureReplica(_message.Message):
         ticket_public_key: _builtins.bytes = ...,
         recovery_points: _builtins.int = ...,
         point_interval_seconds: _builtins.int = ...,
+        adopt: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "epoch", b"epoch", "folder", b"folder", "point_interval_seconds", b"point_interval_seconds", "recovery_points", b"recovery_points", "relationship_id", b"relationship_id", "source_host", b"source_host", "ticket_public_key", b"ticket_public_key", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopt", b"adopt", "auth", b"auth", "epoch", b"epoch", "folder", b"folder", "point_interval_seconds", b"point_interval_seconds", "recovery_points", b"recovery_points", "relationship_id", b"relationship_id", "source_host", b"source_host", "ticket_public_key", b"ticket_public_key", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -595,6 +599,7 @@ class ConfigureSource(_message.Message):
     BANDWIDTH_LIMIT_FIELD_NUMBER: _builtins.int
     TRACKER_FIELD_NUMBER: _builtins.int
     INITIAL_FIELD_NUMBER: _builtins.int
+    RESYNC_FIRST_FIELD_NUMBER: _builtins.int
     relationship_id: _builtins.str
     vm_id: _builtins.str
     replica_host: _builtins.str
@@ -611,6 +616,8 @@ class ConfigureSource(_message.Message):
     """bytes per second, 0 = unlimited"""
     tracker: _builtins.str
     """"changelog" (default) or "scan" """
+    resync_first: _builtins.bool
+    """the replica holds an older copy: checksum resync, not a full copy"""
     @_builtins.property
     def initial(self) -> Global___InitialReplication: ...
     def __init__(
@@ -628,10 +635,11 @@ class ConfigureSource(_message.Message):
         bandwidth_limit: _builtins.int = ...,
         tracker: _builtins.str = ...,
         initial: Global___InitialReplication | None = ...,
+        resync_first: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["initial", b"initial"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "app_consistent_interval_seconds", b"app_consistent_interval_seconds", "auth", b"auth", "bandwidth_limit", b"bandwidth_limit", "compression", b"compression", "copy_frequency_seconds", b"copy_frequency_seconds", "epoch", b"epoch", "initial", b"initial", "relationship_id", b"relationship_id", "replica_host", b"replica_host", "tracker", b"tracker", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "app_consistent_interval_seconds", b"app_consistent_interval_seconds", "auth", b"auth", "bandwidth_limit", b"bandwidth_limit", "compression", b"compression", "copy_frequency_seconds", b"copy_frequency_seconds", "epoch", b"epoch", "initial", b"initial", "relationship_id", b"relationship_id", "replica_host", b"replica_host", "resync_first", b"resync_first", "tracker", b"tracker", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

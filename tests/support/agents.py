@@ -24,10 +24,11 @@ def register_agent(
     storage: dict[str, str] | None = None,
     networks: list[tuple[str, list[str]]] | None = None,
     cloud: str = "",
+    vm_root: str = "vms",
 ) -> AgentIdentity:
     # Port 0: several agents share this machine; each reports the ports it bound.
     toml = config_mod.render(
-        vm_root="vms",
+        vm_root=vm_root,
         storage=storage,
         networks=networks,
         cloud=cloud,
@@ -35,7 +36,7 @@ def register_agent(
         ticket_port=0,
     )
     ident = register(credentials, name=name, home=home, agent_toml=toml)
-    (home / "vms").mkdir(exist_ok=True)
+    (home / vm_root).mkdir(parents=True, exist_ok=True)
     return ident
 
 

@@ -1,0 +1,461 @@
+"""``sitepair-broker`` commands for protection: clouds, pairs, mappings, protected VMs."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+from broker.client import AdminClient
+from sitepair.cliutil import EXIT_OK, print_json, print_table, progress_bar
+from sitepair.clock import iso
+from sitepair.durations import format_size, parse_duration, parse_size
+from sitepair.errors import InvalidArgument
+from sitepair.protoconv import seconds
+from sitepair.v1 import admin_pb2
+
+ClientFactory = Callable[[argparse.Namespace], AdminClient]
+JobWatcher = Callable[[argparse.Namespace, AdminClient, str], int]
+JobPrinter = Callable[[argparse.Namespace, admin_pb2.Job], int]
+
+
+def _ts(t: Any) -> str:
+    v = seconds(t)
+    return iso(v) if v else "-"
+
+
+def policy_from_args(args: argparse.Namespace) -> admin_pb2.Policy:
+    freq = int(parse_duration(args.copy_frequency, what="--copy-frequency"))
+    at = None
+    if args.initial_at:
+        try:
+            at = dt.datetime.fromisoformat(args.initial_at.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise InvalidArgument(
+                f"--initial-at {args.initial_at!r} is not a date and time"
+            ) from exc
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=dt.UTC)
+    policy = admin_pb2.Policy(
+        copy_frequency_seconds=freq,
+        recovery_points=args.recovery_points,
+        app_consistent_hours=args.app_consistent_hours,
+        compression=not args.no_compression,
+        authentication=args.authentication,
+        port=args.port,
+        initial_method=args.initial,
+        export_path=args.export_path or "",
+        import_path=args.import_path or "",
+        delete_replica_on_disable=args.delete_replica_on_disable,
+        bandwidth_limit=parse_size(args.bandwidth) if args.bandwidth else 0,
+    )
+    if at is not None:
+        policy.initial_at.FromDatetime(at)
+    return policy
+
+
+def add_policy_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--copy-frequency", default="5m", help="30s, 5m or 15m (default 5m)")
+    sp.add_argument("--recovery-points", type=int, default=0, help="additional hourly points, 0-24")
+    sp.add_argument(
+        "--app-consistent-hours", type=int, default=0, help="0-12, fewer than the points"
+    )
+    sp.add_argument("--no-compression", action="store_true")
+    sp.add_argument("--authentication", choices=["certificate", "ticket"], default="certificate")
+    sp.add_argument("--port", type=int, default=0, help="replication port (default 8084 / 8083)")
+    sp.add_argument("--initial", choices=["network", "scheduled", "offline"], default="network")
+    sp.add_argument("--initial-at", help="start time of a scheduled initial replication (ISO 8601)")
+    sp.add_argument("--export-path", help="offline: folder on the primary hosts")
+    sp.add_argument("--import-path", help="offline: folder on the recovery hosts")
+    sp.add_argument("--delete-replica-on-disable", action="store_true")
+    sp.add_argument("--bandwidth", help="per-VM limit in bytes per second, e.g. 50M")
+
+
+def register(
+    sub: Any,
+    add: Callable[..., argparse.ArgumentParser],
+    client: ClientFactory,
+    watch: JobWatcher,
+    show_job: JobPrinter,
+) -> None:
+    """Add the protection commands to the top-level parser."""
+
+    def job_command(
+        fn: Callable[[argparse.Namespace, AdminClient], admin_pb2.Job],
+    ) -> Callable[[argparse.Namespace], int]:
+        def run(args: argparse.Namespace) -> int:
+            with client(args) as c:
+                job = fn(args, c)
+                if getattr(args, "wait", False):
+                    return watch(args, c, job.id)
+            return show_job(args, job)
+
+        return run
+
+    # -- clouds --
+    clouds = sub.add_parser("clouds", help="clouds and cloud pairs").add_subparsers(
+        dest="sub", required=True, metavar="ACTION"
+    )
+
+    def show_cloud(args: argparse.Namespace, cloud: admin_pb2.Cloud) -> int:
+        if args.json:
+            print_json(cloud)
+        else:
+            pair = (
+                f"{cloud.role} of a pair with {cloud.paired_with}" if cloud.role else "not paired"
+            )
+            print(f"cloud {cloud.name} (site {cloud.site}), {pair}")
+            print(f"  hosts: {', '.join(cloud.hosts) or '-'}")
+        return EXIT_OK
+
+    def clouds_create(args: argparse.Namespace) -> int:
+        with client(args) as c:
+            cloud = c.call(
+                "CreateCloud",
+                admin_pb2.CreateCloudRequest(
+                    name=args.name, site=args.site, description=args.description or ""
+                ),
+            )
+        return show_cloud(args, cloud)
+
+    def clouds_list(args: argparse.Namespace) -> int:
+        with client(args) as c:
+            resp = c.call("ListClouds", admin_pb2.ListCloudsRequest())
+        if args.json:
+            print_json(list(resp.clouds))
+            return EXIT_OK
+        print_table(
+            ["CLOUD", "SITE", "ROLE", "PAIRED WITH", "HOSTS"],
+            [
+                [cl.name, cl.site, cl.role, cl.paired_with, ", ".join(cl.hosts)]
+                for cl in resp.clouds
+            ],
+        )
+        return EXIT_OK
+
+    def clouds_show(args: argparse.Namespace) -> int:
+        with client(args) as c:
+            return show_cloud(args, c.call("GetCloud", admin_pb2.CloudRef(name=args.name)))
+
+    def clouds_delete(args: argparse.Namespace) -> int:
+        with client(args) as c:
+            cloud = c.call("DeleteCloud", admin_pb2.CloudRef(name=args.name))
+        if not args.json:
+            print(f"cloud {cloud.name} deleted")
+            return EXIT_OK
+        return show_cloud(args, cloud)
+
+    def clouds_host(method: str) -> Callable[[argparse.Namespace], int]:
+        def run(args: argparse.Namespace) -> int:
+            with client(args) as c:
+                return show_cloud(
+                    args,
+                    c.call(
+                        method, admin_pb2.CloudHostRequest(cloud=args.cloud, server=args.server)
+                    ),
+                )
+
+        return run
+
+    def clouds_unpair(args: argparse.Namespace) -> int:
+        with client(args) as c:
+            pair = c.call("UnpairClouds", admin_pb2.CloudRef(name=args.primary))
+        if args.json:
+            print_json(pair)
+        else:
+            print(f"pairing {pair.primary} -> {pair.recovery} removed")
+        return EXIT_OK
+
+    def clouds_pairs(args: argparse.Namespace) -> int:
+        with client(args) as c:
+            resp = c.call("ListPairs", admin_pb2.ListPairsRequest())
+        if args.json:
+            print_json(list(resp.pairs))
+            return EXIT_OK
+        print_table(
+            [
+                "PRIMARY",
+                "RECOVERY",
+                "COPY EVERY",
+                "POINTS",
+                "APP-CONS.",
+                "AUTH",
+                "PORT",
+                "INITIAL",
+                "VMS",
+            ],
+            [
+                [
+                    p.primary,
+                    p.recovery,
+                    f"{p.policy.copy_frequency_seconds}s",
+                    p.policy.recovery_points,
+                    f"{p.policy.app_consistent_hours}h" if p.policy.app_consistent_hours else "-",
+                    p.policy.authentication,
+                    p.policy.port,
+                    p.policy.initial_method,
+                    p.protected_vms,
+                ]
+                for p in resp.pairs
+            ],
+        )
+        return EXIT_OK
+
+    sp = add(clouds, "create", clouds_create, "create a cloud (a group of hosts at one site)")
+    sp.add_argument("name")
+    sp.add_argument("--site", required=True)
+    sp.add_argument("--description")
+    add(clouds, "list", clouds_list, "list clouds")
+    sp = add(clouds, "show", clouds_show, "show a cloud")
+    sp.add_argument("name")
+    sp = add(clouds, "delete", clouds_delete, "delete a cloud (not while paired)")
+    sp.add_argument("name")
+    for name, method, text in (
+        ("add-host", "AddCloudHost", "add a host to a cloud"),
+        ("remove-host", "RemoveCloudHost", "remove a host from a cloud"),
+    ):
+        sp = add(clouds, name, clouds_host(method), text)
+        sp.add_argument("cloud")
+        sp.add_argument("server")
+    sp = add(
+        clouds,
+        "pair",
+        job_command(
+            lambda a, c: c.call(
+                "PairClouds",
+                admin_pb2.PairCloudsRequest(
+                    primary=a.primary, recovery=a.recovery, policy=policy_from_args(a)
+                ),
+            )
+        ),
+        "pair a primary cloud with a recovery cloud, with a protection policy",
+    )
+    sp.add_argument("primary")
+    sp.add_argument("recovery")
+    sp.add_argument("--wait", action="store_true")
+    add_policy_arguments(sp)
+    sp = add(
+        clouds,
+        "policy",
+        job_command(
+            lambda a, c: c.call(
+                "SetPairPolicy",
+                admin_pb2.PairCloudsRequest(primary=a.primary, policy=policy_from_args(a)),
+            )
+        ),
+        "change the policy of a pair (applied to its protected VMs)",
+    )
+    sp.add_argument("primary")
+    sp.add_argument("--wait", action="store_true")
+    add_policy_arguments(sp)
+    sp = add(clouds, "unpair", clouds_unpair, "remove a pairing (no VM may be protected)")
+    sp.add_argument("primary")
+    add(clouds, "pairs", clouds_pairs, "list cloud pairs and their policies")
+
+    # -- mappings --
+    for kind, src_help in (("network", "VM network"), ("storage", "storage classification")):
+        grp = sub.add_parser(
+            f"{kind}s" if kind == "network" else kind, help=f"{src_help} mappings"
+        ).add_subparsers(dest="sub", required=True, metavar="ACTION")
+
+        def do_map(args: argparse.Namespace, kind: str = kind) -> int:
+            with client(args) as c:
+                m = c.call(
+                    "Map", admin_pb2.MapRequest(kind=kind, source=args.source, target=args.target)
+                )
+            if args.json:
+                print_json(m)
+            else:
+                print(f"{kind} {m.source} -> {m.target}")
+            return EXIT_OK
+
+        def do_unmap(args: argparse.Namespace, kind: str = kind) -> int:
+            with client(args) as c:
+                m = c.call("Unmap", admin_pb2.MapRequest(kind=kind, source=args.source))
+            if args.json:
+                print_json(m)
+            else:
+                print(f"{kind} mapping {m.source} -> {m.target} removed")
+            return EXIT_OK
+
+        def do_list(args: argparse.Namespace, kind: str = kind) -> int:
+            with client(args) as c:
+                resp = c.call("ListMappings", admin_pb2.ListMappingsRequest(kind=kind))
+            if args.json:
+                print_json(list(resp.mappings))
+                return EXIT_OK
+            print_table(
+                ["SOURCE", "TARGET", "SOURCE CLOUDS", "TARGET CLOUDS"],
+                [
+                    [m.source, m.target, ", ".join(m.source_clouds), ", ".join(m.target_clouds)]
+                    for m in resp.mappings
+                ],
+            )
+            return EXIT_OK
+
+        sp = add(grp, "map", do_map, f"map a source {src_help} to a target one")
+        sp.add_argument("source")
+        sp.add_argument("target")
+        sp = add(grp, "unmap", do_unmap, "remove a mapping")
+        sp.add_argument("source")
+        add(grp, "list", do_list, "list mappings with the clouds that offer them")
+
+    # -- VMs and protection --
+    vms = sub.add_parser("vms", help="virtual machines and their protection").add_subparsers(
+        dest="sub", required=True, metavar="ACTION"
+    )
+
+    def vms_list(args: argparse.Namespace) -> int:
+        with client(args) as c:
+            resp = c.call("ListVms", admin_pb2.ListVmsRequest(server=args.server or ""))
+        if args.json:
+            print_json(list(resp.vms))
+            return EXIT_OK
+        print_table(
+            ["VM", "HOST", "CLOUD", "STATE", "DISKS", "PROTECTION", "HEALTH"],
+            [
+                [
+                    v.vm.name,
+                    v.server_name,
+                    v.cloud,
+                    v.vm.state,
+                    f"{len(v.vm.disks)} ({format_size(sum(d.virtual_size for d in v.vm.disks))})",
+                    v.protection_state,
+                    v.health,
+                ]
+                for v in resp.vms
+            ],
+        )
+        return EXIT_OK
+
+    def vms_protected(args: argparse.Namespace) -> int:
+        with client(args) as c:
+            resp = c.call(
+                "ListProtected", admin_pb2.ListProtectedRequest(include_disabled=args.all)
+            )
+        if args.json:
+            print_json(list(resp.vms))
+            return EXIT_OK
+        print_table(
+            ["VM", "STATE", "HEALTH", "PRIMARY", "REPLICA", "LAST CYCLE", "EPOCH", "RELATIONSHIP"],
+            [
+                [
+                    v.vm_name,
+                    v.state + (" (paused)" if v.paused else ""),
+                    v.health,
+                    v.primary_server,
+                    v.replica_server,
+                    _ts(v.primary_status.last_success_at),
+                    v.epoch,
+                    v.relationship_id,
+                ]
+                for v in resp.vms
+            ],
+        )
+        return EXIT_OK
+
+    def vms_show(args: argparse.Namespace) -> int:
+        with client(args) as c:
+            v = c.call("GetProtected", admin_pb2.ProtectedRef(vm=args.vm))
+        if args.json:
+            print_json(v)
+            return EXIT_OK
+        p, ps, rs = v.policy, v.primary_status, v.replica_status
+        print(f"VM {v.vm_name} ({v.vm_id}), relationship {v.relationship_id}")
+        print(f"  state          {v.state}{' (paused)' if v.paused else ''}, epoch {v.epoch}")
+        print(f"  health         {v.health}")
+        for r in v.reasons:
+            print(f"    {r.level:<9} {r.message}")
+        print(f"  primary        {v.primary_server} in {v.primary_cloud}")
+        print(f"  replica        {v.replica_server} in {v.recovery_cloud} {v.replica_folder}")
+        compression = "on" if p.compression else "off"
+        print(
+            f"  policy         every {p.copy_frequency_seconds}s, {p.recovery_points} point(s), "
+            f"{p.authentication} on {p.port}, compression {compression}"
+        )
+        print(
+            f"  cycles         {ps.cycles_succeeded} ok, {ps.cycles_failed} failed, "
+            f"{ps.cycles_missed} missed; last {_ts(ps.last_success_at)}"
+        )
+        if ps.cycles_succeeded:
+            print(
+                f"  cycle size     avg {format_size(ps.avg_cycle_bytes)}, "
+                f"max {format_size(ps.max_cycle_bytes)}; latency avg "
+                f"{ps.avg_cycle_seconds:.1f}s, max {ps.max_cycle_seconds:.1f}s"
+            )
+        if ps.progress_total and ps.state in ("initial-replication", "resynchronizing"):
+            print(f"  progress       {progress_bar(ps.progress_done, ps.progress_total)}")
+        if ps.last_error:
+            print(f"  last error     {ps.last_error}")
+        print(f"  replica holds  sequence {rs.committed_sequence} (cut {_ts(rs.last_cut_at)})")
+        for pt in rs.points:
+            flags = ", app-consistent" if pt.app_consistent else ""
+            pinned = " (pinned)" if pt.pinned else ""
+            print(f"    point {pt.sequence:<6} {_ts(pt.cut_at)}{flags}{pinned}")
+        return EXIT_OK
+
+    sp = add(vms, "list", vms_list, "list VMs in the inventory")
+    sp.add_argument("--server")
+    sp = add(vms, "protected", vms_protected, "list protected VMs with state and health")
+    sp.add_argument("--all", action="store_true", help="include disabled ones")
+    sp = add(vms, "show", vms_show, "show a protected VM: state, health, statistics, points")
+    sp.add_argument("vm")
+
+    protect = job_command(
+        lambda a, c: c.call(
+            "ProtectVm", admin_pb2.ProtectVmRequest(vm=a.vm, accept_no_network=a.accept_no_network)
+        )
+    )
+    for parent, name in ((vms, "protect"), (sub, "protect")):
+        sp = add(parent, name, protect, "enable protection of a VM")
+        sp.add_argument("vm")
+        sp.add_argument(
+            "--accept-no-network",
+            action="store_true",
+            help="protect even if a NIC's network has no mapping",
+        )
+        sp.add_argument("--wait", action="store_true", help="watch the job until it finishes")
+
+    def disable(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
+        replica = admin_pb2.DisableProtectionRequest.POLICY
+        if a.delete_replica:
+            replica = admin_pb2.DisableProtectionRequest.DELETE
+        elif a.keep_replica:
+            replica = admin_pb2.DisableProtectionRequest.KEEP
+        job: admin_pb2.Job = c.call(
+            "DisableProtection", admin_pb2.DisableProtectionRequest(vm=a.vm, replica=replica)
+        )
+        return job
+
+    sp = add(vms, "disable", job_command(disable), "disable protection of a VM")
+    sp.add_argument("vm")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--delete-replica", action="store_true")
+    g.add_argument("--keep-replica", action="store_true")
+    sp.add_argument("--wait", action="store_true")
+
+    def replication_action(
+        action: str,
+    ) -> Callable[[argparse.Namespace, AdminClient], admin_pb2.Job]:
+        def call(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
+            request = admin_pb2.ReplicationActionRequest(
+                vm=a.vm, action=action, no_repair=getattr(a, "no_repair", False)
+            )
+            job: admin_pb2.Job = c.call("ReplicationAction", request)
+            return job
+
+        return call
+
+    for action, text in (
+        ("pause", "pause replication"),
+        ("resume", "resume replication"),
+        ("resync", "resynchronize: compare digests and send only blocks that differ"),
+        ("verify", "compare source and replica digests without moving data, repair mismatches"),
+        ("cycle", "run a replication cycle now"),
+    ):
+        sp = add(vms, action, job_command(replication_action(action)), text)
+        sp.add_argument("vm")
+        sp.add_argument("--wait", action="store_true")
+        if action == "verify":
+            sp.add_argument("--no-repair", action="store_true", help="only report mismatches")

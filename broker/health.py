@@ -1,0 +1,209 @@
+"""Replication health of a protected VM: Normal, Warning or Critical, with reasons to act on.
+
+Evaluated from what the broker knows: the relationship's state, the latest status reports of
+its primary and replica hosts, whether those hosts are connected, and their certificates. Each
+reason names the problem and what to do; the health is the worst reason's level.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from typing import Any
+
+from broker.policy import Policy
+from broker.store.models import Relationship, RelationshipState, Server
+
+NORMAL, WARNING, CRITICAL = "normal", "warning", "critical"
+_LEVEL = {NORMAL: 0, WARNING: 1, CRITICAL: 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthConfig:
+    #: Warning when the last successful cycle is older than this many copy intervals...
+    lag_warning_cycles: float = 3.0
+    #: ...and Critical beyond this many.
+    lag_critical_cycles: float = 12.0
+    #: A host offline turns the VM Warning at once and Critical after this long (seconds).
+    offline_critical_after: float = 300.0
+    #: Warning when more than this fraction of cycles were missed within the window.
+    missed_rate_warning: float = 0.2
+    #: The monitoring window for the missed-cycle rate (seconds).
+    window: float = 3600.0
+    #: Warning when less than this fraction of a host certificate's life remains.
+    certificate_warning_fraction: float = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class Reason:
+    level: str
+    code: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+class CycleHistory:
+    """Cumulative cycle counters reported over time, to compute rates within a window."""
+
+    def __init__(self) -> None:
+        self._samples: dict[str, collections.deque[tuple[float, int, int, int]]] = {}
+
+    def add(self, rel_id: str, now: float, succeeded: int, missed: int, failed: int) -> None:
+        q = self._samples.setdefault(rel_id, collections.deque(maxlen=10_000))
+        if q and (succeeded < q[-1][1] or missed < q[-1][2] or failed < q[-1][3]):
+            q.clear()  # the agent restarted and its counters started over
+        q.append((now, succeeded, missed, failed))
+
+    def missed_rate(self, rel_id: str, now: float, window: float) -> float:
+        q = self._samples.get(rel_id)
+        if not q:
+            return 0.0
+        while len(q) > 1 and q[1][0] <= now - window:
+            q.popleft()
+        first, last = q[0], q[-1]
+        succeeded = last[1] - first[1]
+        missed = last[2] - first[2]
+        failed = last[3] - first[3]
+        total = succeeded + missed + failed
+        return missed / total if total else 0.0
+
+
+def evaluate(
+    rel: Relationship,
+    *,
+    primary: Server | None,
+    replica: Server | None,
+    now: float,
+    config: HealthConfig,
+    history: CycleHistory,
+    agent_lifetime: float,
+) -> tuple[str, list[Reason]]:
+    reasons: list[Reason] = []
+    policy = Policy.from_json(rel.policy_json)
+    status: dict[str, Any] = json.loads(rel.primary_status_json or "{}")
+    state = rel.state
+    if state == RelationshipState.DISABLED:
+        return NORMAL, []
+
+    if state in (RelationshipState.ENABLING, RelationshipState.INITIAL_REPLICATION):
+        done, total = int(status.get("progress_done", 0)), int(status.get("progress_total", 0))
+        progress = f" ({100 * done // total}% of {total >> 20} MiB)" if total else ""
+        reasons.append(
+            Reason(
+                WARNING,
+                "initial-replication-pending",
+                f"initial replication has not completed{progress}",
+            )
+        )
+    if state == RelationshipState.RESYNC_REQUIRED or status.get("state") == "resync-required":
+        reasons.append(
+            Reason(
+                CRITICAL,
+                "resync-required",
+                "change tracking was lost; a resynchronization is required "
+                "(it runs by itself, or use `vms resync`)",
+            )
+        )
+    if rel.paused:
+        reasons.append(
+            Reason(
+                WARNING, "paused", "replication is paused by an operator (`vms resume` restarts it)"
+            )
+        )
+
+    for role, server in (("primary", primary), ("replica", replica)):
+        if server is None:
+            reasons.append(
+                Reason(CRITICAL, f"{role}-host-missing", f"the {role} host is no longer registered")
+            )
+            continue
+        if server.removed_at is not None:
+            reasons.append(
+                Reason(
+                    CRITICAL,
+                    f"{role}-host-removed",
+                    f"the {role} host {server.name} was removed from the vault",
+                )
+            )
+        elif not server.connected:
+            since = server.disconnected_at or server.last_heartbeat_at or now
+            away = now - since
+            level = CRITICAL if away >= config.offline_critical_after else WARNING
+            reasons.append(
+                Reason(
+                    level,
+                    f"{role}-host-offline",
+                    f"the {role} host {server.name} has been offline for {int(away)} s",
+                )
+            )
+        left = server.cert_not_after - now
+        if left < agent_lifetime * config.certificate_warning_fraction:
+            reasons.append(
+                Reason(
+                    WARNING,
+                    "certificate-near-expiry",
+                    f"the certificate of {server.name} expires in {int(max(left, 0))} s "
+                    "and was not renewed: "
+                    "check that the agent reaches the broker",
+                )
+            )
+
+    replicating = state in (
+        RelationshipState.PROTECTED,
+        RelationshipState.RESYNCHRONIZING,
+        RelationshipState.RESYNC_REQUIRED,
+        RelationshipState.REVERSE_REPLICATING,
+        RelationshipState.FAILED_OVER_TEST,
+    )
+    if replicating and not rel.paused:
+        last = float(status.get("last_success_at", 0.0))
+        lag = now - last if last else now - rel.updated_at
+        interval = policy.copy_frequency
+        if lag > interval * config.lag_critical_cycles:
+            reasons.append(
+                Reason(
+                    CRITICAL,
+                    "no-recent-cycle",
+                    f"no successful cycle for {int(lag)} s (copy frequency {interval} s)",
+                )
+            )
+        elif lag > interval * config.lag_warning_cycles:
+            reasons.append(
+                Reason(
+                    WARNING,
+                    "no-recent-cycle",
+                    f"no successful cycle for {int(lag)} s (copy frequency {interval} s)",
+                )
+            )
+        rate = history.missed_rate(rel.id, now, config.window)
+        if rate > config.missed_rate_warning:
+            reasons.append(
+                Reason(
+                    WARNING,
+                    "missed-cycles",
+                    f"{rate:.0%} of cycles were missed in the last {int(config.window)} s "
+                    f"(more than {config.missed_rate_warning:.0%})",
+                )
+            )
+        code = status.get("last_error_code", "")
+        if code == "disk-full":
+            reasons.append(
+                Reason(
+                    CRITICAL,
+                    "replica-disk-full",
+                    "the replica host's disk is full: " + str(status.get("last_error", "")),
+                )
+            )
+        elif code == "stale-epoch" or status.get("state") == "fenced":
+            reasons.append(
+                Reason(
+                    CRITICAL,
+                    "fenced",
+                    "the primary host was fenced: it replicates an epoch older than the replica's",
+                )
+            )
+    worst = max((r.level for r in reasons), key=lambda lv: _LEVEL[lv], default=NORMAL)
+    return worst, reasons

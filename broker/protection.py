@@ -1,0 +1,1063 @@
+"""Protection management: clouds, cloud pairs and their policy, mappings, protected VMs, health.
+
+What an operator does between registering hosts and a failover, as Azure Site Recovery does it
+between two on-premises sites. Every change that touches hosts runs as a job whose steps are
+commands to agents; command steps are idempotent and a job interrupted by a broker restart
+carries on from its first unfinished step (:meth:`ProtectionManager.resume`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from google.protobuf import json_format
+
+from broker.commands import CommandDispatcher
+from broker.health import CycleHistory, HealthConfig, evaluate
+from broker.jobs import JobManager
+from broker.policy import Policy, validate
+from broker.sessions import SessionRegistry
+from broker.store.models import (
+    Cloud,
+    CloudPair,
+    CommandState,
+    InventoryVm,
+    Job,
+    JobState,
+    Relationship,
+    RelationshipState,
+    Server,
+    StepState,
+)
+from broker.store.sqlite import SqliteStore, Tx
+from sitepair import pki, tickets
+from sitepair.clock import Clock
+from sitepair.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    SitepairError,
+)
+from sitepair.protoconv import timestamp
+from sitepair.v1 import control_pb2
+
+log = logging.getLogger("sitepair.broker.protection")
+
+SUPPORTED_FORMATS = ("vhd", "vhdx")
+#: Space kept free on a replica volume beyond the disks' allocated size.
+PLACEMENT_MARGIN = 1 << 30
+
+
+class StepFailed(SitepairError):
+    status = "FAILED_PRECONDITION"
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    server: Server
+    folder: str
+    reason: str
+
+
+class ProtectionManager:
+    def __init__(
+        self,
+        *,
+        store: SqliteStore,
+        clock: Clock,
+        jobs: JobManager,
+        dispatcher: CommandDispatcher,
+        sessions: SessionRegistry,
+        spawn: Callable[[Awaitable[Any]], asyncio.Task[Any]],
+        ticket_key: Any,
+        agent_lifetime: float,
+        health: HealthConfig | None = None,
+        command_timeout: float = 3600.0,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.jobs = jobs
+        self.dispatcher = dispatcher
+        self.sessions = sessions
+        self.spawn = spawn
+        self.ticket_key = ticket_key
+        self.agent_lifetime = agent_lifetime
+        self.health_config = health or HealthConfig()
+        self.command_timeout = command_timeout
+        self.history = CycleHistory()
+        self._reported = asyncio.Condition()
+        for kind in (
+            "enable-protection",
+            "disable-protection",
+            "configure-pair",
+            "replication-action",
+        ):
+            jobs.register_resumer(kind, self.resume)
+
+    # -- helpers ----------------------------------------------------------------------------
+    async def _read(self, fn: Callable[[Tx], Any]) -> Any:
+        def run() -> Any:
+            with self.store.read() as tx:
+                return fn(tx)
+
+        return await asyncio.to_thread(run)
+
+    async def _write(self, fn: Callable[[Tx], Any]) -> Any:
+        def run() -> Any:
+            with self.store.write() as tx:
+                return fn(tx)
+
+        return await asyncio.to_thread(run)
+
+    # -- clouds -----------------------------------------------------------------------------
+    async def create_cloud(self, name: str, site: str, description: str = "") -> Cloud:
+        pki.check_identifier(name, "cloud name")
+        pki.check_identifier(site, "site")
+        cloud = Cloud(name=name, site=site, description=description, created_at=self.clock.now())
+        await self._write(lambda tx: tx.insert_cloud(cloud))
+        log.info("cloud created", extra={"fields": {"cloud": name, "site": site}})
+        return cloud
+
+    async def delete_cloud(self, name: str) -> None:
+        def run(tx: Tx) -> None:
+            if tx.get_cloud(name) is None:
+                raise NotFound(f"no cloud {name!r}")
+            pair = tx.pair_of(name)
+            if pair is not None:
+                raise FailedPrecondition(
+                    f"cloud {name} is paired ({pair.primary_cloud} -> {pair.recovery_cloud})",
+                    hint=f"remove the pairing first: clouds unpair {pair.primary_cloud}",
+                )
+            tx.delete_cloud(name)
+
+        await self._write(run)
+
+    async def add_host(self, cloud: str, server_ref: str) -> Server:
+        now = self.clock.now()
+
+        def run(tx: Tx) -> Server:
+            c = tx.get_cloud(cloud)
+            if c is None:
+                raise NotFound(f"no cloud {cloud!r}", hint="create it with `clouds create`")
+            server = tx.find_server(server_ref)
+            if server.removed_at is not None:
+                raise FailedPrecondition(f"server {server.name} was removed")
+            if server.site != c.site:
+                raise FailedPrecondition(
+                    f"server {server.name} is at site {server.site}, cloud {cloud} at {c.site}"
+                )
+            current = tx.cloud_of(server.id)
+            if current == cloud:
+                return server
+            if current is not None and _active_on(tx, server.id):
+                raise FailedPrecondition(
+                    f"server {server.name} is in cloud {current} and protects VMs there",
+                    hint="disable their protection before moving the host",
+                )
+            tx.set_host_cloud(server.id, cloud, now)
+            return server
+
+        return await self._write(run)  # type: ignore[no-any-return]
+
+    async def remove_host(self, cloud: str, server_ref: str) -> Server:
+        now = self.clock.now()
+
+        def run(tx: Tx) -> Server:
+            server = tx.find_server(server_ref)
+            if tx.cloud_of(server.id) != cloud:
+                raise FailedPrecondition(f"server {server.name} is not in cloud {cloud}")
+            if _active_on(tx, server.id):
+                raise FailedPrecondition(
+                    f"server {server.name} takes part in protected VMs",
+                    hint="disable their protection first",
+                )
+            tx.set_host_cloud(server.id, None, now)
+            return server
+
+        return await self._write(run)  # type: ignore[no-any-return]
+
+    # -- pairs ------------------------------------------------------------------------------
+    async def pair(self, primary: str, recovery: str, policy: Policy, *, by: str) -> Job:
+        validate(policy)
+        now = self.clock.now()
+
+        def run(tx: Tx) -> None:
+            for name in (primary, recovery):
+                if tx.get_cloud(name) is None:
+                    raise NotFound(f"no cloud {name!r}")
+            if primary == recovery:
+                raise InvalidArgument("a cloud cannot be paired with itself")
+            for name in (primary, recovery):
+                existing = tx.pair_of(name)
+                if existing is not None:
+                    raise AlreadyExists(
+                        f"cloud {name} already belongs to the pair {existing.primary_cloud} -> "
+                        f"{existing.recovery_cloud}; a cloud belongs to one pair at most",
+                        hint="to change the target, remove the pairing first: "
+                        f"clouds unpair {existing.primary_cloud}",
+                    )
+            tx.insert_pair(CloudPair(primary, recovery, policy.to_json(), now, now))
+
+        await self._write(run)
+        log.info("clouds paired", extra={"fields": {"primary": primary, "recovery": recovery}})
+        return await self._apply_policy_job(primary, recovery, policy, by=by)
+
+    async def set_policy(self, primary: str, policy: Policy, *, by: str) -> Job:
+        validate(policy)
+        now = self.clock.now()
+
+        def run(tx: Tx) -> CloudPair:
+            pair = tx.pair_of(primary)
+            if pair is None or pair.primary_cloud != primary:
+                raise NotFound(f"cloud {primary} is not the primary of a pair")
+            tx.update_pair_policy(primary, policy.to_json(), now)
+            return pair
+
+        pair = await self._write(run)
+        return await self._apply_policy_job(pair.primary_cloud, pair.recovery_cloud, policy, by=by)
+
+    async def _apply_policy_job(
+        self, primary: str, recovery: str, policy: Policy, *, by: str
+    ) -> Job:
+        job = await self.jobs.create(
+            "configure-pair",
+            f"pair/{primary}",
+            [
+                f"check the hosts of {recovery} accept {policy.authentication} replication",
+                "apply the policy to protected VMs",
+            ],
+            created_by=by,
+            params={"primary": primary, "recovery": recovery},
+        )
+        self.spawn(self._run_pair_job(job))
+        return job
+
+    async def _run_pair_job(self, job: Job, start: int = 0) -> None:
+        params = json.loads(job.params_json)
+        primary, recovery = params["primary"], params["recovery"]
+
+        async def check_hosts() -> str:
+            def read(tx: Tx) -> tuple[Policy, list[Server]]:
+                pair = tx.pair_of(primary)
+                if pair is None:
+                    raise StepFailed(f"the pair {primary} -> {recovery} was removed meanwhile")
+                return Policy.from_json(pair.policy_json), [
+                    s for s in (tx.get_server(i) for i in tx.cloud_hosts(recovery)) if s is not None
+                ]
+
+            policy, hosts = await self._read(read)
+            problems = []
+            for host in hosts:
+                facts = json.loads(host.facts_json or "{}")
+                port = int(
+                    facts.get(
+                        "certificatePort"
+                        if policy.authentication == "certificate"
+                        else "ticketPort",
+                        0,
+                    )
+                )
+                if not port:
+                    problems.append(
+                        f"{host.name} reports no {policy.authentication} replication listener"
+                    )
+            if problems:
+                raise StepFailed("; ".join(problems))
+            return (
+                f"{len(hosts)} recovery host(s) ready"
+                if hosts
+                else f"cloud {recovery} has no hosts yet"
+            )
+
+        async def apply_to_relationships() -> str:
+            def read(tx: Tx) -> list[Relationship]:
+                return [r for r in tx.list_relationships() if r.primary_cloud == primary]
+
+            rels = await self._read(read)
+            pair = await self._read(lambda tx: tx.pair_of(primary))
+            for rel in rels:
+
+                def update(tx: Tx, rel_id: str = rel.id) -> None:
+                    tx.update_relationship(rel_id, self.clock.now(), policy_json=pair.policy_json)
+
+                await self._write(update)
+                fresh = await self._get(rel.id)
+                await self._send_and_wait(
+                    job, 1, fresh.replica_server, self._configure_replica_cmd(fresh)
+                )
+                await self._send_and_wait(
+                    job, 1, fresh.primary_server, await self._configure_source_cmd(fresh)
+                )
+            return f"{len(rels)} protected VM(s) updated"
+
+        await self._run_steps(job, [check_hosts, apply_to_relationships], start)
+
+    async def unpair(self, primary: str) -> None:
+        def run(tx: Tx) -> None:
+            pair = tx.pair_of(primary)
+            if pair is None or pair.primary_cloud != primary:
+                raise NotFound(f"cloud {primary} is not the primary of a pair")
+            rels = [r for r in tx.list_relationships() if r.primary_cloud == primary]
+            if rels:
+                raise FailedPrecondition(
+                    f"{len(rels)} VM(s) of cloud {primary} are protected",
+                    hint="disable their protection before removing the pairing",
+                )
+            tx.delete_pair(primary)
+
+        await self._write(run)
+
+    # -- mappings ---------------------------------------------------------------------------
+    async def map(self, kind: str, source: str, target: str) -> None:
+        if kind not in ("network", "storage"):
+            raise InvalidArgument(f"unknown mapping kind {kind!r}")
+        if not source or not target:
+            raise InvalidArgument("a mapping needs a source and a target")
+        await self._write(lambda tx: tx.put_mapping(kind, source, target, self.clock.now()))
+
+    async def unmap(self, kind: str, source: str) -> None:
+        removed = await self._write(lambda tx: tx.delete_mapping(kind, source))
+        if not removed:
+            raise NotFound(f"no {kind} mapping for {source!r}")
+
+    async def mappings(self, kind: str) -> list[dict[str, Any]]:
+        """Each mapping with the clouds whose hosts offer its source and target."""
+
+        def read(tx: Tx) -> list[dict[str, Any]]:
+            offered: dict[str, set[str]] = {}
+            if kind == "network":
+                for server_id, name, _ in tx.host_networks():
+                    cloud = tx.cloud_of(server_id)
+                    if cloud:
+                        offered.setdefault(name, set()).add(cloud)
+            else:
+                for st in tx.host_storage():
+                    cloud = tx.cloud_of(st.server_id)
+                    if cloud:
+                        offered.setdefault(st.name, set()).add(cloud)
+            return [
+                {
+                    "source": m.source,
+                    "target": m.target,
+                    "source_clouds": sorted(offered.get(m.source, ())),
+                    "target_clouds": sorted(offered.get(m.target, ())),
+                }
+                for m in tx.list_mappings(kind)
+            ]
+
+        return await self._read(read)  # type: ignore[no-any-return]
+
+    # -- enable protection ------------------------------------------------------------------
+    async def protect(self, vm_ref: str, *, by: str, accept_no_network: bool = False) -> Job:
+        now = self.clock.now()
+
+        def prepare(tx: Tx) -> Relationship:
+            vm, server = _find_vm(tx, vm_ref)
+            cloud = tx.cloud_of(server.id)
+            if cloud is None:
+                raise FailedPrecondition(
+                    f"VM {vm.name} is on {server.name}, which is in no cloud",
+                    hint="add the host to a cloud that is the primary of a pair",
+                )
+            pair = tx.pair_of(cloud)
+            if pair is None or pair.primary_cloud != cloud:
+                raise FailedPrecondition(
+                    f"cloud {cloud} is not the primary cloud of a pair",
+                    hint=f"pair it: clouds pair {cloud} RECOVERY_CLOUD",
+                )
+            disks = json.loads(vm.disks_json)
+            if not disks:
+                raise FailedPrecondition(f"VM {vm.name} has no disks to replicate")
+            for d in disks:
+                if d["format"] not in SUPPORTED_FORMATS:
+                    raise FailedPrecondition(
+                        f"disk {d['id']} of {vm.name} is {d['format']}; "
+                        "only VHD and VHDX are replicated"
+                    )
+            nics = json.loads(vm.nics_json)
+            net_map = {m.source: m.target for m in tx.list_mappings("network")}
+            unmapped = sorted(
+                {n["network"] for n in nics if n["network"] and n["network"] not in net_map}
+            )
+            if unmapped and not accept_no_network:
+                raise FailedPrecondition(
+                    f"VM {vm.name} uses network(s) {', '.join(unmapped)} with no mapping: "
+                    "after failover those NICs would have no network",
+                    hint="map them (networks map SRC TGT) or protect with --accept-no-network",
+                )
+            for r in tx.list_relationships():
+                if r.vm_id == vm.vm_id:
+                    raise AlreadyExists(
+                        f"VM {vm.name} is already protected ({r.id}, {r.state.value})"
+                    )
+            replica_vm = {
+                "name": vm.name,
+                "generation": vm.generation,
+                "cpu_count": vm.cpu_count,
+                "memory_mb": vm.memory_mb,
+                "disks": disks,
+                "nics": [
+                    {
+                        "name": n["name"],
+                        "network": net_map.get(n["network"], ""),
+                        "source_network": n["network"],
+                    }
+                    for n in nics
+                ],
+            }
+            rel = Relationship(
+                id=f"rel-{uuid.uuid4().hex[:12]}",
+                vm_id=vm.vm_id,
+                vm_name=vm.name,
+                primary_cloud=pair.primary_cloud,
+                recovery_cloud=pair.recovery_cloud,
+                primary_server=server.id,
+                replica_server="",
+                state=RelationshipState.ENABLING,
+                epoch=1,
+                policy_json=pair.policy_json,
+                replica_vm_json=json.dumps(replica_vm),
+                created_at=now,
+                updated_at=now,
+            )
+            tx.insert_relationship(rel)
+            return rel
+
+        rel = await self._write(prepare)
+        job = await self.jobs.create(
+            "enable-protection",
+            f"vm/{rel.vm_name}",
+            [
+                "Prerequisites check for enabling protection",
+                "Choose the replica host",
+                "Create the replica VM",
+                "Enable replication on the primary host",
+                "Initial replication",
+                "Finalize protection",
+            ],
+            created_by=by,
+            params={"relationship": rel.id},
+        )
+        await self.jobs.step(
+            job.id, 0, StepState.SUCCEEDED, message="VM, pair, disks and networks checked"
+        )
+        self.spawn(self._run_protect(job, 1))
+        return await self.jobs.get(job.id)
+
+    async def _run_protect(self, job: Job, start: int) -> None:
+        rel_id = json.loads(job.params_json)["relationship"]
+
+        async def noop() -> str:
+            return "checked"
+
+        async def place() -> str:
+            rel = await self._get(rel_id)
+            if rel.replica_server:
+                return f"{rel.replica_server} (chosen before)"
+            placement = await self._read(lambda tx: _place(tx, rel))
+            await self._write(
+                lambda tx: tx.update_relationship(
+                    rel_id,
+                    self.clock.now(),
+                    replica_server=placement.server.id,
+                    replica_folder=placement.folder,
+                )
+            )
+            return f"{placement.server.name}: {placement.reason}"
+
+        async def create_replica() -> str:
+            rel = await self._get(rel_id)
+            result = await self._send_and_wait(
+                job, 2, rel.replica_server, self._configure_replica_cmd(rel)
+            )
+            committed = int(result.get("committed_sequence", 0))
+            if committed:
+                # An existing replica of this VM was found and adopted: resync instead of copying.
+                await self._write(
+                    lambda tx: tx.update_relationship(
+                        rel_id, self.clock.now(), state=RelationshipState.RESYNCHRONIZING
+                    )
+                )
+                return (
+                    f"existing replica adopted at sequence {committed}; a checksum resync follows"
+                )
+            return f"replica folder {result.get('folder', '')}"
+
+        async def enable_source() -> str:
+            rel = await self._get(rel_id)
+            await self._send_and_wait(
+                job, 3, rel.primary_server, await self._configure_source_cmd(rel)
+            )
+            if rel.state == RelationshipState.ENABLING:
+                await self._write(
+                    lambda tx: tx.update_relationship(
+                        rel_id, self.clock.now(), state=RelationshipState.INITIAL_REPLICATION
+                    )
+                )
+            return "replication configured"
+
+        async def initial() -> str:
+            return await self._wait_initial(job, rel_id)
+
+        async def finalize() -> str:
+            await self._write(
+                lambda tx: tx.update_relationship(
+                    rel_id, self.clock.now(), state=RelationshipState.PROTECTED
+                )
+            )
+            return "protected"
+
+        ok = await self._run_steps(
+            job, [noop, place, create_replica, enable_source, initial, finalize], start
+        )
+        if not ok:
+            rel = await self._get(rel_id)
+            if rel.state in (RelationshipState.ENABLING,):
+                # Nothing was set up on the hosts: free the VM for another attempt.
+                await self._write(
+                    lambda tx: tx.update_relationship(
+                        rel_id,
+                        self.clock.now(),
+                        state=RelationshipState.DISABLED,
+                        disabled_at=self.clock.now(),
+                    )
+                )
+
+    async def _wait_initial(self, job: Job, rel_id: str) -> str:
+        """Wait for the replica to hold sequence 1, showing progress from the primary's report."""
+        sent_import = False
+        while True:
+            rel = await self._get(rel_id)
+            replica = json.loads(rel.replica_status_json or "{}")
+            primary = json.loads(rel.primary_status_json or "{}")
+            committed = int(replica.get("committed_sequence", 0))
+            if committed >= 1 and rel.state != RelationshipState.RESYNCHRONIZING:
+                return f"replica at sequence {committed}"
+            if (
+                rel.state == RelationshipState.RESYNCHRONIZING
+                and primary.get("state") == "protected"
+                and committed
+            ):
+                await self._write(
+                    lambda tx: tx.update_relationship(
+                        rel_id, self.clock.now(), state=RelationshipState.INITIAL_REPLICATION
+                    )
+                )
+                return f"resynchronized at sequence {committed}"
+            policy = Policy.from_json(rel.policy_json)
+            if (
+                policy.initial_method == "offline"
+                and primary.get("state") == "waiting-for-import"
+                and not sent_import
+            ):
+                await self._send_and_wait(
+                    job,
+                    4,
+                    rel.replica_server,
+                    control_pb2.Command(
+                        replication_action=control_pb2.ReplicationAction(
+                            relationship_id=rel_id,
+                            action=control_pb2.ReplicationAction.IMPORT,
+                            path=policy.import_path,
+                        )
+                    ),
+                )
+                sent_import = True
+            done, total = (
+                int(primary.get("progress_done", 0)),
+                int(primary.get("progress_total", 0)),
+            )
+            message = primary.get("state", "waiting for the first report")
+            if primary.get("last_error"):
+                message += f"; last error: {primary['last_error']}"
+            await self.jobs.step(job.id, 4, message=message, done=done, total=total)
+            async with self._reported:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._reported.wait(), timeout=2.0)
+
+    # -- disable, pause, resume, resync, verify --------------------------------------------
+    async def disable(self, ref: str, *, by: str, delete_replica: bool | None = None) -> Job:
+        rel = await self._read(lambda tx: tx.find_relationship(ref))
+        if rel.disabled_at is not None:
+            raise FailedPrecondition(f"protection of {rel.vm_name} is already disabled")
+        policy = Policy.from_json(rel.policy_json)
+        delete = policy.delete_replica_on_disable if delete_replica is None else delete_replica
+        job = await self.jobs.create(
+            "disable-protection",
+            f"vm/{rel.vm_name}",
+            [
+                "Stop replication on the primary host",
+                "Delete the replica" if delete else "Keep the replica, stop accepting cycles",
+                "Disable protection",
+            ],
+            created_by=by,
+            params={"relationship": rel.id, "delete_replica": delete},
+        )
+        self.spawn(self._run_disable(job, 0))
+        return job
+
+    async def _run_disable(self, job: Job, start: int) -> None:
+        params = json.loads(job.params_json)
+        rel_id, delete = params["relationship"], bool(params["delete_replica"])
+
+        async def stop_primary() -> str:
+            rel = await self._get(rel_id)
+            if not rel.primary_server or await self._server_gone(rel.primary_server):
+                return "the primary host is gone; nothing to stop"
+            await self._send_and_wait(
+                job,
+                0,
+                rel.primary_server,
+                control_pb2.Command(
+                    remove_relationship=control_pb2.RemoveRelationship(relationship_id=rel_id)
+                ),
+            )
+            return "stopped"
+
+        async def handle_replica() -> str:
+            rel = await self._get(rel_id)
+            if not rel.replica_server or await self._server_gone(rel.replica_server):
+                return "the replica host is gone"
+            result = await self._send_and_wait(
+                job,
+                1,
+                rel.replica_server,
+                control_pb2.Command(
+                    remove_relationship=control_pb2.RemoveRelationship(
+                        relationship_id=rel_id, delete_replica=delete
+                    )
+                ),
+            )
+            return ", ".join(result.get("removed", [])) or "nothing to remove"
+
+        async def mark() -> str:
+            now = self.clock.now()
+            await self._write(
+                lambda tx: tx.update_relationship(
+                    rel_id, now, state=RelationshipState.DISABLED, disabled_at=now
+                )
+            )
+            return "disabled"
+
+        await self._run_steps(job, [stop_primary, handle_replica, mark], start)
+
+    async def action(self, ref: str, action: str, *, by: str, repair: bool = True) -> Job:
+        names = {
+            "pause": control_pb2.ReplicationAction.PAUSE,
+            "resume": control_pb2.ReplicationAction.RESUME,
+            "resync": control_pb2.ReplicationAction.RESYNC,
+            "verify": control_pb2.ReplicationAction.VERIFY,
+            "cycle": control_pb2.ReplicationAction.RUN_CYCLE,
+        }
+        if action not in names:
+            raise InvalidArgument(f"unknown replication action {action!r}")
+        rel = await self._read(lambda tx: tx.find_relationship(ref))
+        if rel.disabled_at is not None:
+            raise FailedPrecondition(f"protection of {rel.vm_name} is disabled")
+        if rel.state in (RelationshipState.ENABLING,):
+            raise FailedPrecondition(f"protection of {rel.vm_name} is still being enabled")
+        job = await self.jobs.create(
+            "replication-action",
+            f"vm/{rel.vm_name}",
+            [f"{action} replication of {rel.vm_name}"],
+            created_by=by,
+            params={"relationship": rel.id, "action": action, "repair": repair},
+        )
+        self.spawn(self._run_action(job, 0))
+        return job
+
+    async def _run_action(self, job: Job, start: int) -> None:
+        params = json.loads(job.params_json)
+        rel_id, action = params["relationship"], params["action"]
+        code = {
+            "pause": control_pb2.ReplicationAction.PAUSE,
+            "resume": control_pb2.ReplicationAction.RESUME,
+            "resync": control_pb2.ReplicationAction.RESYNC,
+            "verify": control_pb2.ReplicationAction.VERIFY,
+            "cycle": control_pb2.ReplicationAction.RUN_CYCLE,
+        }[action]
+
+        async def run() -> str:
+            rel = await self._get(rel_id)
+            if action == "resync":
+                await self._write(
+                    lambda tx: tx.update_relationship(
+                        rel_id, self.clock.now(), state=RelationshipState.RESYNCHRONIZING
+                    )
+                )
+            result = await self._send_and_wait(
+                job,
+                0,
+                rel.primary_server,
+                control_pb2.Command(
+                    replication_action=control_pb2.ReplicationAction(
+                        relationship_id=rel_id, action=code, repair=bool(params.get("repair", True))
+                    )
+                ),
+            )
+            changes: dict[str, Any] = {}
+            if action in ("pause", "resume"):
+                changes["paused"] = action == "pause"
+            if action == "resync":
+                changes["state"] = RelationshipState.PROTECTED
+            if changes:
+                await self._write(
+                    lambda tx: tx.update_relationship(rel_id, self.clock.now(), **changes)
+                )
+            await self.jobs.set_state(job.id, JobState.RUNNING, result=result)
+            if action == "verify":
+                return f"{result.get('mismatched_bytes', 0)} mismatching bytes" + (
+                    " repaired" if result.get("repaired") else ""
+                )
+            return json.dumps(result, sort_keys=True)
+
+        await self._run_steps(job, [run], start)
+
+    # -- reports and health -----------------------------------------------------------------
+    async def on_report(self, server_id: str, report: control_pb2.ReplicationReport) -> None:
+        now = self.clock.now()
+        for status in report.relationships:
+            doc = json_format.MessageToDict(status, preserving_proto_field_name=True)
+            doc["last_success_at"] = (
+                status.last_success_at.seconds + status.last_success_at.nanos / 1e9
+            )
+            doc["reported_at"] = now
+
+            def update(
+                tx: Tx, st: control_pb2.RelationshipStatus = status, d: dict[str, Any] = doc
+            ) -> None:
+                rel = tx.get_relationship(st.relationship_id)
+                if rel is None or rel.disabled_at is not None:
+                    return
+                fields: dict[str, Any] = {}
+                if st.role == "primary" and rel.primary_server == server_id:
+                    fields["primary_status_json"] = json.dumps(d, sort_keys=True)
+                    if st.state == "resynchronizing" and rel.state == RelationshipState.PROTECTED:
+                        fields["state"] = RelationshipState.RESYNCHRONIZING
+                    elif st.state == "protected" and rel.state in (
+                        RelationshipState.RESYNCHRONIZING,
+                        RelationshipState.RESYNC_REQUIRED,
+                    ):
+                        fields["state"] = RelationshipState.PROTECTED
+                elif st.role == "replica" and rel.replica_server == server_id:
+                    fields["replica_status_json"] = json.dumps(d, sort_keys=True)
+                if fields:
+                    tx.update_relationship(rel.id, now, **fields)
+
+            await self._write(update)
+            if status.role == "primary":
+                self.history.add(
+                    status.relationship_id,
+                    now,
+                    status.cycles_succeeded,
+                    status.cycles_missed,
+                    status.cycles_failed,
+                )
+        async with self._reported:
+            self._reported.notify_all()
+
+    async def evaluate_health(self) -> list[tuple[str, str]]:
+        """Recompute and store every active relationship's health; returns (id, health)."""
+        now = self.clock.now()
+
+        def run(tx: Tx) -> list[tuple[str, str]]:
+            out = []
+            for rel in tx.list_relationships():
+                health, reasons = evaluate(
+                    rel,
+                    primary=tx.get_server(rel.primary_server) if rel.primary_server else None,
+                    replica=tx.get_server(rel.replica_server) if rel.replica_server else None,
+                    now=now,
+                    config=self.health_config,
+                    history=self.history,
+                    agent_lifetime=self.agent_lifetime,
+                )
+                reasons_json = json.dumps([r.as_dict() for r in reasons], sort_keys=True)
+                if health != rel.health or reasons_json != rel.health_reasons_json:
+                    tx.update_relationship(
+                        rel.id, now, health=health, health_reasons_json=reasons_json
+                    )
+                    if health != rel.health:
+                        log.warning(
+                            "replication health changed",
+                            extra={
+                                "fields": {
+                                    "vm": rel.vm_name,
+                                    "from": rel.health,
+                                    "to": health,
+                                    "reasons": [r.code for r in reasons],
+                                }
+                            },
+                        )
+                out.append((rel.id, health))
+            return out
+
+        return await self._write(run)  # type: ignore[no-any-return]
+
+    async def run_health(self, interval: float) -> None:
+        while True:
+            try:
+                await self.evaluate_health()
+            except SitepairError:
+                log.exception("health evaluation failed")
+            await asyncio.sleep(interval)
+
+    # -- tickets ----------------------------------------------------------------------------
+    def issue_ticket(self, rel: Relationship) -> str:
+        return tickets.issue(
+            self.ticket_key,
+            source_host=rel.primary_server,
+            replica_host=rel.replica_server,
+            relationship=rel.id,
+            vm=rel.vm_id,
+            epoch=rel.epoch,
+            now=self.clock.now(),
+        )
+
+    # -- commands for agents ----------------------------------------------------------------
+    def _configure_replica_cmd(self, rel: Relationship) -> control_pb2.Command:
+        policy = Policy.from_json(rel.policy_json)
+        return control_pb2.Command(
+            configure_replica=control_pb2.ConfigureReplica(
+                relationship_id=rel.id,
+                vm_id=rel.vm_id,
+                vm_name=rel.vm_name,
+                source_host=rel.primary_server,
+                epoch=rel.epoch,
+                folder=rel.replica_folder,
+                auth=policy.authentication,
+                ticket_public_key=tickets.public_key_bytes(self.ticket_key),
+                recovery_points=policy.recovery_points,
+                point_interval_seconds=3600,
+            )
+        )
+
+    async def _configure_source_cmd(self, rel: Relationship) -> control_pb2.Command:
+        policy = Policy.from_json(rel.policy_json)
+        replica = await self._read(lambda tx: tx.get_server(rel.replica_server))
+        if replica is None:
+            raise StepFailed(f"the replica host {rel.replica_server} is not registered")
+        facts = json.loads(replica.facts_json or "{}")
+        host = facts.get("replicationHost") or "127.0.0.1"
+        port = int(
+            facts.get(
+                "certificatePort" if policy.authentication == "certificate" else "ticketPort", 0
+            )
+        )
+        if policy.port and port != policy.port and port:
+            log.info(
+                "replica host listens on another port than the policy's",
+                extra={"fields": {"host": replica.name, "policy_port": policy.port, "port": port}},
+            )
+        if not port:
+            raise StepFailed(
+                f"{replica.name} reports no {policy.authentication} replication listener"
+            )
+        method = {
+            "network": control_pb2.InitialReplication.NETWORK,
+            "scheduled": control_pb2.InitialReplication.SCHEDULED,
+            "offline": control_pb2.InitialReplication.OFFLINE,
+        }[policy.initial_method]
+        return control_pb2.Command(
+            configure_source=control_pb2.ConfigureSource(
+                relationship_id=rel.id,
+                vm_id=rel.vm_id,
+                replica_host=rel.replica_server,
+                address=f"{host}:{port}",
+                epoch=rel.epoch,
+                auth=policy.authentication,
+                compression=policy.compression,
+                copy_frequency_seconds=policy.copy_frequency,
+                app_consistent_interval_seconds=policy.app_consistent_hours * 3600,
+                bandwidth_limit=policy.bandwidth_limit,
+                initial=control_pb2.InitialReplication(
+                    method=method,
+                    start_at=timestamp(policy.initial_at) if policy.initial_at else None,
+                    export_path=policy.export_path,
+                ),
+            )
+        )
+
+    async def _send_and_wait(
+        self, job: Job, step: int, server_id: str, body: control_pb2.Command
+    ) -> dict[str, Any]:
+        """Deliver a command for a job step (once, even across broker restarts) and wait."""
+        kind = body.WhichOneof("body")
+
+        def existing(tx: Tx) -> list[Any]:
+            return [
+                c
+                for c in tx.commands_for_job(job.id)
+                if c.job_step == step
+                and c.server_id == server_id
+                and c.kind == kind
+                and c.state != CommandState.FAILED
+            ]
+
+        found = await self._read(existing)
+        cmd = (
+            found[-1]
+            if found
+            else await self.dispatcher.submit(
+                server_id, body, epoch=body_epoch(body), job_id=job.id, job_step=step
+            )
+        )
+        if self.sessions.get(server_id) is None and cmd.state.open:
+            name = await self._read(lambda tx: tx.get_server(server_id))
+            await self.jobs.step(
+                job.id, step, message=f"waiting for {name.name if name else server_id} to connect"
+            )
+        try:
+            done = await asyncio.wait_for(
+                self.dispatcher.wait(cmd.id), timeout=self.command_timeout
+            )
+        except TimeoutError as exc:
+            raise StepFailed(
+                f"the host did not answer within {int(self.command_timeout)} s"
+            ) from exc
+        if done.state != CommandState.SUCCEEDED:
+            raise StepFailed(done.error or f"command {done.kind} {done.state.value}")
+        return json.loads(done.result_json) if done.result_json else {}
+
+    async def _run_steps(
+        self, job: Job, steps: list[Callable[[], Awaitable[str]]], start: int
+    ) -> bool:
+        for i in range(start, len(steps)):
+            await self.jobs.step(job.id, i, StepState.RUNNING)
+            try:
+                message = await steps[i]()
+            except SitepairError as exc:
+                await self.jobs.step(job.id, i, StepState.FAILED, message=exc.message)
+                await self.jobs.fail(
+                    job.id,
+                    f"{job.steps[i].name}: {exc.message}" if i < len(job.steps) else exc.message,
+                )
+                return False
+            except Exception as exc:
+                log.exception("job step crashed", extra={"fields": {"job": job.id, "step": i}})
+                await self.jobs.step(job.id, i, StepState.FAILED, message=str(exc))
+                await self.jobs.fail(job.id, f"internal error: {exc}")
+                return False
+            await self.jobs.step(job.id, i, StepState.SUCCEEDED, message=message)
+        current = await self.jobs.get(job.id)
+        await self.jobs.succeed(
+            job.id, json.loads(current.result_json) if current.result_json else None
+        )
+        return True
+
+    async def resume(self, job: Job) -> bool:
+        start = next((s.index for s in job.steps if s.state != StepState.SUCCEEDED), len(job.steps))
+        runner = {
+            "enable-protection": self._run_protect,
+            "disable-protection": self._run_disable,
+            "configure-pair": self._run_pair_job,
+            "replication-action": self._run_action,
+        }[job.kind]
+        self.spawn(runner(job, start))
+        return True
+
+    async def _get(self, rel_id: str) -> Relationship:
+        rel = await self._read(lambda tx: tx.get_relationship(rel_id))
+        if rel is None:
+            raise StepFailed(f"relationship {rel_id} disappeared")
+        return rel  # type: ignore[no-any-return]
+
+    async def _server_gone(self, server_id: str) -> bool:
+        server = await self._read(lambda tx: tx.get_server(server_id))
+        return server is None or server.removed_at is not None
+
+
+def body_epoch(body: control_pb2.Command) -> int:
+    kind = body.WhichOneof("body")
+    inner = getattr(body, kind) if kind else None
+    return int(getattr(inner, "epoch", 0)) if inner is not None else 0
+
+
+def _active_on(tx: Tx, server_id: str) -> bool:
+    return bool(tx.relationships_of_server(server_id))
+
+
+def _find_vm(tx: Tx, ref: str) -> tuple[InventoryVm, Server]:
+    vms = tx.find_vms(ref)
+    if not vms:
+        raise NotFound(
+            f"no VM {ref!r} in the inventory",
+            hint="see `vms list`; refresh a host with `servers refresh`",
+        )
+    if len(vms) > 1:
+        hosts = ", ".join(v.server_id for v in vms)
+        raise FailedPrecondition(f"{ref!r} names VMs on several hosts ({hosts}); use the VM id")
+    vm = vms[0]
+    server = tx.get_server(vm.server_id)
+    if server is None or server.removed_at is not None:
+        raise FailedPrecondition(f"VM {vm.name} is on a host that was removed")
+    return vm, server
+
+
+def _place(tx: Tx, rel: Relationship) -> Placement:
+    """Choose the replica host: mapped storage with room, memory headroom, fewest replicas."""
+    replica_vm = json.loads(rel.replica_vm_json)
+    disks = replica_vm["disks"]
+    need = sum(int(d.get("file_size") or d["virtual_size"]) for d in disks) + PLACEMENT_MARGIN
+    storage_map = {m.source: m.target for m in tx.list_mappings("storage")}
+    classes = {d.get("storage_class", "") for d in disks}
+    target_class = ""
+    for c in classes:
+        if c and c in storage_map:
+            target_class = storage_map[c]
+    candidates = []
+    refusals = []
+    for server_id in tx.cloud_hosts(rel.recovery_cloud):
+        server = tx.get_server(server_id)
+        if server is None or server.removed_at is not None:
+            continue
+        metrics = json.loads(server.metrics_json or "{}")
+        facts = json.loads(server.facts_json or "{}")
+        if target_class:
+            match = [s for s in tx.host_storage(server_id) if s.name == target_class]
+            if not match:
+                refusals.append(f"{server.name} has no storage classification {target_class}")
+                continue
+            free = match[0].free_bytes
+            folder = f"{match[0].path.rstrip('/')}/{rel.vm_name}-{rel.id}"
+        else:
+            volumes = metrics.get("volumes") or []
+            free = max((int(v.get("freeBytes", 0)) for v in volumes), default=0)
+            folder = ""
+        if free < need:
+            refusals.append(
+                f"{server.name} has {free >> 20} MiB free, the disks need {need >> 20} MiB"
+            )
+            continue
+        memory = int(facts.get("memoryTotalBytes", 0))
+        committed = sum(
+            json.loads(r.replica_vm_json).get("memory_mb", 0) << 20
+            for r in tx.relationships_of_server(server_id)
+            if r.replica_server == server_id
+        )
+        if memory and committed + (int(replica_vm["memory_mb"]) << 20) > memory:
+            refusals.append(
+                f"{server.name} lacks memory for another {replica_vm['memory_mb']} MiB replica VM"
+            )
+            continue
+        replicas = sum(
+            1 for r in tx.relationships_of_server(server_id) if r.replica_server == server_id
+        )
+        candidates.append((replicas, -free, server.name, server, folder))
+    if not candidates:
+        detail = "; ".join(refusals) if refusals else f"cloud {rel.recovery_cloud} has no hosts"
+        raise StepFailed(f"no host in {rel.recovery_cloud} can hold the replica: {detail}")
+    candidates.sort(key=lambda c: (c[0], c[1], c[2]))
+    replicas, neg_free, _, server, folder = candidates[0]
+    where = f"storage {target_class}" if target_class else "the host's default replica location"
+    return Placement(
+        server, folder, f"{replicas} replica(s) there, {(-neg_free) >> 30} GiB free in {where}"
+    )

@@ -1,0 +1,301 @@
+"""The protection part of the admin API: VMs, clouds, pairs, mappings, protected VMs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, Any
+
+import grpc.aio
+
+from broker.convert import job_to_proto, policy_from_proto, policy_to_proto, relationship_to_proto
+from broker.policy import Policy
+from broker.store.models import Cloud, Relationship
+from broker.store.sqlite import Tx
+from sitepair import pki
+from sitepair.errors import InvalidArgument, NotFound
+from sitepair.protoconv import timestamp
+from sitepair.rpc import rpc
+from sitepair.v1 import admin_pb2, common_pb2
+
+if TYPE_CHECKING:
+    from broker.app import BrokerContext
+
+ADMIN = [pki.Role.ADMIN]
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class ProtectionAdmin:
+    ctx: BrokerContext
+
+    async def _read(self, fn: Any) -> Any:
+        def run() -> Any:
+            with self.ctx.store.read() as tx:
+                return fn(tx)
+
+        return await asyncio.to_thread(run)
+
+    def _cloud_proto(self, tx: Tx, cloud: Cloud) -> admin_pb2.Cloud:
+        pair = tx.pair_of(cloud.name)
+        hosts = [tx.get_server(i) for i in tx.cloud_hosts(cloud.name)]
+        msg = admin_pb2.Cloud(
+            name=cloud.name,
+            site=cloud.site,
+            description=cloud.description,
+            hosts=sorted(h.name for h in hosts if h is not None),
+            created_at=timestamp(cloud.created_at),
+        )
+        if pair is not None:
+            primary = pair.primary_cloud == cloud.name
+            msg.role = "primary" if primary else "recovery"
+            msg.paired_with = pair.recovery_cloud if primary else pair.primary_cloud
+        return msg
+
+    # -- VMs --------------------------------------------------------------------------------
+    @rpc(roles=ADMIN)
+    async def ListVms(
+        self, request: admin_pb2.ListVmsRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.ListVmsResponse:
+        def read(tx: Tx) -> admin_pb2.ListVmsResponse:
+            server_id = tx.find_server(request.server).id if request.server else ""
+            rels = {r.vm_id: r for r in tx.list_relationships()}
+            out = admin_pb2.ListVmsResponse()
+            for v in tx.list_vms(server_id=server_id):
+                server = tx.get_server(v.server_id)
+                rel = rels.get(v.vm_id)
+                vm = common_pb2.VirtualMachine(
+                    id=v.vm_id,
+                    name=v.name,
+                    generation=v.generation,
+                    cpu_count=v.cpu_count,
+                    memory_mb=v.memory_mb,
+                    state=v.state,
+                    disks=[
+                        common_pb2.VirtualDiskRef(
+                            id=d["id"],
+                            path=d["path"],
+                            format=d["format"],
+                            virtual_size=d["virtual_size"],
+                            storage_class=d.get("storage_class", ""),
+                            file_size=d.get("file_size", 0),
+                        )
+                        for d in json.loads(v.disks_json)
+                    ],
+                    nics=[common_pb2.VmNic(**n) for n in json.loads(v.nics_json)],
+                )
+                out.vms.add(
+                    server_id=v.server_id,
+                    server_name=server.name if server else v.server_id,
+                    cloud=tx.cloud_of(v.server_id) or "",
+                    vm=vm,
+                    relationship_id=rel.id if rel else "",
+                    protection_state=rel.state.value if rel else "",
+                    health=rel.health if rel else "",
+                )
+            return out
+
+        return await self._read(read)  # type: ignore[no-any-return]
+
+    # -- clouds -----------------------------------------------------------------------------
+    @rpc(roles=ADMIN)
+    async def CreateCloud(
+        self, request: admin_pb2.CreateCloudRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Cloud:
+        cloud = await self.ctx.protection.create_cloud(
+            request.name, request.site, request.description
+        )
+        return await self._read(lambda tx: self._cloud_proto(tx, cloud))  # type: ignore[no-any-return]
+
+    @rpc(roles=ADMIN)
+    async def ListClouds(
+        self, request: admin_pb2.ListCloudsRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.ListCloudsResponse:
+        return await self._read(  # type: ignore[no-any-return]
+            lambda tx: admin_pb2.ListCloudsResponse(
+                clouds=[self._cloud_proto(tx, c) for c in tx.list_clouds()]
+            )
+        )
+
+    async def _cloud(self, name: str) -> admin_pb2.Cloud:
+        def read(tx: Tx) -> admin_pb2.Cloud:
+            cloud = tx.get_cloud(name)
+            if cloud is None:
+                raise NotFound(f"no cloud {name!r}", hint="see `clouds list`")
+            return self._cloud_proto(tx, cloud)
+
+        return await self._read(read)  # type: ignore[no-any-return]
+
+    @rpc(roles=ADMIN)
+    async def GetCloud(
+        self, request: admin_pb2.CloudRef, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Cloud:
+        return await self._cloud(request.name)
+
+    @rpc(roles=ADMIN)
+    async def DeleteCloud(
+        self, request: admin_pb2.CloudRef, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Cloud:
+        before = await self._cloud(request.name)
+        await self.ctx.protection.delete_cloud(request.name)
+        return before
+
+    @rpc(roles=ADMIN)
+    async def AddCloudHost(
+        self, request: admin_pb2.CloudHostRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Cloud:
+        await self.ctx.protection.add_host(request.cloud, request.server)
+        return await self._cloud(request.cloud)
+
+    @rpc(roles=ADMIN)
+    async def RemoveCloudHost(
+        self, request: admin_pb2.CloudHostRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Cloud:
+        await self.ctx.protection.remove_host(request.cloud, request.server)
+        return await self._cloud(request.cloud)
+
+    # -- pairs ------------------------------------------------------------------------------
+    @rpc(roles=ADMIN)
+    async def PairClouds(
+        self, request: admin_pb2.PairCloudsRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        policy = policy_from_proto(request.policy)
+        job = await self.ctx.protection.pair(
+            request.primary, request.recovery, policy, by=identity.id
+        )
+        return job_to_proto(job)
+
+    @rpc(roles=ADMIN)
+    async def SetPairPolicy(
+        self, request: admin_pb2.PairCloudsRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        policy = policy_from_proto(request.policy)
+        return job_to_proto(
+            await self.ctx.protection.set_policy(request.primary, policy, by=identity.id)
+        )
+
+    @rpc(roles=ADMIN)
+    async def UnpairClouds(
+        self, request: admin_pb2.CloudRef, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.CloudPairInfo:
+        pair = await self._read(lambda tx: tx.pair_of(request.name))
+        if pair is None:
+            raise NotFound(f"cloud {request.name} is not paired")
+        await self.ctx.protection.unpair(request.name)
+        return admin_pb2.CloudPairInfo(
+            primary=pair.primary_cloud,
+            recovery=pair.recovery_cloud,
+            policy=policy_to_proto(Policy.from_json(pair.policy_json)),
+        )
+
+    @rpc(roles=ADMIN)
+    async def ListPairs(
+        self, request: admin_pb2.ListPairsRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.ListPairsResponse:
+        def read(tx: Tx) -> admin_pb2.ListPairsResponse:
+            rels = tx.list_relationships()
+            return admin_pb2.ListPairsResponse(
+                pairs=[
+                    admin_pb2.CloudPairInfo(
+                        primary=p.primary_cloud,
+                        recovery=p.recovery_cloud,
+                        policy=policy_to_proto(Policy.from_json(p.policy_json)),
+                        protected_vms=sum(1 for r in rels if r.primary_cloud == p.primary_cloud),
+                    )
+                    for p in tx.list_pairs()
+                ]
+            )
+
+        return await self._read(read)  # type: ignore[no-any-return]
+
+    # -- mappings ---------------------------------------------------------------------------
+    async def _mapping(self, kind: str, source: str) -> admin_pb2.MappingInfo:
+        for m in await self.ctx.protection.mappings(kind):
+            if m["source"] == source:
+                return admin_pb2.MappingInfo(kind=kind, **m)
+        raise NotFound(f"no {kind} mapping for {source!r}")
+
+    @rpc(roles=ADMIN)
+    async def Map(
+        self, request: admin_pb2.MapRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.MappingInfo:
+        await self.ctx.protection.map(request.kind, request.source, request.target)
+        return await self._mapping(request.kind, request.source)
+
+    @rpc(roles=ADMIN)
+    async def Unmap(
+        self, request: admin_pb2.MapRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.MappingInfo:
+        before = await self._mapping(request.kind, request.source)
+        await self.ctx.protection.unmap(request.kind, request.source)
+        return before
+
+    @rpc(roles=ADMIN)
+    async def ListMappings(
+        self, request: admin_pb2.ListMappingsRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.ListMappingsResponse:
+        kinds = [request.kind] if request.kind else ["network", "storage"]
+        out = admin_pb2.ListMappingsResponse()
+        for kind in kinds:
+            if kind not in ("network", "storage"):
+                raise InvalidArgument(f"unknown mapping kind {kind!r}")
+            for m in await self.ctx.protection.mappings(kind):
+                out.mappings.add(kind=kind, **m)
+        return out
+
+    # -- protected VMs ----------------------------------------------------------------------
+    @rpc(roles=ADMIN)
+    async def ProtectVm(
+        self, request: admin_pb2.ProtectVmRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        job = await self.ctx.protection.protect(
+            request.vm, by=identity.id, accept_no_network=request.accept_no_network
+        )
+        return job_to_proto(job)
+
+    @rpc(roles=ADMIN)
+    async def DisableProtection(
+        self, request: admin_pb2.DisableProtectionRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        delete = {
+            admin_pb2.DisableProtectionRequest.POLICY: None,
+            admin_pb2.DisableProtectionRequest.KEEP: False,
+            admin_pb2.DisableProtectionRequest.DELETE: True,
+        }[request.replica]
+        return job_to_proto(
+            await self.ctx.protection.disable(request.vm, by=identity.id, delete_replica=delete)
+        )
+
+    @rpc(roles=ADMIN)
+    async def ReplicationAction(
+        self, request: admin_pb2.ReplicationActionRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        job = await self.ctx.protection.action(
+            request.vm, request.action, by=identity.id, repair=not request.no_repair
+        )
+        return job_to_proto(job)
+
+    @rpc(roles=ADMIN)
+    async def ListProtected(
+        self, request: admin_pb2.ListProtectedRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.ListProtectedResponse:
+        def read(tx: Tx) -> admin_pb2.ListProtectedResponse:
+            names = {s.id: s.name for s in tx.list_servers(include_removed=True)}
+            return admin_pb2.ListProtectedResponse(
+                vms=[
+                    relationship_to_proto(r, names)
+                    for r in tx.list_relationships(include_disabled=request.include_disabled)
+                ]
+            )
+
+        return await self._read(read)  # type: ignore[no-any-return]
+
+    @rpc(roles=ADMIN)
+    async def GetProtected(
+        self, request: admin_pb2.ProtectedRef, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.ProtectedVm:
+        def read(tx: Tx) -> admin_pb2.ProtectedVm:
+            rel: Relationship = tx.find_relationship(request.vm)
+            names = {s.id: s.name for s in tx.list_servers(include_removed=True)}
+            return relationship_to_proto(rel, names)
+
+        return await self._read(read)  # type: ignore[no-any-return]

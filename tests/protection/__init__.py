@@ -1,0 +1,1 @@
+"""Protection management with a real broker and real agents on loopback."""

@@ -398,7 +398,21 @@ class ProtectionManager:
                     raise AlreadyExists(
                         f"VM {vm.name} is already protected ({r.id}, {r.state.value})"
                     )
+            # Onboarding: a replica of this VM kept by an earlier relationship, on a host of the
+            # recovery cloud, is reused and brought up to date by a checksum resync.
+            recovery_hosts = set(tx.cloud_hosts(pair.recovery_cloud))
+            earlier = [
+                r
+                for r in tx.list_relationships(include_disabled=True)
+                if r.vm_id == vm.vm_id
+                and r.disabled_at is not None
+                and r.replica_folder
+                and r.replica_server in recovery_hosts
+                and json.loads(r.replica_vm_json).get("replica_kept")
+            ]
+            adopt_from = max(earlier, key=lambda r: r.disabled_at or 0.0) if earlier else None
             replica_vm = {
+                "adopt": adopt_from is not None,
                 "name": vm.name,
                 "generation": vm.generation,
                 "cpu_count": vm.cpu_count,
@@ -420,7 +434,8 @@ class ProtectionManager:
                 primary_cloud=pair.primary_cloud,
                 recovery_cloud=pair.recovery_cloud,
                 primary_server=server.id,
-                replica_server="",
+                replica_server=adopt_from.replica_server if adopt_from else "",
+                replica_folder=adopt_from.replica_folder if adopt_from else "",
                 state=RelationshipState.ENABLING,
                 epoch=1,
                 policy_json=pair.policy_json,
@@ -479,6 +494,12 @@ class ProtectionManager:
                 job, 2, rel.replica_server, self._configure_replica_cmd(rel)
             )
             committed = int(result.get("committed_sequence", 0))
+            if not rel.replica_folder and result.get("folder"):
+                await self._write(
+                    lambda tx: tx.update_relationship(
+                        rel_id, self.clock.now(), replica_folder=str(result["folder"])
+                    )
+                )
             if committed:
                 # An existing replica of this VM was found and adopted: resync instead of copying.
                 await self._write(
@@ -640,9 +661,16 @@ class ProtectionManager:
 
         async def mark() -> str:
             now = self.clock.now()
+            rel = await self._get(rel_id)
+            replica_vm = json.loads(rel.replica_vm_json)
+            replica_vm["replica_kept"] = not delete
             await self._write(
                 lambda tx: tx.update_relationship(
-                    rel_id, now, state=RelationshipState.DISABLED, disabled_at=now
+                    rel_id,
+                    now,
+                    state=RelationshipState.DISABLED,
+                    disabled_at=now,
+                    replica_vm_json=json.dumps(replica_vm),
                 )
             )
             return "disabled"
@@ -837,6 +865,7 @@ class ProtectionManager:
                 ticket_public_key=tickets.public_key_bytes(self.ticket_key),
                 recovery_points=policy.recovery_points,
                 point_interval_seconds=3600,
+                adopt=bool(json.loads(rel.replica_vm_json).get("adopt")),
             )
         )
 
@@ -883,6 +912,7 @@ class ProtectionManager:
                     start_at=timestamp(policy.initial_at) if policy.initial_at else None,
                     export_path=policy.export_path,
                 ),
+                resync_first=bool(json.loads(rel.replica_vm_json).get("adopt")),
             )
         )
 

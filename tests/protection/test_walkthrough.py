@@ -279,3 +279,34 @@ def test_disable_with_and_without_delete_replica(sites: Sites) -> None:
     for host in ("hv-a1", "hv-a2"):
         agent = s.hosts[host].agent
         assert agent is not None and agent.daemon.replication.sources == {}
+
+
+def test_ticket_authentication_through_the_broker(sites: Sites) -> None:
+    """Policy with ticket authentication: the primary asks the broker for a ticket per
+    connection and replicates over the replica's 8083-mode port."""
+    s = sites
+    a = s.admin
+    a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
+    a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
+    a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-a", server="hv-a1"))
+    a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-b", server="hv-b1"))
+    policy = admin_pb2.Policy(copy_frequency_seconds=300, compression=True, authentication="ticket")
+    s.job(
+        a.call(
+            "PairClouds",
+            admin_pb2.PairCloudsRequest(primary="cloud-a", recovery="cloud-b", policy=policy),
+        )
+    )
+    a.call("Map", admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b"))
+    models = make_vm(s, "hv-a1", "web01", size=8 * MiB)
+    eventually(lambda: inventory_has(s.admin, "web01"), what="VM in inventory")
+    s.job(a.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="web01")))
+    v = s.protected("web01")
+    assert v.policy.authentication == "ticket" and v.policy.port == 8083
+    for disk, model in models.items():
+        assert replica_content(s, "web01", disk) == bytes(model)
+    replica_agent = s.hosts["hv-b1"].agent
+    assert replica_agent is not None
+    ticket_servicer = replica_agent.daemon.replication.receiver.servicers["ticket"]
+    assert ticket_servicer.cycles_committed >= 1
+    assert replica_agent.daemon.replication.receiver.servicers["certificate"].cycles_committed == 0

@@ -27,6 +27,7 @@ def make_home(
     heartbeat: str = "1s",
     missed: int = 3,
     agent_lifetime: str = "24h",
+    offline_critical: str = "4s",
     clock: Clock = SYSTEM_CLOCK,
     log_file: Path | None = None,
 ) -> BrokerHome:
@@ -38,6 +39,9 @@ def make_home(
     text = re.sub(r'interval = "10s"', f'interval = "{heartbeat}"', text)
     text = re.sub(r"missed = 3", f"missed = {missed}", text)
     text = re.sub(r'agent_lifetime = "24h"', f'agent_lifetime = "{agent_lifetime}"', text)
+    text = re.sub(
+        r'offline_critical_after = "5m"', f'offline_critical_after = "{offline_critical}"', text
+    )
     if log_file is not None:
         text = text.replace('file = ""', f'file = "{log_file}"')
     home.config.write_text(text)

@@ -1,0 +1,101 @@
+"""Health as hosts come and go; onboarding a replica that already exists."""
+
+from __future__ import annotations
+
+from sitepair.v1 import admin_pb2
+from tests.protection.conftest import Sites, eventually, inventory_has
+from tests.protection.test_walkthrough import MiB, make_vm, replica_content, setup_pair
+
+
+def reasons(s: Sites, vm: str) -> dict[str, str]:
+    return {r.code: r.level for r in s.protected(vm).reasons}
+
+
+def test_replica_host_offline_turns_warning_then_critical(sites: Sites) -> None:
+    s = sites
+    setup_pair(s)
+    make_vm(s, "hv-a1", "web01", size=8 * MiB)
+    eventually(lambda: inventory_has(s.admin, "web01"), what="VM")
+    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="web01")))
+    eventually(lambda: s.protected("web01").health == "normal", what="normal")
+    replica = s.protected("web01").replica_server
+    s.hosts[replica].stop()
+    eventually(lambda: reasons(s, "web01").get("replica-host-offline") == "warning", what="warning")
+    assert s.protected("web01").health == "warning"
+    eventually(
+        lambda: reasons(s, "web01").get("replica-host-offline") == "critical",
+        timeout=20,
+        what="critical",
+    )
+    v = s.protected("web01")
+    assert v.health == "critical"
+    assert any(replica in r.message and "offline" in r.message for r in v.reasons)
+    s.hosts[replica].start()
+    eventually(lambda: s.protected("web01").health == "normal", what="normal again")
+
+
+def test_paused_replication_is_a_warning_and_resumes(sites: Sites) -> None:
+    s = sites
+    setup_pair(s)
+    make_vm(s, "hv-a1", "web01", size=8 * MiB)
+    eventually(lambda: inventory_has(s.admin, "web01"), what="VM")
+    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="web01")))
+    s.job(
+        s.admin.call(
+            "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="pause")
+        )
+    )
+    assert s.protected("web01").paused
+    eventually(lambda: reasons(s, "web01").get("paused") == "warning", what="paused warning")
+    s.job(
+        s.admin.call(
+            "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="resume")
+        )
+    )
+    eventually(lambda: "paused" not in reasons(s, "web01"), what="resumed")
+
+
+def test_onboarding_an_existing_replica_moves_far_fewer_bytes(sites: Sites) -> None:
+    s = sites
+    setup_pair(s)
+    models = make_vm(s, "hv-a1", "big01", size=32 * MiB)
+    host = s.hosts["hv-a1"]
+    with host.backend.open_writer("big01") as w:  # fill most of the disk
+        import os
+
+        data = os.urandom(24 * MiB)
+        w.write("os", 0, data)
+        w.flush()
+    models["os"][0 : 24 * MiB] = data
+    eventually(lambda: inventory_has(s.admin, "big01"), what="VM")
+    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="big01")))
+    first = s.protected("big01")
+    agent = host.agent
+    assert agent is not None
+    full_bytes = agent.daemon.replication.sources[first.relationship_id].stats.wire_bytes
+    assert full_bytes > 20 * MiB
+    s.job(
+        s.admin.call(
+            "DisableProtection",
+            admin_pb2.DisableProtectionRequest(
+                vm="big01", replica=admin_pb2.DisableProtectionRequest.KEEP
+            ),
+        )
+    )
+    # The VM keeps changing a little while unprotected.
+    with host.backend.open_writer("big01") as w:
+        w.write("os", 3 * MiB, b"\x77" * 70_000)
+        w.flush()
+    models["os"][3 * MiB : 3 * MiB + 70_000] = b"\x77" * 70_000
+    done = s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="big01")))
+    assert "adopted" in done.steps[2].message
+    second = s.protected("big01")
+    assert second.relationship_id != first.relationship_id
+    assert (
+        second.replica_server == first.replica_server
+        and second.replica_folder == first.replica_folder
+    )
+    resync_bytes = agent.daemon.replication.sources[second.relationship_id].stats.wire_bytes
+    assert resync_bytes < full_bytes / 20, (resync_bytes, full_bytes)
+    for disk, model in models.items():
+        assert replica_content(s, "big01", disk) == bytes(model)

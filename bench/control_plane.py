@@ -64,6 +64,8 @@ from _common import (
 SIM_PROCESSES = 4
 #: New control streams per second while ramping up (all processes together).
 CONNECT_RATE = 200.0
+#: The most uses the broker allows on one registration key.
+MAX_KEY_USES = 1000
 #: How often the store watcher checks for a new commit.
 POLL = 0.005
 
@@ -261,14 +263,17 @@ def _split(items: list[str], parts: int) -> list[list[str]]:
     return [items[i::parts] for i in range(parts) if items[i::parts]]
 
 
-def enroll(credentials: Path, homes: list[Path]) -> float:
+def enroll(keys: list[tuple[Path, list[Path]]]) -> float:
+    """Register every agent, each key's agents shared among a few processes, all at once."""
     start = time.perf_counter()
+    per_key = max(1, SIM_PROCESSES // len(keys))
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--enroll-worker", str(credentials), *share],
             env=_env(),
         )
-        for share in _split([str(h) for h in homes], SIM_PROCESSES)
+        for credentials, homes in keys
+        for share in _split([str(h) for h in homes], per_key)
     ]
     for p in procs:
         if p.wait() != 0:
@@ -465,12 +470,16 @@ def main() -> int:
         broker.start()
         try:
             broker.pin_ports()
-            creds = folder / "fleet.json"
-            with contextlib.closing(broker.admin()) as admin:
-                create_key(admin, creds, site="site-a", uses=max(counts))
             homes = [folder / "agents" / f"sim-{i:05d}" for i in range(max(counts))]
+            keys = []
+            with contextlib.closing(broker.admin()) as admin:
+                for k in range(0, len(homes), MAX_KEY_USES):
+                    creds = folder / f"fleet-{k // MAX_KEY_USES}.json"
+                    group = homes[k : k + MAX_KEY_USES]
+                    create_key(admin, creds, site="site-a", uses=len(group))
+                    keys.append((creds, group))
             print(f"enrolling {len(homes)} agents ...", file=sys.stderr)
-            enroll_seconds = enroll(creds, homes)
+            enroll_seconds = enroll(keys)
         finally:
             broker.stop()
         doc: dict[str, Any] = {

@@ -166,14 +166,14 @@ def test_receiver_killed_at_random_moments(setup) -> None:  # type: ignore[no-un
         done = threading.Event()
         errors: list[BaseException] = []
 
-        def run() -> None:
+        def run(done: threading.Event = done, errors: list[BaseException] = errors) -> None:
             while not done.is_set():
                 try:
                     rel.run_cycle()
                     done.set()
                 except SitepairError:
                     time.sleep(0.2)  # the receiver is down: retry, as the runner does
-                except BaseException as exc:  # noqa: BLE001
+                except BaseException as exc:
                     errors.append(exc)
                     done.set()
 
@@ -202,7 +202,7 @@ def test_receiver_killed_at_random_moments(setup) -> None:  # type: ignore[no-un
 
 
 def test_sender_killed_at_random_moments(setup) -> None:  # type: ignore[no-untyped-def]
-    pair, backend, vm, config, receiver, root, tmp_path = setup
+    pair, backend, vm, _config, receiver, root, tmp_path = setup
     rng = random.Random(99)
     models = {"os": bytearray(SIZE), "data": bytearray(SIZE)}
     prev = digest_of(models)

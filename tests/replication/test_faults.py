@@ -18,6 +18,16 @@ from tests.replication.test_cycles import MiB, header, make_disk, plan_for, repl
 from tests.support.proxy import FaultProxy
 
 
+def idle_partial(pair: Pair, rel: str) -> tuple[int, int, bytes]:
+    """The replica's partial cycle once the receiver has finished with the broken stream."""
+    lock = pair.registry.busy_lock(rel)
+    assert lock.acquire(timeout=30)
+    try:
+        return pair.registry.store(pair.state.grant(rel)).partial()  # type: ignore[arg-type]
+    finally:
+        lock.release()
+
+
 def client_via(pair: Pair, address: str) -> ReplicaClient:
     return ReplicaClient(
         identity=pair.primary,
@@ -78,7 +88,7 @@ def test_truncated_stream_resumes_from_the_last_acknowledged_batch(
         finally:
             client.close()
         assert proxy.stats.cut == 1
-        partial_seq, acked, _ = pair.registry.store(pair.state.grant("rel-1")).partial()  # type: ignore[arg-type]
+        partial_seq, acked, _ = idle_partial(pair, "rel-1")
         assert partial_seq == 1 and acked >= 8
         client = client_via(pair, proxy.address)
         try:

@@ -121,6 +121,38 @@ def is_zero(data: bytes | memoryview) -> bool:
     return data == _ZEROS[:n] if n < BLOCK else data == bytes(n)
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+#: Wire tags (field number << 3 | length-delimited) of CycleMessage.batch and BlockBatch.payload.
+_BATCH_TAG = bytes([2 << 3 | 2])
+_PAYLOAD_TAG = bytes([4 << 3 | 2])
+
+
+def _batch_message(head: bytes, payload: Sequence[bytes]) -> bytes:
+    """``CycleMessage{batch=...}`` serialized, from the batch serialized without its payload
+    (``head``) and the payload's pieces, joined once.
+
+    A protobuf message is the concatenation of its fields in any order, so appending the
+    payload field to ``head`` is the same message that setting ``batch.payload`` and
+    serializing would give; building it here copies the ~1 MiB payload once instead of three
+    times (into the message, into the CycleMessage, out again), and allocates one large buffer
+    instead of several (large allocations are what glibc's default malloc makes slow)."""
+    size = sum(len(p) for p in payload)
+    if size:
+        field = [_PAYLOAD_TAG, _varint(size)]
+        body = len(head) + 1 + len(field[1]) + size
+    else:
+        field, body = [], len(head)  # proto3 leaves an empty bytes field out
+    return b"".join([_BATCH_TAG, _varint(body), head, *field, *payload])
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodedBatch:
     index: int
@@ -178,21 +210,20 @@ class Encoder:
             )
             kinds.append((replication_pb2.Block.DATA, digest))
             parts.append(data)
-        raw = b"".join(parts)
-        batch.raw_length = len(raw)
-        payload = raw
+        raw_length = sum(len(p) for p in parts)
+        batch.raw_length = raw_length
+        payload: list[bytes] = parts
         batch.codec = replication_pb2.CODEC_NONE
-        if self._compress and raw:
-            packed = self._compressor().compress(raw)
-            if len(packed) <= len(raw) * COMPRESS_WORTH:
-                payload = packed
+        if self._compress and raw_length:
+            packed = self._compressor().compress(b"".join(parts))
+            if len(packed) <= raw_length * COMPRESS_WORTH:
+                payload = [packed]
                 batch.codec = replication_pb2.CODEC_ZSTD
-        batch.payload = payload
-        message = replication_pb2.CycleMessage(batch=batch).SerializeToString()
+        message = _batch_message(batch.SerializeToString(), payload)
         return EncodedBatch(
             index=index,
             message=message,
-            raw_bytes=len(raw),
+            raw_bytes=raw_length,
             wire_bytes=len(message),
             zero_blocks=zeros,
             data_blocks=len(parts),

@@ -59,8 +59,14 @@ FORMAT = 1
 LAYER_BLOCK = 2 * 1024 * 1024
 #: Free space kept in reserve beyond what a cycle needs, before it is committed.
 SPACE_MARGIN = 64 * 1024 * 1024
-#: Acknowledge (make durable) at least every this many batches.
-ACK_EVERY = 8
+#: Acknowledge (make durable) after this many batches (~1 MiB each), then after twice as many
+#: each time, up to ACK_MAX. Each point costs about six fsyncs (the disk's data, log entry and
+#: metadata, the records, progress.json and its folder): at a fixed 8 batches they took a
+#: fifth of the receiver's time in a 2 GiB initial cycle. Small cycles still get early resume
+#: points; an interrupted large cycle resends at most ACK_MAX batches, and a stream that ends
+#: early still makes everything it received durable (see :meth:`Incoming.abort`).
+ACK_FIRST = 8
+ACK_MAX = 64
 
 
 class Refusal(SitepairError):
@@ -351,8 +357,7 @@ class ReplicaStore:
             try:
                 for _, rec in records:
                     batch = replication_pb2.BlockBatch.FromString(rec)
-                    for blk in self._decoder.decode(batch):
-                        written += _write_block(disks, blk)
+                    written += _write_blocks(disks, self._decoder.decode(batch), zeros=True)
             finally:
                 records.close()
             for disk in disks.values():
@@ -560,6 +565,7 @@ class Incoming:
         self.direct = header.kind == replication_pb2.INITIAL
         self.next_index = resume
         self.acked = resume
+        self._ack_gap = ACK_FIRST
         self._digest = CycleDigest()
         self._blocks = 0
         self._data_bytes = 0
@@ -610,9 +616,7 @@ class Incoming:
                     f"batch {batch.index} writes beyond the end of disk {blk.ref.disk_id}"
                 )
         if self.direct:
-            for blk in decoded:
-                if blk.data is not None:  # a new disk reads as zeros already
-                    _write_block(self._disks, blk)
+            _write_blocks(self._disks, decoded, zeros=False)  # a new disk reads as zeros already
             meta = replication_pb2.BlockBatch(index=batch.index, blocks=batch.blocks, raw_length=0)
             self._records.append(meta.SerializeToString())
         else:
@@ -620,7 +624,7 @@ class Incoming:
         for blk in decoded:
             self._account(blk.ref, blk.kind, blk.digest)
         self.next_index += 1
-        return self.next_index - self.acked >= ACK_EVERY
+        return self.next_index - self.acked >= self._ack_gap
 
     def make_durable(self) -> int:
         """Flush what was received; returns the number of batches now durable."""
@@ -636,6 +640,7 @@ class Incoming:
         }
         atomic_write(self.staging / "progress.json", json.dumps(progress).encode())
         self.acked = self.next_index
+        self._ack_gap = min(self._ack_gap * 2, ACK_MAX)
         return self.acked
 
     def finish(self, trailer: replication_pb2.CycleTrailer) -> int:
@@ -690,13 +695,39 @@ class Incoming:
         self._records.close()
 
 
-def _write_block(disks: dict[str, vdisk.VirtualDisk], blk: DecodedBlock) -> int:
-    disk = disks[blk.ref.disk_id]
-    if blk.data is None:
-        disk.write_zeroes(blk.ref.offset, blk.ref.length)
-        return 0
-    disk.write(blk.ref.offset, blk.data)
-    return blk.ref.length
+def _write_blocks(
+    disks: dict[str, vdisk.VirtualDisk], blocks: list[DecodedBlock], *, zeros: bool
+) -> int:
+    """Write decoded blocks; consecutive DATA blocks of one disk go in one write (a 1 MiB write
+    costs the VHDX driver ~0.2 ms, sixteen 64 KiB writes ~0.33 ms). ZERO blocks are written as
+    zeroes when ``zeros``, skipped otherwise. Returns the DATA bytes written."""
+    written = 0
+    i = 0
+    while i < len(blocks):
+        blk = blocks[i]
+        disk = disks[blk.ref.disk_id]
+        if blk.data is None:
+            if zeros:
+                disk.write_zeroes(blk.ref.offset, blk.ref.length)
+            i += 1
+            continue
+        j = i + 1
+        end = blk.ref.offset + blk.ref.length
+        while (
+            j < len(blocks)
+            and blocks[j].data is not None
+            and blocks[j].ref.disk_id == blk.ref.disk_id
+            and blocks[j].ref.offset == end
+        ):
+            end += blocks[j].ref.length
+            j += 1
+        if j == i + 1:
+            disk.write(blk.ref.offset, blk.data)
+        else:
+            disk.write(blk.ref.offset, b"".join(b.data for b in blocks[i:j] if b.data is not None))
+        written += end - blk.ref.offset
+        i = j
+    return written
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -451,6 +451,24 @@ class Bench:
             ticket_key=str(self.ticket_key_path),
         )
 
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the agent workers, the rsync clients (reaped children of
+        this process) and the rsync daemon with its per-connection children."""
+        import resource
+
+        import psutil
+
+        total = 0.0
+        procs = [w.proc.pid for w in self.workers.values()]
+        if hasattr(self, "rsync"):
+            procs.append(self.rsync.proc.pid)
+        for pid in procs:
+            with contextlib.suppress(psutil.Error):
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return total + ru.ru_utime + ru.ru_stime
+
     def timed_rounds(self, peers: dict[str, Callable[[], dict[str, Any]]]) -> dict[str, Any]:
         """Every peer once per round, in a rotating order, page cache dropped before each."""
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in peers}
@@ -458,7 +476,10 @@ class Bench:
             for name in order:
                 if self.cold:
                     drop_caches()
+                cpu = self.cpu_seconds()
                 res = peers[name]()
+                time.sleep(0.3)  # let the rsync daemon reap its child (its CPU time counts)
+                res["cpu_seconds"] = self.cpu_seconds() - cpu
                 runs[name].append(res)
                 print(
                     f"  round {r + 1}: {name}: {res['seconds']:.2f} s (load {load_average():.2f})",
@@ -470,7 +491,13 @@ class Bench:
                 "seconds": median([x["seconds"] for x in rs]),
                 **{
                     k: median([x[k] for x in rs])
-                    for k in ("wire_bytes", "literal_bytes", "sent_bytes", "raw_bytes")
+                    for k in (
+                        "wire_bytes",
+                        "literal_bytes",
+                        "sent_bytes",
+                        "raw_bytes",
+                        "cpu_seconds",
+                    )
                     if k in rs[0]
                 },
             }
@@ -564,10 +591,13 @@ class Bench:
             for name in order:
                 if self.cold:
                     drop_caches()
+                cpu = self.cpu_seconds()
                 if name == "rsync":
                     res = self.rsync.run(src, dst.name, "--inplace", "--no-whole-file")
                 else:
                     res = self.cycle(rels[name], malloc="tuned", tracker=name)
+                time.sleep(0.3)
+                res["cpu_seconds"] = self.cpu_seconds() - cpu
                 res["changed_bytes"] = changed * BLOCK
                 rounds[name].append(res)
                 print(f"  round {r + 1}: {name}: {res['seconds']:.2f} s", file=sys.stderr)
@@ -576,6 +606,7 @@ class Bench:
             name: {
                 "runs": rs,
                 "seconds": median([x["seconds"] for x in rs]),
+                "cpu_seconds": median([x["cpu_seconds"] for x in rs]),
                 "wire_bytes": median([x.get("wire_bytes", x.get("literal_bytes", 0)) for x in rs]),
                 **(
                     {
@@ -646,10 +677,13 @@ def initial_table(res: dict[str, Any]) -> str:
                 f"{r['mb_per_s']:,.0f} MB/s",
                 f"{base / r['seconds']:.2f}x",
                 f"{r['seconds']:.2f} s",
+                f"{r['cpu_seconds']:.1f} s",
                 _mb(wire),
             ]
         )
-    return table(["peer", "throughput", "vs rsync", "wall time", "on the wire"], rows)
+    return table(
+        ["peer", "throughput", "vs rsync", "wall time", "CPU time (both ends)", "on the wire"], rows
+    )
 
 
 def delta_table(res: dict[str, Any]) -> str:
@@ -661,6 +695,7 @@ def delta_table(res: dict[str, Any]) -> str:
             "rsync daemon, `--inplace --no-whole-file`",
             f"{rs['seconds']:.2f} s",
             "1.00x",
+            f"{rs['cpu_seconds']:.1f} s",
             f"{_mb(rs['literal_bytes'])} literal data ({_mb(rs['sent_bytes'])} sent in total)",
         ]
     ]
@@ -671,10 +706,13 @@ def delta_table(res: dict[str, Any]) -> str:
                 f"sitepair delta cycle, {label} (of which sending {r['send_seconds']:.2f} s)",
                 f"{r['seconds']:.2f} s",
                 f"{r['seconds'] / base:.2f}x",
+                f"{r['cpu_seconds']:.1f} s",
                 f"{_mb(r['wire_bytes'])}",
             ]
         )
-    return table(["peer", "wall time", "vs rsync (time)", "on the wire"], rows)
+    return table(
+        ["peer", "wall time", "vs rsync (time)", "CPU time (both ends)", "on the wire"], rows
+    )
 
 
 def goals(doc: dict[str, Any]) -> list[str]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -193,6 +194,91 @@ class DirectoryBackend(HostBackend):
         )
         self.write_vm(folder, spec)
         return spec
+
+    def register_vm(
+        self,
+        name: str,
+        *,
+        vm_id: str,
+        disks: list[tuple[str, list[Path]]],
+        cpu: int,
+        memory_mb: int,
+        generation: int = 2,
+        nics: list[tuple[str, str]] | None = None,
+        state: str = "off",
+        replace: bool = False,
+    ) -> VmSpec:
+        """Make a VM of existing disk chains (a failover of a replica, a test failover).
+
+        Each disk gets a new differencing child inside the VM folder as its active layer, so
+        the chains given (a replica's layers, absolute paths) are never written by the VM:
+        deleting the VM folder returns them exactly as they were. With ``replace``, a VM of the
+        same id already in that folder (the fenced old primary) is given the new chains; its
+        own files stay where they are, since the chains may use them."""
+        if state not in VM_STATES:
+            raise InvalidArgument(f"unknown VM state {state!r}")
+        folder = self.vm_dir(name)
+        if (folder / "vm.json").exists():
+            old = self.read_vm(folder)
+            if not replace or old.id != vm_id:
+                raise AlreadyExists(f"a VM named {name!r} already exists in {self.vm_root}")
+        (folder / "disks").mkdir(parents=True, exist_ok=True)
+        stamp = uuid.uuid4().hex[:8]
+        specs = []
+        for disk_id, chain in disks:
+            pki.check_identifier(disk_id, "disk id")
+            top = Path(chain[-1])
+            fmt = vdisk.detect_format(top)
+            if fmt not in (vdisk.DiskFormat.VHD, vdisk.DiskFormat.VHDX):
+                raise InvalidArgument(f"{top}: not a VHD or VHDX layer")
+            rel = f"disks/{disk_id}-{stamp}.{'avhdx' if fmt is vdisk.DiskFormat.VHDX else 'avhd'}"
+            child = vdisk.create_disk(
+                folder / rel,
+                format=fmt,
+                subformat=vdisk.SubFormat.DIFFERENCING,
+                parent=top,
+                block_size=2 * 1024 * 1024 if fmt is vdisk.DiskFormat.VHDX else None,
+            )
+            virtual_size = child.virtual_size
+            child.close()
+            changelog.create_log(
+                changelog.log_path(folder, disk_id, rel),
+                disk_id=disk_id,
+                layer=rel,
+                virtual_size=virtual_size,
+                identity=changelog.layer_identity(folder / rel),
+            )
+            specs.append(
+                DiskSpec(id=disk_id, chain=(*(str(Path(c).resolve()) for c in chain), rel))
+            )
+        spec = VmSpec(
+            id=vm_id,
+            name=name,
+            generation=generation,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            state=state,
+            nics=tuple(
+                NicRecord(name=n, network=net, mac=_mac(name, n)) for n, net in (nics or [])
+            ),
+            disks=tuple(specs),
+        )
+        self.write_vm(folder, spec)
+        return spec
+
+    def remove_vm(self, vm_ref: str) -> Path:
+        """Delete a VM's folder (its own layers, logs and vm.json). Layers its chains name
+        outside the folder (a replica's) are left alone."""
+        folder, _ = self.find_vm(vm_ref)
+        with vmlock.operations_lock(folder):
+            (folder / "vm.json").unlink()
+        shutil.rmtree(folder, ignore_errors=True)
+        return folder
+
+    def disk_chains(self, vm_ref: str) -> dict[str, list[Path]]:
+        """Each disk's chain as absolute paths, base first."""
+        folder, spec = self.find_vm(vm_ref)
+        return {d.id: [folder / c for c in d.chain] for d in spec.disks}
 
     # -- inventory --------------------------------------------------------------------------
     def _storage_class(self, path: Path) -> str:

@@ -110,6 +110,10 @@ class State:
     disks: dict[str, DiskState] = dataclasses.field(default_factory=dict)
     points: list[Point] = dataclasses.field(default_factory=list)
     intent: dict[str, Any] | None = None
+    #: The failover made from this replica (see agent.replication.failover), if any.
+    failover: dict[str, Any] | None = None
+    #: Test failovers in place, by tag.
+    tests: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> bytes:
         doc = dataclasses.asdict(self)

@@ -103,6 +103,23 @@ class AgentDaemon:
         self.executor.register("replication_action", action)
         self.executor.register("set_bandwidth", bandwidth)
 
+        async def failover(cmd: control_pb2.Command) -> dict[str, Any]:
+            return await rep.failover(cmd.failover)
+
+        async def failover_control(cmd: control_pb2.Command) -> dict[str, Any]:
+            return await rep.failover_control(cmd.failover_control)
+
+        async def vm_power(cmd: control_pb2.Command) -> dict[str, Any]:
+            return await rep.vm_power(cmd.vm_power)
+
+        async def fence(cmd: control_pb2.Command) -> dict[str, Any]:
+            return await rep.fence(cmd.fence)
+
+        self.executor.register("failover", failover)
+        self.executor.register("failover_control", failover_control)
+        self.executor.register("vm_power", vm_power)
+        self.executor.register("fence", fence)
+
     def facts(self) -> common_pb2.HostFacts:
         facts = host_facts(backend=self.backend.kind, cloud=self.config.cloud)
         facts.replication_host = self.config.replication.listen_host

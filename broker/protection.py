@@ -22,12 +22,12 @@ from google.protobuf import json_format
 from broker.commands import CommandDispatcher
 from broker.health import CycleHistory, HealthConfig, evaluate
 from broker.jobs import JobManager
+from broker.orchestration import Orchestrator, StepFailed
 from broker.policy import Policy, validate
 from broker.sessions import SessionRegistry
 from broker.store.models import (
     Cloud,
     CloudPair,
-    CommandState,
     InventoryVm,
     Job,
     JobState,
@@ -56,10 +56,6 @@ SUPPORTED_FORMATS = ("vhd", "vhdx")
 PLACEMENT_MARGIN = 1 << 30
 
 
-class StepFailed(SitepairError):
-    status = "FAILED_PRECONDITION"
-
-
 @dataclasses.dataclass(frozen=True)
 class Placement:
     server: Server
@@ -67,7 +63,7 @@ class Placement:
     reason: str
 
 
-class ProtectionManager:
+class ProtectionManager(Orchestrator):
     def __init__(
         self,
         *,
@@ -82,16 +78,18 @@ class ProtectionManager:
         health: HealthConfig | None = None,
         command_timeout: float = 3600.0,
     ) -> None:
-        self.store = store
-        self.clock = clock
-        self.jobs = jobs
-        self.dispatcher = dispatcher
-        self.sessions = sessions
-        self.spawn = spawn
+        super().__init__(
+            store=store,
+            clock=clock,
+            jobs=jobs,
+            dispatcher=dispatcher,
+            sessions=sessions,
+            spawn=spawn,
+            command_timeout=command_timeout,
+        )
         self.ticket_key = ticket_key
         self.agent_lifetime = agent_lifetime
         self.health_config = health or HealthConfig()
-        self.command_timeout = command_timeout
         self.history = CycleHistory()
         self._reported = asyncio.Condition()
         for kind in (
@@ -102,27 +100,12 @@ class ProtectionManager:
         ):
             jobs.register_resumer(kind, self.resume)
 
-    # -- helpers ----------------------------------------------------------------------------
-    async def _read(self, fn: Callable[[Tx], Any]) -> Any:
-        def run() -> Any:
-            with self.store.read() as tx:
-                return fn(tx)
-
-        return await asyncio.to_thread(run)
-
-    async def _write(self, fn: Callable[[Tx], Any]) -> Any:
-        def run() -> Any:
-            with self.store.write() as tx:
-                return fn(tx)
-
-        return await asyncio.to_thread(run)
-
     # -- clouds -----------------------------------------------------------------------------
     async def create_cloud(self, name: str, site: str, description: str = "") -> Cloud:
         pki.check_identifier(name, "cloud name")
         pki.check_identifier(site, "site")
         cloud = Cloud(name=name, site=site, description=description, created_at=self.clock.now())
-        await self._write(lambda tx: tx.insert_cloud(cloud))
+        await self.write(lambda tx: tx.insert_cloud(cloud))
         log.info("cloud created", extra={"fields": {"cloud": name, "site": site}})
         return cloud
 
@@ -138,7 +121,7 @@ class ProtectionManager:
                 )
             tx.delete_cloud(name)
 
-        await self._write(run)
+        await self.write(run)
 
     async def add_host(self, cloud: str, server_ref: str) -> Server:
         now = self.clock.now()
@@ -165,7 +148,7 @@ class ProtectionManager:
             tx.set_host_cloud(server.id, cloud, now)
             return server
 
-        return await self._write(run)  # type: ignore[no-any-return]
+        return await self.write(run)  # type: ignore[no-any-return]
 
     async def remove_host(self, cloud: str, server_ref: str) -> Server:
         now = self.clock.now()
@@ -182,7 +165,7 @@ class ProtectionManager:
             tx.set_host_cloud(server.id, None, now)
             return server
 
-        return await self._write(run)  # type: ignore[no-any-return]
+        return await self.write(run)  # type: ignore[no-any-return]
 
     # -- pairs ------------------------------------------------------------------------------
     async def pair(self, primary: str, recovery: str, policy: Policy, *, by: str) -> Job:
@@ -206,7 +189,7 @@ class ProtectionManager:
                     )
             tx.insert_pair(CloudPair(primary, recovery, policy.to_json(), now, now))
 
-        await self._write(run)
+        await self.write(run)
         log.info("clouds paired", extra={"fields": {"primary": primary, "recovery": recovery}})
         return await self._apply_policy_job(primary, recovery, policy, by=by)
 
@@ -221,7 +204,7 @@ class ProtectionManager:
             tx.update_pair_policy(primary, policy.to_json(), now)
             return pair
 
-        pair = await self._write(run)
+        pair = await self.write(run)
         return await self._apply_policy_job(pair.primary_cloud, pair.recovery_cloud, policy, by=by)
 
     async def _apply_policy_job(
@@ -253,7 +236,7 @@ class ProtectionManager:
                     s for s in (tx.get_server(i) for i in tx.cloud_hosts(recovery)) if s is not None
                 ]
 
-            policy, hosts = await self._read(read)
+            policy, hosts = await self.read(read)
             problems = []
             for host in hosts:
                 facts = json.loads(host.facts_json or "{}")
@@ -281,24 +264,24 @@ class ProtectionManager:
             def read(tx: Tx) -> list[Relationship]:
                 return [r for r in tx.list_relationships() if r.primary_cloud == primary]
 
-            rels = await self._read(read)
-            pair = await self._read(lambda tx: tx.pair_of(primary))
+            rels = await self.read(read)
+            pair = await self.read(lambda tx: tx.pair_of(primary))
             for rel in rels:
 
                 def update(tx: Tx, rel_id: str = rel.id) -> None:
                     tx.update_relationship(rel_id, self.clock.now(), policy_json=pair.policy_json)
 
-                await self._write(update)
-                fresh = await self._get(rel.id)
-                await self._send_and_wait(
+                await self.write(update)
+                fresh = await self.relationship(rel.id)
+                await self.send_and_wait(
                     job, 1, fresh.replica_server, self._configure_replica_cmd(fresh)
                 )
-                await self._send_and_wait(
+                await self.send_and_wait(
                     job, 1, fresh.primary_server, await self._configure_source_cmd(fresh)
                 )
             return f"{len(rels)} protected VM(s) updated"
 
-        await self._run_steps(job, [check_hosts, apply_to_relationships], start)
+        await self.run_steps(job, [check_hosts, apply_to_relationships], start)
 
     async def unpair(self, primary: str) -> None:
         def run(tx: Tx) -> None:
@@ -313,7 +296,7 @@ class ProtectionManager:
                 )
             tx.delete_pair(primary)
 
-        await self._write(run)
+        await self.write(run)
 
     # -- mappings ---------------------------------------------------------------------------
     async def map(self, kind: str, source: str, target: str) -> None:
@@ -321,10 +304,10 @@ class ProtectionManager:
             raise InvalidArgument(f"unknown mapping kind {kind!r}")
         if not source or not target:
             raise InvalidArgument("a mapping needs a source and a target")
-        await self._write(lambda tx: tx.put_mapping(kind, source, target, self.clock.now()))
+        await self.write(lambda tx: tx.put_mapping(kind, source, target, self.clock.now()))
 
     async def unmap(self, kind: str, source: str) -> None:
-        removed = await self._write(lambda tx: tx.delete_mapping(kind, source))
+        removed = await self.write(lambda tx: tx.delete_mapping(kind, source))
         if not removed:
             raise NotFound(f"no {kind} mapping for {source!r}")
 
@@ -353,7 +336,7 @@ class ProtectionManager:
                 for m in tx.list_mappings(kind)
             ]
 
-        return await self._read(read)  # type: ignore[no-any-return]
+        return await self.read(read)  # type: ignore[no-any-return]
 
     # -- enable protection ------------------------------------------------------------------
     async def protect(self, vm_ref: str, *, by: str, accept_no_network: bool = False) -> Job:
@@ -446,7 +429,7 @@ class ProtectionManager:
             tx.insert_relationship(rel)
             return rel
 
-        rel = await self._write(prepare)
+        rel = await self.write(prepare)
         job = await self.jobs.create(
             "enable-protection",
             f"vm/{rel.vm_name}",
@@ -474,11 +457,11 @@ class ProtectionManager:
             return "checked"
 
         async def place() -> str:
-            rel = await self._get(rel_id)
+            rel = await self.relationship(rel_id)
             if rel.replica_server:
                 return f"{rel.replica_server} (chosen before)"
-            placement = await self._read(lambda tx: _place(tx, rel))
-            await self._write(
+            placement = await self.read(lambda tx: _place(tx, rel))
+            await self.write(
                 lambda tx: tx.update_relationship(
                     rel_id,
                     self.clock.now(),
@@ -489,20 +472,20 @@ class ProtectionManager:
             return f"{placement.server.name}: {placement.reason}"
 
         async def create_replica() -> str:
-            rel = await self._get(rel_id)
-            result = await self._send_and_wait(
+            rel = await self.relationship(rel_id)
+            result = await self.send_and_wait(
                 job, 2, rel.replica_server, self._configure_replica_cmd(rel)
             )
             committed = int(result.get("committed_sequence", 0))
             if not rel.replica_folder and result.get("folder"):
-                await self._write(
+                await self.write(
                     lambda tx: tx.update_relationship(
                         rel_id, self.clock.now(), replica_folder=str(result["folder"])
                     )
                 )
             if committed:
                 # An existing replica of this VM was found and adopted: resync instead of copying.
-                await self._write(
+                await self.write(
                     lambda tx: tx.update_relationship(
                         rel_id, self.clock.now(), state=RelationshipState.RESYNCHRONIZING
                     )
@@ -513,12 +496,12 @@ class ProtectionManager:
             return f"replica folder {result.get('folder', '')}"
 
         async def enable_source() -> str:
-            rel = await self._get(rel_id)
-            await self._send_and_wait(
+            rel = await self.relationship(rel_id)
+            await self.send_and_wait(
                 job, 3, rel.primary_server, await self._configure_source_cmd(rel)
             )
             if rel.state == RelationshipState.ENABLING:
-                await self._write(
+                await self.write(
                     lambda tx: tx.update_relationship(
                         rel_id, self.clock.now(), state=RelationshipState.INITIAL_REPLICATION
                     )
@@ -529,21 +512,21 @@ class ProtectionManager:
             return await self._wait_initial(job, rel_id)
 
         async def finalize() -> str:
-            await self._write(
+            await self.write(
                 lambda tx: tx.update_relationship(
                     rel_id, self.clock.now(), state=RelationshipState.PROTECTED
                 )
             )
             return "protected"
 
-        ok = await self._run_steps(
+        ok = await self.run_steps(
             job, [noop, place, create_replica, enable_source, initial, finalize], start
         )
         if not ok:
-            rel = await self._get(rel_id)
+            rel = await self.relationship(rel_id)
             if rel.state in (RelationshipState.ENABLING,):
                 # Nothing was set up on the hosts: free the VM for another attempt.
-                await self._write(
+                await self.write(
                     lambda tx: tx.update_relationship(
                         rel_id,
                         self.clock.now(),
@@ -556,7 +539,7 @@ class ProtectionManager:
         """Wait for the replica to hold sequence 1, showing progress from the primary's report."""
         sent_import = False
         while True:
-            rel = await self._get(rel_id)
+            rel = await self.relationship(rel_id)
             replica = json.loads(rel.replica_status_json or "{}")
             primary = json.loads(rel.primary_status_json or "{}")
             committed = int(replica.get("committed_sequence", 0))
@@ -567,7 +550,7 @@ class ProtectionManager:
                 and primary.get("state") == "protected"
                 and committed
             ):
-                await self._write(
+                await self.write(
                     lambda tx: tx.update_relationship(
                         rel_id, self.clock.now(), state=RelationshipState.INITIAL_REPLICATION
                     )
@@ -579,7 +562,7 @@ class ProtectionManager:
                 and primary.get("state") == "waiting-for-import"
                 and not sent_import
             ):
-                await self._send_and_wait(
+                await self.send_and_wait(
                     job,
                     4,
                     rel.replica_server,
@@ -606,7 +589,7 @@ class ProtectionManager:
 
     # -- disable, pause, resume, resync, verify --------------------------------------------
     async def disable(self, ref: str, *, by: str, delete_replica: bool | None = None) -> Job:
-        rel = await self._read(lambda tx: tx.find_relationship(ref))
+        rel = await self.read(lambda tx: tx.find_relationship(ref))
         if rel.disabled_at is not None:
             raise FailedPrecondition(f"protection of {rel.vm_name} is already disabled")
         policy = Policy.from_json(rel.policy_json)
@@ -630,10 +613,10 @@ class ProtectionManager:
         rel_id, delete = params["relationship"], bool(params["delete_replica"])
 
         async def stop_primary() -> str:
-            rel = await self._get(rel_id)
-            if not rel.primary_server or await self._server_gone(rel.primary_server):
+            rel = await self.relationship(rel_id)
+            if not rel.primary_server or await self.server_gone(rel.primary_server):
                 return "the primary host is gone; nothing to stop"
-            await self._send_and_wait(
+            await self.send_and_wait(
                 job,
                 0,
                 rel.primary_server,
@@ -644,10 +627,10 @@ class ProtectionManager:
             return "stopped"
 
         async def handle_replica() -> str:
-            rel = await self._get(rel_id)
-            if not rel.replica_server or await self._server_gone(rel.replica_server):
+            rel = await self.relationship(rel_id)
+            if not rel.replica_server or await self.server_gone(rel.replica_server):
                 return "the replica host is gone"
-            result = await self._send_and_wait(
+            result = await self.send_and_wait(
                 job,
                 1,
                 rel.replica_server,
@@ -661,10 +644,10 @@ class ProtectionManager:
 
         async def mark() -> str:
             now = self.clock.now()
-            rel = await self._get(rel_id)
+            rel = await self.relationship(rel_id)
             replica_vm = json.loads(rel.replica_vm_json)
             replica_vm["replica_kept"] = not delete
-            await self._write(
+            await self.write(
                 lambda tx: tx.update_relationship(
                     rel_id,
                     now,
@@ -675,7 +658,7 @@ class ProtectionManager:
             )
             return "disabled"
 
-        await self._run_steps(job, [stop_primary, handle_replica, mark], start)
+        await self.run_steps(job, [stop_primary, handle_replica, mark], start)
 
     async def action(self, ref: str, action: str, *, by: str, repair: bool = True) -> Job:
         names = {
@@ -687,7 +670,7 @@ class ProtectionManager:
         }
         if action not in names:
             raise InvalidArgument(f"unknown replication action {action!r}")
-        rel = await self._read(lambda tx: tx.find_relationship(ref))
+        rel = await self.read(lambda tx: tx.find_relationship(ref))
         if rel.disabled_at is not None:
             raise FailedPrecondition(f"protection of {rel.vm_name} is disabled")
         if rel.state in (RelationshipState.ENABLING,):
@@ -714,14 +697,14 @@ class ProtectionManager:
         }[action]
 
         async def run() -> str:
-            rel = await self._get(rel_id)
+            rel = await self.relationship(rel_id)
             if action == "resync":
-                await self._write(
+                await self.write(
                     lambda tx: tx.update_relationship(
                         rel_id, self.clock.now(), state=RelationshipState.RESYNCHRONIZING
                     )
                 )
-            result = await self._send_and_wait(
+            result = await self.send_and_wait(
                 job,
                 0,
                 rel.primary_server,
@@ -737,7 +720,7 @@ class ProtectionManager:
             if action == "resync":
                 changes["state"] = RelationshipState.PROTECTED
             if changes:
-                await self._write(
+                await self.write(
                     lambda tx: tx.update_relationship(rel_id, self.clock.now(), **changes)
                 )
             await self.jobs.set_state(job.id, JobState.RUNNING, result=result)
@@ -747,7 +730,7 @@ class ProtectionManager:
                 )
             return json.dumps(result, sort_keys=True)
 
-        await self._run_steps(job, [run], start)
+        await self.run_steps(job, [run], start)
 
     # -- reports and health -----------------------------------------------------------------
     async def on_report(self, server_id: str, report: control_pb2.ReplicationReport) -> None:
@@ -780,7 +763,7 @@ class ProtectionManager:
                 if fields:
                     tx.update_relationship(rel.id, now, **fields)
 
-            await self._write(update)
+            await self.write(update)
             if status.role == "primary":
                 self.history.add(
                     status.relationship_id,
@@ -828,7 +811,7 @@ class ProtectionManager:
                 out.append((rel.id, health))
             return out
 
-        return await self._write(run)  # type: ignore[no-any-return]
+        return await self.write(run)  # type: ignore[no-any-return]
 
     async def run_health(self, interval: float) -> None:
         while True:
@@ -871,7 +854,7 @@ class ProtectionManager:
 
     async def _configure_source_cmd(self, rel: Relationship) -> control_pb2.Command:
         policy = Policy.from_json(rel.policy_json)
-        replica = await self._read(lambda tx: tx.get_server(rel.replica_server))
+        replica = await self.read(lambda tx: tx.get_server(rel.replica_server))
         if replica is None:
             raise StepFailed(f"the replica host {rel.replica_server} is not registered")
         facts = json.loads(replica.facts_json or "{}")
@@ -916,73 +899,6 @@ class ProtectionManager:
             )
         )
 
-    async def _send_and_wait(
-        self, job: Job, step: int, server_id: str, body: control_pb2.Command
-    ) -> dict[str, Any]:
-        """Deliver a command for a job step (once, even across broker restarts) and wait."""
-        kind = body.WhichOneof("body")
-
-        def existing(tx: Tx) -> list[Any]:
-            return [
-                c
-                for c in tx.commands_for_job(job.id)
-                if c.job_step == step
-                and c.server_id == server_id
-                and c.kind == kind
-                and c.state != CommandState.FAILED
-            ]
-
-        found = await self._read(existing)
-        cmd = (
-            found[-1]
-            if found
-            else await self.dispatcher.submit(
-                server_id, body, epoch=body_epoch(body), job_id=job.id, job_step=step
-            )
-        )
-        if self.sessions.get(server_id) is None and cmd.state.open:
-            name = await self._read(lambda tx: tx.get_server(server_id))
-            await self.jobs.step(
-                job.id, step, message=f"waiting for {name.name if name else server_id} to connect"
-            )
-        try:
-            done = await asyncio.wait_for(
-                self.dispatcher.wait(cmd.id), timeout=self.command_timeout
-            )
-        except TimeoutError as exc:
-            raise StepFailed(
-                f"the host did not answer within {int(self.command_timeout)} s"
-            ) from exc
-        if done.state != CommandState.SUCCEEDED:
-            raise StepFailed(done.error or f"command {done.kind} {done.state.value}")
-        return json.loads(done.result_json) if done.result_json else {}
-
-    async def _run_steps(
-        self, job: Job, steps: list[Callable[[], Awaitable[str]]], start: int
-    ) -> bool:
-        for i in range(start, len(steps)):
-            await self.jobs.step(job.id, i, StepState.RUNNING)
-            try:
-                message = await steps[i]()
-            except SitepairError as exc:
-                await self.jobs.step(job.id, i, StepState.FAILED, message=exc.message)
-                await self.jobs.fail(
-                    job.id,
-                    f"{job.steps[i].name}: {exc.message}" if i < len(job.steps) else exc.message,
-                )
-                return False
-            except Exception as exc:
-                log.exception("job step crashed", extra={"fields": {"job": job.id, "step": i}})
-                await self.jobs.step(job.id, i, StepState.FAILED, message=str(exc))
-                await self.jobs.fail(job.id, f"internal error: {exc}")
-                return False
-            await self.jobs.step(job.id, i, StepState.SUCCEEDED, message=message)
-        current = await self.jobs.get(job.id)
-        await self.jobs.succeed(
-            job.id, json.loads(current.result_json) if current.result_json else None
-        )
-        return True
-
     async def resume(self, job: Job) -> bool:
         start = next((s.index for s in job.steps if s.state != StepState.SUCCEEDED), len(job.steps))
         runner = {
@@ -993,22 +909,6 @@ class ProtectionManager:
         }[job.kind]
         self.spawn(runner(job, start))
         return True
-
-    async def _get(self, rel_id: str) -> Relationship:
-        rel = await self._read(lambda tx: tx.get_relationship(rel_id))
-        if rel is None:
-            raise StepFailed(f"relationship {rel_id} disappeared")
-        return rel  # type: ignore[no-any-return]
-
-    async def _server_gone(self, server_id: str) -> bool:
-        server = await self._read(lambda tx: tx.get_server(server_id))
-        return server is None or server.removed_at is not None
-
-
-def body_epoch(body: control_pb2.Command) -> int:
-    kind = body.WhichOneof("body")
-    inner = getattr(body, kind) if kind else None
-    return int(getattr(inner, "epoch", 0)) if inner is not None else 0
 
 
 def _active_on(tx: Tx, server_id: str) -> bool:

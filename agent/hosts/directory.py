@@ -222,6 +222,9 @@ class DirectoryBackend(HostBackend):
             old = self.read_vm(folder)
             if not replace or old.id != vm_id:
                 raise AlreadyExists(f"a VM named {name!r} already exists in {self.vm_root}")
+            # The new chains replace the old VM's: its tracking state describes layers it no
+            # longer runs on.
+            shutil.rmtree(folder / "changes", ignore_errors=True)
         (folder / "disks").mkdir(parents=True, exist_ok=True)
         stamp = uuid.uuid4().hex[:8]
         specs = []

@@ -344,6 +344,50 @@ class SourceRelationship:
         batches = tuple(tuple(b) for b in group(blocks))
         return CyclePlan(kind=kind, disks=tuple(disks), batches=batches), scan
 
+    # -- planned failover -------------------------------------------------------------------
+    def final_cycle(self) -> dict[str, Any]:
+        """The last cycle of a VM that was shut down, then proof the replica holds exactly the
+        VM's final state: every block's digest compared on both sides. A difference raises, so
+        a planned failover never goes on with data missing."""
+        result = self.run_cycle(final=True)
+        with self.lock:
+            client = self.client()
+            try:
+                mismatches: dict[str, list[tuple[int, int]]] = {}
+                folder_chains = self.backend_chains()
+                for disk_id, top in folder_chains.items():
+                    ours = digests_of(top)
+                    theirs, _ = client.digests(self.relationship, disk_id, epoch=self.config.epoch)
+                    with vdisk.open_disk(top, read_only=True) as d:
+                        size = d.virtual_size
+                    ranges = differing_ranges(ours, theirs, virtual_size=size)
+                    if ranges:
+                        mismatches[disk_id] = ranges
+                state = client.get_state(self.relationship)
+            finally:
+                client.close()
+        compared = sum(1 for _ in folder_chains)
+        if mismatches:
+            total = sum(n for r in mismatches.values() for _, n in r)
+            raise FailedPrecondition(
+                f"after the final cycle the replica of {self.relationship} differs from the "
+                f"primary in {total} bytes; the failover must not go on",
+                hint="run the planned failover again (a new final cycle is sent), or verify",
+            )
+        return {
+            "sequence": state.committed_sequence,
+            "final_bytes": result.raw_bytes if result else 0,
+            "disks_compared": compared,
+            "mismatched_bytes": 0,
+        }
+
+    def backend_chains(self) -> dict[str, Path]:
+        """The top of each disk's current chain (the VM must be off: nothing writes it)."""
+        chains = getattr(self.backend, "disk_chains", None)
+        if chains is None:
+            raise FailedPrecondition(f"the {self.backend.kind} backend cannot list disk chains")
+        return {disk: chain[-1] for disk, chain in chains(self.config.vm_id).items()}
+
     # -- verify -----------------------------------------------------------------------------
     def verify(self, *, repair: bool = True) -> VerifyReport:
         """Compare source and replica digests at one point in time without moving disk data.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import shutil
@@ -20,11 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
 from agent.config import AgentConfig
 from agent.hosts.base import HostBackend
+from agent.hosts.directory import DirectoryBackend
 from agent.identity import AgentIdentity
+from agent.replication import failover as failover_mod
 from agent.replication.engine import SourceRelationship
+from agent.replication.failover import LATEST, LATEST_APP, adopt_vm_as_replica, check_point_kind
 from agent.replication.offline import export_cut, import_export
 from agent.replication.receiver import ReceiverServer, ReplicaRegistry
 from agent.replication.state import Grant, ReplicationState, SourceConfig
@@ -133,6 +138,13 @@ class ReplicationService:
         self.state.close()
 
     # -- commands ---------------------------------------------------------------------------
+    def _directory(self) -> DirectoryBackend:
+        if not isinstance(self.backend, DirectoryBackend):
+            raise FailedPrecondition(
+                f"failover is not available on the {self.backend.kind} backend yet"
+            )
+        return self.backend
+
     async def configure_replica(self, cmd: control_pb2.ConfigureReplica) -> dict[str, Any]:
         pki.check_identifier(cmd.relationship_id, "relationship id")
         if cmd.auth not in ("certificate", "ticket"):
@@ -157,6 +169,20 @@ class ReplicationService:
             point_interval=float(cmd.point_interval_seconds or 3600),
             adopt=cmd.adopt,
         )
+        if cmd.from_vm:
+            # Reverse replication: this host's old VM becomes the replica of the new direction.
+            await self._stop_source(cmd.relationship_id)
+            await asyncio.to_thread(
+                adopt_vm_as_replica,
+                folder,
+                self._directory(),
+                relationship=cmd.relationship_id,
+                vm_id=cmd.from_vm,
+                epoch=cmd.epoch,
+                committed_sequence=max(1, cmd.from_sequence),
+                clock=self.clock,
+            )
+            self.registry.forget(cmd.relationship_id)
         await asyncio.to_thread(self.state.put_grant, grant)
         store = await asyncio.to_thread(self.registry.store, grant)
         log.info(
@@ -236,6 +262,106 @@ class ReplicationService:
         if not any(vm_id in (vm.id, vm.name) for vm in inv.vms):
             raise NotFound(f"no VM {vm_id} on this host")
 
+    async def _stop_source(self, rel: str) -> bool:
+        task = self._runners.pop(rel, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        stopped = self.sources.pop(rel, None) is not None
+        if self.state.source(rel) is not None:
+            await asyncio.to_thread(self.state.remove_source, rel)
+            stopped = True
+        return stopped
+
+    async def failover(self, cmd: control_pb2.Failover) -> dict[str, Any]:
+        grant = self.registry.grant(cmd.relationship_id)
+        store = await asyncio.to_thread(self.registry.store, grant)
+        check_point_kind(cmd.point or "latest")
+        kind = (
+            cmd.point
+            if cmd.point in (LATEST, LATEST_APP)
+            else ("latest" if not cmd.point else "sequence")
+        )
+        vm = json_format.MessageToDict(cmd.vm, preserving_proto_field_name=True)
+        vm.setdefault("name", grant.vm_name)
+        vm.setdefault("id", grant.vm_id)
+        busy = self.registry.busy_lock(cmd.relationship_id)
+        # No cycle may be applied while the replica becomes a VM.
+        acquired = await asyncio.to_thread(busy.acquire, True, 60)
+        if not acquired:
+            raise FailedPrecondition(f"a cycle of {cmd.relationship_id} is still being received")
+        try:
+            result = await asyncio.to_thread(
+                failover_mod.failover,
+                store,
+                self._directory(),
+                self.state,
+                epoch=cmd.epoch,
+                point_kind=kind,
+                sequence=int(cmd.point) if kind == "sequence" else 0,
+                vm=vm,
+                nic_networks=dict(cmd.nic_networks),
+                start=cmd.start_vm,
+                test=cmd.test,
+                now=self.clock.now(),
+            )
+        finally:
+            busy.release()
+        if not cmd.test:
+            # Cycles of the old epoch are refused from now on.
+            await asyncio.to_thread(
+                self.state.put_grant, dataclasses.replace(grant, epoch=cmd.epoch)
+            )
+        return result
+
+    async def failover_control(self, cmd: control_pb2.FailoverControl) -> dict[str, Any]:
+        a = control_pb2.FailoverControl
+        grant = self.state.grant(cmd.relationship_id)
+        if grant is None:
+            # After a commit the grant is gone: answer a repeated commit from the replica folder.
+            raise NotFound(f"this host holds no replica of {cmd.relationship_id}")
+        store = await asyncio.to_thread(self.registry.store, grant)
+        if cmd.action == a.CLEANUP_TEST:
+            return await asyncio.to_thread(failover_mod.cleanup_test, store, self._directory())
+        if cmd.action == a.CANCEL:
+            return await asyncio.to_thread(
+                failover_mod.cancel, store, self._directory(), self.state, epoch=cmd.epoch
+            )
+        result = await asyncio.to_thread(failover_mod.commit, store, self.state, epoch=cmd.epoch)
+        self.registry.forget(cmd.relationship_id)
+        return result
+
+    async def vm_power(self, cmd: control_pb2.VmPower) -> dict[str, Any]:
+        if cmd.relationship_id:
+            await asyncio.to_thread(self.state.observe_epoch, cmd.relationship_id, cmd.epoch)
+        record = await asyncio.to_thread(self.backend.set_vm_state, cmd.vm_id, cmd.state)
+        return {"vm": record.name, "state": record.state}
+
+    async def fence(self, cmd: control_pb2.Fence) -> dict[str, Any]:
+        """Stop replicating a relationship this host was the primary of, and power its VM off:
+        a newer epoch exists, so this copy must not run or replicate."""
+        await asyncio.to_thread(self.state.observe_epoch, cmd.relationship_id, cmd.epoch)
+        stopped = await self._stop_source(cmd.relationship_id)
+        state = ""
+        if cmd.vm_id:
+            try:
+                record = await asyncio.to_thread(self.backend.set_vm_state, cmd.vm_id, "off")
+                state = record.state
+            except NotFound:
+                state = "absent"
+        log.warning(
+            "fenced",
+            extra={
+                "fields": {"relationship": cmd.relationship_id, "epoch": cmd.epoch, "vm": state}
+            },
+        )
+        return {
+            "relationship": cmd.relationship_id,
+            "replication_stopped": stopped,
+            "vm_state": state,
+        }
+
     async def remove(self, cmd: control_pb2.RemoveRelationship) -> dict[str, Any]:
         rel = cmd.relationship_id
         removed = []
@@ -287,6 +413,8 @@ class ReplicationService:
                 "mismatches": {k: [list(r) for r in v] for k, v in report.disks.items()},
                 "repaired": report.repaired,
             }
+        if cmd.action == a.FINAL_CYCLE:
+            return await asyncio.to_thread(source.final_cycle)
         if cmd.action == a.RESYNC:
             source.resync_requested = True
         result = await asyncio.to_thread(source.run_cycle)

@@ -253,3 +253,4 @@ class Relationship:
     created_at: float = 0.0
     updated_at: float = 0.0
     disabled_at: float | None = None
+    failover_json: str = "{}"

@@ -844,7 +844,7 @@ class Tx:
         try:
             self._c.execute(
                 f"INSERT INTO relationships ({_REL_COLS}) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     r.id,
                     r.vm_id,
@@ -866,6 +866,7 @@ class Tx:
                     r.created_at,
                     r.updated_at,
                     r.disabled_at,
+                    r.failover_json,
                 ),
             )
         except sqlite3.IntegrityError as exc:
@@ -934,7 +935,8 @@ _MAPPING_TABLES = {
 _REL_COLS = (
     "id, vm_id, vm_name, primary_cloud, recovery_cloud, primary_server, replica_server, state, "
     "epoch, policy_json, replica_folder, replica_vm_json, primary_status_json, "
-    "replica_status_json, health, health_reasons_json, paused, created_at, updated_at, disabled_at"
+    "replica_status_json, health, health_reasons_json, paused, created_at, updated_at, "
+    "disabled_at, failover_json"
 )
 
 

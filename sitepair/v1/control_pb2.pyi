@@ -247,6 +247,10 @@ class Command(_message.Message):
     REMOVE_RELATIONSHIP_FIELD_NUMBER: _builtins.int
     REPLICATION_ACTION_FIELD_NUMBER: _builtins.int
     SET_BANDWIDTH_FIELD_NUMBER: _builtins.int
+    FAILOVER_FIELD_NUMBER: _builtins.int
+    FAILOVER_CONTROL_FIELD_NUMBER: _builtins.int
+    VM_POWER_FIELD_NUMBER: _builtins.int
+    FENCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     epoch: _builtins.int
     """relationship epoch the command belongs to (0 = not relationship-bound)"""
@@ -268,6 +272,14 @@ class Command(_message.Message):
     def replication_action(self) -> Global___ReplicationAction: ...
     @_builtins.property
     def set_bandwidth(self) -> Global___SetBandwidth: ...
+    @_builtins.property
+    def failover(self) -> Global___Failover: ...
+    @_builtins.property
+    def failover_control(self) -> Global___FailoverControl: ...
+    @_builtins.property
+    def vm_power(self) -> Global___VmPower: ...
+    @_builtins.property
+    def fence(self) -> Global___Fence: ...
     def __init__(
         self,
         *,
@@ -282,12 +294,16 @@ class Command(_message.Message):
         remove_relationship: Global___RemoveRelationship | None = ...,
         replication_action: Global___ReplicationAction | None = ...,
         set_bandwidth: Global___SetBandwidth | None = ...,
+        failover: Global___Failover | None = ...,
+        failover_control: Global___FailoverControl | None = ...,
+        vm_power: Global___VmPower | None = ...,
+        fence: Global___Fence | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "epoch", b"epoch", "id", b"id", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "epoch", b"epoch", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "id", b"id", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script", "configure_replica", "configure_source", "remove_relationship", "replication_action", "set_bandwidth"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script", "configure_replica", "configure_source", "remove_relationship", "replication_action", "set_bandwidth", "failover", "failover_control", "vm_power", "fence"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -494,6 +510,8 @@ class ConfigureReplica(_message.Message):
     RECOVERY_POINTS_FIELD_NUMBER: _builtins.int
     POINT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     ADOPT_FIELD_NUMBER: _builtins.int
+    FROM_VM_FIELD_NUMBER: _builtins.int
+    FROM_SEQUENCE_FIELD_NUMBER: _builtins.int
     relationship_id: _builtins.str
     vm_id: _builtins.str
     vm_name: _builtins.str
@@ -511,6 +529,10 @@ class ConfigureReplica(_message.Message):
     """0 = one hour"""
     adopt: _builtins.bool
     """take over a replica of this VM left by an earlier relationship"""
+    from_vm: _builtins.str
+    """reverse replication: this host's VM (fenced, off) becomes the replica"""
+    from_sequence: _builtins.int
+    """the sequence the adopted VM's content counts as"""
     def __init__(
         self,
         *,
@@ -525,10 +547,12 @@ class ConfigureReplica(_message.Message):
         recovery_points: _builtins.int = ...,
         point_interval_seconds: _builtins.int = ...,
         adopt: _builtins.bool = ...,
+        from_vm: _builtins.str = ...,
+        from_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopt", b"adopt", "auth", b"auth", "epoch", b"epoch", "folder", b"folder", "point_interval_seconds", b"point_interval_seconds", "recovery_points", b"recovery_points", "relationship_id", b"relationship_id", "source_host", b"source_host", "ticket_public_key", b"ticket_public_key", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopt", b"adopt", "auth", b"auth", "epoch", b"epoch", "folder", b"folder", "from_sequence", b"from_sequence", "from_vm", b"from_vm", "point_interval_seconds", b"point_interval_seconds", "recovery_points", b"recovery_points", "relationship_id", b"relationship_id", "source_host", b"source_host", "ticket_public_key", b"ticket_public_key", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -685,6 +709,8 @@ class ReplicationAction(_message.Message):
         RESUME: ReplicationAction._Action.ValueType  # 4
         IMPORT: ReplicationAction._Action.ValueType  # 5
         """replica side: import an offline export from path"""
+        FINAL_CYCLE: ReplicationAction._Action.ValueType  # 6
+        """planned failover: last cycle of the shut-down VM, then"""
 
     class Action(_Action, metaclass=_ActionEnumTypeWrapper): ...
     RUN_CYCLE: ReplicationAction.Action.ValueType  # 0
@@ -694,6 +720,8 @@ class ReplicationAction(_message.Message):
     RESUME: ReplicationAction.Action.ValueType  # 4
     IMPORT: ReplicationAction.Action.ValueType  # 5
     """replica side: import an offline export from path"""
+    FINAL_CYCLE: ReplicationAction.Action.ValueType  # 6
+    """planned failover: last cycle of the shut-down VM, then"""
 
     RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
@@ -927,3 +955,175 @@ class TicketResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TicketResponse: _TypeAlias = TicketResponse  # noqa: Y015
+
+@_typing.final
+class Failover(_message.Message):
+    """-- failover ---------------------------------------------------------------------------------
+
+    To the recovery host: make a VM of a recovery point (a real failover, or a test failover).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NicNetworksEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    POINT_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
+    START_VM_FIELD_NUMBER: _builtins.int
+    VM_FIELD_NUMBER: _builtins.int
+    NIC_NETWORKS_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    epoch: _builtins.int
+    """the raised epoch (a test failover keeps the current one)"""
+    point: _builtins.str
+    """"latest", "latest-app-consistent" or a sequence number"""
+    test: _builtins.bool
+    start_vm: _builtins.bool
+    @_builtins.property
+    def vm(self) -> _common_pb2.VirtualMachine:
+        """the protected VM: id, name, CPU, memory, generation, NICs"""
+
+    @_builtins.property
+    def nic_networks(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """NIC name -> network on this host ("" = none)"""
+
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        point: _builtins.str = ...,
+        test: _builtins.bool = ...,
+        start_vm: _builtins.bool = ...,
+        vm: _common_pb2.VirtualMachine | None = ...,
+        nic_networks: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "nic_networks", b"nic_networks", "point", b"point", "relationship_id", b"relationship_id", "start_vm", b"start_vm", "test", b"test", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Failover: _TypeAlias = Failover  # noqa: Y015
+
+@_typing.final
+class FailoverControl(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Action:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[FailoverControl._Action.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        COMMIT: FailoverControl._Action.ValueType  # 0
+        """keep the failover; other recovery points are discarded"""
+        CANCEL: FailoverControl._Action.ValueType  # 1
+        """undo a failover not yet committed"""
+        CLEANUP_TEST: FailoverControl._Action.ValueType  # 2
+        """remove the test VM and its disks"""
+
+    class Action(_Action, metaclass=_ActionEnumTypeWrapper): ...
+    COMMIT: FailoverControl.Action.ValueType  # 0
+    """keep the failover; other recovery points are discarded"""
+    CANCEL: FailoverControl.Action.ValueType  # 1
+    """undo a failover not yet committed"""
+    CLEANUP_TEST: FailoverControl.Action.ValueType  # 2
+    """remove the test VM and its disks"""
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    action: Global___FailoverControl.Action.ValueType
+    epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        action: Global___FailoverControl.Action.ValueType = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "epoch", b"epoch", "relationship_id", b"relationship_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailoverControl: _TypeAlias = FailoverControl  # noqa: Y015
+
+@_typing.final
+class VmPower(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    vm_id: _builtins.str
+    state: _builtins.str
+    """"off", "running" """
+    relationship_id: _builtins.str
+    epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        vm_id: _builtins.str = ...,
+        state: _builtins.str = ...,
+        relationship_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "relationship_id", b"relationship_id", "state", b"state", "vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VmPower: _TypeAlias = VmPower  # noqa: Y015
+
+@_typing.final
+class Fence(_message.Message):
+    """To an old primary: stop replicating the relationship and power the VM off."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    epoch: _builtins.int
+    vm_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        vm_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "relationship_id", b"relationship_id", "vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Fence: _TypeAlias = Fence  # noqa: Y015

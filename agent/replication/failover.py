@@ -1,0 +1,337 @@
+"""Failover steps an agent performs, each idempotent and fenced by the relationship's epoch.
+
+On the **recovery host**, a failover turns a recovery point of the replica into a running VM:
+the point's layers are pinned and a VM is registered in the host backend over them, with a new
+differencing child per disk as its active layer. The replica's own layers are never written by
+that VM, so until the failover is committed it can be cancelled exactly (the VM and its child
+are removed, the replica is as before). A test failover does the same under another VM name and
+id, on an isolated network, while replication continues into the replica untouched.
+
+On the **old primary**, fencing stops replication of the relationship and powers the VM off;
+for reverse replication, the old VM's disk chains become the replica of the new direction, so a
+checksum resync sends only the blocks that differ.
+
+Every step records its outcome in the replica's state, so a step repeated after a crash or a
+redelivered command returns what was done instead of doing it again. A step carrying an epoch
+lower than the highest the host has seen is refused (StaleEpoch).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from agent.hosts.directory import DirectoryBackend
+from agent.hosts.vmspec import VmSpec, read_vm, write_vm
+from agent.replication.replica import DiskState, Point, ReplicaStore
+from agent.replication.state import ReplicationState
+from sitepair import vdisk
+from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound
+
+log = logging.getLogger("sitepair.agent.failover")
+
+LATEST = "latest"
+LATEST_APP = "latest-app-consistent"
+
+
+def settle(store: ReplicaStore) -> None:
+    """Bring the replica to exactly its last committed cycle and drop anything staged after it
+    (the cycle being received when the primary was lost can never be completed)."""
+    store.recover()
+    staging = store.root / "staging"
+    if staging.exists():
+        for d in staging.iterdir():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def choose_point(store: ReplicaStore, kind: str, sequence: int) -> Point | None:
+    """The point to fail over to; None means the latest committed state."""
+    st = store.state
+    if not st.disks:
+        raise FailedPrecondition(
+            f"the replica of {st.relationship} holds no data yet "
+            "(initial replication has not completed)"
+        )
+    if kind == LATEST:
+        return None
+    if kind == LATEST_APP:
+        if st.app_consistent:
+            return None
+        for p in reversed(st.points):
+            if p.app_consistent:
+                return p
+        raise NotFound(
+            f"the replica of {st.relationship} has no application-consistent recovery point"
+        )
+    if sequence == st.committed_sequence:
+        return None
+    return store.point(sequence)
+
+
+def freeze_latest(store: ReplicaStore, now: float) -> Point:
+    """Seal the latest committed state as a point (even when the policy keeps none)."""
+    st = store.state
+    if st.points and st.points[-1].sequence == st.committed_sequence:
+        return st.points[-1]
+    return store._seal(now)
+
+
+def point_chains(store: ReplicaStore, point: Point) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    for disk_id, ds in store.state.disks.items():
+        top = point.layers[disk_id]
+        chain = ds.chain[: ds.chain.index(top) + 1]
+        out[disk_id] = [store.path(c) for c in chain]
+    return out
+
+
+def failover(
+    store: ReplicaStore,
+    backend: DirectoryBackend,
+    state: ReplicationState,
+    *,
+    epoch: int,
+    point_kind: str,
+    sequence: int,
+    vm: dict[str, Any],
+    nic_networks: dict[str, str],
+    start: bool,
+    test: bool,
+    now: float,
+) -> dict[str, Any]:
+    rel = store.state.relationship
+    state.observe_epoch(rel, epoch)
+    with store.lock:
+        st = store.state
+        if test:
+            existing = st.tests.get("test")
+            if existing is not None:
+                return dict(existing)
+        else:
+            if st.failover is not None:
+                if st.failover["epoch"] == epoch:
+                    return dict(st.failover)
+                raise FailedPrecondition(
+                    f"{rel} was already failed over at epoch {st.failover['epoch']}"
+                )
+            if st.tests:
+                raise FailedPrecondition(
+                    f"a test failover of {rel} is in place",
+                    hint="clean it up before a real failover",
+                )
+        settle(store)
+        chosen = choose_point(store, point_kind, sequence)
+        point = chosen if chosen is not None else freeze_latest(store, now)
+        tag = "test" if test else "failover"
+        if tag not in point.pins:
+            point.pins.append(tag)
+        store._save()
+        chains = point_chains(store, point)
+        name = vm["name"] + ("-test" if test else "")
+        vm_id = (
+            str(uuid.uuid5(uuid.NAMESPACE_URL, f"sitepair-test:{vm['id']}")) if test else vm["id"]
+        )
+        folder = backend.vm_dir(name)
+        previous: str | None = None
+        if not test and (folder / "vm.json").exists():
+            old = read_vm(folder)
+            if old.id != vm_id:
+                raise FailedPrecondition(f"{folder} holds another VM ({old.name}, {old.id})")
+            previous = old.to_json().decode()
+        elif test and (folder / "vm.json").exists():
+            backend.remove_vm(name)  # a test VM left by an interrupted attempt
+        spec = backend.register_vm(
+            name,
+            vm_id=vm_id,
+            disks=[(d, chains[d]) for d in sorted(chains)],
+            cpu=int(vm.get("cpu_count", 1)),
+            memory_mb=int(vm.get("memory_mb", 1024)),
+            generation=int(vm.get("generation", 2)),
+            nics=[(n["name"], nic_networks.get(n["name"], "")) for n in vm.get("nics", [])],
+            state="running" if start else "off",
+            replace=previous is not None,
+        )
+        record = {
+            "epoch": epoch,
+            "test": test,
+            "point": point.sequence,
+            "cut_at": point.cut_at,
+            "app_consistent": point.app_consistent,
+            "vm_name": name,
+            "vm_id": vm_id,
+            "vm_folder": str(folder),
+            "children": [str(folder / d.chain[-1]) for d in spec.disks],
+            "previous_vm": previous,
+            "committed": False,
+            "started": start,
+        }
+        if test:
+            st.tests["test"] = record
+        else:
+            st.failover = record
+            st.epoch = max(st.epoch, epoch)
+        store._save()
+    log.warning(
+        "test failover VM created" if test else "failed over",
+        extra={
+            "fields": {"relationship": rel, "vm": name, "point": point.sequence, "epoch": epoch}
+        },
+    )
+    return dict(record)
+
+
+def _undo_vm(backend: DirectoryBackend, record: dict[str, Any]) -> None:
+    folder = Path(record["vm_folder"])
+    previous = record.get("previous_vm")
+    if previous:
+        spec = VmSpec.from_json(previous.encode(), folder / "vm.json")
+        write_vm(folder, spec)
+        for child in record.get("children", []):
+            Path(child).unlink(missing_ok=True)
+    elif (folder / "vm.json").exists():
+        backend.remove_vm(str(folder.name))
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _unpin(store: ReplicaStore, tag: str) -> None:
+    for p in store.state.points:
+        if tag in p.pins:
+            p.pins.remove(tag)
+
+
+def cleanup_test(store: ReplicaStore, backend: DirectoryBackend) -> dict[str, Any]:
+    with store.lock:
+        record = store.state.tests.pop("test", None)
+        if record is None:
+            return {"cleaned": False, "reason": "no test failover in place"}
+        _undo_vm(backend, record)
+        _unpin(store, "test")
+        store._save()
+    log.info(
+        "test failover cleaned up", extra={"fields": {"relationship": store.state.relationship}}
+    )
+    return {"cleaned": True, "vm_name": record["vm_name"]}
+
+
+def cancel(
+    store: ReplicaStore, backend: DirectoryBackend, state: ReplicationState, *, epoch: int
+) -> dict[str, Any]:
+    """Undo a failover that was not committed: the replica is exactly as before it."""
+    rel = store.state.relationship
+    state.observe_epoch(rel, epoch)
+    with store.lock:
+        record = store.state.failover
+        if record is None:
+            return {"cancelled": False, "reason": "no failover in place"}
+        if record.get("committed"):
+            raise FailedPrecondition(
+                f"the failover of {rel} was committed; it cannot be cancelled",
+                hint="fail over in the other direction instead "
+                "(reverse replication, then a planned failover)",
+            )
+        _undo_vm(backend, record)
+        _unpin(store, "failover")
+        store.state.failover = None
+        store._save()
+    log.warning("failover cancelled", extra={"fields": {"relationship": rel, "epoch": epoch}})
+    return {"cancelled": True}
+
+
+def commit(store: ReplicaStore, state: ReplicationState, *, epoch: int) -> dict[str, Any]:
+    """Keep the failed-over VM for good: other recovery points are discarded, no way back."""
+    rel = store.state.relationship
+    state.observe_epoch(rel, epoch)
+    with store.lock:
+        record = store.state.failover
+        if record is None:
+            raise FailedPrecondition(f"{rel} is not failed over; there is nothing to commit")
+        if record.get("committed"):
+            return dict(record)
+        if store.state.tests:
+            raise FailedPrecondition(
+                f"a test failover of {rel} is in place", hint="clean it up first"
+            )
+        point = store.point(record["point"])
+        for disk_id, ds in store.state.disks.items():
+            # Layers above the chosen point (later points, the replica's active layer) are
+            # not part of the failed-over VM's chains: discarded.
+            cut = ds.chain.index(point.layers[disk_id]) + 1
+            for layer in ds.chain[cut:]:
+                store.path(layer).unlink(missing_ok=True)
+            ds.chain = ds.chain[:cut]
+        store.state.points = []
+        record["committed"] = True
+        store._save()
+    state.remove_grant(rel)
+    log.warning("failover committed", extra={"fields": {"relationship": rel, "epoch": epoch}})
+    return dict(record)
+
+
+def adopt_vm_as_replica(
+    root: Path,
+    backend: DirectoryBackend,
+    *,
+    relationship: str,
+    vm_id: str,
+    epoch: int,
+    committed_sequence: int,
+    clock: Any = None,
+) -> ReplicaStore:
+    """Reverse replication: the (fenced, powered off) VM's disk chains on this host become the
+    replica of the new direction, at ``committed_sequence``, so that a checksum resync from the
+    new primary sends only the blocks that differ."""
+    chains = backend.disk_chains(vm_id)
+    folder, spec = backend.find_vm(vm_id)
+    if spec.state != "off":
+        raise FailedPrecondition(
+            f"VM {spec.name} is {spec.state} on this host; "
+            "it must be off before it becomes a replica"
+        )
+    store = ReplicaStore.create(
+        root, relationship=relationship, vm_id=vm_id, epoch=epoch, clock=clock
+    )
+    with store.lock:
+        st = store.state
+        if st.disks and st.failover is None and st.epoch >= epoch:
+            return store  # done before (a redelivered command)
+        # Whatever this folder held before (the replica of the other direction, committed
+        # into the VM we adopt now) is replaced; the VM's chains may use its files.
+        st.points = []
+        st.failover = None
+        st.tests = {}
+        st.intent = None
+        staging = root / "staging"
+        if staging.exists():
+            for leftover in staging.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        disks: dict[str, DiskState] = {}
+        for disk_id, chain in chains.items():
+            with vdisk.open_disk(chain[-1], read_only=True) as d:
+                disks[disk_id] = DiskState(
+                    virtual_size=d.virtual_size,
+                    format=d.format.value,
+                    logical_sector_size=d.logical_sector_size,
+                    physical_sector_size=d.physical_sector_size,
+                    chain=[str(p.resolve()) for p in chain],
+                )
+        st.disks = disks
+        st.committed_sequence = committed_sequence
+        st.epoch = max(st.epoch, epoch)
+        store._save()
+    log.warning(
+        "old primary VM adopted as the replica of the reverse direction",
+        extra={"fields": {"relationship": relationship, "vm": spec.name, "folder": str(folder)}},
+    )
+    return store
+
+
+def check_point_kind(kind: str) -> str:
+    if kind not in (LATEST, LATEST_APP) and not kind.isdigit():
+        raise InvalidArgument(
+            f"recovery point must be {LATEST}, {LATEST_APP} or a sequence number, not {kind!r}"
+        )
+    return kind

@@ -1,0 +1,149 @@
+"""Plumbing shared by the broker's orchestrations (protection, failover, recovery plans).
+
+An orchestration is a job whose steps are coroutines; a step that needs an agent sends it a
+command tied to the job step and waits for the outcome. Steps are written to be idempotent, and
+:meth:`Orchestrator.send_and_wait` finds the command a step sent before a broker restart instead
+of sending a second one, so an interrupted job is resumed by running it again from its first
+unfinished step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from broker.commands import CommandDispatcher
+from broker.jobs import JobManager
+from broker.sessions import SessionRegistry
+from broker.store.models import CommandState, Job, Relationship, StepState
+from broker.store.sqlite import SqliteStore, Tx
+from sitepair.clock import Clock
+from sitepair.errors import SitepairError
+from sitepair.v1 import control_pb2
+
+log = logging.getLogger("sitepair.broker.orchestration")
+
+
+class StepFailed(SitepairError):
+    status = "FAILED_PRECONDITION"
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        *,
+        store: SqliteStore,
+        clock: Clock,
+        jobs: JobManager,
+        dispatcher: CommandDispatcher,
+        sessions: SessionRegistry,
+        spawn: Callable[[Awaitable[Any]], asyncio.Task[Any]],
+        command_timeout: float = 3600.0,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.jobs = jobs
+        self.dispatcher = dispatcher
+        self.sessions = sessions
+        self.spawn = spawn
+        self.command_timeout = command_timeout
+
+    async def read(self, fn: Callable[[Tx], Any]) -> Any:
+        def run() -> Any:
+            with self.store.read() as tx:
+                return fn(tx)
+
+        return await asyncio.to_thread(run)
+
+    async def write(self, fn: Callable[[Tx], Any]) -> Any:
+        def run() -> Any:
+            with self.store.write() as tx:
+                return fn(tx)
+
+        return await asyncio.to_thread(run)
+
+    async def send_and_wait(
+        self, job: Job, step: int, server_id: str, body: control_pb2.Command
+    ) -> dict[str, Any]:
+        """Deliver a command for a job step (once, even across broker restarts) and wait."""
+        kind = body.WhichOneof("body")
+
+        def existing(tx: Tx) -> list[Any]:
+            return [
+                c
+                for c in tx.commands_for_job(job.id)
+                if c.job_step == step
+                and c.server_id == server_id
+                and c.kind == kind
+                and c.state != CommandState.FAILED
+            ]
+
+        found = await self.read(existing)
+        cmd = (
+            found[-1]
+            if found
+            else await self.dispatcher.submit(
+                server_id, body, epoch=body_epoch(body), job_id=job.id, job_step=step
+            )
+        )
+        if self.sessions.get(server_id) is None and cmd.state.open:
+            name = await self.read(lambda tx: tx.get_server(server_id))
+            await self.jobs.step(
+                job.id, step, message=f"waiting for {name.name if name else server_id} to connect"
+            )
+        try:
+            done = await asyncio.wait_for(
+                self.dispatcher.wait(cmd.id), timeout=self.command_timeout
+            )
+        except TimeoutError as exc:
+            raise StepFailed(
+                f"the host did not answer within {int(self.command_timeout)} s"
+            ) from exc
+        if done.state != CommandState.SUCCEEDED:
+            raise StepFailed(done.error or f"command {done.kind} {done.state.value}")
+        return json.loads(done.result_json) if done.result_json else {}
+
+    async def run_steps(
+        self, job: Job, steps: list[Callable[[], Awaitable[str]]], start: int
+    ) -> bool:
+        for i in range(start, len(steps)):
+            await self.jobs.step(job.id, i, StepState.RUNNING)
+            try:
+                message = await steps[i]()
+            except SitepairError as exc:
+                await self.jobs.step(job.id, i, StepState.FAILED, message=exc.message)
+                await self.jobs.fail(
+                    job.id,
+                    f"{job.steps[i].name}: {exc.message}" if i < len(job.steps) else exc.message,
+                )
+                return False
+            except Exception as exc:
+                log.exception("job step crashed", extra={"fields": {"job": job.id, "step": i}})
+                await self.jobs.step(job.id, i, StepState.FAILED, message=str(exc))
+                await self.jobs.fail(job.id, f"internal error: {exc}")
+                return False
+            await self.jobs.step(job.id, i, StepState.SUCCEEDED, message=message)
+        current = await self.jobs.get(job.id)
+        await self.jobs.succeed(
+            job.id, json.loads(current.result_json) if current.result_json else None
+        )
+        return True
+
+    async def relationship(self, rel_id: str) -> Relationship:
+        rel = await self.read(lambda tx: tx.get_relationship(rel_id))
+        if rel is None:
+            raise StepFailed(f"relationship {rel_id} disappeared")
+        return rel  # type: ignore[no-any-return]
+
+    async def server_gone(self, server_id: str) -> bool:
+        server = await self.read(lambda tx: tx.get_server(server_id))
+        return server is None or server.removed_at is not None
+
+
+def body_epoch(body: control_pb2.Command) -> int:
+    kind = body.WhichOneof("body")
+    inner = getattr(body, kind) if kind else None
+    return int(getattr(inner, "epoch", 0)) if inner is not None else 0

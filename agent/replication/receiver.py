@@ -14,10 +14,8 @@ one thread per stream, so cycles of different relationships use both cores.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import errno
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +25,7 @@ from typing import Any
 import grpc
 
 from agent.identity import AgentIdentity
-from agent.replication.blocks import BadBatch, DecodedBlock, Decoder
+from agent.replication.blocks import BadBatch
 from agent.replication.replica import Incoming, Refusal, ReplicaStore, iter_digest_batches
 from agent.replication.state import Grant, ReplicationState
 from sitepair import pki, tickets
@@ -40,9 +38,6 @@ from sitepair.v1 import replication_pb2
 log = logging.getLogger("sitepair.agent.receiver")
 
 SERVICE = "sitepair.v1.Replication"
-#: Messages a cycle's stream is read and verified ahead of the batch being written (~1 MiB
-#: each, plus its decompressed form): enough to ride out the fsyncs of a durability point.
-AHEAD = 8
 #: How long a new cycle waits for an older stream of the same relationship to let go.
 BUSY_WAIT = 30.0
 
@@ -200,20 +195,18 @@ class ReplicationServicer:
     ) -> Iterator[replication_pb2.CycleReply]:
         fields = {"relationship": grant.relationship, "sequence": header.sequence}
         incoming: Incoming | None = None
-        ahead: _ReceiveAhead | None = None
         try:
             store = self.registry.store(grant)
             incoming = store.begin(header)
             yield replication_pb2.CycleReply(
                 accepted=replication_pb2.Accepted(resume_from_batch=incoming.resume)
             )
-            ahead = _ReceiveAhead(requests, store._decoder)
-            for message, decoded in ahead:
+            for message in requests:
                 if isinstance(message, Malformed):
                     raise BadBatch(f"a malformed message arrived: {message.error}")
                 kind = message.WhichOneof("body")
                 if kind == "batch":
-                    if incoming.add(message.batch, decoded):
+                    if incoming.add(message.batch):
                         acked = incoming.make_durable()
                         yield replication_pb2.CycleReply(
                             batch_ack=replication_pb2.BatchAck(index=acked)
@@ -266,8 +259,6 @@ class ReplicationServicer:
             self._note_refusal("error", str(exc), fields)
             yield _refused("error", str(exc))
         finally:
-            if ahead is not None:
-                ahead.close()
             if incoming is not None:
                 incoming.abort()
 
@@ -335,60 +326,6 @@ class ReplicationServicer:
                 ),
             },
         )
-
-
-class _ReceiveAhead:
-    """Reads a cycle's request stream in a thread of its own and verifies each batch there
-    (decompression and per-block digests, :meth:`Decoder.decode`), up to :data:`AHEAD` messages
-    ahead of the stream's handler, so receiving and verifying overlap with the disk writes and
-    fsyncs of the batches before. Iterating yields ``(message, decoded)`` in stream order;
-    ``decoded`` is None for anything but a batch, and for a batch that failed verification (the
-    handler verifies it again, in order, and refuses it). A broken stream's error is raised at
-    the point in the order where it happened."""
-
-    _END = object()
-
-    def __init__(self, requests: Iterator[Any], decoder: Decoder) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(AHEAD)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(requests, decoder), name="receive-ahead", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, requests: Iterator[Any], decoder: Decoder) -> None:
-        try:
-            for message in requests:
-                decoded = None
-                if not isinstance(message, Malformed) and message.WhichOneof("body") == "batch":
-                    with contextlib.suppress(BadBatch):
-                        decoded = decoder.decode(message.batch)
-                if not self._put((message, decoded)):
-                    return
-            self._put(self._END)
-        except BaseException as exc:  # noqa: BLE001 - handed to the handler's thread
-            self._put((None, exc))
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            with contextlib.suppress(queue.Full):
-                self._queue.put(item, timeout=0.5)
-                return True
-        return False
-
-    def __iter__(self) -> Iterator[tuple[Any, list[DecodedBlock] | None]]:
-        while True:
-            item = self._queue.get()
-            if item is self._END:
-                return
-            message, extra = item
-            if message is None:
-                raise extra
-            yield message, extra
-
-    def close(self) -> None:
-        """Stop reading ahead (the thread ends at its next message, or with the stream)."""
-        self._stop.set()
 
 
 def _refused(code: str, message: str) -> replication_pb2.CycleReply:

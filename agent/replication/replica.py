@@ -600,19 +600,14 @@ class Incoming:
         if kind == replication_pb2.Block.DATA:
             self._data_bytes += ref.length
 
-    def add(
-        self, batch: replication_pb2.BlockBatch, decoded: list[DecodedBlock] | None = None
-    ) -> bool:
+    def add(self, batch: replication_pb2.BlockBatch) -> bool:
         """Verify and keep one batch; True if an acknowledgement point was reached (call
-        :meth:`make_durable` then ack ``self.acked``). ``decoded`` is what
-        :meth:`Decoder.decode` returned for this batch, if the caller verified it already
-        (the receiver does so in a thread of its own while the previous batch is written)."""
+        :meth:`make_durable` then ack ``self.acked``)."""
         if self.complete:
             raise Refusal("protocol", "the cycle is already complete")
         if batch.index != self.next_index:
             raise Refusal("protocol", f"expected batch {self.next_index}, got {batch.index}")
-        if decoded is None:
-            decoded = self.store._decoder.decode(batch)
+        decoded = self.store._decoder.decode(batch)
         sizes = {s.disk_id: s.virtual_size for s in self.header.disks}
         for blk in decoded:
             size = sizes.get(blk.ref.disk_id)

@@ -28,5 +28,9 @@ proto: setup
 proto-check: setup
 	$(PY) scripts/gen_protos.py --check
 
+# Each benchmark waits for a quiet machine (1-minute load < 1) and prints its tables; the
+# results are recorded in docs/benchmarks.md. `--quick` variants are smoke tests.
 bench: setup
 	$(PY) bench/vdisk.py
+	$(PY) bench/control_plane.py
+	$(PY) bench/replication.py

@@ -27,6 +27,7 @@ from broker import config as config_mod
 from broker.auth import BrokerAuthorizer
 from broker.ca import CertificateAuthority, ServerCertificate, write_operator_profile
 from broker.commands import CommandDispatcher
+from broker.failover import FailoverManager
 from broker.heartbeats import HeartbeatWriter, LivenessMonitor
 from broker.home import BrokerHome
 from broker.jobs import JobManager
@@ -61,6 +62,7 @@ class BrokerContext:
     heartbeats: HeartbeatWriter
     servers: ServerOperations
     protection: ProtectionManager
+    failover: FailoverManager
     ticket_key: ed25519.Ed25519PrivateKey
     started_at: float
     bound_enrollment: str = ""
@@ -200,6 +202,7 @@ class Broker:
             agent_lifetime=cfg.certificates.agent_lifetime,
             health=cfg.health,
         )
+        failover = FailoverManager(protection)
         ctx = BrokerContext(
             config=cfg,
             home=home,
@@ -214,6 +217,7 @@ class Broker:
             heartbeats=heartbeats,
             servers=servers,
             protection=protection,
+            failover=failover,
             ticket_key=ticket_key,
             started_at=clock.now(),
         )

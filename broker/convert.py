@@ -143,6 +143,7 @@ def relationship_to_proto(r: Relationship, names: dict[str, str]) -> admin_pb2.P
         policy=policy_to_proto(Policy.from_json(r.policy_json)),
         created_at=timestamp(r.created_at),
         replica_folder=r.replica_folder,
+        failover_json=r.failover_json,
     )
     for field, text in (
         ("primary_status", r.primary_status_json),

@@ -587,6 +587,25 @@ class ProtectionManager(Orchestrator):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._reported.wait(), timeout=2.0)
 
+    async def wait_first_cycle(self, job: Job, step: int, rel_id: str) -> str:
+        """Wait for the primary to report a committed cycle (after reverse replication)."""
+        while True:
+            rel = await self.relationship(rel_id)
+            primary = json.loads(rel.primary_status_json or "{}")
+            if primary.get("state") == "protected" and int(primary.get("cycles_succeeded", 0)) >= 1:
+                return f"replica at sequence {primary.get('committed_sequence')}"
+            done, total = (
+                int(primary.get("progress_done", 0)),
+                int(primary.get("progress_total", 0)),
+            )
+            message = primary.get("state", "waiting for the first report")
+            if primary.get("last_error"):
+                message += f"; last error: {primary['last_error']}"
+            await self.jobs.step(job.id, step, message=message, done=done, total=total)
+            async with self._reported:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._reported.wait(), timeout=2.0)
+
     # -- disable, pause, resume, resync, verify --------------------------------------------
     async def disable(self, ref: str, *, by: str, delete_replica: bool | None = None) -> Job:
         rel = await self.read(lambda tx: tx.find_relationship(ref))

@@ -413,9 +413,10 @@ class DirectoryBackend(HostBackend):
         return self._vm_record(folder, spec)
 
     # -- writers ----------------------------------------------------------------------------
-    def open_writer(self, vm_ref: str) -> VmWriter:
+    def open_writer(self, vm_ref: str, *, running_only: bool = False) -> VmWriter:
         """A writer for the VM's disks; see :mod:`agent.hosts.dirwriter`. It may write
-        whatever the VM's power state: every write is tracked."""
+        whatever the VM's power state (every write is tracked), unless ``running_only``: then,
+        like a guest, it writes only while the VM runs and is refused once it is off."""
         folder, spec = self.find_vm(vm_ref)
         return DirectoryVmWriter(
             folder,
@@ -424,6 +425,7 @@ class DirectoryBackend(HostBackend):
             boot=changelog.boot_uuid(self._boot_id()),
             recover=lambda: self._checkpoints.recover(folder, spec),
             poll_interval=self._writer_poll,
+            running_only=running_only,
         )
 
     # -- cuts (agent.hosts.checkpoints) -----------------------------------------------------

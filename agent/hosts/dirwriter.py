@@ -69,8 +69,10 @@ class DirectoryVmWriter(VmWriter):
         boot: uuid.UUID,
         recover: Callable[[], None] | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
+        running_only: bool = False,
     ) -> None:
         self.folder = folder
+        self._running_only = running_only
         self._recover = recover
         self.vm_name = vm_name
         self._read_spec = read_spec
@@ -179,9 +181,17 @@ class DirectoryVmWriter(VmWriter):
         # Once holding the lock, an old request can only be left over from a backend that
         # died; the watcher must not close the disks for it.
         self._served = state.request
-        if state.generation != self._generation or self._spec is None:
+        if state.generation != self._generation or self._spec is None or self._running_only:
             self._spec = self._read_spec()
             self._generation = state.generation
+        if self._running_only and self._spec.state != "running":
+            # A guest writes only while its VM runs. The check happens with the lock held, so
+            # a write is either before a cut (and in it) or refused: nothing lands after the
+            # final cut of a planned failover.
+            self._lock.release()
+            raise FailedPrecondition(
+                f"VM {self.vm_name} is {self._spec.state}; the guest cannot write"
+            )
 
     def _open_disk(self, disk_id: str) -> _OpenDisk:
         assert self._spec is not None

@@ -226,7 +226,15 @@ class ReplicationServicer:
                         },
                     )
                     if self.on_commit is not None:
-                        self.on_commit(grant, store, header)
+                        try:
+                            self.on_commit(grant, store, header)
+                        except (SitepairError, OSError) as exc:
+                            # The cycle is committed whatever happens here: sealing a
+                            # recovery point is retried after the next commit.
+                            log.error(
+                                "after-commit step failed",
+                                extra={"fields": {**fields, "error": str(exc)}},
+                            )
                     yield replication_pb2.CycleReply(
                         committed=replication_pb2.Committed(
                             sequence=header.sequence,

@@ -428,6 +428,7 @@ class ReplicaStore:
             ext = "avhdx" if ds.format == "vhdx" else "avhd"
             child = f"disks/{disk_id}/p-{st.committed_sequence:09d}.{ext}"
             child_path = self.path(child)
+            child_path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 child_path.unlink()  # left by a crash before the state named it
             created = vdisk.create_disk(

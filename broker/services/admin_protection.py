@@ -299,3 +299,52 @@ class ProtectionAdmin:
             return relationship_to_proto(rel, names)
 
         return await self._read(read)  # type: ignore[no-any-return]
+
+    # -- failover ---------------------------------------------------------------------------
+    @rpc(roles=ADMIN)
+    async def Failover(
+        self, request: admin_pb2.FailoverRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        fo = self.ctx.failover
+        point = request.point or "latest"
+        if request.type == "planned":
+            if request.point and request.point != "latest":
+                raise InvalidArgument(
+                    "a planned failover always uses the latest state (it loses nothing)"
+                )
+            job = await fo.planned(request.vm, by=identity.id, reverse=request.reverse)
+        elif request.type == "unplanned":
+            job = await fo.unplanned(request.vm, by=identity.id, point=point)
+        elif request.type == "test":
+            job = await fo.test(request.vm, by=identity.id, point=point, network=request.network)
+        else:
+            raise InvalidArgument(
+                f"failover type must be planned, unplanned or test, not {request.type!r}"
+            )
+        return job_to_proto(job)
+
+    @rpc(roles=ADMIN)
+    async def CommitFailover(
+        self, request: admin_pb2.ProtectedRef, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        return job_to_proto(await self.ctx.failover.commit(request.vm, by=identity.id))
+
+    @rpc(roles=ADMIN)
+    async def CancelFailover(
+        self, request: admin_pb2.ProtectedRef, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        return job_to_proto(await self.ctx.failover.cancel(request.vm, by=identity.id))
+
+    @rpc(roles=ADMIN)
+    async def CleanupTestFailover(
+        self, request: admin_pb2.CleanupTestRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        return job_to_proto(
+            await self.ctx.failover.cleanup_test(request.vm, by=identity.id, notes=request.notes)
+        )
+
+    @rpc(roles=ADMIN)
+    async def ReverseReplication(
+        self, request: admin_pb2.ProtectedRef, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        return job_to_proto(await self.ctx.failover.reverse(request.vm, by=identity.id))

@@ -114,6 +114,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             )
         )
         reader = asyncio.create_task(self._read(request_iterator, session))
+        await ctx.failover.on_server_connected(server.id)
         try:
             await ctx.dispatcher.deliver_open(session)
             while True:

@@ -23,6 +23,64 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class FailoverRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    POINT_FIELD_NUMBER: _builtins.int
+    REVERSE_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    type: _builtins.str
+    """"planned", "unplanned" or "test" """
+    point: _builtins.str
+    """"latest" (default), "latest-app-consistent", or a sequence"""
+    reverse: _builtins.bool
+    """planned: commit and start reverse replication at once"""
+    network: _builtins.str
+    """test: "" (none), an existing network, or "create" """
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        type: _builtins.str = ...,
+        point: _builtins.str = ...,
+        reverse: _builtins.bool = ...,
+        network: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["network", b"network", "point", b"point", "reverse", b"reverse", "type", b"type", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailoverRequest: _TypeAlias = FailoverRequest  # noqa: Y015
+
+@_typing.final
+class CleanupTestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    notes: _builtins.str
+    """the operator's notes, kept in the job"""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        notes: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["notes", b"notes", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CleanupTestRequest: _TypeAlias = CleanupTestRequest  # noqa: Y015
+
+@_typing.final
 class Policy(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -629,6 +687,7 @@ class ProtectedVm(_message.Message):
     REPLICA_STATUS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     REPLICA_FOLDER_FIELD_NUMBER: _builtins.int
+    FAILOVER_JSON_FIELD_NUMBER: _builtins.int
     relationship_id: _builtins.str
     vm_id: _builtins.str
     vm_name: _builtins.str
@@ -642,6 +701,8 @@ class ProtectedVm(_message.Message):
     epoch: _builtins.int
     paused: _builtins.bool
     replica_folder: _builtins.str
+    failover_json: _builtins.str
+    """the current failover, test failover and fencing state"""
     @_builtins.property
     def reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___HealthReason]: ...
     @_builtins.property
@@ -672,10 +733,11 @@ class ProtectedVm(_message.Message):
         replica_status: _control_pb2.RelationshipStatus | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         replica_folder: _builtins.str = ...,
+        failover_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "policy", b"policy", "primary_status", b"primary_status", "replica_status", b"replica_status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "epoch", b"epoch", "health", b"health", "paused", b"paused", "policy", b"policy", "primary_cloud", b"primary_cloud", "primary_server", b"primary_server", "primary_status", b"primary_status", "reasons", b"reasons", "recovery_cloud", b"recovery_cloud", "relationship_id", b"relationship_id", "replica_folder", b"replica_folder", "replica_server", b"replica_server", "replica_status", b"replica_status", "state", b"state", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "epoch", b"epoch", "failover_json", b"failover_json", "health", b"health", "paused", b"paused", "policy", b"policy", "primary_cloud", b"primary_cloud", "primary_server", b"primary_server", "primary_status", b"primary_status", "reasons", b"reasons", "recovery_cloud", b"recovery_cloud", "relationship_id", b"relationship_id", "replica_folder", b"replica_folder", "replica_server", b"replica_server", "replica_status", b"replica_status", "state", b"state", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

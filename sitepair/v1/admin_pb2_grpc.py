@@ -204,6 +204,31 @@ class AdminStub:
                 request_serializer=sitepair_dot_v1_dot_admin__pb2.ProtectedRef.SerializeToString,
                 response_deserializer=sitepair_dot_v1_dot_admin__pb2.ProtectedVm.FromString,
                 _registered_method=True)
+        self.Failover = channel.unary_unary(
+                '/sitepair.v1.Admin/Failover',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.FailoverRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.CommitFailover = channel.unary_unary(
+                '/sitepair.v1.Admin/CommitFailover',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.ProtectedRef.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.CancelFailover = channel.unary_unary(
+                '/sitepair.v1.Admin/CancelFailover',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.ProtectedRef.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.CleanupTestFailover = channel.unary_unary(
+                '/sitepair.v1.Admin/CleanupTestFailover',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.CleanupTestRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.ReverseReplication = channel.unary_unary(
+                '/sitepair.v1.Admin/ReverseReplication',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.ProtectedRef.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -415,6 +440,37 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Failover(self, request, context):
+        """-- failover --
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitFailover(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelFailover(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CleanupTestFailover(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReverseReplication(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -587,6 +643,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetProtected,
                     request_deserializer=sitepair_dot_v1_dot_admin__pb2.ProtectedRef.FromString,
                     response_serializer=sitepair_dot_v1_dot_admin__pb2.ProtectedVm.SerializeToString,
+            ),
+            'Failover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Failover,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.FailoverRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'CommitFailover': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitFailover,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.ProtectedRef.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'CancelFailover': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelFailover,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.ProtectedRef.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'CleanupTestFailover': grpc.unary_unary_rpc_method_handler(
+                    servicer.CleanupTestFailover,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.CleanupTestRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'ReverseReplication': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReverseReplication,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.ProtectedRef.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1507,6 +1588,141 @@ class Admin:
             '/sitepair.v1.Admin/GetProtected',
             sitepair_dot_v1_dot_admin__pb2.ProtectedRef.SerializeToString,
             sitepair_dot_v1_dot_admin__pb2.ProtectedVm.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Failover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/Failover',
+            sitepair_dot_v1_dot_admin__pb2.FailoverRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitFailover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/CommitFailover',
+            sitepair_dot_v1_dot_admin__pb2.ProtectedRef.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelFailover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/CancelFailover',
+            sitepair_dot_v1_dot_admin__pb2.ProtectedRef.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CleanupTestFailover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/CleanupTestFailover',
+            sitepair_dot_v1_dot_admin__pb2.CleanupTestRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReverseReplication(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/ReverseReplication',
+            sitepair_dot_v1_dot_admin__pb2.ProtectedRef.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,12 @@ class AdminStub:
     ReplicationAction: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReplicationActionRequest, _admin_pb2.Job]
     ListProtected: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListProtectedRequest, _admin_pb2.ListProtectedResponse]
     GetProtected: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ProtectedRef, _admin_pb2.ProtectedVm]
+    Failover: _grpc.UnaryUnaryMultiCallable[_admin_pb2.FailoverRequest, _admin_pb2.Job]
+    """-- failover --"""
+    CommitFailover: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ProtectedRef, _admin_pb2.Job]
+    CancelFailover: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ProtectedRef, _admin_pb2.Job]
+    CleanupTestFailover: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CleanupTestRequest, _admin_pb2.Job]
+    ReverseReplication: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ProtectedRef, _admin_pb2.Job]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -107,6 +113,12 @@ class AdminAsyncStub(AdminStub):
     ReplicationAction: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReplicationActionRequest, _admin_pb2.Job]  # type: ignore[assignment]
     ListProtected: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListProtectedRequest, _admin_pb2.ListProtectedResponse]  # type: ignore[assignment]
     GetProtected: _aio.UnaryUnaryMultiCallable[_admin_pb2.ProtectedRef, _admin_pb2.ProtectedVm]  # type: ignore[assignment]
+    Failover: _aio.UnaryUnaryMultiCallable[_admin_pb2.FailoverRequest, _admin_pb2.Job]  # type: ignore[assignment]
+    """-- failover --"""
+    CommitFailover: _aio.UnaryUnaryMultiCallable[_admin_pb2.ProtectedRef, _admin_pb2.Job]  # type: ignore[assignment]
+    CancelFailover: _aio.UnaryUnaryMultiCallable[_admin_pb2.ProtectedRef, _admin_pb2.Job]  # type: ignore[assignment]
+    CleanupTestFailover: _aio.UnaryUnaryMultiCallable[_admin_pb2.CleanupTestRequest, _admin_pb2.Job]  # type: ignore[assignment]
+    ReverseReplication: _aio.UnaryUnaryMultiCallable[_admin_pb2.ProtectedRef, _admin_pb2.Job]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -348,5 +360,41 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ProtectedRef,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ProtectedVm, _abc.Awaitable[_admin_pb2.ProtectedVm]]: ...
+
+    @_abc_1.abstractmethod
+    def Failover(
+        self,
+        request: _admin_pb2.FailoverRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]:
+        """-- failover --"""
+
+    @_abc_1.abstractmethod
+    def CommitFailover(
+        self,
+        request: _admin_pb2.ProtectedRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def CancelFailover(
+        self,
+        request: _admin_pb2.ProtectedRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def CleanupTestFailover(
+        self,
+        request: _admin_pb2.CleanupTestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def ReverseReplication(
+        self,
+        request: _admin_pb2.ProtectedRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

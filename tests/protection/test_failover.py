@@ -54,7 +54,7 @@ class Guest(threading.Thread):
                         return  # the VM was shut down
                     self.models[disk][off : off + n] = data
                     self.writes += 1
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:
             self.error = exc
         finally:
             self.stopped.set()
@@ -185,7 +185,7 @@ def test_test_failover_leaves_production_untouched(sites: Sites) -> None:
             "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="cycle")
         )
     )
-    job = s.job(
+    s.job(
         s.admin.call(
             "Failover", admin_pb2.FailoverRequest(vm="web01", type="test", network="create")
         )

@@ -435,6 +435,56 @@ def register(
     g.add_argument("--keep-replica", action="store_true")
     sp.add_argument("--wait", action="store_true")
 
+    # -- failover --
+    def failover(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
+        request = admin_pb2.FailoverRequest(
+            vm=a.vm, type=a.type, point=a.point or "", reverse=a.reverse, network=a.network or ""
+        )
+        job: admin_pb2.Job = c.call("Failover", request)
+        return job
+
+    sp = add(vms, "failover", job_command(failover), "fail a VM over: planned, unplanned or test")
+    sp.add_argument("vm")
+    sp.add_argument("--type", choices=["planned", "unplanned", "test"], required=True)
+    sp.add_argument(
+        "--point",
+        help="unplanned/test: latest (default), latest-app-consistent, or a sequence number",
+    )
+    sp.add_argument(
+        "--reverse", action="store_true", help="planned: commit and replicate back at once"
+    )
+    sp.add_argument(
+        "--network", help='test: "" (no network, default), an existing network, or "create"'
+    )
+    sp.add_argument("--wait", action="store_true")
+
+    def simple(method: str) -> Callable[[argparse.Namespace, AdminClient], admin_pb2.Job]:
+        def call(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
+            job: admin_pb2.Job = c.call(method, admin_pb2.ProtectedRef(vm=a.vm))
+            return job
+
+        return call
+
+    for name, method, text in (
+        ("commit", "CommitFailover", "commit a failover: other recovery points are discarded"),
+        ("cancel-failover", "CancelFailover", "undo a failover that was not committed"),
+        ("reverse", "ReverseReplication", "replicate a failed-over VM back to its old site"),
+    ):
+        sp = add(vms, name, job_command(simple(method)), text)
+        sp.add_argument("vm")
+        sp.add_argument("--wait", action="store_true")
+
+    def cleanup(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
+        job: admin_pb2.Job = c.call(
+            "CleanupTestFailover", admin_pb2.CleanupTestRequest(vm=a.vm, notes=a.notes or "")
+        )
+        return job
+
+    sp = add(vms, "cleanup-test", job_command(cleanup), "remove a test failover's VM and network")
+    sp.add_argument("vm")
+    sp.add_argument("--notes", help="what the test showed; kept in the job")
+    sp.add_argument("--wait", action="store_true")
+
     def replication_action(
         action: str,
     ) -> Callable[[argparse.Namespace, AdminClient], admin_pb2.Job]:

@@ -31,6 +31,7 @@ from broker.failover import FailoverManager
 from broker.heartbeats import HeartbeatWriter, LivenessMonitor
 from broker.home import BrokerHome
 from broker.jobs import JobManager
+from broker.plans import PlanManager
 from broker.protection import ProtectionManager
 from broker.servers import ServerOperations
 from broker.sessions import SessionRegistry
@@ -63,6 +64,7 @@ class BrokerContext:
     servers: ServerOperations
     protection: ProtectionManager
     failover: FailoverManager
+    plans: PlanManager
     ticket_key: ed25519.Ed25519PrivateKey
     started_at: float
     bound_enrollment: str = ""
@@ -203,6 +205,7 @@ class Broker:
             health=cfg.health,
         )
         failover = FailoverManager(protection)
+        plans = PlanManager(failover)
         ctx = BrokerContext(
             config=cfg,
             home=home,
@@ -218,6 +221,7 @@ class Broker:
             servers=servers,
             protection=protection,
             failover=failover,
+            plans=plans,
             ticket_key=ticket_key,
             started_at=clock.now(),
         )

@@ -538,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     from broker.cli_protection import register as register_protection
 
     register_protection(sub, add, _client, _watch, _show_job_result)
+    from broker.cli_plans import register as register_plans
+
+    register_plans(sub, add, _client, _watch, _show_job_result)
 
     sp = add(jobs, "list", cmd_jobs_list, "list recent jobs")
     sp.add_argument("--state")

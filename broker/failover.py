@@ -217,7 +217,7 @@ class FailoverManager(Orchestrator):
             if rel.state not in REPLICATING:
                 raise StepFailed(f"the VM is {rel.state.value}")
             for server in (rel.primary_server, rel.replica_server):
-                if not await self._connected(server):
+                if not await self.wait_connected(job, 0, server):
                     raise StepFailed(
                         f"host {server} is not connected; a planned failover needs both "
                         "sites (use unplanned)"
@@ -360,7 +360,7 @@ class FailoverManager(Orchestrator):
 
         async def check() -> str:
             rel = await self.relationship(rel_id)
-            if not await self._connected(rel.replica_server):
+            if not await self.wait_connected(job, 0, rel.replica_server):
                 raise StepFailed(f"the recovery host {rel.replica_server} is not connected")
             status = json.loads(rel.replica_status_json or "{}")
             if not int(status.get("committed_sequence", 0)):

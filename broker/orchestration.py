@@ -132,6 +132,27 @@ class Orchestrator:
         )
         return True
 
+    async def wait_connected(
+        self, job: Job, step: int, server_id: str, *, within: float = 60.0
+    ) -> bool:
+        """Give a host a moment to (re)connect (after a broker restart, agents come back within
+        their reconnect backoff); False if it did not within ``within`` seconds."""
+        deadline = self.clock.monotonic() + within
+        announced = False
+        while self.sessions.get(server_id) is None:
+            if self.clock.monotonic() >= deadline:
+                return False
+            if not announced:
+                server = await self.read(lambda tx: tx.get_server(server_id))
+                await self.jobs.step(
+                    job.id,
+                    step,
+                    message=f"waiting for {server.name if server else server_id} to connect",
+                )
+                announced = True
+            await asyncio.sleep(0.5)
+        return True
+
     async def relationship(self, rel_id: str) -> Relationship:
         rel = await self.read(lambda tx: tx.get_relationship(rel_id))
         if rel is None:

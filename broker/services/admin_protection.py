@@ -348,3 +348,119 @@ class ProtectionAdmin:
         self, request: admin_pb2.ProtectedRef, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.Job:
         return job_to_proto(await self.ctx.failover.reverse(request.vm, by=identity.id))
+
+    # -- recovery plans ---------------------------------------------------------------------
+    async def _plan_proto(self, name: str) -> admin_pb2.RecoveryPlan:
+        plan = await self.ctx.plans.get(name)
+
+        def read(tx: Tx) -> admin_pb2.RecoveryPlan:
+            doc = json.loads(plan.doc_json)
+            msg = admin_pb2.RecoveryPlan(
+                name=plan.name, description=plan.description, updated_at=timestamp(plan.updated_at)
+            )
+            for i, g in enumerate(doc.get("groups", []), start=1):
+                group = msg.groups.add(index=i, relationship_ids=g["vms"])
+                for rid in g["vms"]:
+                    rel = tx.get_relationship(rid)
+                    group.vms.append(rel.vm_name if rel else rid)
+                for when in ("before", "after"):
+                    for a in g[when]:
+                        getattr(group, when).add(
+                            name=a["name"],
+                            kind=a["kind"],
+                            script=a.get("script", ""),
+                            args=a.get("args", []),
+                            timeout_seconds=int(a.get("timeout", 0)),
+                            instructions=a.get("instructions", ""),
+                        )
+            return msg
+
+        return await self._read(read)  # type: ignore[no-any-return]
+
+    @rpc(roles=ADMIN)
+    async def CreatePlan(
+        self, request: admin_pb2.CreatePlanRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.RecoveryPlan:
+        await self.ctx.plans.create(request.name, request.description)
+        return await self._plan_proto(request.name)
+
+    @rpc(roles=ADMIN)
+    async def GetPlan(
+        self, request: admin_pb2.PlanRef, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.RecoveryPlan:
+        return await self._plan_proto(request.name)
+
+    @rpc(roles=ADMIN)
+    async def ListPlans(
+        self, request: admin_pb2.ListPlansRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.ListPlansResponse:
+        plans = await self._read(lambda tx: tx.list_plans())
+        return admin_pb2.ListPlansResponse(plans=[await self._plan_proto(p.name) for p in plans])
+
+    @rpc(roles=ADMIN)
+    async def DeletePlan(
+        self, request: admin_pb2.PlanRef, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.RecoveryPlan:
+        before = await self._plan_proto(request.name)
+        await self.ctx.plans.delete(request.name)
+        return before
+
+    @rpc(roles=ADMIN)
+    async def AddPlanGroup(
+        self, request: admin_pb2.PlanRef, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.RecoveryPlan:
+        await self.ctx.plans.add_group(request.name)
+        return await self._plan_proto(request.name)
+
+    @rpc(roles=ADMIN)
+    async def AddPlanVm(
+        self, request: admin_pb2.AddPlanVmRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.RecoveryPlan:
+        await self.ctx.plans.add_vm(request.plan, request.group, request.vm)
+        return await self._plan_proto(request.plan)
+
+    @rpc(roles=ADMIN)
+    async def AddPlanAction(
+        self, request: admin_pb2.AddPlanActionRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.RecoveryPlan:
+        a = request.action
+        await self.ctx.plans.add_action(
+            request.plan,
+            request.group,
+            when=request.when,
+            action_name=a.name,
+            script=a.script,
+            args=list(a.args),
+            timeout_seconds=a.timeout_seconds or 300,
+            manual=a.instructions,
+        )
+        return await self._plan_proto(request.plan)
+
+    @rpc(roles=ADMIN)
+    async def PlanFailover(
+        self, request: admin_pb2.PlanFailoverRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        job = await self.ctx.plans.run_failover(
+            request.plan, request.type, by=identity.id, point=request.point or "latest"
+        )
+        return job_to_proto(job)
+
+    @rpc(roles=ADMIN)
+    async def PlanCleanupTest(
+        self, request: admin_pb2.PlanCleanupRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        return job_to_proto(
+            await self.ctx.plans.cleanup_test(request.plan, by=identity.id, notes=request.notes)
+        )
+
+    @rpc(roles=ADMIN)
+    async def PlanCommit(
+        self, request: admin_pb2.PlanRef, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        return job_to_proto(await self.ctx.plans.commit(request.name, by=identity.id))
+
+    @rpc(roles=ADMIN)
+    async def PlanResume(
+        self, request: admin_pb2.PlanRef, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        return job_to_proto(await self.ctx.plans.resume_plan(request.name, by=identity.id))

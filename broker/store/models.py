@@ -254,3 +254,12 @@ class Relationship:
     updated_at: float = 0.0
     disabled_at: float | None = None
     failover_json: str = "{}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryPlan:
+    name: str
+    description: str
+    doc_json: str
+    created_at: float
+    updated_at: float

@@ -40,6 +40,7 @@ from broker.store.models import (
     JobStep,
     Mapping,
     Operator,
+    RecoveryPlan,
     RegistrationKey,
     Relationship,
     RelationshipState,
@@ -925,6 +926,32 @@ class Tx:
             (server_id, server_id),
         )
         return [_relationship(r) for r in rows]
+
+    # -- recovery plans ----------------------------------------------------------------------
+    def insert_plan(self, plan: RecoveryPlan) -> None:
+        try:
+            self._c.execute(
+                "INSERT INTO recovery_plans VALUES (?, ?, ?, ?, ?)",
+                (plan.name, plan.description, plan.doc_json, plan.created_at, plan.updated_at),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"a recovery plan named {plan.name!r} already exists") from exc
+
+    def get_plan(self, name: str) -> RecoveryPlan | None:
+        row = self._one("SELECT * FROM recovery_plans WHERE name = ?", (name,))
+        return None if row is None else RecoveryPlan(*row)
+
+    def list_plans(self) -> list[RecoveryPlan]:
+        return [RecoveryPlan(*r) for r in self._all("SELECT * FROM recovery_plans ORDER BY name")]
+
+    def update_plan(self, name: str, doc_json: str, now: float) -> None:
+        self._c.execute(
+            "UPDATE recovery_plans SET doc_json = ?, updated_at = ? WHERE name = ?",
+            (doc_json, now, name),
+        )
+
+    def delete_plan(self, name: str) -> bool:
+        return self._c.execute("DELETE FROM recovery_plans WHERE name = ?", (name,)).rowcount == 1
 
 
 _MAPPING_TABLES = {

@@ -1,0 +1,220 @@
+"""``sitepair-broker plans ...``: recovery plans."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from broker.client import AdminClient
+from sitepair.cliutil import EXIT_OK, print_json, print_table
+from sitepair.v1 import admin_pb2
+
+ClientFactory = Callable[[argparse.Namespace], AdminClient]
+
+
+def show_plan(args: argparse.Namespace, plan: admin_pb2.RecoveryPlan) -> int:
+    if args.json:
+        print_json(plan)
+        return EXIT_OK
+    print(f"recovery plan {plan.name}" + (f": {plan.description}" if plan.description else ""))
+    for g in plan.groups:
+        for a in g.before:
+            print(f"  group {g.index} before  {_action(a)}")
+        print(f"  group {g.index} VMs     {', '.join(g.vms) or '-'}")
+        for a in g.after:
+            print(f"  group {g.index} after   {_action(a)}")
+    return EXIT_OK
+
+
+def _action(a: admin_pb2.PlanAction) -> str:
+    if a.kind == "manual":
+        return f"manual: {a.name}: {a.instructions}"
+    args = " ".join(a.args)
+    return f"script: {a.name}: {a.script} {args} (timeout {a.timeout_seconds}s)".replace("  ", " ")
+
+
+def register(
+    sub: Any,
+    add: Callable[..., argparse.ArgumentParser],
+    client: ClientFactory,
+    watch: Callable[[argparse.Namespace, AdminClient, str], int],
+    show_job: Callable[[argparse.Namespace, admin_pb2.Job], int],
+) -> None:
+    plans = sub.add_parser("plans", help="recovery plans").add_subparsers(
+        dest="sub", required=True, metavar="ACTION"
+    )
+
+    def plan_command(
+        fn: Callable[[argparse.Namespace, AdminClient], admin_pb2.RecoveryPlan],
+    ) -> Callable[[argparse.Namespace], int]:
+        def run(args: argparse.Namespace) -> int:
+            with client(args) as c:
+                return show_plan(args, fn(args, c))
+
+        return run
+
+    def job_command(
+        fn: Callable[[argparse.Namespace, AdminClient], admin_pb2.Job],
+    ) -> Callable[[argparse.Namespace], int]:
+        def run(args: argparse.Namespace) -> int:
+            with client(args) as c:
+                job = fn(args, c)
+                if getattr(args, "wait", False):
+                    return watch(args, c, job.id)
+            return show_job(args, job)
+
+        return run
+
+    def call(
+        method: str, build: Callable[[argparse.Namespace], Any]
+    ) -> Callable[[argparse.Namespace, AdminClient], Any]:
+        def run(a: argparse.Namespace, c: AdminClient) -> Any:
+            return c.call(method, build(a))
+
+        return run
+
+    sp = add(
+        plans,
+        "create",
+        plan_command(
+            call(
+                "CreatePlan",
+                lambda a: admin_pb2.CreatePlanRequest(name=a.name, description=a.description or ""),
+            )
+        ),
+        "create a recovery plan (with group 1)",
+    )
+    sp.add_argument("name")
+    sp.add_argument("--description")
+    sp = add(
+        plans,
+        "show",
+        plan_command(call("GetPlan", lambda a: admin_pb2.PlanRef(name=a.name))),
+        "show a plan",
+    )
+    sp.add_argument("name")
+
+    def plans_list(args: argparse.Namespace) -> int:
+        with client(args) as c:
+            resp = c.call("ListPlans", admin_pb2.ListPlansRequest())
+        if args.json:
+            print_json(list(resp.plans))
+            return EXIT_OK
+        print_table(
+            ["PLAN", "GROUPS", "VMS", "DESCRIPTION"],
+            [
+                [p.name, len(p.groups), sum(len(g.vms) for g in p.groups), p.description]
+                for p in resp.plans
+            ],
+        )
+        return EXIT_OK
+
+    add(plans, "list", plans_list, "list plans")
+    sp = add(
+        plans,
+        "delete",
+        plan_command(call("DeletePlan", lambda a: admin_pb2.PlanRef(name=a.name))),
+        "delete a plan",
+    )
+    sp.add_argument("name")
+    sp = add(
+        plans,
+        "add-group",
+        plan_command(call("AddPlanGroup", lambda a: admin_pb2.PlanRef(name=a.name))),
+        "add the next group",
+    )
+    sp.add_argument("name")
+    sp = add(
+        plans,
+        "add-vm",
+        plan_command(
+            call(
+                "AddPlanVm",
+                lambda a: admin_pb2.AddPlanVmRequest(plan=a.name, group=a.group, vm=a.vm),
+            )
+        ),
+        "add a protected VM to a group",
+    )
+    sp.add_argument("name")
+    sp.add_argument("vm")
+    sp.add_argument("--group", type=int, default=1)
+
+    def add_action(a: argparse.Namespace) -> admin_pb2.AddPlanActionRequest:
+        return admin_pb2.AddPlanActionRequest(
+            plan=a.name,
+            group=a.group,
+            when=a.when,
+            action=admin_pb2.PlanAction(
+                name=a.action_name or "",
+                script=a.script or "",
+                args=a.arg or [],
+                timeout_seconds=a.script_timeout,
+                instructions=a.manual or "",
+            ),
+        )
+
+    sp = add(
+        plans,
+        "add-action",
+        plan_command(call("AddPlanAction", add_action)),
+        "add a script or manual action before/after a group",
+    )
+    sp.add_argument("name")
+    sp.add_argument("--group", type=int, default=1)
+    sp.add_argument("--when", choices=["before", "after"], default="after")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--script", help="file name in the recovery agent's scripts folder")
+    g.add_argument(
+        "--manual", help="instructions for the operator; the plan waits for `plans resume`"
+    )
+    sp.add_argument("--arg", action="append", help="script argument (repeat)")
+    sp.add_argument("--script-timeout", type=int, default=300, help="script timeout, seconds")
+    sp.add_argument("--action-name", help="how the action is shown in the job")
+
+    sp = add(
+        plans,
+        "failover",
+        job_command(
+            call(
+                "PlanFailover",
+                lambda a: admin_pb2.PlanFailoverRequest(
+                    plan=a.name, type=a.type, point=a.point or ""
+                ),
+            )
+        ),
+        "fail a whole plan over, group by group",
+    )
+    sp.add_argument("name")
+    sp.add_argument("--type", choices=["planned", "unplanned", "test"], required=True)
+    sp.add_argument("--point", help="unplanned/test: latest (default), latest-app-consistent, N")
+    sp.add_argument("--wait", action="store_true")
+    sp = add(
+        plans,
+        "cleanup-test",
+        job_command(
+            call(
+                "PlanCleanupTest",
+                lambda a: admin_pb2.PlanCleanupRequest(plan=a.name, notes=a.notes or ""),
+            )
+        ),
+        "clean up a plan's test failover",
+    )
+    sp.add_argument("name")
+    sp.add_argument("--notes")
+    sp.add_argument("--wait", action="store_true")
+    sp = add(
+        plans,
+        "commit",
+        job_command(call("PlanCommit", lambda a: admin_pb2.PlanRef(name=a.name))),
+        "commit the failover of every VM in the plan",
+    )
+    sp.add_argument("name")
+    sp.add_argument("--wait", action="store_true")
+    sp = add(
+        plans,
+        "resume",
+        job_command(call("PlanResume", lambda a: admin_pb2.PlanRef(name=a.name))),
+        "let a plan waiting at a manual action go on",
+    )
+    sp.add_argument("name")

@@ -1,0 +1,447 @@
+"""Recovery plans: ordered groups of protected VMs, with actions before and after each group.
+
+A plan fails over group after group, strictly in order; the VMs of a group fail over together
+(one failover job each, run side by side). Before and after each group, actions run in order:
+
+* **script**: a script the operator placed in the scripts folder of the recovery-site agent
+  (the recovery host of the group's first VM) runs with a timeout; its exit status and output
+  are kept in the job. It learns the plan, group, failover type and VMs from environment
+  variables (``SITEPAIR_PLAN``, ``SITEPAIR_GROUP``, ``SITEPAIR_FAILOVER_TYPE``, ``SITEPAIR_VMS``).
+* **manual**: the plan waits, showing the instructions, until an operator runs
+  ``plans resume PLAN``.
+
+A failing script or VM stops a planned or test plan where it failed (the job says which step);
+an unplanned plan, run when the primary site is lost, goes on and reports every failure. A plan
+job interrupted by a broker restart carries on from its first unfinished step and re-attaches to
+the VM failover jobs it had started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from broker.failover import FailoverManager
+from broker.orchestration import Orchestrator, StepFailed
+from broker.store.models import Job, JobState, RecoveryPlan, Relationship, StepState
+from broker.store.sqlite import Tx
+from sitepair import pki
+from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound
+from sitepair.v1 import control_pb2
+
+log = logging.getLogger("sitepair.broker.plans")
+
+FAILOVER_TYPES = ("planned", "unplanned", "test")
+Step = Callable[[], Awaitable[str]]
+
+
+def _doc(plan: RecoveryPlan) -> dict[str, Any]:
+    doc = json.loads(plan.doc_json)
+    doc.setdefault("groups", [])
+    return doc  # type: ignore[no-any-return]
+
+
+class PlanManager(Orchestrator):
+    def __init__(self, failover: FailoverManager) -> None:
+        f = failover
+        super().__init__(
+            store=f.store,
+            clock=f.clock,
+            jobs=f.jobs,
+            dispatcher=f.dispatcher,
+            sessions=f.sessions,
+            spawn=f.spawn,
+            command_timeout=f.command_timeout,
+        )
+        self.failover = failover
+        self._resume = asyncio.Condition()
+        for kind in ("plan-failover", "plan-cleanup-test", "plan-commit"):
+            self.jobs.register_resumer(kind, self.resume)
+
+    # -- editing ----------------------------------------------------------------------------
+    async def get(self, name: str) -> RecoveryPlan:
+        plan = await self.read(lambda tx: tx.get_plan(name))
+        if plan is None:
+            raise NotFound(f"no recovery plan {name!r}", hint="see `plans list`")
+        return plan  # type: ignore[no-any-return]
+
+    async def create(self, name: str, description: str = "") -> RecoveryPlan:
+        pki.check_identifier(name, "plan name")
+        now = self.clock.now()
+        plan = RecoveryPlan(
+            name,
+            description,
+            json.dumps({"groups": [{"vms": [], "before": [], "after": []}]}),
+            now,
+            now,
+        )
+        await self.write(lambda tx: tx.insert_plan(plan))
+        return plan
+
+    async def delete(self, name: str) -> None:
+        if not await self.write(lambda tx: tx.delete_plan(name)):
+            raise NotFound(f"no recovery plan {name!r}")
+
+    async def _edit(self, name: str, change: Callable[[Tx, dict[str, Any]], None]) -> RecoveryPlan:
+        def run(tx: Tx) -> RecoveryPlan:
+            plan = tx.get_plan(name)
+            if plan is None:
+                raise NotFound(f"no recovery plan {name!r}")
+            doc = _doc(plan)
+            change(tx, doc)
+            tx.update_plan(name, json.dumps(doc, sort_keys=True), self.clock.now())
+            updated = tx.get_plan(name)
+            assert updated is not None
+            return updated
+
+        return await self.write(run)  # type: ignore[no-any-return]
+
+    async def add_group(self, name: str) -> RecoveryPlan:
+        def change(tx: Tx, doc: dict[str, Any]) -> None:
+            doc["groups"].append({"vms": [], "before": [], "after": []})
+
+        return await self._edit(name, change)
+
+    async def add_vm(self, name: str, group: int, vm: str) -> RecoveryPlan:
+        def change(tx: Tx, doc: dict[str, Any]) -> None:
+            g = _group(doc, group)
+            rel = tx.find_relationship(vm)
+            for other in doc["groups"]:
+                if rel.id in other["vms"]:
+                    raise FailedPrecondition(f"VM {rel.vm_name} is already in this plan")
+            g["vms"].append(rel.id)
+
+        return await self._edit(name, change)
+
+    async def add_action(
+        self,
+        name: str,
+        group: int,
+        *,
+        when: str,
+        action_name: str,
+        script: str = "",
+        args: list[str] | None = None,
+        timeout_seconds: int = 300,
+        manual: str = "",
+    ) -> RecoveryPlan:
+        if when not in ("before", "after"):
+            raise InvalidArgument("an action runs 'before' or 'after' its group")
+        if bool(script) == bool(manual):
+            raise InvalidArgument("an action is either a script or a manual step (instructions)")
+        if timeout_seconds <= 0 or timeout_seconds > 24 * 3600:
+            raise InvalidArgument("a script timeout is 1 s to 24 h")
+        action: dict[str, Any] = {"name": action_name or (script or "manual step")}
+        if script:
+            action.update(
+                kind="script", script=script, args=list(args or []), timeout=timeout_seconds
+            )
+        else:
+            action.update(kind="manual", instructions=manual)
+
+        def change(tx: Tx, doc: dict[str, Any]) -> None:
+            _group(doc, group)[when].append(action)
+
+        return await self._edit(name, change)
+
+    # -- running ----------------------------------------------------------------------------
+    async def _relationships(self, doc: dict[str, Any]) -> dict[str, Relationship]:
+        ids = [rid for g in doc["groups"] for rid in g["vms"]]
+        rels = {}
+        for rid in ids:
+
+            def get(tx: Tx, rid: str = rid) -> Relationship | None:
+                return tx.get_relationship(rid)
+
+            rel = await self.read(get)
+            if rel is None or rel.disabled_at is not None:
+                raise FailedPrecondition(
+                    f"relationship {rid} in the plan is not protected any more"
+                )
+            rels[rid] = rel
+        return rels
+
+    async def run_failover(
+        self, name: str, failover_type: str, *, by: str, point: str = "latest"
+    ) -> Job:
+        if failover_type not in FAILOVER_TYPES:
+            raise InvalidArgument(f"--type must be one of {', '.join(FAILOVER_TYPES)}")
+        plan = await self.get(name)
+        doc = _doc(plan)
+        if not any(g["vms"] for g in doc["groups"]):
+            raise FailedPrecondition(f"recovery plan {name} has no VMs")
+        await self._relationships(doc)
+        steps: list[str] = []
+        for i, g in enumerate(doc["groups"], start=1):
+            steps += [f"Group {i}: before: {a['name']}" for a in g["before"]]
+            if g["vms"]:
+                steps.append(f"Group {i}: {failover_type} failover of {len(g['vms'])} VM(s)")
+            steps += [f"Group {i}: after: {a['name']}" for a in g["after"]]
+        job = await self.jobs.create(
+            "plan-failover",
+            f"plan/{name}",
+            steps,
+            created_by=by,
+            params={"plan": name, "type": failover_type, "point": point, "doc": doc},
+        )
+        self.spawn(self._run_failover(job, 0))
+        return job
+
+    async def _run_failover(self, job: Job, start: int) -> None:
+        params = json.loads(job.params_json)
+        doc, ftype, point = params["doc"], params["type"], params["point"]
+        carry_on = ftype == "unplanned"
+        steps: list[Step] = []
+        index = 0
+        for gi, g in enumerate(doc["groups"], start=1):
+            for action in g["before"]:
+                steps.append(
+                    self._action_step(job, index=index, gi=gi, group=g, action=action, ftype=ftype)
+                )
+                index += 1
+            if g["vms"]:
+                steps.append(
+                    self._group_step(job, index=index, gi=gi, group=g, ftype=ftype, point=point)
+                )
+                index += 1
+            for action in g["after"]:
+                steps.append(
+                    self._action_step(job, index=index, gi=gi, group=g, action=action, ftype=ftype)
+                )
+                index += 1
+        await self._run_plan_steps(job, steps, start, carry_on=carry_on)
+
+    async def _run_plan_steps(
+        self, job: Job, steps: list[Step], start: int, *, carry_on: bool
+    ) -> None:
+        failures: list[str] = []
+        for i in range(start, len(steps)):
+            await self.jobs.step(job.id, i, StepState.RUNNING)
+            try:
+                message = await steps[i]()
+            except (StepFailed, FailedPrecondition) as exc:
+                await self.jobs.step(job.id, i, StepState.FAILED, message=exc.message)
+                if not carry_on:
+                    await self.jobs.fail(
+                        job.id, f"stopped at step {i + 1}, {job.steps[i].name}: {exc.message}"
+                    )
+                    return
+                failures.append(f"step {i + 1}, {job.steps[i].name}: {exc.message}")
+                continue
+            await self.jobs.step(job.id, i, StepState.SUCCEEDED, message=message)
+        if failures:
+            await self.jobs.set_state(
+                job.id,
+                JobState.SUCCEEDED,
+                error="; ".join(failures),
+                result=await self._result(job),
+            )
+        else:
+            await self.jobs.succeed(job.id, await self._result(job))
+
+    async def _result(self, job: Job) -> dict[str, Any]:
+        current = await self.jobs.get(job.id)
+        return json.loads(current.result_json) if current.result_json else {}
+
+    async def _remember(self, job: Job, key: str, value: Any) -> None:
+        result = await self._result(job)
+        result[key] = value
+        current = await self.jobs.get(job.id)
+        state = current.state if not current.state.final else JobState.RUNNING
+        await self.jobs.set_state(job.id, state, result=result)
+
+    def _group_step(
+        self, job: Job, *, index: int, gi: int, group: dict[str, Any], ftype: str, point: str
+    ) -> Step:
+        async def run() -> str:
+            result = await self._result(job)
+            children: list[str] = result.get(f"group-{gi}", [])
+            if not children:
+                for rid in group["vms"]:
+                    if ftype == "planned":
+                        child = await self.failover.planned(rid, by=f"plan/{job.id}")
+                    elif ftype == "unplanned":
+                        child = await self.failover.unplanned(rid, by=f"plan/{job.id}", point=point)
+                    else:
+                        child = await self.failover.test(rid, by=f"plan/{job.id}", point=point)
+                    children.append(child.id)
+                await self._remember(job, f"group-{gi}", children)
+            outcomes = await asyncio.gather(*(self._wait_job(c) for c in children))
+            failed = [f"{o.target}: {o.error}" for o in outcomes if o.state != JobState.SUCCEEDED]
+            if failed:
+                raise StepFailed("; ".join(failed))
+            return f"{len(outcomes)} VM(s) failed over ({', '.join(o.target for o in outcomes)})"
+
+        return run
+
+    async def _wait_job(self, job_id: str) -> Job:
+        final = await self.jobs.get(job_id)
+        async for seen in self.jobs.watch(job_id, poll=1.0):
+            final = seen
+        return final
+
+    def _action_step(
+        self,
+        job: Job,
+        *,
+        index: int,
+        gi: int,
+        group: dict[str, Any],
+        action: dict[str, Any],
+        ftype: str,
+    ) -> Step:
+        async def run() -> str:
+            if action["kind"] == "manual":
+                return await self._manual(job, index, action)
+            rels = [await self.relationship(r) for r in group["vms"]]
+            if not rels:
+                raise StepFailed("a script action needs a VM in its group to know where to run")
+            # The recovery-site agent: the recovery host of the group's first VM, where it
+            # runs after the failover (the relationship's direction changes only on reverse).
+            host = rels[0].replica_server
+            env = {
+                "SITEPAIR_PLAN": json.loads(job.params_json)["plan"],
+                "SITEPAIR_GROUP": str(gi),
+                "SITEPAIR_FAILOVER_TYPE": ftype,
+                "SITEPAIR_VMS": ",".join(r.vm_name for r in rels),
+            }
+            try:
+                result = await self.send_and_wait(
+                    job,
+                    index,
+                    host,
+                    control_pb2.Command(
+                        run_script=control_pb2.RunScript(
+                            script=action["script"],
+                            args=action.get("args", []),
+                            timeout_seconds=int(action.get("timeout", 300)),
+                            env=env,
+                        )
+                    ),
+                )
+            except StepFailed as exc:
+                await self._remember(
+                    job, f"action-{index}", {"name": action["name"], "error": exc.message}
+                )
+                raise
+            await self._remember(job, f"action-{index}", {"name": action["name"], **result})
+            output = str(result.get("output", "")).strip().splitlines()
+            tail = output[-1] if output else ""
+            return f"exit status {result.get('exit_status')}" + (f": {tail}" if tail else "")
+
+        return run
+
+    async def _manual(self, job: Job, index: int, action: dict[str, Any]) -> str:
+        plan = json.loads(job.params_json)["plan"]
+        await self.jobs.step(
+            job.id,
+            index,
+            message=f"waiting for an operator: {action['instructions']} "
+            f"(then: plans resume {plan})",
+        )
+        await self.jobs.set_state(job.id, JobState.WAITING)
+        while True:
+            result = await self._result(job)
+            if index in result.get("resumed", []):
+                await self.jobs.set_state(job.id, JobState.RUNNING)
+                return f"resumed by {result.get('resumed_by', {}).get(str(index), 'an operator')}"
+            async with self._resume:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._resume.wait(), timeout=1.0)
+
+    async def resume_plan(self, name: str, *, by: str) -> Job:
+        """Let a plan waiting at a manual action go on."""
+        jobs = [
+            j
+            for j in await self.jobs.list(kind="plan-failover", limit=200)
+            if j.target == f"plan/{name}" and j.state == JobState.WAITING
+        ]
+        if not jobs:
+            raise FailedPrecondition(f"recovery plan {name} is not waiting for an operator")
+        job = jobs[0]
+        waiting = [s.index for s in job.steps if s.state == StepState.RUNNING]
+        if not waiting:
+            raise FailedPrecondition(f"recovery plan {name} is not waiting at a manual action")
+        result = json.loads(job.result_json) if job.result_json else {}
+        result.setdefault("resumed", []).append(waiting[0])
+        result.setdefault("resumed_by", {})[str(waiting[0])] = by
+        await self.jobs.set_state(job.id, JobState.WAITING, result=result)
+        async with self._resume:
+            self._resume.notify_all()
+        log.info(
+            "recovery plan resumed", extra={"fields": {"plan": name, "step": waiting[0], "by": by}}
+        )
+        return await self.jobs.get(job.id)
+
+    async def cleanup_test(self, name: str, *, by: str, notes: str = "") -> Job:
+        return await self._per_vm(
+            name,
+            "plan-cleanup-test",
+            "clean up the test failover of",
+            by=by,
+            params={"notes": notes},
+        )
+
+    async def commit(self, name: str, *, by: str) -> Job:
+        return await self._per_vm(name, "plan-commit", "commit the failover of", by=by, params={})
+
+    async def _per_vm(
+        self, name: str, kind: str, verb: str, *, by: str, params: dict[str, Any]
+    ) -> Job:
+        doc = _doc(await self.get(name))
+        rels = await self._relationships(doc)
+        job = await self.jobs.create(
+            kind,
+            f"plan/{name}",
+            [f"{verb} {r.vm_name}" for r in rels.values()],
+            created_by=by,
+            params={"plan": name, "relationships": list(rels), **params},
+        )
+        self.spawn(self._run_per_vm(job, 0))
+        return job
+
+    async def _run_per_vm(self, job: Job, start: int) -> None:
+        params = json.loads(job.params_json)
+        steps: list[Step] = []
+        for i, rid in enumerate(params["relationships"]):
+
+            async def run(rid: str = rid, i: int = i) -> str:
+                result = await self._result(job)
+                child_id = result.get(f"vm-{i}")
+                if child_id is None:
+                    if job.kind == "plan-cleanup-test":
+                        child = await self.failover.cleanup_test(
+                            rid, by=f"plan/{job.id}", notes=params.get("notes", "")
+                        )
+                    else:
+                        child = await self.failover.commit(rid, by=f"plan/{job.id}")
+                    child_id = child.id
+                    await self._remember(job, f"vm-{i}", child_id)
+                done = await self._wait_job(child_id)
+                if done.state != JobState.SUCCEEDED:
+                    raise StepFailed(done.error)
+                return "done"
+
+            steps.append(run)
+        await self._run_plan_steps(job, steps, start, carry_on=False)
+
+    async def resume(self, job: Job) -> bool:
+        start = next((s.index for s in job.steps if s.state != StepState.SUCCEEDED), len(job.steps))
+        if job.kind == "plan-failover":
+            self.spawn(self._run_failover(job, start))
+        else:
+            self.spawn(self._run_per_vm(job, start))
+        return True
+
+
+def _group(doc: dict[str, Any], group: int) -> dict[str, Any]:
+    groups = doc["groups"]
+    if not 1 <= group <= len(groups):
+        raise InvalidArgument(
+            f"the plan has groups 1 to {len(groups)}; add one with `plans add-group`"
+        )
+    return groups[group - 1]  # type: ignore[no-any-return]

@@ -420,7 +420,9 @@ def report(doc: dict[str, Any]) -> str:
             f"Welcome); {doc['window']:.0f} s steady window after a {doc['warmup']:.0f} s "
             f"warm-up; {SIM_PROCESSES} simulated-agent processes on the same 2 cores as the "
             f"broker; {doc['enrolled']} agents enrolled in parallel in "
-            f"{doc['enroll_seconds']:.1f} s.",
+            f"{doc['enroll_seconds']:.1f} s; 1-min load {f['load_1m_at_start']:.2f} at start (the "
+            "load column is measured during each window and includes this benchmark's own "
+            "processes).",
             "",
             table(header, rows),
         ]

@@ -768,7 +768,9 @@ def report(doc: dict[str, Any]) -> str:
         "",
         delta_table(dl),
         "",
-        "Goals: " + "; ".join(goals(doc)) + ".",
+        ("Goals (not meaningful at --quick sizes): " if doc.get("quick") else "Goals: ")
+        + "; ".join(goals(doc))
+        + ".",
     ]
     return "\n".join(lines)
 
@@ -815,7 +817,12 @@ def main() -> int:
         bench.enroll()
         bench.start_workers()
         bench.rsync = RsyncDaemon(folder, folder / "rsync")
-        doc: dict[str, Any] = {"facts": facts, "cold": bench.cold, "rounds": bench.rounds}
+        doc: dict[str, Any] = {
+            "facts": facts,
+            "cold": bench.cold,
+            "rounds": bench.rounds,
+            "quick": args.quick,
+        }
         doc["initial"] = bench.initial("disklike", initial_size, DiskLikeData(42), full=True)
         zero = DiskLikeData(42, zeros=0.8, random_share=0.1)
         doc["zero_heavy"] = bench.initial("zeroheavy", zero_size, zero, full=False)

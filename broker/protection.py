@@ -517,6 +517,7 @@ class ProtectionManager(Orchestrator):
                     rel_id, self.clock.now(), state=RelationshipState.PROTECTED
                 )
             )
+            await self.evaluate_health()  # no stale "initial replication pending" shown
             return "protected"
 
         ok = await self.run_steps(

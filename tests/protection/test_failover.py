@@ -39,11 +39,12 @@ class Guest(threading.Thread):
         self.writes = 0
         self.error: BaseException | None = None
         self.stopped = threading.Event()
+        self.stop = threading.Event()
 
     def run(self) -> None:
         try:
             with self.backend.open_writer(self.vm, running_only=True) as w:
-                while True:
+                while not self.stop.is_set():
                     disk = self.rng.choice(sorted(self.models))
                     n = self.rng.choice([4096, 65536])
                     off = self.rng.randrange(0, len(self.models[disk]) - n)
@@ -205,12 +206,17 @@ def test_test_failover_leaves_production_untouched(sites: Sites) -> None:
             "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="cycle")
         )
     )
-    after = s.protected("web01")
-    assert after.state == "protected" and after.health == "normal"
-    assert (
-        after.primary_status.cycles_failed == 0 and after.primary_status.cycles_succeeded > before
+    after = eventually(
+        lambda: (
+            (p := s.protected("web01")).primary_status.cycles_succeeded > before
+            and p.replica_status.committed_sequence > point
+            and p
+        ),
+        what="the cycle reported by both hosts",
     )
-    assert after.replica_status.committed_sequence > point
+    assert isinstance(after, admin_pb2.ProtectedVm)
+    assert after.state == "protected" and after.primary_status.cycles_failed == 0
+    eventually(lambda: s.protected("web01").health == "normal", what="normal health")
     with pytest.raises(FailedPrecondition, match="already in place"):
         s.admin.call("Failover", admin_pb2.FailoverRequest(vm="web01", type="test"))
     cleanup = s.job(
@@ -224,9 +230,8 @@ def test_test_failover_leaves_production_untouched(sites: Sites) -> None:
         replica_backend.find_vm("web01-test")
     assert not (replica_backend.vm_root / "web01-test").exists()
     assert "test" not in json.loads(s.protected("web01").failover_json)
-    guest_backend = host_of(s, v.primary_server)
-    guest_backend.set_vm_state("web01", "off")
-    guest.stopped.wait(30)
+    guest.stop.set()
+    assert guest.stopped.wait(30) and guest.error is None
 
 
 def test_cancel_returns_and_commit_is_final(sites: Sites) -> None:

@@ -122,18 +122,27 @@ class _Recorder:
     """Records the file operations of an image writer, so any prefix of them (and a torn
     last write) can be replayed into the file a crash at that moment would leave."""
 
-    def __init__(self) -> None:
+    def __init__(self, image: Path) -> None:
         self.ops: list[tuple[str, int, bytes]] = []
         #: (number of ops done, guest writes made durable so far) at each completed flush.
         self.flushes: list[tuple[int, int]] = []
+        # Only the image under test is recorded: os.ftruncate is patched process-wide, and
+        # other threads of the test process (left by earlier tests) may truncate their files.
+        self._inode = image.stat().st_ino
+        self._ftruncate = os.ftruncate
+
+    def _ours(self, fd: int) -> bool:
+        return os.fstat(fd).st_ino == self._inode
 
     def pwrite_all(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-        self.ops.append(("write", offset, bytes(data)))
+        if self._ours(fd):
+            self.ops.append(("write", offset, bytes(data)))
         fileio.pwrite_all(fd, data, offset)
 
     def ftruncate(self, fd: int, length: int) -> None:
-        self.ops.append(("truncate", length, b""))
-        os.ftruncate(fd, length)
+        if self._ours(fd):
+            self.ops.append(("truncate", length, b""))
+        self._ftruncate(fd, length)
 
     def replay(self, initial: bytes, count: int, *, torn: bool) -> bytes:
         image = bytearray(initial)
@@ -175,7 +184,7 @@ def test_every_crash_point_opens_with_flushed_data(
     with open_disk(image, read_only=True) as disk:
         before = disk.read(0, size)
 
-    rec = _Recorder()
+    rec = _Recorder(image)
     monkeypatch.setattr(vhd, "pwrite_all", rec.pwrite_all)
     monkeypatch.setattr(os, "ftruncate", rec.ftruncate)
     writes = plan(5, size, 40)

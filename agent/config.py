@@ -41,6 +41,11 @@ class ReplicationConfig:
     ticket_port: int = 8083
     #: Where replica disks go when no storage mapping names a classification.
     default_replica_path: Path = Path("replicas")
+    #: What other hosts should connect to, when it is not the listen address (NAT, a proxy, a
+    #: load balancer in front of the receiver). Empty / 0 = the listen host and bound ports.
+    advertise_host: str = ""
+    advertise_certificate_port: int = 0
+    advertise_ticket_port: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +133,23 @@ def parse(text: str, home: Path, *, source: str = "agent.toml") -> AgentConfig:
     r = doc.get("replication", {})
     _check_keys(
         r,
-        {"listen_host", "certificate_port", "ticket_port", "default_replica_path"},
+        {
+            "listen_host",
+            "certificate_port",
+            "ticket_port",
+            "default_replica_path",
+            "advertise_host",
+            "advertise_certificate_port",
+            "advertise_ticket_port",
+        },
         f"{source} [replication]",
     )
-    for port_key in ("certificate_port", "ticket_port"):
+    for port_key in (
+        "certificate_port",
+        "ticket_port",
+        "advertise_certificate_port",
+        "advertise_ticket_port",
+    ):
         port = r.get(port_key, 0)
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(f"{source} [replication] {port_key} must be a port number")
@@ -142,6 +160,9 @@ def parse(text: str, home: Path, *, source: str = "agent.toml") -> AgentConfig:
         default_replica_path=_path(
             home, r.get("default_replica_path", "replicas"), "[replication] default_replica_path"
         ),
+        advertise_host=str(r.get("advertise_host", "")),
+        advertise_certificate_port=int(r.get("advertise_certificate_port", 0)),
+        advertise_ticket_port=int(r.get("advertise_ticket_port", 0)),
     )
 
     lg = doc.get("log", {})

@@ -122,9 +122,12 @@ class AgentDaemon:
 
     def facts(self) -> common_pb2.HostFacts:
         facts = host_facts(backend=self.backend.kind, cloud=self.config.cloud)
-        facts.replication_host = self.config.replication.listen_host
-        facts.certificate_port = self.replication.ports.get("certificate", 0)
-        facts.ticket_port = self.replication.ports.get("ticket", 0)
+        r = self.config.replication
+        facts.replication_host = r.advertise_host or r.listen_host
+        facts.certificate_port = r.advertise_certificate_port or self.replication.ports.get(
+            "certificate", 0
+        )
+        facts.ticket_port = r.advertise_ticket_port or self.replication.ports.get("ticket", 0)
         facts.default_replica_path = str(self.config.replication.default_replica_path)
         return facts
 

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import blake3
+
 from agent.hosts.base import Cut, HostBackend
 from agent.identity import AgentIdentity
 from agent.replication.blocks import BLOCK, BlockRef, blocks_for, group
@@ -78,6 +80,22 @@ class Stats:
     @property
     def avg_cycle_bytes(self) -> float:
         return self.total_cycle_bytes / self.cycles_succeeded if self.cycles_succeeded else 0.0
+
+
+def full_digests(sent: dict[int, bytes], virtual_size: int) -> list[bytes]:
+    """Per-block digests of a disk after an initial cycle: the blocks sent, zeros elsewhere
+    (blocks an initial cycle does not send are unallocated, so they read as zeros)."""
+    zero: dict[int, bytes] = {}
+    out = []
+    for off in range(0, virtual_size, BLOCK):
+        n = min(BLOCK, virtual_size - off)
+        dg = sent.get(off, b"")
+        if not dg:
+            if n not in zero:
+                zero[n] = blake3.blake3(bytes(n)).digest()
+            dg = zero[n]
+        out.append(dg)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,10 +277,14 @@ class SourceRelationship:
         result = client.send_cycle(
             header, plan, compress=cfg.compression, buckets=buckets, progress=progress
         )
-        if self.tracker == "scan" or kind in (replication_pb2.INITIAL, replication_pb2.RESYNC):
-            for disk in cut.disks:
-                digests = scan_digests.get(disk.disk_id) or digests_of(Path(disk.chain[-1]))
-                self.digest_store.save(disk.disk_id, digests)
+        if self.tracker == "scan":
+            # The next scan compares against this cut: its digests come from the planning scan
+            # or, for an initial cycle, from what was just sent (no second read of the disk).
+            for fd, dp in zip(cut.disks, plan.disks, strict=True):
+                digests = scan_digests.get(fd.disk_id) or full_digests(
+                    result.block_digests.get(fd.disk_id, {}), dp.virtual_size
+                )
+                self.digest_store.save(fd.disk_id, digests)
         self._finish(record, cut)
         self.resync_requested = False
         self.last_result = result

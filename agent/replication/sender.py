@@ -98,6 +98,8 @@ class CycleResult:
     applied_bytes: int = 0
     seconds: float = 0.0
     throttled_seconds: float = 0.0
+    #: BLAKE3 of every block the cycle covered, by disk and offset (b"" for a zero block).
+    block_digests: dict[str, dict[int, bytes]] = dataclasses.field(default_factory=dict)
 
 
 def read_batch(disks: dict[str, vdisk.VirtualDisk], blocks: Sequence[BlockRef]) -> list[bytes]:
@@ -293,6 +295,7 @@ class ReplicaClient:
                         plan.batches[eb.index], eb.kinds_digests, strict=True
                     ):
                         digest.add(ref, kind, dg)
+                        result.block_digests.setdefault(ref.disk_id, {})[ref.offset] = dg
                         blocks += 1
                         if kind == replication_pb2.Block.DATA:
                             data_bytes += ref.length

@@ -11,7 +11,7 @@ from pathlib import Path
 from agent import config as config_mod
 from sitepair import __version__, log
 from sitepair.cliutil import EXIT_OK, print_json, run_main
-from sitepair.clock import iso
+from sitepair.clock import clock_from_env, iso
 
 PROG = "sitepair-agent"
 
@@ -60,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         json_format=cfg.log.format == "json",
         file=Path(cfg.log.file) if cfg.log.file else None,
     )
-    daemon = AgentDaemon(home)
+    daemon = AgentDaemon(home, clock=clock_from_env())
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

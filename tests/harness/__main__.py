@@ -1,0 +1,62 @@
+"""``python -m tests.harness``: run cross-site scenarios and print a report.
+
+python -m tests.harness list
+python -m tests.harness run walkthrough failback --mode loopback --report out.json
+python -m tests.harness run all --seed 7
+python -m tests.harness soak --minutes 60 --kills 200 --report soak.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tests.harness.report import table, write_json
+from tests.harness.runner import run_scenario
+from tests.harness.scenarios import SCENARIOS
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.harness", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the scenarios")
+    r = sub.add_parser("run", help="run scenarios")
+    r.add_argument("scenarios", nargs="+", help=f"scenario names or 'all' ({', '.join(SCENARIOS)})")
+    s = sub.add_parser("soak", help="the kill soak and RPO hold for as long as asked")
+    s.add_argument("--minutes", type=float, default=60.0)
+    s.add_argument("--kills", type=int, default=200)
+    for sp in (r, s):
+        sp.add_argument("--mode", choices=["loopback", "netns"], default="loopback")
+        sp.add_argument("--seed", type=int, default=1)
+        sp.add_argument("--report", type=Path, help="write the report as JSON")
+        sp.add_argument(
+            "--work", type=Path, help="keep the run's folders here (default: a temp dir)"
+        )
+    args = p.parse_args(argv)
+    if args.command == "list":
+        for name, fn in SCENARIOS.items():
+            print(f"{name:<12} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    if args.command == "soak":
+        plan = [("kill-soak", {"kills": args.kills}), ("rpo-hold", {"soak": args.minutes * 60 / 4})]
+    else:
+        names = list(SCENARIOS) if args.scenarios == ["all"] else args.scenarios
+        unknown = [n for n in names if n not in SCENARIOS]
+        if unknown:
+            p.error(f"unknown scenario(s): {', '.join(unknown)}")
+        plan = [(n, {}) for n in names]
+    reports = []
+    for name, extra in plan:
+        print(f"== {name} ({args.mode}, seed {args.seed})", flush=True)
+        reports.append(run_scenario(name, mode=args.mode, seed=args.seed, work=args.work, **extra))
+        print(table(reports[-1:]), flush=True)
+    print()
+    print(table(reports))
+    if args.report:
+        write_json(reports, args.report)
+    return 0 if all(r.passed for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

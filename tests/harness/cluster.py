@@ -1,0 +1,412 @@
+"""A whole deployment on one machine: a broker and N agents per site, each its own process.
+
+Every component has its own home folder under the run's root and is started the way an operator
+would (``sitepair-broker serve``, ``sitepair-agent run``), so SIGKILL of any one of them is a
+real crash. Replication traffic between the sites goes through the network layer's inter-site
+link (a proxy per receiver port), which the scenarios shape and break on demand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent import config as agent_config
+from agent.hosts.directory import DirectoryBackend
+from broker.client import AdminClient, Profile, wait_job
+from broker.home import BrokerHome
+from sitepair.v1 import admin_pb2
+from tests.support.brokers import create_key, make_home, python_env
+from tests.support.proxy import FaultProxy
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Network(Protocol):
+    """What the cluster needs from the network layer (loopback or namespaces)."""
+
+    mode: str
+
+    def broker_host(self) -> str: ...
+
+    def agent_host(self, site: str) -> str: ...
+
+    def command(self, argv: list[str], site: str | None) -> list[str]:
+        """Wrap a command so it runs at ``site`` (None = the broker's place)."""
+        ...
+
+    def link(self, from_site: str, to_site: str, host: str, port: int) -> tuple[str, int]:
+        """Where ``from_site`` reaches ``to_site``'s ``host:port`` across the inter-site link."""
+        ...
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class LoopbackNetwork:
+    """Everything on 127.0.0.1; the inter-site link is one FaultProxy per receiver port."""
+
+    mode = "loopback"
+
+    def __init__(self) -> None:
+        self.proxies: list[FaultProxy] = []
+
+    def broker_host(self) -> str:
+        return "127.0.0.1"
+
+    def agent_host(self, site: str) -> str:
+        return "127.0.0.1"
+
+    def command(self, argv: list[str], site: str | None) -> list[str]:
+        return argv
+
+    def link(self, from_site: str, to_site: str, host: str, port: int) -> tuple[str, int]:
+        proxy = FaultProxy(f"{host}:{port}")
+        self.proxies.append(proxy)
+        return "127.0.0.1", proxy.port
+
+    # -- faults on the inter-site link ------------------------------------------------------
+    def partition(self) -> None:
+        for p in self.proxies:
+            p.partition()
+
+    def heal(self) -> None:
+        for p in self.proxies:
+            p.heal()
+
+    def set_profile(self, *, delay: float = 0.0, rate: float = 0.0) -> None:
+        for p in self.proxies:
+            p.delay, p.rate = delay, rate
+
+    def bytes_moved(self) -> int:
+        return sum(p.stats.bytes_up + p.stats.bytes_down for p in self.proxies)
+
+    def close(self) -> None:
+        for p in self.proxies:
+            p.close()
+
+
+@dataclasses.dataclass
+class AgentProc:
+    name: str
+    site: str
+    home: Path
+    host_id: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def backend(self) -> DirectoryBackend:
+        return DirectoryBackend(self.home / "gold" / "vms", storage=(("gold", self.home / "gold"),))
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Cluster:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        sites: dict[str, int],
+        network: Network,
+        heartbeat: str = "1s",
+        env: dict[str, str] | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.root = root
+        self.sites = sites
+        self.net = network
+        self.heartbeat = heartbeat
+        self.env = {**python_env(), **(env or {})}
+        self.env.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
+        self.env.setdefault("MALLOC_TRIM_THRESHOLD_", "268435456")
+        self.log = log
+        self.home: BrokerHome | None = None
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.agents: dict[str, AgentProc] = {}
+        self.admin: AdminClient | None = None
+        self.site_env: dict[str, dict[str, str]] = {}
+        self.faults: list[str] = []
+
+    # -- broker -----------------------------------------------------------------------------
+    def start_broker(self) -> None:
+        if self.home is None:
+            root = self.root / "broker"
+            self.home = make_home(root, heartbeat=self.heartbeat, offline_critical="10s")
+            host = self.net.broker_host()
+            text = self.home.config.read_text()
+            # Fixed ports, so a restarted broker is where the agents look for it.
+            enroll = free_port(host) if host == "127.0.0.1" else 8444
+            control = free_port(host) if host == "127.0.0.1" else 8443
+            text = text.replace('enrollment = "127.0.0.1:0"', f'enrollment = "{host}:{enroll}"')
+            text = text.replace('control = "127.0.0.1:0"', f'control = "{host}:{control}"')
+            if host != "127.0.0.1":
+                text = text.replace(
+                    'server_ips = ["127.0.0.1"]', f'server_ips = ["127.0.0.1", "{host}"]'
+                )
+            self.home.config.write_text(text)
+        home = self.home
+        home.run_file.unlink(missing_ok=True)
+        out = (self.root / "broker.out").open("ab")
+        self.broker = subprocess.Popen(
+            self.net.command(
+                [sys.executable, "-m", "broker.cli", "serve", "--home", str(home.root)], None
+            ),
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        out.close()
+        deadline = time.monotonic() + 60
+        while not home.run_file.exists():
+            if self.broker.poll() is not None:
+                raise RuntimeError(
+                    "broker exited: " + (self.root / "broker.out").read_text()[-3000:]
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError("broker did not start")
+            time.sleep(0.05)
+        if self.admin is not None:
+            self.admin.close()
+        self.admin = AdminClient(Profile.load(home.admin_dir, run_file=home.run_file), timeout=60)
+
+    def kill_broker(self) -> None:
+        assert self.broker is not None
+        self.broker.send_signal(signal.SIGKILL)
+        self.broker.wait(30)
+        self.faults.append("SIGKILL broker")
+
+    # -- agents -----------------------------------------------------------------------------
+    def add_agents(self) -> None:
+        assert self.admin is not None
+        for site, count in self.sites.items():
+            for i in range(1, count + 1):
+                name = f"hv-{site}{i}"
+                home = self.root / name
+                (home / "gold" / "vms").mkdir(parents=True, exist_ok=True)
+                creds = self.root / f"{name}.json"
+                create_key(self.admin, creds, site=f"site-{site}")
+                cert_port, ticket_port = free_port(), free_port()
+                adv_host, adv_cert = self._advertised(site, cert_port)
+                _, adv_ticket = self._advertised(site, ticket_port)
+                toml = agent_config.render(
+                    vm_root="gold/vms",
+                    storage={"gold": str(home / "gold")},
+                    networks=[(f"corp-{site}", ["10.0.0.0/24"])],
+                    certificate_port=cert_port,
+                    ticket_port=ticket_port,
+                    listen_host=self.net.agent_host(site),
+                )
+                toml = toml.replace(
+                    'default_replica_path = "replicas"',
+                    f'default_replica_path = "replicas"\nadvertise_host = "{adv_host}"\n'
+                    f"advertise_certificate_port = {adv_cert}\nadvertise_ticket_port = {adv_ticket}",
+                )
+                # register keeps an agent.toml that is already there.
+                (home / "agent.toml").write_text(toml)
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "agent.cli",
+                    "register",
+                    "--credentials",
+                    str(creds),
+                    "--name",
+                    name,
+                    "--home",
+                    str(home),
+                    "--json",
+                ]
+                reg = subprocess.run(
+                    self.net.command(argv, site),
+                    env=self.env,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                    cwd=REPO,
+                )
+                if reg.returncode != 0:
+                    raise RuntimeError(f"registering {name} failed: {reg.stderr}")
+                agent = AgentProc(name, site, home, json.loads(reg.stdout)["host_id"])
+                self.agents[name] = agent
+                self.start_agent(name)
+        self.wait_connected()
+
+    def _advertised(self, site: str, port: int) -> tuple[str, int]:
+        """The address the *other* site uses for this site's receiver port."""
+        others = [s for s in self.sites if s != site]
+        if not others:
+            return self.net.agent_host(site), port
+        return self.net.link(others[0], site, self.net.agent_host(site), port)
+
+    def start_agent(self, name: str) -> None:
+        a = self.agents[name]
+        out = (a.home / "agent.out").open("ab")
+        env = {**self.env, **self.site_env.get(a.site, {})}
+        a.proc = subprocess.Popen(
+            self.net.command(
+                [sys.executable, "-m", "agent.cli", "run", "--home", str(a.home)], a.site
+            ),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        out.close()
+
+    def kill_agent(self, name: str) -> None:
+        a = self.agents[name]
+        if a.proc is not None and a.proc.poll() is None:
+            a.proc.send_signal(signal.SIGKILL)
+            a.proc.wait(30)
+        self.faults.append(f"SIGKILL agent {name}")
+
+    def servers(self) -> dict[str, admin_pb2.Server]:
+        assert self.admin is not None
+        resp = self.admin.call("ListServers", admin_pb2.ListServersRequest())
+        return {s.name: s for s in resp.servers}
+
+    def wait_connected(self, names: list[str] | None = None, timeout: float = 90) -> None:
+        wanted = set(names or [n for n, a in self.agents.items() if a.running])
+        deadline = time.monotonic() + timeout
+        while True:
+            servers = self.servers()
+            if all(servers.get(n) is not None and servers[n].state == "connected" for n in wanted):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"agents not connected: {sorted(wanted)}")
+            time.sleep(0.2)
+
+    # -- operator helpers -------------------------------------------------------------------
+    def call(self, method: str, request: Any) -> Any:
+        assert self.admin is not None
+        return self.admin.call(method, request)
+
+    def job(self, job: admin_pb2.Job, *, expect: str = "succeeded") -> admin_pb2.Job:
+        assert self.admin is not None
+        done = wait_job(self.admin, job.id)
+        if done.state != expect:
+            steps = "; ".join(f"{s.name}: {s.state} {s.message}" for s in done.steps)
+            raise AssertionError(f"job {done.kind} {done.state}: {done.error} [{steps}]")
+        return done
+
+    def protected(self, vm: str) -> admin_pb2.ProtectedVm:
+        v: admin_pb2.ProtectedVm = self.call("GetProtected", admin_pb2.ProtectedRef(vm=vm))
+        return v
+
+    def pair(self, policy: admin_pb2.Policy) -> None:
+        names = sorted(self.sites)
+        primary, recovery = names[0], names[1]
+        for site in names:
+            self.call(
+                "CreateCloud",
+                admin_pb2.CreateCloudRequest(name=f"cloud-{site}", site=f"site-{site}"),
+            )
+            for a in self.agents.values():
+                if a.site == site:
+                    self.call(
+                        "AddCloudHost",
+                        admin_pb2.CloudHostRequest(cloud=f"cloud-{site}", server=a.name),
+                    )
+        self.job(
+            self.call(
+                "PairClouds",
+                admin_pb2.PairCloudsRequest(
+                    primary=f"cloud-{primary}", recovery=f"cloud-{recovery}", policy=policy
+                ),
+            )
+        )
+        self.call(
+            "Map",
+            admin_pb2.MapRequest(
+                kind="network", source=f"corp-{primary}", target=f"corp-{recovery}"
+            ),
+        )
+        self.call("Map", admin_pb2.MapRequest(kind="storage", source="gold", target="gold"))
+
+    def host_of_vm(self, vm: str) -> AgentProc:
+        """The agent whose backend holds the VM running (the current primary)."""
+        for a in self.agents.values():
+            try:
+                if a.backend.find_vm(vm)[1].state == "running":
+                    return a
+            except Exception:
+                continue
+        raise LookupError(f"VM {vm} runs nowhere")
+
+    def running_copies(self, vm: str) -> list[str]:
+        out = []
+        for a in self.agents.values():
+            try:
+                if a.backend.find_vm(vm)[1].state == "running":
+                    out.append(a.name)
+            except Exception:
+                continue
+        return out
+
+    def replica_chains(self, vm: str) -> dict[str, Path]:
+        """Top of each disk's latest chain in the VM's replica (on the replica host)."""
+        v = self.protected(vm)
+        host = next(a for a in self.agents.values() if a.name == v.replica_server)
+        folder = (
+            Path(v.replica_folder)
+            if v.replica_folder
+            else host.home / "replicas" / v.relationship_id
+        )
+        state = json.loads((folder / "state.json").read_text())
+        out = {}
+        for disk, ds in state["disks"].items():
+            top = ds["chain"][-1]
+            out[disk] = Path(top) if os.path.isabs(top) else folder / top
+        return out
+
+    def point_chains(self, vm: str) -> dict[int, dict[str, Path]]:
+        v = self.protected(vm)
+        host = next(a for a in self.agents.values() if a.name == v.replica_server)
+        folder = (
+            Path(v.replica_folder)
+            if v.replica_folder
+            else host.home / "replicas" / v.relationship_id
+        )
+        state = json.loads((folder / "state.json").read_text())
+        out: dict[int, dict[str, Path]] = {}
+        for p in state["points"]:
+            out[p["sequence"]] = {
+                d: (Path(layer) if os.path.isabs(layer) else folder / layer)
+                for d, layer in p["layers"].items()
+            }
+        return out
+
+    # -- teardown ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        for a in self.agents.values():
+            if a.proc is not None and a.proc.poll() is None:
+                a.proc.terminate()
+        for a in self.agents.values():
+            if a.proc is not None:
+                try:
+                    a.proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    a.proc.kill()
+        if self.admin is not None:
+            self.admin.close()
+        if self.broker is not None and self.broker.poll() is None:
+            self.broker.terminate()
+            try:
+                self.broker.wait(20)
+            except subprocess.TimeoutExpired:
+                self.broker.kill()

@@ -1,0 +1,475 @@
+"""The shipped scenarios. Each builds a cluster, runs workloads, breaks things, checks bytes.
+
+Every copy the scenarios look at (a replica, a recovery point, a test VM, a failed-over VM) is
+checked against the writers' logs with :func:`tests.harness.workload.check_prefix`: it must be
+exactly the state after some prefix of the writes, and where the operation promises no data
+loss (a planned failover), after *all* of them. Broker invariants are checked after every
+scenario: at most one running copy of each VM, epochs that never go back, no job left running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sitepair.errors import SitepairError
+from sitepair.v1 import admin_pb2
+from tests.harness.cluster import Cluster
+from tests.harness.report import ScenarioReport
+from tests.harness.workload import WriteLog, Writer, check_prefix, completed_before
+
+MiB = 1 << 20
+DISKS = {"os": 32 * MiB, "data": 16 * MiB}
+MARK = """import os, sys
+with open(sys.argv[1], "a") as f:
+    f.write(f"{os.environ['SITEPAIR_PLAN']} group {os.environ['SITEPAIR_GROUP']} {os.environ['SITEPAIR_VMS']}\\n")
+print("marked")
+"""
+
+
+@dataclasses.dataclass
+class Run:
+    cluster: Cluster
+    report: ScenarioReport
+    root: Path
+    seed: int
+    rng: random.Random
+    soak: float = 0.0  # seconds a soak scenario runs for (0 = the short default)
+    kills: int = 0  # kills a kill scenario performs (0 = the short default)
+    writers: dict[str, Writer] = dataclasses.field(default_factory=dict)
+    epochs: dict[str, int] = dataclasses.field(default_factory=dict)
+    jobs: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def c(self) -> Cluster:
+        return self.cluster
+
+    def log(self, vm: str) -> WriteLog:
+        return WriteLog(self.root / f"{vm}.writes")
+
+    def seed_of(self, vm: str) -> int:
+        return self.seed * 1000 + sum(vm.encode())
+
+    # -- VMs and writers --------------------------------------------------------------------
+    def create_vm(self, host: str, vm: str) -> None:
+        backend = self.c.agents[host].backend
+        backend.create_vm(
+            vm,
+            disks=[("os", "vhdx", DISKS["os"]), ("data", "vhd", DISKS["data"])],
+            cpu=2,
+            memory_mb=1024,
+            nics=[("nic0", f"corp-{self.c.agents[host].site}")],
+        )
+        backend.set_vm_state(vm, "running")
+
+    def start_writer(self, vm: str, rate: float = 100.0, *, host_name: str = "") -> Writer:
+        host = self.c.agents[host_name] if host_name else self.c.host_of_vm(vm)
+        log = self.log(vm)
+        w = Writer(
+            host.backend,
+            vm,
+            log,
+            seed=self.seed_of(vm),
+            disks=DISKS,
+            rate=rate,
+            first_no=len(log.records()) + 1,
+        )
+        w.start()
+        self.writers[vm] = w
+        return w
+
+    def stop_writer(self, vm: str) -> None:
+        w = self.writers.pop(vm, None)
+        if w is not None:
+            w.stop()
+            if w.error is not None:
+                self.report.check(f"writer of {vm}", False, repr(w.error))
+
+    def wait_writes(self, vm: str, n: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.log(vm).records()) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{vm}: the writer did not reach {n} writes")
+            time.sleep(0.05)
+
+    # -- jobs -------------------------------------------------------------------------------
+    def run_job(self, method: str, request: Any, *, expect: str = "succeeded") -> admin_pb2.Job:
+        job = self.c.call(method, request)
+        self.jobs.append(job.id)
+        return self.c.job(job, expect=expect)
+
+    def cycle(self, vm: str) -> admin_pb2.Job:
+        return self.run_job(
+            "ReplicationAction", admin_pb2.ReplicationActionRequest(vm=vm, action="cycle")
+        )
+
+    def protect(self, vm: str) -> None:
+        deadline = time.monotonic() + 60
+        while not any(
+            v.vm.name == vm for v in self.c.call("ListVms", admin_pb2.ListVmsRequest()).vms
+        ):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{vm} never reached the inventory")
+            time.sleep(0.2)
+        self.run_job("ProtectVm", admin_pb2.ProtectVmRequest(vm=vm))
+        self.epochs[vm] = self.c.protected(vm).epoch
+
+    # -- checks -----------------------------------------------------------------------------
+    def check_copy(
+        self,
+        what: str,
+        vm: str,
+        chains: dict[str, Path],
+        *,
+        all_writes: bool = False,
+        at_least: int = 0,
+    ) -> int:
+        records = self.log(vm).records()
+        result = check_prefix(chains, records, seed=self.seed_of(vm))
+        detail = (
+            f"prefix {result.prefix} of {len(records)} writes, {result.chunks_checked} chunks read"
+        )
+        ok = result.ok and result.prefix >= at_least
+        if all_writes:
+            ok = ok and result.prefix == len(records)
+        if result.problems:
+            detail += "; " + "; ".join(result.problems[:3])
+        elif result.prefix < at_least:
+            detail += f"; expected at least {at_least}"
+        self.report.check(what, ok, detail)
+        return result.prefix
+
+    def check_replica(self, vm: str, **kw: Any) -> int:
+        return self.check_copy(
+            f"{vm}: replica is one point in time", vm, self.c.replica_chains(vm), **kw
+        )
+
+    def check_running(self, vm: str, **kw: Any) -> int:
+        host = self.c.host_of_vm(vm)
+        chains = {d: chain[-1] for d, chain in host.backend.disk_chains(vm).items()}
+        return self.check_copy(f"{vm}: running copy on {host.name}", vm, chains, **kw)
+
+    def check_invariants(self) -> None:
+        for vm in list(self.epochs):
+            copies = self.c.running_copies(vm)
+            self.report.check(
+                f"{vm}: at most one running copy", len(copies) <= 1, ", ".join(copies)
+            )
+            epoch = self.c.protected(vm).epoch
+            self.report.check(
+                f"{vm}: epoch never went back",
+                epoch >= self.epochs[vm],
+                f"{self.epochs[vm]} -> {epoch}",
+            )
+            self.epochs[vm] = epoch
+        deadline = time.monotonic() + 120
+        while True:
+            jobs = self.c.call("ListJobs", admin_pb2.ListJobsRequest(limit=500)).jobs
+            stuck = [
+                f"{j.kind} {j.target} {j.state}"
+                for j in jobs
+                if j.state not in ("succeeded", "failed", "cancelled")
+            ]
+            if not stuck or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        self.report.check("no job left unfinished", not stuck, "; ".join(stuck[:5]))
+
+
+def policy(*, copy: int = 30, points: int = 2, app: int = 1) -> admin_pb2.Policy:
+    return admin_pb2.Policy(
+        copy_frequency_seconds=copy,
+        recovery_points=points,
+        app_consistent_hours=app,
+        compression=True,
+        authentication="certificate",
+    )
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+
+def walkthrough(run: Run) -> None:
+    """The ASR VMM-to-VMM walkthrough: register, pair, map, protect, test failover, plan failover."""
+    c = run.c
+    c.pair(policy())
+    run.create_vm("hv-a1", "vm1")
+    run.create_vm("hv-a2", "vm2")
+    for vm in ("vm1", "vm2"):
+        run.start_writer(vm)
+        run.protect(vm)
+    run.check_replica("vm1")
+    # Test failover while the writer goes on; production replication is not disturbed.
+    run.run_job("Failover", admin_pb2.FailoverRequest(vm="vm1", type="test", network="create"))
+    v = c.protected("vm1")
+    test_host = c.agents[v.replica_server]
+    chains = {d: chain[-1] for d, chain in test_host.backend.disk_chains("vm1-test").items()}
+    run.check_copy("vm1: test failover VM is one point in time", "vm1", chains)
+    run.cycle("vm1")
+    run.run_job(
+        "CleanupTestFailover",
+        admin_pb2.CleanupTestRequest(vm="vm1", notes="harness: test VM verified"),
+    )
+    gone = True
+    try:
+        test_host.backend.find_vm("vm1-test")
+        gone = False
+    except SitepairError:
+        pass
+    run.report.check("vm1: test failover cleaned up", gone)
+    # A recovery plan: vm1, then vm2, then a script on the recovery site.
+    marker = run.root / "plan-marker.txt"
+    for a in c.agents.values():
+        if a.site == "b":
+            (a.home / "scripts").mkdir(exist_ok=True)
+            (a.home / "scripts" / "mark.py").write_text(MARK)
+    c.call("CreatePlan", admin_pb2.CreatePlanRequest(name="app", description="harness walkthrough"))
+    c.call("AddPlanGroup", admin_pb2.PlanRef(name="app"))
+    c.call("AddPlanVm", admin_pb2.AddPlanVmRequest(plan="app", group=1, vm="vm1"))
+    c.call("AddPlanVm", admin_pb2.AddPlanVmRequest(plan="app", group=2, vm="vm2"))
+    c.call(
+        "AddPlanAction",
+        admin_pb2.AddPlanActionRequest(
+            plan="app",
+            group=2,
+            when="after",
+            action=admin_pb2.PlanAction(
+                name="mark", script="mark.py", args=[str(marker)], timeout_seconds=60
+            ),
+        ),
+    )
+    run.run_job("PlanFailover", admin_pb2.PlanFailoverRequest(plan="app", type="planned"))
+    for vm in ("vm1", "vm2"):
+        run.stop_writer(vm)  # stopped by the shutdown already
+        run.check_running(vm, all_writes=True)
+    run.report.check(
+        "plan script ran after group 2", marker.exists() and "group 2 vm2" in marker.read_text()
+    )
+
+
+def failback(run: Run) -> None:
+    """Planned failover with reverse replication, writes at the recovery site, failback."""
+    c = run.c
+    c.pair(policy())
+    run.create_vm("hv-a1", "vm1")
+    run.start_writer("vm1")
+    run.protect("vm1")
+    for trip in range(2):
+        run.wait_writes("vm1", len(run.log("vm1").records()) + 200)
+        run.run_job("Failover", admin_pb2.FailoverRequest(vm="vm1", type="planned", reverse=True))
+        run.stop_writer("vm1")
+        run.check_running("vm1", all_writes=True)
+        run.check_replica("vm1", all_writes=True)
+        run.report.details[f"trip {trip + 1} runs on"] = c.host_of_vm("vm1").name
+        run.start_writer("vm1")
+    run.stop_writer("vm1")
+
+
+def site_loss(run: Run) -> None:
+    """Unplanned failover after losing the primary site; the old site returns and is fenced."""
+    c = run.c
+    c.pair(policy())
+    run.create_vm("hv-a1", "vm1")
+    run.start_writer("vm1")
+    run.protect("vm1")
+    run.c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="pause"))
+    run.wait_writes("vm1", 300)
+    run.cycle("vm1")
+    committed = run.check_replica("vm1")
+    run.wait_writes("vm1", committed + 200)
+    # The primary site is lost: its agents die and the inter-site link goes down.
+    lost_at = time.time()
+    for a in c.agents.values():
+        if a.site == "a":
+            c.kill_agent(a.name)
+    part = getattr(c.net, "partition", None)
+    if part is not None:
+        part()
+        run.report.faults.append("partition")
+    run.writers["vm1"].stop()  # the site is gone: nothing more it writes can be replicated
+    writer_total = len(run.log("vm1").records())
+    run.run_job("Failover", admin_pb2.FailoverRequest(vm="vm1", type="unplanned"))
+    v = c.protected("vm1")
+    new_host = c.agents[v.replica_server]
+    chains = {d: chain[-1] for d, chain in new_host.backend.disk_chains("vm1").items()}
+    prefix = run.check_copy(
+        "vm1: failed-over VM is the last committed point", "vm1", chains, at_least=committed
+    )
+    records = run.log("vm1").records()
+    lost = writer_total - prefix
+    rpo = lost_at - records[prefix - 1].done if prefix else 0.0
+    run.report.worst_rpo = max(run.report.worst_rpo, rpo)
+    run.report.details["writes lost with the site"] = lost
+    # Keep only the writes the failed-over VM holds: the rest died with the primary site.
+    run.log("vm1").path.write_text(
+        "".join(line + "\n" for line in run.log("vm1").path.read_text().splitlines()[:prefix])
+    )
+    run.writers.pop("vm1", None)
+    # The application goes on at the recovery site (the lost site's copy still says "running"
+    # in its folder until it is fenced, so name the host).
+    run.start_writer("vm1", host_name=new_host.name)
+    run.wait_writes("vm1", prefix + 200)
+    heal = getattr(c.net, "heal", None)
+    if heal is not None:
+        heal()
+    for a in c.agents.values():
+        if a.site == "a":
+            c.start_agent(a.name)
+    c.wait_connected()
+    deadline = time.monotonic() + 90
+    fenced = False
+    while time.monotonic() < deadline and not fenced:
+        jobs = c.call(
+            "ListJobs", admin_pb2.ListJobsRequest(kind="fence-old-primary", limit=20)
+        ).jobs
+        fenced = any(j.state == "succeeded" for j in jobs)
+        time.sleep(0.5)
+    run.report.check("old primary fenced when it returned", fenced)
+    run.report.check(
+        "never two running copies",
+        len(c.running_copies("vm1")) == 1,
+        ", ".join(c.running_copies("vm1")),
+    )
+    run.run_job("ReverseReplication", admin_pb2.ProtectedRef(vm="vm1"))
+    run.stop_writer("vm1")
+    run.cycle("vm1")
+    run.check_replica("vm1", all_writes=True)
+
+
+def kill_soak(run: Run) -> None:
+    """SIGKILL the primary agent, the replica agent or the broker at random moments of cycles."""
+    c = run.c
+    c.pair(policy())
+    run.create_vm("hv-a1", "vm1")
+    run.start_writer("vm1", rate=150)
+    run.protect("vm1")
+    c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="pause"))
+    kills = run.kills or 6
+    best = 0
+    for i in range(kills):
+        v = c.protected("vm1")
+        target = run.rng.choice(["primary", "replica", "broker"])
+        run.wait_writes("vm1", len(run.log("vm1").records()) + 100)
+        outcome: list[BaseException] = []
+
+        def background(outcome: list[BaseException] = outcome) -> None:
+            try:
+                c.call(
+                    "ReplicationAction",
+                    admin_pb2.ReplicationActionRequest(vm="vm1", action="cycle"),
+                )
+            except BaseException as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=background, daemon=True)
+        t.start()
+        time.sleep(run.rng.uniform(0.05, 1.5))
+        if target == "broker":
+            c.kill_broker()
+            time.sleep(run.rng.uniform(0, 0.5))
+            c.start_broker()
+        else:
+            name = v.primary_server if target == "primary" else v.replica_server
+            c.kill_agent(name)
+            time.sleep(run.rng.uniform(0, 0.5))
+            c.start_agent(name)
+        t.join(60)
+        c.wait_connected()
+        # Replication resumes: a cycle after the restart commits, and the replica is one point.
+        for attempt in range(10):
+            try:
+                run.cycle("vm1")
+                break
+            except (AssertionError, SitepairError) as exc:
+                if attempt == 9:
+                    run.report.check(f"kill {i + 1}: replication resumed", False, str(exc))
+                time.sleep(2)
+        best = max(best, run.check_replica("vm1", at_least=best))
+    run.stop_writer("vm1")
+    run.cycle("vm1")
+    run.check_replica("vm1", all_writes=True)
+    run.report.details["kills"] = kills
+
+
+def wan_resync(run: Run) -> None:
+    """A slow WAN link, a resync, and a disconnect in the middle of it."""
+    c = run.c
+    c.pair(policy())
+    run.create_vm("hv-a1", "vm1")
+    run.start_writer("vm1", rate=200)
+    run.protect("vm1")
+    c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="pause"))
+    shape = getattr(c.net, "set_profile", None)
+    if shape is not None:
+        shape(delay=0.02, rate=4 * MiB)  # a metro-ish link: 20 ms per chunk, 4 MiB/s
+        run.report.details["profile"] = "20 ms, 4 MiB/s"
+    run.wait_writes("vm1", 400)
+    job = c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="resync"))
+    run.jobs.append(job.id)
+    time.sleep(run.rng.uniform(0.3, 1.0))
+    part = getattr(c.net, "partition", None)
+    if part is not None:
+        part()
+        run.report.faults.append("partition mid-resync")
+        time.sleep(2)
+        c.net.heal()  # type: ignore[attr-defined]
+    try:
+        c.job(job)
+    except AssertionError:
+        run.cycle("vm1")  # the interrupted resync is finished by the next cycle
+    if shape is not None:
+        shape(delay=0.0, rate=0.0)
+    run.stop_writer("vm1")
+    run.cycle("vm1")
+    run.check_replica("vm1", all_writes=True)
+
+
+def rpo_hold(run: Run) -> None:
+    """Copy frequency 30 s under sustained random writes: the worst lag seen."""
+    c = run.c
+    c.pair(policy(copy=30))
+    run.create_vm("hv-a1", "vm1")
+    run.start_writer("vm1", rate=100)
+    run.protect("vm1")
+    duration = run.soak or 75.0
+    worst = 0.0
+    samples = 0
+    end = time.monotonic() + duration
+    while time.monotonic() < end:
+        v = c.protected("vm1")
+        cut = v.replica_status.last_cut_at.seconds + v.replica_status.last_cut_at.nanos / 1e9
+        if cut:
+            worst = max(worst, time.time() - cut)
+            samples += 1
+        time.sleep(1.0)
+    run.report.worst_rpo = worst
+    run.report.details["samples"] = samples
+    run.report.details["copy frequency"] = 30
+    # The lag stays within two intervals plus a cycle's duration.
+    run.report.check("worst lag within 2 copy intervals + 15 s", worst <= 75.0, f"{worst:.1f} s")
+    c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="pause"))
+    time.sleep(1)
+    run.stop_writer("vm1")
+    run.cycle("vm1")
+    run.check_replica("vm1", all_writes=True)
+    records = run.log("vm1").records()
+    run.report.details["writes"] = len(records)
+    run.report.details["completed before end"] = completed_before(records, time.time())
+
+
+SCENARIOS: dict[str, Callable[[Run], None]] = {
+    "walkthrough": walkthrough,
+    "failback": failback,
+    "site-loss": site_loss,
+    "kill-soak": kill_soak,
+    "wan-resync": wan_resync,
+    "rpo-hold": rpo_hold,
+}
+SITES: dict[str, dict[str, int]] = {
+    "walkthrough": {"a": 2, "b": 2},
+}

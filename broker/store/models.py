@@ -136,6 +136,8 @@ class Job:
     params_json: str = "{}"
     result_json: str = ""
     steps: tuple[JobStep, ...] = ()
+    #: The broker running the job (its id in the ``brokers`` table); "" before anyone claimed it.
+    owner: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +155,16 @@ class Command:
     error: str = ""
     job_id: str | None = None
     job_step: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerMember:
+    """A broker using the store, as its lease row says (times are the store's clock)."""
+
+    id: str
+    description: str
+    started_at: float
+    expires_at: float
 
 
 @dataclasses.dataclass(frozen=True)

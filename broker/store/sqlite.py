@@ -12,14 +12,15 @@ Every method is blocking; the broker calls the store from worker threads
 (``asyncio.to_thread``), never on its event loop. Each thread gets its own connection.
 ``synchronous=FULL``: a committed registration, command or epoch survives power loss; the
 heartbeat writer batches many heartbeats per transaction, so the fsync cost stays small.
+
+The queries themselves live in :mod:`broker.store.repository`, shared with the PostgreSQL
+store; this module only opens connections, runs transactions and migrations. A SQLite store
+belongs to one broker (the file is in its home), so it is never :attr:`~Store.shared`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
-import importlib.resources
-import re
 import sqlite3
 import threading
 import time
@@ -27,53 +28,53 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.store.models import (
-    Cloud,
-    CloudPair,
-    Command,
-    CommandState,
-    HeartbeatRecord,
-    HostStorage,
-    InventoryVm,
-    Job,
-    JobState,
-    JobStep,
-    Mapping,
-    Operator,
-    RecoveryPlan,
-    RegistrationKey,
-    Relationship,
-    RelationshipState,
-    Server,
-    StepState,
-    StoredInventory,
+from broker.store.base import (
+    SCHEMA_MIGRATIONS_DDL,
+    SQLITE,
+    Conflict,
+    Session,
+    Store,
+    StoreError,
+    migrations,
+    newer_schema_error,
 )
-from sitepair.errors import AlreadyExists, FailedPrecondition, NotFound, SitepairError
+from broker.store.repository import Tx
 
-_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-
-
-class StoreError(SitepairError):
-    """The store cannot be opened or used (a newer schema, a damaged file, a full disk)."""
-
-    status = "UNAVAILABLE"
+__all__ = ["SqliteStore", "StoreError", "Tx", "migrations"]
 
 
-def migrations() -> list[tuple[int, str, str]]:
-    """(version, name, sql) of every migration shipped with this code, in order."""
-    found = []
-    for entry in importlib.resources.files("broker.store.migrations").iterdir():
-        m = _MIGRATION_NAME.match(entry.name)
-        if m:
-            found.append((int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
-    found.sort()
-    versions = [v for v, _, _ in found]
-    if versions != list(range(1, len(versions) + 1)):
-        raise StoreError(f"migrations are not numbered 1..n without gaps: {versions}")
-    return found
+class _SqliteSession(Session):
+    dialect = SQLITE
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._c = conn
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        return self._c.execute(sql, args).rowcount
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._c.executemany(sql, rows)
+
+    def one(self, sql: str, args: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = self._c.execute(sql, args).fetchone()
+        return row
+
+    def all(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self._c.execute(sql, args).fetchall())
+
+    @contextlib.contextmanager
+    def guarded(self) -> Iterator[None]:
+        # A failed statement leaves a SQLite transaction usable: nothing to undo.
+        try:
+            yield
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(str(exc)) from exc
 
 
-class SqliteStore:
+class SqliteStore(Store):
+    dialect = SQLITE
+    shared = False
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._local = threading.local()
@@ -120,7 +121,7 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise _store_error(self.path, exc) from exc
         try:
-            yield Tx(conn)
+            yield Tx(_SqliteSession(conn))
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -149,10 +150,7 @@ class SqliteStore:
     # -- schema -----------------------------------------------------------------------------
     def schema_version(self) -> int:
         conn = self._conn()
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations "
-            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
-        )
+        conn.execute(SCHEMA_MIGRATIONS_DDL)
         row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
         return int(row[0] or 0)
 
@@ -163,13 +161,9 @@ class SqliteStore:
             current = self.schema_version()
         except sqlite3.DatabaseError as exc:
             raise _store_error(self.path, exc) from exc
-        known = migrations()
+        known = migrations(SQLITE)
         if current > len(known):
-            raise StoreError(
-                f"store {self.path} has schema version {current}, newer than this broker "
-                f"knows ({len(known)})",
-                hint="run the newer sitepair version that wrote it",
-            )
+            raise newer_schema_error(str(self.path), current, len(known))
         conn = self._conn()
         for version, name, sql in known[current:]:
             script = (
@@ -198,777 +192,3 @@ def _store_error(path: Path, exc: sqlite3.Error) -> StoreError:
             f"store {path} is damaged ({text})", hint="restore it from a backup of the broker home"
         )
     return StoreError(f"store {path}: {text}")
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def _key(row: sqlite3.Row | tuple[Any, ...]) -> RegistrationKey:
-    return RegistrationKey(*row)
-
-
-_SERVER_COLS = (
-    "id, name, site, registered_at, registration_key_id, cert_serial, cert_not_after, "
-    "facts_json, agent_version, cloud, connected, connected_since, disconnected_at, "
-    "last_heartbeat_at, last_heartbeat_sent_at, last_heartbeat_seq, metrics_json, removed_at"
-)
-
-
-def _server(row: tuple[Any, ...]) -> Server:
-    values = list(row)
-    values[10] = bool(values[10])
-    return Server(*values)
-
-
-_JOB_COLS = (
-    "id, kind, target, state, created_at, updated_at, created_by, finished_at, error, "
-    "params_json, result_json"
-)
-_STEP_COLS = (
-    "job_id, idx, name, state, started_at, finished_at, message, progress_done, progress_total"
-)
-_COMMAND_COLS = (
-    "id, server_id, kind, payload, state, created_at, delivered_at, deliveries, completed_at, "
-    "result_json, error, job_id, job_step"
-)
-
-
-def _step(row: tuple[Any, ...]) -> JobStep:
-    values = list(row)
-    values[3] = StepState(values[3])
-    return JobStep(*values)
-
-
-def _command(row: tuple[Any, ...]) -> Command:
-    values = list(row)
-    values[4] = CommandState(values[4])
-    return Command(*values)
-
-
-class Tx:
-    """The repository: every query the broker makes, inside one transaction."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._c = conn
-
-    def _one(self, sql: str, args: Sequence[Any] = ()) -> tuple[Any, ...] | None:
-        row: tuple[Any, ...] | None = self._c.execute(sql, args).fetchone()
-        return row
-
-    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return list(self._c.execute(sql, args).fetchall())
-
-    # -- meta -------------------------------------------------------------------------------
-    def get_meta(self, key: str) -> str | None:
-        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
-        return None if row is None else str(row[0])
-
-    def set_meta(self, key: str, value: str) -> None:
-        self._c.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
-
-    # -- registration keys ------------------------------------------------------------------
-    def insert_key(self, key: RegistrationKey) -> None:
-        self._c.execute(
-            "INSERT INTO registration_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                key.id,
-                key.site,
-                key.secret_hash,
-                key.created_at,
-                key.expires_at,
-                key.uses_total,
-                key.uses_remaining,
-                key.revoked_at,
-                key.created_by,
-            ),
-        )
-
-    def get_key(self, key_id: str) -> RegistrationKey | None:
-        row = self._one("SELECT * FROM registration_keys WHERE id = ?", (key_id,))
-        return None if row is None else _key(row)
-
-    def list_keys(self) -> list[RegistrationKey]:
-        return [_key(r) for r in self._all("SELECT * FROM registration_keys ORDER BY created_at")]
-
-    def consume_key_use(self, key_id: str) -> bool:
-        """Take one use of a key atomically; False if none was left or it was revoked."""
-        cur = self._c.execute(
-            "UPDATE registration_keys SET uses_remaining = uses_remaining - 1 "
-            "WHERE id = ? AND uses_remaining > 0 AND revoked_at IS NULL",
-            (key_id,),
-        )
-        return cur.rowcount == 1
-
-    def revoke_key(self, key_id: str, now: float) -> RegistrationKey:
-        cur = self._c.execute(
-            "UPDATE registration_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-            (now, key_id),
-        )
-        key = self.get_key(key_id)
-        if key is None:
-            raise NotFound(f"no registration key {key_id!r}")
-        if cur.rowcount == 0:
-            raise FailedPrecondition(f"registration key {key_id} was already revoked")
-        return key
-
-    # -- servers ----------------------------------------------------------------------------
-    def insert_server(self, s: Server) -> None:
-        try:
-            self._c.execute(
-                f"INSERT INTO servers ({_SERVER_COLS}) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    s.id,
-                    s.name,
-                    s.site,
-                    s.registered_at,
-                    s.registration_key_id,
-                    s.cert_serial,
-                    s.cert_not_after,
-                    s.facts_json,
-                    s.agent_version,
-                    s.cloud,
-                    int(s.connected),
-                    s.connected_since,
-                    s.disconnected_at,
-                    s.last_heartbeat_at,
-                    s.last_heartbeat_sent_at,
-                    s.last_heartbeat_seq,
-                    s.metrics_json,
-                    s.removed_at,
-                ),
-            )
-        except sqlite3.IntegrityError as exc:
-            raise AlreadyExists(
-                f"a server named {s.name!r} is already registered at site {s.site!r}",
-                hint="remove it first with `sitepair-broker servers remove`, or pick another name",
-            ) from exc
-
-    def get_server(self, server_id: str) -> Server | None:
-        row = self._one(f"SELECT {_SERVER_COLS} FROM servers WHERE id = ?", (server_id,))
-        return None if row is None else _server(row)
-
-    def find_server(self, ref: str) -> Server:
-        """By id, or by name among servers not removed (a name must then be unambiguous)."""
-        server = self.get_server(ref)
-        if server is not None:
-            return server
-        rows = self._all(
-            f"SELECT {_SERVER_COLS} FROM servers WHERE name = ? AND removed_at IS NULL", (ref,)
-        )
-        if not rows:
-            raise NotFound(f"no server with id or name {ref!r}", hint="see `servers list`")
-        if len(rows) > 1:
-            sites = ", ".join(sorted(r[2] for r in rows))
-            raise FailedPrecondition(
-                f"server name {ref!r} exists at several sites ({sites})", hint="use its id"
-            )
-        return _server(rows[0])
-
-    def list_servers(self, *, site: str = "", include_removed: bool = False) -> list[Server]:
-        sql = f"SELECT {_SERVER_COLS} FROM servers WHERE 1 = 1"
-        args: list[Any] = []
-        if site:
-            sql += " AND site = ?"
-            args.append(site)
-        if not include_removed:
-            sql += " AND removed_at IS NULL"
-        return [_server(r) for r in self._all(sql + " ORDER BY site, name", args)]
-
-    def removed_server_ids(self) -> set[str]:
-        return {r[0] for r in self._all("SELECT id FROM servers WHERE removed_at IS NOT NULL")}
-
-    def set_server_connected(
-        self, server_id: str, *, now: float, facts_json: str, agent_version: str, cloud: str
-    ) -> None:
-        self._c.execute(
-            "UPDATE servers SET connected = 1, connected_since = ?, facts_json = ?, "
-            "agent_version = ?, cloud = CASE WHEN ? <> '' THEN ? ELSE cloud END, "
-            "last_heartbeat_at = ? WHERE id = ?",
-            (now, facts_json, agent_version, cloud, cloud, now, server_id),
-        )
-
-    def set_servers_disconnected(self, server_ids: Sequence[str], now: float) -> None:
-        self._c.executemany(
-            "UPDATE servers SET connected = 0, disconnected_at = ? WHERE id = ? AND connected = 1",
-            [(now, sid) for sid in server_ids],
-        )
-
-    def disconnect_all_servers(self, now: float) -> int:
-        """At broker start: nobody is connected to a broker that has just started."""
-        cur = self._c.execute(
-            "UPDATE servers SET connected = 0, disconnected_at = ? WHERE connected = 1", (now,)
-        )
-        return cur.rowcount
-
-    def connected_servers_silent_since(self, cutoff: float) -> list[str]:
-        rows = self._all(
-            "SELECT id FROM servers WHERE connected = 1 AND removed_at IS NULL "
-            "AND coalesce(last_heartbeat_at, 0) < ?",
-            (cutoff,),
-        )
-        return [r[0] for r in rows]
-
-    def mark_server_removed(self, server_id: str, now: float) -> None:
-        self._c.execute(
-            "UPDATE servers SET removed_at = ?, connected = 0 WHERE id = ? AND removed_at IS NULL",
-            (now, server_id),
-        )
-
-    def update_server_certificate(self, server_id: str, serial: str, not_after: float) -> None:
-        self._c.execute(
-            "UPDATE servers SET cert_serial = ?, cert_not_after = ? WHERE id = ?",
-            (serial, not_after, server_id),
-        )
-
-    def record_heartbeats(self, beats: Sequence[HeartbeatRecord]) -> None:
-        self._c.executemany(
-            "UPDATE servers SET last_heartbeat_at = ?, last_heartbeat_sent_at = ?, "
-            "last_heartbeat_seq = ?, metrics_json = ? WHERE id = ? AND removed_at IS NULL",
-            [(b.received_at, b.sent_at, b.seq, b.metrics_json, b.server_id) for b in beats],
-        )
-
-    # -- inventory --------------------------------------------------------------------------
-    def put_inventory(self, inv: StoredInventory) -> None:
-        self._c.execute(
-            "INSERT INTO server_inventory VALUES (?, ?, ?, ?, ?) ON CONFLICT (server_id) DO UPDATE "
-            "SET digest = excluded.digest, collected_at = excluded.collected_at, "
-            "received_at = excluded.received_at, payload = excluded.payload",
-            (inv.server_id, inv.digest, inv.collected_at, inv.received_at, inv.payload),
-        )
-
-    def get_inventory(self, server_id: str) -> StoredInventory | None:
-        row = self._one("SELECT * FROM server_inventory WHERE server_id = ?", (server_id,))
-        return None if row is None else StoredInventory(*row)
-
-    # -- operators --------------------------------------------------------------------------
-    def insert_operator(self, op: Operator) -> None:
-        self._c.execute(
-            "INSERT INTO operators VALUES (?, ?, ?, ?, ?, ?)",
-            (op.id, op.name, op.created_at, op.cert_serial, op.cert_not_after, op.removed_at),
-        )
-
-    def list_operators(self) -> list[Operator]:
-        return [Operator(*r) for r in self._all("SELECT * FROM operators ORDER BY created_at")]
-
-    # -- jobs -------------------------------------------------------------------------------
-    def insert_job(self, job: Job) -> None:
-        self._c.execute(
-            f"INSERT INTO jobs ({_JOB_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                job.id,
-                job.kind,
-                job.target,
-                job.state.value,
-                job.created_at,
-                job.updated_at,
-                job.created_by,
-                job.finished_at,
-                job.error,
-                job.params_json,
-                job.result_json,
-            ),
-        )
-        self._c.executemany(
-            f"INSERT INTO job_steps ({_STEP_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    job.id,
-                    s.index,
-                    s.name,
-                    s.state.value,
-                    s.started_at,
-                    s.finished_at,
-                    s.message,
-                    s.progress_done,
-                    s.progress_total,
-                )
-                for s in job.steps
-            ],
-        )
-
-    def get_job(self, job_id: str) -> Job | None:
-        row = self._one(f"SELECT {_JOB_COLS} FROM jobs WHERE id = ?", (job_id,))
-        if row is None:
-            return None
-        steps = tuple(
-            _step(r)
-            for r in self._all(
-                f"SELECT {_STEP_COLS} FROM job_steps WHERE job_id = ? ORDER BY idx", (job_id,)
-            )
-        )
-        (jid, kind, target, state, created, updated, by, finished, error, params, result) = row
-        return Job(
-            id=jid,
-            kind=kind,
-            target=target,
-            state=JobState(state),
-            created_at=created,
-            updated_at=updated,
-            created_by=by,
-            finished_at=finished,
-            error=error,
-            params_json=params,
-            result_json=result,
-            steps=steps,
-        )
-
-    def list_jobs(self, *, state: str = "", kind: str = "", limit: int = 100) -> list[Job]:
-        sql = "SELECT id FROM jobs WHERE 1 = 1"
-        args: list[Any] = []
-        if state:
-            sql += " AND state = ?"
-            args.append(state)
-        if kind:
-            sql += " AND kind = ?"
-            args.append(kind)
-        sql += " ORDER BY created_at DESC, id LIMIT ?"
-        args.append(limit)
-        jobs = [self.get_job(r[0]) for r in self._all(sql, args)]
-        return [j for j in jobs if j is not None]
-
-    def unfinished_job_ids(self) -> list[str]:
-        rows = self._all(
-            "SELECT id FROM jobs WHERE state IN ('queued', 'running', 'waiting') "
-            "ORDER BY created_at"
-        )
-        return [r[0] for r in rows]
-
-    def update_job(
-        self,
-        job_id: str,
-        *,
-        now: float,
-        state: JobState | None = None,
-        error: str | None = None,
-        result_json: str | None = None,
-    ) -> None:
-        sets = ["updated_at = ?"]
-        args: list[Any] = [now]
-        if state is not None:
-            sets.append("state = ?")
-            args.append(state.value)
-            if state.final:
-                sets.append("finished_at = ?")
-                args.append(now)
-        if error is not None:
-            sets.append("error = ?")
-            args.append(error)
-        if result_json is not None:
-            sets.append("result_json = ?")
-            args.append(result_json)
-        args.append(job_id)
-        self._c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", args)
-
-    def update_step(
-        self,
-        job_id: str,
-        index: int,
-        *,
-        now: float,
-        state: StepState | None = None,
-        message: str | None = None,
-        progress_done: int | None = None,
-        progress_total: int | None = None,
-    ) -> None:
-        sets: list[str] = []
-        args: list[Any] = []
-        if state is not None:
-            sets.append("state = ?")
-            args.append(state.value)
-            if state == StepState.RUNNING:
-                sets.append("started_at = coalesce(started_at, ?)")
-                args.append(now)
-            elif state != StepState.PENDING:
-                sets.append("finished_at = ?")
-                args.append(now)
-        if message is not None:
-            sets.append("message = ?")
-            args.append(message)
-        if progress_done is not None:
-            sets.append("progress_done = ?")
-            args.append(progress_done)
-        if progress_total is not None:
-            sets.append("progress_total = ?")
-            args.append(progress_total)
-        if not sets:
-            return
-        args += [job_id, index]
-        self._c.execute(
-            f"UPDATE job_steps SET {', '.join(sets)} WHERE job_id = ? AND idx = ?",
-            args,
-        )
-        self._c.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (now, job_id))
-
-    # -- commands ---------------------------------------------------------------------------
-    def insert_command(self, cmd: Command) -> None:
-        self._c.execute(
-            f"INSERT INTO commands ({_COMMAND_COLS}) VALUES "
-            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                cmd.id,
-                cmd.server_id,
-                cmd.kind,
-                cmd.payload,
-                cmd.state.value,
-                cmd.created_at,
-                cmd.delivered_at,
-                cmd.deliveries,
-                cmd.completed_at,
-                cmd.result_json,
-                cmd.error,
-                cmd.job_id,
-                cmd.job_step,
-            ),
-        )
-
-    def get_command(self, command_id: str) -> Command | None:
-        row = self._one(f"SELECT {_COMMAND_COLS} FROM commands WHERE id = ?", (command_id,))
-        return None if row is None else _command(row)
-
-    def open_commands(self, server_id: str) -> list[Command]:
-        rows = self._all(
-            f"SELECT {_COMMAND_COLS} FROM commands WHERE server_id = ? "
-            "AND state IN ('pending', 'delivered') ORDER BY created_at, id",
-            (server_id,),
-        )
-        return [_command(r) for r in rows]
-
-    def mark_commands_delivered(self, command_ids: Sequence[str], now: float) -> None:
-        self._c.executemany(
-            "UPDATE commands SET state = 'delivered', delivered_at = ?, "
-            "deliveries = deliveries + 1 WHERE id = ? AND state IN ('pending', 'delivered')",
-            [(now, cid) for cid in command_ids],
-        )
-
-    def complete_command(
-        self,
-        command_id: str,
-        *,
-        server_id: str,
-        state: CommandState,
-        now: float,
-        result_json: str = "",
-        error: str = "",
-    ) -> Command | None:
-        """Record a command's outcome once; None if it is unknown, not this server's, or done."""
-        cur = self._c.execute(
-            "UPDATE commands SET state = ?, completed_at = ?, result_json = ?, error = ? "
-            "WHERE id = ? AND server_id = ? AND state IN ('pending', 'delivered')",
-            (state.value, now, result_json, error, command_id, server_id),
-        )
-        if cur.rowcount != 1:
-            return None
-        return self.get_command(command_id)
-
-    def cancel_open_commands(self, server_id: str, now: float, reason: str) -> list[Command]:
-        cmds = self.open_commands(server_id)
-        self._c.execute(
-            "UPDATE commands SET state = 'cancelled', completed_at = ?, error = ? "
-            "WHERE server_id = ? AND state IN ('pending', 'delivered')",
-            (now, reason, server_id),
-        )
-        return cmds
-
-    def commands_for_job(self, job_id: str) -> list[Command]:
-        rows = self._all(
-            f"SELECT {_COMMAND_COLS} FROM commands WHERE job_id = ? ORDER BY created_at, id",
-            (job_id,),
-        )
-        return [_command(r) for r in rows]
-
-    # -- inventory tables -------------------------------------------------------------------
-    def replace_inventory(
-        self,
-        server_id: str,
-        vms: Sequence[InventoryVm],
-        networks: Sequence[tuple[str, str]],
-        storage: Sequence[HostStorage],
-    ) -> None:
-        """Make the server's VMs, networks and storage classifications exactly these."""
-        self._c.execute("DELETE FROM vms WHERE server_id = ?", (server_id,))
-        self._c.executemany(
-            "INSERT INTO vms VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    v.server_id,
-                    v.vm_id,
-                    v.name,
-                    v.generation,
-                    v.cpu_count,
-                    v.memory_mb,
-                    v.state,
-                    v.disks_json,
-                    v.nics_json,
-                    v.updated_at,
-                )
-                for v in vms
-            ],
-        )
-        self._c.execute("DELETE FROM host_networks WHERE server_id = ?", (server_id,))
-        self._c.executemany(
-            "INSERT INTO host_networks VALUES (?, ?, ?)",
-            [(server_id, name, subnets) for name, subnets in networks],
-        )
-        self._c.execute("DELETE FROM host_storage WHERE server_id = ?", (server_id,))
-        self._c.executemany(
-            "INSERT INTO host_storage VALUES (?, ?, ?, ?, ?)",
-            [(s.server_id, s.name, s.path, s.total_bytes, s.free_bytes) for s in storage],
-        )
-
-    def list_vms(self, *, server_id: str = "") -> list[InventoryVm]:
-        sql = "SELECT * FROM vms"
-        args: list[Any] = []
-        if server_id:
-            sql += " WHERE server_id = ?"
-            args.append(server_id)
-        return [InventoryVm(*r) for r in self._all(sql + " ORDER BY name, server_id", args)]
-
-    def find_vms(self, ref: str) -> list[InventoryVm]:
-        rows = self._all(
-            "SELECT * FROM vms WHERE vm_id = ? OR name = ? ORDER BY server_id", (ref, ref)
-        )
-        return [InventoryVm(*r) for r in rows]
-
-    def host_networks(self, server_id: str = "") -> list[tuple[str, str, str]]:
-        sql = "SELECT server_id, name, subnets_json FROM host_networks"
-        args: list[Any] = []
-        if server_id:
-            sql += " WHERE server_id = ?"
-            args.append(server_id)
-        return [(r[0], r[1], r[2]) for r in self._all(sql + " ORDER BY name", args)]
-
-    def host_storage(self, server_id: str = "") -> list[HostStorage]:
-        sql = "SELECT * FROM host_storage"
-        args: list[Any] = []
-        if server_id:
-            sql += " WHERE server_id = ?"
-            args.append(server_id)
-        return [HostStorage(*r) for r in self._all(sql + " ORDER BY name", args)]
-
-    # -- clouds ------------------------------------------------------------------------------
-    def insert_cloud(self, cloud: Cloud) -> None:
-        try:
-            self._c.execute(
-                "INSERT INTO clouds VALUES (?, ?, ?, ?)",
-                (cloud.name, cloud.site, cloud.description, cloud.created_at),
-            )
-        except sqlite3.IntegrityError as exc:
-            raise AlreadyExists(f"a cloud named {cloud.name!r} already exists") from exc
-
-    def get_cloud(self, name: str) -> Cloud | None:
-        row = self._one("SELECT * FROM clouds WHERE name = ?", (name,))
-        return None if row is None else Cloud(*row)
-
-    def list_clouds(self) -> list[Cloud]:
-        return [Cloud(*r) for r in self._all("SELECT * FROM clouds ORDER BY name")]
-
-    def delete_cloud(self, name: str) -> None:
-        self._c.execute("DELETE FROM cloud_hosts WHERE cloud = ?", (name,))
-        self._c.execute("DELETE FROM clouds WHERE name = ?", (name,))
-
-    def set_host_cloud(self, server_id: str, cloud: str | None, now: float) -> None:
-        self._c.execute("DELETE FROM cloud_hosts WHERE server_id = ?", (server_id,))
-        if cloud is not None:
-            self._c.execute("INSERT INTO cloud_hosts VALUES (?, ?, ?)", (server_id, cloud, now))
-
-    def cloud_of(self, server_id: str) -> str | None:
-        row = self._one("SELECT cloud FROM cloud_hosts WHERE server_id = ?", (server_id,))
-        return None if row is None else str(row[0])
-
-    def cloud_hosts(self, cloud: str) -> list[str]:
-        return [
-            r[0]
-            for r in self._all(
-                "SELECT server_id FROM cloud_hosts WHERE cloud = ? ORDER BY server_id", (cloud,)
-            )
-        ]
-
-    # -- cloud pairs -------------------------------------------------------------------------
-    def insert_pair(self, pair: CloudPair) -> None:
-        self._c.execute(
-            "INSERT INTO cloud_pairs VALUES (?, ?, ?, ?, ?)",
-            (
-                pair.primary_cloud,
-                pair.recovery_cloud,
-                pair.policy_json,
-                pair.created_at,
-                pair.updated_at,
-            ),
-        )
-
-    def pair_of(self, cloud: str) -> CloudPair | None:
-        """The pair a cloud belongs to, as primary or as recovery."""
-        row = self._one(
-            "SELECT * FROM cloud_pairs WHERE primary_cloud = ? OR recovery_cloud = ?",
-            (cloud, cloud),
-        )
-        return None if row is None else CloudPair(*row)
-
-    def list_pairs(self) -> list[CloudPair]:
-        return [
-            CloudPair(*r) for r in self._all("SELECT * FROM cloud_pairs ORDER BY primary_cloud")
-        ]
-
-    def update_pair_policy(self, primary_cloud: str, policy_json: str, now: float) -> None:
-        self._c.execute(
-            "UPDATE cloud_pairs SET policy_json = ?, updated_at = ? WHERE primary_cloud = ?",
-            (policy_json, now, primary_cloud),
-        )
-
-    def delete_pair(self, primary_cloud: str) -> None:
-        self._c.execute("DELETE FROM cloud_pairs WHERE primary_cloud = ?", (primary_cloud,))
-
-    # -- mappings ----------------------------------------------------------------------------
-    def put_mapping(self, kind: str, source: str, target: str, now: float) -> None:
-        table, col, target_col = _MAPPING_TABLES[kind]
-        self._c.execute(
-            f"INSERT INTO {table} VALUES (?, ?, ?) ON CONFLICT ({col}) "
-            f"DO UPDATE SET {target_col} = excluded.{target_col}",
-            (source, target, now),
-        )
-
-    def list_mappings(self, kind: str) -> list[Mapping]:
-        table, col, _ = _MAPPING_TABLES[kind]
-        return [Mapping(*r) for r in self._all(f"SELECT * FROM {table} ORDER BY {col}")]
-
-    def delete_mapping(self, kind: str, source: str) -> bool:
-        table, col, _ = _MAPPING_TABLES[kind]
-        return self._c.execute(f"DELETE FROM {table} WHERE {col} = ?", (source,)).rowcount == 1
-
-    # -- relationships -----------------------------------------------------------------------
-    def insert_relationship(self, r: Relationship) -> None:
-        try:
-            self._c.execute(
-                f"INSERT INTO relationships ({_REL_COLS}) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    r.id,
-                    r.vm_id,
-                    r.vm_name,
-                    r.primary_cloud,
-                    r.recovery_cloud,
-                    r.primary_server,
-                    r.replica_server,
-                    r.state.value,
-                    r.epoch,
-                    r.policy_json,
-                    r.replica_folder,
-                    r.replica_vm_json,
-                    r.primary_status_json,
-                    r.replica_status_json,
-                    r.health,
-                    r.health_reasons_json,
-                    int(r.paused),
-                    r.created_at,
-                    r.updated_at,
-                    r.disabled_at,
-                    r.failover_json,
-                ),
-            )
-        except sqlite3.IntegrityError as exc:
-            raise AlreadyExists(f"VM {r.vm_name} is already protected") from exc
-
-    def get_relationship(self, rel_id: str) -> Relationship | None:
-        row = self._one(f"SELECT {_REL_COLS} FROM relationships WHERE id = ?", (rel_id,))
-        return None if row is None else _relationship(row)
-
-    def find_relationship(self, ref: str) -> Relationship:
-        """By id, or the active relationship of a VM (id or name)."""
-        r = self.get_relationship(ref)
-        if r is not None:
-            return r
-        rows = self._all(
-            f"SELECT {_REL_COLS} FROM relationships WHERE (vm_id = ? OR vm_name = ?) "
-            "AND disabled_at IS NULL",
-            (ref, ref),
-        )
-        if not rows:
-            raise NotFound(f"no protected VM or relationship {ref!r}", hint="see `vms list`")
-        if len(rows) > 1:
-            raise FailedPrecondition(
-                f"{ref!r} names several protected VMs; use the relationship id"
-            )
-        return _relationship(rows[0])
-
-    def list_relationships(self, *, include_disabled: bool = False) -> list[Relationship]:
-        sql = f"SELECT {_REL_COLS} FROM relationships"
-        if not include_disabled:
-            sql += " WHERE disabled_at IS NULL"
-        return [_relationship(r) for r in self._all(sql + " ORDER BY vm_name, id")]
-
-    def update_relationship(self, rel_id: str, now: float, **fields: Any) -> None:
-        allowed = set(_REL_COLS.replace(" ", "").split(",")) - {"id", "created_at"}
-        sets = []
-        args: list[Any] = []
-        for key, value in fields.items():
-            if key not in allowed:
-                raise ValueError(f"not a relationship column: {key}")
-            sets.append(f"{key} = ?")
-            if isinstance(value, enum.Enum):
-                args.append(value.value)
-            elif isinstance(value, bool):
-                args.append(int(value))
-            else:
-                args.append(value)
-        sets.append("updated_at = ?")
-        args += [now, rel_id]
-        self._c.execute(f"UPDATE relationships SET {', '.join(sets)} WHERE id = ?", args)
-
-    def relationships_of_server(self, server_id: str) -> list[Relationship]:
-        rows = self._all(
-            f"SELECT {_REL_COLS} FROM relationships WHERE disabled_at IS NULL "
-            "AND (primary_server = ? OR replica_server = ?)",
-            (server_id, server_id),
-        )
-        return [_relationship(r) for r in rows]
-
-    # -- recovery plans ----------------------------------------------------------------------
-    def insert_plan(self, plan: RecoveryPlan) -> None:
-        try:
-            self._c.execute(
-                "INSERT INTO recovery_plans VALUES (?, ?, ?, ?, ?)",
-                (plan.name, plan.description, plan.doc_json, plan.created_at, plan.updated_at),
-            )
-        except sqlite3.IntegrityError as exc:
-            raise AlreadyExists(f"a recovery plan named {plan.name!r} already exists") from exc
-
-    def get_plan(self, name: str) -> RecoveryPlan | None:
-        row = self._one("SELECT * FROM recovery_plans WHERE name = ?", (name,))
-        return None if row is None else RecoveryPlan(*row)
-
-    def list_plans(self) -> list[RecoveryPlan]:
-        return [RecoveryPlan(*r) for r in self._all("SELECT * FROM recovery_plans ORDER BY name")]
-
-    def update_plan(self, name: str, doc_json: str, now: float) -> None:
-        self._c.execute(
-            "UPDATE recovery_plans SET doc_json = ?, updated_at = ? WHERE name = ?",
-            (doc_json, now, name),
-        )
-
-    def delete_plan(self, name: str) -> bool:
-        return self._c.execute("DELETE FROM recovery_plans WHERE name = ?", (name,)).rowcount == 1
-
-
-_MAPPING_TABLES = {
-    "network": ("network_mappings", "source_network", "target_network"),
-    "storage": ("storage_mappings", "source_class", "target_class"),
-}
-
-_REL_COLS = (
-    "id, vm_id, vm_name, primary_cloud, recovery_cloud, primary_server, replica_server, state, "
-    "epoch, policy_json, replica_folder, replica_vm_json, primary_status_json, "
-    "replica_status_json, health, health_reasons_json, paused, created_at, updated_at, "
-    "disabled_at, failover_json"
-)
-
-
-def _relationship(row: tuple[Any, ...]) -> Relationship:
-    values = list(row)
-    values[7] = RelationshipState(values[7])
-    values[16] = bool(values[16])
-    return Relationship(*values)

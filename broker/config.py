@@ -13,7 +13,7 @@ from typing import Any
 
 from broker.health import HealthConfig
 from sitepair import pki
-from sitepair.durations import parse_duration
+from sitepair.durations import format_duration, parse_duration
 from sitepair.errors import ConfigError, InvalidArgument
 
 
@@ -83,6 +83,54 @@ class LogConfig:
     file: str = ""
 
 
+#: Store backends: the embedded default, and the one several brokers can share.
+STORE_BACKENDS = ("sqlite", "postgresql")
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+    """Where the broker keeps its state."""
+
+    #: "sqlite" (``<home>/broker.db``, one broker) or "postgresql" (several brokers may share it).
+    backend: str = "sqlite"
+    #: PostgreSQL only: libpq connection string or URI, without a password. The password comes
+    #: from the ``SITEPAIR_DB_PASSWORD`` environment variable or libpq's ``~/.pgpass``.
+    dsn: str = ""
+    #: PostgreSQL only: how long a broker's leader lease lasts; renewed every third of it. A dead
+    #: leader's periodic work moves to another broker within this time.
+    leader_lease: float = 15.0
+
+
+def check_store(store: StoreConfig, where: str = "[store]") -> None:
+    """Refuse a store setting that cannot work, and a password written into the DSN."""
+    if store.backend not in STORE_BACKENDS:
+        raise ConfigError(
+            f'{where} backend must be "sqlite" or "postgresql", not {store.backend!r}'
+        )
+    if store.backend == "sqlite":
+        if store.dsn:
+            raise ConfigError(f'{where} dsn is for backend = "postgresql" only')
+        return
+    if not store.dsn:
+        raise ConfigError(
+            f'{where} backend = "postgresql" needs dsn = "postgresql://USER@HOST/DATABASE"'
+        )
+    from psycopg import Error as PsycopgError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(store.dsn)
+    except PsycopgError as exc:
+        raise ConfigError(f"{where} dsn is not a PostgreSQL connection string: {exc}") from exc
+    if "password" in params:
+        raise ConfigError(
+            f"{where} dsn must not hold the password",
+            hint="set SITEPAIR_DB_PASSWORD in the broker's environment, or use ~/.pgpass",
+        )
+    if store.leader_lease < 1:
+        raise ConfigError(f"{where} leader_lease must be at least 1s")
+
+
 @dataclasses.dataclass(frozen=True)
 class BrokerConfig:
     vault: str
@@ -94,6 +142,7 @@ class BrokerConfig:
     limits: LimitsConfig = LimitsConfig()
     log: LogConfig = LogConfig()
     health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
+    store: StoreConfig = StoreConfig()
 
 
 _KIND_NAMES = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
@@ -107,6 +156,7 @@ _DURATION_FIELDS = {
     "default_validity",
     "max_validity",
     "interval",
+    "leader_lease",
 }
 
 
@@ -158,6 +208,7 @@ def parse(text: str, *, source: str = "broker.toml") -> BrokerConfig:
         "limits": LimitsConfig,
         "log": LogConfig,
         "health": HealthConfig,
+        "store": StoreConfig,
     }
     unknown = sorted(set(doc) - set(sections))
     if unknown:
@@ -171,6 +222,7 @@ def parse(text: str, *, source: str = "broker.toml") -> BrokerConfig:
         raise ConfigError(f"{source} [heartbeat]: interval must be > 0 and missed >= 1")
     if cfg.log.format not in ("json", "text"):
         raise ConfigError(f'{source} [log] format must be "json" or "text"')
+    check_store(cfg.store, f"{source} [store]")
     return cfg
 
 
@@ -187,9 +239,18 @@ def load(path: Path) -> BrokerConfig:
     return parse(text, source=str(path))
 
 
-def render(vault: str, *, enrollment: str, control: str, names: tuple[str, ...]) -> str:
+def render(
+    vault: str,
+    *,
+    enrollment: str,
+    control: str,
+    names: tuple[str, ...],
+    store: StoreConfig | None = None,
+) -> str:
     """The commented broker.toml that ``init`` writes."""
     name_list = ", ".join(f'"{n}"' for n in names)
+    store = store or StoreConfig()
+    check_store(store)
     return f"""# sitepair broker configuration. Durations: 30s, 10m, 24h, 5d.
 vault = "{vault}"
 
@@ -237,4 +298,19 @@ offline_critical_after = "5m"  # a host offline turns its VMs Warning, then Crit
 missed_rate_warning = 0.2    # Warning: more than this fraction of cycles missed in the window
 window = "1h"
 certificate_warning_fraction = 0.25
+
+[store]
+# "sqlite": <home>/broker.db, for one broker. "postgresql": several brokers may share the
+# database; they elect a leader for the periodic work (see docs/operations.md).
+backend = "{store.backend}"
+# PostgreSQL only, without a password: SITEPAIR_DB_PASSWORD or ~/.pgpass supplies it.
+dsn = {_toml_string(store.dsn)}
+# PostgreSQL only: a leader lease's length; renewed every third of it.
+leader_lease = "{format_duration(store.leader_lease)}"
 """
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string (a DSN may hold quotes or backslashes)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

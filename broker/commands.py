@@ -14,8 +14,8 @@ import logging
 import uuid
 from typing import TYPE_CHECKING
 
+from broker.store.base import Store
 from broker.store.models import Command, CommandState
-from broker.store.sqlite import SqliteStore
 from sitepair.clock import Clock
 from sitepair.errors import NotFound
 from sitepair.v1 import control_pb2
@@ -27,7 +27,7 @@ log = logging.getLogger("sitepair.broker.commands")
 
 
 class CommandDispatcher:
-    def __init__(self, store: SqliteStore, sessions: SessionRegistry, clock: Clock) -> None:
+    def __init__(self, store: Store, sessions: SessionRegistry, clock: Clock) -> None:
         self._store = store
         self._sessions = sessions
         self._clock = clock

@@ -18,8 +18,9 @@ from typing import Any
 from broker.commands import CommandDispatcher
 from broker.jobs import JobManager
 from broker.sessions import SessionRegistry
+from broker.store.base import Store
 from broker.store.models import CommandState, Job, Relationship, StepState
-from broker.store.sqlite import SqliteStore, Tx
+from broker.store.sqlite import Tx
 from sitepair.clock import Clock
 from sitepair.errors import SitepairError
 from sitepair.v1 import control_pb2
@@ -35,7 +36,7 @@ class Orchestrator:
     def __init__(
         self,
         *,
-        store: SqliteStore,
+        store: Store,
         clock: Clock,
         jobs: JobManager,
         dispatcher: CommandDispatcher,

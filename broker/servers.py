@@ -17,8 +17,8 @@ from broker.auth import BrokerAuthorizer
 from broker.commands import CommandDispatcher
 from broker.jobs import JobManager
 from broker.sessions import SessionRegistry
+from broker.store.base import Store
 from broker.store.models import Command, CommandState, Job, JobState, Server, StepState
-from broker.store.sqlite import SqliteStore
 from sitepair.clock import Clock
 from sitepair.errors import FailedPrecondition
 from sitepair.v1 import control_pb2
@@ -32,7 +32,7 @@ class ServerOperations:
     def __init__(
         self,
         *,
-        store: SqliteStore,
+        store: Store,
         clock: Clock,
         jobs: JobManager,
         sessions: SessionRegistry,

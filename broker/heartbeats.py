@@ -5,7 +5,8 @@ spend the broker's time in fsync. :class:`HeartbeatWriter` keeps the latest hear
 and writes all of them in one transaction every ``flush_interval`` (50 ms by default), so the
 cost per heartbeat falls as load rises while the heartbeat-to-store latency stays bounded.
 :class:`LivenessMonitor` marks a server disconnected, and closes its stream, after it has missed
-``missed`` heartbeats in a row.
+``missed`` heartbeats in a row; when brokers share a store, only the leader sweeps (it also
+catches the servers of a broker that died).
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import contextlib
 import logging
 
 from broker.sessions import SessionRegistry
+from broker.store.base import Store
+from broker.store.leadership import Leader
 from broker.store.models import HeartbeatRecord
-from broker.store.sqlite import SqliteStore
 from sitepair.clock import Clock
 
 log = logging.getLogger("sitepair.broker.heartbeats")
 
 
 class HeartbeatWriter:
-    def __init__(self, store: SqliteStore, *, flush_interval: float = 0.05) -> None:
+    def __init__(self, store: Store, *, flush_interval: float = 0.05) -> None:
         self._store = store
         self._interval = flush_interval
         self._pending: dict[str, HeartbeatRecord] = {}
@@ -70,19 +72,23 @@ class HeartbeatWriter:
 class LivenessMonitor:
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         sessions: SessionRegistry,
         clock: Clock,
         *,
         interval: float,
         missed: int,
+        leader: Leader | None = None,
     ) -> None:
         self._store = store
         self._sessions = sessions
         self._clock = clock
         self._interval = interval
         self._missed = missed
+        self._leader = leader
         self._stop = asyncio.Event()
+        #: Sweeps done (a broker that is not the leader does none).
+        self.sweeps = 0
 
     async def check(self) -> list[str]:
         """Disconnect servers silent for longer than ``missed`` intervals; returns their ids."""
@@ -110,7 +116,10 @@ class LivenessMonitor:
                 await asyncio.wait_for(self._stop.wait(), timeout=self._interval / 2)
             if self._stop.is_set():
                 return
+            if self._leader is not None and not self._leader.is_leader:
+                continue
             try:
+                self.sweeps += 1
                 await self.check()
             except Exception:
                 log.exception("liveness check failed")

@@ -4,7 +4,8 @@ A job is created with its steps up front (so ``jobs watch`` shows what is coming
 ``queued -> running [-> waiting] -> succeeded | failed | cancelled``, and each step records its
 own state, message and progress. Everything is in the store, so a broker restart loses nothing;
 :meth:`JobManager.recover` decides at start-up what happens to jobs that were in flight, so no
-job stays "running" forever.
+job stays "running" forever. Each job records the broker that runs it (``owner``); when several
+brokers share a PostgreSQL store, only the leader recovers, and only jobs whose broker is gone.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from broker.store.base import Store
 from broker.store.models import Job, JobState, JobStep, StepState
-from broker.store.sqlite import SqliteStore
 from sitepair.clock import Clock
 from sitepair.errors import FailedPrecondition, NotFound
 
@@ -33,9 +34,11 @@ def new_id(prefix: str) -> str:
 
 
 class JobManager:
-    def __init__(self, store: SqliteStore, clock: Clock) -> None:
+    def __init__(self, store: Store, clock: Clock, *, owner: str = "") -> None:
         self._store = store
         self._clock = clock
+        #: The broker running the jobs this manager creates (see ``Job.owner``).
+        self.owner = owner or new_id("broker")
         self._changed = asyncio.Condition()
         self._resumers: dict[str, Resumer] = {}
         self._cancel_hooks: dict[str, Callable[[], Awaitable[None]]] = {}
@@ -62,6 +65,7 @@ class JobManager:
             updated_at=now,
             created_by=created_by,
             params_json=json.dumps(params or {}, sort_keys=True),
+            owner=self.owner,
             steps=tuple(
                 JobStep(job_id=job_id, index=i, name=name, state=StepState.PENDING)
                 for i, name in enumerate(steps)
@@ -220,11 +224,16 @@ class JobManager:
         self._resumers[kind] = resumer
 
     async def recover(self) -> None:
-        """At start-up: hand unfinished jobs to their kind's resumer, fail the rest plainly."""
+        """Hand unfinished jobs to their kind's resumer, fail the rest plainly.
+
+        At start-up, and on a shared store whenever the leader looks again: only jobs whose
+        broker is gone (a previous run of this one, or a broker whose lease ran out) are taken
+        over, and they become this broker's.
+        """
 
         def read() -> list[Job]:
-            with self._store.read() as tx:
-                jobs = [tx.get_job(i) for i in tx.unfinished_job_ids()]
+            with self._store.write() as tx:
+                jobs = [tx.get_job(i) for i in tx.adopt_orphaned_jobs(self.owner)]
                 return [j for j in jobs if j is not None]
 
         for job in await asyncio.to_thread(read):

@@ -25,6 +25,8 @@ from broker.jobs import JobManager
 from broker.orchestration import Orchestrator, StepFailed
 from broker.policy import Policy, validate
 from broker.sessions import SessionRegistry
+from broker.store.base import Store
+from broker.store.leadership import Leader
 from broker.store.models import (
     Cloud,
     CloudPair,
@@ -36,7 +38,7 @@ from broker.store.models import (
     Server,
     StepState,
 )
-from broker.store.sqlite import SqliteStore, Tx
+from broker.store.sqlite import Tx
 from sitepair import pki, tickets
 from sitepair.clock import Clock
 from sitepair.errors import (
@@ -67,7 +69,7 @@ class ProtectionManager(Orchestrator):
     def __init__(
         self,
         *,
-        store: SqliteStore,
+        store: Store,
         clock: Clock,
         jobs: JobManager,
         dispatcher: CommandDispatcher,
@@ -833,12 +835,14 @@ class ProtectionManager(Orchestrator):
 
         return await self.write(run)  # type: ignore[no-any-return]
 
-    async def run_health(self, interval: float) -> None:
+    async def run_health(self, interval: float, *, leader: Leader | None = None) -> None:
+        """Evaluate health every ``interval``; with several brokers, on the leader only."""
         while True:
-            try:
-                await self.evaluate_health()
-            except SitepairError:
-                log.exception("health evaluation failed")
+            if leader is None or leader.is_leader:
+                try:
+                    await self.evaluate_health()
+                except SitepairError:
+                    log.exception("health evaluation failed")
             await asyncio.sleep(interval)
 
     # -- tickets ----------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """The broker's composition root: build every component, serve, shut down gracefully.
 
-``Broker.start()`` opens the store, loads the CA, binds the enrollment port (server TLS) and the
-control/admin port (mutual TLS, ``require_client_auth``), and starts the sibling tasks (heartbeat
-writer, liveness monitor, certificate renewal). ``Broker.shutdown()`` is idempotent: it stops
+``Broker.start()`` opens the store (SQLite in the home, or the PostgreSQL database that
+``[store]`` names), joins the brokers sharing it (leader election), loads the CA, binds the
+enrollment port (server TLS) and the control/admin port (mutual TLS, ``require_client_auth``),
+and starts the sibling tasks (heartbeat writer, liveness monitor, certificate renewal); the
+liveness monitor, the health loop and job recovery run on the leader only
+(:mod:`broker.store.postgres` says why). ``Broker.shutdown()`` is idempotent: it stops
 accepting, tells connected agents Goodbye(SHUTTING_DOWN), lets calls drain for a grace period,
-flushes heartbeats and closes the store. If a sibling task fails, the broker shuts down rather
-than limp on half-alive.
+flushes heartbeats, gives the leader lease up and closes the store. If a sibling task fails,
+the broker shuts down rather than limp on half-alive.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -30,11 +34,13 @@ from broker.commands import CommandDispatcher
 from broker.failover import FailoverManager
 from broker.heartbeats import HeartbeatWriter, LivenessMonitor
 from broker.home import BrokerHome
-from broker.jobs import JobManager
+from broker.jobs import JobManager, new_id
 from broker.plans import PlanManager
 from broker.protection import ProtectionManager
 from broker.servers import ServerOperations
 from broker.sessions import SessionRegistry
+from broker.store.base import Store
+from broker.store.leadership import Leadership, LeaseLeadership, SoleLeadership
 from broker.store.sqlite import SqliteStore
 from sitepair import pki, tickets
 from sitepair.clock import SYSTEM_CLOCK, Clock
@@ -53,7 +59,7 @@ class BrokerContext:
     config: config_mod.BrokerConfig
     home: BrokerHome
     clock: Clock
-    store: SqliteStore
+    store: Store
     ca: CertificateAuthority
     server_cert: ServerCertificate
     authorizer: BrokerAuthorizer
@@ -77,6 +83,16 @@ class BrokerContext:
         return list(self.config.advertise.control) or [self.bound_control]
 
 
+def open_store(config: config_mod.StoreConfig, home: BrokerHome) -> Store:
+    """The store ``[store]`` names, migrated to this version's schema (blocking)."""
+    if config.backend == "postgresql":
+        # Imported here: a SQLite broker never loads the PostgreSQL driver.
+        from broker.store.postgres import PostgresStore
+
+        return PostgresStore.open(config.dsn)
+    return SqliteStore.open(home.database)
+
+
 def init_home(
     root: Path,
     *,
@@ -85,24 +101,69 @@ def init_home(
     control: str = "127.0.0.1:8443",
     server_names: tuple[str, ...] = ("localhost",),
     clock: Clock = SYSTEM_CLOCK,
+    store: config_mod.StoreConfig | None = None,
 ) -> BrokerHome:
-    """Create a broker home: config, CA, serving certificate, ticket key, store, local admin."""
+    """Create a broker home: config, CA, serving certificate, ticket key, store, local admin.
+
+    With a PostgreSQL ``store`` the database must not hold a vault yet: a second broker of the
+    same vault is a copy of this home (it needs the same CA and ticket key), not a new ``init``.
+    """
     pki.check_vault_name(vault)
+    store_config = store or config_mod.StoreConfig()
+    config_mod.check_store(store_config)
     home = BrokerHome(Path(root))
     if home.config.exists() or home.ca_key.exists():
         raise FailedPrecondition(
             f"{home.root} already holds a broker",
             hint="use another folder, or `serve` the existing one",
         )
-    ensure_private_dir(home.root)
-    now = clock.now()
-    atomic_write(
-        home.config,
-        config_mod.render(
-            vault, enrollment=enrollment, control=control, names=server_names
-        ).encode(),
-    )
-    cfg = config_mod.load(home.config)
+    # The store first: a database that already belongs to a vault stops init before it writes.
+    opened = open_store(store_config, home) if store_config.backend == "postgresql" else None
+    try:
+        if opened is not None:
+            with opened.read() as tx:
+                existing = tx.get_meta("vault")
+            if existing is not None:
+                raise FailedPrecondition(
+                    f"{opened.description} already holds vault {existing!r}",
+                    hint="for another broker of that vault, copy the first broker's home "
+                    "(see docs/operations.md); for a new vault, use another database or schema",
+                )
+        ensure_private_dir(home.root)
+        now = clock.now()
+        atomic_write(
+            home.config,
+            config_mod.render(
+                vault,
+                enrollment=enrollment,
+                control=control,
+                names=server_names,
+                store=store_config,
+            ).encode(),
+        )
+        cfg = config_mod.load(home.config)
+        _init_credentials(home, cfg, vault, now=now, clock=clock, control=control)
+        if opened is None:
+            opened = open_store(store_config, home)
+        with opened.write() as tx:
+            tx.set_meta("vault", vault)
+            tx.set_meta("created_at", str(now))
+    finally:
+        if opened is not None:
+            opened.close()
+    return home
+
+
+def _init_credentials(
+    home: BrokerHome,
+    cfg: config_mod.BrokerConfig,
+    vault: str,
+    *,
+    now: float,
+    clock: Clock,
+    control: str,
+) -> None:
+    """The CA, the serving certificate, the ticket key and a local operator of a new home."""
     ca = CertificateAuthority.create(home, vault, now=now)
     ServerCertificate(
         home,
@@ -114,13 +175,6 @@ def init_home(
     ).ensure_fresh()
     ensure_private_dir(home.ticket_key.parent)
     tickets.write_signing_key(home.ticket_key, tickets.generate_signing_key())
-    store = SqliteStore.open(home.database)
-    try:
-        with store.write() as tx:
-            tx.set_meta("vault", vault)
-            tx.set_meta("created_at", str(now))
-    finally:
-        store.close()
     # A local operator so `sitepair-broker ... --home DIR` works on this machine at once.
     key = pki.generate_key()
     cert = ca.issue(
@@ -133,7 +187,6 @@ def init_home(
     write_operator_profile(
         home.admin_dir, key=key, cert=cert, ca_pem=ca.pem, vault=vault, addresses=[control]
     )
-    return home
 
 
 class Broker:
@@ -156,11 +209,14 @@ class Broker:
         self._liveness: LivenessMonitor | None = None
         self._failure: BaseException | None = None
         self._heartbeat_task: asyncio.Task[Any] | None = None
+        #: This broker process among those sharing the store (job owner, leader election).
+        self.broker_id = new_id("broker")
+        self.leadership: Leadership = SoleLeadership(self.broker_id)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> BrokerContext:
         cfg, home, clock = self.config, self.home, self.clock
-        store = await asyncio.to_thread(SqliteStore.open, home.database)
+        store = await asyncio.to_thread(open_store, cfg.store, home)
         vault = await asyncio.to_thread(_stored_vault, store)
         if vault != cfg.vault:
             store.close()
@@ -177,10 +233,15 @@ class Broker:
             ip_addresses=cfg.certificates.server_ips,
         )
         removed = await asyncio.to_thread(_removed_servers, store)
-        disconnected = await asyncio.to_thread(_disconnect_all, store, clock.now())
+        # A broker that has just started has no agent connected. On a shared store, agents are
+        # connected to the other brokers; the leader's liveness monitor disconnects those of a
+        # broker that died.
+        disconnected = (
+            0 if store.shared else await asyncio.to_thread(_disconnect_all, store, clock.now())
+        )
         authorizer = BrokerAuthorizer(cfg.vault, removed_servers=removed)
         sessions = SessionRegistry()
-        jobs = JobManager(store, clock)
+        jobs = JobManager(store, clock, owner=self.broker_id)
         dispatcher = CommandDispatcher(store, sessions, clock)
         heartbeats = HeartbeatWriter(store)
         servers = ServerOperations(
@@ -271,18 +332,31 @@ class Broker:
         await self._enroll_server.start()
         await self._control_server.start()
 
+        if store.shared:
+            self.leadership = LeaseLeadership(
+                store,
+                self.broker_id,
+                lease=cfg.store.leader_lease,
+                description=f"{socket.gethostname()} pid {os.getpid()} control {ctx.bound_control}",
+            )
+        leadership = self.leadership
+        await leadership.join()
         self._liveness = LivenessMonitor(
             store,
             sessions,
             clock,
             interval=cfg.heartbeat.interval,
             missed=cfg.heartbeat.missed,
+            leader=leadership,
         )
         self._heartbeat_task = self.spawn(heartbeats.run(), essential=True)
         self.spawn(self._liveness.run(), essential=True)
         self.spawn(self._renew_serving_certificate(), essential=True)
-        self.spawn(protection.run_health(cfg.heartbeat.interval), essential=True)
-        await jobs.recover()
+        self.spawn(protection.run_health(cfg.heartbeat.interval, leader=leadership), essential=True)
+        if leadership.is_leader:
+            await jobs.recover()
+        # A leader that takes over from a broker that is gone recovers that broker's jobs.
+        self.spawn(leadership.run(on_lead=jobs.recover), essential=True)
         await asyncio.to_thread(self._write_run_file)
         log.info(
             "broker started",
@@ -292,6 +366,8 @@ class Broker:
                     "enrollment": ctx.bound_enrollment,
                     "control": ctx.bound_control,
                     "store": store.description,
+                    "broker": self.broker_id,
+                    "leader": leadership.is_leader,
                     "was_connected": disconnected,
                 }
             },
@@ -374,6 +450,8 @@ class Broker:
                 await server.stop(grace)
         if self._liveness is not None:
             await self._liveness.shutdown()
+        # Give the leader lease up while the store is still open: another broker leads at once.
+        await self.leadership.shutdown()
         if ctx is not None:
             await ctx.heartbeats.shutdown()
             if self._heartbeat_task is not None:
@@ -396,19 +474,19 @@ def _with_port(address: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def _stored_vault(store: SqliteStore) -> str:
+def _stored_vault(store: Store) -> str:
     with store.read() as tx:
         vault = tx.get_meta("vault")
     if vault is None:
-        raise ConfigError(f"store {store.path} has no vault: was the home made by `init`?")
+        raise ConfigError(f"store {store.description} has no vault: was the home made by `init`?")
     return vault
 
 
-def _removed_servers(store: SqliteStore) -> set[str]:
+def _removed_servers(store: Store) -> set[str]:
     with store.read() as tx:
         return tx.removed_server_ids()
 
 
-def _disconnect_all(store: SqliteStore, now: float) -> int:
+def _disconnect_all(store: Store, now: float) -> int:
     with store.write() as tx:
         return tx.disconnect_all_servers(now)

@@ -70,18 +70,35 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     if not args.home:
         raise InvalidArgument("init needs --home DIR")
+    if args.store == "postgresql" and not args.dsn:
+        raise InvalidArgument(
+            "--store postgresql needs --dsn postgresql://USER@HOST/DATABASE",
+            hint="the password comes from SITEPAIR_DB_PASSWORD or ~/.pgpass, never the DSN",
+        )
+    if args.store == "sqlite" and args.dsn:
+        raise InvalidArgument("--dsn is for --store postgresql")
+    store = config_mod.StoreConfig(backend=args.store, dsn=args.dsn or "")
     home = init_home(
         Path(args.home),
         vault=args.vault,
         enrollment=args.enrollment,
         control=args.control,
         server_names=tuple(args.server_name or ("localhost",)),
+        store=store,
     )
     if args.json:
-        print_json({"home": str(home.root), "vault": args.vault, "config": str(home.config)})
+        print_json(
+            {
+                "home": str(home.root),
+                "vault": args.vault,
+                "config": str(home.config),
+                "store": store.backend,
+            }
+        )
     else:
         print(f"broker home created in {home.root} (vault {args.vault})")
         print(f"  configuration  {home.config}")
+        print(f"  store          {store.backend}")
         print(f"  CA             {home.ca_cert}")
         print(f"  local operator {home.admin_dir}")
         print(f"start it with:   {PROG} serve --home {home.root}")
@@ -487,6 +504,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--enrollment", default="127.0.0.1:8444", help="enrollment listen address")
     sp.add_argument("--control", default="127.0.0.1:8443", help="control/admin listen address")
     sp.add_argument("--server-name", action="append", help="extra DNS name for the broker cert")
+    sp.add_argument(
+        "--store",
+        choices=config_mod.STORE_BACKENDS,
+        default="sqlite",
+        help="where the broker keeps its state: sqlite (in the home, default) or postgresql "
+        "(several brokers may share it)",
+    )
+    sp.add_argument(
+        "--dsn",
+        help="PostgreSQL connection string without a password, e.g. postgresql://USER@HOST/DB "
+        "(the password comes from SITEPAIR_DB_PASSWORD or ~/.pgpass)",
+    )
     add(sub, "serve", cmd_serve, "run the broker until SIGTERM/SIGINT")
     add(sub, "info", cmd_info, "show the broker's state")
 

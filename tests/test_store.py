@@ -1,16 +1,25 @@
-"""The SQLite store and the job model, on real files."""
+"""The store and the job model, on real files and a real PostgreSQL server.
+
+Every test taking ``open_store`` runs once per backend: SQLite in a temp folder, and a fresh
+database on the throwaway PostgreSQL server of ``tests/store_pg/conftest.py`` (skipped with the
+reason when the server binaries are missing). The PostgreSQL-only behaviour (races across
+connections, retries, leases across brokers) is tested in ``tests/store_pg``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from broker.jobs import JobManager
+from broker.store.base import Store
 from broker.store.models import (
+    Cloud,
     Command,
     CommandState,
     JobState,
@@ -20,7 +29,41 @@ from broker.store.models import (
 )
 from broker.store.sqlite import SqliteStore, StoreError, migrations
 from sitepair.clock import ManualClock
-from sitepair.errors import FailedPrecondition
+from sitepair.errors import AlreadyExists, FailedPrecondition, NotFound
+from tests.store_pg import conftest as pg
+
+# The PostgreSQL fixtures, shared with tests/store_pg (one server for the whole session).
+pg_cluster = pg.pg_cluster
+pg_dsn = pg.pg_dsn
+
+OpenStore = Callable[[], Store]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenStore]:
+    """Opens (and re-opens) one store of the backend under test; all are closed afterwards."""
+    opened: list[Store] = []
+    if request.param == "sqlite":
+
+        def make() -> Store:
+            return SqliteStore.open(tmp_path / "b.db")
+
+    else:
+        dsn: str = request.getfixturevalue("pg_dsn")
+
+        def make() -> Store:
+            from broker.store.postgres import PostgresStore
+
+            return PostgresStore.open(dsn)
+
+    def opener() -> Store:
+        store = make()
+        opened.append(store)
+        return store
+
+    yield opener
+    for store in opened:
+        store.close()
 
 
 def _key(uses: int = 1) -> RegistrationKey:
@@ -49,16 +92,15 @@ def _server(sid: str = "host-1", name: str = "hv-1") -> Server:
     )
 
 
-def test_migrations_apply_once_and_are_numbered(tmp_path: Path) -> None:
+def test_migrations_apply_once_and_are_numbered(open_store: OpenStore) -> None:
     known = migrations()
     assert [v for v, _, _ in known] == list(range(1, len(known) + 1))
-    store = SqliteStore.open(tmp_path / "b.db")
+    store = open_store()
     assert store.schema_version() == len(known)
     assert store.migrate() == len(known)  # idempotent
     store.close()
-    store = SqliteStore.open(tmp_path / "b.db")
+    store = open_store()
     assert store.schema_version() == len(known)
-    store.close()
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -77,8 +119,8 @@ def test_damaged_file_is_a_clear_error(tmp_path: Path) -> None:
         SqliteStore.open(path)
 
 
-def test_key_uses_are_consumed_atomically_under_contention(tmp_path: Path) -> None:
-    store = SqliteStore.open(tmp_path / "b.db")
+def test_key_uses_are_consumed_atomically_under_contention(open_store: OpenStore) -> None:
+    store = open_store()
     with store.write() as tx:
         tx.insert_key(_key(uses=100))
 
@@ -92,11 +134,10 @@ def test_key_uses_are_consumed_atomically_under_contention(tmp_path: Path) -> No
     with store.read() as tx:
         key = tx.get_key("key-1")
     assert key is not None and key.uses_remaining == 0
-    store.close()
 
 
-def test_failed_transaction_rolls_back(tmp_path: Path) -> None:
-    store = SqliteStore.open(tmp_path / "b.db")
+def test_failed_transaction_rolls_back(open_store: OpenStore) -> None:
+    store = open_store()
     with store.write() as tx:
         tx.insert_key(_key())
     with pytest.raises(RuntimeError), store.write() as tx:
@@ -104,11 +145,10 @@ def test_failed_transaction_rolls_back(tmp_path: Path) -> None:
         raise RuntimeError("boom")
     with store.read() as tx:
         assert tx.get_key("key-1").uses_remaining == 1  # type: ignore[union-attr]
-    store.close()
 
 
-def test_command_outcome_recorded_once_and_only_by_its_server(tmp_path: Path) -> None:
-    store = SqliteStore.open(tmp_path / "b.db")
+def test_command_outcome_recorded_once_and_only_by_its_server(open_store: OpenStore) -> None:
+    store = open_store()
     with store.write() as tx:
         tx.insert_server(_server())
         tx.insert_server(_server("host-2", "hv-2"))
@@ -136,11 +176,10 @@ def test_command_outcome_recorded_once_and_only_by_its_server(tmp_path: Path) ->
             is None
         )
         assert tx.open_commands("host-1") == []
-    store.close()
 
 
-def test_jobs_steps_watch_cancel_and_recovery(tmp_path: Path) -> None:
-    store = SqliteStore.open(tmp_path / "b.db")
+def test_jobs_steps_watch_cancel_and_recovery(open_store: OpenStore) -> None:
+    store = open_store()
     clock = ManualClock()
 
     async def scenario() -> None:
@@ -186,6 +225,7 @@ def test_jobs_steps_watch_cancel_and_recovery(tmp_path: Path) -> None:
         assert o.state == JobState.FAILED and "broker restarted" in o.error
         assert taken == [resumable.id]
         assert (await jobs2.get(resumable.id)).state == JobState.RUNNING
+        assert (await jobs2.get(resumable.id)).owner == jobs2.owner  # it is jobs2's now
 
         # Cancel runs the job's hook.
         hooked = await jobs2.create("cancellable", "z", ["a"], created_by="t")
@@ -199,4 +239,104 @@ def test_jobs_steps_watch_cancel_and_recovery(tmp_path: Path) -> None:
         assert c.state == JobState.CANCELLED and calls == [1]
 
     asyncio.run(scenario())
-    store.close()
+
+
+def test_unique_violations_are_already_exists_and_the_transaction_goes_on(
+    open_store: OpenStore,
+) -> None:
+    store = open_store()
+    with store.write() as tx:
+        tx.insert_server(_server())
+        tx.insert_cloud(Cloud(name="c1", site="s", description="", created_at=1.0))
+    with store.write() as tx:
+        with pytest.raises(AlreadyExists, match="already registered"):
+            tx.insert_server(_server("host-9", "hv-1"))  # same name at the same site
+        with pytest.raises(AlreadyExists, match="already exists"):
+            tx.insert_cloud(Cloud(name="c1", site="s", description="", created_at=2.0))
+        # Both backends keep the transaction usable after the refused insert.
+        tx.insert_server(_server("host-2", "hv-2"))
+    with store.read() as tx:
+        assert [s.id for s in tx.list_servers()] == ["host-1", "host-2"]
+    with store.write() as tx:
+        tx.mark_server_removed("host-1", 5.0)
+        tx.insert_server(_server("host-3", "hv-1"))  # the name is free once removed
+    with store.read() as tx:
+        with pytest.raises(NotFound):
+            tx.find_server("nope")
+        assert tx.find_server("hv-1").id == "host-3"
+
+
+def test_values_round_trip_and_text_sorts_byte_wise(open_store: OpenStore) -> None:
+    store = open_store()
+    names = ["b", "B", "a", "_x", "Z", "é", "a b", "a-b"]
+    with store.write() as tx:
+        tx.insert_key(_key())
+        for i, name in enumerate(names):
+            tx.insert_server(_server(f"host-{i}", name))
+        tx.record_heartbeats([])
+    with store.read() as tx:
+        listed = [s.name for s in tx.list_servers()]
+        key = tx.get_key("key-1")
+    # Same order on both backends: by code point, as SQLite compares text.
+    assert listed == sorted(names)
+    assert key == _key()
+    assert isinstance(key.created_at, float) and isinstance(key.uses_total, int)
+    # 64-bit integers, and times kept to the microsecond (not single precision).
+    with store.write() as tx:
+        tx.update_server_certificate("host-0", "ff", 1_800_000_000.123456)
+        tx.set_server_connected("host-0", now=1.5, facts_json="{}", agent_version="1", cloud="")
+    with store.read() as tx:
+        s = tx.get_server("host-0")
+    assert s is not None and s.cert_not_after == 1_800_000_000.123456 and s.connected is True
+
+
+def test_broker_leases_elect_the_first_to_join(open_store: OpenStore) -> None:
+    store = open_store()
+    with store.write() as tx:
+        tx.renew_broker("broker-a", "first", 30.0)
+    with store.write() as tx:
+        tx.renew_broker("broker-b", "second", 30.0)
+        tx.renew_broker("broker-a", "first, renewed", 30.0)  # renewing keeps its place
+    with store.read() as tx:
+        live = tx.live_brokers()
+    assert [(m.id, m.description) for m in live] == [
+        ("broker-a", "first, renewed"),
+        ("broker-b", "second"),
+    ]
+    with store.write() as tx:
+        tx.resign_broker("broker-a")
+    with store.read() as tx:
+        assert [m.id for m in tx.live_brokers()] == ["broker-b"]
+    # A lease that ran out is dropped; its broker comes back as the newest.
+    with store.write() as tx:
+        tx.renew_broker("broker-b", "", -1.0)
+        tx.renew_broker("broker-c", "", 30.0)
+    with store.write() as tx:
+        tx.renew_broker("broker-b", "", 30.0)
+    with store.read() as tx:
+        assert [m.id for m in tx.live_brokers()] == ["broker-c", "broker-b"]
+
+
+def test_only_jobs_of_brokers_without_a_live_lease_are_adopted(open_store: OpenStore) -> None:
+    store = open_store()
+    clock = ManualClock()
+
+    async def scenario() -> None:
+        live = JobManager(store, clock, owner="broker-live")
+        gone = JobManager(store, clock, owner="broker-gone")
+        mine = JobManager(store, clock, owner="broker-me")
+        with store.write() as tx:
+            tx.renew_broker("broker-live", "", 60.0)
+        a = await live.create("k", "t", ["s"], created_by="t")
+        b = await gone.create("k", "t", ["s"], created_by="t")
+        c = await mine.create("k", "t", ["s"], created_by="t")
+        done = await gone.create("k", "t", ["s"], created_by="t")
+        await gone.succeed(done.id)
+        with store.write() as tx:
+            assert tx.adopt_orphaned_jobs("broker-me") == [b.id]
+            assert tx.adopt_orphaned_jobs("broker-me") == []  # now it is broker-me's
+        assert (await mine.get(b.id)).owner == "broker-me"
+        assert (await mine.get(a.id)).owner == "broker-live"
+        assert (await mine.get(c.id)).owner == "broker-me"
+
+    asyncio.run(scenario())

@@ -1,0 +1,1 @@
+"""The broker store on a real PostgreSQL server."""

@@ -229,6 +229,61 @@ class AdminStub:
                 request_serializer=sitepair_dot_v1_dot_admin__pb2.ProtectedRef.SerializeToString,
                 response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
                 _registered_method=True)
+        self.CreatePlan = channel.unary_unary(
+                '/sitepair.v1.Admin/CreatePlan',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.CreatePlanRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+                _registered_method=True)
+        self.GetPlan = channel.unary_unary(
+                '/sitepair.v1.Admin/GetPlan',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.PlanRef.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+                _registered_method=True)
+        self.ListPlans = channel.unary_unary(
+                '/sitepair.v1.Admin/ListPlans',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.ListPlansRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.ListPlansResponse.FromString,
+                _registered_method=True)
+        self.DeletePlan = channel.unary_unary(
+                '/sitepair.v1.Admin/DeletePlan',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.PlanRef.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+                _registered_method=True)
+        self.AddPlanGroup = channel.unary_unary(
+                '/sitepair.v1.Admin/AddPlanGroup',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.PlanRef.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+                _registered_method=True)
+        self.AddPlanVm = channel.unary_unary(
+                '/sitepair.v1.Admin/AddPlanVm',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.AddPlanVmRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+                _registered_method=True)
+        self.AddPlanAction = channel.unary_unary(
+                '/sitepair.v1.Admin/AddPlanAction',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.AddPlanActionRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+                _registered_method=True)
+        self.PlanFailover = channel.unary_unary(
+                '/sitepair.v1.Admin/PlanFailover',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.PlanFailoverRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.PlanCleanupTest = channel.unary_unary(
+                '/sitepair.v1.Admin/PlanCleanupTest',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.PlanCleanupRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.PlanCommit = channel.unary_unary(
+                '/sitepair.v1.Admin/PlanCommit',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.PlanRef.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.PlanResume = channel.unary_unary(
+                '/sitepair.v1.Admin/PlanResume',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.PlanRef.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -471,6 +526,73 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreatePlan(self, request, context):
+        """-- recovery plans --
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPlan(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPlans(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePlan(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddPlanGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddPlanVm(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddPlanAction(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanFailover(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanCleanupTest(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanCommit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanResume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -667,6 +789,61 @@ def add_AdminServicer_to_server(servicer, server):
             'ReverseReplication': grpc.unary_unary_rpc_method_handler(
                     servicer.ReverseReplication,
                     request_deserializer=sitepair_dot_v1_dot_admin__pb2.ProtectedRef.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'CreatePlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePlan,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.CreatePlanRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.SerializeToString,
+            ),
+            'GetPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlan,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.PlanRef.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.SerializeToString,
+            ),
+            'ListPlans': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlans,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.ListPlansRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.ListPlansResponse.SerializeToString,
+            ),
+            'DeletePlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePlan,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.PlanRef.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.SerializeToString,
+            ),
+            'AddPlanGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddPlanGroup,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.PlanRef.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.SerializeToString,
+            ),
+            'AddPlanVm': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddPlanVm,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.AddPlanVmRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.SerializeToString,
+            ),
+            'AddPlanAction': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddPlanAction,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.AddPlanActionRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.SerializeToString,
+            ),
+            'PlanFailover': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanFailover,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.PlanFailoverRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'PlanCleanupTest': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanCleanupTest,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.PlanCleanupRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'PlanCommit': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanCommit,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.PlanRef.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'PlanResume': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanResume,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.PlanRef.FromString,
                     response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
             ),
     }
@@ -1722,6 +1899,303 @@ class Admin:
             target,
             '/sitepair.v1.Admin/ReverseReplication',
             sitepair_dot_v1_dot_admin__pb2.ProtectedRef.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/CreatePlan',
+            sitepair_dot_v1_dot_admin__pb2.CreatePlanRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/GetPlan',
+            sitepair_dot_v1_dot_admin__pb2.PlanRef.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/ListPlans',
+            sitepair_dot_v1_dot_admin__pb2.ListPlansRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.ListPlansResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/DeletePlan',
+            sitepair_dot_v1_dot_admin__pb2.PlanRef.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddPlanGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/AddPlanGroup',
+            sitepair_dot_v1_dot_admin__pb2.PlanRef.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddPlanVm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/AddPlanVm',
+            sitepair_dot_v1_dot_admin__pb2.AddPlanVmRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddPlanAction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/AddPlanAction',
+            sitepair_dot_v1_dot_admin__pb2.AddPlanActionRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanFailover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/PlanFailover',
+            sitepair_dot_v1_dot_admin__pb2.PlanFailoverRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanCleanupTest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/PlanCleanupTest',
+            sitepair_dot_v1_dot_admin__pb2.PlanCleanupRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanCommit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/PlanCommit',
+            sitepair_dot_v1_dot_admin__pb2.PlanRef.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanResume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/PlanResume',
+            sitepair_dot_v1_dot_admin__pb2.PlanRef.SerializeToString,
             sitepair_dot_v1_dot_admin__pb2.Job.FromString,
             options,
             channel_credentials,

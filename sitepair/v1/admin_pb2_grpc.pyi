@@ -73,6 +73,18 @@ class AdminStub:
     CancelFailover: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ProtectedRef, _admin_pb2.Job]
     CleanupTestFailover: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CleanupTestRequest, _admin_pb2.Job]
     ReverseReplication: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ProtectedRef, _admin_pb2.Job]
+    CreatePlan: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreatePlanRequest, _admin_pb2.RecoveryPlan]
+    """-- recovery plans --"""
+    GetPlan: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.RecoveryPlan]
+    ListPlans: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPlansRequest, _admin_pb2.ListPlansResponse]
+    DeletePlan: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.RecoveryPlan]
+    AddPlanGroup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.RecoveryPlan]
+    AddPlanVm: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddPlanVmRequest, _admin_pb2.RecoveryPlan]
+    AddPlanAction: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddPlanActionRequest, _admin_pb2.RecoveryPlan]
+    PlanFailover: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PlanFailoverRequest, _admin_pb2.Job]
+    PlanCleanupTest: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PlanCleanupRequest, _admin_pb2.Job]
+    PlanCommit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.Job]
+    PlanResume: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.Job]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -119,6 +131,18 @@ class AdminAsyncStub(AdminStub):
     CancelFailover: _aio.UnaryUnaryMultiCallable[_admin_pb2.ProtectedRef, _admin_pb2.Job]  # type: ignore[assignment]
     CleanupTestFailover: _aio.UnaryUnaryMultiCallable[_admin_pb2.CleanupTestRequest, _admin_pb2.Job]  # type: ignore[assignment]
     ReverseReplication: _aio.UnaryUnaryMultiCallable[_admin_pb2.ProtectedRef, _admin_pb2.Job]  # type: ignore[assignment]
+    CreatePlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreatePlanRequest, _admin_pb2.RecoveryPlan]  # type: ignore[assignment]
+    """-- recovery plans --"""
+    GetPlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.RecoveryPlan]  # type: ignore[assignment]
+    ListPlans: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPlansRequest, _admin_pb2.ListPlansResponse]  # type: ignore[assignment]
+    DeletePlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.RecoveryPlan]  # type: ignore[assignment]
+    AddPlanGroup: _aio.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.RecoveryPlan]  # type: ignore[assignment]
+    AddPlanVm: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddPlanVmRequest, _admin_pb2.RecoveryPlan]  # type: ignore[assignment]
+    AddPlanAction: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddPlanActionRequest, _admin_pb2.RecoveryPlan]  # type: ignore[assignment]
+    PlanFailover: _aio.UnaryUnaryMultiCallable[_admin_pb2.PlanFailoverRequest, _admin_pb2.Job]  # type: ignore[assignment]
+    PlanCleanupTest: _aio.UnaryUnaryMultiCallable[_admin_pb2.PlanCleanupRequest, _admin_pb2.Job]  # type: ignore[assignment]
+    PlanCommit: _aio.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.Job]  # type: ignore[assignment]
+    PlanResume: _aio.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.Job]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -394,6 +418,84 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     def ReverseReplication(
         self,
         request: _admin_pb2.ProtectedRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def CreatePlan(
+        self,
+        request: _admin_pb2.CreatePlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RecoveryPlan, _abc.Awaitable[_admin_pb2.RecoveryPlan]]:
+        """-- recovery plans --"""
+
+    @_abc_1.abstractmethod
+    def GetPlan(
+        self,
+        request: _admin_pb2.PlanRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RecoveryPlan, _abc.Awaitable[_admin_pb2.RecoveryPlan]]: ...
+
+    @_abc_1.abstractmethod
+    def ListPlans(
+        self,
+        request: _admin_pb2.ListPlansRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListPlansResponse, _abc.Awaitable[_admin_pb2.ListPlansResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeletePlan(
+        self,
+        request: _admin_pb2.PlanRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RecoveryPlan, _abc.Awaitable[_admin_pb2.RecoveryPlan]]: ...
+
+    @_abc_1.abstractmethod
+    def AddPlanGroup(
+        self,
+        request: _admin_pb2.PlanRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RecoveryPlan, _abc.Awaitable[_admin_pb2.RecoveryPlan]]: ...
+
+    @_abc_1.abstractmethod
+    def AddPlanVm(
+        self,
+        request: _admin_pb2.AddPlanVmRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RecoveryPlan, _abc.Awaitable[_admin_pb2.RecoveryPlan]]: ...
+
+    @_abc_1.abstractmethod
+    def AddPlanAction(
+        self,
+        request: _admin_pb2.AddPlanActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RecoveryPlan, _abc.Awaitable[_admin_pb2.RecoveryPlan]]: ...
+
+    @_abc_1.abstractmethod
+    def PlanFailover(
+        self,
+        request: _admin_pb2.PlanFailoverRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def PlanCleanupTest(
+        self,
+        request: _admin_pb2.PlanCleanupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def PlanCommit(
+        self,
+        request: _admin_pb2.PlanRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def PlanResume(
+        self,
+        request: _admin_pb2.PlanRef,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
 

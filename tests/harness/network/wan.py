@@ -202,6 +202,13 @@ class WanLink:
         the broker stays reachable from both sites. ``isolate="b"`` additionally sets the
         router's veth towards site ``b`` down: that site loses everyone, broker included.
         """
+        if isolate is not None:
+            if self.topology is None:
+                raise ValueError(
+                    "isolate= needs namespace mode: loopback has no links to take down"
+                )
+            if isolate not in self.topology.sites:
+                raise KeyError(f"no site {isolate!r} to isolate (have {self.topology.sites})")
         self.proxy.partition(mode)
         if self.topology is not None:
             if not self._blocked:
@@ -210,8 +217,6 @@ class WanLink:
             if isolate is not None and isolate not in self._isolated:
                 self.topology.set_link(isolate, up=False)
                 self._isolated.append(isolate)
-        elif isolate is not None:
-            raise ValueError("isolate= needs namespace mode: loopback has no links to take down")
 
     def heal(self) -> None:
         """Undo :meth:`partition`: links up, forwarding back, the proxy passes traffic again."""

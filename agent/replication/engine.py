@@ -201,6 +201,16 @@ class SourceRelationship:
                 f"{cfg.epoch}: this VM was failed over and this host must not replicate it"
             )
         extra = self._extra()
+        if (
+            extra.get("exported")
+            and replica.committed_sequence == 0
+            and not (self.resync_requested or final)
+        ):
+            # Offline initial replication: the first cut travels on a drive. Sending it over
+            # the network here would defeat the point; wait until the replica imports it (a
+            # resync sends it over the network after all, if the operator gives up the drive).
+            self.stats.state = "waiting-for-import"
+            return None
         pending = extra.get("cycle")
         outstanding = self.backend.outstanding_cut(cfg.vm_id)
         if pending and pending["sequence"] <= replica.committed_sequence:

@@ -310,3 +310,54 @@ def test_ticket_authentication_through_the_broker(sites: Sites) -> None:
     ticket_servicer = replica_agent.daemon.replication.receiver.servicers["ticket"]
     assert ticket_servicer.cycles_committed >= 1
     assert replica_agent.daemon.replication.receiver.servicers["certificate"].cycles_committed == 0
+
+
+def test_offline_initial_replication_export_and_import(sites: Sites, tmp_path: Path) -> None:
+    """Offline initial replication: the primary exports its first cut to a folder, the folder
+    travels, the replica imports it, and delta cycles continue over the network."""
+    s = sites
+    a = s.admin
+    a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
+    a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
+    a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-a", server="hv-a1"))
+    a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-b", server="hv-b1"))
+    carried = tmp_path / "usb-drive"
+    policy = admin_pb2.Policy(
+        copy_frequency_seconds=300,
+        compression=True,
+        initial_method="offline",
+        export_path=str(carried),
+        import_path=str(carried),  # the same folder stands for the carried drive
+    )
+    s.job(
+        a.call(
+            "PairClouds",
+            admin_pb2.PairCloudsRequest(primary="cloud-a", recovery="cloud-b", policy=policy),
+        )
+    )
+    a.call("Map", admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b"))
+    models = make_vm(s, "hv-a1", "big01", size=16 * MiB)
+    eventually(lambda: inventory_has(s.admin, "big01"), what="VM in inventory")
+    done = s.job(a.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="big01")))
+    assert (carried / "sitepair-export.json").exists()
+    assert sorted(p.name for p in carried.iterdir()) == [
+        "data.vhd",
+        "os.vhdx",
+        "sitepair-export.json",
+    ]
+    assert "replica at sequence" in done.steps[4].message
+    agent = s.hosts["hv-a1"].agent
+    assert agent is not None
+    rel_id = s.protected("big01").relationship_id
+    # Nothing of the initial copy crossed the network: only the delta after the import.
+    with s.hosts["hv-a1"].backend.open_writer("big01") as w:
+        w.write("os", 0, b"\x11" * 65536)
+        w.flush()
+    models["os"][0:65536] = b"\x11" * 65536
+    s.job(
+        a.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="big01", action="cycle"))
+    )
+    stats = agent.daemon.replication.sources[rel_id].stats
+    assert stats.total_cycle_bytes <= 2 * 65536, stats
+    for disk, model in models.items():
+        assert replica_content(s, "big01", disk) == bytes(model)

@@ -220,6 +220,14 @@ def register(
         sp.add_argument("server")
     sp = add(
         clouds,
+        "refresh",
+        job_command(lambda a, c: c.call("RefreshCloud", admin_pb2.CloudRef(name=a.name))),
+        "ask every host of a cloud to resend its inventory",
+    )
+    sp.add_argument("name")
+    sp.add_argument("--wait", action="store_true")
+    sp = add(
+        clouds,
         "pair",
         job_command(
             lambda a, c: c.call(

@@ -153,6 +153,12 @@ class ProtectionAdmin:
         await self.ctx.protection.remove_host(request.cloud, request.server)
         return await self._cloud(request.cloud)
 
+    @rpc(roles=ADMIN)
+    async def RefreshCloud(
+        self, request: admin_pb2.CloudRef, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.Job:
+        return job_to_proto(await self.ctx.servers.refresh_cloud(request.name, by=identity.id))
+
     # -- pairs ------------------------------------------------------------------------------
     @rpc(roles=ADMIN)
     async def PairClouds(

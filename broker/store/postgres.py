@@ -25,11 +25,12 @@ Atomicity
     database) is raised as :class:`~broker.store.base.RetryableError`. Starting a transaction
     (connecting, ``BEGIN``, taking the lock) is retried transparently, a bounded number of
     times; once the caller's code has run, only :meth:`~broker.store.base.Store.transact` can
-    run it again, and it does so, bounded, for callers whose work is store-only. A failure while
-    committing is never retried: its outcome is unknown. ``read()`` is a REPEATABLE READ, READ
-    ONLY snapshot and never waits for writers. Waiting for the write lock gives up after
-    ``lock_timeout`` (30 s, as SQLite's busy timeout), and a session idle inside a transaction
-    for a minute is ended by the server, so a stuck broker cannot hold every other one up.
+    run it again, and it does so, bounded, for callers whose work is store-only. A connection
+    lost while committing, with no answer from the server, is never retried: its outcome is
+    unknown. ``read()`` is a REPEATABLE READ, READ ONLY snapshot and never waits for writers.
+    Waiting for the write lock gives up after ``lock_timeout`` (30 s, as SQLite's busy
+    timeout), and a session idle inside a transaction for a minute is ended by the server, so a
+    stuck broker cannot hold every other one up.
 
 Several brokers: leader election
     Each broker holds a lease row in ``brokers`` (:mod:`broker.store.leadership`), renewed every
@@ -198,7 +199,10 @@ class PostgresStore(Store):
             self._forget(conn)
             conn = None
         if conn is None:
-            conn = psycopg.connect(self._conninfo, autocommit=True)
+            try:
+                conn = psycopg.connect(self._conninfo, autocommit=True)
+            except psycopg.Error as exc:
+                raise self._connect_error(exc) from exc
             try:
                 conn.execute(_SESSION_SETTINGS)
                 if self._lock_key is None:
@@ -244,6 +248,11 @@ class PostgresStore(Store):
                 else:
                     conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 return conn
+            except RetryableError:
+                # Could not connect (the server is down or restarting).
+                if attempt == self.attempts:
+                    raise
+                backoff(attempt)
             except psycopg.Error as exc:
                 if conn is not None:
                     self._abort(conn)
@@ -268,6 +277,9 @@ class PostgresStore(Store):
             conn.execute("COMMIT")
         except psycopg.Error as exc:
             self._abort(conn)
+            if exc.sqlstate:
+                # The server answered COMMIT with an error: it rolled the transaction back.
+                raise self._error(exc) from exc
             raise StoreError(
                 f"store {self._description}: committing failed, the outcome is unknown ({exc})",
                 hint="check the database; the operation may or may not have been recorded",
@@ -289,14 +301,29 @@ class PostgresStore(Store):
                     conn.close()
             self._all.clear()
 
+    def _connect_error(self, exc: psycopg.Error) -> StoreError:
+        """Why a connection could not be made; libpq gives no SQLSTATE, only its message."""
+        where = f"store {self._description}"
+        text = str(exc)
+        if "authentication failed" in text or "no password supplied" in text:
+            return StoreError(
+                f"{where}: the database refused the login ({text})",
+                hint=f"set {PASSWORD_ENV} in the broker's environment, or use ~/.pgpass",
+            )
+        if "FATAL:" in text and "starting up" not in text and "shutting down" not in text:
+            return StoreError(f"{where}: {text}")  # no such database or role: retrying won't help
+        # Refused, timed out, or a server starting or stopping: it may be back in a moment.
+        return RetryableError(f"{where}: cannot connect ({text})")
+
     def _error(self, exc: psycopg.Error) -> StoreError:
         """What a driver error means for the broker (and whether running again may cure it)."""
         where = f"store {self._description}"
         state = exc.sqlstate or ""
-        # A connection that failed or broke carries no SQLSTATE, or one of class 08.
-        lost = state.startswith("08") or (isinstance(exc, psycopg.OperationalError) and not state)
-        if state in _RETRYABLE_SQLSTATES or lost:
-            return RetryableError(f"{where}: {exc}".strip())
+        text = str(exc)
+        if isinstance(exc, psycopg.OperationalError) and not state:
+            return RetryableError(f"{where}: the connection was lost ({text})")
+        if state in _RETRYABLE_SQLSTATES or state.startswith("08"):
+            return RetryableError(f"{where}: {text}")
         if isinstance(exc, psycopg.errors.LockNotAvailable):
             return StoreError(
                 f"{where}: waited too long for the write lock",
@@ -304,13 +331,6 @@ class PostgresStore(Store):
             )
         if isinstance(exc, psycopg.errors.DiskFull):
             return StoreError(f"{where}: the database server's disk is full")
-        if isinstance(
-            exc, psycopg.errors.InvalidPassword | psycopg.errors.InvalidAuthorizationSpecification
-        ):
-            return StoreError(
-                f"{where}: the database refused the login ({exc})",
-                hint=f"set {PASSWORD_ENV} or add the password to ~/.pgpass",
-            )
         return StoreError(f"{where}: {exc}")
 
     # -- schema -----------------------------------------------------------------------------

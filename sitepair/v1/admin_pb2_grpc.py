@@ -144,6 +144,11 @@ class AdminStub:
                 request_serializer=sitepair_dot_v1_dot_admin__pb2.CloudHostRequest.SerializeToString,
                 response_deserializer=sitepair_dot_v1_dot_admin__pb2.Cloud.FromString,
                 _registered_method=True)
+        self.RefreshCloud = channel.unary_unary(
+                '/sitepair.v1.Admin/RefreshCloud',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.CloudRef.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
         self.PairClouds = channel.unary_unary(
                 '/sitepair.v1.Admin/PairClouds',
                 request_serializer=sitepair_dot_v1_dot_admin__pb2.PairCloudsRequest.SerializeToString,
@@ -419,6 +424,13 @@ class AdminServicer:
 
     def RemoveCloudHost(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefreshCloud(self, request, context):
+        """every host of the cloud resends its inventory
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -705,6 +717,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RemoveCloudHost,
                     request_deserializer=sitepair_dot_v1_dot_admin__pb2.CloudHostRequest.FromString,
                     response_serializer=sitepair_dot_v1_dot_admin__pb2.Cloud.SerializeToString,
+            ),
+            'RefreshCloud': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshCloud,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.CloudRef.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
             ),
             'PairClouds': grpc.unary_unary_rpc_method_handler(
                     servicer.PairClouds,
@@ -1441,6 +1458,33 @@ class Admin:
             '/sitepair.v1.Admin/RemoveCloudHost',
             sitepair_dot_v1_dot_admin__pb2.CloudHostRequest.SerializeToString,
             sitepair_dot_v1_dot_admin__pb2.Cloud.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshCloud(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/RefreshCloud',
+            sitepair_dot_v1_dot_admin__pb2.CloudRef.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

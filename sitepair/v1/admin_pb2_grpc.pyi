@@ -55,6 +55,8 @@ class AdminStub:
     DeleteCloud: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloudRef, _admin_pb2.Cloud]
     AddCloudHost: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloudHostRequest, _admin_pb2.Cloud]
     RemoveCloudHost: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloudHostRequest, _admin_pb2.Cloud]
+    RefreshCloud: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloudRef, _admin_pb2.Job]
+    """every host of the cloud resends its inventory"""
     PairClouds: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PairCloudsRequest, _admin_pb2.Job]
     UnpairClouds: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloudRef, _admin_pb2.CloudPairInfo]
     SetPairPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PairCloudsRequest, _admin_pb2.Job]
@@ -113,6 +115,8 @@ class AdminAsyncStub(AdminStub):
     DeleteCloud: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloudRef, _admin_pb2.Cloud]  # type: ignore[assignment]
     AddCloudHost: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloudHostRequest, _admin_pb2.Cloud]  # type: ignore[assignment]
     RemoveCloudHost: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloudHostRequest, _admin_pb2.Cloud]  # type: ignore[assignment]
+    RefreshCloud: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloudRef, _admin_pb2.Job]  # type: ignore[assignment]
+    """every host of the cloud resends its inventory"""
     PairClouds: _aio.UnaryUnaryMultiCallable[_admin_pb2.PairCloudsRequest, _admin_pb2.Job]  # type: ignore[assignment]
     UnpairClouds: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloudRef, _admin_pb2.CloudPairInfo]  # type: ignore[assignment]
     SetPairPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.PairCloudsRequest, _admin_pb2.Job]  # type: ignore[assignment]
@@ -300,6 +304,14 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.CloudHostRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Cloud, _abc.Awaitable[_admin_pb2.Cloud]]: ...
+
+    @_abc_1.abstractmethod
+    def RefreshCloud(
+        self,
+        request: _admin_pb2.CloudRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]:
+        """every host of the cloud resends its inventory"""
 
     @_abc_1.abstractmethod
     def PairClouds(

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
+from sitepair.errors import FailedPrecondition, NotFound
 from sitepair.v1 import admin_pb2
 from tests.protection.conftest import Sites, eventually, inventory_has
 from tests.protection.test_walkthrough import MiB, make_vm, replica_content, setup_pair
@@ -99,3 +104,41 @@ def test_onboarding_an_existing_replica_moves_far_fewer_bytes(sites: Sites) -> N
     assert resync_bytes < full_bytes / 20, (resync_bytes, full_bytes)
     for disk, model in models.items():
         assert replica_content(s, "big01", disk) == bytes(model)
+
+
+def test_cloud_refresh_asks_every_host_and_waits_for_offline_ones(sites: Sites) -> None:
+    s = sites
+    setup_pair(s)
+    make_vm(s, "hv-a1", "web01", size=4 * MiB)
+    make_vm(s, "hv-a2", "db01", size=4 * MiB)
+    done = s.job(s.admin.call("RefreshCloud", admin_pb2.CloudRef(name="cloud-a")))
+    assert [st.name for st in done.steps] == [
+        "refresh inventory on hv-a1",
+        "refresh inventory on hv-a2",
+    ]
+    assert json.loads(done.result_json) == {"servers": {"hv-a1": {"vms": 1}, "hv-a2": {"vms": 1}}}
+    assert inventory_has(s.admin, "web01") and inventory_has(s.admin, "db01")
+
+    # A host that is down gets the command when it comes back; the job waits for it.
+    s.hosts["hv-a2"].stop()
+    eventually(lambda: not server_connected(s, "hv-a2"), what="hv-a2 seen offline")
+    job = s.admin.call("RefreshCloud", admin_pb2.CloudRef(name="cloud-a"))
+    eventually(lambda: job_state(s, job.id) == "waiting", what="job waiting for hv-a2")
+    s.hosts["hv-a2"].start()
+    s.job(job)
+
+    with pytest.raises(NotFound, match="no cloud named"):
+        s.admin.call("RefreshCloud", admin_pb2.CloudRef(name="nope"))
+    s.admin.call("CreateCloud", admin_pb2.CreateCloudRequest(name="empty", site="site-a"))
+    with pytest.raises(FailedPrecondition, match="no hosts"):
+        s.admin.call("RefreshCloud", admin_pb2.CloudRef(name="empty"))
+
+
+def server_connected(s: Sites, name: str) -> bool:
+    servers = s.admin.call("ListServers", admin_pb2.ListServersRequest()).servers
+    return any(v.name == name and v.state == "connected" for v in servers)
+
+
+def job_state(s: Sites, job_id: str) -> str:
+    job: admin_pb2.Job = s.admin.call("GetJob", admin_pb2.GetJobRequest(id=job_id))
+    return job.state

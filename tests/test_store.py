@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -311,6 +312,7 @@ def test_broker_leases_elect_the_first_to_join(open_store: OpenStore) -> None:
     with store.write() as tx:
         tx.renew_broker("broker-b", "", -1.0)
         tx.renew_broker("broker-c", "", 30.0)
+    time.sleep(0.01)  # SQLite's clock counts milliseconds
     with store.write() as tx:
         tx.renew_broker("broker-b", "", 30.0)
     with store.read() as tx:

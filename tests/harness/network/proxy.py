@@ -622,10 +622,14 @@ class FaultProxy:
         producer = asyncio.ensure_future(produce())
         try:
             return await deliver()
+        except (OSError, RuntimeError):  # a peer went away mid-write: end both directions now
+            conn.abort()
+            return False
         finally:
             producer.cancel()
-            with contextlib.suppress(BaseException):
-                await producer
+            await asyncio.wait([producer])
+            if not producer.cancelled():
+                producer.exception()  # retrieved: the connection's outcome is already decided
 
     # -- shutting down ----------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from broker.sessions import SessionRegistry
 from broker.store.base import Store
 from broker.store.leadership import Leadership, LeaseLeadership, SoleLeadership
 from broker.store.sqlite import SqliteStore
+from broker.verify import VerifyScheduler
 from sitepair import pki, tickets
 from sitepair.clock import SYSTEM_CLOCK, Clock
 from sitepair.errors import ConfigError, FailedPrecondition
@@ -353,6 +354,10 @@ class Broker:
         self.spawn(self._liveness.run(), essential=True)
         self.spawn(self._renew_serving_certificate(), essential=True)
         self.spawn(protection.run_health(cfg.heartbeat.interval, leader=leadership), essential=True)
+        verifier = VerifyScheduler(
+            store=store, clock=clock, jobs=jobs, protection=protection, config=cfg.verify
+        )
+        self.spawn(verifier.run(leader=leadership), essential=True)
         if leadership.is_leader:
             await jobs.recover()
         # A leader that takes over from a broker that is gone recovers that broker's jobs.

@@ -397,6 +397,20 @@ def register(
         if ps.last_error:
             print(f"  last error     {ps.last_error}")
         print(f"  replica holds  sequence {rs.committed_sequence} (cut {_ts(rs.last_cut_at)})")
+        if v.HasField("last_verification"):
+            lv = v.last_verification
+            outcome = (
+                "identical"
+                if not lv.mismatched_bytes
+                else f"{format_size(lv.mismatched_bytes)} differed"
+                + (", repaired" if lv.repaired else ", NOT repaired")
+            )
+            print(
+                f"  verified       {_ts(lv.at)} at sequence {lv.sequence}: {outcome} "
+                f"(by {lv.by}, job {lv.job_id})"
+            )
+        else:
+            print("  verified       never")
         for pt in rs.points:
             flags = ", app-consistent" if pt.app_consistent else ""
             pinned = " (pinned)" if pt.pinned else ""

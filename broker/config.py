@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.health import HealthConfig
+from broker.verify import VerifyConfig
 from sitepair import pki
 from sitepair.durations import format_duration, parse_duration
 from sitepair.errors import ConfigError, InvalidArgument
@@ -143,6 +144,7 @@ class BrokerConfig:
     log: LogConfig = LogConfig()
     health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
     store: StoreConfig = StoreConfig()
+    verify: VerifyConfig = dataclasses.field(default_factory=VerifyConfig)
 
 
 _KIND_NAMES = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
@@ -157,6 +159,8 @@ _DURATION_FIELDS = {
     "max_validity",
     "interval",
     "leader_lease",
+    "retry",
+    "check_every",
 }
 
 
@@ -209,6 +213,7 @@ def parse(text: str, *, source: str = "broker.toml") -> BrokerConfig:
         "log": LogConfig,
         "health": HealthConfig,
         "store": StoreConfig,
+        "verify": VerifyConfig,
     }
     unknown = sorted(set(doc) - set(sections))
     if unknown:
@@ -223,6 +228,12 @@ def parse(text: str, *, source: str = "broker.toml") -> BrokerConfig:
     if cfg.log.format not in ("json", "text"):
         raise ConfigError(f'{source} [log] format must be "json" or "text"')
     check_store(cfg.store, f"{source} [store]")
+    v = cfg.verify
+    if v.interval < 0 or v.concurrent < 1 or v.retry <= 0 or v.check_every <= 0:
+        raise ConfigError(
+            f"{source} [verify]: interval must be >= 0 (0 = off), concurrent >= 1, "
+            "retry and check_every > 0"
+        )
     return cfg
 
 
@@ -298,6 +309,15 @@ offline_critical_after = "5m"  # a host offline turns its VMs Warning, then Crit
 missed_rate_warning = 0.2    # Warning: more than this fraction of cycles missed in the window
 window = "1h"
 certificate_warning_fraction = 0.25
+
+[verify]
+# Compare every protected replica with its source, block by block, this often ("0" = never).
+# Each verification reads the VM's disks on both hosts; at most `concurrent` run at once.
+interval = "7d"
+repair = true                # send mismatching blocks again (false: report them only)
+concurrent = 1
+retry = "1h"                 # after a failed verification, wait this long before the next try
+check_every = "1m"
 
 [store]
 # "sqlite": <home>/broker.db, for one broker. "postgresql": several brokers may share the

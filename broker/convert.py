@@ -156,4 +156,16 @@ def relationship_to_proto(r: Relationship, names: dict[str, str]) -> admin_pb2.P
         json_format.ParseDict(doc, target, ignore_unknown_fields=True)
         if last:
             target.last_success_at.CopyFrom(timestamp(float(last)))
+    verify = json.loads(r.verify_json or "{}")
+    if verify.get("at"):
+        msg.last_verification.CopyFrom(
+            admin_pb2.Verification(
+                at=timestamp(float(verify["at"])),
+                job_id=verify.get("job", ""),
+                sequence=int(verify.get("sequence", 0)),
+                mismatched_bytes=int(verify.get("mismatched_bytes", 0)),
+                repaired=bool(verify.get("repaired", False)),
+                by=verify.get("by", ""),
+            )
+        )
     return msg

@@ -205,5 +205,28 @@ def evaluate(
                     "the primary host was fenced: it replicates an epoch older than the replica's",
                 )
             )
+    verify: dict[str, Any] = json.loads(rel.verify_json or "{}")
+    if int(verify.get("mismatched_bytes", 0)):
+        seq, n = verify.get("sequence", 0), int(verify["mismatched_bytes"])
+        if verify.get("repaired"):
+            reasons.append(
+                Reason(
+                    WARNING,
+                    "replica-mismatch-repaired",
+                    f"the last verification (sequence {seq}) found {n} bytes on the replica that "
+                    "differed from the source and sent them again; check the replica host's "
+                    "storage, then `vms verify` to clear this",
+                )
+            )
+        else:
+            reasons.append(
+                Reason(
+                    CRITICAL,
+                    "replica-mismatch",
+                    f"the last verification (sequence {seq}) found {n} bytes on the replica that "
+                    "differ from the source and did not repair them; a failover now would not "
+                    "be byte-exact: run `vms verify` (it repairs by default)",
+                )
+            )
     worst = max((r.level for r in reasons), key=lambda lv: _LEVEL[lv], default=NORMAL)
     return worst, reasons

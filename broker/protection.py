@@ -99,6 +99,7 @@ class ProtectionManager(Orchestrator):
             "disable-protection",
             "configure-pair",
             "replication-action",
+            "update-replica-address",
         ):
             jobs.register_resumer(kind, self.resume)
 
@@ -747,12 +748,68 @@ class ProtectionManager(Orchestrator):
                 )
             await self.jobs.set_state(job.id, JobState.RUNNING, result=result)
             if action == "verify":
+                await self._record_verification(rel_id, job, result)
                 return f"{result.get('mismatched_bytes', 0)} mismatching bytes" + (
                     " repaired" if result.get("repaired") else ""
                 )
             return json.dumps(result, sort_keys=True)
 
         await self.run_steps(job, [run], start)
+
+    async def _record_verification(self, rel_id: str, job: Job, result: dict[str, Any]) -> None:
+        """Keep the outcome of a verification on the relationship (health, schedule, `vms show`)."""
+        now = self.clock.now()
+
+        def update(tx: Tx) -> None:
+            rel = tx.get_relationship(rel_id)
+            if rel is None:
+                return
+            doc = json.loads(rel.verify_json or "{}")
+            doc.update(
+                at=now,
+                job=job.id,
+                by=job.created_by,
+                sequence=int(result.get("sequence", 0)),
+                mismatched_bytes=int(result.get("mismatched_bytes", 0)),
+                repaired=bool(result.get("repaired", False)),
+            )
+            tx.update_relationship(rel_id, now, verify_json=json.dumps(doc, sort_keys=True))
+
+        await self.write(update)
+        await self.evaluate_health()
+
+    # -- a replica host that moved ---------------------------------------------------------
+    async def on_replica_address_changed(self, server_id: str) -> list[Job]:
+        """A replica host reconnected listening somewhere else (a new advertised name or port):
+        tell the primary of each VM it holds, or cycles would keep dialing the old address."""
+        rels = await self.read(lambda tx: tx.list_relationships())
+        started = []
+        for rel in rels:
+            if rel.replica_server != server_id or rel.state not in _REPLICATING:
+                continue
+            job = await self.jobs.create(
+                "update-replica-address",
+                f"vm/{rel.vm_name}",
+                ["Give the primary host the replica host's new address"],
+                created_by="broker",
+                params={"relationship": rel.id},
+            )
+            self.spawn(self._run_readdress(job, 0))
+            started.append(job)
+        return started
+
+    async def _run_readdress(self, job: Job, start: int) -> None:
+        rel_id = json.loads(job.params_json)["relationship"]
+
+        async def tell() -> str:
+            rel = await self.relationship(rel_id)
+            if rel.state not in _REPLICATING:
+                return f"nothing to do: the relationship is {rel.state.value}"
+            cmd = await self._configure_source_cmd(rel)
+            await self.send_and_wait(job, 0, rel.primary_server, cmd)
+            return f"replicating to {cmd.configure_source.address}"
+
+        await self.run_steps(job, [tell], start)
 
     # -- reports and health -----------------------------------------------------------------
     async def on_report(self, server_id: str, report: control_pb2.ReplicationReport) -> None:
@@ -881,13 +938,8 @@ class ProtectionManager(Orchestrator):
         replica = await self.read(lambda tx: tx.get_server(rel.replica_server))
         if replica is None:
             raise StepFailed(f"the replica host {rel.replica_server} is not registered")
-        facts = json.loads(replica.facts_json or "{}")
-        host = facts.get("replicationHost") or "127.0.0.1"
-        port = int(
-            facts.get(
-                "certificatePort" if policy.authentication == "certificate" else "ticketPort", 0
-            )
-        )
+        host, certificate_port, ticket_port = replication_endpoint(replica.facts_json)
+        port = certificate_port if policy.authentication == "certificate" else ticket_port
         if policy.port and port != policy.port and port:
             log.info(
                 "replica host listens on another port than the policy's",
@@ -930,9 +982,30 @@ class ProtectionManager(Orchestrator):
             "disable-protection": self._run_disable,
             "configure-pair": self._run_pair_job,
             "replication-action": self._run_action,
+            "update-replica-address": self._run_readdress,
         }[job.kind]
         self.spawn(runner(job, start))
         return True
+
+
+#: States in which the primary replicates to the replica (a test failover leaves it running).
+_REPLICATING = (
+    RelationshipState.INITIAL_REPLICATION,
+    RelationshipState.PROTECTED,
+    RelationshipState.RESYNC_REQUIRED,
+    RelationshipState.RESYNCHRONIZING,
+    RelationshipState.FAILED_OVER_TEST,
+)
+
+
+def replication_endpoint(facts_json: str) -> tuple[str, int, int]:
+    """Where a host's receivers listen, from its facts: (host, certificate port, ticket port)."""
+    facts = json.loads(facts_json or "{}")
+    return (
+        str(facts.get("replicationHost") or "127.0.0.1"),
+        int(facts.get("certificatePort", 0)),
+        int(facts.get("ticketPort", 0)),
+    )
 
 
 def _active_on(tx: Tx, server_id: str) -> bool:

@@ -139,3 +139,8 @@ def test_broker_config_errors_name_the_problem() -> None:
         broker_config.parse('vault = "v"\n[heartbeat]\ninterval = "soon"')
     with pytest.raises(ConfigError, match="must be an integer"):
         broker_config.parse('vault = "v"\n[heartbeat]\nmissed = "3"')
+    assert cfg.verify.interval == 7 * 86400 and cfg.verify.repair and cfg.verify.concurrent == 1
+    off = broker_config.parse('vault = "v"\n[verify]\ninterval = "0"\nrepair = false')
+    assert off.verify.interval == 0 and not off.verify.repair
+    with pytest.raises(ConfigError, match=r"\[verify\].*concurrent >= 1"):
+        broker_config.parse('vault = "v"\n[verify]\nconcurrent = 0')

@@ -137,6 +137,21 @@ class SourceRelationship:
         self.lock = threading.Lock()  # one cycle (or verify) at a time
         self.last_result: CycleResult | None = None
         self.resync_requested = False
+        #: Replaced by a reconfiguration: whatever still waits for the lock must not run.
+        self.retired = False
+
+    def retire(self) -> None:
+        """Refuse further work: a new :class:`SourceRelationship` with the new configuration
+        takes over. A cycle in flight is not waited for (an initial copy may take hours); it
+        ends on its own, and the replica's per-relationship lock keeps the new object's first
+        cycle from overlapping it."""
+        self.retired = True
+
+    def _check_current(self) -> None:
+        if self.retired:
+            raise FailedPrecondition(
+                f"{self.relationship} was reconfigured while this waited to run; run it again"
+            )
 
     @property
     def relationship(self) -> str:
@@ -162,6 +177,8 @@ class SourceRelationship:
     def run_cycle(self, *, app_consistent: bool = False, final: bool = False) -> CycleResult | None:
         """Run one cycle to completion (blocking). Returns None when there was nothing to do."""
         with self.lock:
+            if self.retired:
+                return None
             client = self.client()
             try:
                 return self._run_cycle(client, app_consistent=app_consistent, final=final)
@@ -383,6 +400,7 @@ class SourceRelationship:
         a planned failover never goes on with data missing."""
         result = self.run_cycle(final=True)
         with self.lock:
+            self._check_current()
             client = self.client()
             try:
                 mismatches: dict[str, list[tuple[int, int]]] = {}
@@ -428,6 +446,7 @@ class SourceRelationship:
         its layers stay frozen until the comparison is done. Mismatching blocks are reported
         and, with ``repair``, sent again in a resync cycle."""
         with self.lock:
+            self._check_current()
             client = self.client()
             try:
                 replica = client.get_state(self.relationship)

@@ -237,6 +237,9 @@ class ReplicationService:
         if cmd.resync_first and not previous:
             extra["needs_resync"] = True
             extra["resync_reason"] = "the replica holds an older copy of this VM"
+        current = self.sources.get(cmd.relationship_id)
+        if current is not None:
+            current.retire()
         await asyncio.to_thread(self.state.put_source, source, extra)
         old = self._runners.pop(cmd.relationship_id, None)
         if old is not None:

@@ -21,6 +21,7 @@ import grpc.aio
 from google.protobuf import json_format
 
 from broker.inventory import join_declared_cloud, sync_inventory
+from broker.protection import replication_endpoint
 from broker.sessions import AgentSession
 from broker.store.models import HeartbeatRecord, Relationship, Server, StoredInventory
 from sitepair import PROTOCOL_VERSION, pki, tickets
@@ -87,8 +88,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
         ctx.sessions.open(session)
         facts_json = json_format.MessageToJson(hello.facts, indent=None)
 
-        def connected() -> None:
+        def connected() -> bool:
+            """Record the connection; True when the host's replication address changed."""
             with ctx.store.write() as tx:
+                before = tx.get_server(server.id)
                 tx.set_server_connected(
                     server.id,
                     now=now,
@@ -97,8 +100,13 @@ class ControlService(control_pb2_grpc.ControlServicer):
                     cloud=hello.facts.cloud,
                 )
                 join_declared_cloud(tx, server, hello.facts.cloud, now)
+            return (
+                before is not None
+                and before.facts_json not in ("", "{}")
+                and replication_endpoint(before.facts_json) != replication_endpoint(facts_json)
+            )
 
-        await asyncio.to_thread(connected)
+        moved = await asyncio.to_thread(connected)
         log.info(
             "agent connected",
             extra={"fields": {"server": server.id, "name": server.name, "peer": context.peer()}},
@@ -115,6 +123,12 @@ class ControlService(control_pb2_grpc.ControlServicer):
         )
         reader = asyncio.create_task(self._read(request_iterator, session))
         await ctx.failover.on_server_connected(server.id)
+        if moved:
+            log.warning(
+                "replication address of a host changed; updating the primaries replicating to it",
+                extra={"fields": {"server": server.id, "name": server.name}},
+            )
+            await ctx.protection.on_replica_address_changed(server.id)
         try:
             await ctx.dispatcher.deliver_open(session)
             while True:

@@ -266,6 +266,8 @@ class Relationship:
     updated_at: float = 0.0
     disabled_at: float | None = None
     failover_json: str = "{}"
+    #: The last verification: at, job, sequence, mismatched_bytes, repaired, error.
+    verify_json: str = "{}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -740,7 +740,7 @@ class Tx:
             with self._db.guarded():
                 self._db.execute(
                     f"INSERT INTO relationships ({_REL_COLS}) VALUES "
-                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         r.id,
                         r.vm_id,
@@ -763,6 +763,7 @@ class Tx:
                         r.updated_at,
                         r.disabled_at,
                         r.failover_json,
+                        r.verify_json,
                     ),
                 )
         except Conflict as exc:
@@ -859,7 +860,7 @@ _REL_COLS = (
     "id, vm_id, vm_name, primary_cloud, recovery_cloud, primary_server, replica_server, state, "
     "epoch, policy_json, replica_folder, replica_vm_json, primary_status_json, "
     "replica_status_json, health, health_reasons_json, paused, created_at, updated_at, "
-    "disabled_at, failover_json"
+    "disabled_at, failover_json, verify_json"
 )
 
 

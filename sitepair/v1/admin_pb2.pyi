@@ -973,6 +973,7 @@ class ProtectedVm(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     REPLICA_FOLDER_FIELD_NUMBER: _builtins.int
     FAILOVER_JSON_FIELD_NUMBER: _builtins.int
+    LAST_VERIFICATION_FIELD_NUMBER: _builtins.int
     relationship_id: _builtins.str
     vm_id: _builtins.str
     vm_name: _builtins.str
@@ -998,6 +999,10 @@ class ProtectedVm(_message.Message):
     def replica_status(self) -> _control_pb2.RelationshipStatus: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_verification(self) -> Global___Verification:
+        """unset until the replica was first verified"""
+
     def __init__(
         self,
         *,
@@ -1019,14 +1024,57 @@ class ProtectedVm(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         replica_folder: _builtins.str = ...,
         failover_json: _builtins.str = ...,
+        last_verification: Global___Verification | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "policy", b"policy", "primary_status", b"primary_status", "replica_status", b"replica_status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_verification", b"last_verification", "policy", b"policy", "primary_status", b"primary_status", "replica_status", b"replica_status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "epoch", b"epoch", "failover_json", b"failover_json", "health", b"health", "paused", b"paused", "policy", b"policy", "primary_cloud", b"primary_cloud", "primary_server", b"primary_server", "primary_status", b"primary_status", "reasons", b"reasons", "recovery_cloud", b"recovery_cloud", "relationship_id", b"relationship_id", "replica_folder", b"replica_folder", "replica_server", b"replica_server", "replica_status", b"replica_status", "state", b"state", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "epoch", b"epoch", "failover_json", b"failover_json", "health", b"health", "last_verification", b"last_verification", "paused", b"paused", "policy", b"policy", "primary_cloud", b"primary_cloud", "primary_server", b"primary_server", "primary_status", b"primary_status", "reasons", b"reasons", "recovery_cloud", b"recovery_cloud", "relationship_id", b"relationship_id", "replica_folder", b"replica_folder", "replica_server", b"replica_server", "replica_status", b"replica_status", "state", b"state", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProtectedVm: _TypeAlias = ProtectedVm  # noqa: Y015
+
+@_typing.final
+class Verification(_message.Message):
+    """A comparison of every block of a replica with its source (`vms verify`, or on the schedule)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    MISMATCHED_BYTES_FIELD_NUMBER: _builtins.int
+    REPAIRED_FIELD_NUMBER: _builtins.int
+    BY_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    sequence: _builtins.int
+    """the replica's cycle sequence that was compared"""
+    mismatched_bytes: _builtins.int
+    repaired: _builtins.bool
+    """the mismatching blocks were sent again"""
+    by: _builtins.str
+    """the operator, or "scheduler" """
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """when it finished"""
+
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        job_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        mismatched_bytes: _builtins.int = ...,
+        repaired: _builtins.bool = ...,
+        by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "by", b"by", "job_id", b"job_id", "mismatched_bytes", b"mismatched_bytes", "repaired", b"repaired", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Verification: _TypeAlias = Verification  # noqa: Y015
 
 @_typing.final
 class ProtectedRef(_message.Message):

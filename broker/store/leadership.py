@@ -14,6 +14,7 @@ even when the leader is cut off from the database and cannot learn that it lost 
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -39,7 +40,7 @@ class Leader(Protocol):
     def is_leader(self) -> bool: ...
 
 
-class Leadership:
+class Leadership(abc.ABC):
     """This broker's place among the brokers of its store."""
 
     def __init__(self, broker_id: str) -> None:
@@ -47,15 +48,19 @@ class Leadership:
         self.broker_id = broker_id
 
     @property
+    @abc.abstractmethod
     def is_leader(self) -> bool:
-        return True
+        """Whether this broker may do the leader's work right now."""
 
+    @abc.abstractmethod
     async def join(self) -> None:
         """Take part before the broker starts its periodic work (so ``is_leader`` is known)."""
 
+    @abc.abstractmethod
     async def run(self, on_lead: Callable[[], Awaitable[None]]) -> None:
         """Keep taking part until :meth:`shutdown`; ``on_lead`` runs on each turn as leader."""
 
+    @abc.abstractmethod
     async def shutdown(self) -> None:
         """Stop taking part (idempotent)."""
 
@@ -66,6 +71,13 @@ class SoleLeadership(Leadership):
     def __init__(self, broker_id: str) -> None:
         super().__init__(broker_id)
         self._stop = asyncio.Event()
+
+    @property
+    def is_leader(self) -> bool:
+        return True
+
+    async def join(self) -> None:
+        return  # nobody to agree with
 
     async def run(self, on_lead: Callable[[], Awaitable[None]]) -> None:
         # Start-up recovery already ran; a sole broker has nobody's work to take over later.

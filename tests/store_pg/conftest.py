@@ -12,6 +12,7 @@ One server serves the whole test session; every test gets a fresh database of it
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
@@ -21,7 +22,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,8 @@ def shared_cluster() -> PostgresCluster:
             _failure = f"cannot start a throwaway PostgreSQL server: {exc}"
             pytest.skip(_failure)
         _cluster = cluster
+        # Normally the session fixture stops it; this covers a run that ends some other way.
+        atexit.register(stop_shared_cluster)
     return _cluster
 
 
@@ -194,9 +197,8 @@ def pg_dsn(pg_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch) -> str:
     return pg_cluster.create_database()
 
 
-def wait_for(predicate: object, timeout: float = 20.0, interval: float = 0.05) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05) -> None:
     """Poll ``predicate()`` until it is true; fail the test after ``timeout`` seconds."""
-    assert callable(predicate)
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

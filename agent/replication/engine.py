@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,15 @@ from agent.replication.throttle import TokenBucket
 from agent.replication.tracking import DigestStore, differing_ranges, digests_of
 from sitepair import vdisk
 from sitepair.clock import Clock
-from sitepair.errors import FailedPrecondition, SitepairError, StaleEpoch
+from sitepair.errors import FailedPrecondition, SitepairError, StaleEpoch, Unavailable
 from sitepair.protoconv import timestamp
 from sitepair.v1 import replication_pb2
 
 log = logging.getLogger("sitepair.agent.replication")
+
+#: Waits (seconds) before each retry of a cycle whose connection broke; then the cycle fails
+#: and the loop tries again at the next interval.
+TRANSIENT_BACKOFF = (1.0, 3.0)
 
 KIND_NAMES = {
     replication_pb2.INITIAL: "initial",
@@ -139,6 +144,8 @@ class SourceRelationship:
         self.resync_requested = False
         #: Replaced by a reconfiguration: whatever still waits for the lock must not run.
         self.retired = False
+        #: The last cycle finished an earlier, interrupted cut instead of taking a new one.
+        self.resent_cut = False
 
     def retire(self) -> None:
         """Refuse further work: a new :class:`SourceRelationship` with the new configuration
@@ -175,28 +182,63 @@ class SourceRelationship:
 
     # -- one cycle --------------------------------------------------------------------------
     def run_cycle(self, *, app_consistent: bool = False, final: bool = False) -> CycleResult | None:
-        """Run one cycle to completion (blocking). Returns None when there was nothing to do."""
+        """Run one cycle to completion (blocking). Returns None when there was nothing to do.
+
+        A broken connection (reset, a corrupted TLS record, a short partition) is retried at once
+        on a new one, up to :data:`TRANSIENT_BACKOFF` times: the same cut is sent again and the
+        replica resumes after the last batch it holds, so a retry costs little and the cycle
+        still lands whole or not at all."""
         with self.lock:
             if self.retired:
                 return None
-            client = self.client()
-            try:
-                return self._run_cycle(client, app_consistent=app_consistent, final=final)
-            except CycleRefused as exc:
-                self._failed(exc.code, str(exc))
-                if exc.code == "stale-epoch":
-                    self.stats.state = "fenced"
-                    raise StaleEpoch(str(exc)) from None
-                raise
-            except StaleEpoch as exc:
+            retries = 0
+            while True:
+                try:
+                    return self._attempt(app_consistent=app_consistent, final=final)
+                except (Unavailable, CycleRefused) as exc:
+                    transient = isinstance(exc, Unavailable) or exc.code == "busy"
+                    if not transient or retries == len(TRANSIENT_BACKOFF):
+                        if transient:  # _attempt counts only the failures it does not retry
+                            self._failed(getattr(exc, "code", "unavailable"), str(exc))
+                        raise
+                    wait = TRANSIENT_BACKOFF[retries]
+                    retries += 1
+                    log.warning(
+                        "cycle interrupted; retrying on a new connection",
+                        extra={
+                            "fields": {
+                                "relationship": self.relationship,
+                                "error": str(exc),
+                                "retry_in": wait,
+                            }
+                        },
+                    )
+                    time.sleep(wait)
+
+    def _attempt(self, *, app_consistent: bool, final: bool) -> CycleResult | None:
+        """One try of a cycle on one connection; everything but a transport failure is final."""
+        client = self.client()
+        try:
+            return self._run_cycle(client, app_consistent=app_consistent, final=final)
+        except Unavailable:
+            raise  # counted by run_cycle once it gives up
+        except CycleRefused as exc:
+            if exc.code == "busy":
+                raise  # likewise
+            self._failed(exc.code, str(exc))
+            if exc.code == "stale-epoch":
                 self.stats.state = "fenced"
-                self._failed("stale-epoch", str(exc))
-                raise
-            except SitepairError as exc:
-                self._failed(getattr(exc, "status", "error").lower(), str(exc))
-                raise
-            finally:
-                client.close()
+                raise StaleEpoch(str(exc)) from None
+            raise
+        except StaleEpoch as exc:
+            self.stats.state = "fenced"
+            self._failed("stale-epoch", str(exc))
+            raise
+        except SitepairError as exc:
+            self._failed(getattr(exc, "status", "error").lower(), str(exc))
+            raise
+        finally:
+            client.close()
 
     def _failed(self, code: str, message: str) -> None:
         self.stats.cycles_failed += 1
@@ -211,6 +253,7 @@ class SourceRelationship:
         self, client: ReplicaClient, *, app_consistent: bool, final: bool
     ) -> CycleResult | None:
         cfg = self.config
+        self.resent_cut = False
         replica = client.get_state(self.relationship)
         if replica.epoch > cfg.epoch:
             raise StaleEpoch(
@@ -253,6 +296,7 @@ class SourceRelationship:
             and not final
         ):
             cut = outstanding  # resend the same cycle: the replica resumes where it stopped
+            self.resent_cut = True
             kind = replication_pb2.CycleKind.ValueType(int(pending["kind"]))
         if cut is None:
             cut = self.backend.take_cut(cfg.vm_id, app_consistent=app_consistent)

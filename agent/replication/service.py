@@ -421,6 +421,10 @@ class ReplicationService:
         if cmd.action == a.RESYNC:
             source.resync_requested = True
         result = await asyncio.to_thread(source.run_cycle)
+        if result is not None and source.resent_cut and cmd.action == a.RUN_CYCLE:
+            # That finished a cut taken before an interruption; "cycle now" means the VM's state
+            # now, so take one more.
+            result = await asyncio.to_thread(source.run_cycle) or result
         return {
             "relationship": rel,
             "sequence": result.sequence if result else 0,
@@ -548,8 +552,10 @@ class ReplicationService:
         )
 
     def report(self) -> control_pb2.ReplicationReport:
+        """Every relationship's status (runs in a worker thread, so it works on a snapshot of
+        ``sources``, which the event loop changes as relationships come and go)."""
         out = control_pb2.ReplicationReport()
-        for rel_id, rel in self.sources.items():
+        for rel_id, rel in list(self.sources.items()):
             st = rel.stats
             extra = (self.state.source(rel_id) or (None, {}))[1]
             out.relationships.add(

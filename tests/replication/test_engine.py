@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from pathlib import Path
@@ -9,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from agent.hosts.directory import DirectoryBackend
-from agent.replication.engine import SourceRelationship
+from agent.replication.engine import TRANSIENT_BACKOFF, SourceRelationship
 from agent.replication.state import SourceConfig
 from sitepair import vdisk
 from sitepair.clock import SYSTEM_CLOCK
-from sitepair.errors import StaleEpoch
+from sitepair.errors import StaleEpoch, Unavailable
 from sitepair.v1 import replication_pb2
 from tests.replication.conftest import Pair
+from tests.support.proxy import FaultProxy
 
 MiB = 1 << 20
 
@@ -202,3 +204,42 @@ def test_recovery_points_are_sealed_and_pruned(pair: Pair, tmp_path: Path) -> No
                 assert d.read(0, d.virtual_size) == expected[p.sequence][disk], (p.sequence, disk)
     for disk, model in models.items():
         assert replica_of(pair, disk) == bytes(model)
+
+
+def test_a_broken_connection_is_retried_within_the_cycle(pair: Pair, tmp_path: Path) -> None:
+    """A stream cut mid-cycle, then a corrupted byte: one run_cycle call still lands the cycle,
+    resuming on a new connection, and no failure is counted."""
+    backend, rel, vm = setup_source(pair, tmp_path)
+    models = {"os": bytearray(32 * MiB), "data": bytearray(16 * MiB)}
+    write_random(backend, vm, models, random.Random(21), 60)
+    proxy = FaultProxy(pair.cert_address)
+    try:
+        rel.config = dataclasses.replace(rel.config, address=proxy.address)
+        proxy.cut_next(1 * MiB)
+        result = rel.run_cycle()
+        assert result is not None and result.resumed_from > 0
+        write_random(backend, vm, models, random.Random(22), 60)
+        proxy.corrupt_next(256 << 10)
+        assert rel.run_cycle() is not None
+        assert (proxy.stats.cut, proxy.stats.corrupted) == (1, 1)
+        assert rel.stats.cycles_failed == 0 and rel.stats.cycles_succeeded == 2
+        for disk, model in models.items():
+            assert replica_of(pair, disk) == bytes(model)
+    finally:
+        proxy.close()
+
+
+def test_a_replica_that_stays_away_fails_the_cycle_after_the_retries(
+    pair: Pair, tmp_path: Path
+) -> None:
+    backend, rel, vm = setup_source(pair, tmp_path)
+    proxy = FaultProxy(pair.cert_address)
+    try:
+        rel.config = dataclasses.replace(rel.config, address=proxy.address)
+        proxy.partition()
+        with pytest.raises(Unavailable):
+            rel.run_cycle()
+        assert rel.stats.cycles_failed == 1 and rel.stats.last_error_code == "unavailable"
+        assert proxy.stats.refused >= 1 + len(TRANSIENT_BACKOFF)  # tried, then retried
+    finally:
+        proxy.close()

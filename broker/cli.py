@@ -261,6 +261,7 @@ def cmd_servers_show(args: argparse.Namespace) -> int:
     print(f"cloud            {s.cloud or '-'}")
     print(f"registered       {_ts(s.registered_at)}")
     print(f"last heartbeat   {_ts(s.last_heartbeat_at)}")
+    print(f"clock            {s.clock_offset_seconds:+.1f} s from the broker's")
     print(f"certificate to   {_ts(s.certificate_not_after)}")
     f = s.facts
     print(f"host             {f.hostname} ({f.os}), backend {f.backend}, agent {s.agent_version}")

@@ -161,6 +161,8 @@ _DURATION_FIELDS = {
     "leader_lease",
     "retry",
     "check_every",
+    "clock_skew_warning",
+    "clock_skew_critical",
 }
 
 
@@ -309,6 +311,8 @@ offline_critical_after = "5m"  # a host offline turns its VMs Warning, then Crit
 missed_rate_warning = 0.2    # Warning: more than this fraction of cycles missed in the window
 window = "1h"
 certificate_warning_fraction = 0.25
+clock_skew_warning = "1m"    # a host's clock this far from the broker's: Warning
+clock_skew_critical = "4m"   # and Critical (tickets allow 5 min)
 
 [verify]
 # Compare every protected replica with its source, block by block, this often ("0" = never).

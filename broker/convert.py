@@ -40,6 +40,7 @@ def server_to_proto(
         connected_since=timestamp(server.connected_since if server.connected else None),
         agent_version=server.agent_version,
         cloud=server.cloud,
+        clock_offset_seconds=server.clock_offset or 0.0,
     )
     json_format.ParseDict(
         json.loads(server.facts_json or "{}"), msg.facts, ignore_unknown_fields=True

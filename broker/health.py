@@ -33,6 +33,11 @@ class HealthConfig:
     window: float = 3600.0
     #: Warning when less than this fraction of a host certificate's life remains.
     certificate_warning_fraction: float = 0.25
+    #: Warning when a host's clock is further than this from the broker's (seconds)...
+    clock_skew_warning: float = 60.0
+    #: ...and Critical beyond this: replication tickets allow 300 s, certificates are backdated
+    #: 5 minutes, so past this point authentication starts to fail.
+    clock_skew_critical: float = 240.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +144,20 @@ def evaluate(
                     f"the {role} host {server.name} has been offline for {int(away)} s",
                 )
             )
+        offset = server.clock_offset
+        if server.connected and offset is not None and abs(offset) > config.clock_skew_warning:
+            level = CRITICAL if abs(offset) > config.clock_skew_critical else WARNING
+            direction = "ahead of" if offset > 0 else "behind"
+            reasons.append(
+                Reason(
+                    level,
+                    f"{role}-host-clock",
+                    f"the clock of {server.name} is {abs(offset):.0f} s {direction} the "
+                    "broker's; replication tickets and certificates fail beyond "
+                    f"{config.clock_skew_critical:.0f} s: fix the host's time synchronization "
+                    "(NTP)",
+                )
+            )
         left = server.cert_not_after - now
         if left < agent_lifetime * config.certificate_warning_fraction:
             reasons.append(
@@ -188,13 +207,18 @@ def evaluate(
                     f"(more than {config.missed_rate_warning:.0%})",
                 )
             )
+    if replicating:
+        # Even while paused: the last attempt's outcome is still true of the replica.
         code = status.get("last_error_code", "")
         if code == "disk-full":
+            where = rel.replica_folder or "its replica folder"
+            name = replica.name if replica is not None else "the replica host"
             reasons.append(
                 Reason(
                     CRITICAL,
                     "replica-disk-full",
-                    "the replica host's disk is full: " + str(status.get("last_error", "")),
+                    f"{name} has no room for cycles in {where} (the last good point is kept); "
+                    "free space there and replication resumes by itself",
                 )
             )
         elif code == "stale-epoch" or status.get("state") == "fenced":

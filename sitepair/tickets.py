@@ -180,7 +180,9 @@ class TicketVerifier:
             )
         if now - self.skew > ticket.expires_at:
             raise Unauthenticated(
-                "the replication ticket has expired; the sender asks for a new one"
+                f"the replication ticket expired {now - ticket.expires_at:.0f} s ago by this "
+                "host's clock; the sender asks for a new one, and if fresh tickets keep failing, "
+                f"this host's clock is more than {self.skew:.0f} s ahead of the broker's"
             )
         if self._remember is not None:
             fresh = self._remember(ticket.nonce, ticket.expires_at + self.skew, now)

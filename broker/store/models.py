@@ -89,6 +89,15 @@ class Server:
             return "removed"
         return "connected" if self.connected else "disconnected"
 
+    @property
+    def clock_offset(self) -> float | None:
+        """How far the host's clock is ahead of the broker's (negative: behind), from the last
+        heartbeat: its send time by the host's clock minus its arrival by the broker's. Network
+        delay makes it read a little low; seconds of error, not minutes."""
+        if self.last_heartbeat_sent_at is None or self.last_heartbeat_at is None:
+            return None
+        return self.last_heartbeat_sent_at - self.last_heartbeat_at
+
 
 @dataclasses.dataclass(frozen=True)
 class StoredInventory:

@@ -1373,6 +1373,7 @@ class Server(_message.Message):
     CLOUD_FIELD_NUMBER: _builtins.int
     CONNECTED_SINCE_FIELD_NUMBER: _builtins.int
     INVENTORY_FIELD_NUMBER: _builtins.int
+    CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     site: _builtins.str
@@ -1381,6 +1382,8 @@ class Server(_message.Message):
     agent_version: _builtins.str
     vm_count: _builtins.int
     cloud: _builtins.str
+    clock_offset_seconds: _builtins.float
+    """the host's clock minus the broker's, at the last heartbeat"""
     @_builtins.property
     def registered_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1414,10 +1417,11 @@ class Server(_message.Message):
         cloud: _builtins.str = ...,
         connected_since: _timestamp_pb2.Timestamp | None = ...,
         inventory: _common_pb2.Inventory | None = ...,
+        clock_offset_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["certificate_not_after", b"certificate_not_after", "connected_since", b"connected_since", "facts", b"facts", "inventory", b"inventory", "last_heartbeat_at", b"last_heartbeat_at", "metrics", b"metrics", "registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "certificate_not_after", b"certificate_not_after", "cloud", b"cloud", "connected_since", b"connected_since", "facts", b"facts", "id", b"id", "inventory", b"inventory", "last_heartbeat_at", b"last_heartbeat_at", "metrics", b"metrics", "name", b"name", "registered_at", b"registered_at", "site", b"site", "state", b"state", "vm_count", b"vm_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "certificate_not_after", b"certificate_not_after", "clock_offset_seconds", b"clock_offset_seconds", "cloud", b"cloud", "connected_since", b"connected_since", "facts", b"facts", "id", b"id", "inventory", b"inventory", "last_heartbeat_at", b"last_heartbeat_at", "metrics", b"metrics", "name", b"name", "registered_at", b"registered_at", "site", b"site", "state", b"state", "vm_count", b"vm_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2,100 +2,35 @@
 
 Every component has its own home folder under the run's root and is started the way an operator
 would (``sitepair-broker serve``, ``sitepair-agent run``), so SIGKILL of any one of them is a
-real crash. Replication traffic between the sites goes through the network layer's inter-site
-link (a proxy per receiver port), which the scenarios shape and break on demand.
+real crash. The network layer (tests/harness/network, loopback or namespaces) says where each
+place listens and wraps each command so it runs there; replication traffic between the sites goes
+through its inter-site link, which the scenarios shape and break on demand. The harness itself
+reaches the broker through the network's portal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from agent import config as agent_config
 from agent.hosts.directory import DirectoryBackend
 from broker.client import AdminClient, Profile, wait_job
 from broker.home import BrokerHome
 from sitepair.v1 import admin_pb2
+from tests.harness.network import Network, small_filesystem
 from tests.support.brokers import create_key, make_home, python_env
-from tests.support.proxy import FaultProxy
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Network(Protocol):
-    """What the cluster needs from the network layer (loopback or namespaces)."""
-
-    mode: str
-
-    def broker_host(self) -> str: ...
-
-    def agent_host(self, site: str) -> str: ...
-
-    def command(self, argv: list[str], site: str | None) -> list[str]:
-        """Wrap a command so it runs at ``site`` (None = the broker's place)."""
-        ...
-
-    def link(self, from_site: str, to_site: str, host: str, port: int) -> tuple[str, int]:
-        """Where ``from_site`` reaches ``to_site``'s ``host:port`` across the inter-site link."""
-        ...
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class LoopbackNetwork:
-    """Everything on 127.0.0.1; the inter-site link is one FaultProxy per receiver port."""
-
-    mode = "loopback"
-
-    def __init__(self) -> None:
-        self.proxies: list[FaultProxy] = []
-
-    def broker_host(self) -> str:
-        return "127.0.0.1"
-
-    def agent_host(self, site: str) -> str:
-        return "127.0.0.1"
-
-    def command(self, argv: list[str], site: str | None) -> list[str]:
-        return argv
-
-    def link(self, from_site: str, to_site: str, host: str, port: int) -> tuple[str, int]:
-        proxy = FaultProxy(f"{host}:{port}")
-        self.proxies.append(proxy)
-        return "127.0.0.1", proxy.port
-
-    # -- faults on the inter-site link ------------------------------------------------------
-    def partition(self) -> None:
-        for p in self.proxies:
-            p.partition()
-
-    def heal(self) -> None:
-        for p in self.proxies:
-            p.heal()
-
-    def set_profile(self, *, delay: float = 0.0, rate: float = 0.0) -> None:
-        for p in self.proxies:
-            p.delay, p.rate = delay, rate
-
-    def bytes_moved(self) -> int:
-        return sum(p.stats.bytes_up + p.stats.bytes_down for p in self.proxies)
-
-    def close(self) -> None:
-        for p in self.proxies:
-            p.close()
 
 
 @dataclasses.dataclass
@@ -124,6 +59,7 @@ class Cluster:
         network: Network,
         heartbeat: str = "1s",
         env: dict[str, str] | None = None,
+        small_storage: dict[str, int] | None = None,
         log: Callable[[str], None] = print,
     ) -> None:
         self.root = root
@@ -140,6 +76,9 @@ class Cluster:
         self.admin: AdminClient | None = None
         self.site_env: dict[str, dict[str, str]] = {}
         self.faults: list[str] = []
+        #: Hosts whose storage ("gold") is a size-limited filesystem of this many bytes.
+        self.small_storage = small_storage or {}
+        self._mounts = contextlib.ExitStack()
 
     # -- broker -----------------------------------------------------------------------------
     def start_broker(self) -> None:
@@ -149,8 +88,8 @@ class Cluster:
             host = self.net.broker_host()
             text = self.home.config.read_text()
             # Fixed ports, so a restarted broker is where the agents look for it.
-            enroll = free_port(host) if host == "127.0.0.1" else 8444
-            control = free_port(host) if host == "127.0.0.1" else 8443
+            enroll = self.net.free_port("broker")
+            control = self.net.free_port("broker")
             text = text.replace('enrollment = "127.0.0.1:0"', f'enrollment = "{host}:{enroll}"')
             text = text.replace('control = "127.0.0.1:0"', f'control = "{host}:{control}"')
             if host != "127.0.0.1":
@@ -182,7 +121,12 @@ class Cluster:
             time.sleep(0.05)
         if self.admin is not None:
             self.admin.close()
-        self.admin = AdminClient(Profile.load(home.admin_dir, run_file=home.run_file), timeout=60)
+        profile = Profile.load(home.admin_dir, run_file=home.run_file)
+        run = json.loads(home.run_file.read_text())
+        _, bound_port = run["control"].rsplit(":", 1)
+        portal = self.net.portal("broker", int(bound_port))
+        profile = dataclasses.replace(profile, addresses=(f"{portal[0]}:{portal[1]}",))
+        self.admin = AdminClient(profile, timeout=60)
 
     def kill_broker(self) -> None:
         assert self.broker is not None
@@ -197,10 +141,18 @@ class Cluster:
             for i in range(1, count + 1):
                 name = f"hv-{site}{i}"
                 home = self.root / name
+                home.mkdir(parents=True, exist_ok=True)
+                if name in self.small_storage:
+                    # "sp-" lets cleanup_stale_mounts find it after a crashed run.
+                    mount = self.root / f"sp-{self.root.name}-{name}-gold"
+                    self._mounts.enter_context(
+                        small_filesystem(mount, self.small_storage[name], kind="tmpfs")
+                    )
+                    (home / "gold").symlink_to(mount)
                 (home / "gold" / "vms").mkdir(parents=True, exist_ok=True)
                 creds = self.root / f"{name}.json"
                 create_key(self.admin, creds, site=f"site-{site}")
-                cert_port, ticket_port = free_port(), free_port()
+                cert_port, ticket_port = self.net.free_port(site), self.net.free_port(site)
                 adv_host, adv_cert = self._advertised(site, cert_port)
                 _, adv_ticket = self._advertised(site, ticket_port)
                 toml = agent_config.render(
@@ -410,3 +362,4 @@ class Cluster:
                 self.broker.wait(20)
             except subprocess.TimeoutExpired:
                 self.broker.kill()
+        self._mounts.close()  # the agents are gone: nothing holds the small filesystems

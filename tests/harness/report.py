@@ -21,6 +21,8 @@ class ScenarioReport:
     mode: str
     seed: int
     passed: bool = False
+    #: Why the scenario could not run here (root needed, ...); a skip is not a pass.
+    skipped: str = ""
     seconds: float = 0.0
     worst_rpo: float = 0.0
     bytes_moved: int = 0
@@ -61,13 +63,13 @@ def table(reports: list[ScenarioReport]) -> str:
         [
             r.name,
             r.mode,
-            "PASS" if r.passed else "FAIL",
+            "SKIP" if r.skipped else "PASS" if r.passed else "FAIL",
             f"{r.seconds:.0f}s",
             f"{r.worst_rpo:.1f}s" if r.worst_rpo else "-",
             f"{r.bytes_moved / 1e6:.1f}",
             str(len(r.faults)),
             f"{len(r.checks) - r.mismatches}/{len(r.checks)}",
-            (r.errors[0][:60] if r.errors else ""),
+            (r.errors[0][:60] if r.errors else r.skipped[:60]),
         ]
         for r in reports
     ]

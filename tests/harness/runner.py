@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import tempfile
@@ -9,17 +10,10 @@ import time
 import traceback
 from pathlib import Path
 
-from tests.harness.cluster import Cluster, LoopbackNetwork, Network
+from tests.harness.cluster import Cluster
+from tests.harness.network import Network, small_filesystem_unavailable
 from tests.harness.report import ScenarioReport
-from tests.harness.scenarios import SCENARIOS, SITES, Run
-
-
-def make_network(mode: str, run_id: str) -> Network:
-    if mode == "loopback":
-        return LoopbackNetwork()
-    from tests.harness.network import harness_network  # namespaces: needs root and iproute2
-
-    return harness_network(run_id)  # type: ignore[no-any-return]
+from tests.harness.scenarios import SCENARIOS, SITES, SMALL_STORAGE, Run
 
 
 def run_scenario(
@@ -32,13 +26,28 @@ def run_scenario(
     kills: int = 0,
 ) -> ScenarioReport:
     report = ScenarioReport(name=name, mode=mode, seed=seed)
+    if name in SMALL_STORAGE:
+        reason = small_filesystem_unavailable()
+        if reason:
+            report.skipped = f"needs a small filesystem: {reason}"
+            return report
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f"sitepair-{name}-", dir=work))
     started = time.monotonic()
+    stack = contextlib.ExitStack()
     net: Network | None = None
     cluster: Cluster | None = None
     try:
-        net = make_network(mode, f"{seed}{int(time.time()) % 10000}")
-        cluster = Cluster(root, sites=SITES.get(name, {"a": 1, "b": 1}), network=net)
+        net = stack.enter_context(
+            Network.create(mode, run_id=f"{seed}{int(time.time()) % 10000}", seed=seed)  # type: ignore[arg-type]
+        )
+        cluster = Cluster(
+            root,
+            sites=SITES.get(name, {"a": 1, "b": 1}),
+            network=net,
+            small_storage=SMALL_STORAGE.get(name),
+        )
         cluster.start_broker()
         cluster.add_agents()
         run = Run(cluster, report, root, seed, random.Random(seed), soak=soak, kills=kills)
@@ -60,9 +69,7 @@ def run_scenario(
     finally:
         if cluster is not None:
             cluster.stop()
-        close = getattr(net, "close", None)
-        if close is not None:
-            close()
+        stack.close()  # the network: proxies, processes left in it, namespaces
         report.seconds = time.monotonic() - started
         if report.passed and work is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -10,20 +10,31 @@ scenario: at most one running copy of each VM, epochs that never go back, no job
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from broker.client import wait_job
 from sitepair.errors import SitepairError
 from sitepair.v1 import admin_pb2
 from tests.harness.cluster import Cluster
+from tests.harness.network import LAN, LOSSY, WanProfile
 from tests.harness.report import ScenarioReport
 from tests.harness.workload import WriteLog, Writer, check_prefix, completed_before
 
 MiB = 1 << 20
+
+#: The link of the WAN resync scenario: slow enough that the resync is still running when the
+#: partition hits it, fast enough for the short test run.
+SLOW_LINK = WanProfile(
+    "slow-metro", delay_ms=20, rate_mbit=32, description="20 ms one way, 32 Mbit/s"
+)
 DISKS = {"os": 32 * MiB, "data": 16 * MiB}
 MARK = """import os, sys
 with open(sys.argv[1], "a") as f:
@@ -181,14 +192,41 @@ class Run:
         self.report.check("no job left unfinished", not stuck, "; ".join(stuck[:5]))
 
 
-def policy(*, copy: int = 30, points: int = 2, app: int = 1) -> admin_pb2.Policy:
+def policy(
+    *, copy: int = 30, points: int = 2, app: int = 1, auth: str = "certificate"
+) -> admin_pb2.Policy:
     return admin_pb2.Policy(
         copy_frequency_seconds=copy,
         recovery_points=points,
         app_consistent_hours=app,
         compression=True,
-        authentication="certificate",
+        authentication=auth,
     )
+
+
+def pause(run: Run, vm: str) -> None:
+    """Stop scheduled cycles, so that the scenario's manual cycles are the only ones."""
+    run.c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm=vm, action="pause"))
+
+
+def try_cycle(run: Run, vm: str) -> admin_pb2.Job:
+    """Run a manual cycle and return the finished job, whether it succeeded or failed."""
+    job = run.c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm=vm, action="cycle"))
+    run.jobs.append(job.id)
+    assert run.c.admin is not None
+    return wait_job(run.c.admin, job.id)
+
+
+def wait_reason(run: Run, vm: str, code: str, *, present: bool = True, timeout: float = 30) -> str:
+    """Wait until ``vm``'s health has (or no longer has) reason ``code``; returns its text."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reasons = {r.code: f"{r.level}: {r.message}" for r in run.c.protected(vm).reasons}
+        if (code in reasons) == present:
+            return reasons.get(code, "")
+        if time.monotonic() > deadline:
+            return f"(timed out; reasons were {sorted(reasons)})"
+        time.sleep(0.5)
 
 
 # -- scenarios ----------------------------------------------------------------------------------
@@ -287,10 +325,8 @@ def site_loss(run: Run) -> None:
     for a in c.agents.values():
         if a.site == "a":
             c.kill_agent(a.name)
-    part = getattr(c.net, "partition", None)
-    if part is not None:
-        part()
-        run.report.faults.append("partition")
+    c.net.partition()
+    run.report.faults.append("partition")
     run.writers["vm1"].stop()  # the site is gone: nothing more it writes can be replicated
     writer_total = len(run.log("vm1").records())
     run.run_job("Failover", admin_pb2.FailoverRequest(vm="vm1", type="unplanned"))
@@ -314,9 +350,7 @@ def site_loss(run: Run) -> None:
     # in its folder until it is fenced, so name the host).
     run.start_writer("vm1", host_name=new_host.name)
     run.wait_writes("vm1", prefix + 200)
-    heal = getattr(c.net, "heal", None)
-    if heal is not None:
-        heal()
+    c.net.heal()
     for a in c.agents.values():
         if a.site == "a":
             c.start_agent(a.name)
@@ -404,26 +438,21 @@ def wan_resync(run: Run) -> None:
     run.start_writer("vm1", rate=200)
     run.protect("vm1")
     c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="pause"))
-    shape = getattr(c.net, "set_profile", None)
-    if shape is not None:
-        shape(delay=0.02, rate=4 * MiB)  # a metro-ish link: 20 ms per chunk, 4 MiB/s
-        run.report.details["profile"] = "20 ms, 4 MiB/s"
+    c.net.apply(SLOW_LINK)
+    run.report.details["profile"] = f"{SLOW_LINK.name}: {SLOW_LINK.description}"
     run.wait_writes("vm1", 400)
     job = c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="resync"))
     run.jobs.append(job.id)
     time.sleep(run.rng.uniform(0.3, 1.0))
-    part = getattr(c.net, "partition", None)
-    if part is not None:
-        part()
-        run.report.faults.append("partition mid-resync")
-        time.sleep(2)
-        c.net.heal()  # type: ignore[attr-defined]
+    c.net.partition()
+    run.report.faults.append("partition mid-resync")
+    time.sleep(2)
+    c.net.heal()
     try:
         c.job(job)
     except AssertionError:
         run.cycle("vm1")  # the interrupted resync is finished by the next cycle
-    if shape is not None:
-        shape(delay=0.0, rate=0.0)
+    c.net.apply(LAN)
     run.stop_writer("vm1")
     run.cycle("vm1")
     run.check_replica("vm1", all_writes=True)
@@ -462,6 +491,133 @@ def rpo_hold(run: Run) -> None:
     run.report.details["completed before end"] = completed_before(records, time.time())
 
 
+def replica_full(run: Run) -> None:
+    """The replica host's storage fills up: cycles are refused, health says why, nothing is lost;
+    with space back, replication resumes and the replica is exact."""
+    c = run.c
+    c.pair(policy())
+    run.create_vm("hv-a1", "vm1")
+    run.start_writer("vm1")
+    run.protect("vm1")
+    pause(run, "vm1")
+    before = c.protected("vm1").replica_status.committed_sequence
+    storage = c.agents[c.protected("vm1").replica_server].home / "gold"
+    # Another tenant of the volume takes all but 256 KiB of it.
+    ballast = storage / "ballast.bin"
+    fd = os.open(ballast, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, shutil.disk_usage(storage).free - (256 << 10))
+    finally:
+        os.close(fd)
+    run.report.faults.append("replica storage full")
+    run.wait_writes("vm1", len(run.log("vm1").records()) + 300)
+    job = try_cycle(run, "vm1")
+    run.report.check(
+        "a cycle into a full disk fails and says so",
+        job.state == "failed" and "full" in job.error,
+        job.error[:200],
+    )
+    reason = wait_reason(run, "vm1", "replica-disk-full")
+    run.report.check("health names the full disk", reason.startswith("critical"), reason[:200])
+    after = c.protected("vm1").replica_status.committed_sequence
+    run.report.check(
+        "the replica kept its last good point", after == before, f"sequence {before} -> {after}"
+    )
+    run.check_replica("vm1")  # still one point in time, untouched by the failed cycle
+    ballast.unlink()
+    run.report.details["free after the fault"] = shutil.disk_usage(storage).free
+    run.stop_writer("vm1")
+    run.cycle("vm1")
+    run.check_replica("vm1", all_writes=True)
+    gone = wait_reason(run, "vm1", "replica-disk-full", present=False)
+    run.report.check("health clears once a cycle lands", gone == "", gone)
+
+
+def clock_skew(run: Run) -> None:
+    """The replica host's clock jumps two hours ahead (ticket authentication): health names the
+    clock, cycles are refused with the reason, nothing is lost; with the clock fixed, they land."""
+    c = run.c
+    c.pair(policy(auth="ticket"))
+    run.create_vm("hv-a1", "vm1")
+    run.start_writer("vm1")
+    run.protect("vm1")
+    pause(run, "vm1")
+    replica = c.protected("vm1").replica_server
+    site = c.agents[replica].site
+    c.kill_agent(replica)
+    c.site_env[site] = {"SITEPAIR_CLOCK_OFFSET": "7200"}
+    c.start_agent(replica)
+    c.wait_connected()
+    run.report.faults.append(f"clock of {replica} +2 h")
+    reason = wait_reason(run, "vm1", "replica-host-clock")
+    ahead = re.search(r"(\d+) s ahead", reason)
+    run.report.check(
+        "health names the replica host's clock, two hours ahead",
+        reason.startswith("critical") and ahead is not None and 7100 < int(ahead[1]) < 7300,
+        reason[:200],
+    )
+    run.wait_writes("vm1", len(run.log("vm1").records()) + 200)
+    job = try_cycle(run, "vm1")
+    run.report.check(
+        "a cycle is refused and the error points at the clock",
+        job.state == "failed" and "clock" in job.error,
+        job.error[:240],
+    )
+    run.check_replica("vm1")
+    c.kill_agent(replica)
+    c.site_env.pop(site)
+    c.start_agent(replica)
+    c.wait_connected()
+    gone = wait_reason(run, "vm1", "replica-host-clock", present=False)
+    run.report.check("health clears with the clock fixed", gone == "", gone)
+    run.stop_writer("vm1")
+    run.cycle("vm1")
+    run.check_replica("vm1", all_writes=True)
+
+
+def bad_link(run: Run) -> None:
+    """A lossy WAN link that also corrupts, truncates and partitions replication streams: each
+    cycle lands whole or not at all, and the replica ends exact."""
+    c = run.c
+    c.pair(policy())
+    run.create_vm("hv-a1", "vm1")
+    run.start_writer("vm1", rate=20)  # the lossy link carries about 1 MB/s
+    run.protect("vm1")
+    pause(run, "vm1")
+    c.net.apply(LOSSY)
+    run.report.details["profile"] = f"{LOSSY.name}: {LOSSY.description}"
+    failed = 0
+    faults: list[tuple[str, Callable[[], None]]] = [
+        ("a flipped byte 64 KiB into the stream", lambda: c.net.corrupt_next(64 << 10)),
+        ("the stream cut after 200 KiB", lambda: c.net.cut_next(200 << 10)),
+        ("a flipped byte in the replies", lambda: c.net.corrupt_next(2 << 10, "down")),
+    ]
+    for what, arm in faults:
+        run.wait_writes("vm1", len(run.log("vm1").records()) + 40)
+        arm()
+        run.report.faults.append(what)
+        if try_cycle(run, "vm1").state != "succeeded":
+            failed += 1
+        run.check_replica("vm1")  # whatever happened, the replica is one point in time
+    run.wait_writes("vm1", len(run.log("vm1").records()) + 40)
+    job = c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="cycle"))
+    run.jobs.append(job.id)
+    time.sleep(run.rng.uniform(0.2, 0.6))
+    c.net.partition()
+    run.report.faults.append("partition during a cycle")
+    time.sleep(2)
+    c.net.heal()
+    assert c.admin is not None
+    if wait_job(c.admin, job.id).state != "succeeded":
+        failed += 1
+    c.net.apply(LAN)
+    run.stop_writer("vm1")
+    run.cycle("vm1")
+    run.check_replica("vm1", all_writes=True)
+    run.report.details["cycles the faults failed"] = failed
+    run.report.details["link"] = str(c.net.stats)[:300]
+
+
 SCENARIOS: dict[str, Callable[[Run], None]] = {
     "walkthrough": walkthrough,
     "failback": failback,
@@ -469,7 +625,14 @@ SCENARIOS: dict[str, Callable[[Run], None]] = {
     "kill-soak": kill_soak,
     "wan-resync": wan_resync,
     "rpo-hold": rpo_hold,
+    "replica-full": replica_full,
+    "clock-skew": clock_skew,
+    "bad-link": bad_link,
 }
 SITES: dict[str, dict[str, int]] = {
     "walkthrough": {"a": 2, "b": 2},
+}
+#: Scenarios whose hosts keep their storage on a size-limited filesystem (bytes; needs root).
+SMALL_STORAGE: dict[str, dict[str, int]] = {
+    "replica-full": {"hv-b1": 1200 * MiB},  # placement wants the disks + 1 GiB free
 }

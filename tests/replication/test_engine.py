@@ -232,7 +232,7 @@ def test_a_broken_connection_is_retried_within_the_cycle(pair: Pair, tmp_path: P
 def test_a_replica_that_stays_away_fails_the_cycle_after_the_retries(
     pair: Pair, tmp_path: Path
 ) -> None:
-    backend, rel, vm = setup_source(pair, tmp_path)
+    _, rel, _ = setup_source(pair, tmp_path)
     proxy = FaultProxy(pair.cert_address)
     try:
         rel.config = dataclasses.replace(rel.config, address=proxy.address)

@@ -3,6 +3,7 @@
 python -m tests.harness list
 python -m tests.harness run walkthrough failback --mode loopback --report out.json
 python -m tests.harness run all --seed 7
+python -m tests.harness run rpo-hold --mode netns --profile wan
 python -m tests.harness soak --minutes 60 --kills 200 --report soak.json
 """
 
@@ -12,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tests.harness.network import PROFILES
 from tests.harness.report import table, write_json
 from tests.harness.runner import run_scenario
 from tests.harness.scenarios import SCENARIOS
@@ -29,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     for sp in (r, s):
         sp.add_argument("--mode", choices=["loopback", "netns"], default="loopback")
         sp.add_argument("--seed", type=int, default=1)
+        sp.add_argument(
+            "--profile",
+            choices=sorted(PROFILES),
+            default="lan",
+            help="the inter-site link for the whole run (docs/harness-network.md)",
+        )
         sp.add_argument("--report", type=Path, help="write the report as JSON")
         sp.add_argument(
             "--work", type=Path, help="keep the run's folders here (default: a temp dir)"
@@ -48,8 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(n, {}) for n in names]
     reports = []
     for name, extra in plan:
-        print(f"== {name} ({args.mode}, seed {args.seed})", flush=True)
-        reports.append(run_scenario(name, mode=args.mode, seed=args.seed, work=args.work, **extra))
+        print(f"== {name} ({args.mode}, {args.profile}, seed {args.seed})", flush=True)
+        reports.append(
+            run_scenario(
+                name,
+                mode=args.mode,
+                seed=args.seed,
+                work=args.work,
+                profile=args.profile,
+                **extra,
+            )
+        )
         print(table(reports[-1:]), flush=True)
     print()
     print(table(reports))

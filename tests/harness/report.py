@@ -20,6 +20,8 @@ class ScenarioReport:
     name: str
     mode: str
     seed: int
+    #: The inter-site link's WAN profile (tests/harness/network/wan.py).
+    profile: str = "lan"
     passed: bool = False
     #: Why the scenario could not run here (root needed, ...); a skip is not a pass.
     skipped: str = ""
@@ -51,6 +53,7 @@ def table(reports: list[ScenarioReport]) -> str:
     headers = [
         "scenario",
         "mode",
+        "link",
         "result",
         "time",
         "worst RPO",
@@ -63,6 +66,7 @@ def table(reports: list[ScenarioReport]) -> str:
         [
             r.name,
             r.mode,
+            r.profile,
             "SKIP" if r.skipped else "PASS" if r.passed else "FAIL",
             f"{r.seconds:.0f}s",
             f"{r.worst_rpo:.1f}s" if r.worst_rpo else "-",

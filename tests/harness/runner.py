@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from tests.harness.cluster import Cluster
-from tests.harness.network import Network, small_filesystem_unavailable
+from tests.harness.network import PROFILES, Network, small_filesystem_unavailable
 from tests.harness.report import ScenarioReport
 from tests.harness.scenarios import SCENARIOS, SITES, SMALL_STORAGE, Run
 
@@ -24,8 +24,11 @@ def run_scenario(
     work: Path | None = None,
     soak: float = 0.0,
     kills: int = 0,
+    profile: str = "lan",
 ) -> ScenarioReport:
-    report = ScenarioReport(name=name, mode=mode, seed=seed)
+    """Run scenario ``name`` on a fresh deployment; ``profile`` is the inter-site link's WAN
+    profile for the whole run (scenarios that reshape the link put it back afterwards)."""
+    report = ScenarioReport(name=name, mode=mode, seed=seed, profile=profile)
     if name in SMALL_STORAGE:
         reason = small_filesystem_unavailable()
         if reason:
@@ -40,7 +43,12 @@ def run_scenario(
     cluster: Cluster | None = None
     try:
         net = stack.enter_context(
-            Network.create(mode, run_id=f"{seed}{int(time.time()) % 10000}", seed=seed)  # type: ignore[arg-type]
+            Network.create(
+                mode,  # type: ignore[arg-type]
+                run_id=f"{seed}{int(time.time()) % 10000}",
+                seed=seed,
+                profile=PROFILES[profile],
+            )
         )
         cluster = Cluster(
             root,

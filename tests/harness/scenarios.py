@@ -24,7 +24,7 @@ from broker.client import wait_job
 from sitepair.errors import SitepairError
 from sitepair.v1 import admin_pb2
 from tests.harness.cluster import Cluster
-from tests.harness.network import LAN, LOSSY, WanProfile
+from tests.harness.network import LOSSY, WanProfile
 from tests.harness.report import ScenarioReport
 from tests.harness.workload import WriteLog, Writer, check_prefix, completed_before
 
@@ -438,6 +438,7 @@ def wan_resync(run: Run) -> None:
     run.start_writer("vm1", rate=200)
     run.protect("vm1")
     c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="pause"))
+    base = c.net.profile
     c.net.apply(SLOW_LINK)
     run.report.details["profile"] = f"{SLOW_LINK.name}: {SLOW_LINK.description}"
     run.wait_writes("vm1", 400)
@@ -452,7 +453,7 @@ def wan_resync(run: Run) -> None:
         c.job(job)
     except AssertionError:
         run.cycle("vm1")  # the interrupted resync is finished by the next cycle
-    c.net.apply(LAN)
+    c.net.apply(base)
     run.stop_writer("vm1")
     run.cycle("vm1")
     run.check_replica("vm1", all_writes=True)
@@ -584,6 +585,7 @@ def bad_link(run: Run) -> None:
     run.start_writer("vm1", rate=20)  # the lossy link carries about 1 MB/s
     run.protect("vm1")
     pause(run, "vm1")
+    base = c.net.profile
     c.net.apply(LOSSY)
     run.report.details["profile"] = f"{LOSSY.name}: {LOSSY.description}"
     failed = 0
@@ -610,7 +612,7 @@ def bad_link(run: Run) -> None:
     assert c.admin is not None
     if wait_job(c.admin, job.id).state != "succeeded":
         failed += 1
-    c.net.apply(LAN)
+    c.net.apply(base)
     run.stop_writer("vm1")
     run.cycle("vm1")
     run.check_replica("vm1", all_writes=True)

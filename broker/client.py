@@ -102,17 +102,18 @@ class AdminClient:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, peer=f"broker at {self.address}") from None
 
-    def watch_job(self, job_id: str) -> Iterator[admin_pb2.Job]:
+    def watch_job(self, job_id: str, *, timeout: float | None = None) -> Iterator[admin_pb2.Job]:
+        """Every change of a job until it is final (or ``timeout`` seconds pass)."""
         try:
-            yield from self.stub.WatchJob(admin_pb2.GetJobRequest(id=job_id))
+            yield from self.stub.WatchJob(admin_pb2.GetJobRequest(id=job_id), timeout=timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, peer=f"broker at {self.address}") from None
 
 
-def wait_job(client: AdminClient, job_id: str) -> admin_pb2.Job:
-    """Block until a job is final and return it."""
+def wait_job(client: AdminClient, job_id: str, *, timeout: float | None = None) -> admin_pb2.Job:
+    """Block until a job is final and return it (DeadlineExceeded after ``timeout`` seconds)."""
     last: admin_pb2.Job | None = None
-    for job in client.watch_job(job_id):
+    for job in client.watch_job(job_id, timeout=timeout):
         last = job
     if last is None:
         raise SitepairError(f"job {job_id} stream ended without a state")

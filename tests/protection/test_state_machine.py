@@ -22,7 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from agent.replication.state import ReplicationState
 from broker.client import wait_job
-from sitepair.errors import SitepairError
+from sitepair.errors import DeadlineExceeded, SitepairError
 from sitepair.v1 import admin_pb2
 from tests.protection.conftest import Host, Sites, eventually, inventory_has
 from tests.protection.test_walkthrough import MiB, make_vm
@@ -96,7 +96,12 @@ class ProtectionMachine(RuleBasedStateMachine):
             return  # refused: a valid answer to a command that does not fit the state
         self.jobs.append(job.id)
         if all(h.agent is not None for h in self.s.hosts.values()):
-            wait_job(self.admin, job.id)
+            try:
+                wait_job(self.admin, job.id, timeout=60)
+            except DeadlineExceeded:
+                stuck = self.admin.call("GetJob", admin_pb2.GetJobRequest(id=job.id))
+                steps = [(st.name, st.state, st.message) for st in stuck.steps]
+                raise AssertionError(f"job {stuck.kind} stuck {stuck.state}: {steps}") from None
         else:
             time.sleep(0.5)
 

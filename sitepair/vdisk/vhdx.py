@@ -1605,6 +1605,16 @@ def create_vhdx(
                 payload_offset + block * block_size
             )
         file_size = payload_offset + geo.data_blocks * block_size
+    if locator is not None:
+        # Every chunk of a differencing disk gets its sector bitmap block up front: all zero
+        # (every sector from the parent) and sparse in the file, 1 MiB of address space per
+        # chunk (4 GiB of disk with 2 MiB blocks). The spec needs no bitmap under NOT_PRESENT
+        # blocks, but libvhdi reads one anyway and, finding none, takes file offset 0 as the
+        # bitmap: it then hides the parent's data in a fresh child. Present bitmaps read right
+        # everywhere.
+        for chunk in range(geo.bitmap_blocks):
+            bat[geo.bitmap_index(chunk)] = SB_BLOCK_PRESENT | file_size
+            file_size += SECTOR_BITMAP_BLOCK_SIZE
     if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
         bat.byteswap()
 

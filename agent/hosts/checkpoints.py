@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import struct
 import uuid
@@ -301,7 +302,7 @@ class Checkpoints:
                     f"VM {spec.name} disk {disk.id}: {folder / disk.active} is not a VHD or "
                     "VHDX image; only those can have checkpoints"
                 )
-            children[disk.id] = _child_entry(disk, seq, fmt)
+            children[disk.id] = _child_entry(folder, disk, seq, fmt)
             record.disks.append(
                 CutDisk(disk_id=disk.id, frozen=disk.active, virtual_size=0, format=fmt.value)
             )
@@ -357,9 +358,11 @@ class Checkpoints:
         """Undo a take_cut that did not reach its commit point: delete the children."""
         pending = state.pending
         assert pending is not None
-        in_use = {entry for d in spec.disks for entry in d.chain}
+        # Compared as files: a chain may name a layer by an absolute path (a failed-over VM's
+        # chains) where the cut names its child relative to the VM folder.
+        in_use = {(folder / entry).resolve() for d in spec.disks for entry in d.chain}
         for disk_id, child in pending.children.items():
-            if child in in_use:
+            if (folder / child).resolve() in in_use:
                 continue
             for path in (folder / child, changelog.log_path(folder, disk_id, child)):
                 with contextlib.suppress(FileNotFoundError):
@@ -623,15 +626,28 @@ def _active_of(spec: VmSpec, disk_id: str) -> str | None:
     return None
 
 
-def _child_entry(disk: DiskSpec, seq: int, fmt: vdisk.DiskFormat) -> str:
+def _child_entry(folder: Path, disk: DiskSpec, seq: int, fmt: vdisk.DiskFormat) -> str:
     """The chain entry of the checkpoint child made for cut ``seq``: next to the active layer,
-    named after the base (``disks/os.vhdx`` -> ``disks/os_000003.avhdx``)."""
+    named after the base (``disks/os.vhdx`` -> ``disks/os_000003.avhdx``).
+
+    The name must be free: after a failover re-registers a VM its cut numbers start over while
+    its chain may still hold a layer of the same name (the adopted replica kept the old VM's
+    ``os_000001.avhdx``), so a taken name gets a ``-2``, ``-3``... suffix. A cut's children are
+    therefore always files the cut itself created, and rolling one back deletes nothing else."""
     suffix = ".avhdx" if fmt is vdisk.DiskFormat.VHDX else ".avhd"
-    name = f"{PurePosixPath(disk.chain[0].replace(chr(92), '/')).stem}_{seq:06d}{suffix}"
+    stem = f"{PurePosixPath(disk.chain[0].replace(chr(92), '/')).stem}_{seq:06d}"
     active = disk.active
-    if Path(active).is_absolute():
-        return str(Path(active).parent / name)
-    return str(PurePosixPath(active.replace("\\", "/")).parent / name)
+    in_chain = {(folder / entry).resolve() for entry in disk.chain}
+    for n in itertools.count(1):
+        name = stem + (f"-{n}" if n > 1 else "") + suffix
+        if Path(active).is_absolute():
+            entry = str(Path(active).parent / name)
+        else:
+            entry = str(PurePosixPath(active.replace("\\", "/")).parent / name)
+        path = folder / entry
+        if path.resolve() not in in_chain and not path.exists():
+            return entry
+    raise AssertionError("unreachable")
 
 
 def _parent_is(child: Path, parent: Path) -> bool:

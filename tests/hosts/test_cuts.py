@@ -198,3 +198,40 @@ def test_writer_keeps_writing_through_cuts_in_the_same_process(
         assert w.read("os", 0, 1) == b"2"
         assert read_cut(c1)["os"][:1] == b"1"
         assert w.virtual_size("data") == SIZES["data"]
+
+
+def test_a_cut_never_reuses_the_name_of_a_layer_in_the_chain(tmp_path: Path) -> None:
+    """A failed-over VM re-registered over chains that still hold ``os_000001.avhdx`` (the
+    adopted old VM's own cut layer): its cut numbers start over, and cut 1 must not take (and,
+    failing, delete) that file."""
+    from sitepair import vdisk
+
+    backend = DirectoryBackend(tmp_path / "vms")
+    backend.create_vm("web01", disks=[("os", "vhdx", 8 << 20)])
+    folder, spec = backend.find_vm("web01")
+    disks = folder / "disks"
+    base = disks / "os.vhdx"
+    middle = disks / "os_000001.avhdx"  # the name cut 1 of a fresh tracking state would take
+    vdisk.create_disk(middle, format="vhdx", subformat="differencing", parent=base).close()
+    with vdisk.open_disk(middle) as d:
+        d.write(0, b"\x77" * 4096)
+    backend.register_vm(
+        "web01",
+        vm_id=spec.id,
+        disks=[("os", [base, middle])],
+        cpu=1,
+        memory_mb=512,
+        replace=True,
+    )
+    cut = backend.take_cut("web01")
+    assert middle.exists()
+    [frozen] = cut.disks
+    assert [Path(p).resolve() for p in frozen.chain][:2] == [base.resolve(), middle.resolve()]
+    _, spec = backend.find_vm("web01")
+    assert spec.disks[0].active.endswith("os_000001-2.avhdx")
+    with vdisk.open_disk(folder / spec.disks[0].active) as d:
+        assert d.read(0, 4096) == b"\x77" * 4096
+    backend.release_cut("web01", cut.cut_id)
+    _, spec = backend.find_vm("web01")
+    with vdisk.open_disk(folder / spec.disks[0].active) as d:
+        assert d.read(0, 4096) == b"\x77" * 4096

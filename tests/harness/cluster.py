@@ -25,6 +25,7 @@ from typing import Any
 from agent import config as agent_config
 from agent.hosts.directory import DirectoryBackend
 from broker.client import AdminClient, Profile, wait_job
+from broker.config import StoreConfig
 from broker.home import BrokerHome
 from sitepair.v1 import admin_pb2
 from tests.harness.network import Network, small_filesystem
@@ -60,6 +61,7 @@ class Cluster:
         heartbeat: str = "1s",
         env: dict[str, str] | None = None,
         small_storage: dict[str, int] | None = None,
+        store: StoreConfig | None = None,
         log: Callable[[str], None] = print,
     ) -> None:
         self.root = root
@@ -78,13 +80,17 @@ class Cluster:
         self.faults: list[str] = []
         #: Hosts whose storage ("gold") is a size-limited filesystem of this many bytes.
         self.small_storage = small_storage or {}
+        #: The broker's store: None for SQLite in its home, or a PostgreSQL database.
+        self.store = store
         self._mounts = contextlib.ExitStack()
 
     # -- broker -----------------------------------------------------------------------------
     def start_broker(self) -> None:
         if self.home is None:
             root = self.root / "broker"
-            self.home = make_home(root, heartbeat=self.heartbeat, offline_critical="10s")
+            self.home = make_home(
+                root, heartbeat=self.heartbeat, offline_critical="10s", store=self.store
+            )
             host = self.net.broker_host()
             text = self.home.config.read_text()
             # Fixed ports, so a restarted broker is where the agents look for it.
@@ -312,6 +318,10 @@ class Cluster:
 
     def replica_chains(self, vm: str) -> dict[str, Path]:
         """Top of each disk's latest chain in the VM's replica (on the replica host)."""
+        return {disk: chain[-1] for disk, chain in self.replica_chain_lists(vm).items()}
+
+    def replica_chain_lists(self, vm: str) -> dict[str, list[Path]]:
+        """Each disk's latest chain in the VM's replica, base first."""
         v = self.protected(vm)
         host = next(a for a in self.agents.values() if a.name == v.replica_server)
         folder = (
@@ -320,11 +330,10 @@ class Cluster:
             else host.home / "replicas" / v.relationship_id
         )
         state = json.loads((folder / "state.json").read_text())
-        out = {}
-        for disk, ds in state["disks"].items():
-            top = ds["chain"][-1]
-            out[disk] = Path(top) if os.path.isabs(top) else folder / top
-        return out
+        return {
+            disk: [Path(p) if os.path.isabs(p) else folder / p for p in ds["chain"]]
+            for disk, ds in state["disks"].items()
+        }
 
     def point_chains(self, vm: str) -> dict[int, dict[str, Path]]:
         v = self.protected(vm)

@@ -11,6 +11,7 @@ back). After every step, once the jobs it started have settled:
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -215,7 +216,8 @@ class ProtectionMachine(RuleBasedStateMachine):
 
 TestProtectionMachine = ProtectionMachine.TestCase
 TestProtectionMachine.settings = settings(
-    max_examples=8,
+    # A longer hunt: SITEPAIR_MACHINE_EXAMPLES=200 make test (each example is a few seconds).
+    max_examples=int(os.environ.get("SITEPAIR_MACHINE_EXAMPLES", "8")),
     stateful_step_count=8,
     deadline=None,
     suppress_health_check=list(HealthCheck),

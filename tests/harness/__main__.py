@@ -4,6 +4,7 @@ python -m tests.harness list
 python -m tests.harness run walkthrough failback --mode loopback --report out.json
 python -m tests.harness run all --seed 7
 python -m tests.harness run rpo-hold --mode netns --profile wan
+python -m tests.harness run walkthrough failback --store postgresql
 python -m tests.harness soak --minutes 60 --kills 200 --report soak.json
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.harness.network import PROFILES
 from tests.harness.report import table, write_json
@@ -28,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("soak", help="the kill soak and RPO hold for as long as asked")
     s.add_argument("--minutes", type=float, default=60.0)
     s.add_argument("--kills", type=int, default=200)
+    s.add_argument(
+        "--rpo-profiles",
+        default="lan,metro,wan",
+        help="WAN profiles the RPO hold runs on, one after another (comma-separated)",
+    )
     for sp in (r, s):
         sp.add_argument("--mode", choices=["loopback", "netns"], default="loopback")
         sp.add_argument("--seed", type=int, default=1)
@@ -36,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
             choices=sorted(PROFILES),
             default="lan",
             help="the inter-site link for the whole run (docs/harness-network.md)",
+        )
+        sp.add_argument(
+            "--store",
+            choices=["sqlite", "postgresql"],
+            default="sqlite",
+            help="the broker's store: its embedded SQLite, or a throwaway PostgreSQL server",
         )
         sp.add_argument("--report", type=Path, help="write the report as JSON")
         sp.add_argument(
@@ -47,7 +60,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<12} {(fn.__doc__ or '').strip().splitlines()[0]}")
         return 0
     if args.command == "soak":
-        plan = [("kill-soak", {"kills": args.kills}), ("rpo-hold", {"soak": args.minutes * 60 / 4})]
+        # Two thirds of the time for the kills, the rest for the RPO hold on each WAN profile.
+        seconds = args.minutes * 60
+        plan: list[tuple[str, dict[str, Any]]] = [
+            ("kill-soak", {"kills": args.kills, "soak": seconds * 2 / 3})
+        ]
+        rpo_profiles = [x.strip() for x in args.rpo_profiles.split(",") if x.strip()]
+        bad = [x for x in rpo_profiles if x not in PROFILES]
+        if bad or not rpo_profiles:
+            p.error(f"--rpo-profiles: unknown {', '.join(bad)!r}; choose from {sorted(PROFILES)}")
+        plan += [
+            ("rpo-hold", {"soak": max(75.0, seconds / 3 / len(rpo_profiles)), "profile": p})
+            for p in rpo_profiles
+        ]
     else:
         names = list(SCENARIOS) if args.scenarios == ["all"] else args.scenarios
         unknown = [n for n in names if n not in SCENARIOS]
@@ -56,14 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(n, {}) for n in names]
     reports = []
     for name, extra in plan:
-        print(f"== {name} ({args.mode}, {args.profile}, seed {args.seed})", flush=True)
+        profile = str(extra.pop("profile", args.profile))
+        print(f"== {name} ({args.mode}, {profile}, {args.store}, seed {args.seed})", flush=True)
         reports.append(
             run_scenario(
                 name,
                 mode=args.mode,
                 seed=args.seed,
                 work=args.work,
-                profile=args.profile,
+                profile=profile,
+                store=args.store,
                 **extra,
             )
         )

@@ -22,6 +22,8 @@ class ScenarioReport:
     seed: int
     #: The inter-site link's WAN profile (tests/harness/network/wan.py).
     profile: str = "lan"
+    #: The broker's store: "sqlite" or "postgresql".
+    store: str = "sqlite"
     passed: bool = False
     #: Why the scenario could not run here (root needed, ...); a skip is not a pass.
     skipped: str = ""
@@ -54,6 +56,7 @@ def table(reports: list[ScenarioReport]) -> str:
         "scenario",
         "mode",
         "link",
+        "store",
         "result",
         "time",
         "worst RPO",
@@ -67,6 +70,7 @@ def table(reports: list[ScenarioReport]) -> str:
             r.name,
             r.mode,
             r.profile,
+            "pg" if r.store == "postgresql" else r.store,
             "SKIP" if r.skipped else "PASS" if r.passed else "FAIL",
             f"{r.seconds:.0f}s",
             f"{r.worst_rpo:.1f}s" if r.worst_rpo else "-",

@@ -10,10 +10,12 @@ import time
 import traceback
 from pathlib import Path
 
+from broker.config import StoreConfig
 from tests.harness.cluster import Cluster
 from tests.harness.network import PROFILES, Network, small_filesystem_unavailable
 from tests.harness.report import ScenarioReport
 from tests.harness.scenarios import SCENARIOS, SITES, SMALL_STORAGE, Run
+from tests.support import postgres
 
 
 def run_scenario(
@@ -25,10 +27,18 @@ def run_scenario(
     soak: float = 0.0,
     kills: int = 0,
     profile: str = "lan",
+    store: str = "sqlite",
 ) -> ScenarioReport:
     """Run scenario ``name`` on a fresh deployment; ``profile`` is the inter-site link's WAN
-    profile for the whole run (scenarios that reshape the link put it back afterwards)."""
-    report = ScenarioReport(name=name, mode=mode, seed=seed, profile=profile)
+    profile for the whole run (scenarios that reshape the link put it back afterwards);
+    ``store`` is the broker's: its embedded SQLite, or a throwaway PostgreSQL server that the
+    run starts and removes."""
+    report = ScenarioReport(name=name, mode=mode, seed=seed, profile=profile, store=store)
+    if store == "postgresql":
+        reason = postgres.unavailable_reason()
+        if reason:
+            report.skipped = f"needs PostgreSQL: {reason}"
+            return report
     if name in SMALL_STORAGE:
         reason = small_filesystem_unavailable()
         if reason:
@@ -50,11 +60,18 @@ def run_scenario(
                 profile=PROFILES[profile],
             )
         )
+        store_config: StoreConfig | None = None
+        env: dict[str, str] = {}
+        server: postgres.PostgresCluster | None = None
+        if store == "postgresql":
+            server, store_config, env = _postgres(stack)
         cluster = Cluster(
             root,
             sites=SITES.get(name, {"a": 1, "b": 1}),
             network=net,
             small_storage=SMALL_STORAGE.get(name),
+            store=store_config,
+            env=env,
         )
         cluster.start_broker()
         cluster.add_agents()
@@ -65,6 +82,16 @@ def run_scenario(
             for vm in list(run.writers):
                 run.stop_writer(vm)
         run.check_invariants()
+        if server is not None:
+            # The broker really kept its state there, and its home has no SQLite store.
+            rows = server.admin_query("SELECT count(*) FROM jobs", "harness")
+            jobs = int(str(rows[0][0]))
+            sqlite = cluster.home is not None and (cluster.home.root / "broker.db").exists()
+            report.check(
+                "the broker's jobs are in PostgreSQL",
+                jobs > 0 and not sqlite,
+                f"{jobs} jobs in the database; broker.db in the home: {sqlite}",
+            )
         report.faults += cluster.faults
         bytes_moved = getattr(net, "bytes_moved", None)
         if bytes_moved is not None:
@@ -84,3 +111,18 @@ def run_scenario(
         else:
             report.details["work folder"] = str(root)
     return report
+
+
+def _postgres(
+    stack: contextlib.ExitStack,
+) -> tuple[postgres.PostgresCluster, StoreConfig, dict[str, str]]:
+    """A throwaway PostgreSQL server for this run's broker (removed when ``stack`` closes),
+    reached over its Unix socket so a broker inside a network namespace reaches it too."""
+    binaries = postgres.bin_dir()
+    assert binaries is not None  # unavailable_reason() said so
+    server = postgres.PostgresCluster(binaries)
+    stack.callback(server.stop)
+    server.start()
+    server.admin_sql(f"CREATE DATABASE harness OWNER {postgres.ROLE}")
+    store = StoreConfig(backend="postgresql", dsn=server.socket_dsn("harness"))
+    return server, store, {"SITEPAIR_DB_PASSWORD": postgres.PASSWORD}

@@ -8,6 +8,7 @@ import pytest
 from tests.harness.network import netns_unavailable_reason
 from tests.harness.report import table
 from tests.harness.runner import run_scenario
+from tests.support import postgres
 
 SHORT = {
     "walkthrough": {},
@@ -48,3 +49,17 @@ def test_scenario_netns(name: str) -> None:
     print(table([report]))
     assert report.passed, "\n".join(report.errors) + "\n" + str(report.details.get("traceback", ""))
     assert report.checks
+
+
+@pytest.mark.timeout(300)
+def test_walkthrough_with_a_postgresql_store() -> None:
+    """The broker on PostgreSQL (a throwaway server), in namespaces when they can be built: the
+    broker then reaches the database over its Unix socket from inside its own namespace."""
+    reason = postgres.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    mode = "loopback" if netns_unavailable_reason() else "netns"
+    report = run_scenario("walkthrough", mode=mode, seed=17, store="postgresql")
+    print(table([report]))
+    assert report.passed, "\n".join(report.errors) + "\n" + str(report.details.get("traceback", ""))
+    assert any(c.what == "the broker's jobs are in PostgreSQL" for c in report.checks)

@@ -14,6 +14,7 @@ from typing import Any
 
 from broker.app import Broker, BrokerContext, init_home
 from broker.client import AdminClient, Profile
+from broker.config import StoreConfig
 from broker.home import BrokerHome
 from sitepair.clock import SYSTEM_CLOCK, Clock
 from sitepair.v1 import admin_pb2
@@ -30,10 +31,16 @@ def make_home(
     offline_critical: str = "4s",
     clock: Clock = SYSTEM_CLOCK,
     log_file: Path | None = None,
+    store: StoreConfig | None = None,
 ) -> BrokerHome:
     """A broker home listening on free loopback ports, with test-friendly timings."""
     home = init_home(
-        root, vault=vault, enrollment="127.0.0.1:0", control="127.0.0.1:0", clock=clock
+        root,
+        vault=vault,
+        enrollment="127.0.0.1:0",
+        control="127.0.0.1:0",
+        clock=clock,
+        store=store,
     )
     text = home.config.read_text()
     text = re.sub(r'interval = "10s"', f'interval = "{heartbeat}"', text)

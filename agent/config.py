@@ -46,6 +46,10 @@ class ReplicationConfig:
     advertise_host: str = ""
     advertise_certificate_port: int = 0
     advertise_ticket_port: int = 0
+    #: How a policy's "compression on" is carried out by this host as a source: "adaptive"
+    #: (compress while the link is the bottleneck, agent/replication/adapt.py) or "always"
+    #: (every batch that shrinks, e.g. on a metered link).
+    compression: str = "adaptive"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +145,16 @@ def parse(text: str, home: Path, *, source: str = "agent.toml") -> AgentConfig:
             "advertise_host",
             "advertise_certificate_port",
             "advertise_ticket_port",
+            "compression",
         },
         f"{source} [replication]",
     )
+    compression = r.get("compression", "adaptive")
+    if compression not in ("adaptive", "always"):
+        raise ConfigError(
+            f'{source} [replication] compression must be "adaptive" or "always", '
+            f"not {compression!r}"
+        )
     for port_key in (
         "certificate_port",
         "ticket_port",
@@ -163,6 +174,7 @@ def parse(text: str, home: Path, *, source: str = "agent.toml") -> AgentConfig:
         advertise_host=str(r.get("advertise_host", "")),
         advertise_certificate_port=int(r.get("advertise_certificate_port", 0)),
         advertise_ticket_port=int(r.get("advertise_ticket_port", 0)),
+        compression=str(compression),
     )
 
     lg = doc.get("log", {})
@@ -237,6 +249,9 @@ def render(
         f"certificate_port = {certificate_port}   # mutual TLS",
         f"ticket_port = {ticket_port}        # TLS + broker-signed ticket",
         'default_replica_path = "replicas"',
+        '# With a policy\'s compression on: "adaptive" compresses while the link is the',
+        '# bottleneck; "always" compresses every batch that shrinks (metered links).',
+        'compression = "adaptive"',
         "",
         "[log]",
         'level = "info"',

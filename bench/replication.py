@@ -161,6 +161,7 @@ def _serve_sender(home: Path) -> None:
                     work_dir=Path(cmd["work_dir"]),
                     ticket_provider=provider,
                     tracker=cmd["tracker"],
+                    adaptive_compression=cmd.get("adaptive", True),
                 )
                 start = time.perf_counter()
                 result = rel.run_cycle()
@@ -175,6 +176,8 @@ def _serve_sender(home: Path) -> None:
                     "wire_bytes": result.wire_bytes,
                     "zero_blocks": result.zero_blocks,
                     "data_blocks": result.data_blocks,
+                    "compressed_batches": result.compressed_batches,
+                    "uncompressed_batches": result.uncompressed_batches,
                 }
             elif cmd["op"] == "raw":
                 channel = grpc.secure_channel(
@@ -441,11 +444,14 @@ class Bench:
         shutil.rmtree(self.homes["replica"] / "replicas" / rid, ignore_errors=True)
         shutil.rmtree(self.work_dir / rid, ignore_errors=True)
 
-    def cycle(self, rid: str, *, malloc: str, tracker: str = "changelog") -> dict[str, Any]:
+    def cycle(
+        self, rid: str, *, malloc: str, tracker: str = "changelog", adaptive: bool = True
+    ) -> dict[str, Any]:
         return self.workers[f"tx-{malloc}"].call(
             op="cycle",
             relationship=rid,
             tracker=tracker,
+            adaptive=adaptive,
             vm_root=str(self.vm_root),
             work_dir=str(self.work_dir),
             ticket_key=str(self.ticket_key_path),
@@ -515,11 +521,13 @@ class Bench:
             dst.unlink(missing_ok=True)
             return self.rsync.run(raw, dst.name, "--whole-file")
 
-        def ours(auth: str, compress: bool, malloc: str) -> Callable[[], dict[str, Any]]:
+        def ours(
+            auth: str, compress: bool, malloc: str, adaptive: bool = True
+        ) -> Callable[[], dict[str, Any]]:
             def run() -> dict[str, Any]:
                 rid = self.relationship(vm, auth=auth, compress=compress, malloc=malloc)
                 try:
-                    res = self.cycle(rid, malloc=malloc)
+                    res = self.cycle(rid, malloc=malloc, adaptive=adaptive)
                 finally:
                     self.forget(rid)
                 return res
@@ -539,6 +547,7 @@ class Bench:
             peers["grpc-raw"] = raw_stream
         peers["ours-8084-zstd"] = ours("certificate", True, "tuned")
         if full:
+            peers["ours-8084-zstd-always"] = ours("certificate", True, "tuned", adaptive=False)
             peers["ours-8084-plain"] = ours("certificate", False, "tuned")
             peers["ours-8083-zstd"] = ours("ticket", True, "tuned")
             peers["ours-8084-zstd-default-malloc"] = ours("certificate", True, "default")
@@ -652,7 +661,8 @@ def _maybe_open(path: Path | None) -> Iterator[Any]:
 LABELS = {
     "rsync": "rsync daemon on 127.0.0.1, `--whole-file` (no encryption, no compression)",
     "grpc-raw": "bare gRPC stream, mTLS, pre-serialised 1 MiB messages (the ceiling)",
-    "ours-8084-zstd": "sitepair initial cycle, 8084 mTLS, zstd",
+    "ours-8084-zstd": "sitepair initial cycle, 8084 mTLS, zstd adaptive (the default)",
+    "ours-8084-zstd-always": "sitepair initial cycle, 8084 mTLS, zstd on every batch",
     "ours-8084-plain": "sitepair initial cycle, 8084 mTLS, no compression",
     "ours-8083-zstd": "sitepair initial cycle, 8083 TLS + ticket, zstd",
     "ours-8084-zstd-default-malloc": (

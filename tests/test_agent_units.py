@@ -123,6 +123,11 @@ def test_agent_config_errors_name_the_problem(tmp_path: Path) -> None:
         agent_config.parse("[backend", tmp_path)
     with pytest.raises(ConfigError, match="certificate_port must be a port"):
         agent_config.parse("[replication]\ncertificate_port = 70000", tmp_path)
+    assert cfg.replication.compression == "adaptive"  # what render() writes, and the default
+    always = agent_config.parse("[replication]\ncompression = 'always'", tmp_path)
+    assert always.replication.compression == "always"
+    with pytest.raises(ConfigError, match='compression must be "adaptive" or "always"'):
+        agent_config.parse("[replication]\ncompression = 'max'", tmp_path)
 
 
 def test_broker_config_errors_name_the_problem() -> None:

@@ -181,8 +181,15 @@ class Encoder:
         return c
 
     def encode(
-        self, index: int, blocks: Sequence[BlockRef], datas: Sequence[bytes]
+        self,
+        index: int,
+        blocks: Sequence[BlockRef],
+        datas: Sequence[bytes],
+        *,
+        compress: bool | None = None,
     ) -> EncodedBatch:
+        """``compress`` overrides the encoder's setting for this batch (the adaptive
+        governor's choice); zstd is used only where it pays even then."""
         batch = replication_pb2.BlockBatch(index=index)
         parts: list[bytes] = []
         kinds: list[tuple[int, bytes]] = []
@@ -214,7 +221,7 @@ class Encoder:
         batch.raw_length = raw_length
         payload: list[bytes] = parts
         batch.codec = replication_pb2.CODEC_NONE
-        if self._compress and raw_length:
+        if (self._compress if compress is None else compress) and raw_length:
             packed = self._compressor().compress(b"".join(parts))
             if len(packed) <= raw_length * COMPRESS_WORTH:
                 payload = [packed]

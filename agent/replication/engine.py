@@ -127,8 +127,10 @@ class SourceRelationship:
         ticket_provider: Callable[[], str] | None = None,
         host_bucket: TokenBucket | None = None,
         tracker: str = "changelog",
+        adaptive_compression: bool = True,
     ) -> None:
         self.config = config
+        self.adaptive_compression = adaptive_compression
         self.backend = backend
         self.state = state
         self.identity = identity
@@ -346,7 +348,12 @@ class SourceRelationship:
 
         buckets = [self.bucket] + ([self.host_bucket] if self.host_bucket else [])
         result = client.send_cycle(
-            header, plan, compress=cfg.compression, buckets=buckets, progress=progress
+            header,
+            plan,
+            compress=cfg.compression,
+            adaptive=self.adaptive_compression,
+            buckets=buckets,
+            progress=progress,
         )
         if self.tracker == "scan":
             # The next scan compares against this cut: its digests come from the planning scan
@@ -383,6 +390,8 @@ class SourceRelationship:
                     "wire_bytes": result.wire_bytes,
                     "seconds": round(result.seconds, 3),
                     "resumed_from": result.resumed_from,
+                    "compressed_batches": result.compressed_batches,
+                    "uncompressed_batches": result.uncompressed_batches,
                 }
             },
         )
@@ -589,7 +598,13 @@ class SourceRelationship:
             source_host=self.identity().host_id,
         )
         buckets = [self.bucket] + ([self.host_bucket] if self.host_bucket else [])
-        result = client.send_cycle(header, plan, compress=self.config.compression, buckets=buckets)
+        result = client.send_cycle(
+            header,
+            plan,
+            compress=self.config.compression,
+            adaptive=self.adaptive_compression,
+            buckets=buckets,
+        )
         self.stats.committed_sequence = header.sequence
         self.stats.total_cycle_bytes += result.raw_bytes
         self.stats.wire_bytes += result.wire_bytes

@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 
 from agent.identity import AgentIdentity
+from agent.replication.adapt import CompressionGovernor
 from agent.replication.blocks import (
     BLOCK,
     BlockRef,
@@ -98,6 +99,10 @@ class CycleResult:
     applied_bytes: int = 0
     seconds: float = 0.0
     throttled_seconds: float = 0.0
+    #: Batches the adaptive governor had compressed / sent as they are (zstd may still have been
+    #: skipped for a batch that did not shrink).
+    compressed_batches: int = 0
+    uncompressed_batches: int = 0
     #: BLAKE3 of every block the cycle covered, by disk and offset (b"" for a zero block).
     block_digests: dict[str, dict[int, bytes]] = dataclasses.field(default_factory=dict)
 
@@ -225,6 +230,7 @@ class ReplicaClient:
         plan: CyclePlan,
         *,
         compress: bool,
+        adaptive: bool = True,
         buckets: Sequence[TokenBucket] = (),
         progress: Callable[[int, int], None] | None = None,
         threads: int = 2,
@@ -234,7 +240,8 @@ class ReplicaClient:
         ``header`` carries the relationship, sequence, base, epoch and kind; the plan's disks,
         digest and batch count are filled in here. Raises CycleRefused when the replica says
         no, or a SitepairError (Unavailable, ...) when the stream breaks; an interrupted cycle
-        is resumed by calling again with the same plan."""
+        is resumed by calling again with the same plan. With ``compress`` and ``adaptive``,
+        batches are compressed only while the link is the bottleneck (see adapt.py)."""
         head = replication_pb2.CycleHeader()
         head.CopyFrom(header)
         del head.disks[:]
@@ -259,11 +266,13 @@ class ReplicaClient:
         started = time.monotonic()
         disks = {d.disk_id: vdisk.open_disk(d.chain_top, read_only=True) for d in plan.disks}
         encoder = Encoder(compress=compress)
+        governor = CompressionGovernor(enabled=compress, adaptive=adaptive, warmup=WINDOW)
         pool = concurrent.futures.ThreadPoolExecutor(max(1, threads), thread_name_prefix="encode")
 
         def encode(i: int) -> EncodedBatch:
             blocks = plan.batches[i]
-            return encoder.encode(i, blocks, read_batch(disks, blocks))
+            datas = read_batch(disks, blocks)
+            return encoder.encode(i, blocks, datas, compress=governor.want())
 
         def summarize(i: int) -> EncodedBatch:
             blocks = plan.batches[i]
@@ -308,7 +317,9 @@ class ReplicaClient:
                     while nxt < len(plan.batches) and nxt < i + WINDOW:
                         pending[nxt] = pool.submit(encode, nxt)
                         nxt += 1
-                    eb = pending.pop(i).result()
+                    future = pending.pop(i)
+                    governor.observe(batch_was_ready=future.done())
+                    eb = future.result()
                     if stop.is_set():
                         return
                     account(eb)
@@ -345,6 +356,8 @@ class ReplicaClient:
                             f"{self.peer} committed {reply.committed.sequence}, not {head.sequence}"
                         )
                     result.applied_bytes = reply.committed.applied_bytes
+                    result.compressed_batches = governor.compressed
+                    result.uncompressed_batches = governor.skipped
                     result.seconds = time.monotonic() - started
                     if progress is not None:
                         progress(len(plan.batches), len(plan.batches))

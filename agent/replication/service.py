@@ -458,6 +458,7 @@ class ReplicationService:
             ticket_provider=self._ticket_provider(source) if source.auth == "ticket" else None,
             host_bucket=self.host_bucket,
             tracker=str(extra.get("tracker", "changelog")),
+            adaptive_compression=self.config.replication.compression == "adaptive",
         )
         self.sources[source.relationship] = rel
         self._wake[source.relationship] = asyncio.Event()

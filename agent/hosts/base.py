@@ -20,6 +20,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from sitepair.errors import FailedPrecondition
+
+
+class QuiesceFailed(FailedPrecondition):
+    """An application-consistent cut was asked for and the guest could not be quiesced (its
+    pre-checkpoint hook failed, VSS in the guest failed). No cut was made; a crash-consistent
+    cut can still be taken, and the replication loop takes one rather than stall."""
+
 
 @dataclasses.dataclass(frozen=True)
 class DiskRecord:
@@ -174,7 +182,10 @@ class HostBackend(abc.ABC):
 
         ``changed`` covers everything written since the last *released* cut: a cut taken
         while an earlier one is outstanding covers both. ``app_consistent`` asks the guest to
-        quiesce first (pre-checkpoint hook); a failing hook raises and no cut is made."""
+        quiesce first (pre-checkpoint hook); a failing hook raises :class:`QuiesceFailed` and no
+        cut is made (the replication loop then takes a crash-consistent cut at once). A backend may
+        instead fall back to a crash-consistent cut itself and say so (``app_consistent``
+        false), as the hyperv backend does when VSS in the guest fails."""
 
     @abc.abstractmethod
     def outstanding_cut(self, vm_ref: str) -> Cut | None:

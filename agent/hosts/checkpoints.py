@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from agent.hosts import changelog, cutstate, hooks, vmlock
-from agent.hosts.base import Cut, FrozenDisk
+from agent.hosts.base import Cut, FrozenDisk, QuiesceFailed
 from agent.hosts.cutstate import CutDisk, CutRecord, PendingCut, Releasing, TrackingState
 from agent.hosts.vmspec import DiskSpec, VmSpec, read_vm, write_vm
 from sitepair import vdisk
@@ -90,13 +90,16 @@ class Checkpoints:
     def take_cut(self, folder: Path, spec: VmSpec, *, app_consistent: bool = False) -> Cut:
         quiesced = False
         if app_consistent:
-            quiesced = hooks.run_hook(
-                folder,
-                "pre-checkpoint",
-                vm_id=spec.id,
-                vm_name=spec.name,
-                timeout=self._hook_timeout,
-            )
+            try:
+                quiesced = hooks.run_hook(
+                    folder,
+                    "pre-checkpoint",
+                    vm_id=spec.id,
+                    vm_name=spec.name,
+                    timeout=self._hook_timeout,
+                )
+            except FailedPrecondition as exc:
+                raise QuiesceFailed(exc.message, hint=exc.hint) from exc
             if not quiesced:
                 log.warning(
                     "no pre-checkpoint hook: the cut is crash-consistent only",

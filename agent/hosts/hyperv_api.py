@@ -63,6 +63,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from agent.hosts import base
 from sitepair.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -87,7 +88,7 @@ class RctUnavailable(FailedPrecondition):
     """Hyper-V cannot say what changed since an RCT id (unknown, expired or reset tracking)."""
 
 
-class QuiesceFailed(FailedPrecondition):
+class QuiesceFailed(base.QuiesceFailed):
     """An application-consistent checkpoint failed (the guest could not be quiesced)."""
 
 

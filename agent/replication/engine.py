@@ -28,7 +28,7 @@ from typing import Any
 
 import blake3
 
-from agent.hosts.base import Cut, HostBackend
+from agent.hosts.base import Cut, HostBackend, QuiesceFailed
 from agent.identity import AgentIdentity
 from agent.replication.blocks import BLOCK, BlockRef, blocks_for, group
 from agent.replication.sender import CyclePlan, CycleRefused, CycleResult, DiskPlan, ReplicaClient
@@ -77,6 +77,10 @@ class Stats:
     progress_done: int = 0
     progress_total: int = 0
     committed_sequence: int = 0
+    #: Application-consistent cuts the guest could not be quiesced for (a crash-consistent
+    #: cycle ran instead), and the last reason.
+    app_consistent_failures: int = 0
+    last_app_consistent_error: str = ""
 
     @property
     def avg_cycle_seconds(self) -> float:
@@ -236,6 +240,8 @@ class SourceRelationship:
             self.stats.state = "fenced"
             self._failed("stale-epoch", str(exc))
             raise
+        except QuiesceFailed:
+            raise  # not a failed cycle: the loop runs it crash-consistent at once
         except SitepairError as exc:
             self._failed(getattr(exc, "status", "error").lower(), str(exc))
             raise

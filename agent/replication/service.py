@@ -24,7 +24,7 @@ import grpc
 from google.protobuf import json_format
 
 from agent.config import AgentConfig
-from agent.hosts.base import HostBackend
+from agent.hosts.base import HostBackend, QuiesceFailed
 from agent.hosts.directory import DirectoryBackend
 from agent.identity import AgentIdentity
 from agent.replication import failover as failover_mod
@@ -501,6 +501,19 @@ class ReplicationService:
                 result = await asyncio.to_thread(rel.run_cycle, app_consistent=app)
                 if app and result is not None:
                     last_app = started
+            except QuiesceFailed as exc:
+                # An application-consistent point is not worth a stalled replica: this cycle
+                # goes on crash-consistent at once, the next application-consistent attempt
+                # comes after the interval, and the operator sees why in the log.
+                log.warning(
+                    "application-consistent cut failed; this cycle is crash-consistent",
+                    extra={"fields": {"relationship": cfg.relationship, "error": str(exc)}},
+                )
+                rel.stats.app_consistent_failures += 1
+                rel.stats.last_app_consistent_error = str(exc)
+                last_app = started
+                next_at = self.clock.now()
+                continue
             except StaleEpoch as exc:
                 log.error(
                     "relationship fenced; replication stopped on this host",

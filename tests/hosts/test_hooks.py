@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.hosts.base import QuiesceFailed
 from agent.hosts.directory import DirectoryBackend
 from sitepair.errors import FailedPrecondition
 
@@ -35,7 +36,7 @@ def test_failing_pre_checkpoint_hook_means_no_cut(backend: DirectoryBackend, vm:
     )
     hook(folder, "post-checkpoint.py", marker_script(str(folder / "post.ran")))
     chains = [d.chain for d in backend.read_vm(folder).disks]
-    with pytest.raises(FailedPrecondition) as err:
+    with pytest.raises(QuiesceFailed) as err:  # a FailedPrecondition the loop recognises
         backend.take_cut(vm, app_consistent=True)
     message = str(err.value)
     assert "VM web01: pre-checkpoint hook" in message and "pre-checkpoint.py" in message

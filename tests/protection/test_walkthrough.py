@@ -17,7 +17,7 @@ from tests.protection.conftest import Sites, eventually, inventory_has
 MiB = 1 << 20
 
 
-def setup_pair(s: Sites, *, points: int = 0) -> None:
+def setup_pair(s: Sites, *, points: int = 0, app_hours: int = 0) -> None:
     a = s.admin
     a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
     a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
@@ -31,6 +31,7 @@ def setup_pair(s: Sites, *, points: int = 0) -> None:
     policy = admin_pb2.Policy(
         copy_frequency_seconds=300,
         recovery_points=points,
+        app_consistent_hours=app_hours,
         compression=True,
         authentication="certificate",
     )
@@ -361,3 +362,25 @@ def test_offline_initial_replication_export_and_import(sites: Sites, tmp_path: P
     assert stats.total_cycle_bytes <= 2 * 65536, stats
     for disk, model in models.items():
         assert replica_content(s, "big01", disk) == bytes(model)
+
+
+def test_a_guest_that_cannot_quiesce_is_still_replicated(sites: Sites) -> None:
+    """Application-consistent points every hour, and the VM's pre-checkpoint hook fails: the
+    initial copy and the cycles after it go on crash-consistent instead of retrying the failing
+    application-consistent cut for ever."""
+    s = sites
+    setup_pair(s, points=2, app_hours=1)
+    models = make_vm(s, "hv-a1", "db01")
+    hooks = s.hosts["hv-a1"].backend.vm_root / "db01" / "hooks"
+    hooks.mkdir()
+    (hooks / "pre-checkpoint.py").write_text(
+        "import sys\nprint('database refused to freeze')\nsys.exit(4)\n"
+    )
+    eventually(lambda: inventory_has(s.admin, "db01"), what="VM in inventory")
+    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="db01")))
+    v = s.protected("db01")
+    assert v.state == "protected"
+    for disk, model in models.items():
+        assert replica_content(s, "db01", disk) == bytes(model)
+    points = eventually(lambda: list(s.protected("db01").replica_status.points), what="points")
+    assert not any(p.app_consistent for p in points)  # type: ignore[union-attr]

@@ -229,6 +229,16 @@ def evaluate(
                     "the primary host was fenced: it replicates an epoch older than the replica's",
                 )
             )
+    app_error = str(status.get("app_consistent_error", ""))
+    if replicating and app_error and policy.app_consistent_hours:
+        reasons.append(
+            Reason(
+                WARNING,
+                "app-consistent-failing",
+                f"the last application-consistent cut failed ({app_error[:300]}); recovery "
+                "points are crash-consistent until the guest can be quiesced",
+            )
+        )
     verify: dict[str, Any] = json.loads(rel.verify_json or "{}")
     if int(verify.get("mismatched_bytes", 0)):
         seq, n = verify.get("sequence", 0), int(verify["mismatched_bytes"])

@@ -501,6 +501,7 @@ class ReplicationService:
                 result = await asyncio.to_thread(rel.run_cycle, app_consistent=app)
                 if app and result is not None:
                     last_app = started
+                    rel.stats.last_app_consistent_error = ""
             except QuiesceFailed as exc:
                 # An application-consistent point is not worth a stalled replica: this cycle
                 # goes on crash-consistent at once, the next application-consistent attempt
@@ -593,6 +594,8 @@ class ReplicationService:
                 progress_total=st.progress_total,
                 last_error=st.last_error,
                 last_error_code=st.last_error_code,
+                app_consistent_error=st.last_app_consistent_error,
+                app_consistent_failures=st.app_consistent_failures,
                 last_cut_at=timestamp(st.last_cut_at) if st.last_cut_at else None,
                 paused=bool(extra.get("paused")),
             )

@@ -830,6 +830,8 @@ class RelationshipStatus(_message.Message):
     LAST_CUT_AT_FIELD_NUMBER: _builtins.int
     PAUSED_FIELD_NUMBER: _builtins.int
     VM_ID_FIELD_NUMBER: _builtins.int
+    APP_CONSISTENT_ERROR_FIELD_NUMBER: _builtins.int
+    APP_CONSISTENT_FAILURES_FIELD_NUMBER: _builtins.int
     relationship_id: _builtins.str
     role: _builtins.str
     """"primary" or "replica" """
@@ -852,6 +854,11 @@ class RelationshipStatus(_message.Message):
     last_error_code: _builtins.str
     paused: _builtins.bool
     vm_id: _builtins.str
+    app_consistent_error: _builtins.str
+    """Why the last application-consistent cut failed ("" = it worked, or none was due yet);
+    cycles went on crash-consistent meanwhile.
+    """
+    app_consistent_failures: _builtins.int
     @_builtins.property
     def last_success_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -885,10 +892,12 @@ class RelationshipStatus(_message.Message):
         last_cut_at: _timestamp_pb2.Timestamp | None = ...,
         paused: _builtins.bool = ...,
         vm_id: _builtins.str = ...,
+        app_consistent_error: _builtins.str = ...,
+        app_consistent_failures: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_cut_at", b"last_cut_at", "last_success_at", b"last_success_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_cycle_bytes", b"avg_cycle_bytes", "avg_cycle_seconds", b"avg_cycle_seconds", "committed_sequence", b"committed_sequence", "cycles_failed", b"cycles_failed", "cycles_missed", b"cycles_missed", "cycles_succeeded", b"cycles_succeeded", "epoch", b"epoch", "last_cut_at", b"last_cut_at", "last_cycle_bytes", b"last_cycle_bytes", "last_cycle_seconds", b"last_cycle_seconds", "last_error", b"last_error", "last_error_code", b"last_error_code", "last_success_at", b"last_success_at", "max_cycle_bytes", b"max_cycle_bytes", "max_cycle_seconds", b"max_cycle_seconds", "paused", b"paused", "pending_bytes", b"pending_bytes", "points", b"points", "progress_done", b"progress_done", "progress_total", b"progress_total", "relationship_id", b"relationship_id", "role", b"role", "state", b"state", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_consistent_error", b"app_consistent_error", "app_consistent_failures", b"app_consistent_failures", "avg_cycle_bytes", b"avg_cycle_bytes", "avg_cycle_seconds", b"avg_cycle_seconds", "committed_sequence", b"committed_sequence", "cycles_failed", b"cycles_failed", "cycles_missed", b"cycles_missed", "cycles_succeeded", b"cycles_succeeded", "epoch", b"epoch", "last_cut_at", b"last_cut_at", "last_cycle_bytes", b"last_cycle_bytes", "last_cycle_seconds", b"last_cycle_seconds", "last_error", b"last_error", "last_error_code", b"last_error_code", "last_success_at", b"last_success_at", "max_cycle_bytes", b"max_cycle_bytes", "max_cycle_seconds", b"max_cycle_seconds", "paused", b"paused", "pending_bytes", b"pending_bytes", "points", b"points", "progress_done", b"progress_done", "progress_total", b"progress_total", "relationship_id", b"relationship_id", "role", b"role", "state", b"state", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

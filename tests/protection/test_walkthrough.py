@@ -384,3 +384,9 @@ def test_a_guest_that_cannot_quiesce_is_still_replicated(sites: Sites) -> None:
         assert replica_content(s, "db01", disk) == bytes(model)
     points = eventually(lambda: list(s.protected("db01").replica_status.points), what="points")
     assert not any(p.app_consistent for p in points)  # type: ignore[union-attr]
+    # Health says so, with the hook's own words.
+    v = eventually(
+        lambda: (p := s.protected("db01")).health == "warning" and p, what="warning health"
+    )
+    reasons = [r for r in v.reasons if r.code == "app-consistent-failing"]  # type: ignore[union-attr]
+    assert reasons and "database refused to freeze" in reasons[0].message

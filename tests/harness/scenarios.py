@@ -172,8 +172,8 @@ class Run:
         """Every recovery point is a point in time, no later than the next one."""
         last = 0
         points = self.c.point_chains(vm)
+        records = self.log(vm).records()
         for seq in sorted(points):
-            records = self.log(vm).records()
             result = check_prefix(points[seq], records, seed=self.seed_of(vm))
             ok = result.ok and last <= result.prefix <= upto
             detail = f"prefix {result.prefix} (previous point {last}, latest {upto})"

@@ -47,7 +47,7 @@ class ReplicationConfig:
     advertise_certificate_port: int = 0
     advertise_ticket_port: int = 0
     #: How a policy's "compression on" is carried out by this host as a source: "adaptive"
-    #: (compress while the link is the bottleneck, agent/replication/adapt.py) or "always"
+    #: (compress when that delivers more per second, agent/replication/adapt.py) or "always"
     #: (every batch that shrinks, e.g. on a metered link).
     compression: str = "adaptive"
 
@@ -249,8 +249,8 @@ def render(
         f"certificate_port = {certificate_port}   # mutual TLS",
         f"ticket_port = {ticket_port}        # TLS + broker-signed ticket",
         'default_replica_path = "replicas"',
-        '# With a policy\'s compression on: "adaptive" compresses while the link is the',
-        '# bottleneck; "always" compresses every batch that shrinks (metered links).',
+        '# With a policy\'s compression on: "adaptive" compresses when that is faster (it',
+        '# measures); "always" compresses every batch that shrinks (metered links).',
         'compression = "adaptive"',
         "",
         "[log]",

@@ -1,68 +1,135 @@
-"""Adaptive compression: compress a cycle's batches only while the link is the bottleneck.
+"""Adaptive compression: compress a cycle's batches only when that makes the cycle faster.
 
 zstd at level 1 costs about a CPU-second per 330 MB of text-like data here. On a WAN link that
-is slower than the compressor every compressed byte is time saved; on a fast LAN the
-compressor is the slowest stage and compressing makes the cycle slower (on the benchmark's
-loopback, a cycle without compression is ~1.4x faster). The governor decides per batch, from
-back-pressure in the sender's pipeline, the idea of zstd's ``--adapt``:
+is slower than the compressor every compressed byte is time saved; on a fast LAN, or when the
+sender's cores are busy, the compressor is the slowest stage and compressing makes the cycle
+slower (in the benchmark, a cycle without compression is ~1.4x faster on loopback).
 
-* when the sender needs the next batch and it is **already encoded**, the encoders are ahead of
-  the link: the link is the bottleneck, so compress more batches;
-* when the sender has to **wait** for it, the encoders are behind: compress fewer.
+Watching back-pressure alone cannot tell these apart when the link's own cost is CPU on the same
+cores (TLS, gRPC), so the governor measures what matters: guest bytes delivered per second. The
+batches are taken in *epochs* of :data:`EPOCH` batches. The first epoch is compressed and the
+second is not (probes); from then on every epoch uses the faster mode, and its rate keeps that
+mode's estimate fresh. Every ``period`` epochs the other mode is probed again for one epoch: if
+it wins, the governor switches and probes again soon (period back to :data:`PERIOD_MIN`); if
+not, the period doubles up to :data:`PERIOD_MAX`, so a steady link pays for probes rarely.
 
-It keeps a fraction ``f`` of batches to compress (starting at 1: on a slow link nothing
-changes), moved by ``STEP`` per observation, and spreads the compressed batches evenly with an
-accumulator, so the decision is deterministic given the observations. The first ``warmup``
-observations are ignored: while the pipeline fills, every batch is waited for whatever the
-link. A batch sent uncompressed is still checked by its per-block digests on arrival; only the
-bytes on the wire change.
+Decisions are made per batch index (``want(index)``), so they do not depend on which worker
+thread encodes a batch; rates come from the sender (``delivered(index, bytes, when)``) when it
+hands each batch to the link. A batch's mode is decided about a pipeline window before it is
+sent, so a new measurement steers the epochs after the next one. A batch sent uncompressed is
+still checked by its per-block digests on arrival; only the bytes on the wire change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
-#: How far one observation moves the fraction of batches compressed.
-STEP = 1 / 8
+#: Batches (~1 MiB each) per epoch: one mode, one rate measurement.
+EPOCH = 8
+#: Epochs between probes of the mode not in use: after a switch, and at most.
+PERIOD_MIN = 8
+PERIOD_MAX = 64
+#: How much weight a new epoch's rate gets in a mode's estimate.
+SMOOTHING = 0.5
+
+
+@dataclasses.dataclass
+class _Epoch:
+    compress: bool
+    first_at: float | None = None
+    last_at: float = 0.0
+    bytes_after_first: int = 0
+    seen: int = 0
 
 
 class CompressionGovernor:
-    """Which batches to compress. Thread-safe: encoders ask, the sender observes."""
+    """Which batches to compress. Thread-safe: encoders ask, the sender reports deliveries."""
 
-    def __init__(self, *, enabled: bool, adaptive: bool, warmup: int = 0) -> None:
+    def __init__(self, *, enabled: bool, adaptive: bool) -> None:
         self.enabled = enabled
         self.adaptive = adaptive and enabled
-        self._fraction = 1.0 if enabled else 0.0
-        self._credit = 0.0
-        self._warmup = warmup
         self._lock = threading.Lock()
+        #: Mode per epoch index, decided the first time a batch of it is asked for.
+        self._modes: dict[int, bool] = {}
+        self._epochs: dict[int, _Epoch] = {}
+        #: Guest bytes per second, per mode (True = compressed), once measured.
+        self.rates: dict[bool, float] = {}
+        self.best = True
+        self._next_probe = 1 + PERIOD_MIN
+        self._period = PERIOD_MIN
         self.compressed = 0
         self.skipped = 0
+        self.switches = 0
 
-    @property
-    def fraction(self) -> float:
-        return self._fraction
-
-    def want(self) -> bool:
-        """Whether the next batch to be encoded should be compressed."""
+    def want(self, index: int) -> bool:
+        """Whether batch ``index`` should be compressed."""
         if not self.enabled:
+            with self._lock:
+                self.skipped += 1
             return False
-        with self._lock:
-            self._credit += self._fraction
-            if self._credit >= 1.0 - 1e-9:
-                self._credit -= 1.0
+        if not self.adaptive:
+            with self._lock:
                 self.compressed += 1
-                return True
-            self.skipped += 1
-            return False
+            return True
+        with self._lock:
+            epoch = index // EPOCH
+            mode = self._modes.get(epoch)
+            if mode is None:
+                mode = self._decide(epoch)
+                self._modes[epoch] = mode
+            if mode:
+                self.compressed += 1
+            else:
+                self.skipped += 1
+            return mode
 
-    def observe(self, *, batch_was_ready: bool) -> None:
-        """The sender took the next batch: it was ready (link-bound) or it had to wait."""
+    def _decide(self, epoch: int) -> bool:
+        if epoch == 0:
+            return True
+        if epoch == 1:
+            return False
+        if epoch >= self._next_probe and len(self.rates) == 2:
+            self._next_probe = epoch + self._period
+            return not self.best
+        return self.best
+
+    def delivered(self, index: int, raw_bytes: int, when: float) -> None:
+        """Batch ``index`` (``raw_bytes`` guest bytes of data) went to the link at ``when``."""
         if not self.adaptive:
             return
         with self._lock:
-            if self._warmup > 0:
-                self._warmup -= 1
-                return
-            step = STEP if batch_was_ready else -STEP
-            self._fraction = min(1.0, max(0.0, self._fraction + step))
+            epoch = index // EPOCH
+            mode = self._modes.get(epoch)
+            if mode is None:
+                return  # a batch the receiver already held: not encoded, not timed
+            e = self._epochs.setdefault(epoch, _Epoch(mode))
+            if e.first_at is None:
+                # The interval before an epoch's first batch partly belongs to the last epoch.
+                e.first_at = when
+            else:
+                e.bytes_after_first += raw_bytes
+                e.last_at = when
+            e.seen += 1
+            if e.seen == EPOCH:
+                self._measured(epoch, e)
+
+    def _measured(self, epoch: int, e: _Epoch) -> None:
+        del self._epochs[epoch]
+        span = e.last_at - (e.first_at or e.last_at)
+        if span <= 0 or e.bytes_after_first <= 0:
+            return  # all zero blocks, or too fast to time: says nothing
+        rate = e.bytes_after_first / span
+        old = self.rates.get(e.compress)
+        self.rates[e.compress] = rate if old is None else old + SMOOTHING * (rate - old)
+        if len(self.rates) < 2:
+            return
+        best = self.rates[True] >= self.rates[False]
+        if e.compress != self.best:  # a probe of the other mode finished
+            if best != self.best:
+                self.best = best
+                self.switches += 1
+                self._period = PERIOD_MIN
+            else:
+                self._period = min(PERIOD_MAX, self._period * 2)
+            self._next_probe = epoch + self._period

@@ -99,8 +99,8 @@ class CycleResult:
     applied_bytes: int = 0
     seconds: float = 0.0
     throttled_seconds: float = 0.0
-    #: Batches the adaptive governor had compressed / sent as they are (zstd may still have been
-    #: skipped for a batch that did not shrink).
+    #: Batches the compression governor had compressed / sent as they are (zstd may still have
+    #: been skipped for a batch that did not shrink).
     compressed_batches: int = 0
     uncompressed_batches: int = 0
     #: BLAKE3 of every block the cycle covered, by disk and offset (b"" for a zero block).
@@ -241,7 +241,7 @@ class ReplicaClient:
         digest and batch count are filled in here. Raises CycleRefused when the replica says
         no, or a SitepairError (Unavailable, ...) when the stream breaks; an interrupted cycle
         is resumed by calling again with the same plan. With ``compress`` and ``adaptive``,
-        batches are compressed only while the link is the bottleneck (see adapt.py)."""
+        batches are compressed only when that delivers more per second (see adapt.py)."""
         head = replication_pb2.CycleHeader()
         head.CopyFrom(header)
         del head.disks[:]
@@ -266,13 +266,13 @@ class ReplicaClient:
         started = time.monotonic()
         disks = {d.disk_id: vdisk.open_disk(d.chain_top, read_only=True) for d in plan.disks}
         encoder = Encoder(compress=compress)
-        governor = CompressionGovernor(enabled=compress, adaptive=adaptive, warmup=WINDOW)
+        governor = CompressionGovernor(enabled=compress, adaptive=adaptive)
         pool = concurrent.futures.ThreadPoolExecutor(max(1, threads), thread_name_prefix="encode")
 
         def encode(i: int) -> EncodedBatch:
             blocks = plan.batches[i]
             datas = read_batch(disks, blocks)
-            return encoder.encode(i, blocks, datas, compress=governor.want())
+            return encoder.encode(i, blocks, datas, compress=governor.want(i))
 
         def summarize(i: int) -> EncodedBatch:
             blocks = plan.batches[i]
@@ -317,9 +317,7 @@ class ReplicaClient:
                     while nxt < len(plan.batches) and nxt < i + WINDOW:
                         pending[nxt] = pool.submit(encode, nxt)
                         nxt += 1
-                    future = pending.pop(i)
-                    governor.observe(batch_was_ready=future.done())
-                    eb = future.result()
+                    eb = pending.pop(i).result()
                     if stop.is_set():
                         return
                     account(eb)
@@ -329,6 +327,7 @@ class ReplicaClient:
                     result.wire_bytes += eb.wire_bytes
                     result.zero_blocks += eb.zero_blocks
                     result.data_blocks += eb.data_blocks
+                    governor.delivered(i, eb.raw_bytes, time.monotonic())
                     yield eb.message
                 trailer = replication_pb2.CycleTrailer(
                     batch_count=len(plan.batches),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from agent.replication.adapt import STEP, CompressionGovernor
+from agent.replication.adapt import EPOCH, PERIOD_MAX, CompressionGovernor
 from agent.replication.sender import ReplicaClient
 from agent.replication.throttle import TokenBucket
 from sitepair import vdisk
@@ -16,51 +16,72 @@ from tests.replication.test_cycles import header, plan_for, replica_bytes
 MiB = 1 << 20
 
 
-def decisions(g: CompressionGovernor, n: int) -> list[bool]:
-    return [g.want() for _ in range(n)]
+class Link:
+    """Feeds the governor deliveries as a link of given speeds would: ``compressed`` and
+    ``plain`` are guest bytes per second in each mode."""
+
+    def __init__(self, g: CompressionGovernor, *, compressed: float, plain: float) -> None:
+        self.g, self.speed, self.now, self.index = g, {True: compressed, False: plain}, 0.0, 0
+        self.modes: list[bool] = []
+
+    def run(self, batches: int, size: int = MiB) -> None:
+        for _ in range(batches):
+            mode = self.g.want(self.index)
+            self.modes.append(mode)
+            self.now += size / self.speed[mode]
+            self.g.delivered(self.index, size, self.now)
+            self.index += 1
 
 
-def test_disabled_never_compresses_and_always_mode_ignores_back_pressure() -> None:
+def test_disabled_never_compresses_and_always_mode_always_does() -> None:
     off = CompressionGovernor(enabled=False, adaptive=True)
-    off.observe(batch_was_ready=True)
-    assert decisions(off, 10) == [False] * 10
-    always = CompressionGovernor(enabled=True, adaptive=False)
-    for _ in range(50):
-        always.observe(batch_was_ready=False)
-    assert decisions(always, 10) == [True] * 10 and always.compressed == 10
+    assert [off.want(i) for i in range(40)] == [False] * 40
+    always = Link(CompressionGovernor(enabled=True, adaptive=False), compressed=1, plain=1e9)
+    always.run(200)
+    assert all(always.modes) and always.g.compressed == 200
 
 
-def test_waiting_for_encoders_lowers_the_share_and_a_full_pipeline_raises_it() -> None:
-    g = CompressionGovernor(enabled=True, adaptive=True, warmup=3)
-    assert decisions(g, 4) == [True] * 4  # starts compressing everything
-    for _ in range(3):  # the pipeline filling up says nothing
-        g.observe(batch_was_ready=False)
-    assert g.fraction == 1.0
-    for _ in range(4):
-        g.observe(batch_was_ready=False)
-    assert g.fraction == 1.0 - 4 * STEP
-    # Half the batches, evenly spread.
-    assert sum(decisions(g, 16)) == 8
-    for _ in range(100):
-        g.observe(batch_was_ready=False)
-    assert g.fraction == 0.0 and not any(decisions(g, 20))
-    for _ in range(100):
-        g.observe(batch_was_ready=True)
-    assert g.fraction == 1.0 and all(decisions(g, 20))
-    assert g.compressed + g.skipped == 4 + 16 + 20 + 20
+def test_a_fast_link_ends_up_sending_plain_batches() -> None:
+    """Compressing is the slow part (a LAN, busy cores): after the two probe epochs the
+    governor sends plain batches, and only the periodic probes compress."""
+    link = Link(CompressionGovernor(enabled=True, adaptive=True), compressed=300e6, plain=500e6)
+    link.run(EPOCH * 60)
+    modes = link.modes
+    assert modes[:EPOCH] == [True] * EPOCH and modes[EPOCH : 2 * EPOCH] == [False] * EPOCH
+    assert not link.g.best and link.g.rates[False] > link.g.rates[True]
+    # Probes of the losing mode get rarer: at most one epoch in eight after the start.
+    assert sum(modes[3 * EPOCH :]) <= len(modes[3 * EPOCH :]) / 8
+
+
+def test_a_slow_link_keeps_compressing() -> None:
+    link = Link(CompressionGovernor(enabled=True, adaptive=True), compressed=40e6, plain=10e6)
+    link.run(EPOCH * 60)
+    assert link.g.best and link.g.switches == 0
+    assert len(link.modes) - sum(link.modes) <= EPOCH * 3  # the first probe, then rare ones
+
+
+def test_when_the_link_changes_the_governor_follows() -> None:
+    """A link that becomes slow (a failover to the WAN path, congestion): the next probe finds
+    compression faster, and the governor switches back."""
+    link = Link(CompressionGovernor(enabled=True, adaptive=True), compressed=300e6, plain=500e6)
+    link.run(EPOCH * 20)
+    assert not link.g.best
+    link.speed = {True: 40e6, False: 10e6}
+    link.run(EPOCH * (PERIOD_MAX + 10))
+    assert link.g.best and link.g.switches == 2
+    assert all(link.modes[-EPOCH * 4 :])
 
 
 def test_a_slow_link_keeps_every_batch_compressed(pair: Pair, tmp_path: Path) -> None:
-    """With the link at 4 MB/s the encoders are always ahead: the governor never backs off (a
-    hiccup of the machine may cost one batch), and the replica is exact. 32 batches: the
-    decisions for the last 16 come after 8 observations, so a governor that backed off under
-    a slow link would send many of them uncompressed."""
+    """Over a 4 MB/s link the compressed probe epoch wins by far: apart from the one plain probe
+    epoch every batch is compressed, and the replica is exact. (48 batches: the decisions after
+    the probes come once the probes are measured.)"""
     src = tmp_path / "src.vhdx"
-    text = (b"sitepair compresses text well; " * 40000)[: 3 * MiB // 4]
+    text = (b"sitepair compresses text well; " * 40000)[: 15 * MiB // 16]
     rng = random.Random(5)
-    with vdisk.create_disk(src, format="vhdx", subformat="dynamic", size=32 * MiB) as d:
-        for i in range(32):
-            d.write(i * MiB, rng.randbytes(MiB // 4) + text)
+    with vdisk.create_disk(src, format="vhdx", subformat="dynamic", size=48 * MiB) as d:
+        for i in range(48):
+            d.write(i * MiB, rng.randbytes(MiB // 16) + text)
     pair.grant("rel-1", "vm-1")
     client = ReplicaClient(
         identity=pair.primary,
@@ -77,9 +98,9 @@ def test_a_slow_link_keeps_every_batch_compressed(pair: Pair, tmp_path: Path) ->
             adaptive=True,
             buckets=[TokenBucket(4_000_000)],
         )
-        assert result.batches == 32
-        assert result.uncompressed_batches <= 1
-        assert result.compressed_batches + result.uncompressed_batches == 32
+        assert result.batches == 48
+        assert result.uncompressed_batches == EPOCH  # the plain probe
+        assert result.compressed_batches == 48 - EPOCH
         assert result.wire_bytes < result.raw_bytes * 0.4
         with vdisk.open_disk(src, read_only=True) as d:
             assert replica_bytes(pair, "rel-1", "os") == d.read(0, d.virtual_size)

@@ -6,12 +6,14 @@ sender's cores are busy, the compressor is the slowest stage and compressing mak
 slower (in the benchmark, a cycle without compression is ~1.4x faster on loopback).
 
 Watching back-pressure alone cannot tell these apart when the link's own cost is CPU on the same
-cores (TLS, gRPC), so the governor measures what matters: guest bytes delivered per second. The
-batches are taken in *epochs* of :data:`EPOCH` batches. The first epoch is compressed and the
-second is not (probes); from then on every epoch uses the faster mode, and its rate keeps that
-mode's estimate fresh. Every ``period`` epochs the other mode is probed again for one epoch: if
-it wins, the governor switches and probes again soon (period back to :data:`PERIOD_MIN`); if
-not, the period doubles up to :data:`PERIOD_MAX`, so a steady link pays for probes rarely.
+cores (TLS, gRPC), so the governor measures what matters: guest bytes delivered per second (the
+median batch of an epoch, so that one stalled batch does not decide). The batches are taken in
+*epochs* of :data:`EPOCH` batches. The first epoch is compressed and the second is not (probes);
+from then on every epoch uses the faster mode (plain only when it is :data:`PLAIN_MARGIN`
+faster, since compressing also saves bytes on the wire), and its rate keeps that mode's
+estimate fresh. Every ``period`` epochs the other mode is probed again for one epoch: if it
+wins, the governor switches and probes again soon (period back to :data:`PERIOD_MIN`); if not,
+the period doubles up to :data:`PERIOD_MAX`, so a steady link pays for probes rarely.
 
 Decisions are made per batch index (``want(index)``), so they do not depend on which worker
 thread encodes a batch; rates come from the sender (``delivered(index, bytes, when)``) when it
@@ -23,6 +25,7 @@ still checked by its per-block digests on arrival; only the bytes on the wire ch
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import threading
 
 #: Batches (~1 MiB each) per epoch: one mode, one rate measurement.
@@ -32,14 +35,17 @@ PERIOD_MIN = 8
 PERIOD_MAX = 64
 #: How much weight a new epoch's rate gets in a mode's estimate.
 SMOOTHING = 0.5
+#: Plain must be this much faster to be chosen: compressing also saves bytes on the wire.
+PLAIN_MARGIN = 1.05
 
 
 @dataclasses.dataclass
 class _Epoch:
     compress: bool
-    first_at: float | None = None
-    last_at: float = 0.0
-    bytes_after_first: int = 0
+    last_at: float | None = None
+    #: Seconds per guest byte of each batch after the first (the interval before the first
+    #: partly belongs to the epoch before).
+    costs: list[float] = dataclasses.field(default_factory=list)
     seen: int = 0
 
 
@@ -104,27 +110,25 @@ class CompressionGovernor:
             if mode is None:
                 return  # a batch the receiver already held: not encoded, not timed
             e = self._epochs.setdefault(epoch, _Epoch(mode))
-            if e.first_at is None:
-                # The interval before an epoch's first batch partly belongs to the last epoch.
-                e.first_at = when
-            else:
-                e.bytes_after_first += raw_bytes
-                e.last_at = when
+            if e.last_at is not None and raw_bytes > 0 and when > e.last_at:
+                e.costs.append((when - e.last_at) / raw_bytes)
+            e.last_at = when
             e.seen += 1
             if e.seen == EPOCH:
                 self._measured(epoch, e)
 
     def _measured(self, epoch: int, e: _Epoch) -> None:
         del self._epochs[epoch]
-        span = e.last_at - (e.first_at or e.last_at)
-        if span <= 0 or e.bytes_after_first <= 0:
-            return  # all zero blocks, or too fast to time: says nothing
-        rate = e.bytes_after_first / span
+        if len(e.costs) < EPOCH // 2:
+            return  # mostly zero blocks, or too fast to time: says nothing
+        # The median batch, not the total: one batch held up by the receiver's periodic fsync
+        # or a pause of the machine would otherwise decide for the whole epoch.
+        rate = 1.0 / statistics.median(e.costs)
         old = self.rates.get(e.compress)
         self.rates[e.compress] = rate if old is None else old + SMOOTHING * (rate - old)
         if len(self.rates) < 2:
             return
-        best = self.rates[True] >= self.rates[False]
+        best = self.rates[True] * PLAIN_MARGIN >= self.rates[False]
         if e.compress != self.best:  # a probe of the other mode finished
             if best != self.best:
                 self.best = best

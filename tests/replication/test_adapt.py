@@ -53,6 +53,18 @@ def test_a_fast_link_ends_up_sending_plain_batches() -> None:
     assert sum(modes[3 * EPOCH :]) <= len(modes[3 * EPOCH :]) / 8
 
 
+def test_one_stalled_batch_does_not_decide_an_epoch() -> None:
+    """The receiver's periodic fsync holds up a batch now and then; plain is faster, and a
+    stall of a second in the first plain epoch must not make compression look better."""
+    g = CompressionGovernor(enabled=True, adaptive=True)
+    now = 0.0
+    for i in range(EPOCH * 6):
+        mode = g.want(i)
+        now += MiB / (500e6 if not mode else 300e6) + (1.0 if i == EPOCH + 3 else 0.0)
+        g.delivered(i, MiB, now)
+    assert not g.best
+
+
 def test_a_slow_link_keeps_compressing() -> None:
     link = Link(CompressionGovernor(enabled=True, adaptive=True), compressed=40e6, plain=10e6)
     link.run(EPOCH * 60)

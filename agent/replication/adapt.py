@@ -6,8 +6,8 @@ sender's cores are busy, the compressor is the slowest stage and compressing mak
 slower (in the benchmark, a cycle without compression is ~1.4x faster on loopback).
 
 Watching back-pressure alone cannot tell these apart when the link's own cost is CPU on the same
-cores (TLS, gRPC), so the governor measures what matters: guest bytes delivered per second (the
-median batch of an epoch, so that one stalled batch does not decide). The batches are taken in
+cores (TLS, gRPC), so the governor measures what matters: guest bytes delivered per second (over an
+epoch, leaving out its slowest batch, so that one stall does not decide). The batches are taken in
 *epochs* of :data:`EPOCH` batches. The first epoch is compressed and the second is not (probes);
 from then on every epoch uses the faster mode (plain only when it is :data:`PLAIN_MARGIN`
 faster, since compressing also saves bytes on the wire), and its rate keeps that mode's
@@ -25,11 +25,12 @@ still checked by its per-block digests on arrival; only the bytes on the wire ch
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import threading
 
-#: Batches (~1 MiB each) per epoch: one mode, one rate measurement.
-EPOCH = 8
+#: Batches (~1 MiB each) per epoch: one mode, one rate measurement. Longer than the sender's
+#: pipeline window, because only the batches whose encoding *and* sending both fall inside the
+#: epoch say anything about its mode (see :meth:`CompressionGovernor.delivered`).
+EPOCH = 16
 #: Epochs between probes of the mode not in use: after a switch, and at most.
 PERIOD_MIN = 8
 PERIOD_MAX = 64
@@ -37,24 +38,29 @@ PERIOD_MAX = 64
 SMOOTHING = 0.5
 #: Plain must be this much faster to be chosen: compressing also saves bytes on the wire.
 PLAIN_MARGIN = 1.05
+#: An epoch with less guest data than this (mostly zero blocks) is not timed.
+MIN_EPOCH_BYTES = 1 << 20
 
 
 @dataclasses.dataclass
 class _Epoch:
     compress: bool
     last_at: float | None = None
-    #: Seconds per guest byte of each batch after the first (the interval before the first
-    #: partly belongs to the epoch before).
-    costs: list[float] = dataclasses.field(default_factory=list)
-    seen: int = 0
+    #: (seconds before it was taken, guest bytes) of each timed batch.
+    batches: list[tuple[float, int]] = dataclasses.field(default_factory=list)
 
 
 class CompressionGovernor:
     """Which batches to compress. Thread-safe: encoders ask, the sender reports deliveries."""
 
-    def __init__(self, *, enabled: bool, adaptive: bool) -> None:
+    def __init__(self, *, enabled: bool, adaptive: bool, window: int = 0) -> None:
+        """``window``: how many batches the sender has encoded (or is encoding) ahead of the
+        one it hands to the link."""
+        if not 0 <= window <= EPOCH - 4:
+            raise ValueError(f"a pipeline window of {window} leaves nothing to time in an epoch")
         self.enabled = enabled
         self.adaptive = adaptive and enabled
+        self._timed = min(EPOCH - 1, EPOCH - window)
         self._lock = threading.Lock()
         #: Mode per epoch index, decided the first time a batch of it is asked for.
         self._modes: dict[int, bool] = {}
@@ -101,29 +107,37 @@ class CompressionGovernor:
         return self.best
 
     def delivered(self, index: int, raw_bytes: int, when: float) -> None:
-        """Batch ``index`` (``raw_bytes`` guest bytes of data) went to the link at ``when``."""
+        """Batch ``index`` (``raw_bytes`` guest bytes of data) went to the link at ``when``.
+
+        The wait before the sender took batch ``i`` covers sending batch ``i - 1`` and
+        encoding batches ``i`` to ``i + window - 1``. So within an epoch starting at ``a`` only
+        the waits before batches ``a + 1`` to ``a + EPOCH - window`` are all of the epoch's own
+        mode; those are timed, and the epoch is measured after the last of them."""
         if not self.adaptive:
             return
         with self._lock:
-            epoch = index // EPOCH
+            epoch, offset = divmod(index, EPOCH)
             mode = self._modes.get(epoch)
-            if mode is None:
-                return  # a batch the receiver already held: not encoded, not timed
+            if mode is None or offset > self._timed:
+                return  # a batch the receiver already held (not encoded), or not timed
             e = self._epochs.setdefault(epoch, _Epoch(mode))
-            if e.last_at is not None and raw_bytes > 0 and when > e.last_at:
-                e.costs.append((when - e.last_at) / raw_bytes)
+            if offset > 0 and e.last_at is not None:
+                e.batches.append((max(0.0, when - e.last_at), raw_bytes))
             e.last_at = when
-            e.seen += 1
-            if e.seen == EPOCH:
+            if offset == self._timed:
                 self._measured(epoch, e)
 
     def _measured(self, epoch: int, e: _Epoch) -> None:
         del self._epochs[epoch]
-        if len(e.costs) < EPOCH // 2:
+        # Bytes over time, without the slowest batch: the receiver makes its batches durable
+        # (fsync) every few dozen batches, and that one stall would otherwise decide for the
+        # whole epoch; slowness spread over the epoch still counts, as it does in a cycle.
+        kept = sorted(e.batches)[:-1]
+        seconds = sum(t for t, _ in kept)
+        data = sum(n for _, n in kept)
+        if seconds <= 0 or data < MIN_EPOCH_BYTES:
             return  # mostly zero blocks, or too fast to time: says nothing
-        # The median batch, not the total: one batch held up by the receiver's periodic fsync
-        # or a pause of the machine would otherwise decide for the whole epoch.
-        rate = 1.0 / statistics.median(e.costs)
+        rate = data / seconds
         old = self.rates.get(e.compress)
         self.rates[e.compress] = rate if old is None else old + SMOOTHING * (rate - old)
         if len(self.rates) < 2:

@@ -266,7 +266,7 @@ class ReplicaClient:
         started = time.monotonic()
         disks = {d.disk_id: vdisk.open_disk(d.chain_top, read_only=True) for d in plan.disks}
         encoder = Encoder(compress=compress)
-        governor = CompressionGovernor(enabled=compress, adaptive=adaptive)
+        governor = CompressionGovernor(enabled=compress, adaptive=adaptive, window=WINDOW)
         pool = concurrent.futures.ThreadPoolExecutor(max(1, threads), thread_name_prefix="encode")
 
         def encode(i: int) -> EncodedBatch:

@@ -85,9 +85,9 @@ def test_when_the_link_changes_the_governor_follows() -> None:
 
 
 def test_a_slow_link_keeps_every_batch_compressed(pair: Pair, tmp_path: Path) -> None:
-    """Over a 4 MB/s link the compressed probe epoch wins by far: apart from the one plain probe
-    epoch every batch is compressed, and the replica is exact. (48 batches: the decisions after
-    the probes come once the probes are measured.)"""
+    """Over an 8 MB/s link the compressed probe epoch wins by far: apart from the one plain
+    probe epoch every batch is compressed, and the replica is exact. (48 batches: the third
+    epoch is decided once the plain probe is measured.)"""
     src = tmp_path / "src.vhdx"
     text = (b"sitepair compresses text well; " * 40000)[: 15 * MiB // 16]
     rng = random.Random(5)
@@ -108,7 +108,7 @@ def test_a_slow_link_keeps_every_batch_compressed(pair: Pair, tmp_path: Path) ->
             plan,
             compress=True,
             adaptive=True,
-            buckets=[TokenBucket(4_000_000)],
+            buckets=[TokenBucket(8_000_000)],
         )
         assert result.batches == 48
         assert result.uncompressed_batches == EPOCH  # the plain probe

@@ -320,8 +320,8 @@ class Cluster:
         """Top of each disk's latest chain in the VM's replica (on the replica host)."""
         return {disk: chain[-1] for disk, chain in self.replica_chain_lists(vm).items()}
 
-    def replica_chain_lists(self, vm: str) -> dict[str, list[Path]]:
-        """Each disk's latest chain in the VM's replica, base first."""
+    def _replica_state(self, vm: str) -> tuple[Path, dict[str, Any]]:
+        """The VM's replica folder on the replica host and its ``state.json``."""
         v = self.protected(vm)
         host = next(a for a in self.agents.values() if a.name == v.replica_server)
         folder = (
@@ -329,28 +329,27 @@ class Cluster:
             if v.replica_folder
             else host.home / "replicas" / v.relationship_id
         )
-        state = json.loads((folder / "state.json").read_text())
+        return folder, json.loads((folder / "state.json").read_text())
+
+    @staticmethod
+    def _layer_path(folder: Path, layer: str) -> Path:
+        return Path(layer) if os.path.isabs(layer) else folder / layer
+
+    def replica_chain_lists(self, vm: str) -> dict[str, list[Path]]:
+        """Each disk's latest chain in the VM's replica, base first."""
+        folder, state = self._replica_state(vm)
         return {
-            disk: [Path(p) if os.path.isabs(p) else folder / p for p in ds["chain"]]
+            disk: [self._layer_path(folder, p) for p in ds["chain"]]
             for disk, ds in state["disks"].items()
         }
 
     def point_chains(self, vm: str) -> dict[int, dict[str, Path]]:
-        v = self.protected(vm)
-        host = next(a for a in self.agents.values() if a.name == v.replica_server)
-        folder = (
-            Path(v.replica_folder)
-            if v.replica_folder
-            else host.home / "replicas" / v.relationship_id
-        )
-        state = json.loads((folder / "state.json").read_text())
-        out: dict[int, dict[str, Path]] = {}
-        for p in state["points"]:
-            out[p["sequence"]] = {
-                d: (Path(layer) if os.path.isabs(layer) else folder / layer)
-                for d, layer in p["layers"].items()
-            }
-        return out
+        """Each recovery point's layer per disk, by sequence."""
+        folder, state = self._replica_state(vm)
+        return {
+            p["sequence"]: {d: self._layer_path(folder, layer) for d, layer in p["layers"].items()}
+            for p in state["points"]
+        }
 
     # -- teardown ---------------------------------------------------------------------------
     def stop(self) -> None:

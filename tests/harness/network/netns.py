@@ -188,6 +188,15 @@ def _owner_records() -> dict[Path, dict[str, Any]]:
     return records
 
 
+def kill_processes(procs: Iterable[subprocess.Popen[Any]]) -> None:
+    """SIGKILL each process still running and reap it (5 s each at most)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+
+
 def _kill_inside(name: str) -> list[int]:
     """SIGKILL every process left inside namespace ``name`` (the harness put them there)."""
     killed = []
@@ -412,11 +421,7 @@ class Topology:
                 return
             self._closed = True
             procs = list(self._procs)
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
+        kill_processes(procs)
         errors = []
         present = set(list_namespaces())
         for ns in self.namespaces.values():

@@ -40,6 +40,7 @@ from tests.harness.network.netns import (
     NetnsUnavailable,
     Topology,
     entered,
+    kill_processes,
     netns_unavailable_reason,
 )
 from tests.harness.network.proxy import FaultProxy, ProxyStats
@@ -247,11 +248,7 @@ class Network:
                 return
             self._closed = True
             procs = list(self._procs)
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
+        kill_processes(procs)
         self.wan.close()
         if self._portal is not None:
             self._portal.close()

@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from sitepair.vdisk.fileio import O_BINARY, pread, pwrite_all
+from sitepair.vdisk.fileio import O_BINARY, pread, pwrite_all, start_writeback
 from sitepair.vdisk.vhdx_crc import crc32c
 
 _HEAD = struct.Struct("<II")
@@ -32,6 +32,10 @@ class RecordFile:
 
     def sync(self) -> None:
         os.fsync(self._fd)
+
+    def start_writeback(self) -> None:
+        """Start writing appended records to disk without waiting (see fileio.start_writeback)."""
+        start_writeback(self._fd)
 
     def truncate_to(self, size: int) -> None:
         os.ftruncate(self._fd, size)

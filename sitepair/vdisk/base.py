@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Self
 
 from sitepair.errors import VirtualDiskError
+from sitepair.vdisk import fileio
 
 MiB = 1 << 20
 
@@ -79,6 +80,8 @@ class VirtualDisk(abc.ABC):
     subformat: SubFormat
     read_only: bool
     parent: VirtualDisk | None
+    #: The image file's descriptor (every format keeps one open file per layer).
+    _fd: int
 
     def __init__(self) -> None:
         self._write_lock = threading.Lock()
@@ -139,6 +142,15 @@ class VirtualDisk(abc.ABC):
     @abc.abstractmethod
     def flush(self) -> None:
         """Make every completed write durable (data, then metadata, fsync'd)."""
+
+    def start_writeback(self) -> bool:
+        """Start writing this layer's written data to disk in the background, without waiting
+        and without making anything durable (:meth:`flush` still does that). A writer that
+        flushes now and then calls this after its writes so that the disk works while it goes
+        on, and the next flush finds little left to wait for. False when read-only or where the
+        system has no such call (see :func:`sitepair.vdisk.fileio.start_writeback`)."""
+        self._check_open()
+        return not self.read_only and fileio.start_writeback(self._fd)
 
     @abc.abstractmethod
     def allocated_ranges(self, *, this_layer_only: bool = False) -> Iterator[tuple[int, int]]:

@@ -97,6 +97,7 @@ def _copy(src: VirtualDisk, dst: VirtualDisk) -> None:
             data = future.result()  # read the next piece while this one is written
             if not is_zero(data):
                 dst.write(off, data)
+                dst.start_writeback()  # the caller's flush then finds the disk work done
 
 
 def _temp_path(dst: Path) -> Path:
@@ -235,6 +236,7 @@ def merge(
             child.allocated_ranges(this_layer_only=True), child.virtual_size
         ):
             parent.write(off, child.read(off, length))
+            parent.start_writeback()
         parent.flush()
     for g in pending:
         set_parent(g, parent_file)

@@ -180,6 +180,12 @@ class ReplicaClient:
     def close(self) -> None:
         self._channel.close()
 
+    def __enter__(self) -> ReplicaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         if self.auth == "ticket":
             assert self._ticket_provider is not None

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.identity import AgentIdentity
 from agent.replication.receiver import ReceiverServer, ReplicaRegistry
+from agent.replication.sender import ReplicaClient
 from agent.replication.state import Grant, ReplicationState
 from sitepair import tickets
 from sitepair.clock import SYSTEM_CLOCK
@@ -36,6 +37,25 @@ class Pair:
     @property
     def ticket_address(self) -> str:
         return f"127.0.0.1:{self.receiver.ports['ticket']}"
+
+    def client(
+        self,
+        auth: str = "certificate",
+        *,
+        address: str | None = None,
+        ticket: Callable[[], str] | None = None,
+    ) -> ReplicaClient:
+        """A sender's connection as the primary host: to this pair's receiver port for ``auth``
+        unless ``address`` says otherwise (a proxy); ``ticket`` provides tickets on 8083."""
+        if address is None:
+            address = self.cert_address if auth == "certificate" else self.ticket_address
+        return ReplicaClient(
+            identity=self.primary,
+            replica_host=self.replica.host_id,
+            address=address,
+            auth=auth,
+            ticket_provider=ticket,
+        )
 
     def grant(
         self,

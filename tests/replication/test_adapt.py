@@ -6,7 +6,6 @@ import random
 from pathlib import Path
 
 from agent.replication.adapt import EPOCH, PERIOD_MAX, CompressionGovernor
-from agent.replication.sender import ReplicaClient
 from agent.replication.throttle import TokenBucket
 from sitepair import vdisk
 from sitepair.v1 import replication_pb2
@@ -95,13 +94,7 @@ def test_a_slow_link_keeps_every_batch_compressed(pair: Pair, tmp_path: Path) ->
         for i in range(48):
             d.write(i * MiB, rng.randbytes(MiB // 16) + text)
     pair.grant("rel-1", "vm-1")
-    client = ReplicaClient(
-        identity=pair.primary,
-        replica_host=pair.replica.host_id,
-        address=pair.cert_address,
-        auth="certificate",
-    )
-    try:
+    with pair.client() as client:
         plan = plan_for(src, "os", replication_pb2.INITIAL)
         result = client.send_cycle(
             header("rel-1", "vm-1", 1, replication_pb2.INITIAL),
@@ -116,5 +109,3 @@ def test_a_slow_link_keeps_every_batch_compressed(pair: Pair, tmp_path: Path) ->
         assert result.wire_bytes < result.raw_bytes * 0.4
         with vdisk.open_disk(src, read_only=True) as d:
             assert replica_bytes(pair, "rel-1", "os") == d.read(0, d.virtual_size)
-    finally:
-        client.close()

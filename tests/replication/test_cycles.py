@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.replication.blocks import blocks_for, group
-from agent.replication.sender import CyclePlan, CycleRefused, DiskPlan, ReplicaClient
+from agent.replication.sender import CyclePlan, CycleRefused, DiskPlan
 from sitepair import vdisk
 from sitepair.errors import PermissionDenied, Unauthenticated
 from sitepair.v1 import replication_pb2
@@ -66,15 +66,7 @@ def test_initial_then_delta_is_byte_exact(pair: Pair, tmp_path: Path, fmt: str, 
     src = tmp_path / f"src.{fmt}"
     model = make_disk(src, 16 * MiB, fmt)
     pair.grant("rel-1", "vm-1", auth=auth)
-    address = pair.cert_address if auth == "certificate" else pair.ticket_address
-    client = ReplicaClient(
-        identity=pair.primary,
-        replica_host=pair.replica.host_id,
-        address=address,
-        auth=auth,
-        ticket_provider=lambda: pair.ticket("rel-1", "vm-1"),
-    )
-    try:
+    with pair.client(auth, ticket=lambda: pair.ticket("rel-1", "vm-1")) as client:
         st = client.get_state("rel-1")
         assert st.committed_sequence == 0
         result = client.send_cycle(
@@ -103,21 +95,13 @@ def test_initial_then_delta_is_byte_exact(pair: Pair, tmp_path: Path, fmt: str, 
         assert result.zero_blocks >= 16
         assert replica_bytes(pair, "rel-1", "os") == bytes(model)
         assert client.get_state("rel-1").committed_sequence == 2
-    finally:
-        client.close()
 
 
 def test_wrong_base_and_stale_epoch_are_refused(pair: Pair, tmp_path: Path) -> None:
     src = tmp_path / "src.vhdx"
     make_disk(src, 4 * MiB)
     pair.grant("rel-1", "vm-1", epoch=3)
-    client = ReplicaClient(
-        identity=pair.primary,
-        replica_host=pair.replica.host_id,
-        address=pair.cert_address,
-        auth="certificate",
-    )
-    try:
+    with pair.client() as client:
         with pytest.raises(CycleRefused) as err:
             client.send_cycle(
                 header("rel-1", "vm-1", 2, replication_pb2.DELTA, epoch=3),
@@ -131,25 +115,14 @@ def test_wrong_base_and_stale_epoch_are_refused(pair: Pair, tmp_path: Path) -> N
                 plan_for(src, "os", replication_pb2.INITIAL),
                 compress=True,
             )
-    finally:
-        client.close()
 
 
 def test_only_the_granted_source_may_send(pair: Pair, tmp_path: Path) -> None:
     src = tmp_path / "src.vhdx"
     make_disk(src, 4 * MiB)
     pair.grant("rel-1", "vm-1", source="host-someone-else")
-    client = ReplicaClient(
-        identity=pair.primary,
-        replica_host=pair.replica.host_id,
-        address=pair.cert_address,
-        auth="certificate",
-    )
-    try:
-        with pytest.raises(PermissionDenied, match="not the source"):
-            client.get_state("rel-1")
-    finally:
-        client.close()
+    with pair.client() as client, pytest.raises(PermissionDenied, match="not the source"):
+        client.get_state("rel-1")
 
 
 def test_tickets_expired_replayed_forged_refused(pair: Pair, tmp_path: Path) -> None:
@@ -173,42 +146,19 @@ def test_tickets_expired_replayed_forged_refused(pair: Pair, tmp_path: Path) -> 
         "other vm": pair.ticket("rel-1", "vm-2"),
         "garbage": "not-a-ticket",
     }
-    first = ReplicaClient(
-        identity=pair.primary,
-        replica_host=pair.replica.host_id,
-        address=pair.ticket_address,
-        auth="ticket",
-        ticket_provider=lambda: used,
-    )
-    try:
+    with pair.client("ticket", ticket=lambda: used) as first:
         assert first.get_state("rel-1").committed_sequence == 0  # the ticket works once
-    finally:
-        first.close()
     for what, text in cases.items():
-        client = ReplicaClient(
-            identity=pair.primary,
-            replica_host=pair.replica.host_id,
-            address=pair.ticket_address,
-            auth="ticket",
-            ticket_provider=lambda text=text: text,
-        )
-        try:
-            with pytest.raises((Unauthenticated, PermissionDenied)):
-                client.get_state("rel-1")
-                pytest.fail(f"a {what} ticket was accepted")
-        finally:
-            client.close()
+        with (
+            pair.client("ticket", ticket=lambda text=text: text) as client,
+            pytest.raises((Unauthenticated, PermissionDenied)),
+        ):
+            client.get_state("rel-1")
+            pytest.fail(f"a {what} ticket was accepted")
     # A certificate-mode relationship cannot be reached on the ticket port and vice versa.
     pair.grant("rel-2", "vm-1", auth="certificate")
-    client = ReplicaClient(
-        identity=pair.primary,
-        replica_host=pair.replica.host_id,
-        address=pair.ticket_address,
-        auth="ticket",
-        ticket_provider=lambda: pair.ticket("rel-2", "vm-1"),
-    )
-    try:
-        with pytest.raises(PermissionDenied, match="uses certificate authentication"):
-            client.get_state("rel-2")
-    finally:
-        client.close()
+    with (
+        pair.client("ticket", ticket=lambda: pair.ticket("rel-2", "vm-1")) as client,
+        pytest.raises(PermissionDenied, match="uses certificate authentication"),
+    ):
+        client.get_state("rel-2")

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from agent.replication.blocks import BlockRef
-from agent.replication.sender import CyclePlan, CycleRefused, ReplicaClient
+from agent.replication.sender import CyclePlan, CycleRefused
 from sitepair import pki, vdisk
 from sitepair.errors import SitepairError
 from sitepair.v1 import replication_pb2
@@ -28,15 +28,6 @@ def idle_partial(pair: Pair, rel: str) -> tuple[int, int, bytes]:
         lock.release()
 
 
-def client_via(pair: Pair, address: str) -> ReplicaClient:
-    return ReplicaClient(
-        identity=pair.primary,
-        replica_host=pair.replica.host_id,
-        address=address,
-        auth="certificate",
-    )
-
-
 def test_corrupted_bytes_on_the_wire_are_never_applied(pair: Pair, tmp_path: Path) -> None:
     src = tmp_path / "src.vhdx"
     model = make_disk(src, 24 * MiB, writes=80)
@@ -49,23 +40,16 @@ def test_corrupted_bytes_on_the_wire_are_never_applied(pair: Pair, tmp_path: Pat
         # so its stream is shorter (about 9 MB of 12): the same offset keeps both flips inside.
         for _ in range(2):
             proxy.corrupt_at = 3 * MiB
-            client = client_via(pair, proxy.address)
-            try:
-                with pytest.raises(SitepairError):
-                    client.send_cycle(
-                        header("rel-1", "vm-1", 1, replication_pb2.INITIAL), plan, compress=False
-                    )
-            finally:
-                client.close()
+            with pair.client(address=proxy.address) as client, pytest.raises(SitepairError):
+                client.send_cycle(
+                    header("rel-1", "vm-1", 1, replication_pb2.INITIAL), plan, compress=False
+                )
             assert pair.registry.store(pair.state.grant("rel-1")).state.committed_sequence == 0  # type: ignore[arg-type]
         assert proxy.stats.corrupted == 2
-        client = client_via(pair, proxy.address)
-        try:
+        with pair.client(address=proxy.address) as client:
             result = client.send_cycle(
                 header("rel-1", "vm-1", 1, replication_pb2.INITIAL), plan, compress=False
             )
-        finally:
-            client.close()
         assert result.resumed_from > 0  # durable batches from the broken attempts were kept
         assert replica_bytes(pair, "rel-1", "os") == bytes(model)
     finally:
@@ -82,24 +66,17 @@ def test_truncated_stream_resumes_from_the_last_acknowledged_batch(
     try:
         plan = plan_for(src, "os", replication_pb2.INITIAL)
         proxy.cut_after = 12 * MiB
-        client = client_via(pair, proxy.address)
-        try:
-            with pytest.raises(SitepairError):
-                client.send_cycle(
-                    header("rel-1", "vm-1", 1, replication_pb2.INITIAL), plan, compress=False
-                )
-        finally:
-            client.close()
+        with pair.client(address=proxy.address) as client, pytest.raises(SitepairError):
+            client.send_cycle(
+                header("rel-1", "vm-1", 1, replication_pb2.INITIAL), plan, compress=False
+            )
         assert proxy.stats.cut == 1
         partial_seq, acked, _ = idle_partial(pair, "rel-1")
         assert partial_seq == 1 and acked >= 8
-        client = client_via(pair, proxy.address)
-        try:
+        with pair.client(address=proxy.address) as client:
             result = client.send_cycle(
                 header("rel-1", "vm-1", 1, replication_pb2.INITIAL), plan, compress=False
             )
-        finally:
-            client.close()
         assert (
             result.resumed_from >= acked
         )  # the receiver may have made more durable as the stream ended
@@ -113,15 +90,12 @@ def test_delta_interrupted_then_resumed_is_atomic(pair: Pair, tmp_path: Path) ->
     src = tmp_path / "src.vhdx"
     model = make_disk(src, 16 * MiB)
     pair.grant("rel-1", "vm-1")
-    client = client_via(pair, pair.cert_address)
-    try:
+    with pair.client() as client:
         client.send_cycle(
             header("rel-1", "vm-1", 1, replication_pb2.INITIAL),
             plan_for(src, "os", replication_pb2.INITIAL),
             compress=True,
         )
-    finally:
-        client.close()
     before = bytes(model)
     with vdisk.open_disk(src) as d:
         data = os.urandom(12 * MiB)
@@ -131,22 +105,15 @@ def test_delta_interrupted_then_resumed_is_atomic(pair: Pair, tmp_path: Path) ->
     proxy = FaultProxy(pair.cert_address)
     try:
         proxy.cut_after = 9 * MiB
-        client = client_via(pair, proxy.address)
-        try:
-            with pytest.raises(SitepairError):
-                client.send_cycle(
-                    header("rel-1", "vm-1", 2, replication_pb2.DELTA), delta, compress=False
-                )
-        finally:
-            client.close()
+        with pair.client(address=proxy.address) as client, pytest.raises(SitepairError):
+            client.send_cycle(
+                header("rel-1", "vm-1", 2, replication_pb2.DELTA), delta, compress=False
+            )
         assert replica_bytes(pair, "rel-1", "os") == before  # nothing of the half cycle shows
-        client = client_via(pair, proxy.address)
-        try:
+        with pair.client(address=proxy.address) as client:
             result = client.send_cycle(
                 header("rel-1", "vm-1", 2, replication_pb2.DELTA), delta, compress=False
             )
-        finally:
-            client.close()
         assert result.resumed_from > 0
         assert replica_bytes(pair, "rel-1", "os") == bytes(model)
     finally:
@@ -222,7 +189,9 @@ def test_oversized_decompression_claim_refused_before_allocating(pair: Pair) -> 
         Decoder().decode(batch)
 
 
-def test_resume_state_from_the_replica_is_checked(pair: Pair, tmp_path: Path) -> None:
+def test_resume_state_from_the_replica_is_checked(
+    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A replica answering with an impossible resume point is not believed."""
     from agent.replication import replica as replica_mod
 
@@ -235,18 +204,16 @@ def test_resume_state_from_the_replica_is_checked(pair: Pair, tmp_path: Path) ->
         original(self, *a, **kw)
         self.resume = 10_000
 
-    replica_mod.Incoming.__init__ = lying_init  # type: ignore[method-assign]
-    client = client_via(pair, pair.cert_address)
-    try:
-        with pytest.raises(SitepairError, match="refusing its resume state"):
-            client.send_cycle(
-                header("rel-1", "vm-1", 1, replication_pb2.INITIAL),
-                plan_for(src, "os", replication_pb2.INITIAL),
-                compress=True,
-            )
-    finally:
-        replica_mod.Incoming.__init__ = original  # type: ignore[method-assign]
-        client.close()
+    monkeypatch.setattr(replica_mod.Incoming, "__init__", lying_init)
+    with (
+        pair.client() as client,
+        pytest.raises(SitepairError, match="refusing its resume state"),
+    ):
+        client.send_cycle(
+            header("rel-1", "vm-1", 1, replication_pb2.INITIAL),
+            plan_for(src, "os", replication_pb2.INITIAL),
+            compress=True,
+        )
 
 
 def test_replica_disk_full_is_refused_cleanly_and_recovers(
@@ -257,8 +224,7 @@ def test_replica_disk_full_is_refused_cleanly_and_recovers(
     src = tmp_path / "src.vhdx"
     model = make_disk(src, 8 * MiB)
     pair.grant("rel-1", "vm-1")
-    client = client_via(pair, pair.cert_address)
-    try:
+    with pair.client() as client:
         client.send_cycle(
             header("rel-1", "vm-1", 1, replication_pb2.INITIAL),
             plan_for(src, "os", replication_pb2.INITIAL),
@@ -285,8 +251,6 @@ def test_replica_disk_full_is_refused_cleanly_and_recovers(
             result.resumed_from == 1
         )  # all batches were durable: only the trailer travelled again
         assert replica_bytes(pair, "rel-1", "os") == bytes(model)
-    finally:
-        client.close()
 
 
 def test_plan_blocks_are_aligned_and_cover_ranges() -> None:

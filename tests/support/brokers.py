@@ -147,7 +147,8 @@ class BrokerProcess:
         self.home.config.write_text(text)
 
     def run_info(self) -> dict[str, Any]:
-        return json.loads(self.home.run_file.read_text())
+        info: dict[str, Any] = json.loads(self.home.run_file.read_text())
+        return info
 
     def admin(self) -> AdminClient:
         return AdminClient(Profile.load(self.home.admin_dir, run_file=self.home.run_file))

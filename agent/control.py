@@ -166,8 +166,23 @@ class ControlClient:
         for t in list(self._command_tasks):
             t.cancel()
 
-    def refresh_inventory(self) -> None:
-        self._force_inventory.set()
+    async def send_inventory(self) -> int:
+        """Collect the host's inventory and queue it at once; returns how many VMs it lists.
+
+        The broker handles a stream's messages in order and stores an inventory before reading
+        on, so whatever is queued after this call (the refresh command's acknowledgement among
+        them) reaches the broker only once it holds this inventory: a refresh job never
+        completes with the old one still listed. Not connected, the next stream begins with a
+        fresh inventory anyway. A backend that cannot list its VMs raises, and the command
+        reports that."""
+        inv = await asyncio.to_thread(self._backend.inventory)
+        message = inventory_to_proto(inv, self._clock.now())
+        if self._outbound is not None:
+            self._inventory_digest = message.digest
+            self._outbound.put_nowait(control_pb2.AgentMessage(inventory=message))
+        else:
+            self._force_inventory.set()
+        return len(inv.vms)
 
     # -- one stream -------------------------------------------------------------------------
     async def _session(self) -> None:

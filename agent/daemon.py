@@ -70,9 +70,7 @@ class AgentDaemon:
             return {"note": cmd.ping.note, "host_id": ident.host_id, "name": ident.name}
 
         async def refresh(cmd: control_pb2.Command) -> dict[str, Any]:
-            inv = await asyncio.to_thread(self.backend.inventory)
-            self.control.refresh_inventory()
-            return {"vms": len(inv.vms)}
+            return {"vms": await self.control.send_inventory()}
 
         async def script(cmd: control_pb2.Command) -> dict[str, Any]:
             return await run_script(self.config.scripts_dir, cmd.run_script)

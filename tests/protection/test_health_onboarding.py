@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -142,3 +143,28 @@ def server_connected(s: Sites, name: str) -> bool:
 def job_state(s: Sites, job_id: str) -> str:
     job: admin_pb2.Job = s.admin.call("GetJob", admin_pb2.GetJobRequest(id=job_id))
     return job.state
+
+
+def test_a_refresh_completes_only_once_the_broker_holds_what_it_reports(
+    sites: Sites, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's result and the broker's inventory agree when the job ends, even when listing
+    the host's VMs is slow (a Hyper-V host with many VMs): the agent sends the inventory ahead
+    of the command's acknowledgement, on the same stream the broker reads in order."""
+    s = sites
+    setup_pair(s)
+    agent = s.hosts["hv-a1"].agent
+    assert agent is not None
+    backend = agent.daemon.backend
+    listing = backend.inventory
+
+    def slow_listing() -> object:
+        time.sleep(0.5)
+        return listing()
+
+    monkeypatch.setattr(backend, "inventory", slow_listing)
+    for name in ("late01", "late02", "late03"):
+        make_vm(s, "hv-a1", name, size=4 * MiB)
+        done = s.job(s.admin.call("RefreshCloud", admin_pb2.CloudRef(name="cloud-a")))
+        assert json.loads(done.result_json)["servers"]["hv-a1"]["vms"] >= 1
+        assert inventory_has(s.admin, name), f"the job ended before the broker listed {name}"

@@ -119,7 +119,6 @@ class ControlClient:
         self._stop = asyncio.Event()
         self._outbound: asyncio.Queue[control_pb2.AgentMessage] | None = None
         self._inventory_digest = ""
-        self._force_inventory = asyncio.Event()
         self._command_tasks: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
         self.sessions = 0
@@ -172,17 +171,14 @@ class ControlClient:
         The broker handles a stream's messages in order and stores an inventory before reading
         on, so whatever is queued after this call (the refresh command's acknowledgement among
         them) reaches the broker only once it holds this inventory: a refresh job never
-        completes with the old one still listed. Not connected, the next stream begins with a
-        fresh inventory anyway. A backend that cannot list its VMs raises, and the command
-        reports that."""
-        inv = await asyncio.to_thread(self._backend.inventory)
-        message = inventory_to_proto(inv, self._clock.now())
+        completes with the old one still listed. Not connected, nothing is queued: every stream
+        begins with a fresh inventory. A backend that cannot list its VMs raises, and the
+        command reports that."""
+        message = await self._inventory()
         if self._outbound is not None:
             self._inventory_digest = message.digest
             self._outbound.put_nowait(control_pb2.AgentMessage(inventory=message))
-        else:
-            self._force_inventory.set()
-        return len(inv.vms)
+        return len(message.vms)
 
     # -- one stream -------------------------------------------------------------------------
     async def _session(self) -> None:
@@ -289,10 +285,7 @@ class ControlClient:
         volumes = self._backend.volumes()
         while True:
             inventory = await self._collect_inventory()
-            if inventory is not None and (
-                inventory.digest != self._inventory_digest or self._force_inventory.is_set()
-            ):
-                self._force_inventory.clear()
+            if inventory is not None and inventory.digest != self._inventory_digest:
                 self._inventory_digest = inventory.digest
                 outbound.put_nowait(control_pb2.AgentMessage(inventory=inventory))
             if self._reports is not None:
@@ -313,15 +306,15 @@ class ControlClient:
                     )
                 )
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._force_inventory.wait(), timeout=self.heartbeat_interval
-                )
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _inventory(self) -> common_pb2.Inventory:
+        inv = await asyncio.to_thread(self._backend.inventory)
+        return inventory_to_proto(inv, self._clock.now())
 
     async def _collect_inventory(self) -> common_pb2.Inventory | None:
         try:
-            inv = await asyncio.to_thread(self._backend.inventory)
+            return await self._inventory()
         except (OSError, SitepairError) as exc:
             log.warning("inventory failed", extra={"fields": {"error": str(exc)}})
             return None
-        return inventory_to_proto(inv, self._clock.now())

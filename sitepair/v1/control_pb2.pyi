@@ -251,6 +251,7 @@ class Command(_message.Message):
     FAILOVER_CONTROL_FIELD_NUMBER: _builtins.int
     VM_POWER_FIELD_NUMBER: _builtins.int
     FENCE_FIELD_NUMBER: _builtins.int
+    REVOKE_HOST_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     epoch: _builtins.int
     """relationship epoch the command belongs to (0 = not relationship-bound)"""
@@ -280,6 +281,8 @@ class Command(_message.Message):
     def vm_power(self) -> Global___VmPower: ...
     @_builtins.property
     def fence(self) -> Global___Fence: ...
+    @_builtins.property
+    def revoke_host(self) -> Global___RevokeHost: ...
     def __init__(
         self,
         *,
@@ -298,12 +301,13 @@ class Command(_message.Message):
         failover_control: Global___FailoverControl | None = ...,
         vm_power: Global___VmPower | None = ...,
         fence: Global___Fence | None = ...,
+        revoke_host: Global___RevokeHost | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "epoch", b"epoch", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "id", b"id", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "epoch", b"epoch", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "id", b"id", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script", "configure_replica", "configure_source", "remove_relationship", "replication_action", "set_bandwidth", "failover", "failover_control", "vm_power", "fence"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script", "configure_replica", "configure_source", "remove_relationship", "replication_action", "set_bandwidth", "failover", "failover_control", "vm_power", "fence", "revoke_host"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -512,6 +516,7 @@ class ConfigureReplica(_message.Message):
     ADOPT_FIELD_NUMBER: _builtins.int
     FROM_VM_FIELD_NUMBER: _builtins.int
     FROM_SEQUENCE_FIELD_NUMBER: _builtins.int
+    DISKS_FIELD_NUMBER: _builtins.int
     relationship_id: _builtins.str
     vm_id: _builtins.str
     vm_name: _builtins.str
@@ -533,6 +538,13 @@ class ConfigureReplica(_message.Message):
     """reverse replication: this host's VM (fenced, off) becomes the replica"""
     from_sequence: _builtins.int
     """the sequence the adopted VM's content counts as"""
+    @_builtins.property
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrantedDisk]:
+        """The VM's disks as the broker's inventory knows them: the only disk ids the replica accepts
+        in a cycle header (never the sender's word alone). Empty only from brokers older than this
+        field; the replica then accepts the ids of the disks it already holds.
+        """
+
     def __init__(
         self,
         *,
@@ -549,14 +561,43 @@ class ConfigureReplica(_message.Message):
         adopt: _builtins.bool = ...,
         from_vm: _builtins.str = ...,
         from_sequence: _builtins.int = ...,
+        disks: _abc.Iterable[Global___GrantedDisk] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopt", b"adopt", "auth", b"auth", "epoch", b"epoch", "folder", b"folder", "from_sequence", b"from_sequence", "from_vm", b"from_vm", "point_interval_seconds", b"point_interval_seconds", "recovery_points", b"recovery_points", "relationship_id", b"relationship_id", "source_host", b"source_host", "ticket_public_key", b"ticket_public_key", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopt", b"adopt", "auth", b"auth", "disks", b"disks", "epoch", b"epoch", "folder", b"folder", "from_sequence", b"from_sequence", "from_vm", b"from_vm", "point_interval_seconds", b"point_interval_seconds", "recovery_points", b"recovery_points", "relationship_id", b"relationship_id", "source_host", b"source_host", "ticket_public_key", b"ticket_public_key", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConfigureReplica: _TypeAlias = ConfigureReplica  # noqa: Y015
+
+@_typing.final
+class GrantedDisk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISK_ID_FIELD_NUMBER: _builtins.int
+    VIRTUAL_SIZE_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    disk_id: _builtins.str
+    """a path component: letters, digits, . _ - (sitepair.paths)"""
+    virtual_size: _builtins.int
+    """0 = not known to the broker"""
+    format: _builtins.str
+    """"vhdx" or "vhd" """
+    def __init__(
+        self,
+        *,
+        disk_id: _builtins.str = ...,
+        virtual_size: _builtins.int = ...,
+        format: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_id", b"disk_id", "format", b"format", "virtual_size", b"virtual_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantedDisk: _TypeAlias = GrantedDisk  # noqa: Y015
 
 @_typing.final
 class InitialReplication(_message.Message):
@@ -1109,6 +1150,33 @@ class VmPower(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VmPower: _TypeAlias = VmPower  # noqa: Y015
+
+@_typing.final
+class RevokeHost(_message.Message):
+    """To every other host of the vault when a server is removed: refuse that host from now on on
+    both replication ports, whatever certificate or ticket it still holds, and stop replicating
+    to it. Replica data it sent is kept (it may be what a failover needs).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeHost: _TypeAlias = RevokeHost  # noqa: Y015
 
 @_typing.final
 class Fence(_message.Message):

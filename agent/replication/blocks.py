@@ -285,6 +285,30 @@ class Decoder:
             self._local.d = d
         return d
 
+    def _decompress(self, payload: bytes, limit: int, index: int) -> bytes:
+        """Decompress at most ``limit`` bytes, whatever the frames claim.
+
+        ``ZstdDecompressor.decompress(max_output_size=...)`` is no cap: when a frame declares
+        its content size, python-zstandard allocates and decodes that size (a 32 KiB frame
+        declaring 1 GiB took 1 GiB). So a frame that declares a size other than the batch's is
+        refused before anything is allocated, and the output is read from a streaming reader
+        that never returns more than ``limit + 1`` bytes (one more, to notice a payload that
+        holds more than it should, in further frames too)."""
+        try:
+            declared = zstandard.get_frame_parameters(payload).content_size
+        except zstandard.ZstdError as exc:
+            raise BadBatch(f"batch {index} is not a zstd frame: {exc}") from exc
+        if declared not in (zstandard.CONTENTSIZE_UNKNOWN, limit):
+            raise BadBatch(
+                f"batch {index}: its zstd frame declares {declared} bytes, the batch {limit}"
+            )
+        try:
+            with self._decompressor().stream_reader(payload, read_across_frames=True) as reader:
+                raw: bytes = reader.read(limit + 1)
+        except zstandard.ZstdError as exc:
+            raise BadBatch(f"batch {index} does not decompress: {exc}") from exc
+        return raw
+
     def decode(
         self, batch: replication_pb2.BlockBatch, *, expected: Sequence[BlockRef] | None = None
     ) -> list[DecodedBlock]:
@@ -296,12 +320,7 @@ class Decoder:
         if batch.codec == replication_pb2.CODEC_NONE:
             raw = batch.payload
         elif batch.codec == replication_pb2.CODEC_ZSTD:
-            try:
-                raw = self._decompressor().decompress(
-                    batch.payload, max_output_size=batch.raw_length
-                )
-            except zstandard.ZstdError as exc:
-                raise BadBatch(f"batch {batch.index} does not decompress: {exc}") from exc
+            raw = self._decompress(batch.payload, batch.raw_length, batch.index)
         else:
             raise BadBatch(f"batch {batch.index} uses an unknown codec {batch.codec}")
         if len(raw) != batch.raw_length:

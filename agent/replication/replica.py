@@ -36,9 +36,10 @@ import dataclasses
 import json
 import logging
 import shutil
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,9 @@ import blake3
 
 from agent.replication.blocks import BLOCK, BadBatch, BlockRef, CycleDigest, DecodedBlock, Decoder
 from agent.replication.records import RecordFile
-from sitepair import vdisk
-from sitepair.errors import FailedPrecondition, NotFound, SitepairError
-from sitepair.fsutil import atomic_write, fsync_dir
+from sitepair import paths, vdisk
+from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound, SitepairError
+from sitepair.fsutil import atomic_write, ensure_private_dir, fsync_dir
 from sitepair.v1 import replication_pb2
 from sitepair.vdisk import ops as vdisk_ops
 
@@ -71,6 +72,10 @@ SPACE_MARGIN = 64 * 1024 * 1024
 #: fsync's journal commit, and a 2 GiB initial cycle took 15-20 % longer (docs/benchmarks.md).
 ACK_FIRST = 8
 ACK_MAX = 64
+#: Most disks one VM's cycle may carry (Hyper-V allows 4 IDE + 4 x 64 SCSI).
+MAX_DISKS = 260
+#: The VHDX format's largest virtual size (64 TiB).
+MAX_VIRTUAL_SIZE = 64 << 40
 
 
 class Refusal(SitepairError):
@@ -166,9 +171,10 @@ class ReplicaStore:
         """Open the replica in ``root``, creating it if needed. With ``adopt``, a replica of the
         same VM left by an earlier relationship is taken over (disks and recovery points kept)
         so that a checksum resync, not a full copy, brings it up to date."""
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "disks").mkdir(exist_ok=True)
-        (root / "staging").mkdir(exist_ok=True)
+        for folder in (root, root / "disks", root / "staging"):
+            # 0700: a replica holds a VM's disks; nobody but the agent's account reads them,
+            # wherever the storage folder is (replicas made before this was done included).
+            ensure_private_dir(folder)
         state_file = root / "state.json"
         if state_file.exists():
             store = cls.open(root, clock=clock)
@@ -250,9 +256,21 @@ class ReplicaStore:
             return seq, int(progress["acked"]), bytes.fromhex(progress["header_digest"])
 
     # -- receiving a cycle ------------------------------------------------------------------
-    def begin(self, header: replication_pb2.CycleHeader) -> Incoming:
+    def disk_folder(self, disk_id: str) -> Path:
+        """``disks/<disk id>`` of this replica: the id passes the name rule and the folder,
+        symlinks resolved, stays inside the replica (sitepair.paths)."""
+        try:
+            return paths.inside(self.root / "disks", disk_id, what="disk id")
+        except InvalidArgument as exc:
+            raise Refusal("bad-header", str(exc)) from exc
+
+    def begin(
+        self, header: replication_pb2.CycleHeader, *, granted: Collection[str] = ()
+    ) -> Incoming:
         """Validate a cycle header against the replica; return the receiving session (which
-        knows from which batch to resume)."""
+        knows from which batch to resume). ``granted`` are the disk ids of the grant: the
+        only ones a cycle may name (empty for a grant from an older broker: then the disks
+        the replica holds, or for an initial cycle any ids that pass the name rule)."""
         with self.lock:
             st = self.state
             if header.relationship_id != st.relationship:
@@ -273,6 +291,32 @@ class ReplicaStore:
                     f"the replica holds {st.committed_sequence}",
                 )
             initial = header.kind == replication_pb2.INITIAL
+            names = [spec.disk_id for spec in header.disks]
+            if len(set(names)) != len(names) or not names:
+                raise Refusal("bad-header", "a cycle must name each of its disks exactly once")
+            if len(names) > MAX_DISKS:
+                raise Refusal("bad-header", f"a cycle may carry at most {MAX_DISKS} disks")
+            for spec in header.disks:
+                self.disk_folder(spec.disk_id)
+                if granted and spec.disk_id not in granted:
+                    raise Refusal(
+                        "wrong-disks",
+                        f"disk {_short(spec.disk_id)} is not a disk of this relationship's grant "
+                        f"({', '.join(sorted(granted))})",
+                        hint="the broker's inventory of the VM may be out of date: refresh the "
+                        "primary host",
+                    )
+                if spec.virtual_size <= 0 or spec.virtual_size > MAX_VIRTUAL_SIZE:
+                    raise Refusal(
+                        "bad-header",
+                        f"disk {spec.disk_id} claims a virtual size of {spec.virtual_size} bytes",
+                    )
+            if initial and granted and set(names) != set(granted):
+                raise Refusal(
+                    "wrong-disks",
+                    f"the initial cycle carries disks {', '.join(sorted(names))}; the grant "
+                    f"names {', '.join(sorted(granted))}",
+                )
             if initial and st.disks:
                 raise Refusal("wrong-base", "an initial cycle was sent to a replica that has disks")
             if not initial:
@@ -288,12 +332,12 @@ class ReplicaStore:
                         )
             if header.batch_count > 10_000_000:
                 raise Refusal("bad-header", "absurd batch count")
-            if header.epoch > st.epoch:
-                st.epoch = header.epoch
-                self._save()
+            # A higher epoch is recorded only when this cycle commits (_committed): a refused
+            # or abandoned cycle must not fence the real source.
             d = self.root / "staging" / str(header.sequence)
             digest = header_digest(header)
             progress = _read_json(d / "progress.json")
+            ensure_private_dir(d.parent)
             if progress and progress.get("header_digest") != digest.hex():
                 log.info(
                     "discarding a staged cycle the sender no longer sends",
@@ -307,7 +351,7 @@ class ReplicaStore:
                 return Incoming(self, header, d, resume=int(progress["acked"]), complete=True)
             if not progress:
                 shutil.rmtree(d, ignore_errors=True)
-                d.mkdir(parents=True)
+                d.mkdir(mode=0o700)
                 (d / "header.bin").write_bytes(header.SerializeToString())
                 if initial:
                     self._create_initial_disks(header, d)
@@ -323,8 +367,7 @@ class ReplicaStore:
             fmt = spec.format or "vhdx"
             if fmt not in ("vhdx", "vhd"):
                 raise Refusal("bad-header", f"disk {spec.disk_id}: unsupported format {fmt!r}")
-            target = self.root / "disks" / spec.disk_id
-            target.mkdir(parents=True, exist_ok=True)
+            target = ensure_private_dir(self.disk_folder(spec.disk_id))
             path = target / f"initial-{header.sequence}.{fmt}"
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -342,6 +385,7 @@ class ReplicaStore:
                 **options,
             )
             disk.close()
+            _private(path)
 
     # -- applying ---------------------------------------------------------------------------
     def _open_active(self) -> dict[str, vdisk.VirtualDisk]:
@@ -382,6 +426,7 @@ class ReplicaStore:
         st.committed_at = self._now()
         st.cut_at = header.cut_at.seconds + header.cut_at.nanos / 1e9
         st.app_consistent = header.app_consistent
+        st.epoch = max(st.epoch, header.epoch)
         self._save()
         shutil.rmtree(d, ignore_errors=True)
 
@@ -389,7 +434,7 @@ class ReplicaStore:
         st = self.state
         for spec in header.disks:
             fmt = spec.format or "vhdx"
-            folder = self.root / "disks" / spec.disk_id
+            folder = self.disk_folder(spec.disk_id)
             partial = folder / f"initial-{header.sequence}.{fmt}"
             final = folder / f"base.{fmt}"
             if partial.exists():
@@ -443,6 +488,7 @@ class ReplicaStore:
                 block_size=LAYER_BLOCK if ds.format == "vhdx" else None,
             )
             created.close()
+            _private(child_path)
             new_chains[disk_id] = [*ds.chain, child]
         point = Point(
             sequence=st.committed_sequence,
@@ -517,23 +563,30 @@ class ReplicaStore:
         )
 
     # -- reading ----------------------------------------------------------------------------
-    def digests(self, disk_id: str, block: int = BLOCK) -> list[bytes]:
-        """BLAKE3 of each block of the latest committed content of a disk."""
+    def iter_digest_batches(
+        self, disk_id: str, block: int = BLOCK
+    ) -> Iterator[replication_pb2.DigestBatch]:
+        """The latest committed content of a disk as DigestBatch messages (BLAKE3 per block,
+        and which blocks hold data), computed a window at a time so that memory does not grow
+        with the disk's virtual size. The caller keeps cycles of the relationship out while
+        it iterates (the receiver holds the relationship's busy lock)."""
         with self.lock:
             ds = self.state.disks.get(disk_id)
             if ds is None:
-                raise NotFound(f"the replica has no disk {disk_id}")
-            with vdisk.open_disk(self.path(ds.chain[-1]), read_only=True) as disk:
-                return vdisk_ops.digest(disk, block)
-
-    def allocated_blocks(self, disk_id: str, block: int = BLOCK) -> set[int]:
-        with self.lock:
-            ds = self.state.disks[disk_id]
-            with vdisk.open_disk(self.path(ds.chain[-1]), read_only=True) as disk:
-                out: set[int] = set()
-                for off, length in disk.allocated_ranges():
-                    out.update(range(off // block, (off + length - 1) // block + 1))
-                return out
+                raise NotFound(f"the replica has no disk {_short(disk_id)}")
+            top = self.path(ds.chain[-1])
+        with vdisk.open_disk(top, read_only=True) as disk:
+            for first, digests, allocated in vdisk_ops.iter_digests(disk, block):
+                bits = bytearray((len(digests) + 7) // 8)
+                for index in allocated:
+                    i = index - first
+                    bits[i // 8] |= 1 << (i % 8)
+                yield replication_pb2.DigestBatch(
+                    disk_id=disk_id,
+                    first_block=first,
+                    digests=b"".join(digests),
+                    allocated=bytes(bits),
+                )
 
     def latest_chain(self, disk_id: str) -> Path:
         ds = self.state.disks[disk_id]
@@ -593,10 +646,7 @@ class Incoming:
             for spec in header.disks:
                 fmt = spec.format or "vhdx"
                 self._disks[spec.disk_id] = vdisk.open_disk(
-                    staging.parent.parent
-                    / "disks"
-                    / spec.disk_id
-                    / f"initial-{header.sequence}.{fmt}"
+                    store.disk_folder(spec.disk_id) / f"initial-{header.sequence}.{fmt}"
                 )
 
     def _account(self, ref: BlockRef, kind: int, digest: bytes) -> None:
@@ -754,15 +804,12 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def iter_digest_batches(
-    digests: list[bytes], allocated: set[int], disk_id: str, *, per: int = 4096
-) -> Iterator[replication_pb2.DigestBatch]:
-    for first in range(0, len(digests), per):
-        chunk = digests[first : first + per]
-        bits = bytearray((len(chunk) + 7) // 8)
-        for i in range(len(chunk)):
-            if first + i in allocated:
-                bits[i // 8] |= 1 << (i % 8)
-        yield replication_pb2.DigestBatch(
-            disk_id=disk_id, first_block=first, digests=b"".join(chunk), allocated=bytes(bits)
-        )
+def _private(path: Path) -> None:
+    """Replica disk files are the agent's alone (0600), before any guest data is in them."""
+    if sys.platform != "win32":
+        path.chmod(0o600)
+
+
+def _short(value: str, limit: int = 80) -> str:
+    """A name from the wire, cut for a message (it may be hostile and huge)."""
+    return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -32,11 +33,19 @@ from agent.replication.engine import SourceRelationship
 from agent.replication.failover import LATEST, LATEST_APP, adopt_vm_as_replica, check_point_kind
 from agent.replication.offline import export_cut, import_export
 from agent.replication.receiver import ReceiverServer, ReplicaRegistry
-from agent.replication.state import Grant, ReplicationState, SourceConfig
+from agent.replication.replica import MAX_DISKS
+from agent.replication.state import DiskGrant, Grant, ReplicationState, SourceConfig
 from agent.replication.throttle import TokenBucket
-from sitepair import pki
+from sitepair import paths, pki
 from sitepair.clock import Clock
-from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound, SitepairError, StaleEpoch
+from sitepair.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    SitepairError,
+    StaleEpoch,
+)
 from sitepair.protoconv import seconds, timestamp
 from sitepair.rpc import channel_options, error_from_rpc
 from sitepair.v1 import control_pb2, control_pb2_grpc, replication_pb2
@@ -145,17 +154,60 @@ class ReplicationService:
             )
         return self.backend
 
+    def replica_roots(self) -> list[Path]:
+        """The folders replicas may live in: the default replica path and the storage
+        classifications this host reports (agent.toml [storage])."""
+        return [
+            self.config.replication.default_replica_path,
+            *(path for _name, path in self.config.storage),
+        ]
+
+    def _replica_folder(self, cmd: control_pb2.ConfigureReplica) -> Path:
+        """Where the replica of ``cmd`` goes: a folder strictly below one of
+        :meth:`replica_roots`, symlinks resolved (the broker derives it from names other hosts
+        reported; it is checked here again, whoever built it)."""
+        roots = self.replica_roots()
+        if not cmd.folder:
+            return paths.inside(roots[0], cmd.relationship_id, what="replica folder")
+        for root in roots:
+            try:
+                folder = paths.check_inside(root, cmd.folder, "replica folder")
+            except InvalidArgument:
+                continue
+            if folder != Path(os.path.realpath(root)):
+                return folder
+        raise PermissionDenied(
+            f"replica folder {cmd.folder[:200]!r} is not inside this host's replica locations "
+            f"({', '.join(str(r) for r in roots)})",
+            hint="replicas go only below the default replica path or a storage classification "
+            "of agent.toml; check the storage mapping at the broker",
+        )
+
     async def configure_replica(self, cmd: control_pb2.ConfigureReplica) -> dict[str, Any]:
-        pki.check_identifier(cmd.relationship_id, "relationship id")
+        paths.check_component(cmd.relationship_id, "relationship id")
+        paths.check_component(cmd.vm_id, "VM id")
+        pki.check_identifier(cmd.source_host, "source host")
         if cmd.auth not in ("certificate", "ticket"):
             raise InvalidArgument(f"unknown authentication {cmd.auth!r}")
         if cmd.recovery_points > 24:
             raise InvalidArgument("at most 24 additional recovery points")
-        folder = (
-            Path(cmd.folder)
-            if cmd.folder
-            else self.config.replication.default_replica_path / cmd.relationship_id
+        if len(cmd.disks) > MAX_DISKS:
+            raise InvalidArgument(f"a VM may have at most {MAX_DISKS} replicated disks")
+        disks = tuple(
+            DiskGrant(
+                disk_id=paths.check_component(d.disk_id, "disk id"),
+                virtual_size=d.virtual_size,
+                format=d.format or "vhdx",
+            )
+            for d in cmd.disks
         )
+        if len({d.disk_id for d in disks}) != len(disks):
+            raise InvalidArgument("the grant names a disk twice")
+        if self.state.is_revoked(cmd.source_host):
+            raise FailedPrecondition(
+                f"host {cmd.source_host} was removed from the vault; it may not replicate here"
+            )
+        folder = self._replica_folder(cmd)
         grant = Grant(
             relationship=cmd.relationship_id,
             vm_id=cmd.vm_id,
@@ -168,6 +220,7 @@ class ReplicationService:
             recovery_points=cmd.recovery_points,
             point_interval=float(cmd.point_interval_seconds or 3600),
             adopt=cmd.adopt,
+            disks=disks,
         )
         if cmd.from_vm:
             # Reverse replication: this host's old VM becomes the replica of the new direction.
@@ -365,6 +418,52 @@ class ReplicationService:
             "vm_state": state,
         }
 
+    async def revoke_host(self, cmd: control_pb2.RevokeHost) -> dict[str, Any]:
+        """The broker removed ``host_id`` from the vault: refuse it on both replication ports
+        from now on (its certificate may be valid for hours yet), and stop replicating to it.
+        Replicas it sent stay: they may be what a failover needs."""
+        host = pki.check_identifier(cmd.host_id, "host id")
+        if host == self.identity().host_id:
+            raise InvalidArgument("a host is not told to revoke itself")
+        reason = cmd.reason[:200]
+        newly = await asyncio.to_thread(
+            self.state.revoke_host, host, reason=reason, now=self.clock.now()
+        )
+        refused = [g.relationship for g in self.state.grants() if g.source_host == host]
+        stopped = []
+        for source, _ in self.state.sources():
+            if source.replica_host == host:
+                await self._stop_runner(source.relationship)
+                stopped.append(source.relationship)
+        log.warning(
+            "host revoked",
+            extra={
+                "fields": {
+                    "host": host,
+                    "reason": reason,
+                    "grants_refused": refused,
+                    "sources_stopped": stopped,
+                }
+            },
+        )
+        return {
+            "host": host,
+            "newly_revoked": newly,
+            "grants_refused": refused,
+            "sources_stopped": stopped,
+        }
+
+    async def _stop_runner(self, rel: str) -> None:
+        """Stop replicating ``rel`` for now, keeping its configuration."""
+        task = self._runners.pop(rel, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        current = self.sources.pop(rel, None)
+        if current is not None:
+            current.retire()
+
     async def remove(self, cmd: control_pb2.RemoveRelationship) -> dict[str, Any]:
         rel = cmd.relationship_id
         removed = []
@@ -446,6 +545,14 @@ class ReplicationService:
 
     # -- runners ----------------------------------------------------------------------------
     def _start_runner(self, source: SourceConfig) -> None:
+        if self.state.is_revoked(source.replica_host):
+            log.warning(
+                "not replicating to a host removed from the vault",
+                extra={
+                    "fields": {"relationship": source.relationship, "replica": source.replica_host}
+                },
+            )
+            return
         found = self.state.source(source.relationship)
         extra = found[1] if found else {}
         rel = SourceRelationship(

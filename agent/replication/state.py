@@ -7,6 +7,8 @@
 * **epochs**: the highest epoch this host has seen per relationship. Commands and cycles with a
   lower epoch are refused everywhere (fencing); the value only ever goes up.
 * **nonces**: ticket nonces seen, until they expire (the replay cache survives restarts).
+* **revoked hosts**: servers the broker removed from the vault (``RevokeHost``). Both replication
+  ports refuse them from then on, whatever certificate or ticket they still hold.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ CREATE TABLE IF NOT EXISTS nonces (
     nonce TEXT PRIMARY KEY,
     expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS revoked_hosts (
+    host_id TEXT PRIMARY KEY,
+    revoked_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
 
 
@@ -62,6 +69,22 @@ class Grant:
     recovery_points: int = 0
     point_interval: float = 3600.0
     adopt: bool = False
+    #: The only disk ids a cycle may name (from the broker's inventory, never from the sender).
+    #: Empty for grants stored by an agent older than this field: the replica then accepts
+    #: only the disks it already holds, and an initial cycle's ids that pass the name rule.
+    disks: tuple[DiskGrant, ...] = ()
+
+    def disk(self, disk_id: str) -> DiskGrant | None:
+        return next((d for d in self.disks if d.disk_id == disk_id), None)
+
+    def to_doc(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Grant:
+        doc = dict(doc)
+        doc["disks"] = tuple(DiskGrant(**d) for d in doc.get("disks", ()))
+        return cls(**doc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,14 +156,14 @@ class ReplicationState:
     # -- grants and sources -----------------------------------------------------------------
     def put_grant(self, grant: Grant) -> None:
         self.observe_epoch(grant.relationship, grant.epoch)
-        self._put("grants", grant.relationship, dataclasses.asdict(grant))
+        self._put("grants", grant.relationship, grant.to_doc())
 
     def grant(self, relationship: str) -> Grant | None:
         doc = self._get("grants", relationship)
-        return Grant(**doc) if doc else None
+        return Grant.from_doc(doc) if doc else None
 
     def grants(self) -> list[Grant]:
-        return [Grant(**d) for d in self._all("grants")]
+        return [Grant.from_doc(d) for d in self._all("grants")]
 
     def remove_grant(self, relationship: str) -> None:
         self._delete("grants", relationship)
@@ -178,6 +201,27 @@ class ReplicationState:
 
     def remove_source(self, relationship: str) -> None:
         self._delete("sources", relationship)
+
+    # -- revoked hosts ----------------------------------------------------------------------
+    def revoke_host(self, host_id: str, *, reason: str, now: float) -> bool:
+        """Refuse ``host_id`` on both ports from now on; False if it was already revoked."""
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO revoked_hosts VALUES (?, ?, ?)", (host_id, now, reason)
+            )
+            return cur.rowcount == 1
+
+    def is_revoked(self, host_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM revoked_hosts WHERE host_id = ?", (host_id,)
+            ).fetchone()
+        return row is not None
+
+    def revoked_hosts(self) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT host_id FROM revoked_hosts ORDER BY host_id").fetchall()
+        return [str(r[0]) for r in rows]
 
     # -- ticket replay cache ----------------------------------------------------------------
     def remember_nonce(self, nonce: str, expires_at: float, now: float) -> bool:

@@ -249,16 +249,39 @@ def digest(disk: VirtualDisk, block_size: int, *, threads: int = 2) -> list[byte
     last block may be shorter). Blocks outside ``allocated_ranges`` are hashed as zeros
     without being read; the others are read and hashed in ``threads`` threads (blake3 and
     the reads release the GIL)."""
+    out: list[bytes] = []
+    for _first, digests, _allocated in iter_digests(disk, block_size, threads=threads):
+        out.extend(digests)
+    return out
+
+
+def iter_digests(
+    disk: VirtualDisk, block_size: int, *, threads: int = 2, window: int = 4096
+) -> Iterator[tuple[int, list[bytes], set[int]]]:
+    """What :func:`digest` computes, ``window`` blocks at a time: (first block, digests of the
+    window, indexes of the window's blocks that hold allocated data). Memory stays bounded by
+    the window and the disk's allocation map, whatever the virtual size (a 64 TiB sparse disk
+    is a billion 64 KiB blocks)."""
     if block_size <= 0:
         raise VirtualDiskError(f"digest block size must be positive (got {block_size})")
+    if window <= 0:
+        raise VirtualDiskError(f"digest window must be positive (got {window})")
     size = disk.virtual_size
     count = -(-size // block_size)
-    wanted: list[int] = []
+    # Allocated block indexes as sorted, disjoint [first, end] runs: bounded by the allocation
+    # map, not by the virtual size.
+    runs: list[tuple[int, int]] = []
     last = -1
     for off, length in disk.allocated_ranges():
+        if length <= 0:
+            continue
         first_block = max(off // block_size, last + 1)
         end_block = (off + length - 1) // block_size
-        wanted.extend(range(first_block, end_block + 1))
+        if end_block >= first_block:
+            if runs and runs[-1][1] + 1 == first_block:
+                runs[-1] = (runs[-1][0], end_block)
+            else:
+                runs.append((first_block, end_block))
         last = max(last, end_block)
     zero_digests: dict[int, bytes] = {}
 
@@ -292,11 +315,21 @@ def digest(disk: VirtualDisk, block_size: int, *, threads: int = 2) -> list[byte
             pos += step
         return hasher.digest()
 
-    out = [zero_digest(min(block_size, size - i * block_size)) for i in range(count)]
+    run = 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for index, value in zip(wanted, pool.map(hash_block, wanted), strict=True):
-            out[index] = value
-    return out
+        for first in range(0, count, window):
+            stop = min(first + window, count)
+            wanted: list[int] = []
+            while run < len(runs) and runs[run][1] < first:
+                run += 1
+            r = run
+            while r < len(runs) and runs[r][0] < stop:
+                wanted.extend(range(max(runs[r][0], first), min(runs[r][1] + 1, stop)))
+                r += 1
+            out = [zero_digest(min(block_size, size - i * block_size)) for i in range(first, stop)]
+            for index, value in zip(wanted, pool.map(hash_block, wanted), strict=True):
+                out[index - first] = value
+            yield first, out, set(wanted)
 
 
-__all__ = ["compare", "convert", "detect_format", "digest", "flatten", "merge"]
+__all__ = ["compare", "convert", "detect_format", "digest", "flatten", "iter_digests", "merge"]

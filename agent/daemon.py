@@ -4,6 +4,11 @@ Sibling tasks (control stream, certificate renewal, later the replication receiv
 senders) run under one :meth:`AgentDaemon.run`; when one fails, the others are cancelled and the
 failure is reported, so the agent never limps on half-alive. :meth:`shutdown` is idempotent and
 is all the service wrappers (systemd, Windows service) ever call.
+
+One agent per home: the constructor locks the home (:mod:`sitepair.homelock`) right after reading
+the configuration, before it repairs identity files, opens the journal or connects, and
+:meth:`run` unlocks it last. Two agents on one home would steal the control stream from each
+other forever and share a journal; the second one refuses instead and changes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from agent.journal import CommandJournal
 from agent.renewal import CertificateRenewer, IdentityHolder
 from agent.replication.service import ReplicationService
 from sitepair.clock import SYSTEM_CLOCK, Clock
+from sitepair.homelock import HomeLock
 from sitepair.v1 import common_pb2, control_pb2
 
 log = logging.getLogger("sitepair.agent")
@@ -32,7 +38,20 @@ class AgentDaemon:
     def __init__(self, home: Path, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self.home = Path(home)
         self.clock = clock
+        # The configuration first: a folder that is no agent home gets no run/ folder.
         self.config = config_mod.load(self.home)
+        self._home_lock = HomeLock.acquire(
+            self.home, what="agent home", holder="sitepair-agent run"
+        )
+        try:
+            self._build(clock)
+        except BaseException:
+            self._home_lock.release()
+            raise
+        self._stopping = False
+
+    def _build(self, clock: Clock) -> None:
+        """Everything that reads or writes the home; runs under the home lock."""
         repair_pair(self.home)
         self.identity = IdentityHolder(AgentIdentity.load(self.home))
         self.backend = make_backend(self.config)
@@ -62,7 +81,6 @@ class AgentDaemon:
         )
         self.renewer = CertificateRenewer(self.home, self.identity, clock)
         self._register_handlers()
-        self._stopping = False
 
     def _register_handlers(self) -> None:
         async def ping(cmd: control_pb2.Command) -> dict[str, Any]:
@@ -118,6 +136,11 @@ class AgentDaemon:
         self.executor.register("vm_power", vm_power)
         self.executor.register("fence", fence)
 
+        async def revoke_host(cmd: control_pb2.Command) -> dict[str, Any]:
+            return await rep.revoke_host(cmd.revoke_host)
+
+        self.executor.register("revoke_host", revoke_host)
+
     def facts(self) -> common_pb2.HostFacts:
         facts = host_facts(backend=self.backend.kind, cloud=self.config.cloud)
         r = self.config.replication
@@ -141,7 +164,13 @@ class AgentDaemon:
             "agent starting",
             extra={"fields": {"host_id": ident.host_id, "name": ident.name, "site": ident.site}},
         )
-        await self.replication.start()
+        try:
+            await self.replication.start()
+        except BaseException:
+            # Nothing runs yet; let the home go, so a retry in this process is not refused.
+            self.journal.close()
+            self._home_lock.release()
+            raise
         tasks = [
             asyncio.create_task(self.replication.run(), name="replication"),
             asyncio.create_task(self.control.run(), name="control"),
@@ -158,6 +187,7 @@ class AgentDaemon:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.journal.close()
+            self._home_lock.release()
             log.info("agent stopped")
 
     async def shutdown(self) -> None:

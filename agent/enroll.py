@@ -5,6 +5,11 @@ over TLS to the broker's enrollment port, and the broker's certificate must chai
 the credentials file (pinned; the system's trust store is not used). The answer is checked
 before anything is saved: the certificate must be signed by that CA, carry our public key, and
 name the vault of the credentials and the role ``agent``.
+
+The home is locked (:mod:`sitepair.homelock`) from before the configuration is written until the
+identity is saved: an agent running on the home (whose identity folder an operator removed to
+register again) refuses the registration before the registration key is used, and two
+registrations on one home cannot interleave.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from sitepair.errors import (
     Unavailable,
 )
 from sitepair.fsutil import atomic_write, ensure_private_dir
+from sitepair.homelock import HomeLock
 from sitepair.rpc import channel_options, error_from_rpc
 from sitepair.v1 import enrollment_pb2, enrollment_pb2_grpc
 
@@ -50,13 +56,31 @@ def register(
             f"registration key {creds.key_id} expired at {iso(creds.expires_at)}",
             hint="ask an operator for a new one: sitepair-broker keys create",
         )
+    _check_unregistered(home)
+    ensure_private_dir(home)
+    with HomeLock.acquire(home, what="agent home", holder="sitepair-agent register"):
+        _check_unregistered(home)  # again, under the lock: another register may have just ended
+        return _register_locked(creds, name=name, home=home, agent_toml=agent_toml, timeout=timeout)
+
+
+def _check_unregistered(home: Path) -> None:
     files = IdentityFiles(home)
     if files.info.exists():
         raise FailedPrecondition(
             f"{home} already holds a registered agent",
             hint=f"remove {files.directory} first if this host must register again",
         )
-    ensure_private_dir(home)
+
+
+def _register_locked(
+    creds: credentials.Credentials,
+    *,
+    name: str,
+    home: Path,
+    agent_toml: str | None,
+    timeout: float,
+) -> AgentIdentity:
+    """The registration proper: write the configuration, call the broker, save the identity."""
     if agent_toml is not None and not (home / "agent.toml").exists():
         atomic_write(home / "agent.toml", agent_toml.encode())
     cfg = config_mod.load(home)

@@ -1,13 +1,16 @@
 """The broker's composition root: build every component, serve, shut down gracefully.
 
-``Broker.start()`` opens the store (SQLite in the home, or the PostgreSQL database that
-``[store]`` names), joins the brokers sharing it (leader election), loads the CA, binds the
-enrollment port (server TLS) and the control/admin port (mutual TLS, ``require_client_auth``),
-and starts the sibling tasks (heartbeat writer, liveness monitor, certificate renewal); the
-liveness monitor, the health loop and job recovery run on the leader only
-(:mod:`broker.store.postgres` says why). ``Broker.shutdown()`` is idempotent: it stops
-accepting, tells connected agents Goodbye(SHUTTING_DOWN), lets calls drain for a grace period,
-flushes heartbeats, gives the leader lease up and closes the store. If a sibling task fails,
+``Broker.start()`` first locks the home (:mod:`sitepair.homelock`): a second broker on the same
+home refuses before it opens the store or changes anything, since a broker that has just started
+marks every host disconnected and writes ``run/broker.json``. It then opens the store (SQLite
+in the home, or the PostgreSQL database that ``[store]`` names), joins the brokers sharing it
+(leader election), loads the CA, binds the enrollment port (server TLS) and the control/admin
+port (mutual TLS, ``require_client_auth``), and starts the sibling tasks (heartbeat writer,
+liveness monitor, certificate renewal); the liveness monitor, the health loop and job recovery
+run on the leader only (:mod:`broker.store.postgres` says why). ``Broker.shutdown()`` is
+idempotent: it stops accepting, tells connected agents Goodbye(SHUTTING_DOWN), lets calls drain
+for a grace period, flushes heartbeats, gives the leader lease up, closes the store, removes the
+run file it wrote and unlocks the home. If a sibling task fails, or ``start()`` fails half-way,
 the broker shuts down rather than limp on half-alive.
 """
 
@@ -47,6 +50,7 @@ from sitepair import pki, tickets
 from sitepair.clock import SYSTEM_CLOCK, Clock
 from sitepair.errors import ConfigError, FailedPrecondition
 from sitepair.fsutil import atomic_write, ensure_private_dir
+from sitepair.homelock import HomeLock
 from sitepair.rpc import add_servicer, server_options
 from sitepair.v1 import admin_pb2_grpc, control_pb2, control_pb2_grpc, enrollment_pb2_grpc
 
@@ -108,18 +112,17 @@ def init_home(
 
     With a PostgreSQL ``store`` the database must not hold a vault yet: a second broker of the
     same vault is a copy of this home (it needs the same CA and ticket key), not a new ``init``.
+    The home is locked while it is written, so two ``init`` on one folder cannot interleave; a
+    running broker's home already holds a configuration, which ``init`` refuses.
     """
     pki.check_vault_name(vault)
     store_config = store or config_mod.StoreConfig()
     config_mod.check_store(store_config)
     home = BrokerHome(Path(root))
-    if home.config.exists() or home.ca_key.exists():
-        raise FailedPrecondition(
-            f"{home.root} already holds a broker",
-            hint="use another folder, or `serve` the existing one",
-        )
+    _check_no_broker(home)
     # The store first: a database that already belongs to a vault stops init before it writes.
     opened = open_store(store_config, home) if store_config.backend == "postgresql" else None
+    lock: HomeLock | None = None
     try:
         if opened is not None:
             with opened.read() as tx:
@@ -131,6 +134,8 @@ def init_home(
                     "(see docs/operations.md); for a new vault, use another database or schema",
                 )
         ensure_private_dir(home.root)
+        lock = HomeLock.acquire(home.root, what="broker home", holder="sitepair-broker init")
+        _check_no_broker(home)  # again, under the lock: another init may have just finished
         now = clock.now()
         atomic_write(
             home.config,
@@ -152,7 +157,17 @@ def init_home(
     finally:
         if opened is not None:
             opened.close()
+        if lock is not None:
+            lock.release()
     return home
+
+
+def _check_no_broker(home: BrokerHome) -> None:
+    if home.config.exists() or home.ca_key.exists():
+        raise FailedPrecondition(
+            f"{home.root} already holds a broker",
+            hint="use another folder, or `serve` the existing one",
+        )
 
 
 def _init_credentials(
@@ -210,12 +225,33 @@ class Broker:
         self._liveness: LivenessMonitor | None = None
         self._failure: BaseException | None = None
         self._heartbeat_task: asyncio.Task[Any] | None = None
+        #: Held from the start of :meth:`start` to the end of :meth:`shutdown`.
+        self._home_lock: HomeLock | None = None
+        #: Whether this broker wrote ``run/broker.json`` (only then does it remove it).
+        self._wrote_run_file = False
         #: This broker process among those sharing the store (job owner, leader election).
         self.broker_id = new_id("broker")
         self.leadership: Leadership = SoleLeadership(self.broker_id)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> BrokerContext:
+        """Lock the home, then open the store, bind, serve and start the sibling tasks.
+
+        The lock comes before anything else: a broker refused because another one serves this
+        home has opened nothing, written nothing (no hosts disconnected, no run file) and has
+        nothing to shut down. A failure after the lock shuts down what was started, which also
+        unlocks the home.
+        """
+        self._home_lock = await asyncio.to_thread(
+            HomeLock.acquire, self.home.root, what="broker home", holder="sitepair-broker serve"
+        )
+        try:
+            return await self._start()
+        except BaseException:
+            await self.shutdown(grace=0)
+            raise
+
+    async def _start(self) -> BrokerContext:
         cfg, home, clock = self.config, self.home, self.clock
         store = await asyncio.to_thread(open_store, cfg.store, home)
         vault = await asyncio.to_thread(_stored_vault, store)
@@ -400,6 +436,7 @@ class Broker:
             "control": self.ctx.bound_control,
         }
         atomic_write(self.home.run_file, (json.dumps(doc, indent=2) + "\n").encode())
+        self._wrote_run_file = True
 
     def spawn(self, coro: Awaitable[Any], *, essential: bool = False) -> asyncio.Task[Any]:
         """Run ``coro`` as a sibling task; if ``essential`` and it fails, the broker stops."""
@@ -469,8 +506,13 @@ class Broker:
             await asyncio.gather(*pending, return_exceptions=True)
         if ctx is not None:
             ctx.store.close()
+        # Only the broker that wrote the run file removes it; the home lock guarantees no other
+        # broker has written it since.
+        if self._wrote_run_file:
             with contextlib.suppress(OSError):
                 self.home.run_file.unlink()
+        if self._home_lock is not None:
+            self._home_lock.release()
         log.info("broker stopped")
 
 

@@ -9,12 +9,18 @@
     <home>/tickets/signing.key    Ed25519 key that signs replication tickets
     <home>/admin/                 a local operator's credentials (see ``broker.client.Profile``)
     <home>/run/broker.json        written by ``serve``: pid and the addresses actually bound
+    <home>/run/home.lock          locked by ``serve`` (and briefly ``init``): one broker per home
+
+The lock (:mod:`sitepair.homelock`) is per home, not per store: brokers on different homes may
+share one PostgreSQL database.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+
+from sitepair import homelock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,3 +70,7 @@ class BrokerHome:
     @property
     def run_file(self) -> Path:
         return self.root / "run" / "broker.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return homelock.lock_path(self.root)

@@ -161,8 +161,15 @@ class Admission:
         self._pending = 0
         self.refused = 0
 
-    def enter(self, address: str) -> Ticket:
-        """Admit a call that has not proved who it is yet; raise ResourceExhausted if over a cap."""
+    def enter(self, address: str, *, host: str | None = None) -> Ticket:
+        """Admit a call; raise ResourceExhausted if over a cap. ``host`` is the source host when
+        the transport already proved it (a verified client certificate): the call counts
+        against that host at once instead of as unauthenticated."""
+        if host is not None:
+            ticket = Ticket(self, address)
+            ticket.address = None
+            ticket.authenticated(host)
+            return ticket
         with self._lock:
             if self._pending >= self.unauthenticated:
                 self.refused += 1

@@ -248,8 +248,12 @@ class ReplicationServicer:
     def _call(self, context: grpc.ServicerContext) -> Iterator[tuple[Ticket, Deadline]]:
         """Admit a call and watch its deadline; refuses it (RESOURCE_EXHAUSTED) over a cap."""
         try:
-            ticket = self.admission.enter(peer_address(context.peer()))
-        except ResourceExhausted as exc:
+            host = None
+            if self.mode == "certificate":
+                # TLS verified the certificate before the call began: count it by host at once.
+                host = peer_identity(context).id
+            ticket = self.admission.enter(peer_address(context.peer()), host=host)
+        except (ResourceExhausted, Unauthenticated) as exc:
             self._abort(context, exc)
             raise AssertionError("unreachable") from exc
         deadline = self.watchdog.watch(context, self.limits.first_message_timeout)

@@ -1,11 +1,15 @@
 """Child processes for the kill tests: a replica receiver and a one-cycle sender.
 
 python -m tests.replication.procs receiver HOME PORT_FILE [PORT]
+    (SITEPAIR_TEST_LIMITS='{"workers": 8, ...}' overrides the receiver's Limits; the port file
+    gets the certificate port, and PORT_FILE.json both ports)
 python -m tests.replication.procs sender HOME VM_ROOT RELATIONSHIP WORK_DIR
 """
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sys
 import threading
@@ -14,7 +18,7 @@ from pathlib import Path
 from agent.hosts.directory import DirectoryBackend
 from agent.identity import AgentIdentity
 from agent.replication.engine import SourceRelationship
-from agent.replication.receiver import ReceiverServer, ReplicaRegistry
+from agent.replication.receiver import Limits, ReceiverServer, ReplicaRegistry
 from agent.replication.state import ReplicationState
 from sitepair.clock import SYSTEM_CLOCK
 
@@ -31,8 +35,12 @@ def receiver(home: Path, port_file: Path, port: int) -> int:
             app_consistent=header.app_consistent,
         )
 
-    server = ReceiverServer(registry=registry, identity=lambda: ident, on_commit=on_commit)
+    limits = Limits(**json.loads(os.environ.get("SITEPAIR_TEST_LIMITS", "{}")))
+    server = ReceiverServer(
+        registry=registry, identity=lambda: ident, on_commit=on_commit, limits=limits
+    )
     ports = server.start(host="127.0.0.1", certificate_port=port, ticket_port=0)
+    Path(f"{port_file}.json").write_text(json.dumps(ports))
     port_file.write_text(str(ports["certificate"]))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -12,6 +12,17 @@ from broker.home import BrokerHome
 from tests.support.brokers import BrokerThread, create_key, make_home
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` run only when asked for (``-m slow``, as ``make test-slow``
+    does), so the default run stays quick."""
+    if "slow" in (config.getoption("markexpr", "") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow (make test-slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def broker_home(tmp_path: Path) -> BrokerHome:
     return make_home(tmp_path / "broker", log_file=tmp_path / "broker.log")

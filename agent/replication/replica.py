@@ -306,7 +306,11 @@ class ReplicaStore:
                         hint="the broker's inventory of the VM may be out of date: refresh the "
                         "primary host",
                     )
-                if spec.virtual_size <= 0 or spec.virtual_size > MAX_VIRTUAL_SIZE:
+                if (
+                    spec.virtual_size <= 0
+                    or spec.virtual_size > MAX_VIRTUAL_SIZE
+                    or spec.virtual_size % 512
+                ):
                     raise Refusal(
                         "bad-header",
                         f"disk {spec.disk_id} claims a virtual size of {spec.virtual_size} bytes",

@@ -8,6 +8,7 @@ python -m tests.replication.procs sender HOME VM_ROOT RELATIONSHIP WORK_DIR
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from sitepair.clock import SYSTEM_CLOCK
 
 
 def receiver(home: Path, port_file: Path, port: int) -> int:
+    faulthandler.register(signal.SIGUSR1)  # a test that finds the receiver stuck can dump it
     ident = AgentIdentity.load(home)
     state = ReplicationState(home / "state" / "replication.db")
     registry = ReplicaRegistry(state, SYSTEM_CLOCK)

@@ -9,6 +9,7 @@ frame that declares no size) guard paths that were already safe.
 
 from __future__ import annotations
 
+import asyncio
 import stat
 import threading
 from collections.abc import Iterator
@@ -19,12 +20,15 @@ import grpc
 import pytest
 import zstandard
 
+from agent import config as config_mod
+from agent.hosts.directory import DirectoryBackend
 from agent.replication.blocks import BLOCK
 from agent.replication.replica import ReplicaStore
 from agent.replication.sender import CycleRefused, ReplicaClient
+from agent.replication.service import ReplicationService
 from sitepair.clock import SYSTEM_CLOCK
 from sitepair.errors import InvalidArgument, NotFound, PermissionDenied, SitepairError
-from sitepair.v1 import replication_pb2
+from sitepair.v1 import control_pb2, replication_pb2
 from tests.replication.test_cycles import header, make_disk
 from tests.security.replica_site import LIMITS, MiB, Site
 
@@ -415,3 +419,61 @@ def test_the_receiver_survives_garbage(site: Site) -> None:
             assert c.get_state("rel").committed_sequence == 0
         except SitepairError as exc:  # pragma: no cover - the assertion message says it all
             raise AssertionError(f"the receiver stopped serving: {exc}") from exc
+
+
+# -- hole 1: the replica folder a broker command names -----------------------------------------
+
+
+def _service(site: Site) -> ReplicationService:
+
+    home = site.homes["other"]  # a registered host whose agent is not running
+    config = config_mod.load(home)
+    return ReplicationService(
+        home=home,
+        config=config,
+        backend=DirectoryBackend(home / "vms"),
+        identity=lambda: site.idents["other"],
+        clock=SYSTEM_CLOCK,
+    )
+
+
+@pytest.mark.parametrize(
+    "folder",
+    ["/etc/sitepair-x", "../outside", "replicas/../../outside", "replicas", "a\0b"],
+)
+def test_a_replica_folder_outside_the_replica_locations_is_refused(
+    site: Site, tmp_path: Path, folder: str
+) -> None:
+    service = _service(site)
+    home = site.homes["other"]
+    if folder.startswith(("..", "replicas")):
+        folder = str(home / folder)
+    cmd = control_pb2.ConfigureReplica(
+        relationship_id="rel-x",
+        vm_id="vm-x",
+        vm_name="x",
+        source_host=site.idents["primary"].host_id,
+        epoch=1,
+        folder=folder,
+        auth="certificate",
+    )
+    cmd.disks.add(disk_id="os", virtual_size=4 * MiB, format="vhdx")
+    try:
+        with pytest.raises((PermissionDenied, InvalidArgument)):
+            asyncio.run(service.configure_replica(cmd))
+        assert service.state.grant("rel-x") is None
+        assert not (home.parent / "outside").exists()
+        # Below the default replica path it is accepted, with the disks of the grant.
+        cmd.folder = str(home / "replicas" / "rel-x")
+        asyncio.run(service.configure_replica(cmd))
+        grant = service.state.grant("rel-x")
+        assert grant is not None and [d.disk_id for d in grant.disks] == ["os"]
+        # A symlink planted below it that leads out is refused too.
+        (home / "replicas").mkdir(exist_ok=True)
+        (home / "replicas" / "link").symlink_to(tmp_path)
+        cmd.relationship_id = "rel-y"
+        cmd.folder = str(home / "replicas" / "link" / "rel-y")
+        with pytest.raises(PermissionDenied):
+            asyncio.run(service.configure_replica(cmd))
+    finally:
+        service.state.close()

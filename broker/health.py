@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from broker.policy import Policy
@@ -51,10 +52,30 @@ class Reason:
 
 
 class CycleHistory:
-    """Cumulative cycle counters reported over time, to compute rates within a window."""
+    """Cumulative cycle counters reported over time, to compute rates within a window.
+
+    Only relationships the broker holds have samples: the caller adds a relationship's samples
+    only from the host that is its primary, and :meth:`retain` drops those of relationships
+    that were disabled or deleted since.
+    """
 
     def __init__(self) -> None:
         self._samples: dict[str, collections.deque[tuple[float, int, int, int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __contains__(self, rel_id: object) -> bool:
+        return rel_id in self._samples
+
+    def forget(self, rel_id: str) -> None:
+        self._samples.pop(rel_id, None)
+
+    def retain(self, rel_ids: Iterable[str]) -> None:
+        """Keep the samples of ``rel_ids`` only."""
+        keep = set(rel_ids)
+        for rel_id in [r for r in self._samples if r not in keep]:
+            del self._samples[rel_id]
 
     def add(self, rel_id: str, now: float, succeeded: int, missed: int, failed: int) -> None:
         q = self._samples.setdefault(rel_id, collections.deque(maxlen=10_000))
@@ -126,11 +147,19 @@ def evaluate(
             )
             continue
         if server.removed_at is not None:
+            # The relationship keeps its state (a replica whose primary was removed is what an
+            # unplanned failover needs); every other host refuses the removed one's cycles.
+            todo = (
+                "fail the VM over (unplanned) to the recovery site, or disable its protection"
+                if role == "primary"
+                else "disable protection and protect the VM again: another replica host is chosen"
+            )
             reasons.append(
                 Reason(
                     CRITICAL,
                     f"{role}-host-removed",
-                    f"the {role} host {server.name} was removed from the vault",
+                    f"the {role} host {server.name} was removed from the vault and no longer "
+                    f"replicates: {todo}",
                 )
             )
         elif not server.connected:

@@ -303,6 +303,9 @@ class FailoverManager(Orchestrator):
             rel = await self.relationship(rel_id)
             doc = _failover(rel)
             old = doc["old_primary"]
+            if await self.server_gone(old):
+                await self._set_failover(rel_id, fence_pending=False)
+                return "the old primary was removed from the vault: every host refuses it"
             if not await self._connected(old):
                 return "the old primary is unreachable; it will be fenced when it reconnects"
             await self.send_and_wait(
@@ -667,6 +670,11 @@ class FailoverManager(Orchestrator):
             if doc.get("reversed"):
                 return "done before"
             old, new = doc["old_primary"], doc["new_primary"]
+            if await self.server_gone(old):
+                raise StepFailed(
+                    "the old primary was removed from the vault; there is nothing to replicate "
+                    "back to: disable protection and protect the VM again from where it runs"
+                )
             if not await self._connected(old):
                 raise StepFailed(
                     "the old primary is not connected; it must come back before replicating to it"

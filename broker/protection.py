@@ -13,8 +13,10 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from google.protobuf import json_format
@@ -30,6 +32,7 @@ from broker.store.leadership import Leader
 from broker.store.models import (
     Cloud,
     CloudPair,
+    CommandState,
     InventoryVm,
     Job,
     JobState,
@@ -39,7 +42,7 @@ from broker.store.models import (
     StepState,
 )
 from broker.store.sqlite import Tx
-from sitepair import pki, tickets
+from sitepair import paths, pki, tickets
 from sitepair.clock import Clock
 from sitepair.errors import (
     AlreadyExists,
@@ -56,6 +59,23 @@ log = logging.getLogger("sitepair.broker.protection")
 SUPPORTED_FORMATS = ("vhd", "vhdx")
 #: Space kept free on a replica volume beyond the disks' allocated size.
 PLACEMENT_MARGIN = 1 << 30
+#: How long a failed job waits for a host to confirm a rollback command (it stays queued).
+UNDO_WAIT = 30.0
+#: Statuses looked at in one replication report (a host reports one per relationship and role;
+#: more than this is not a host we would give that many relationships).
+MAX_STATUSES_PER_REPORT = 4096
+#: Longest text kept from a status, per field; longer text is cut.
+STATUS_TEXT_LIMITS = {
+    "relationship_id": 64,
+    "role": 16,
+    "state": 64,
+    "vm_id": 128,
+    "last_error": 2048,
+    "last_error_code": 64,
+    "app_consistent_error": 2048,
+}
+#: Recovery points kept from a status (24 hourly points, the latest, and room for pinned ones).
+MAX_STATUS_POINTS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +114,8 @@ class ProtectionManager(Orchestrator):
         self.health_config = health or HealthConfig()
         self.history = CycleHistory()
         self._reported = asyncio.Condition()
+        self._refused_count = 0
+        self._refused_logged_at: float | None = None
         for kind in (
             "enable-protection",
             "disable-protection",
@@ -264,17 +286,30 @@ class ProtectionManager(Orchestrator):
             )
 
         async def apply_to_relationships() -> str:
-            def read(tx: Tx) -> list[Relationship]:
-                return [r for r in tx.list_relationships() if r.primary_cloud == primary]
+            def read(tx: Tx) -> tuple[CloudPair | None, list[Relationship], set[str]]:
+                rels = [r for r in tx.list_relationships() if r.primary_cloud == primary]
+                return tx.pair_of(primary), rels, tx.removed_server_ids()
 
-            rels = await self.read(read)
-            pair = await self.read(lambda tx: tx.pair_of(primary))
+            pair, rels, removed = await self.read(read)
+            if pair is None:
+                raise StepFailed(f"the pair {primary} -> {recovery} was removed meanwhile")
+            updated, waiting = 0, []
             for rel in rels:
-
+                # Every relationship gets the policy in the store; those replicating get it on
+                # their hosts too, each its own commands (one per relationship and host).
+                # Others take it when they next configure their hosts (cancel, reverse); a
+                # failed-over VM's old primary must not be told to replicate again.
                 def update(tx: Tx, rel_id: str = rel.id) -> None:
                     tx.update_relationship(rel_id, self.clock.now(), policy_json=pair.policy_json)
 
                 await self.write(update)
+                if rel.state not in _REPLICATING:
+                    waiting.append(f"{rel.vm_name} ({rel.state.value})")
+                    continue
+                gone = [s for s in (rel.primary_server, rel.replica_server) if s in removed]
+                if gone:
+                    waiting.append(f"{rel.vm_name} (a host was removed)")
+                    continue
                 fresh = await self.relationship(rel.id)
                 await self.send_and_wait(
                     job, 1, fresh.replica_server, self._configure_replica_cmd(fresh)
@@ -282,7 +317,14 @@ class ProtectionManager(Orchestrator):
                 await self.send_and_wait(
                     job, 1, fresh.primary_server, await self._configure_source_cmd(fresh)
                 )
-            return f"{len(rels)} protected VM(s) updated"
+                updated += 1
+                await self.jobs.step(job.id, 1, done=updated, total=len(rels))
+            message = f"{updated} protected VM(s) updated"
+            if waiting:
+                message += f"; stored for {len(waiting)} not replicating now: " + ", ".join(
+                    waiting[:20]
+                )
+            return message
 
         await self.run_steps(job, [check_hosts, apply_to_relationships], start)
 
@@ -363,6 +405,8 @@ class ProtectionManager(Orchestrator):
             if not disks:
                 raise FailedPrecondition(f"VM {vm.name} has no disks to replicate")
             for d in disks:
+                # A disk id becomes a file name on the replica host: the path rule, here first.
+                paths.check_component(str(d["id"]), f"disk id of {vm.name}")
                 if d["format"] not in SUPPORTED_FORMATS:
                     raise FailedPrecondition(
                         f"disk {d['id']} of {vm.name} is {d['format']}; "
@@ -500,6 +544,11 @@ class ProtectionManager(Orchestrator):
 
         async def enable_source() -> str:
             rel = await self.relationship(rel_id)
+            # `clouds policy` leaves VMs still being enabled to this job: if the policy changed
+            # since the replica host got its grant, it gets the current one before the primary.
+            grant = self._configure_replica_cmd(rel)
+            if await self._grant_outdated(job, 2, grant.configure_replica):
+                await self.send_and_wait(job, 3, rel.replica_server, grant)
             await self.send_and_wait(
                 job, 3, rel.primary_server, await self._configure_source_cmd(rel)
             )
@@ -523,21 +572,121 @@ class ProtectionManager(Orchestrator):
             await self.evaluate_health()  # no stale "initial replication pending" shown
             return "protected"
 
-        ok = await self.run_steps(
-            job, [noop, place, create_replica, enable_source, initial, finalize], start
+        async def roll_back(failed: int) -> str:
+            return await self._undo_protect(job, failed, rel_id)
+
+        await self.run_steps(
+            job,
+            [noop, place, create_replica, enable_source, initial, finalize],
+            start,
+            on_failure=roll_back,
         )
-        if not ok:
-            rel = await self.relationship(rel_id)
-            if rel.state in (RelationshipState.ENABLING,):
-                # Nothing was set up on the hosts: free the VM for another attempt.
-                await self.write(
-                    lambda tx: tx.update_relationship(
-                        rel_id,
-                        self.clock.now(),
-                        state=RelationshipState.DISABLED,
-                        disabled_at=self.clock.now(),
-                    )
+
+    async def _grant_outdated(
+        self, job: Job, step: int, current: control_pb2.ConfigureReplica
+    ) -> bool:
+        """True when the grant a job step sent differs from ``current`` in what both sides of
+        a cycle must agree on (authentication, recovery points)."""
+        sent = [
+            c
+            for c in await self.read(lambda tx: tx.commands_for_job(job.id))
+            if c.job_step == step and c.kind == "configure_replica"
+        ]
+        if not sent:
+            return False
+        before = control_pb2.Command()
+        before.ParseFromString(sent[-1].payload)
+        old = before.configure_replica
+        return (old.auth, old.recovery_points) != (current.auth, current.recovery_points)
+
+    async def _finish_failed_protect(self, job: Job, step: int) -> None:
+        rel_id = json.loads(job.params_json)["relationship"]
+        undone = await self._undo(
+            job,
+            step,
+            lambda failed: self._undo_protect(job, failed, rel_id),
+            f"{job.steps[step].name}: {job.steps[step].message}",
+        )
+        await self.jobs.fail(job.id, undone)
+
+    async def _undo_protect(self, job: Job, step: int, rel_id: str) -> str:
+        """A failed enable-protection job leaves nothing behind on the hosts: the primary stops
+        replicating (if it was told to start) and the replica host drops its grant (if it got
+        one), deleting what was copied unless the replica was adopted from an earlier
+        relationship (then it is kept, for the next attempt to adopt again). The relationship
+        is disabled, so the VM can be protected again."""
+        rel = await self.read(lambda tx: tx.get_relationship(rel_id))
+        if rel is None:
+            return ""
+        sent = {c.kind for c in await self.read(lambda tx: tx.commands_for_job(job.id))}
+        replica_vm = json.loads(rel.replica_vm_json or "{}")
+        adopted = bool(replica_vm.get("adopt"))
+        undone = []
+        if "configure_source" in sent and rel.primary_server:
+            undone.append(
+                await self._undo_on(
+                    job,
+                    step,
+                    rel.primary_server,
+                    control_pb2.RemoveRelationship(relationship_id=rel_id),
+                    "replication stopped on",
                 )
+            )
+        if "configure_replica" in sent and rel.replica_server:
+            undone.append(
+                await self._undo_on(
+                    job,
+                    step,
+                    rel.replica_server,
+                    control_pb2.RemoveRelationship(
+                        relationship_id=rel_id, delete_replica=not adopted
+                    ),
+                    "the earlier replica kept, the grant removed on"
+                    if adopted
+                    else "grant and partial replica removed on",
+                )
+            )
+        now = self.clock.now()
+        replica_vm["replica_kept"] = adopted
+        await self.write(
+            lambda tx: tx.update_relationship(
+                rel_id,
+                now,
+                state=RelationshipState.DISABLED,
+                disabled_at=now,
+                replica_vm_json=json.dumps(replica_vm),
+            )
+        )
+        self.history.forget(rel_id)
+        log.warning(
+            "enable protection failed and was rolled back",
+            extra={"fields": {"job": job.id, "relationship": rel_id, "undone": undone}},
+        )
+        return "rolled back: " + (
+            "; ".join(undone) if undone else "nothing was set up on the hosts"
+        )
+
+    async def _undo_on(
+        self, job: Job, step: int, server_id: str, body: control_pb2.RemoveRelationship, done: str
+    ) -> str:
+        """Send a rollback command and wait a little for it; a host that is offline (or slow)
+        gets it when it reconnects, and the job does not wait for that."""
+        server = await self.read(lambda tx: tx.get_server(server_id))
+        name = server.name if server is not None else server_id
+        if server is None or server.removed_at is not None:
+            return f"{name} was removed from the vault (nothing to undo there)"
+        cmd = await self.submit_once(
+            job, step, server_id, control_pb2.Command(remove_relationship=body)
+        )
+        if self.sessions.get(server_id) is None:
+            return f"{name} is offline: it gets the removal when it reconnects"
+        try:
+            outcome = await asyncio.wait_for(self.dispatcher.wait(cmd.id), UNDO_WAIT)
+        except TimeoutError:
+            return f"{name} has not answered the removal yet (it stays queued)"
+        if outcome.state != CommandState.SUCCEEDED:
+            return f"{name} refused the removal: {outcome.error or outcome.state.value}"
+        return f"{done} {name}"
 
     async def _wait_initial(self, job: Job, rel_id: str) -> str:
         """Wait for the replica to hold sequence 1, showing progress from the primary's report."""
@@ -679,6 +828,7 @@ class ProtectionManager(Orchestrator):
                     replica_vm_json=json.dumps(replica_vm),
                 )
             )
+            self.history.forget(rel_id)
             return "disabled"
 
         await self.run_steps(job, [stop_primary, handle_replica, mark], start)
@@ -813,22 +963,46 @@ class ProtectionManager(Orchestrator):
 
     # -- reports and health -----------------------------------------------------------------
     async def on_report(self, server_id: str, report: control_pb2.ReplicationReport) -> None:
-        now = self.clock.now()
-        for status in report.relationships:
-            doc = json_format.MessageToDict(status, preserving_proto_field_name=True)
-            doc["last_success_at"] = (
-                status.last_success_at.seconds + status.last_success_at.nanos / 1e9
-            )
-            doc["reported_at"] = now
+        """Take the statuses a host reports, for the relationships it is party to only.
 
-            def update(
-                tx: Tx, st: control_pb2.RelationshipStatus = status, d: dict[str, Any] = doc
-            ) -> None:
-                rel = tx.get_relationship(st.relationship_id)
-                if rel is None or rel.disabled_at is not None:
-                    return
+        A status counts only from the host that holds that role in the relationship (primary
+        status from the primary host, replica status from the replica host): another host's
+        word about a relationship costs nothing (no history, no store write) and is logged at
+        most once a minute. Free-form fields are cut to size before they are stored.
+        """
+        now = self.clock.now()
+        mine: dict[str, Relationship] = await self.read(
+            lambda tx: {r.id: r for r in tx.relationships_of_server(server_id)}
+        )
+        statuses = report.relationships
+        kept: dict[tuple[str, str], control_pb2.RelationshipStatus] = {}
+        refused = max(0, len(statuses) - MAX_STATUSES_PER_REPORT)
+        example = ""
+        for status in statuses[:MAX_STATUSES_PER_REPORT]:
+            rel = mine.get(status.relationship_id)
+            if rel is None or _role_of(rel, server_id) != status.role:
+                refused += 1
+                example = example or status.relationship_id
+                continue
+            kept[(status.relationship_id, status.role)] = status  # the last one of each
+        if refused:
+            self._note_refused(server_id, refused, example)
+        if not kept:
+            return
+        docs = [(st, _status_doc(st, now)) for st in kept.values()]
+
+        def update(tx: Tx) -> list[control_pb2.RelationshipStatus]:
+            taken = []
+            for st, d in docs:
+                rel = tx.get_relationship(st.relationship_id)  # again: it may have changed
+                if (
+                    rel is None
+                    or rel.disabled_at is not None
+                    or _role_of(rel, server_id) != st.role
+                ):
+                    continue
                 fields: dict[str, Any] = {}
-                if st.role == "primary" and rel.primary_server == server_id:
+                if st.role == "primary":
                     fields["primary_status_json"] = json.dumps(d, sort_keys=True)
                     if st.state == "resynchronizing" and rel.state == RelationshipState.PROTECTED:
                         fields["state"] = RelationshipState.RESYNCHRONIZING
@@ -837,12 +1011,14 @@ class ProtectionManager(Orchestrator):
                         RelationshipState.RESYNC_REQUIRED,
                     ):
                         fields["state"] = RelationshipState.PROTECTED
-                elif st.role == "replica" and rel.replica_server == server_id:
+                else:
                     fields["replica_status_json"] = json.dumps(d, sort_keys=True)
-                if fields:
-                    tx.update_relationship(rel.id, now, **fields)
+                tx.update_relationship(rel.id, now, **fields)
+                taken.append(st)
+            return taken
 
-            await self.write(update)
+        taken: list[control_pb2.RelationshipStatus] = await self.write(update)
+        for status in taken:
             if status.role == "primary":
                 self.history.add(
                     status.relationship_id,
@@ -853,6 +1029,26 @@ class ProtectionManager(Orchestrator):
                 )
         async with self._reported:
             self._reported.notify_all()
+
+    def _note_refused(self, server_id: str, count: int, example: str) -> None:
+        """One log line a minute at most for statuses refused (a confused or hostile host)."""
+        self._refused_count += count
+        at = self.clock.monotonic()
+        if self._refused_logged_at is not None and at - self._refused_logged_at < 60.0:
+            return
+        log.warning(
+            "replication statuses refused: the reporting host does not hold that role in "
+            "those relationships (or sent too many)",
+            extra={
+                "fields": {
+                    "server": server_id[:64],
+                    "refused": self._refused_count,
+                    "example": example[:64],
+                }
+            },
+        )
+        self._refused_logged_at = at
+        self._refused_count = 0
 
     async def evaluate_health(self) -> list[tuple[str, str]]:
         """Recompute and store every active relationship's health; returns (id, health)."""
@@ -890,7 +1086,10 @@ class ProtectionManager(Orchestrator):
                 out.append((rel.id, health))
             return out
 
-        return await self.write(run)  # type: ignore[no-any-return]
+        out: list[tuple[str, str]] = await self.write(run)
+        # Relationships disabled or deleted since (by this broker or another) leave no samples.
+        self.history.retain(rel_id for rel_id, _ in out)
+        return out
 
     async def run_health(self, interval: float, *, leader: Leader | None = None) -> None:
         """Evaluate health every ``interval``; with several brokers, on the leader only."""
@@ -916,7 +1115,10 @@ class ProtectionManager(Orchestrator):
 
     # -- commands for agents ----------------------------------------------------------------
     def _configure_replica_cmd(self, rel: Relationship) -> control_pb2.Command:
+        """The replica host's grant: from which host, how authenticated, and the VM's disks as
+        the broker's inventory knows them (the only disk ids its cycles may name)."""
         policy = Policy.from_json(rel.policy_json)
+        replica_vm = json.loads(rel.replica_vm_json or "{}")
         return control_pb2.Command(
             configure_replica=control_pb2.ConfigureReplica(
                 relationship_id=rel.id,
@@ -929,7 +1131,8 @@ class ProtectionManager(Orchestrator):
                 ticket_public_key=tickets.public_key_bytes(self.ticket_key),
                 recovery_points=policy.recovery_points,
                 point_interval_seconds=3600,
-                adopt=bool(json.loads(rel.replica_vm_json).get("adopt")),
+                adopt=bool(replica_vm.get("adopt")),
+                disks=granted_disks(replica_vm),
             )
         )
 
@@ -977,6 +1180,10 @@ class ProtectionManager(Orchestrator):
 
     async def resume(self, job: Job) -> bool:
         start = next((s.index for s in job.steps if s.state != StepState.SUCCEEDED), len(job.steps))
+        if job.kind == "enable-protection" and job.steps[start].state == StepState.FAILED:
+            # The broker stopped while rolling a failed job back: finish the rollback.
+            self.spawn(self._finish_failed_protect(job, start))
+            return True
         runner = {
             "enable-protection": self._run_protect,
             "disable-protection": self._run_disable,
@@ -1008,6 +1215,43 @@ def replication_endpoint(facts_json: str) -> tuple[str, int, int]:
     )
 
 
+def granted_disks(replica_vm: dict[str, Any]) -> list[control_pb2.GrantedDisk]:
+    """The disks a replica host accepts for a VM, from the VM's inventory at protection."""
+    return [
+        control_pb2.GrantedDisk(
+            disk_id=str(d["id"]),
+            virtual_size=int(d.get("virtual_size") or 0),
+            format=str(d.get("format") or ""),
+        )
+        for d in replica_vm.get("disks", [])
+    ]
+
+
+def _role_of(rel: Relationship, server_id: str) -> str:
+    """The role ``server_id`` holds in ``rel`` ("primary", "replica" or "")."""
+    if rel.primary_server == server_id:
+        return "primary"
+    if rel.replica_server == server_id:
+        return "replica"
+    return ""
+
+
+def _status_doc(status: control_pb2.RelationshipStatus, now: float) -> dict[str, Any]:
+    """A reported status as stored: free-form text cut to size, recovery points bounded."""
+    st = control_pb2.RelationshipStatus()
+    st.CopyFrom(status)
+    for name, limit in STATUS_TEXT_LIMITS.items():
+        value = getattr(st, name)
+        if len(value) > limit:
+            setattr(st, name, value[:limit])
+    if len(st.points) > MAX_STATUS_POINTS:
+        del st.points[: len(st.points) - MAX_STATUS_POINTS]  # keep the newest
+    doc = json_format.MessageToDict(st, preserving_proto_field_name=True)
+    doc["last_success_at"] = st.last_success_at.seconds + st.last_success_at.nanos / 1e9
+    doc["reported_at"] = now
+    return doc
+
+
 def _active_on(tx: Tx, server_id: str) -> bool:
     return bool(tx.relationships_of_server(server_id))
 
@@ -1027,6 +1271,37 @@ def _find_vm(tx: Tx, ref: str) -> tuple[InventoryVm, Server]:
     if server is None or server.removed_at is not None:
         raise FailedPrecondition(f"VM {vm.name} is on a host that was removed")
     return vm, server
+
+
+def replica_folder(storage_path: str, vm_name: str, rel_id: str) -> str:
+    """``<storage path>/<slug of the VM name>-<relationship id>`` on the replica host.
+
+    The VM name comes from the primary host's inventory, so it never becomes a path as it is:
+    :func:`sitepair.paths.slug` makes one safe component of it, the relationship id (ours) makes
+    it unique, and the result is proved to lie directly inside the storage path. The storage
+    path is the replica host's own (POSIX, or Windows with a drive letter); it must be absolute.
+    """
+    name = paths.check_component(f"{paths.slug(vm_name)}-{rel_id}", "replica folder name")
+    windows = "\\" in storage_path or PureWindowsPath(storage_path).drive != ""
+    if windows:
+        root = PureWindowsPath(storage_path)
+        folder = root / name
+        if not root.is_absolute() or ".." in root.parts or folder.parent != root:
+            raise InvalidArgument(
+                f"storage path {storage_path[:200]!r} is not an absolute folder",
+                hint="the replica host must report its storage classifications' full paths",
+            )
+        return str(folder)
+    if not PurePosixPath(storage_path).is_absolute():
+        raise InvalidArgument(
+            f"storage path {storage_path[:200]!r} is not an absolute folder",
+            hint="the replica host must report its storage classifications' full paths",
+        )
+    root_path = Path(os.path.normpath(storage_path))
+    folder_path = paths.check_inside(root_path, root_path / name, "replica folder")
+    if folder_path.name != name:
+        raise InvalidArgument(f"replica folder {name} would not lie in {storage_path[:200]!r}")
+    return str(root_path / name)
 
 
 def _place(tx: Tx, rel: Relationship) -> Placement:
@@ -1054,7 +1329,11 @@ def _place(tx: Tx, rel: Relationship) -> Placement:
                 refusals.append(f"{server.name} has no storage classification {target_class}")
                 continue
             free = match[0].free_bytes
-            folder = f"{match[0].path.rstrip('/')}/{rel.vm_name}-{rel.id}"
+            try:
+                folder = replica_folder(match[0].path, rel.vm_name, rel.id)
+            except InvalidArgument as exc:
+                refusals.append(f"{server.name}: {exc.message}")
+                continue
         else:
             volumes = metrics.get("volumes") or []
             free = max((int(v.get("freeBytes", 0)) for v in volumes), default=0)

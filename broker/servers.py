@@ -1,6 +1,10 @@
 """Operations on registered servers, each run as a job: remove, ping, refresh inventory (of one
 server or of every host of a cloud).
 
+Removing a server deny-lists it at the broker and tells every other host of the vault to refuse
+it on the replication ports (``RevokeHost``): its certificate is still valid for up to a day,
+and a replica host would otherwise go on accepting its cycles.
+
 Command jobs (ping, refresh) survive a broker restart: the command is in the store and will be
 delivered when the agent connects; at start-up :meth:`ServerOperations.resume` re-attaches a
 waiter to each unfinished command job, so the job finishes when the agent answers.
@@ -27,6 +31,12 @@ from sitepair.v1 import control_pb2
 log = logging.getLogger("sitepair.broker.servers")
 
 COMMAND_JOB_KINDS = ("ping-server", "refresh-server", "refresh-cloud")
+REMOVE_STEPS = (
+    "deny-list the server's identity",
+    "close its control stream",
+    "cancel its open commands",
+    "tell the other hosts to refuse it on their replication ports",
+)
 
 
 class ServerOperations:
@@ -40,6 +50,8 @@ class ServerOperations:
         dispatcher: CommandDispatcher,
         authorizer: BrokerAuthorizer,
         spawn: Callable[[Awaitable[Any]], asyncio.Task[Any]],
+        revoke_wait: float = 10.0,
+        revoke_timeout: float = 120.0,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -48,8 +60,14 @@ class ServerOperations:
         self._dispatcher = dispatcher
         self._authorizer = authorizer
         self._spawn = spawn
+        #: How long `servers remove` waits for the other hosts' answers before it returns...
+        self._revoke_wait = revoke_wait
+        #: ...and how long its job waits for a connected host's answer before counting it
+        #: among those that get the command later.
+        self._revoke_timeout = revoke_timeout
         for kind in COMMAND_JOB_KINDS:
             jobs.register_resumer(kind, self.resume)
+        jobs.register_resumer("remove-server", self._resume_remove)
 
     async def find(self, ref: str) -> Server:
         def read() -> Server:
@@ -60,52 +78,169 @@ class ServerOperations:
 
     # -- remove -----------------------------------------------------------------------------
     async def remove(self, ref: str, *, by: str) -> Job:
+        """Deny-list a server at once, then tell every other host of the vault to refuse it on
+        its replication ports (its certificate would otherwise pass there until it expires).
+
+        The job returns when the connected hosts have answered, or after ``revoke_wait``
+        seconds; hosts that are offline get the command when they reconnect (it is stored),
+        and the job says how many confirmed and which ones will get it later.
+        """
         server = await self.find(ref)
         if server.removed_at is not None:
             raise FailedPrecondition(f"server {server.name} ({server.id}) is already removed")
         job = await self._jobs.create(
             "remove-server",
             f"server/{server.name}",
-            [
-                "deny-list the server's identity",
-                "close its control stream",
-                "cancel its open commands",
-            ],
+            list(REMOVE_STEPS),
             created_by=by,
             params={"server": server.id},
         )
-        now = self._clock.now()
+        follow = await self._run_remove(job, 0)
+        if follow is not None:
+            await asyncio.wait({follow}, timeout=self._revoke_wait)
+        return await self._jobs.get(job.id)
 
-        def mark() -> None:
-            with self._store.write() as tx:
-                tx.mark_server_removed(server.id, now)
+    async def _run_remove(self, job: Job, start: int) -> asyncio.Task[None] | None:
+        """Steps of a remove-server job from ``start`` (each idempotent, so a job interrupted by
+        a broker restart is run again from its first unfinished step); returns the task that
+        follows the hosts' answers to the revocation, if there is one."""
+        server_id: str = json.loads(job.params_json)["server"]
+        server = await self.find(server_id)
+        if start <= 0:
+            now = self._clock.now()
 
-        await self._jobs.step(job.id, 0, StepState.RUNNING)
-        await asyncio.to_thread(mark)
-        self._authorizer.deny_server(server.id)
-        await self._jobs.step(job.id, 0, StepState.SUCCEEDED, message="refused from now on")
-        closed = self._sessions.close(
-            server.id,
-            control_pb2.Goodbye(
-                reason=control_pb2.Goodbye.REMOVED,
-                message="this server was removed from the vault by an operator",
-            ),
+            def mark() -> None:
+                with self._store.write() as tx:
+                    tx.mark_server_removed(server.id, now)
+
+            await self._jobs.step(job.id, 0, StepState.RUNNING)
+            await asyncio.to_thread(mark)
+            self._authorizer.deny_server(server.id)
+            await self._jobs.step(job.id, 0, StepState.SUCCEEDED, message="refused from now on")
+            log.warning(
+                "server removed",
+                extra={"fields": {"server": server.id, "name": server.name, "by": job.created_by}},
+            )
+        if start <= 1:
+            closed = self._sessions.close(
+                server.id,
+                control_pb2.Goodbye(
+                    reason=control_pb2.Goodbye.REMOVED,
+                    message="this server was removed from the vault by an operator",
+                ),
+            )
+            await self._jobs.step(
+                job.id,
+                1,
+                StepState.SUCCEEDED,
+                message="stream closed" if closed else "it was not connected",
+            )
+        if start <= 2:
+            cancelled = await self._dispatcher.cancel_for_server(server.id, "server removed")
+            await self._jobs.step(
+                job.id, 2, StepState.SUCCEEDED, message=f"{len(cancelled)} command(s) cancelled"
+            )
+        await self._jobs.step(job.id, 3, StepState.RUNNING)
+        revocations = await self._revoke_everywhere(job, server)
+        if not revocations:
+            await self._jobs.step(
+                job.id, 3, StepState.SUCCEEDED, message="no other host in the vault"
+            )
+            await self._jobs.succeed(job.id, {"server": server.id})
+            return None
+        return self._spawn(self._follow_revocations(job, server, revocations))
+
+    async def _revoke_everywhere(self, job: Job, removed: Server) -> list[tuple[Command, Server]]:
+        """A RevokeHost command, stored, for every other host not removed (once per host, even
+        when the job is run again)."""
+
+        def read() -> tuple[list[Server], dict[str, Command]]:
+            with self._store.read() as tx:
+                hosts = [s for s in tx.list_servers() if s.id != removed.id]
+                sent = {
+                    c.server_id: c
+                    for c in tx.commands_for_job(job.id)
+                    if c.kind == "revoke_host" and c.state != CommandState.FAILED
+                }
+            return hosts, sent
+
+        hosts, sent = await asyncio.to_thread(read)
+        body = control_pb2.Command(
+            revoke_host=control_pb2.RevokeHost(
+                host_id=removed.id,
+                reason=f"server {removed.name} was removed from the vault by an operator",
+            )
         )
+        out = []
+        for host in hosts:
+            cmd = sent.get(host.id)
+            if cmd is None:
+                cmd = await self._dispatcher.submit(host.id, body, job_id=job.id, job_step=3)
+            out.append((cmd, host))
+        return out
+
+    async def _follow_revocations(
+        self, job: Job, removed: Server, revocations: list[tuple[Command, Server]]
+    ) -> None:
+        """Wait (a bounded time) for the connected hosts' answers, then finish the job: the
+        ones offline, or not answering in time, get the command when they reconnect."""
+        connected = [(c, s) for c, s in revocations if self._sessions.get(s.id) is not None]
+        offline = [s.name for c, s in revocations if self._sessions.get(s.id) is None]
         await self._jobs.step(
             job.id,
-            1,
-            StepState.SUCCEEDED,
-            message="stream closed" if closed else "it was not connected",
+            3,
+            message=f"RevokeHost sent to {len(revocations)} host(s); waiting for "
+            f"{len(connected)} connected one(s) to confirm",
         )
-        cancelled = await self._dispatcher.cancel_for_server(server.id, "server removed")
-        await self._jobs.step(
-            job.id, 2, StepState.SUCCEEDED, message=f"{len(cancelled)} command(s) cancelled"
-        )
-        log.warning(
-            "server removed", extra={"fields": {"server": server.id, "name": server.name, "by": by}}
-        )
-        await self._jobs.succeed(job.id, {"server": server.id})
-        return await self._jobs.get(job.id)
+
+        async def outcome(cmd: Command) -> Command | None:
+            try:
+                return await asyncio.wait_for(
+                    self._dispatcher.wait(cmd.id), timeout=self._revoke_timeout
+                )
+            except TimeoutError:
+                return None
+
+        answers = await asyncio.gather(*(outcome(c) for c, _ in connected))
+        confirmed, failures, later = [], [], list(offline)
+        for (_, host), done in zip(connected, answers, strict=True):
+            if done is None or done.state.open:
+                later.append(host.name)
+            elif done.state == CommandState.SUCCEEDED:
+                confirmed.append(host.name)
+            else:
+                failures.append(f"{host.name}: {done.error or done.state.value}")
+        message = f"{len(confirmed)} of {len(revocations)} host(s) refuse {removed.name} now"
+        if later:
+            message += (
+                f"; {len(later)} offline or not answering yet ({', '.join(sorted(later)[:20])}) "
+                "get the command when they reconnect"
+            )
+        result = {
+            "server": removed.id,
+            "revoked_on": sorted(confirmed),
+            "pending_on": sorted(later),
+            "failed_on": sorted(failures),
+        }
+        if failures:
+            await self._jobs.step(
+                job.id, 3, StepState.FAILED, message=message + "; failed: " + "; ".join(failures)
+            )
+            await self._jobs.set_state(
+                job.id,
+                JobState.FAILED,
+                error=f"{removed.name} is refused by the broker, but {len(failures)} host(s) "
+                "could not revoke it on their replication ports: " + "; ".join(failures),
+                result=result,
+            )
+            return
+        await self._jobs.step(job.id, 3, StepState.SUCCEEDED, message=message)
+        await self._jobs.succeed(job.id, result)
+
+    async def _resume_remove(self, job: Job) -> bool:
+        start = next((s.index for s in job.steps if s.state != StepState.SUCCEEDED), len(job.steps))
+        self._spawn(self._run_remove(job, start))
+        return True
 
     # -- command jobs -----------------------------------------------------------------------
     async def ping(self, ref: str, note: str, *, by: str) -> Job:

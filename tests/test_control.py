@@ -259,7 +259,7 @@ def test_removed_server_is_refused(
         agent.wait_connected()
         job = admin.call("RemoveServer", admin_pb2.RemoveServerRequest(server="hv-1"))
         assert job.state == "succeeded"
-        assert [s.state for s in job.steps] == ["succeeded"] * 3
+        assert [s.state for s in job.steps] == ["succeeded"] * 4
         # The agent is told it was removed and stops with that reason.
         with pytest.raises(AgentRemoved, match="removed"):
             agent.future.result(20)

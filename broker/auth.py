@@ -4,6 +4,9 @@ gRPC has already checked the certificate chains to our CA (mutual TLS with
 ``require_client_auth``); here we check what the identity may do: the vault must be ours, the
 role must be one the method accepts, and a removed server is refused at once even though its
 certificate has not expired yet (the deny-list).
+
+This runs before a method is authorized, so what it logs or echoes from the certificate is cut
+to a short bound (:func:`~sitepair.logsafe.shown`), like every request field a caller controls.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 
 from sitepair import pki
 from sitepair.errors import PermissionDenied
+from sitepair.logsafe import shown
 
 log = logging.getLogger("sitepair.broker.auth")
 
@@ -30,14 +34,14 @@ class BrokerAuthorizer:
     def authorize(self, identity: pki.Identity, roles: frozenset[pki.Role]) -> None:
         if identity.vault != self.vault:
             raise PermissionDenied(
-                f"certificate belongs to vault {identity.vault!r}; "
+                f"certificate belongs to vault {shown(identity.vault)!r}; "
                 f"this broker serves {self.vault!r}"
             )
         if identity.role not in roles:
             allowed = ", ".join(sorted(r.value for r in roles))
             log.warning(
                 "role refused",
-                extra={"fields": {"identity": identity.uri, "allowed": allowed}},
+                extra={"fields": {"identity": shown(identity.uri, 256), "allowed": allowed}},
             )
             raise PermissionDenied(
                 f"a certificate with role {identity.role.value!r} may not call this API "
@@ -45,6 +49,6 @@ class BrokerAuthorizer:
             )
         if identity.role == pki.Role.AGENT and identity.id in self._removed_servers:
             raise PermissionDenied(
-                f"server {identity.id} was removed from the vault",
+                f"server {shown(identity.id)} was removed from the vault",
                 hint="register the host again with a new registration key",
             )

@@ -6,6 +6,10 @@ reach the client as INTERNAL with a reference, never as a traceback. Clients tur
 into SitepairError subclasses with :func:`error_from_rpc`.
 
 Identity is taken only from the verified peer certificate (``context.auth_context()``).
+
+Error texts may echo what a peer sent (a name that failed a check); the decorator cuts them to
+:data:`~sitepair.logsafe.LOG_TEXT_LIMIT` characters before it logs them or puts them in a status,
+so no request, authenticated or not, can write more than that into the log per refusal.
 """
 
 from __future__ import annotations
@@ -29,21 +33,36 @@ from sitepair.errors import (
     Unauthenticated,
     Unavailable,
 )
+from sitepair.logsafe import clipped
 
 log = logging.getLogger("sitepair.rpc")
 
 #: Largest message on the control and admin channels (inventories of big hosts fit easily).
 CONTROL_MAX_MESSAGE = 8 * 1024 * 1024
+#: Largest message the broker needs to *receive* on the control/admin port: an agent's
+#: inventory (capped at 4 MiB, :mod:`broker.bounds`) plus room for the envelope. Admin requests
+#: are small; responses may use the whole :data:`CONTROL_MAX_MESSAGE`.
+CONTROL_MAX_RECEIVE = 4 * 1024 * 1024 + 64 * 1024
 #: Replication batches are ~1 MiB of payload; the cap leaves room for incompressible data.
 REPLICATION_MAX_MESSAGE = 16 * 1024 * 1024
 
 
 def server_options(
-    *, max_message_bytes: int = CONTROL_MAX_MESSAGE, max_concurrent_streams: int = 32
+    *,
+    max_message_bytes: int = CONTROL_MAX_MESSAGE,
+    max_receive_bytes: int | None = None,
+    max_concurrent_streams: int = 32,
 ) -> list[tuple[str, Any]]:
-    """Limits and keepalive policy set explicitly on every server we run."""
+    """Limits and keepalive policy set explicitly on every server we run.
+
+    ``max_message_bytes`` bounds what the server sends, and what it receives unless
+    ``max_receive_bytes`` is given and smaller (the control port receives less than it sends).
+    """
+    receive = max_message_bytes
+    if max_receive_bytes is not None:
+        receive = min(receive, max_receive_bytes)
     return [
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", receive),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_concurrent_streams", max_concurrent_streams),
         # Answer client keepalive pings; refuse abusive ping rates (GOAWAY too_many_pings).
@@ -246,12 +265,13 @@ async def _abort(
         if exc.status in ("INTERNAL", "PERMISSION_DENIED", "UNAUTHENTICATED")
         else logging.INFO
     )
+    text = clipped(str(exc))
     log.log(
         level,
         "rpc refused",
-        extra={"fields": {"method": method, "status": exc.status, "error": str(exc)}},
+        extra={"fields": {"method": method, "status": exc.status, "error": text}},
     )
-    await context.abort(status_of(exc), str(exc))
+    await context.abort(status_of(exc), text)
 
 
 async def _abort_internal(

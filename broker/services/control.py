@@ -7,6 +7,14 @@ so one agent cannot act as another. The conversation:
     agent: Inventory (when changed)   broker: Command ... (whenever one is submitted)
     agent: Heartbeat (every interval) broker: Goodbye (removed, replaced, shutting down)
     agent: CommandAck ...
+
+Everything the agent sends is bounded on arrival (:mod:`broker.bounds`,
+:func:`broker.inventory.accept_inventory`): a Hello whose facts are too big or break a rule the
+broker acts on ends the stream with INVALID_ARGUMENT before anything is stored; a heartbeat's
+metrics are cut (the heartbeat still counts); an inventory that is too big is refused whole and
+one with bad entries is stored without them; an oversized message or an ack with an oversized
+command id is dropped. Each kind of problem is logged once per stream (values cut short), and the
+agent is never told more than the rule it broke.
 """
 
 from __future__ import annotations
@@ -18,14 +26,15 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc.aio
-from google.protobuf import json_format
 
-from broker.inventory import join_declared_cloud, sync_inventory
+from broker import bounds
+from broker.inventory import accept_inventory, join_declared_cloud, sync_inventory
 from broker.protection import replication_endpoint
 from broker.sessions import AgentSession
 from broker.store.models import HeartbeatRecord, Relationship, Server, StoredInventory
 from sitepair import PROTOCOL_VERSION, pki, tickets
 from sitepair.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from sitepair.logsafe import shown
 from sitepair.protoconv import seconds, timestamp
 from sitepair.rpc import rpc
 from sitepair.v1 import common_pb2, control_pb2, control_pb2_grpc
@@ -37,6 +46,31 @@ log = logging.getLogger("sitepair.broker.control")
 
 #: How long a new stream may take to say Hello.
 HELLO_TIMEOUT = 30.0
+
+
+class _OncePerStream:
+    """Warnings about what one agent sent, each kind logged once per stream (the agent may
+    repeat it every heartbeat); how many were held back is logged when the stream ends."""
+
+    def __init__(self, server_id: str) -> None:
+        self.server_id = server_id
+        self.seen: set[str] = set()
+        self.held_back = 0
+
+    def warn(self, problem: str, event: str, **fields: object) -> None:
+        if problem in self.seen:
+            self.held_back += 1
+            return
+        self.seen.add(problem)
+        log.warning(event, extra={"fields": {"server": self.server_id, **fields}})
+
+    def close(self) -> None:
+        if self.held_back:
+            log.warning(
+                "more messages from this agent were refused or cut; only the first of each "
+                "kind was logged",
+                extra={"fields": {"server": self.server_id, "count": self.held_back}},
+            )
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
@@ -81,12 +115,22 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 f"agent speaks protocol {hello.protocol_version}, this broker {PROTOCOL_VERSION}",
                 hint="upgrade the broker before its agents",
             )
+        try:
+            facts = bounds.accept_facts(hello.facts)
+        except InvalidArgument as exc:
+            log.warning(
+                "agent Hello refused",
+                extra={"fields": {"server": server.id, "why": shown(exc.message, 200)}},
+            )
+            raise
+        agent_version = bounds.cut(hello.agent_version, bounds.MAX_SHORT)
+        del first, hello  # the facts as received may be megabytes; keep only what was accepted
         now = ctx.clock.now()
         session = AgentSession(
             server_id=server.id, name=server.name, site=server.site, connected_at=now
         )
         ctx.sessions.open(session)
-        facts_json = json_format.MessageToJson(hello.facts, indent=None)
+        facts_json = bounds.to_json(facts)
 
         def connected() -> bool:
             """Record the connection; True when the host's replication address changed."""
@@ -96,10 +140,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
                     server.id,
                     now=now,
                     facts_json=facts_json,
-                    agent_version=hello.agent_version,
-                    cloud=hello.facts.cloud,
+                    agent_version=agent_version,
+                    cloud=facts.cloud,
                 )
-                join_declared_cloud(tx, server, hello.facts.cloud, now)
+                join_declared_cloud(tx, server, facts.cloud, now)
             return (
                 before is not None
                 and before.facts_json not in ("", "{}")
@@ -153,23 +197,43 @@ class ControlService(control_pb2_grpc.ControlServicer):
     ) -> None:
         """Handle what the agent sends until its side of the stream ends."""
         ctx = self.ctx
+        warnings = _OncePerStream(session.server_id)
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("body")
-                if kind == "heartbeat":
+                size = message.ByteSize()
+                if size > bounds.MAX_AGENT_MESSAGE:
+                    warnings.warn(
+                        f"size:{kind}",
+                        "oversized message from agent dropped",
+                        kind=kind or "",
+                        bytes=size,
+                        cap=bounds.MAX_AGENT_MESSAGE,
+                    )
+                elif kind == "heartbeat":
                     hb = message.heartbeat
+                    metrics, note = bounds.accept_metrics(hb.metrics)
+                    if note:
+                        warnings.warn("metrics", "heartbeat metrics cut", why=note)
                     ctx.heartbeats.submit(
                         HeartbeatRecord(
                             server_id=session.server_id,
-                            seq=hb.seq,
+                            seq=min(hb.seq, bounds.MAX_STORED_INT),
                             sent_at=seconds(hb.sent_at),
                             received_at=ctx.clock.now(),
-                            metrics_json=json_format.MessageToJson(hb.metrics, indent=None),
+                            metrics_json=bounds.to_json(metrics),
                         )
                     )
                 elif kind == "inventory":
-                    await self._store_inventory(session, message.inventory)
+                    await self._store_inventory(session, message.inventory, warnings)
                 elif kind == "ack":
+                    if len(message.ack.command_id) > bounds.MAX_ID:
+                        warnings.warn(
+                            "ack",
+                            "acknowledgement with an oversized command id dropped",
+                            command=shown(message.ack.command_id),
+                        )
+                        continue
                     await ctx.dispatcher.handle_ack(session.server_id, message.ack)
                 elif kind == "replication":
                     await ctx.protection.on_report(session.server_id, message.replication)
@@ -190,16 +254,38 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 "control stream reader failed", extra={"fields": {"server": session.server_id}}
             )
         finally:
+            warnings.close()
             session.close()
 
-    async def _store_inventory(self, session: AgentSession, inv: common_pb2.Inventory) -> None:
+    async def _store_inventory(
+        self, session: AgentSession, inv: common_pb2.Inventory, warnings: _OncePerStream
+    ) -> None:
+        """Store what :func:`~broker.inventory.accept_inventory` accepts of ``inv``: the
+        payload kept for GetServer and the inventory tables are both the accepted entries."""
+        try:
+            accepted = await asyncio.to_thread(accept_inventory, inv)
+        except InvalidArgument as exc:
+            warnings.warn(
+                "inventory",
+                "inventory refused; the previous one stays",
+                why=shown(exc.message, 200),
+            )
+            return
+        if accepted.left_out:
+            warnings.warn(
+                "inventory-entries",
+                "inventory entries left out",
+                count=accepted.left_out,
+                reasons=list(accepted.reasons),
+            )
+        clean = accepted.message
         now = self.ctx.clock.now()
         record = StoredInventory(
             server_id=session.server_id,
-            digest=inv.digest,
-            collected_at=seconds(inv.collected_at) or now,
+            digest=clean.digest,
+            collected_at=seconds(clean.collected_at) or now,
             received_at=now,
-            payload=inv.SerializeToString(),
+            payload=clean.SerializeToString(),
         )
 
         def put() -> None:
@@ -207,13 +293,19 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 tx.put_inventory(record)
                 server = tx.get_server(session.server_id)
                 if server is not None:
-                    sync_inventory(tx, server, inv, now)
+                    sync_inventory(tx, server, accepted, now)
 
         await asyncio.to_thread(put)
-        session.inventory_digest = inv.digest
+        session.inventory_digest = clean.digest
         log.info(
             "inventory received",
-            extra={"fields": {"server": session.server_id, "vms": len(inv.vms)}},
+            extra={
+                "fields": {
+                    "server": session.server_id,
+                    "vms": len(clean.vms),
+                    "left_out": accepted.left_out,
+                }
+            },
         )
 
     @rpc(roles=[pki.Role.AGENT])

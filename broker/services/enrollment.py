@@ -10,6 +10,13 @@ The order of checks matters:
 4. the server record is created with an id the broker chooses; the certificate's identity comes
    from that record, never from the CSR subject. Steps 3 and 4 are one transaction, so a refused
    name (already registered) gives the use back.
+
+Nobody is authenticated until step 2 has passed, so every request field is bounded before it is
+used, logged or echoed: a key id longer than :data:`MAX_KEY_ID` or a secret longer than
+:data:`MAX_SECRET` is refused without being repeated; the facts pass
+:func:`broker.bounds.accept_facts` (refused when over 16 KiB or when a field the broker acts on
+breaks its rule); and whatever is logged or put in an error message from the request is cut by
+:func:`sitepair.logsafe.shown` to 64 characters plus its original length.
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 from cryptography import x509
-from google.protobuf import json_format
 
+from broker import bounds
 from broker.store.models import Server
 from sitepair import credentials, pki
 from sitepair.clock import iso
@@ -34,6 +41,7 @@ from sitepair.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from sitepair.logsafe import shown
 from sitepair.protoconv import timestamp
 from sitepair.rpc import rpc
 from sitepair.v1 import enrollment_pb2, enrollment_pb2_grpc
@@ -42,6 +50,13 @@ if TYPE_CHECKING:
     from broker.app import BrokerContext
 
 log = logging.getLogger("sitepair.broker.enrollment")
+
+#: Longest registration key id accepted (the broker makes ``key-`` + 12 hex digits).
+MAX_KEY_ID = 64
+#: Longest server name (:func:`sitepair.pki.check_identifier` allows 128 characters).
+MAX_NAME = 128
+#: Longest secret accepted, in bytes (the broker issues 32).
+MAX_SECRET = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,17 +88,37 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self, request: enrollment_pb2.RegisterRequest
     ) -> enrollment_pb2.RegisterResponse:
         ctx = self.ctx
+        if len(request.name) > MAX_NAME:
+            raise InvalidArgument(
+                f"the server name is {len(request.name)} characters; at most {MAX_NAME} are allowed"
+            )
         name = pki.check_identifier(request.name, "server name")
         if not request.key_id:
             raise InvalidArgument("registration request has no key id")
+        if len(request.key_id) > MAX_KEY_ID or len(request.secret) > MAX_SECRET:
+            log.warning(
+                "registration refused",
+                extra={
+                    "fields": {
+                        "key": shown(request.key_id),
+                        "name": name,
+                        "why": "oversized key id or secret",
+                    }
+                },
+            )
+            raise Unauthenticated(
+                "the registration key id or secret is longer than any this broker issues",
+                hint="check the credentials file, or create a new key",
+            )
         if request.vault and request.vault != ctx.config.vault:
             raise FailedPrecondition(
-                f"the credentials are for vault {request.vault!r}, but this broker serves vault "
-                f"{ctx.config.vault!r}",
+                f"the credentials are for vault {shown(request.vault)!r}, but this broker "
+                f"serves vault {ctx.config.vault!r}",
                 hint="use a credentials file created by this broker",
             )
         public_key = pki.public_key_from_csr(request.csr_der)
-        facts_json = json_format.MessageToJson(request.facts, indent=None)
+        facts = bounds.accept_facts(request.facts)
+        facts_json = bounds.to_json(facts)
         now = ctx.clock.now()
         lifetime = ctx.config.certificates.agent_lifetime
 
@@ -116,8 +151,8 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                     cert_serial=format(cert.serial_number, "x"),
                     cert_not_after=pki.not_after(cert),
                     facts_json=facts_json,
-                    agent_version=request.facts.agent_version,
-                    cloud=request.facts.cloud,
+                    agent_version=facts.agent_version,
+                    cloud=facts.cloud,
                 )
                 tx.insert_server(server)
                 return _Outcome(server=server, cert=cert)
@@ -126,11 +161,14 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         if outcome.server is None or outcome.cert is None:
             log.warning(
                 "registration refused",
-                extra={"fields": {"key": request.key_id, "name": name, "why": outcome.refusal}},
+                extra={
+                    "fields": {"key": shown(request.key_id), "name": name, "why": outcome.refusal}
+                },
             )
             if outcome.refusal == "unknown":
                 raise Unauthenticated(
-                    f"registration key {request.key_id!r} is unknown or its secret does not match",
+                    f"registration key {shown(request.key_id)!r} is unknown or its secret does "
+                    "not match",
                     hint="check the credentials file, or create a new key",
                 )
             if outcome.refusal == "expired":

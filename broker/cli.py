@@ -184,12 +184,13 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        resp = c.call(
+        keys = c.list_all(
             "ListRegistrationKeys",
             admin_pb2.ListRegistrationKeysRequest(include_inactive=args.all),
+            "keys",
         )
     if args.json:
-        print_json(list(resp.keys))
+        print_json(keys)
         return EXIT_OK
     print_table(
         ["ID", "SITE", "STATE", "USES LEFT", "EXPIRES", "CREATED BY"],
@@ -202,7 +203,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
                 _ts(k.expires_at),
                 k.created_by,
             ]
-            for k in resp.keys
+            for k in keys
         ],
     )
     return EXIT_OK
@@ -223,12 +224,13 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 def cmd_servers_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        resp = c.call(
+        servers = c.list_all(
             "ListServers",
             admin_pb2.ListServersRequest(site=args.site or "", include_removed=args.all),
+            "servers",
         )
     if args.json:
-        print_json(list(resp.servers))
+        print_json(servers)
         return EXIT_OK
     print_table(
         ["NAME", "SITE", "STATE", "VMS", "LAST HEARTBEAT", "CERT UNTIL", "ID"],
@@ -242,7 +244,7 @@ def cmd_servers_list(args: argparse.Namespace) -> int:
                 _ts(s.certificate_not_after),
                 s.id,
             ]
-            for s in resp.servers
+            for s in servers
         ],
     )
     return EXIT_OK
@@ -274,6 +276,11 @@ def cmd_servers_show(args: argparse.Namespace) -> int:
         print(
             f"volume           {v.path}: "
             f"{format_size(v.free_bytes)} free of {format_size(v.total_bytes)}"
+        )
+    if s.withheld:
+        print(
+            f"withheld         {', '.join(s.withheld)} (stored over the broker's size caps; "
+            "the host's next report replaces them)"
         )
     inv = s.inventory
     if inv.vms:
@@ -426,18 +433,20 @@ def _watch(args: argparse.Namespace, client: AdminClient, job_id: str) -> int:
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        resp = c.call(
+        jobs = c.list_all(
             "ListJobs",
             admin_pb2.ListJobsRequest(
-                state=args.state or "", kind=args.kind or "", limit=args.limit
+                state=args.state or "", kind=args.kind or "", page_size=max(args.limit, 0)
             ),
+            "jobs",
+            limit=max(args.limit, 0),
         )
     if args.json:
-        print_json(list(resp.jobs))
+        print_json(jobs)
         return EXIT_OK
     print_table(
         ["ID", "KIND", "TARGET", "STATE", "CREATED", "ERROR"],
-        [[j.id, j.kind, j.target, j.state, _ts(j.created_at), j.error[:60]] for j in resp.jobs],
+        [[j.id, j.kind, j.target, j.state, _ts(j.created_at), j.error[:60]] for j in jobs],
     )
     return EXIT_OK
 
@@ -575,7 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(jobs, "list", cmd_jobs_list, "list recent jobs")
     sp.add_argument("--state")
     sp.add_argument("--kind")
-    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument(
+        "--limit", type=int, default=50, help="show the newest N jobs (0 = all; default 50)"
+    )
     for name, fn, text in (
         ("show", cmd_jobs_show, "show a job and its steps"),
         ("watch", cmd_jobs_watch, "follow a job with a progress bar until it finishes"),

@@ -316,9 +316,9 @@ def register(
 
     def vms_list(args: argparse.Namespace) -> int:
         with client(args) as c:
-            resp = c.call("ListVms", admin_pb2.ListVmsRequest(server=args.server or ""))
+            vms = c.list_all("ListVms", admin_pb2.ListVmsRequest(server=args.server or ""), "vms")
         if args.json:
-            print_json(list(resp.vms))
+            print_json(vms)
             return EXIT_OK
         print_table(
             ["VM", "HOST", "CLOUD", "STATE", "DISKS", "PROTECTION", "HEALTH"],
@@ -332,18 +332,18 @@ def register(
                     v.protection_state,
                     v.health,
                 ]
-                for v in resp.vms
+                for v in vms
             ],
         )
         return EXIT_OK
 
     def vms_protected(args: argparse.Namespace) -> int:
         with client(args) as c:
-            resp = c.call(
-                "ListProtected", admin_pb2.ListProtectedRequest(include_disabled=args.all)
+            protected = c.list_all(
+                "ListProtected", admin_pb2.ListProtectedRequest(include_disabled=args.all), "vms"
             )
         if args.json:
-            print_json(list(resp.vms))
+            print_json(protected)
             return EXIT_OK
         print_table(
             ["VM", "STATE", "HEALTH", "PRIMARY", "REPLICA", "LAST CYCLE", "EPOCH", "RELATIONSHIP"],
@@ -358,7 +358,7 @@ def register(
                     v.epoch,
                     v.relationship_id,
                 ]
-                for v in resp.vms
+                for v in protected
             ],
         )
         return EXIT_OK

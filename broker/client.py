@@ -102,6 +102,39 @@ class AdminClient:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, peer=f"broker at {self.address}") from None
 
+    def pages(self, method: str, request: Any, *, timeout: float | None = None) -> Iterator[Any]:
+        """Every page of a paged list, following ``next_page_token`` until the last one.
+
+        ``request`` is not changed; each page is asked with a copy carrying the token. A broker
+        that hands back a token it already gave (it never should) ends the walk with an error
+        rather than loop forever.
+        """
+        seen: set[str] = set()
+        page_request = type(request)()
+        page_request.CopyFrom(request)
+        while True:
+            page = self.call(method, page_request, timeout=timeout)
+            yield page
+            token = page.next_page_token
+            if not token:
+                return
+            if token in seen:
+                raise SitepairError(f"the broker at {self.address} repeated a page of {method}")
+            seen.add(token)
+            page_request.page_token = token
+
+    def list_all(
+        self, method: str, request: Any, field: str, *, limit: int = 0, timeout: float | None = None
+    ) -> list[Any]:
+        """The items of every page of a paged list (``field`` names the repeated field), or the
+        first ``limit`` of them (0 = all)."""
+        items: list[Any] = []
+        for page in self.pages(method, request, timeout=timeout):
+            items.extend(getattr(page, field))
+            if limit and len(items) >= limit:
+                return items[:limit]
+        return items
+
     def watch_job(self, job_id: str, *, timeout: float | None = None) -> Iterator[admin_pb2.Job]:
         """Every change of a job until it is final (or ``timeout`` seconds pass)."""
         try:

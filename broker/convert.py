@@ -1,11 +1,20 @@
-"""Store dataclasses to protobuf messages, for the admin API (protobuf lives at the edges)."""
+"""Store dataclasses to protobuf messages, for the admin API (protobuf lives at the edges).
+
+What agents reported is bounded on arrival (:mod:`broker.bounds`), but a broker older than those
+bounds may have stored more: :func:`server_to_proto` leaves out facts, metrics or an inventory
+stored over their caps (or unreadable) and names them in ``Server.withheld``, so one host's
+stored data can never make a response too big to send.
+"""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
+from broker import bounds
 from broker.policy import Policy, validate
 from broker.store.models import Job, RegistrationKey, Relationship, Server, StoredInventory
 from sitepair.protoconv import seconds, timestamp
@@ -27,8 +36,14 @@ def key_to_proto(key: RegistrationKey, now: float) -> admin_pb2.RegistrationKey:
 
 
 def server_to_proto(
-    server: Server, inventory: StoredInventory | None = None, *, with_inventory: bool = False
+    server: Server,
+    inventory: StoredInventory | None = None,
+    *,
+    with_inventory: bool = False,
+    vm_count: int | None = None,
 ) -> admin_pb2.Server:
+    """The admin view of a server. ``vm_count`` comes from the inventory tables when given;
+    otherwise it is counted in ``inventory``."""
     msg = admin_pb2.Server(
         id=server.id,
         name=server.name,
@@ -41,20 +56,40 @@ def server_to_proto(
         agent_version=server.agent_version,
         cloud=server.cloud,
         clock_offset_seconds=server.clock_offset or 0.0,
+        withheld=server.withheld,
     )
-    json_format.ParseDict(
-        json.loads(server.facts_json or "{}"), msg.facts, ignore_unknown_fields=True
-    )
-    json_format.ParseDict(
-        json.loads(server.metrics_json or "{}"), msg.metrics, ignore_unknown_fields=True
-    )
-    if inventory is not None:
+    for name, text, cap, target in (
+        ("facts", server.facts_json, bounds.MAX_STORED_FACTS, msg.facts),
+        ("metrics", server.metrics_json, bounds.MAX_STORED_METRICS, msg.metrics),
+    ):
+        if name in server.withheld:
+            continue
+        if len(text or "") > cap or not _parse_json_into(text or "{}", target):
+            target.Clear()
+            msg.withheld.append(name)
+    if vm_count is not None:
+        msg.vm_count = vm_count
+    if inventory is not None and (with_inventory or vm_count is None):
         inv = common_pb2.Inventory()
-        inv.ParseFromString(inventory.payload)
-        msg.vm_count = len(inv.vms)
-        if with_inventory:
-            msg.inventory.CopyFrom(inv)
+        try:
+            if len(inventory.payload) > bounds.MAX_STORED_INVENTORY:
+                raise ValueError("over the cap")
+            inv.ParseFromString(inventory.payload)
+        except (ValueError, DecodeError):
+            msg.withheld.append("inventory")
+        else:
+            msg.vm_count = len(inv.vms) if vm_count is None else vm_count
+            if with_inventory:
+                msg.inventory.CopyFrom(inv)
     return msg
+
+
+def _parse_json_into(text: str, target: Any) -> bool:
+    try:
+        json_format.ParseDict(json.loads(text), target, ignore_unknown_fields=True)
+    except (ValueError, TypeError, AttributeError, json_format.ParseError):
+        return False
+    return True
 
 
 def job_to_proto(job: Job) -> admin_pb2.Job:

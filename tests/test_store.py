@@ -12,8 +12,9 @@ import asyncio
 import concurrent.futures
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -38,6 +39,7 @@ pg_cluster = pg.pg_cluster
 pg_dsn = pg.pg_dsn
 
 OpenStore = Callable[[], Store]
+T = TypeVar("T")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -342,3 +344,129 @@ def test_only_jobs_of_brokers_without_a_live_lease_are_adopted(open_store: OpenS
         assert (await mine.get(c.id)).owner == "broker-me"
 
     asyncio.run(scenario())
+
+
+def test_pages_walk_every_row_once_and_leave_oversized_values_unread(
+    open_store: OpenStore,
+) -> None:
+    """Keyset pages on both backends: a walk in pages of 3 sees every row once, in the order of
+    the whole list, even with rows added behind it; values over the read caps are not loaded."""
+    from broker import bounds
+    from broker.store.models import InventoryVm, Job
+
+    store = open_store()
+    names = ["b", "B", "a", "_x", "Z", "é", "a b", "a-b", "c", "d"]
+    with store.write() as tx:
+        tx.insert_key(_key())
+        for i, name in enumerate(names):
+            tx.insert_server(_server(f"host-{i}", name))
+        tx.insert_server(
+            Server(
+                id="host-big",
+                name="big",
+                site="s",
+                registered_at=1.0,
+                registration_key_id="key-1",
+                cert_serial="ab",
+                cert_not_after=2e9,
+                facts_json='{"hostname": "' + "h" * bounds.MAX_STORED_FACTS + '"}',
+                metrics_json="{}",
+            )
+        )
+        vms = [
+            InventoryVm("host-0", f"vm-{i}", f"vm {i % 4}", 2, 1, 1, "off", "[]", "[]", 1.0)
+            for i in range(7)
+        ]
+        vms.append(
+            InventoryVm(
+                "host-0", "vm-big", "big", 2, 1, 1, "off", "[" + " " * (3 << 20) + "]", "[]", 1.0
+            )
+        )
+        vms.append(InventoryVm("host-0", "vm-long", "x" * 2000, 2, 1, 1, "off", "[]", "[]", 1.0))
+        tx.replace_inventory("host-0", vms, [], [])
+        for i in range(8):
+            # Pairs of jobs created at the same instant: the id breaks the tie.
+            tx.insert_job(
+                Job(
+                    id=f"job-{i}",
+                    kind="k",
+                    target="t",
+                    state=JobState.SUCCEEDED,
+                    created_at=100.0 + i // 2,
+                    updated_at=1.0,
+                    created_by="t",
+                )
+            )
+
+    def walk(page: Callable[[Any], Sequence[T]], key: Callable[[T], Any]) -> list[T]:
+        seen: list[T] = []
+        after = None
+        while True:
+            rows = page(after)
+            seen += rows
+            if len(rows) < 3:
+                return seen
+            after = key(rows[-1])
+
+    with store.read() as tx:
+        servers = walk(
+            lambda a: tx.server_page(after=a, limit=3),
+            lambda s: (s.site, s.name, s.id),
+        )
+        assert [s.name for s in servers] == sorted([*names, "big"])
+        big = next(s for s in servers if s.name == "big")
+        assert big.withheld == ("facts",) and big.facts_json == "{}"
+        assert tx.vm_counts(["host-0", "host-1"]) == {"host-0": 9}
+        assert tx.server_names(["host-0", "nope"]) == {"host-0": "b"}
+
+        listed = walk(
+            lambda a: tx.vm_page(after=a, limit=3),
+            lambda v: (v.name, v.server_id, v.vm_id),
+        )
+        ids = [v.vm_id for v in listed]
+        assert ids == [v.vm_id for v in sorted(vms[:8], key=lambda v: (v.name, v.vm_id))]
+        vm_big = next(v for v in listed if v.vm_id == "vm-big")
+        assert vm_big.withheld == ("disks",) and vm_big.disks_json == "[]"
+
+        jobs = walk(
+            lambda a: tx.job_page(after=a, limit=3),
+            lambda j: (j.created_at, j.id),
+        )
+        assert [j.id for j in jobs] == [
+            "job-6",
+            "job-7",
+            "job-4",
+            "job-5",
+            "job-2",
+            "job-3",
+            "job-0",
+            "job-1",
+        ]
+        first = tx.job_page(after=None, limit=3)
+    # A job created during the walk, newer than the page already read, does not shift the rest.
+    with store.write() as tx:
+        tx.insert_job(
+            Job(
+                id="job-new",
+                kind="k",
+                target="t",
+                state=JobState.SUCCEEDED,
+                created_at=200.0,
+                updated_at=1.0,
+                created_by="t",
+            )
+        )
+    with store.read() as tx:
+        rest = tx.job_page(after=(first[-1].created_at, first[-1].id), limit=10)
+        assert [j.id for j in first + rest] == [
+            "job-6",
+            "job-7",
+            "job-4",
+            "job-5",
+            "job-2",
+            "job-3",
+            "job-0",
+            "job-1",
+        ]
+        assert [k.id for k in tx.key_page(after=None, limit=5)] == ["key-1"]
+        assert tx.key_page(after=(1.0, "key-1"), limit=5) == []

@@ -1,4 +1,9 @@
-"""The operator API (port 8443, mutual TLS, role ``admin``)."""
+"""The operator API (port 8443, mutual TLS, role ``admin``).
+
+Lists that grow with the vault page (:mod:`broker.paging`): ListServers by (site, name, id),
+ListJobs newest first, ListRegistrationKeys oldest first; the protection lists are in
+:mod:`broker.services.admin_protection`.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 
+from broker import paging
 from broker.convert import job_to_proto, key_to_proto, server_to_proto
 from broker.services.admin_protection import ProtectionAdmin
-from broker.store.models import Operator, RegistrationKey
+from broker.store.models import Job, Operator, RegistrationKey, Server
 from sitepair import __version__, credentials, pki
 from sitepair.errors import InvalidArgument, NotFound
 from sitepair.protoconv import timestamp
@@ -118,17 +124,24 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
         context: grpc.aio.ServicerContext[Any, Any],
         identity: pki.Identity,
     ) -> admin_pb2.ListRegistrationKeysResponse:
-        def read() -> list[RegistrationKey]:
-            with self.ctx.store.read() as tx:
-                return tx.list_keys()
-
+        after = paging.decode_token(request.page_token, (float, str))
+        size = paging.page_size(request.page_size)
         now = self.ctx.clock.now()
-        keys = [
-            key_to_proto(k, now)
-            for k in await asyncio.to_thread(read)
-            if request.include_inactive or k.state(now) == "active"
-        ]
-        return admin_pb2.ListRegistrationKeysResponse(keys=keys)
+
+        def read() -> admin_pb2.ListRegistrationKeysResponse:
+            # Inactive keys are filtered here (a key's state depends on the time), so a page
+            # may hold fewer keys than asked for; the token still moves past every key read.
+            with self.ctx.store.read() as tx:
+                rows = tx.key_page(after=after, limit=size + 1)
+            keys, token = paging.fill(
+                rows, size, lambda k: key_to_proto(k, now), lambda k: (k.created_at, k.id)
+            )
+            return admin_pb2.ListRegistrationKeysResponse(
+                keys=[k for k in keys if request.include_inactive or k.state == "active"],
+                next_page_token=token,
+            )
+
+        return await asyncio.to_thread(read)
 
     @rpc(roles=ADMIN)
     async def RevokeRegistrationKey(
@@ -155,14 +168,27 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
         context: grpc.aio.ServicerContext[Any, Any],
         identity: pki.Identity,
     ) -> admin_pb2.ListServersResponse:
-        def read() -> list[admin_pb2.Server]:
-            with self.ctx.store.read() as tx:
-                servers = tx.list_servers(
-                    site=request.site, include_removed=request.include_removed
-                )
-                return [server_to_proto(s, tx.get_inventory(s.id)) for s in servers]
+        after = paging.decode_token(request.page_token, (str, str, str))
+        size = paging.page_size(request.page_size)
 
-        return admin_pb2.ListServersResponse(servers=await asyncio.to_thread(read))
+        def read() -> admin_pb2.ListServersResponse:
+            with self.ctx.store.read() as tx:
+                rows = tx.server_page(
+                    site=request.site,
+                    include_removed=request.include_removed,
+                    after=after,
+                    limit=size + 1,
+                )
+                counts = tx.vm_counts([s.id for s in rows])
+
+            def convert(s: Server) -> admin_pb2.Server:
+                msg = server_to_proto(s, vm_count=counts.get(s.id, 0))
+                return paging.trim(msg, ["metrics", "facts"])
+
+            servers, token = paging.fill(rows, size, convert, lambda s: (s.site, s.name, s.id))
+            return admin_pb2.ListServersResponse(servers=servers, next_page_token=token)
+
+        return await asyncio.to_thread(read)
 
     @rpc(roles=ADMIN)
     async def GetServer(
@@ -174,7 +200,13 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
         def read() -> admin_pb2.Server:
             with self.ctx.store.read() as tx:
                 server = tx.find_server(request.server)
-                return server_to_proto(server, tx.get_inventory(server.id), with_inventory=True)
+                count = tx.vm_counts([server.id]).get(server.id, 0)
+                msg = server_to_proto(
+                    server, tx.get_inventory(server.id), with_inventory=True, vm_count=count
+                )
+            return paging.trim(
+                msg, ["inventory", "metrics", "facts"], limit=paging.MAX_RESPONSE_BYTES
+            )
 
         return await asyncio.to_thread(read)
 
@@ -281,10 +313,22 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
         context: grpc.aio.ServicerContext[Any, Any],
         identity: pki.Identity,
     ) -> admin_pb2.ListJobsResponse:
-        jobs = await self.ctx.jobs.list(
-            state=request.state, kind=request.kind, limit=min(request.limit or 100, 1000)
-        )
-        return admin_pb2.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs])
+        after = paging.decode_token(request.page_token, (float, str))
+        size = paging.page_size(request.page_size or request.limit)
+
+        def read() -> admin_pb2.ListJobsResponse:
+            with self.ctx.store.read() as tx:
+                rows = tx.job_page(
+                    state=request.state, kind=request.kind, after=after, limit=size + 1
+                )
+
+            def convert(j: Job) -> admin_pb2.Job:
+                return paging.trim(job_to_proto(j), ["result_json", "steps", "error"])
+
+            jobs, token = paging.fill(rows, size, convert, lambda j: (j.created_at, j.id))
+            return admin_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+        return await asyncio.to_thread(read)
 
     @rpc(roles=ADMIN)
     async def GetJob(

@@ -1,4 +1,9 @@
-"""The protection part of the admin API: VMs, clouds, pairs, mappings, protected VMs."""
+"""The protection part of the admin API: VMs, clouds, pairs, mappings, protected VMs.
+
+ListVms (by VM name, host, VM id) and ListProtected (by VM name, relationship id) page
+(:mod:`broker.paging`); a VM's disk and NIC lists stored over their cap, or a protected VM's
+reported status too big for a page, are withheld and named in the item's ``withheld``.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 
+from broker import paging
 from broker.convert import job_to_proto, policy_from_proto, policy_to_proto, relationship_to_proto
 from broker.policy import Policy
-from broker.store.models import Cloud, Relationship
+from broker.store.models import Cloud, InventoryVm, Relationship
 from broker.store.sqlite import Tx
 from sitepair import pki
 from sitepair.errors import InvalidArgument, NotFound
@@ -23,6 +29,49 @@ if TYPE_CHECKING:
 
 ADMIN = [pki.Role.ADMIN]
 Ctx = grpc.aio.ServicerContext[Any, Any]
+#: What a protected VM too big for a page leaves out first: what agents report about it.
+_BULKY_PROTECTED = [
+    "primary_status",
+    "replica_status",
+    "failover_json",
+    "reasons",
+    "last_verification",
+    "vm_name",
+    "replica_folder",
+]
+
+
+def _vm_proto(v: InventoryVm) -> tuple[common_pb2.VirtualMachine, list[str]]:
+    """The VM as the admin API shows it, and the lists left out because they are unreadable."""
+    withheld: list[str] = []
+    vm = common_pb2.VirtualMachine(
+        id=v.vm_id,
+        name=v.name,
+        generation=v.generation,
+        cpu_count=v.cpu_count,
+        memory_mb=v.memory_mb,
+        state=v.state,
+    )
+    try:
+        for d in json.loads(v.disks_json):
+            vm.disks.add(
+                id=d["id"],
+                path=d["path"],
+                format=d["format"],
+                virtual_size=d["virtual_size"],
+                storage_class=d.get("storage_class", ""),
+                file_size=d.get("file_size", 0),
+            )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        vm.ClearField("disks")
+        withheld.append("disks")
+    try:
+        for n in json.loads(v.nics_json):
+            vm.nics.add(**n)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        vm.ClearField("nics")
+        withheld.append("nics")
+    return vm, withheld
 
 
 class ProtectionAdmin:
@@ -56,43 +105,34 @@ class ProtectionAdmin:
     async def ListVms(
         self, request: admin_pb2.ListVmsRequest, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.ListVmsResponse:
+        after = paging.decode_token(request.page_token, (str, str, str))
+        size = paging.page_size(request.page_size)
+
         def read(tx: Tx) -> admin_pb2.ListVmsResponse:
             server_id = tx.find_server(request.server).id if request.server else ""
+            rows = tx.vm_page(server_id=server_id, after=after, limit=size + 1)
             rels = {r.vm_id: r for r in tx.list_relationships()}
-            out = admin_pb2.ListVmsResponse()
-            for v in tx.list_vms(server_id=server_id):
-                server = tx.get_server(v.server_id)
+            host_ids = sorted({v.server_id for v in rows})
+            names = tx.server_names(host_ids)
+            clouds = {sid: tx.cloud_of(sid) or "" for sid in host_ids}
+
+            def convert(v: InventoryVm) -> admin_pb2.VmInfo:
                 rel = rels.get(v.vm_id)
-                vm = common_pb2.VirtualMachine(
-                    id=v.vm_id,
-                    name=v.name,
-                    generation=v.generation,
-                    cpu_count=v.cpu_count,
-                    memory_mb=v.memory_mb,
-                    state=v.state,
-                    disks=[
-                        common_pb2.VirtualDiskRef(
-                            id=d["id"],
-                            path=d["path"],
-                            format=d["format"],
-                            virtual_size=d["virtual_size"],
-                            storage_class=d.get("storage_class", ""),
-                            file_size=d.get("file_size", 0),
-                        )
-                        for d in json.loads(v.disks_json)
-                    ],
-                    nics=[common_pb2.VmNic(**n) for n in json.loads(v.nics_json)],
-                )
-                out.vms.add(
+                vm, unreadable = _vm_proto(v)
+                info = admin_pb2.VmInfo(
                     server_id=v.server_id,
-                    server_name=server.name if server else v.server_id,
-                    cloud=tx.cloud_of(v.server_id) or "",
+                    server_name=names.get(v.server_id, v.server_id),
+                    cloud=clouds.get(v.server_id, ""),
                     vm=vm,
                     relationship_id=rel.id if rel else "",
                     protection_state=rel.state.value if rel else "",
                     health=rel.health if rel else "",
+                    withheld=[*v.withheld, *unreadable],
                 )
-            return out
+                return paging.trim(info, ["vm"])
+
+            vms, token = paging.fill(rows, size, convert, lambda v: (v.name, v.server_id, v.vm_id))
+            return admin_pb2.ListVmsResponse(vms=vms, next_page_token=token)
 
         return await self._read(read)  # type: ignore[no-any-return]
 
@@ -284,14 +324,22 @@ class ProtectionAdmin:
     async def ListProtected(
         self, request: admin_pb2.ListProtectedRequest, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.ListProtectedResponse:
+        after = paging.decode_token(request.page_token, (str, str))
+        size = paging.page_size(request.page_size)
+
         def read(tx: Tx) -> admin_pb2.ListProtectedResponse:
-            names = {s.id: s.name for s in tx.list_servers(include_removed=True)}
-            return admin_pb2.ListProtectedResponse(
-                vms=[
-                    relationship_to_proto(r, names)
-                    for r in tx.list_relationships(include_disabled=request.include_disabled)
-                ]
+            rows = tx.relationship_page(
+                include_disabled=request.include_disabled, after=after, limit=size + 1
             )
+            names = tx.server_names(
+                sorted({sid for r in rows for sid in (r.primary_server, r.replica_server)})
+            )
+
+            def convert(r: Relationship) -> admin_pb2.ProtectedVm:
+                return paging.trim(relationship_to_proto(r, names), _BULKY_PROTECTED)
+
+            vms, token = paging.fill(rows, size, convert, lambda r: (r.vm_name, r.id))
+            return admin_pb2.ListProtectedResponse(vms=vms, next_page_token=token)
 
         return await self._read(read)  # type: ignore[no-any-return]
 

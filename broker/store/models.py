@@ -82,6 +82,9 @@ class Server:
     last_heartbeat_seq: int | None = None
     metrics_json: str = "{}"
     removed_at: float | None = None
+    #: Columns a page query left out (read as "") because their stored value is over the
+    #: broker's cap: ``facts``, ``metrics`` (see :mod:`broker.bounds`).
+    withheld: tuple[str, ...] = ()
 
     @property
     def state(self) -> str:
@@ -202,6 +205,9 @@ class InventoryVm:
     disks_json: str
     nics_json: str
     updated_at: float
+    #: Columns a page query left out (read as "[]") because their stored value is over the
+    #: broker's cap: ``disks``, ``nics`` (see :mod:`broker.bounds`).
+    withheld: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,14 +5,22 @@ through a :class:`~broker.store.base.Session`, which adapts placeholders, unique
 errors and row counts to the backend. Everything in here is the common subset of SQLite's and
 PostgreSQL's SQL (``ON CONFLICT ... DO UPDATE``, ``coalesce``, ``CASE``, ``LIMIT``), so both
 backends return the same dataclasses and raise the same errors for the same situations.
+
+The admin API's lists read through the ``*_page`` queries: keyset paging (``after`` is the sort
+key of the last row of the previous page; rows come in a total order, so a walk neither repeats
+nor skips a row that exists throughout it), and values an agent controls that are over the
+broker's caps (:mod:`broker.bounds`, stored by a broker older than those caps) are left out by
+the query itself, so a page never even loads them; the row says which in ``withheld``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from typing import Any
 
+from broker import bounds
 from broker.store.base import Conflict, Session
 from broker.store.models import (
     BrokerMember,
@@ -165,6 +173,16 @@ class Tx:
     def list_keys(self) -> list[RegistrationKey]:
         return [_key(r) for r in self._all("SELECT * FROM registration_keys ORDER BY created_at")]
 
+    def key_page(self, *, after: tuple[float, str] | None, limit: int) -> list[RegistrationKey]:
+        """Keys oldest first, by (created_at, id), after the key ``after``."""
+        sql = "SELECT * FROM registration_keys"
+        args: list[Any] = []
+        if after is not None:
+            sql += " WHERE (created_at, id) > (?, ?)"
+            args += list(after)
+        args.append(limit)
+        return [_key(r) for r in self._all(sql + " ORDER BY created_at, id LIMIT ?", args)]
+
     def consume_key_use(self, key_id: str) -> bool:
         """Take one use of a key atomically; False if none was left or it was revoked."""
         changed = self._db.execute(
@@ -250,6 +268,63 @@ class Tx:
         if not include_removed:
             sql += " AND removed_at IS NULL"
         return [_server(r) for r in self._all(sql + " ORDER BY site, name", args)]
+
+    def server_page(
+        self,
+        *,
+        site: str = "",
+        include_removed: bool = False,
+        after: tuple[str, str, str] | None,
+        limit: int,
+    ) -> list[Server]:
+        """Servers by (site, name, id) after ``after``; facts and metrics over their caps are
+        read as ``{}`` and named in ``Server.withheld``."""
+        facts_over = "length(facts_json) > ?"
+        metrics_over = "length(metrics_json) > ?"
+        cols = _SERVER_COLS.replace(
+            "facts_json", f"CASE WHEN {facts_over} THEN '{{}}' ELSE facts_json END"
+        ).replace("metrics_json", f"CASE WHEN {metrics_over} THEN '{{}}' ELSE metrics_json END")
+        sql = (
+            f"SELECT {cols}, CASE WHEN {facts_over} THEN 1 ELSE 0 END, "
+            f"CASE WHEN {metrics_over} THEN 1 ELSE 0 END FROM servers WHERE 1 = 1"
+        )
+        facts_cap, metrics_cap = bounds.MAX_STORED_FACTS, bounds.MAX_STORED_METRICS
+        args: list[Any] = [facts_cap, metrics_cap, facts_cap, metrics_cap]
+        if site:
+            sql += " AND site = ?"
+            args.append(site)
+        if not include_removed:
+            sql += " AND removed_at IS NULL"
+        if after is not None:
+            sql += " AND (site, name, id) > (?, ?, ?)"
+            args += list(after)
+        args.append(limit)
+        out = []
+        for row in self._all(sql + " ORDER BY site, name, id LIMIT ?", args):
+            withheld = tuple(
+                name for name, flag in (("facts", row[-2]), ("metrics", row[-1])) if flag
+            )
+            out.append(dataclasses.replace(_server(row[:-2]), withheld=withheld))
+        return out
+
+    def server_names(self, server_ids: Sequence[str]) -> dict[str, str]:
+        """Names of the servers among ``server_ids`` (removed ones too)."""
+        if not server_ids:
+            return {}
+        marks = ", ".join("?" for _ in server_ids)
+        rows = self._all(f"SELECT id, name FROM servers WHERE id IN ({marks})", list(server_ids))
+        return {r[0]: r[1] for r in rows}
+
+    def vm_counts(self, server_ids: Sequence[str]) -> dict[str, int]:
+        """How many VMs the inventory tables hold for each of ``server_ids``."""
+        if not server_ids:
+            return {}
+        marks = ", ".join("?" for _ in server_ids)
+        rows = self._all(
+            f"SELECT server_id, count(*) FROM vms WHERE server_id IN ({marks}) GROUP BY server_id",
+            list(server_ids),
+        )
+        return {r[0]: int(r[1]) for r in rows}
 
     def removed_server_ids(self) -> set[str]:
         return {r[0] for r in self._all("SELECT id FROM servers WHERE removed_at IS NOT NULL")}
@@ -401,6 +476,26 @@ class Tx:
         if kind:
             sql += " AND kind = ?"
             args.append(kind)
+        sql += " ORDER BY created_at DESC, id LIMIT ?"
+        args.append(limit)
+        jobs = [self.get_job(r[0]) for r in self._all(sql, args)]
+        return [j for j in jobs if j is not None]
+
+    def job_page(
+        self, *, state: str = "", kind: str = "", after: tuple[float, str] | None, limit: int
+    ) -> list[Job]:
+        """Jobs newest first, by (created_at descending, id), after the job ``after``."""
+        sql = "SELECT id FROM jobs WHERE 1 = 1"
+        args: list[Any] = []
+        if state:
+            sql += " AND state = ?"
+            args.append(state)
+        if kind:
+            sql += " AND kind = ?"
+            args.append(kind)
+        if after is not None:
+            sql += " AND (created_at < ? OR (created_at = ? AND id > ?))"
+            args += [after[0], after[0], after[1]]
         sql += " ORDER BY created_at DESC, id LIMIT ?"
         args.append(limit)
         jobs = [self.get_job(r[0]) for r in self._all(sql, args)]
@@ -621,6 +716,36 @@ class Tx:
             args.append(server_id)
         return [InventoryVm(*r) for r in self._all(sql + " ORDER BY name, server_id", args)]
 
+    def vm_page(
+        self, *, server_id: str = "", after: tuple[str, str, str] | None, limit: int
+    ) -> list[InventoryVm]:
+        """VMs by (name, server_id, vm_id) after ``after``; disk and NIC lists over their cap
+        are read as ``[]`` and named in ``InventoryVm.withheld``; rows whose name or id is over
+        :data:`~broker.bounds.MAX_STORED_KEY` are not listed."""
+        disks_over = "length(disks_json) > ?"
+        nics_over = "length(nics_json) > ?"
+        sql = (
+            "SELECT server_id, vm_id, name, generation, cpu_count, memory_mb, state, "
+            f"CASE WHEN {disks_over} THEN '[]' ELSE disks_json END, "
+            f"CASE WHEN {nics_over} THEN '[]' ELSE nics_json END, updated_at, "
+            f"CASE WHEN {disks_over} THEN 1 ELSE 0 END, CASE WHEN {nics_over} THEN 1 ELSE 0 END "
+            "FROM vms WHERE length(name) <= ? AND length(vm_id) <= ?"
+        )
+        cap, key_cap = bounds.MAX_STORED_VM_JSON, bounds.MAX_STORED_KEY
+        args: list[Any] = [cap, cap, cap, cap, key_cap, key_cap]
+        if server_id:
+            sql += " AND server_id = ?"
+            args.append(server_id)
+        if after is not None:
+            sql += " AND (name, server_id, vm_id) > (?, ?, ?)"
+            args += list(after)
+        args.append(limit)
+        out = []
+        for row in self._all(sql + " ORDER BY name, server_id, vm_id LIMIT ?", args):
+            withheld = tuple(name for name, flag in (("disks", row[-2]), ("nics", row[-1])) if flag)
+            out.append(dataclasses.replace(InventoryVm(*row[:-2]), withheld=withheld))
+        return out
+
     def find_vms(self, ref: str) -> list[InventoryVm]:
         rows = self._all(
             "SELECT * FROM vms WHERE vm_id = ? OR name = ? ORDER BY server_id", (ref, ref)
@@ -796,6 +921,21 @@ class Tx:
         if not include_disabled:
             sql += " WHERE disabled_at IS NULL"
         return [_relationship(r) for r in self._all(sql + " ORDER BY vm_name, id")]
+
+    def relationship_page(
+        self, *, include_disabled: bool = False, after: tuple[str, str] | None, limit: int
+    ) -> list[Relationship]:
+        """Relationships by (vm_name, id) after ``after``; one whose VM name is over
+        :data:`~broker.bounds.MAX_STORED_KEY` is not listed (GetProtected by id still shows it)."""
+        sql = f"SELECT {_REL_COLS} FROM relationships WHERE length(vm_name) <= ?"
+        args: list[Any] = [bounds.MAX_STORED_KEY]
+        if not include_disabled:
+            sql += " AND disabled_at IS NULL"
+        if after is not None:
+            sql += " AND (vm_name, id) > (?, ?)"
+            args += list(after)
+        args.append(limit)
+        return [_relationship(r) for r in self._all(sql + " ORDER BY vm_name, id LIMIT ?", args)]
 
     def update_relationship(self, rel_id: str, now: float, **fields: Any) -> None:
         allowed = set(_REL_COLS.replace(" ", "").split(",")) - {"id", "created_at"}

@@ -436,6 +436,7 @@ class VmInfo(_message.Message):
     RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
     PROTECTION_STATE_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
     server_id: _builtins.str
     server_name: _builtins.str
     cloud: _builtins.str
@@ -445,6 +446,10 @@ class VmInfo(_message.Message):
     health: _builtins.str
     @_builtins.property
     def vm(self) -> _common_pb2.VirtualMachine: ...
+    @_builtins.property
+    def withheld(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Fields the broker left out because their stored value is over its cap (see Server.withheld)."""
+
     def __init__(
         self,
         *,
@@ -455,10 +460,11 @@ class VmInfo(_message.Message):
         relationship_id: _builtins.str = ...,
         protection_state: _builtins.str = ...,
         health: _builtins.str = ...,
+        withheld: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud", b"cloud", "health", b"health", "protection_state", b"protection_state", "relationship_id", b"relationship_id", "server_id", b"server_id", "server_name", b"server_name", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud", b"cloud", "health", b"health", "protection_state", b"protection_state", "relationship_id", b"relationship_id", "server_id", b"server_id", "server_name", b"server_name", "vm", b"vm", "withheld", b"withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -466,19 +472,33 @@ Global___VmInfo: _TypeAlias = VmInfo  # noqa: Y015
 
 @_typing.final
 class ListVmsRequest(_message.Message):
+    """Every list whose length grows with the vault pages (docs/operations.md, "Bounds"): a request
+    asks for page_size items (0 = the broker's default, larger than its maximum = the maximum)
+    after page_token ("" = from the start); the response holds at most that many, and fewer when
+    the next one would take it over the broker's byte budget for a page, and next_page_token is
+    "" on the last page. Order is stable, so a client that follows the tokens sees every item that
+    existed for the whole walk once.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SERVER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     server: _builtins.str
     """"" = all"""
+    page_size: _builtins.int
+    page_token: _builtins.str
     def __init__(
         self,
         *,
         server: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["server", b"server"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "server", b"server"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -489,16 +509,19 @@ class ListVmsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VMS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
     @_builtins.property
     def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___VmInfo]: ...
     def __init__(
         self,
         *,
         vms: _abc.Iterable[Global___VmInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vms", b"vms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "vms", b"vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -974,6 +997,7 @@ class ProtectedVm(_message.Message):
     REPLICA_FOLDER_FIELD_NUMBER: _builtins.int
     FAILOVER_JSON_FIELD_NUMBER: _builtins.int
     LAST_VERIFICATION_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
     relationship_id: _builtins.str
     vm_id: _builtins.str
     vm_name: _builtins.str
@@ -1003,6 +1027,10 @@ class ProtectedVm(_message.Message):
     def last_verification(self) -> Global___Verification:
         """unset until the replica was first verified"""
 
+    @_builtins.property
+    def withheld(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """see Server.withheld"""
+
     def __init__(
         self,
         *,
@@ -1025,10 +1053,11 @@ class ProtectedVm(_message.Message):
         replica_folder: _builtins.str = ...,
         failover_json: _builtins.str = ...,
         last_verification: Global___Verification | None = ...,
+        withheld: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_verification", b"last_verification", "policy", b"policy", "primary_status", b"primary_status", "replica_status", b"replica_status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "epoch", b"epoch", "failover_json", b"failover_json", "health", b"health", "last_verification", b"last_verification", "paused", b"paused", "policy", b"policy", "primary_cloud", b"primary_cloud", "primary_server", b"primary_server", "primary_status", b"primary_status", "reasons", b"reasons", "recovery_cloud", b"recovery_cloud", "relationship_id", b"relationship_id", "replica_folder", b"replica_folder", "replica_server", b"replica_server", "replica_status", b"replica_status", "state", b"state", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "epoch", b"epoch", "failover_json", b"failover_json", "health", b"health", "last_verification", b"last_verification", "paused", b"paused", "policy", b"policy", "primary_cloud", b"primary_cloud", "primary_server", b"primary_server", "primary_status", b"primary_status", "reasons", b"reasons", "recovery_cloud", b"recovery_cloud", "relationship_id", b"relationship_id", "replica_folder", b"replica_folder", "replica_server", b"replica_server", "replica_status", b"replica_status", "state", b"state", "vm_id", b"vm_id", "vm_name", b"vm_name", "withheld", b"withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1100,15 +1129,22 @@ class ListProtectedRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INCLUDE_DISABLED_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     include_disabled: _builtins.bool
+    page_size: _builtins.int
+    """paging: see ListVmsRequest"""
+    page_token: _builtins.str
     def __init__(
         self,
         *,
         include_disabled: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_disabled", b"include_disabled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_disabled", b"include_disabled", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1119,16 +1155,19 @@ class ListProtectedResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VMS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
     @_builtins.property
     def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProtectedVm]: ...
     def __init__(
         self,
         *,
         vms: _abc.Iterable[Global___ProtectedVm] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vms", b"vms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "vms", b"vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1302,15 +1341,22 @@ class ListRegistrationKeysRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INCLUDE_INACTIVE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     include_inactive: _builtins.bool
+    page_size: _builtins.int
+    """paging: see ListVmsRequest"""
+    page_token: _builtins.str
     def __init__(
         self,
         *,
         include_inactive: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_inactive", b"include_inactive"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_inactive", b"include_inactive", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1321,16 +1367,19 @@ class ListRegistrationKeysResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegistrationKey]: ...
     def __init__(
         self,
         *,
         keys: _abc.Iterable[Global___RegistrationKey] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1374,6 +1423,7 @@ class Server(_message.Message):
     CONNECTED_SINCE_FIELD_NUMBER: _builtins.int
     INVENTORY_FIELD_NUMBER: _builtins.int
     CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     site: _builtins.str
@@ -1400,6 +1450,13 @@ class Server(_message.Message):
     def inventory(self) -> _common_pb2.Inventory:
         """only in GetServer"""
 
+    @_builtins.property
+    def withheld(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Fields left out of this message because the value stored for them is over the broker's cap
+        ("facts", "metrics", "inventory"): data an older broker stored before it bounded what
+        agents send. The host's next Hello, heartbeat or inventory replaces it.
+        """
+
     def __init__(
         self,
         *,
@@ -1418,10 +1475,11 @@ class Server(_message.Message):
         connected_since: _timestamp_pb2.Timestamp | None = ...,
         inventory: _common_pb2.Inventory | None = ...,
         clock_offset_seconds: _builtins.float = ...,
+        withheld: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["certificate_not_after", b"certificate_not_after", "connected_since", b"connected_since", "facts", b"facts", "inventory", b"inventory", "last_heartbeat_at", b"last_heartbeat_at", "metrics", b"metrics", "registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "certificate_not_after", b"certificate_not_after", "clock_offset_seconds", b"clock_offset_seconds", "cloud", b"cloud", "connected_since", b"connected_since", "facts", b"facts", "id", b"id", "inventory", b"inventory", "last_heartbeat_at", b"last_heartbeat_at", "metrics", b"metrics", "name", b"name", "registered_at", b"registered_at", "site", b"site", "state", b"state", "vm_count", b"vm_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "certificate_not_after", b"certificate_not_after", "clock_offset_seconds", b"clock_offset_seconds", "cloud", b"cloud", "connected_since", b"connected_since", "facts", b"facts", "id", b"id", "inventory", b"inventory", "last_heartbeat_at", b"last_heartbeat_at", "metrics", b"metrics", "name", b"name", "registered_at", b"registered_at", "site", b"site", "state", b"state", "vm_count", b"vm_count", "withheld", b"withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1433,18 +1491,25 @@ class ListServersRequest(_message.Message):
 
     SITE_FIELD_NUMBER: _builtins.int
     INCLUDE_REMOVED_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     site: _builtins.str
     """"" = all"""
     include_removed: _builtins.bool
+    page_size: _builtins.int
+    """paging: see ListVmsRequest"""
+    page_token: _builtins.str
     def __init__(
         self,
         *,
         site: _builtins.str = ...,
         include_removed: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_removed", b"include_removed", "site", b"site"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_removed", b"include_removed", "page_size", b"page_size", "page_token", b"page_token", "site", b"site"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1455,16 +1520,19 @@ class ListServersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SERVERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
     @_builtins.property
     def servers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Server]: ...
     def __init__(
         self,
         *,
         servers: _abc.Iterable[Global___Server] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["servers", b"servers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "servers", b"servers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1729,6 +1797,7 @@ class Job(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
     RESULT_JSON_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: _builtins.str
     """e.g. "remove-server", "ping-server", "enable-protection" """
@@ -1747,6 +1816,10 @@ class Job(_message.Message):
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobStep]: ...
+    @_builtins.property
+    def withheld(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """see Server.withheld ("result_json", "steps.message")"""
+
     def __init__(
         self,
         *,
@@ -1761,10 +1834,11 @@ class Job(_message.Message):
         steps: _abc.Iterable[Global___JobStep] | None = ...,
         created_by: _builtins.str = ...,
         result_json: _builtins.str = ...,
+        withheld: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "error", b"error", "finished_at", b"finished_at", "id", b"id", "kind", b"kind", "result_json", b"result_json", "state", b"state", "steps", b"steps", "target", b"target", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "error", b"error", "finished_at", b"finished_at", "id", b"id", "kind", b"kind", "result_json", b"result_json", "state", b"state", "steps", b"steps", "target", b"target", "updated_at", b"updated_at", "withheld", b"withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1772,27 +1846,35 @@ Global___Job: _TypeAlias = Job  # noqa: Y015
 
 @_typing.final
 class ListJobsRequest(_message.Message):
+    """Newest first. Paging: see ListVmsRequest."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATE_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """"" = all"""
     kind: _builtins.str
     """"" = all"""
     limit: _builtins.int
-    """0 = 100"""
+    """the page size when page_size is 0 (older clients); 0 = 100"""
+    page_size: _builtins.int
+    page_token: _builtins.str
     def __init__(
         self,
         *,
         state: _builtins.str = ...,
         kind: _builtins.str = ...,
         limit: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "limit", b"limit", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "limit", b"limit", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1803,16 +1885,19 @@ class ListJobsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOBS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]: ...
     def __init__(
         self,
         *,
         jobs: _abc.Iterable[Global___Job] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -95,6 +95,13 @@ def agent_docs(host: Host, table: str) -> dict[str, dict[str, Any]]:
     return {k: json.loads(d) for k, d in rows}
 
 
+def revoked_on(host: Host) -> list[str]:
+    """The hosts an agent refuses on its replication ports (its own record)."""
+    db = host.home / "state" / "replication.db"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as c:
+        return [r[0] for r in c.execute("SELECT host_id FROM revoked_hosts ORDER BY host_id")]
+
+
 def job_commands(broker: BrokerThread, job_id: str) -> list[Command]:
     with broker.ctx.store.read() as tx:
         return tx.commands_for_job(job_id)
@@ -251,6 +258,7 @@ def test_a_policy_change_reconfigures_every_relationship_of_a_host(sites: Sites)
     sources = agent_docs(s.hosts["hv-a1"], "sources")
     for vm, rel in rels.items():
         assert grants[rel]["auth"] == "ticket", vm
+        assert sorted(d["disk_id"] for d in grants[rel]["disks"]) == ["data", "os"], vm
         assert (sources[rel]["auth"], sources[rel]["compression"]) == ("ticket", False), vm
     # ...and every VM replicates under it: new writes reach each replica.
     for i, (vm, model) in enumerate(models.items()):
@@ -586,18 +594,20 @@ def test_removing_a_server_revokes_it_on_every_other_host(sites: Sites) -> None:
     assert targets[s.hosts[offline].host_id].state.value == "pending"
     assert offline in done.steps[3].message and "reconnect" in done.steps[3].message
     connected = [c for sid, c in targets.items() if sid != s.hosts[offline].host_id]
-    assert all(c.state.value in ("succeeded", "failed") for c in connected)
-    if all(c.state.value == "succeeded" for c in connected):
-        assert done.state == "succeeded", done.error
-    else:  # the agent side of RevokeHost has not landed: the job says which hosts failed
-        assert done.state == "failed" and "could not revoke" in done.error
+    assert [c.state.value for c in connected] == ["succeeded"] * 2, [c.error for c in connected]
+    assert done.state == "succeeded", done.error
+    assert "2 of 3 host(s) refuse hv-a1 now" in done.steps[3].message
+    assert json.loads(done.result_json)["pending_on"] == [offline]
 
-    # The offline host gets it when it reconnects.
+    # The offline host gets it when it reconnects; every other host now refuses hv-a1.
     s.hosts[offline].start()
     eventually(
-        lambda: all(not c.state.open for c in job_commands(s.broker, job.id)),
+        lambda: all(c.state.value == "succeeded" for c in job_commands(s.broker, job.id)),
         what="revocation delivered on reconnect",
     )
+    for name, host in s.hosts.items():
+        if name != "hv-a1":
+            assert revoked_on(host) == [removed.host_id], name
 
     # The VM whose primary was removed: health says why; disabling it still works.
     s.broker.loop.call(s.broker.ctx.protection.evaluate_health())

@@ -51,7 +51,7 @@ from sitepair.clock import SYSTEM_CLOCK, Clock
 from sitepair.errors import ConfigError, FailedPrecondition
 from sitepair.fsutil import atomic_write, ensure_private_dir
 from sitepair.homelock import HomeLock
-from sitepair.rpc import add_servicer, server_options
+from sitepair.rpc import CONTROL_MAX_RECEIVE, add_servicer, server_options
 from sitepair.v1 import admin_pb2_grpc, control_pb2, control_pb2_grpc, enrollment_pb2_grpc
 
 log = logging.getLogger("sitepair.broker")
@@ -347,6 +347,9 @@ class Broker:
         self._control_server = grpc.aio.server(
             options=server_options(
                 max_message_bytes=limits.max_message_bytes,
+                # Agents and operators send small messages; a bigger one is refused by gRPC
+                # before it is read into memory (broker/bounds.py checks what is below).
+                max_receive_bytes=CONTROL_MAX_RECEIVE,
                 max_concurrent_streams=limits.max_streams_per_connection,
             ),
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs,

@@ -25,8 +25,9 @@ import importlib.resources
 import logging
 import random
 import re
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sitepair.errors import SitepairError
@@ -157,6 +158,39 @@ class Session(abc.ABC):
         """Statements inside may break a constraint: :class:`Conflict` is raised and the
         transaction stays usable, as it does on SQLite (PostgreSQL needs a savepoint for that).
         """
+
+
+class InFlight:
+    """Transactions in progress, so that a store's close() can wait for them: closing a
+    connection another thread is using crashes the process (SQLite) or the driver (libpq), and a
+    worker thread of a cancelled task can still be inside a transaction when the broker shuts
+    down."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._closed = False
+        self._idle = threading.Condition()
+
+    @contextlib.contextmanager
+    def transaction(self, description: str) -> Iterator[None]:
+        with self._idle:
+            if self._closed:
+                raise StoreError(f"store {description} is closed")
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._count -= 1
+                self._idle.notify_all()
+
+    def close(self, timeout: float) -> int:
+        """Refuse new transactions and wait up to ``timeout`` for the running ones; returns how
+        many are still running (0: the connections may be closed)."""
+        with self._idle:
+            self._closed = True
+            self._idle.wait_for(lambda: self._count == 0, timeout=timeout)
+            return self._count
 
 
 class Store(abc.ABC):

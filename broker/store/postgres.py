@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -72,6 +73,7 @@ from broker.store.base import (
     POSTGRESQL,
     SCHEMA_MIGRATIONS_DDL,
     Conflict,
+    InFlight,
     RetryableError,
     Session,
     Store,
@@ -102,6 +104,8 @@ _RETRYABLE_SQLSTATES = {
     "57P02",  # crash_shutdown
     "57P03",  # cannot_connect_now (server starting)
 }
+
+log = logging.getLogger("sitepair.broker.store")
 
 
 class _PgSession(Session):
@@ -173,6 +177,7 @@ class PostgresStore(Store):
         self._all: list[psycopg.Connection[tuple[Any, ...]]] = []
         self._all_lock = threading.Lock()
         self._closed = False
+        self._inflight = InFlight()
         self._lock_key: int | None = None
         self._sql_cache: dict[str, str] = {}
 
@@ -264,26 +269,27 @@ class PostgresStore(Store):
 
     @contextlib.contextmanager
     def _transaction(self, write: bool) -> Iterator[Tx]:
-        conn = self._begin(write)
-        try:
-            yield Tx(_PgSession(conn, self._sql_cache))
-        except psycopg.Error as exc:
-            self._abort(conn)
-            raise self._error(exc) from exc
-        except BaseException:
-            self._abort(conn)
-            raise
-        try:
-            conn.execute("COMMIT")
-        except psycopg.Error as exc:
-            self._abort(conn)
-            if exc.sqlstate:
-                # The server answered COMMIT with an error: it rolled the transaction back.
+        with self._inflight.transaction(self._description):
+            conn = self._begin(write)
+            try:
+                yield Tx(_PgSession(conn, self._sql_cache))
+            except psycopg.Error as exc:
+                self._abort(conn)
                 raise self._error(exc) from exc
-            raise StoreError(
-                f"store {self._description}: committing failed, the outcome is unknown ({exc})",
-                hint="check the database; the operation may or may not have been recorded",
-            ) from exc
+            except BaseException:
+                self._abort(conn)
+                raise
+            try:
+                conn.execute("COMMIT")
+            except psycopg.Error as exc:
+                self._abort(conn)
+                if exc.sqlstate:
+                    # The server answered COMMIT with an error: it rolled the transaction back.
+                    raise self._error(exc) from exc
+                raise StoreError(
+                    f"store {self._description}: committing failed, the outcome is unknown ({exc})",
+                    hint="check the database; the operation may or may not have been recorded",
+                ) from exc
 
     def write(self) -> contextlib.AbstractContextManager[Tx]:
         """A write transaction, serialised with every writer of every broker on this store."""
@@ -293,8 +299,17 @@ class PostgresStore(Store):
         """A consistent, read-only snapshot (REPEATABLE READ); never waits for writers."""
         return self._transaction(write=False)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Refuse new transactions, wait for those in progress, then close every connection
+        (left open, with a warning, if some are still running after ``timeout``)."""
+        running = self._inflight.close(timeout)
         self._closed = True
+        if running:
+            log.warning(
+                "store closed with transactions still running; connections left open",
+                extra={"fields": {"store": self._description, "running": running}},
+            )
+            return
         with self._all_lock:
             for conn in self._all:
                 with contextlib.suppress(psycopg.Error):

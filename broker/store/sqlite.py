@@ -21,6 +21,7 @@ belongs to one broker (the file is in its home), so it is never :attr:`~Store.sh
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import threading
 import time
@@ -32,6 +33,7 @@ from broker.store.base import (
     SCHEMA_MIGRATIONS_DDL,
     SQLITE,
     Conflict,
+    InFlight,
     Session,
     Store,
     StoreError,
@@ -41,6 +43,8 @@ from broker.store.base import (
 from broker.store.repository import Tx
 
 __all__ = ["SqliteStore", "StoreError", "Tx", "migrations"]
+
+log = logging.getLogger("sitepair.broker.store")
 
 
 class _SqliteSession(Session):
@@ -81,6 +85,7 @@ class SqliteStore(Store):
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._closed = False
+        self._inflight = InFlight()
 
     @classmethod
     def open(cls, path: Path) -> SqliteStore:
@@ -115,21 +120,22 @@ class SqliteStore(Store):
 
     @contextlib.contextmanager
     def _transaction(self, begin: str) -> Iterator[Tx]:
-        conn = self._conn()
-        try:
-            conn.execute(begin)
-        except sqlite3.Error as exc:
-            raise _store_error(self.path, exc) from exc
-        try:
-            yield Tx(_SqliteSession(conn))
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
-            raise _store_error(self.path, exc) from exc
+        with self._inflight.transaction(str(self.path)):
+            conn = self._conn()
+            try:
+                conn.execute(begin)
+            except sqlite3.Error as exc:
+                raise _store_error(self.path, exc) from exc
+            try:
+                yield Tx(_SqliteSession(conn))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK")
+                raise _store_error(self.path, exc) from exc
 
     def write(self) -> contextlib.AbstractContextManager[Tx]:
         """A write transaction (``BEGIN IMMEDIATE``: takes the write lock up front)."""
@@ -139,8 +145,18 @@ class SqliteStore(Store):
         """A consistent read snapshot."""
         return self._transaction("BEGIN DEFERRED")
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Refuse new transactions, wait for those in progress, then close every connection.
+        If some are still running after ``timeout``, the connections are left open (the
+        process is ending): closing them under a running statement would crash it."""
+        running = self._inflight.close(timeout)
         self._closed = True
+        if running:
+            log.warning(
+                "store closed with transactions still running; connections left open",
+                extra={"fields": {"store": str(self.path), "running": running}},
+            )
+            return
         with self._all_lock:
             for conn in self._all:
                 with contextlib.suppress(sqlite3.Error):

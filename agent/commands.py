@@ -36,6 +36,7 @@ class CommandExecutor:
         self._clock = clock
         self._handlers: dict[str, Handler] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._order: dict[str, tuple[asyncio.Lock, int]] = {}  # lock and its users
 
     def register(self, kind: str, handler: Handler) -> None:
         self._handlers[kind] = handler
@@ -48,6 +49,28 @@ class CommandExecutor:
                 control_pb2.CommandAck(command_id=command.id, state=control_pb2.CommandAck.RECEIVED)
             )
             return  # already running in this process: its outcome will be acknowledged
+        # Commands of one relationship run one at a time, in the order they arrived: after a
+        # reconnect the broker redelivers, say, a ConfigureReplica and the RemoveRelationship
+        # that undoes it together, and running them concurrently could leave the grant behind.
+        # The lock is taken before the first await, and asyncio locks are FIFO, so tasks
+        # created in delivery order run in delivery order.
+        key = _relationship_of(command)
+        if not key:
+            await self._handle(command, ack, kind)
+            return
+        lock, users = self._order.get(key, (asyncio.Lock(), 0))
+        self._order[key] = (lock, users + 1)
+        try:
+            async with lock:
+                await self._handle(command, ack, kind)
+        finally:
+            lock, users = self._order[key]
+            if users > 1:
+                self._order[key] = (lock, users - 1)
+            else:
+                del self._order[key]
+
+    async def _handle(self, command: control_pb2.Command, ack: Ack, kind: str) -> None:
         seen = await asyncio.to_thread(self._journal.begin, command.id, kind, self._clock.now())
         if seen is not None:
             if seen.state == "running":
@@ -116,6 +139,14 @@ class CommandExecutor:
             return False, "", f"internal error in the agent: {type(exc).__name__}: {exc}"
         log.info("command succeeded", extra={"fields": {"command": command.id, "kind": kind}})
         return True, json.dumps(result, sort_keys=True, default=str), ""
+
+
+def _relationship_of(command: control_pb2.Command) -> str:
+    """The relationship a command acts on ("" for host-wide commands)."""
+    kind = command.WhichOneof("body")
+    if kind is None:
+        return ""
+    return str(getattr(getattr(command, kind), "relationship_id", "") or "")
 
 
 async def run_script(scripts_dir: Path, request: control_pb2.RunScript) -> dict[str, Any]:

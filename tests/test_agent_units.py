@@ -149,3 +149,60 @@ def test_broker_config_errors_name_the_problem() -> None:
     assert off.verify.interval == 0 and not off.verify.repair
     with pytest.raises(ConfigError, match=r"\[verify\].*concurrent >= 1"):
         broker_config.parse('vault = "v"\n[verify]\nconcurrent = 0')
+
+
+def test_commands_of_one_relationship_run_in_delivery_order(tmp_path: Path) -> None:
+    """A ConfigureReplica and the RemoveRelationship that undoes it, redelivered together after
+    a reconnect, must not run concurrently: the removal would finish first and the grant would
+    stay. Commands of other relationships still run alongside."""
+    journal = CommandJournal(tmp_path / "j.db")
+    executor = CommandExecutor(journal, ManualClock())
+    events: list[str] = []
+    release = asyncio.Event()
+
+    async def configure(cmd: control_pb2.Command) -> dict[str, str]:
+        events.append(f"configure {cmd.configure_replica.relationship_id} start")
+        if cmd.configure_replica.relationship_id == "rel-1":
+            await release.wait()
+        events.append(f"configure {cmd.configure_replica.relationship_id} end")
+        return {}
+
+    async def remove(cmd: control_pb2.Command) -> dict[str, str]:
+        events.append(f"remove {cmd.remove_relationship.relationship_id}")
+        return {}
+
+    executor.register("configure_replica", configure)
+    executor.register("remove_relationship", remove)
+
+    async def ack(a: control_pb2.CommandAck) -> None:
+        return None
+
+    async def scenario() -> None:
+        tasks = [
+            asyncio.create_task(executor.handle(c, ack))
+            for c in (
+                control_pb2.Command(
+                    id="c1", configure_replica=control_pb2.ConfigureReplica(relationship_id="rel-1")
+                ),
+                control_pb2.Command(
+                    id="c2",
+                    remove_relationship=control_pb2.RemoveRelationship(relationship_id="rel-1"),
+                ),
+                control_pb2.Command(
+                    id="c3", configure_replica=control_pb2.ConfigureReplica(relationship_id="rel-2")
+                ),
+            )
+        ]
+        for _ in range(1000):  # another relationship is not held up
+            if "configure rel-2 end" in events and "configure rel-1 start" in events:
+                break
+            await asyncio.sleep(0.01)
+        assert "configure rel-2 end" in events
+        assert "remove rel-1" not in events  # the removal waits for the configuration
+        release.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+    assert events.index("configure rel-1 end") < events.index("remove rel-1")
+    assert executor._order == {}  # no lock is kept for relationships with nothing running
+    journal.close()

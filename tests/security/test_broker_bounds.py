@@ -13,10 +13,9 @@ with a 250,000-character key id must not write its size into the log.
 from __future__ import annotations
 
 import json
-import queue
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,7 +24,6 @@ import pytest
 
 from broker.cli import main as cli_main
 from broker.client import AdminClient
-from broker.home import BrokerHome
 from broker.store.models import (
     InventoryVm,
     Job,
@@ -42,81 +40,12 @@ from sitepair.v1 import (
     admin_pb2,
     common_pb2,
     control_pb2,
-    control_pb2_grpc,
     enrollment_pb2,
     enrollment_pb2_grpc,
 )
+from tests.security.control_site import BIG_CHANNEL, MIB, RawStream, eventually, hello
 from tests.support.agents import register_agent
 from tests.support.brokers import BrokerProcess, BrokerThread, create_key
-
-MIB = 1024 * 1024
-#: What the attacker's side of a channel may send and receive (more than the broker accepts).
-BIG_CHANNEL = [
-    ("grpc.ssl_target_name_override", pki.BROKER_DNS_NAME),
-    ("grpc.max_send_message_length", 32 * MIB),
-    ("grpc.max_receive_message_length", 32 * MIB),
-]
-
-
-def eventually(check: Callable[[], object], *, timeout: float = 30, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-@pytest.fixture
-def served(broker_home: BrokerHome) -> Iterator[BrokerProcess]:
-    """``sitepair-broker serve`` as its own process, logging to ``broker.log`` (the
-    ``broker_home`` fixture's), so its log and its memory are the broker's alone."""
-    proc = BrokerProcess(broker_home)
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
-def served_admin(served: BrokerProcess) -> Iterator[AdminClient]:
-    with served.admin() as client:
-        yield client
-
-
-class RawStream:
-    """A control stream opened with an enrolled agent's certificate, fed one message at a time."""
-
-    def __init__(self, address: str, credentials: grpc.ChannelCredentials) -> None:
-        self.channel = grpc.secure_channel(address, credentials, options=BIG_CHANNEL)
-        self.outbox: queue.Queue[control_pb2.AgentMessage | None] = queue.Queue()
-        self.call = control_pb2_grpc.ControlStub(self.channel).Connect(
-            iter(self.outbox.get, None), timeout=120
-        )
-
-    def send(self, **body: object) -> None:
-        self.outbox.put(control_pb2.AgentMessage(**body))  # type: ignore[arg-type]
-
-    def first(self) -> control_pb2.BrokerMessage:
-        for message in self.call:
-            return message
-        raise AssertionError("the broker ended the stream without a word")
-
-    def close(self) -> None:
-        self.outbox.put(None)
-        self.call.cancel()  # type: ignore[no-untyped-call]
-        self.channel.close()
-
-
-def _hello(facts: common_pb2.HostFacts | None = None) -> control_pb2.Hello:
-    return control_pb2.Hello(
-        facts=facts or common_pb2.HostFacts(hostname="evil", backend="directory"),
-        agent_version="0.0.1",
-        protocol_version=1,
-    )
 
 
 def _vm(
@@ -239,7 +168,7 @@ def test_one_agent_cannot_blind_the_broker(
     ):
         stream = RawStream(control, evil.channel_credentials())
         try:
-            stream.send(hello=_hello(common_pb2.HostFacts(hostname="h" * size)))
+            stream.send(hello=hello(common_pb2.HostFacts(hostname="h" * size)))
             with pytest.raises(grpc.RpcError) as err:
                 stream.first()
             assert err.value.code() == code
@@ -254,7 +183,7 @@ def test_one_agent_cannot_blind_the_broker(
     stream = RawStream(control, evil.channel_credentials())
     sent = 0
     try:
-        stream.send(hello=_hello())
+        stream.send(hello=hello())
         assert stream.first().WhichOneof("body") == "welcome"
         huge_metrics = common_pb2.HostMetrics(
             volumes=[common_pb2.VolumeMetrics(path="p" * 1024, total_bytes=1) for _ in range(3900)]
@@ -364,7 +293,7 @@ def test_one_agent_cannot_blind_the_broker(
     # Heartbeats of other agents are still written (the huge sequence number broke nothing).
     agent_stream = RawStream(control, good.channel_credentials())
     try:
-        agent_stream.send(hello=_hello(common_pb2.HostFacts(hostname="good")))
+        agent_stream.send(hello=hello(common_pb2.HostFacts(hostname="good")))
         agent_stream.first()
         agent_stream.send(
             heartbeat=control_pb2.Heartbeat(

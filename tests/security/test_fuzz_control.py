@@ -334,6 +334,7 @@ def test_fuzz_the_control_stream(target: Target, broker_home: BrokerHome) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_fuzz_the_control_stream_long(target: Target, broker_home: BrokerHome) -> None:
     run(target, SLOW_EXAMPLES, broker_home)
     print("outcomes:", dict(sorted(target.outcomes.items())))

@@ -1,4 +1,4 @@
-"""Virtual disks: raw, VHD and VHDX (fixed, dynamic, differencing).
+"""Virtual disks: raw, VHD and VHDX (fixed, dynamic, differencing); qcow2 read-only.
 
 Entry points:
 
@@ -21,10 +21,13 @@ from typing import Any
 from sitepair.errors import VirtualDiskError
 from sitepair.vdisk.base import DiskFormat, DiskInfo, SubFormat, VirtualDisk, coalesce
 from sitepair.vdisk.fileio import file_size, open_image, pread
+from sitepair.vdisk.qcow2 import open_qcow2, probe_qcow2
 from sitepair.vdisk.raw import create_raw, open_raw
 from sitepair.vdisk.vhd import create_vhd, open_vhd, probe_vhd, set_parent_vhd
+from sitepair.vdisk.vhd_layout import FOOTER_SIZE, parse_footer
 
 __all__ = [
+    "WRITABLE_FORMATS",
     "DiskFormat",
     "DiskInfo",
     "SubFormat",
@@ -43,6 +46,8 @@ RAW_EXTENSIONS = frozenset({".raw", ".img"})
 #: Extensions whose files must be recognised; never treated as raw.
 VHD_EXTENSIONS = frozenset({".vhd", ".avhd"})
 VHDX_EXTENSIONS = frozenset({".vhdx", ".avhdx"})
+#: The formats sitepair creates and writes (qcow2 is read-only).
+WRITABLE_FORMATS = (DiskFormat.RAW, DiskFormat.VHD, DiskFormat.VHDX)
 _HEAD = 64 * 1024
 
 
@@ -77,17 +82,36 @@ def _probe_vhdx(head: bytes) -> bool:
 
 def detect_format(path: str | os.PathLike[str]) -> DiskFormat | None:
     """The format a file's content declares: VHDX by its file identifier, VHD by a footer at
-    the end or the start; ``None`` if neither (the file may be a raw image)."""
+    the start or the end, qcow2 by its magic at the start; ``None`` if none (the file may be a
+    raw image).
+
+    The first bytes of a fixed VHD (and of a raw image) are the guest's own sector 0, so a
+    guest can write a qcow2 header there, and a qcow2 header names a backing file that is
+    then read as guest data. So a VHD footer wins over a qcow2 magic: a file with both is a
+    VHD if its footer is valid, and refused as ambiguous otherwise. Callers that know an image
+    is qcow2 (or raw) pass the format instead of detecting it."""
     p = Path(path)
     fd = open_image(p, read_only=True)
     try:
         size = file_size(fd)
         head = pread(fd, _HEAD, 0)
-        tail = pread(fd, 512, size - 512) if size >= 512 else b""
+        tail = pread(fd, FOOTER_SIZE, size - FOOTER_SIZE) if size >= FOOTER_SIZE else b""
     finally:
         os.close(fd)
     if _probe_vhdx(head):
         return DiskFormat.VHDX
+    if probe_qcow2(head):
+        if not probe_vhd(b"", tail):
+            return DiskFormat.QCOW2
+        try:
+            parse_footer(tail, f"{p}: footer at the end")
+        except VirtualDiskError as exc:
+            raise VirtualDiskError(
+                f"{p}: ambiguous image: a qcow2 header at the start and a damaged VHD footer at "
+                f"the end ({exc.message})",
+                hint="pass the format explicitly (-f qcow2 or -f vhd)",
+            ) from exc
+        return DiskFormat.VHD
     if probe_vhd(head, tail):
         return DiskFormat.VHD
     return None
@@ -101,9 +125,10 @@ def open_disk(
 ) -> VirtualDisk:
     """Open an image, detecting its format from its content unless ``format`` is given.
 
-    A file with no VHD/VHDX signature is opened as raw only if its name ends in .raw or .img
-    or the caller passes ``format=DiskFormat.RAW``; an unrecognised .vhd/.vhdx is an error,
-    never silently raw."""
+    A file with no VHD/VHDX/qcow2 signature is opened as raw only if its name ends in .raw or
+    .img or the caller passes ``format=DiskFormat.RAW``; an unrecognised .vhd/.vhdx is an
+    error, never silently raw. qcow2 images open only with ``read_only=True`` (sitepair does
+    not write qcow2)."""
     p = Path(path)
     fmt = DiskFormat(format) if format is not None else detect_format(p)
     if fmt is None:
@@ -118,7 +143,7 @@ def open_disk(
             )
         else:
             raise VirtualDiskError(
-                f"{p}: unrecognised image format (no VHD or VHDX signature)",
+                f"{p}: unrecognised image format (no VHD, VHDX or qcow2 signature)",
                 hint="name raw images .raw or .img, or pass the raw format explicitly",
             )
     if fmt is DiskFormat.VHDX:
@@ -126,6 +151,8 @@ def open_disk(
         return disk
     if fmt is DiskFormat.VHD:
         return open_vhd(p, read_only=read_only)
+    if fmt is DiskFormat.QCOW2:
+        return open_qcow2(p, read_only=read_only)
     return open_raw(p, read_only=read_only)
 
 
@@ -149,6 +176,11 @@ def create_disk(
     fmt = DiskFormat(format)
     sub = SubFormat(subformat)
     p = Path(path)
+    if fmt not in WRITABLE_FORMATS:
+        raise VirtualDiskError(
+            f"{p}: sitepair does not create {fmt} images (it reads them only)",
+            hint="create a VHDX, VHD or raw image",
+        )
     if fmt is DiskFormat.RAW:
         if sub is SubFormat.DIFFERENCING or parent is not None:
             raise VirtualDiskError(f"{p}: raw images cannot be differencing disks")

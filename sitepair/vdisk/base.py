@@ -33,6 +33,10 @@ class DiskFormat(enum.StrEnum):
     RAW = "raw"
     VHD = "vhd"
     VHDX = "vhdx"
+    #: Read-only (QEMU's overlays, see :mod:`sitepair.vdisk.qcow2`): ``create_disk`` refuses
+    #: it and ``open_disk`` opens it only with ``read_only=True``. Code that lists the formats
+    #: it can write names them (:data:`sitepair.vdisk.WRITABLE_FORMATS`), never iterates this.
+    QCOW2 = "qcow2"
 
 
 class SubFormat(enum.StrEnum):

@@ -1,5 +1,8 @@
 """``sitepair-vdisk``: inspect, create, read, write, compare, convert and merge virtual disks.
 
+qcow2 images (QEMU's overlays) are accepted wherever an image is only read (``info``, ``read``,
+``compare``, the source of ``convert``); sitepair never creates or writes them.
+
 Every failure prints one line, ``sitepair-vdisk: error: ...``, to standard error and exits
 with status 2; ``compare`` exits 0 when the images are the same and 1 when they differ,
 printing the first differing offset, like ``qemu-img compare``. Sizes and offsets accept
@@ -62,14 +65,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Inspect and manipulate VHD, VHDX and raw images.")
+    parser = _Parser(
+        prog=PROG,
+        description="Inspect and manipulate VHD, VHDX and raw images; read qcow2 images.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    fmt_choices = ["raw", "vhd", "vhdx"]
+    fmt_choices = ["raw", "vhd", "vhdx"]  # formats sitepair writes
+    read_choices = [*fmt_choices, "qcow2"]  # and those it only reads
 
     p = sub.add_parser("info", help="describe an image (and its parents)")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("-f", "--format", choices=fmt_choices, help="skip format detection")
+    p.add_argument("-f", "--format", choices=read_choices, help="skip format detection")
 
     p = sub.add_parser("create", help="create an image")
     p.add_argument("path")
@@ -92,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("offset", type=parse_size)
     p.add_argument("length", type=parse_size)
     p.add_argument("--out", help="write the bytes to this file instead")
-    p.add_argument("-f", "--format", choices=fmt_choices, help="skip format detection")
+    p.add_argument("-f", "--format", choices=read_choices, help="skip format detection")
 
     p = sub.add_parser("write", help="write guest bytes")
     p.add_argument("path")
@@ -109,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("-f", dest="format_a", choices=fmt_choices, help="format of A")
-    p.add_argument("-F", dest="format_b", choices=fmt_choices, help="format of B")
+    p.add_argument("-f", dest="format_a", choices=read_choices, help="format of A")
+    p.add_argument("-F", dest="format_b", choices=read_choices, help="format of B")
 
     p = sub.add_parser("convert", help="copy an image (a chain is flattened) into a new one")
     p.add_argument("src")
@@ -120,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--subformat", choices=["fixed", "dynamic"], default="dynamic")
     p.add_argument("--block-size", type=parse_size)
-    p.add_argument("-f", dest="src_format", choices=fmt_choices, help="format of SRC")
+    p.add_argument("-f", dest="src_format", choices=read_choices, help="format of SRC")
 
     p = sub.add_parser("merge", help="merge a differencing disk into its parent and remove it")
     p.add_argument("child")

@@ -25,6 +25,10 @@ The contract of :class:`agent.hosts.base.HostBackend` in Hyper-V's terms:
   Hyper-V refusing an RCT id (a VM moved or imported, a disk edited or merged outside Hyper-V,
   reset tracking): the reason is kept as a *taint* until :meth:`HyperVBackend.reset_tracking`
   names a cut at or after it, exactly as the directory backend does.
+- **failover** (:meth:`HyperVBackend.register_vm`, :meth:`HyperVBackend.unregister_vm`) = a new
+  VM over a new differencing child of each replica chain; on a failback the fenced old VM is
+  removed and its ``Get-VM`` definition kept (JSON) so that an undo makes it again with
+  ``New-VM`` over the same files. Like everything here, tested on Linux only, against the fake.
 
 What sitepair keeps per VM lives in ``<vm root>/.sitepair-tracking/<Hyper-V VM id>/cuts.json``
 (cuts, baseline, taints, journals of an interrupted cut or release), under the VM's operations
@@ -59,6 +63,7 @@ from agent.hosts.base import (
     HostInventory,
     NetworkRecord,
     NicRecord,
+    RegisteredVm,
     StorageRecord,
     VmRecord,
     VmWriter,
@@ -66,6 +71,8 @@ from agent.hosts.base import (
 from agent.hosts.cutstate import Taint
 from agent.hosts.hyperv_api import (
     HvCheckpoint,
+    HvDrive,
+    HvNic,
     HvVhd,
     HvVm,
     HyperVApi,
@@ -421,6 +428,17 @@ class HyperVBackend(HostBackend):
         )
 
     # -- registering VMs (failover) ---------------------------------------------------------
+    # Tested on Linux only, against FakeHyperVApi (tests/hosts/fake_hyperv.py); never run
+    # against a real Hyper-V host.
+    def vm_id_of(self, name: str) -> str | None:
+        """Sitepair's id of the VM called ``name`` (one ``Get-VM``; the generic version would
+        also ask ``Get-VHD`` about every disk of the host)."""
+        return next((_sitepair_id(vm) for vm in self.api.list_vms() if vm.name == name), None)
+
+    def vm_state(self, vm_ref: str) -> str:
+        """The VM's state by sitepair's id, Hyper-V's id or name, from Hyper-V itself."""
+        return _state_name(self._resolve(vm_ref).state)
+
     def register_vm(
         self,
         name: str,
@@ -433,14 +451,22 @@ class HyperVBackend(HostBackend):
         nics: list[tuple[str, str]] | None = None,
         state: str = "off",
         replace: bool = False,
-    ) -> VmSpec:
+    ) -> RegisteredVm:
         """Make a Hyper-V VM over existing disk chains (a failover of a replica, a test
         failover), as the directory backend does: each disk gets a new differencing child
-        (``New-VHD -Differencing``) in :meth:`vm_dir`, attached in its place, so the given
-        layers are never written by the VM. Disks whose id names a controller location
+        (``New-VHD -Differencing``) in ``<vm root>/<name>/disks/``, attached in its place, so the
+        given layers are never written by the VM. Disks whose id names a controller location
         (``scsi0-1``) are attached there, the others in order; the VM's Notes keep sitepair's
-        VM id and disk names. With ``replace``, a VM of that name and sitepair id is removed
-        from Hyper-V first (``Remove-VM`` leaves its files)."""
+        VM id and disk names.
+
+        With ``replace``, a VM of that name and sitepair id (the fenced old primary, which must
+        be off) is removed from Hyper-V first (``Remove-VM`` leaves its files), and its
+        definition as ``Get-VM`` gave it is kept in ``previous`` (JSON) so that
+        :meth:`unregister_vm` can make it again; sitepair's tracking state of it is dropped, as
+        its disks' RCT history cannot be trusted across the replace. If anything fails half-way,
+        whatever was made is undone and the replaced VM is made again.
+
+        Tested on Linux only, against ``FakeHyperVApi``; not yet run on a real Hyper-V host."""
         if state not in VM_STATES:
             raise InvalidArgument(
                 f"unknown VM state {state!r}", hint=f"use one of {', '.join(VM_STATES)}"
@@ -457,6 +483,20 @@ class HyperVBackend(HostBackend):
                     hint="rename or remove that VM in Hyper-V Manager, or fail over under "
                     "another name",
                 )
+        if len(existing) > 1:
+            raise FailedPrecondition(
+                f"{len(existing)} Hyper-V VMs are named {name!r} and carry sitepair id {vm_id}; "
+                "only one can be replaced and brought back",
+                hint="remove the extra ones in Hyper-V Manager: "
+                + ", ".join(v.id for v in existing),
+            )
+        for old in existing:
+            if _state_name(old.state) != "off":
+                raise FailedPrecondition(
+                    f"VM {name} ({old.id}) is {_state_name(old.state)}; it must be off before a "
+                    "failover replaces it (its memory state would be lost for good)",
+                    hint="fence the old primary (shut it down) first, then fail over again",
+                )
         slots = _assign_slots([d for d, _c in disks], generation)
         infos = []
         for disk_id, chain in disks:
@@ -470,26 +510,28 @@ class HyperVBackend(HostBackend):
                     hint="check that the file exists and the agent's account may read it",
                 )
             infos.append(found[0])
-        for old in existing:  # replace: only once the new VM's disks are known to be usable
-            self.api.remove_vm(old.id)
-            shutil.rmtree(self._tracking_dir(old.id), ignore_errors=True)
-        (folder / "disks").mkdir(parents=True, exist_ok=True)
         stamp = uuid.uuid4().hex[:8]
-        drives: list[tuple[str, str]] = []
-        chains: list[tuple[str, tuple[str, ...]]] = []
-        made: list[Path] = []
+        children = [
+            folder / "disks" / f"{disk_id}-{stamp}.{info.format}"
+            for (disk_id, _c), info in zip(disks, infos, strict=True)
+        ]
+        registered = RegisteredVm(
+            vm_id=vm_id,
+            name=name,
+            location=str(folder),
+            created=tuple(str(c) for c in children),
+            previous=_vm_to_json(existing[0]) if existing else None,
+        )
         renamed = {slot: disk_id for (disk_id, _c), slot in zip(disks, slots, strict=True)}
         notes = [f"sitepair-vm-id: {vm_id}"]
         if any(slot != disk_id for slot, disk_id in renamed.items()):
             notes.append("sitepair-disks: " + ";".join(f"{s}={d}" for s, d in renamed.items()))
         try:
-            for (disk_id, chain), slot, info in zip(disks, slots, infos, strict=True):
-                top = str(Path(chain[-1]))
-                child = folder / "disks" / f"{disk_id}-{stamp}.{info.format}"
-                self.api.new_differencing_disk(str(child), top)
-                made.append(child)
-                drives.append((slot, str(child)))
-                chains.append((disk_id, (*(str(Path(c)) for c in chain), str(child))))
+            for old in existing:  # only once the new VM's disks are known to be usable
+                self._drop(old)
+            (folder / "disks").mkdir(parents=True, exist_ok=True)
+            for (_d, chain), child in zip(disks, children, strict=True):
+                self.api.new_differencing_disk(str(child), str(Path(chain[-1])))
             vm = self.api.new_vm(
                 NewVm(
                     name=name,
@@ -498,29 +540,125 @@ class HyperVBackend(HostBackend):
                     cpu_count=cpu,
                     memory_mb=memory_mb,
                     notes="\n".join(notes),
-                    drives=tuple(drives),
+                    drives=tuple((s, str(c)) for s, c in zip(slots, children, strict=True)),
                     nics=tuple(nics or ()),
                 )
             )
-        except SitepairError:
-            # The new differencing children are sitepair's own files, written by nothing yet.
-            for child in made:
-                child.unlink(missing_ok=True)
+            if state != "off":
+                self.set_vm_state(vm.id, "running")
+                if state == "paused":
+                    self.set_vm_state(vm.id, "paused")
+        except (SitepairError, OSError) as exc:
+            # Undo whatever was made (a half-made VM Hyper-V left, the new children: sitepair's
+            # own files, written by nothing yet) and bring the replaced VM back.
+            try:
+                self.unregister_vm(registered)
+            except (SitepairError, OSError) as undo:
+                log.error(
+                    "a failed registration could not be undone",
+                    extra={"fields": {"vm": name, "error": str(undo)}},
+                )
+                exc.add_note(f"undoing the registration failed too: {undo}")
             raise
-        if state != "off":
-            self.set_vm_state(vm.id, "running")
-            if state == "paused":
-                self.set_vm_state(vm.id, "paused")
-            vm = self.api.get_vm(vm.id)
-        return VmSpec(
-            id=vm_id,
-            name=name,
-            generation=generation,
-            cpu=cpu,
-            memory_mb=memory_mb,
-            state=_state_name(vm.state),
-            nics=_nics(vm),
-            disks=tuple(DiskSpec(id=d, chain=c) for d, c in chains),
+        return registered
+
+    def unregister_vm(self, registered: RegisteredVm) -> None:
+        """Undo :meth:`register_vm` exactly: the VM it made is turned off and removed from
+        Hyper-V (``Remove-VM``) with sitepair's tracking state of it; the differencing children
+        it made are deleted, with any layer Hyper-V added above them in the VM's folder (the
+        AVHDX of a checkpoint taken since); folders left empty in the VM's folder go; and the VM
+        it replaced, if any, is made again with ``New-VM`` from its recorded definition: same
+        name, Notes (with its sitepair id, so the broker still knows it by the same id),
+        generation, CPU, memory, drives at the same controller locations over the same files,
+        NICs on the same switches. Its disks are never written.
+
+        The VM made again is a new VM to Hyper-V: a new Hyper-V id, no checkpoints or RCT
+        reference points, NICs with new dynamic MAC addresses, and only the settings ``Get-VM``
+        reported (see ``docs/hyperv-backend.md``). sitepair's tracking state of it is dropped,
+        so its next cut is untrusted and the next cycle is a checksum resync.
+
+        Idempotent: the new VM is told from the one brought back by its drives (they use the
+        children this registration made), and a VM already brought back is not made twice.
+        Tested on Linux only, against ``FakeHyperVApi``; not yet run on a real Hyper-V host."""
+        previous = _vm_from_json(registered.previous) if registered.previous else None
+        created = {c.lower() for c in registered.created}
+        folder = Path(registered.location)
+        extra: list[Path] = []
+        for vm in self.api.list_vms():
+            if vm.name != registered.name or _sitepair_id(vm) != registered.vm_id:
+                continue
+            if previous is not None and _same_drives(vm, previous):
+                continue  # the replaced VM, already brought back
+            above = self._layers_above(vm, created)
+            if above is None:
+                continue  # another VM of that name and id: not this registration's
+            extra.extend(p for p in above if p.is_relative_to(folder))
+            self._drop(vm)
+        for path in [*map(Path, registered.created), *extra]:
+            path.unlink(missing_ok=True)
+        _prune_empty(folder)
+        if previous is not None:
+            self._restore(previous)
+
+    def _layers_above(self, vm: HvVm, created: set[str]) -> list[Path] | None:
+        """The layers of ``vm``'s disks above one of ``created`` (checkpoints' AVHDX), or
+        ``None`` if none of its disks is over one of ``created``: another VM. A VM of that name
+        and id with no drives at all is what a ``New-VM`` that failed half-way leaves: ours."""
+        if not vm.drives:
+            return []
+        found = False
+        above: list[Path] = []
+        for drive in vm.drives:
+            try:
+                chain = self._chain(drive.path)
+            except (SitepairError, OSError):
+                chain = [Path(drive.path)]
+            names = [str(p).lower() for p in chain]
+            hits = [i for i, p in enumerate(names) if p in created]
+            if hits:
+                found = True
+                above.extend(chain[hits[0] + 1 :])
+        return above if found else None
+
+    def _drop(self, vm: HvVm) -> None:
+        """Remove ``vm`` from Hyper-V (turned off first; its files stay) and sitepair's tracking
+        state of it (before, so that a failure leaves untrusted tracking, never stale)."""
+        shutil.rmtree(self._tracking_dir(vm.id), ignore_errors=True)
+        self.api.remove_vm(vm.id)
+        shutil.rmtree(self._tracking_dir(vm.id), ignore_errors=True)
+
+    def _restore(self, previous: HvVm) -> None:
+        """Make the VM ``previous`` describes again, unless it is already there."""
+        sitepair_id = _sitepair_id(previous)
+        for vm in self.api.list_vms():
+            if (
+                vm.name == previous.name
+                and _sitepair_id(vm) == sitepair_id
+                and _same_drives(vm, previous)
+            ):
+                return
+        notes = previous.notes
+        if "vm-id" not in notes_fields(notes):
+            # Hyper-V gives the new VM a new id: the Notes keep the one the broker knows.
+            notes = "\n".join(
+                x for x in (notes.rstrip("\n"), f"sitepair-vm-id: {sitepair_id}") if x
+            )
+        vm = self.api.new_vm(
+            NewVm(
+                name=previous.name,
+                folder=previous.path,
+                generation=previous.generation,
+                cpu_count=previous.cpu_count,
+                memory_mb=previous.memory_mb,
+                notes=notes,
+                drives=tuple((d.slot, d.path) for d in previous.drives),
+                nics=tuple((n.name, n.switch) for n in previous.nics),
+            )
+        )
+        shutil.rmtree(self._tracking_dir(vm.id), ignore_errors=True)
+        log.warning(
+            "the VM a failover replaced was made again; its next cycle is a resync",
+            extra={"fields": {"vm": vm.name, "hyperv_id": vm.id, "was": previous.id}},
         )
 
     def remove_vm(self, vm_ref: str) -> Path:
@@ -894,6 +1032,54 @@ def _nics(vm: HvVm) -> tuple[NicRecord, ...]:
     return tuple(NicRecord(name=n.name, network=n.switch, mac=n.mac) for n in vm.nics)
 
 
+def _vm_to_json(vm: HvVm) -> str:
+    """A VM's definition as ``Get-VM`` gave it, as JSON (kept in a failover record)."""
+    return json.dumps(dataclasses.asdict(vm), sort_keys=True)
+
+
+def _vm_from_json(text: str) -> HvVm:
+    try:
+        doc = json.loads(text)
+        return HvVm(
+            id=str(doc["id"]),
+            name=str(doc["name"]),
+            generation=int(doc["generation"]),
+            cpu_count=int(doc["cpu_count"]),
+            memory_mb=int(doc["memory_mb"]),
+            state=str(doc["state"]),
+            path=str(doc["path"]),
+            notes=str(doc["notes"]),
+            drives=tuple(HvDrive(slot=str(d["slot"]), path=str(d["path"])) for d in doc["drives"]),
+            nics=tuple(
+                HvNic(name=str(n["name"]), switch=str(n["switch"]), mac=str(n["mac"]))
+                for n in doc["nics"]
+            ),
+        )
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise FailedPrecondition(
+            f"the definition of the VM a failover replaced cannot be read: {exc}",
+            hint="make the old VM again by hand (New-VM over its disk files); the failover "
+            "record in the replica's state.json names them under previous_vm",
+        ) from exc
+
+
+def _same_drives(a: HvVm, b: HvVm) -> bool:
+    return {(d.slot, d.path.lower()) for d in a.drives} == {
+        (d.slot, d.path.lower()) for d in b.drives
+    }
+
+
+def _prune_empty(folder: Path) -> None:
+    """Remove the empty folders in ``folder`` and ``folder`` itself if it ends up empty."""
+    if not folder.is_dir():
+        return
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def _check_shape(
     name: str, vm_id: str, disk_ids: list[str], *, cpu: int, memory_mb: int, generation: int
 ) -> None:
@@ -914,6 +1100,11 @@ def _check_shape(
         raise InvalidArgument(
             f"VM {name}: {memory_mb} MB of memory; Hyper-V needs an even number of MB, at least 32",
             hint="round the VM's memory up to an even number of MB",
+        )
+    if not disk_ids:
+        raise InvalidArgument(
+            f"VM {name}: no disks; a failover makes a VM of a replica's disks",
+            hint="check that the replica holds data",
         )
     seen = set()
     for disk_id in disk_ids:

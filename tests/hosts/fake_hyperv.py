@@ -26,6 +26,10 @@ What it simulates:
   (:meth:`edit_offline`, noticed through the layer's identity the next time the disk is used),
   or a VM moved to new storage (:meth:`move_vm`), gets a new history: every earlier RCT id is
   unknown and ``virtual_disk_changes`` fails with Hyper-V's "invalid parameter" (32773).
+- **Making and removing VMs**: ``new_vm`` runs the steps of the PowerShell script in order and
+  a failing step leaves the half-made VM, as the script would; a VM made again after
+  ``remove_vm`` (over the same files, with the same Notes) is a new VM to Hyper-V: new id, new
+  MACs, no checkpoints or reference points (``Remove-VM`` removed those; the files stay).
 - **App consistency**: a running VM whose guest cannot do VSS (``vss=False``) fails an
   application-consistent checkpoint (QuiesceFailed).
 
@@ -476,6 +480,11 @@ class FakeHyperVApi:
             ).close()
 
     def new_vm(self, spec: NewVm) -> HvVm:
+        """``New-VM``, ``Set-VM -Notes``, then one ``Add-VMHardDiskDrive`` per drive and one
+        ``Add-VMNetworkAdapter`` per NIC, as the PowerShell script runs them: a step that fails
+        leaves the VM made so far in Hyper-V (with its Notes and the drives and NICs added
+        before), as the real script would. Every call makes a new VM with a new id, even with
+        the name, Notes and disks of one removed earlier; its NICs get new MAC addresses."""
         with self._lock:
             self.calls.append("new_vm")
             vm = _Vm(
@@ -487,17 +496,19 @@ class FakeHyperVApi:
                 path=Path(spec.folder),
                 notes=spec.notes,
             )
+            self.vms[vm.id] = vm
             for slot, path in spec.drives:
                 parsed = parse_slot(slot)
                 if parsed is None or (parsed[0] == "IDE" and spec.generation == 2):
                     raise InvalidArgument(f"Add-VMHardDiskDrive: no controller location {slot}")
+                if not Path(path).is_file():
+                    raise NotFound(f"Add-VMHardDiskDrive: the file {path} does not exist")
                 chain = [Path(v.path) for v in reversed(self.vhd_chain(path))]
                 vm.drives[slot] = self._new_disk(chain)
-            vm.nics = [_Nic(n, s, _mac()) for n, s in spec.nics]
-            for n in vm.nics:
-                if n.switch and n.switch not in self.switches:
-                    raise NotFound(f"Add-VMNetworkAdapter: no virtual switch {n.switch!r}")
-            self.vms[vm.id] = vm
+            for name, switch in spec.nics:
+                if switch and switch not in self.switches:
+                    raise NotFound(f"Add-VMNetworkAdapter: no virtual switch {switch!r}")
+                vm.nics.append(_Nic(name, switch, _mac()))
             return self._hv_vm(vm)
 
     def remove_vm(self, vm_id: str) -> None:

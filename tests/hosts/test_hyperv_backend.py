@@ -7,6 +7,7 @@ replication engine end to end."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import sys
@@ -17,7 +18,7 @@ import pytest
 
 from agent.config import AgentConfig, BackendConfig, NetworkConfig
 from agent.hosts import make_backend
-from agent.hosts.base import Cut
+from agent.hosts.base import Cut, RegisteredVm
 from agent.hosts.hyperv import HyperVBackend, align_ranges
 from agent.hosts.hyperv_api import HvVm, PowerShellHyperVApi, QuiesceFailed
 from agent.replication.engine import SourceRelationship
@@ -568,7 +569,7 @@ def test_register_a_vm_over_replica_chains(
 ) -> None:
     layers = replica_layers(tmp_path)
     before = {p: p.read_bytes() for chain in layers.values() for p in chain}
-    spec = backend.register_vm(
+    registered = backend.register_vm(
         "web01",
         vm_id="vm-source-1",
         disks=[("os", layers["os"]), (DATA, layers[DATA])],
@@ -578,11 +579,17 @@ def test_register_a_vm_over_replica_chains(
         state="running",
     )
     folder = backend.vm_dir("web01")
-    assert spec.id == "vm-source-1" and spec.state == "running"
-    assert [d.id for d in spec.disks] == ["os", DATA]
-    for d in spec.disks:
-        assert d.chain[:-1] == tuple(str(p) for p in layers[d.id])
-        assert Path(d.chain[-1]).parent == folder / "disks"
+    assert (registered.vm_id, registered.name) == ("vm-source-1", "web01")
+    assert registered.location == str(folder) and registered.previous is None
+    assert backend.vm_state("vm-source-1") == "running"
+    assert backend.vm_id_of("web01") == "vm-source-1" and backend.vm_id_of("nope") is None
+    chains = backend.disk_chains("vm-source-1")
+    assert list(chains) == ["os", DATA]
+    for disk_id, chain in chains.items():
+        assert chain[:-1] == layers[disk_id]
+        assert chain[-1].parent == folder / "disks"
+    # The new differencing children are what the registration made.
+    assert sorted(registered.created) == sorted(str(c[-1]) for c in chains.values())
     # Hyper-V sees a VM with sitepair's id in its Notes; disks attached where their ids say.
     (made,) = [v for v in hv.vms.values() if v.name == "web01"]
     assert "sitepair-vm-id: vm-source-1" in made.notes
@@ -593,9 +600,7 @@ def test_register_a_vm_over_replica_chains(
     config_folder, found = backend.find_vm("vm-source-1")
     assert config_folder == folder  # New-VM -Path: the folder sitepair gave it
     assert found.id == "vm-source-1" and [d.id for d in found.disks] == ["os", DATA]
-    assert backend.disk_chains("vm-source-1") == {
-        d.id: [Path(p) for p in d.chain] for d in spec.disks
-    }
+    assert found.state == "running" and found.cpu == 4
     rec = backend.inventory().vms[0]
     assert rec.id == "vm-source-1" and [d.id for d in rec.disks] == ["os", DATA]
     # The guest writes its new layers; the replica's layers stay exactly as they were.
@@ -620,8 +625,9 @@ def test_register_a_vm_over_replica_chains(
         memory_mb=512,
         replace=True,
     )
-    assert [d.id for d in again.disks] == ["os"] and made.id not in hv.vms
+    assert list(backend.disk_chains("vm-source-1")) == ["os"] and made.id not in hv.vms
     assert backend.find_vm("vm-source-1")[1].cpu == 1
+    assert again.previous is not None and json.loads(again.previous)["id"] == made.id
 
     removed = backend.remove_vm("vm-source-1")
     assert removed == folder and not folder.exists()
@@ -654,6 +660,7 @@ def test_register_vm_refuses_bad_input_before_making_anything(
             "SCSI controllers 0-3",
         ),
         ({"disks": [*good, *good]}, InvalidArgument, "disk os is given twice", ""),
+        ({"disks": []}, InvalidArgument, "no disks", "replica"),
         (
             {"disks": [("os", [tmp_path / "missing.vhdx"])]},
             NotFound,
@@ -681,7 +688,238 @@ def test_register_vm_refuses_bad_input_before_making_anything(
         backend.register_vm(
             "web01", vm_id="vm-1", disks=good, cpu=1, memory_mb=1024, nics=[("eth0", "lab")]
         )
-    assert not hv.vms and not list((backend.vm_dir("web01") / "disks").iterdir())
+    assert not hv.vms and not backend.vm_dir("web01").exists()
+
+
+def files_under(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_unregister_leaves_no_vm_and_no_created_files(
+    backend: HyperVBackend, hv: FakeHyperVApi, tmp_path: Path
+) -> None:
+    layers = replica_layers(tmp_path)
+    before = files_under(tmp_path / "replicas")
+    registered = backend.register_vm(
+        "web01",
+        vm_id="vm-source-1",
+        disks=[("os", layers["os"]), (DATA, layers[DATA])],
+        cpu=2,
+        memory_mb=2048,
+        nics=[("eth0", "prod")],
+        state="running",
+    )
+    (made,) = hv.vms.values()
+    hv.guest_write(made.id, OS, 0, b"failed over")
+    # The VM was protected meanwhile: a cut leaves a checkpoint's AVHDX above each child, and
+    # sitepair's tracking state of the VM.
+    backend.take_cut("vm-source-1")
+    tracking = tmp_path / "agent" / ".sitepair-tracking" / made.id
+    assert tracking.is_dir() and all(len(d.chain) == 3 for d in made.drives.values())
+    hv.calls.clear()
+
+    backend.unregister_vm(registered)
+    assert not hv.vms and not hv.checkpoints and not hv.reference_points
+    assert "remove_vm" in hv.calls and "new_vm" not in hv.calls
+    assert not any(Path(c).exists() for c in registered.created)
+    assert not backend.vm_dir("web01").exists()  # the checkpoint's AVHDX went with it
+    assert not tracking.exists()
+    assert files_under(tmp_path / "replicas") == before  # the replica's layers are untouched
+    assert backend.vm_id_of("web01") is None
+
+    hv.calls.clear()
+    backend.unregister_vm(registered)  # a second call finds nothing to do
+    assert hv.calls == ["list_vms"] and not hv.vms
+
+
+@pytest.fixture
+def old_primary(backend: HyperVBackend, hv: FakeHyperVApi) -> HvVm:
+    """A VM sitepair did not make (no Notes), protected (a released cut, so a reference point and
+    tracking state), then fenced: off. Its sitepair id is its Hyper-V id."""
+    made = hv.add_vm(
+        "web01",
+        [(OS, "vhdx", SIZES[OS]), (DATA, "vhd", SIZES[DATA])],
+        nics=[("eth0", "prod"), ("mgmt", "")],
+        cpu=3,
+        memory_mb=1536,
+    )
+    hv.set_power(made.id, "start")
+    Guest(hv, made, 20).write(OS, BLOCK, b"old primary")
+    baseline(backend, made)
+    Guest(hv, made, 21).write(DATA, 0, b"after the last cycle")
+    backend.take_cut(made.id)  # outstanding when the primary was fenced
+    backend.set_vm_state(made.id, "off")
+    return hv.get_vm(made.id)
+
+
+def test_unregister_after_replace_brings_the_old_vm_back(
+    backend: HyperVBackend, hv: FakeHyperVApi, old_primary: HvVm, tmp_path: Path
+) -> None:
+    old = old_primary
+    old_files = files_under(tmp_path / "host")
+    tracking = tmp_path / "agent" / ".sitepair-tracking"
+    assert (tracking / old.id).is_dir()
+    layers = replica_layers(tmp_path)
+    assert backend.vm_id_of("web01") == old.id
+
+    registered = backend.register_vm(
+        "web01",
+        vm_id=old.id,
+        disks=[(OS, layers["os"]), (DATA, layers[DATA])],
+        cpu=4,
+        memory_mb=4096,
+        nics=[("eth0", "dmz")],
+        state="running",
+        replace=True,
+    )
+    assert registered.previous is not None
+    assert old.id not in hv.vms and not (tracking / old.id).exists()
+    (new,) = hv.vms.values()
+    assert backend.vm_id_of("web01") == old.id and backend.vm_state(old.id) == "running"
+    assert sorted(str(c[-1]) for c in backend.disk_chains(old.id).values()) == sorted(
+        registered.created
+    )
+    assert files_under(tmp_path / "host") == old_files  # Remove-VM left the old VM's files
+
+    backend.unregister_vm(registered)
+    (back,) = hv.vms.values()
+    assert back.id != old.id  # New-VM: Hyper-V gives the VM made again a new id...
+    assert backend.vm_id_of("web01") == old.id  # ...and its Notes keep the id the broker knows
+    assert f"sitepair-vm-id: {old.id}" in back.notes
+    got = hv.get_vm(back.id)
+    assert (got.name, got.generation, got.cpu_count, got.memory_mb, got.state) == (
+        "web01",
+        old.generation,
+        3,
+        1536,
+        "Off",
+    )
+    assert got.drives == old.drives  # the same files at the same controller locations
+    assert [(n.name, n.switch) for n in got.nics] == [("eth0", "prod"), ("mgmt", "")]
+    assert files_under(tmp_path / "host") == old_files  # its disks untouched
+    assert not any(Path(c).exists() for c in registered.created)
+    assert not backend.vm_dir("web01").exists()
+    assert not (tracking / new.id).exists()
+    rec = backend.inventory().vms[0]
+    assert (rec.id, [d.id for d in rec.disks]) == (old.id, [OS, DATA])
+
+    hv.calls.clear()
+    backend.unregister_vm(registered)  # harmless: nothing removed, nothing made twice
+    assert "remove_vm" not in hv.calls and "new_vm" not in hv.calls
+    assert list(hv.vms) == [back.id]
+
+    # Its RCT state could not be trusted across the replace: the next cut says so, and reads
+    # the old primary's disks as they were.
+    backend.set_vm_state(old.id, "running")
+    cut = backend.take_cut(old.id)
+    assert not cut.trusted and all(d.changed is None for d in cut.disks)
+    assert "no RCT reference point of this disk from sitepair yet" in cut.untrusted_reason
+    content = read_cut(cut)
+    assert content[OS][BLOCK : BLOCK + 11] == b"old primary"
+    assert content[DATA][:20] == b"after the last cycle"
+
+
+def test_unregister_brings_back_a_vm_sitepair_had_registered_in_the_same_folder(
+    backend: HyperVBackend, hv: FakeHyperVApi, tmp_path: Path
+) -> None:
+    """A failback onto a VM sitepair itself made (an earlier failover): both registrations use
+    ``<vm root>/web01/disks``; undoing the second deletes only its own children."""
+    layers = replica_layers(tmp_path)
+    first = backend.register_vm(
+        "web01", vm_id="vm-1", disks=[("os", layers["os"])], cpu=1, memory_mb=512
+    )
+    (a,) = hv.vms.values()
+    hv.set_power(a.id, "start")
+    hv.guest_write(a.id, OS, 0, b"first")
+    hv.set_power(a.id, "stop")
+    kept = files_under(backend.vm_dir("web01"))
+    second = backend.register_vm(
+        "web01",
+        vm_id="vm-1",
+        disks=[("os", layers["os"]), (DATA, layers[DATA])],
+        cpu=2,
+        memory_mb=1024,
+        replace=True,
+    )
+    assert second.location == first.location and not set(second.created) & set(kept)
+    backend.unregister_vm(second)
+    (back,) = hv.vms.values()
+    assert [d.chain for d in back.drives.values()] == [a.drives[OS].chain]
+    assert back.notes == a.notes  # sitepair's own Notes, unchanged
+    assert files_under(backend.vm_dir("web01")) == kept
+    assert hv.guest_read(back.id, OS, 0, 5) == b"first"
+    assert backend.find_vm("vm-1")[1].cpu == 1
+
+
+def test_a_replace_that_fails_half_way_brings_the_old_vm_back(
+    backend: HyperVBackend, hv: FakeHyperVApi, old_primary: HvVm, tmp_path: Path, monkeypatch: Any
+) -> None:
+    old = old_primary
+    old_files = files_under(tmp_path / "host")
+    layers = replica_layers(tmp_path)
+    # Hyper-V makes the VM, attaches its disks, then refuses a NIC: the half-made VM is
+    # removed, the new children deleted, the old VM made again.
+    with pytest.raises(NotFound, match="no virtual switch 'lab'"):
+        backend.register_vm(
+            "web01",
+            vm_id=old.id,
+            disks=[(OS, layers["os"])],
+            cpu=1,
+            memory_mb=1024,
+            nics=[("eth0", "lab")],
+            replace=True,
+        )
+    (back,) = hv.vms.values()
+    assert back.drives.keys() == {OS, DATA} and hv.get_vm(back.id).drives == old.drives
+    assert backend.vm_id_of("web01") == old.id
+    assert files_under(tmp_path / "host") == old_files
+    assert not backend.vm_dir("web01").exists()
+
+    # Starting the new VM fails: the same.
+    def no_start(vm_id: str, action: str) -> None:
+        raise FailedPrecondition(f"{action} of VM {vm_id} failed: not enough memory")
+
+    monkeypatch.setattr(hv, "set_power", no_start)
+    with pytest.raises(FailedPrecondition, match="not enough memory"):
+        backend.register_vm(
+            "web01",
+            vm_id=old.id,
+            disks=[(OS, layers["os"])],
+            cpu=1,
+            memory_mb=1024,
+            state="running",
+            replace=True,
+        )
+    monkeypatch.undo()
+    (again,) = hv.vms.values()
+    assert hv.get_vm(again.id).drives == old.drives and backend.vm_id_of("web01") == old.id
+    assert not backend.vm_dir("web01").exists()
+
+
+def test_replace_refuses_a_vm_that_is_not_off(
+    backend: HyperVBackend, hv: FakeHyperVApi, vm: HvVm, tmp_path: Path
+) -> None:
+    layers = replica_layers(tmp_path)
+    with pytest.raises(FailedPrecondition, match="is running; it must be off") as err:
+        backend.register_vm(
+            "web01",
+            vm_id=vm.id,
+            disks=[(OS, layers["os"])],
+            cpu=1,
+            memory_mb=1024,
+            replace=True,
+        )
+    assert "fence the old primary" in (err.value.hint or "")
+    assert list(hv.vms) == [vm.id] and hv.vms[vm.id].state == "Running"
+    assert not backend.vm_dir("web01").exists()
+
+
+def test_a_damaged_previous_definition_is_named(backend: HyperVBackend, tmp_path: Path) -> None:
+    with pytest.raises(FailedPrecondition, match="cannot be read") as err:
+        backend.unregister_vm(
+            RegisteredVm(vm_id="x", name="web01", location=str(tmp_path / "x"), previous="{}")
+        )
+    assert "New-VM" in (err.value.hint or "")
 
 
 def test_remove_vm_touches_only_vms_sitepair_registered(

@@ -8,7 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS=(qemu-utils libvhdi-utils rsync iproute2 postgresql make)
+# qemu-system-x86 and the rest of the second group: the test guest (tests/support/guest.py)
+# is built from Debian packages (busybox, e2fsck, a FAT boot disk with SYSLINUX) and booted by
+# QEMU; apt (apt-get download) fetches its kernel package at test time.
+DEBS=(qemu-utils libvhdi-utils rsync iproute2 postgresql make
+      qemu-system-x86 busybox-static e2fsprogs dosfstools mtools syslinux syslinux-common apt)
 missing=()
 for p in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -88,8 +88,10 @@ def detect_format(path: str | os.PathLike[str]) -> DiskFormat | None:
     The first bytes of a fixed VHD (and of a raw image) are the guest's own sector 0, so a
     guest can write a qcow2 header there, and a qcow2 header names a backing file that is
     then read as guest data. So a VHD footer wins over a qcow2 magic: a file with both is a
-    VHD if its footer is valid, and refused as ambiguous otherwise. Callers that know an image
-    is qcow2 (or raw) pass the format instead of detecting it."""
+    VHD if its footer is valid, and refused as ambiguous otherwise, unless the file is named
+    ``*.qcow2``: the end of a qcow2 file can be guest data too, and sitepair names its qcow2
+    overlays itself. Callers that know an image is qcow2 (or raw) pass the format instead of
+    detecting it."""
     p = Path(path)
     fd = open_image(p, read_only=True)
     try:
@@ -101,6 +103,11 @@ def detect_format(path: str | os.PathLike[str]) -> DiskFormat | None:
     if _probe_vhdx(head):
         return DiskFormat.VHDX
     if probe_qcow2(head):
+        if p.suffix.lower() == ".qcow2":
+            # The qemu backend names its overlays *.qcow2. The end of an overlay file can be
+            # a data cluster the guest filled, so a guest could plant a VHD footer there; a
+            # name sitepair gave (never guest-controlled) settles it.
+            return DiskFormat.QCOW2
         if not probe_vhd(b"", tail):
             return DiskFormat.QCOW2
         try:

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import struct
+import subprocess
 import tempfile
 import threading
 import zlib
@@ -19,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sitepair import vdisk
 from sitepair.errors import VirtualDiskError
 from sitepair.vdisk import (
     DiskFormat,
@@ -28,6 +30,7 @@ from sitepair.vdisk import (
     detect_format,
     fileio,
     open_disk,
+    vhd_layout,
     vhdx_available,
 )
 from sitepair.vdisk import qcow2 as q
@@ -440,16 +443,19 @@ def test_a_fixed_vhd_whose_guest_wrote_a_qcow2_header_stays_a_vhd(tmp_path: Path
     with open_disk(vhd, read_only=True) as disk:
         assert disk.format is DiskFormat.VHD and disk.read(0, 512) == header
     # A qcow2 file ending in something that looks like a VHD footer but is not one is refused
-    # as ambiguous by detection, and opens when its format is named.
+    # as ambiguous by detection, and opens when its format is named, or when it is named
+    # *.qcow2 (sitepair's own overlays).
     img = tmp_path / "o.qcow2"
     qemu_create_qcow2(img, 4 * MiB)
     qemu_io_qcow2(img, "write -P 0x41 1M 64k")
     tail_at = img.stat().st_size - 512
     patch(img, tail_at, b"conectix")
+    assert detect_format(img) is DiskFormat.QCOW2
+    unnamed = img.rename(tmp_path / "o.img")
     with pytest.raises(VirtualDiskError, match="ambiguous") as exc:
-        detect_format(img)
+        detect_format(unnamed)
     assert exc.value.hint is not None and "-f qcow2" in exc.value.hint
-    with open_disk(img, read_only=True, format="qcow2") as disk:
+    with open_disk(unnamed, read_only=True, format="qcow2") as disk:
         assert disk.read(1 * MiB + 65536 - 512, 8) == b"conectix"
 
 
@@ -857,3 +863,33 @@ def test_fuzz_metadata(
                 disk.info()
         except VirtualDiskError:
             pass
+
+
+def test_a_guest_planted_vhd_footer_does_not_turn_an_overlay_into_a_vhd(tmp_path: Path) -> None:
+    """The last cluster of an overlay can be guest data: a guest that writes a valid VHD footer
+    into it must not make sitepair read its overlay as a VHD (whose footer could name any file
+    on the host as its parent). Overlays are named *.qcow2 by sitepair."""
+    base = tmp_path / "base.vhdx"
+    vdisk.create_disk(base, format="vhdx", subformat="dynamic", size=8 << 20).close()
+    overlay = tmp_path / "layer.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "vhdx", str(overlay)],
+        check=True,
+    )
+    vhd = tmp_path / "fake.vhd"
+    vdisk.create_disk(vhd, format="vhd", subformat="fixed", size=1 << 20).close()
+    footer = vhd.read_bytes()[-512:]
+    assert vhd_layout.FOOTER_SIZE == 512
+    # The guest writes a whole cluster ending with a VHD footer: it lands at the file's end.
+    payload = tmp_path / "payload"
+    payload.write_bytes(b"\0" * (65536 - 512) + footer)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -s {payload} 0 64k", str(overlay)],
+        check=True,
+        capture_output=True,
+    )
+    assert overlay.read_bytes()[-512:] == footer
+    assert vdisk.detect_format(overlay) is vdisk.DiskFormat.QCOW2
+    renamed = tmp_path / "layer.img"
+    overlay.rename(renamed)
+    assert vdisk.detect_format(renamed) is vdisk.DiskFormat.VHD  # why the name matters

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from sitepair.errors import FailedPrecondition
+from sitepair.errors import FailedPrecondition, NotFound
 
 
 class QuiesceFailed(FailedPrecondition):
@@ -116,6 +116,22 @@ class Cut:
         return not self.untrusted_reason
 
 
+@dataclasses.dataclass(frozen=True)
+class RegisteredVm:
+    """A VM a backend made of existing disk chains (a failover, a test failover), and what
+    :meth:`HostBackend.unregister_vm` needs to undo it exactly."""
+
+    vm_id: str
+    name: str
+    #: Where the backend keeps the VM (its folder), for records and logs.
+    location: str
+    #: Files the registration made for the VM (its own top layers, copies): deleted by undo.
+    created: tuple[str, ...] = ()
+    #: The definition of a VM of the same name and id it replaced (a failback onto the old
+    #: primary), in the backend's own words: restored by undo. None: nothing was replaced.
+    previous: str | None = None
+
+
 class VmWriter(abc.ABC):
     """Writes into a VM's active disk layers the way its guest would, seen by the tracking.
 
@@ -208,3 +224,55 @@ class HostBackend(abc.ABC):
     @abc.abstractmethod
     def connect_nic(self, vm_ref: str, nic: str, network: str) -> VmRecord:
         """Connect NIC ``nic`` to VM network ``network`` ("" disconnects it)."""
+
+    # -- what failover needs ----------------------------------------------------------------
+    def vm_id_of(self, name: str) -> str | None:
+        """The id of the VM called ``name`` on this host, or None."""
+        return next((vm.id for vm in self.inventory().vms if vm.name == name), None)
+
+    def vm_state(self, vm_ref: str) -> str:
+        """ "off", "running" or "paused"."""
+        for vm in self.inventory().vms:
+            if vm_ref in (vm.id, vm.name):
+                return vm.state
+        raise NotFound(f"no VM {vm_ref!r} on this host")
+
+    @abc.abstractmethod
+    def register_vm(
+        self,
+        name: str,
+        *,
+        vm_id: str,
+        disks: list[tuple[str, list[Path]]],
+        cpu: int,
+        memory_mb: int,
+        generation: int = 2,
+        nics: list[tuple[str, str]] | None = None,
+        state: str = "off",
+        replace: bool = False,
+    ) -> RegisteredVm:
+        """Make a VM of existing disk chains (``disks``: [(disk id, chain base first)]) without
+        ever writing those chains: a replica's recovery point stays exactly as it was, so the
+        registration can be undone. ``nics``: [(NIC name, VM network)] ("" = not connected:
+        an isolated test VM). With ``replace``, a VM of that name and id already on the host
+        (the fenced old primary, on a failback) is replaced, and undo brings it back."""
+
+    @abc.abstractmethod
+    def unregister_vm(self, registered: RegisteredVm) -> None:
+        """Undo :meth:`register_vm`: power the VM off, remove it and the files it made, and
+        bring back the VM it replaced. Idempotent."""
+
+    @abc.abstractmethod
+    def remove_vm(self, vm_ref: str) -> Path:
+        """Power the VM off and remove it with its own files (layers its chains name outside
+        its folder are left alone)."""
+
+    @abc.abstractmethod
+    def disk_chains(self, vm_ref: str) -> dict[str, list[Path]]:
+        """Each disk's layers, base first, as absolute paths."""
+
+    def settle_disks(self, vm_ref: str) -> dict[str, list[Path]]:
+        """The VM is off: make its disks chains that ``sitepair.vdisk`` can write (a replica
+        adopts them on reverse replication) and return them. Backends whose layers already are
+        VHD/VHDX chains return :meth:`disk_chains`."""
+        return self.disk_chains(vm_ref)

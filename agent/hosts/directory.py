@@ -49,6 +49,7 @@ from agent.hosts.base import (
     HostInventory,
     NetworkRecord,
     NicRecord,
+    RegisteredVm,
     StorageRecord,
     VmRecord,
     VmWriter,
@@ -207,7 +208,7 @@ class DirectoryBackend(HostBackend):
         nics: list[tuple[str, str]] | None = None,
         state: str = "off",
         replace: bool = False,
-    ) -> VmSpec:
+    ) -> RegisteredVm:
         """Make a VM of existing disk chains (a failover of a replica, a test failover).
 
         Each disk gets a new differencing child inside the VM folder as its active layer, so
@@ -218,10 +219,12 @@ class DirectoryBackend(HostBackend):
         if state not in VM_STATES:
             raise InvalidArgument(f"unknown VM state {state!r}")
         folder = self.vm_dir(name)
+        previous: str | None = None
         if (folder / "vm.json").exists():
             old = self.read_vm(folder)
             if not replace or old.id != vm_id:
                 raise AlreadyExists(f"a VM named {name!r} already exists in {self.vm_root}")
+            previous = old.to_json().decode()
             # The new chains replace the old VM's: its tracking state describes layers it no
             # longer runs on.
             shutil.rmtree(folder / "changes", ignore_errors=True)
@@ -267,7 +270,26 @@ class DirectoryBackend(HostBackend):
             disks=tuple(specs),
         )
         self.write_vm(folder, spec)
-        return spec
+        return RegisteredVm(
+            vm_id=vm_id,
+            name=name,
+            location=str(folder),
+            created=tuple(str(folder / d.chain[-1]) for d in spec.disks),
+            previous=previous,
+        )
+
+    def unregister_vm(self, registered: RegisteredVm) -> None:
+        folder = Path(registered.location)
+        if registered.previous:
+            # The replaced VM's own files stayed where they were: its definition comes back.
+            spec = VmSpec.from_json(registered.previous.encode(), folder / "vm.json")
+            self.write_vm(folder, spec)
+            for child in registered.created:
+                Path(child).unlink(missing_ok=True)
+        elif (folder / "vm.json").exists():
+            self.remove_vm(str(folder.name))
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def remove_vm(self, vm_ref: str) -> Path:
         """Delete a VM's folder (its own layers, logs and vm.json). Layers its chains name
@@ -277,6 +299,15 @@ class DirectoryBackend(HostBackend):
             (folder / "vm.json").unlink()
         shutil.rmtree(folder, ignore_errors=True)
         return folder
+
+    def vm_id_of(self, name: str) -> str | None:
+        folder = self.vm_dir(name)
+        if not (folder / "vm.json").exists():
+            return None
+        return self.read_vm(folder).id
+
+    def vm_state(self, vm_ref: str) -> str:
+        return self.find_vm(vm_ref)[1].state
 
     def disk_chains(self, vm_ref: str) -> dict[str, list[Path]]:
         """Each disk's chain as absolute paths, base first."""

@@ -24,8 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from agent.hosts.directory import DirectoryBackend
-from agent.hosts.vmspec import VmSpec, read_vm, write_vm
+from agent.hosts.base import HostBackend, RegisteredVm
 from agent.replication.replica import DiskState, Point, ReplicaStore
 from agent.replication.state import ReplicationState
 from sitepair import vdisk
@@ -90,7 +89,7 @@ def point_chains(store: ReplicaStore, point: Point) -> dict[str, list[Path]]:
 
 def failover(
     store: ReplicaStore,
-    backend: DirectoryBackend,
+    backend: HostBackend,
     state: ReplicationState,
     *,
     epoch: int,
@@ -107,9 +106,9 @@ def failover(
     with store.lock:
         st = store.state
         if test:
-            existing = st.tests.get("test")
-            if existing is not None:
-                return dict(existing)
+            done = st.tests.get("test")
+            if done is not None:
+                return dict(done)
         else:
             if st.failover is not None:
                 if st.failover["epoch"] == epoch:
@@ -134,16 +133,15 @@ def failover(
         vm_id = (
             str(uuid.uuid5(uuid.NAMESPACE_URL, f"sitepair-test:{vm['id']}")) if test else vm["id"]
         )
-        folder = backend.vm_dir(name)
-        previous: str | None = None
-        if not test and (folder / "vm.json").exists():
-            old = read_vm(folder)
-            if old.id != vm_id:
-                raise FailedPrecondition(f"{folder} holds another VM ({old.name}, {old.id})")
-            previous = old.to_json().decode()
-        elif test and (folder / "vm.json").exists():
+        existing = backend.vm_id_of(name)
+        if not test and existing is not None and existing != vm_id:
+            raise FailedPrecondition(
+                f"this host already has another VM named {name} (id {existing})",
+                hint="rename or remove that VM, then fail over again",
+            )
+        if test and existing is not None:
             backend.remove_vm(name)  # a test VM left by an interrupted attempt
-        spec = backend.register_vm(
+        registered = backend.register_vm(
             name,
             vm_id=vm_id,
             disks=[(d, chains[d]) for d in sorted(chains)],
@@ -152,7 +150,7 @@ def failover(
             generation=int(vm.get("generation", 2)),
             nics=[(n["name"], nic_networks.get(n["name"], "")) for n in vm.get("nics", [])],
             state="running" if start else "off",
-            replace=previous is not None,
+            replace=not test and existing is not None,
         )
         record = {
             "epoch": epoch,
@@ -162,9 +160,9 @@ def failover(
             "app_consistent": point.app_consistent,
             "vm_name": name,
             "vm_id": vm_id,
-            "vm_folder": str(folder),
-            "children": [str(folder / d.chain[-1]) for d in spec.disks],
-            "previous_vm": previous,
+            "vm_folder": registered.location,
+            "children": list(registered.created),
+            "previous_vm": registered.previous,
             "committed": False,
             "started": start,
         }
@@ -183,18 +181,16 @@ def failover(
     return dict(record)
 
 
-def _undo_vm(backend: DirectoryBackend, record: dict[str, Any]) -> None:
-    folder = Path(record["vm_folder"])
-    previous = record.get("previous_vm")
-    if previous:
-        spec = VmSpec.from_json(previous.encode(), folder / "vm.json")
-        write_vm(folder, spec)
-        for child in record.get("children", []):
-            Path(child).unlink(missing_ok=True)
-    elif (folder / "vm.json").exists():
-        backend.remove_vm(str(folder.name))
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
+def _undo_vm(backend: HostBackend, record: dict[str, Any]) -> None:
+    backend.unregister_vm(
+        RegisteredVm(
+            vm_id=record["vm_id"],
+            name=record["vm_name"],
+            location=record["vm_folder"],
+            created=tuple(record.get("children", [])),
+            previous=record.get("previous_vm"),
+        )
+    )
 
 
 def _unpin(store: ReplicaStore, tag: str) -> None:
@@ -203,7 +199,7 @@ def _unpin(store: ReplicaStore, tag: str) -> None:
             p.pins.remove(tag)
 
 
-def cleanup_test(store: ReplicaStore, backend: DirectoryBackend) -> dict[str, Any]:
+def cleanup_test(store: ReplicaStore, backend: HostBackend) -> dict[str, Any]:
     with store.lock:
         record = store.state.tests.pop("test", None)
         if record is None:
@@ -218,7 +214,7 @@ def cleanup_test(store: ReplicaStore, backend: DirectoryBackend) -> dict[str, An
 
 
 def cancel(
-    store: ReplicaStore, backend: DirectoryBackend, state: ReplicationState, *, epoch: int
+    store: ReplicaStore, backend: HostBackend, state: ReplicationState, *, epoch: int
 ) -> dict[str, Any]:
     """Undo a failover that was not committed: the replica is exactly as before it."""
     rel = store.state.relationship
@@ -273,7 +269,7 @@ def commit(store: ReplicaStore, state: ReplicationState, *, epoch: int) -> dict[
 
 def adopt_vm_as_replica(
     root: Path,
-    backend: DirectoryBackend,
+    backend: HostBackend,
     *,
     relationship: str,
     vm_id: str,
@@ -284,13 +280,12 @@ def adopt_vm_as_replica(
     """Reverse replication: the (fenced, powered off) VM's disk chains on this host become the
     replica of the new direction, at ``committed_sequence``, so that a checksum resync from the
     new primary sends only the blocks that differ."""
-    chains = backend.disk_chains(vm_id)
-    folder, spec = backend.find_vm(vm_id)
-    if spec.state != "off":
+    state = backend.vm_state(vm_id)
+    if state != "off":
         raise FailedPrecondition(
-            f"VM {spec.name} is {spec.state} on this host; "
-            "it must be off before it becomes a replica"
+            f"VM {vm_id} is {state} on this host; it must be off before it becomes a replica"
         )
+    chains = backend.settle_disks(vm_id)
     store = ReplicaStore.create(
         root, relationship=relationship, vm_id=vm_id, epoch=epoch, clock=clock
     )
@@ -324,7 +319,7 @@ def adopt_vm_as_replica(
         store._save()
     log.warning(
         "old primary VM adopted as the replica of the reverse direction",
-        extra={"fields": {"relationship": relationship, "vm": spec.name, "folder": str(folder)}},
+        extra={"fields": {"relationship": relationship, "vm": vm_id, "replica": str(root)}},
     )
     return store
 

@@ -26,7 +26,6 @@ from google.protobuf import json_format
 
 from agent.config import AgentConfig
 from agent.hosts.base import HostBackend, QuiesceFailed
-from agent.hosts.directory import DirectoryBackend
 from agent.identity import AgentIdentity
 from agent.replication import failover as failover_mod
 from agent.replication.engine import SourceRelationship
@@ -147,13 +146,6 @@ class ReplicationService:
         self.state.close()
 
     # -- commands ---------------------------------------------------------------------------
-    def _directory(self) -> DirectoryBackend:
-        if not isinstance(self.backend, DirectoryBackend):
-            raise FailedPrecondition(
-                f"failover is not available on the {self.backend.kind} backend yet"
-            )
-        return self.backend
-
     def replica_roots(self) -> list[Path]:
         """The folders replicas may live in: the default replica path and the storage
         classifications this host reports (agent.toml [storage])."""
@@ -228,7 +220,7 @@ class ReplicationService:
             await asyncio.to_thread(
                 adopt_vm_as_replica,
                 folder,
-                self._directory(),
+                self.backend,
                 relationship=cmd.relationship_id,
                 vm_id=cmd.from_vm,
                 epoch=cmd.epoch,
@@ -351,7 +343,7 @@ class ReplicationService:
             result = await asyncio.to_thread(
                 failover_mod.failover,
                 store,
-                self._directory(),
+                self.backend,
                 self.state,
                 epoch=cmd.epoch,
                 point_kind=kind,
@@ -379,10 +371,10 @@ class ReplicationService:
             raise NotFound(f"this host holds no replica of {cmd.relationship_id}")
         store = await asyncio.to_thread(self.registry.store, grant)
         if cmd.action == a.CLEANUP_TEST:
-            return await asyncio.to_thread(failover_mod.cleanup_test, store, self._directory())
+            return await asyncio.to_thread(failover_mod.cleanup_test, store, self.backend)
         if cmd.action == a.CANCEL:
             return await asyncio.to_thread(
-                failover_mod.cancel, store, self._directory(), self.state, epoch=cmd.epoch
+                failover_mod.cancel, store, self.backend, self.state, epoch=cmd.epoch
             )
         result = await asyncio.to_thread(failover_mod.commit, store, self.state, epoch=cmd.epoch)
         self.registry.forget(cmd.relationship_id)

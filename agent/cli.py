@@ -26,9 +26,13 @@ def cmd_register(args: argparse.Namespace) -> int:
             raise SystemExit(f"{PROG}: --storage must be NAME=FOLDER, got {item!r}")
         storage[name] = path
     networks = []
+    qemu_networks = {}
     for item in args.network or []:
-        name, _, subnets = item.partition("=")
+        name, _, rest = item.partition("=")
+        subnets, _, attach = rest.partition("@")
         networks.append((name, [s for s in subnets.split(",") if s]))
+        if attach:
+            qemu_networks[name] = attach
     toml = config_mod.render(
         vm_root=args.vm_root,
         cloud=args.cloud or "",
@@ -36,6 +40,9 @@ def cmd_register(args: argparse.Namespace) -> int:
         networks=networks,
         certificate_port=args.certificate_port,
         ticket_port=args.ticket_port,
+        backend=args.backend,
+        accel=args.accel,
+        qemu_networks=qemu_networks,
     )
     home = Path(args.home)
     ident = register(Path(args.credentials), name=args.name, home=home, agent_toml=toml)
@@ -115,10 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--credentials", required=True, help="file from `sitepair-broker keys create`")
     sp.add_argument("--name", required=True, help="server name shown in the broker")
     sp.add_argument("--home", required=True, help="agent home folder")
-    sp.add_argument("--vm-root", default="vms", help="directory backend: folder of VMs")
+    sp.add_argument(
+        "--backend",
+        default="directory",
+        choices=config_mod.BACKENDS,
+        help="host backend: directory (portable), hyperv (Windows), qemu (Linux)",
+    )
+    sp.add_argument(
+        "--accel", default="auto", choices=config_mod.ACCELS, help="qemu backend: accelerator"
+    )
+    sp.add_argument("--vm-root", default="vms", help="directory and qemu backends: VM folders")
     sp.add_argument("--cloud", help="cloud this host joins")
     sp.add_argument("--storage", action="append", help="storage classification NAME=FOLDER")
-    sp.add_argument("--network", action="append", help="VM network NAME[=CIDR,CIDR]")
+    sp.add_argument(
+        "--network",
+        action="append",
+        help="VM network NAME[=CIDR,CIDR][@ATTACH]; qemu: ATTACH is bridge:BR, tap:IF, user "
+        "or isolated",
+    )
     sp.add_argument("--certificate-port", type=int, default=8084)
     sp.add_argument("--ticket-port", type=int, default=8083)
     sp.add_argument("--json", action="store_true")

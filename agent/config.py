@@ -7,6 +7,7 @@ may edit it later (restart the agent to apply). Relative paths are relative to t
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,49 @@ class NetworkConfig:
 
     name: str
     subnets: tuple[str, ...] = ()
+    #: qemu backend: what a NIC on this network is attached to: "bridge:<bridge>",
+    #: "tap:<interface>", "user" (QEMU's user-mode NAT) or "isolated" (user mode with no
+    #: route anywhere, restrict=on). "" = the NIC has no backend (link down).
+    qemu: str = ""
+
+    def qemu_netdev(self) -> str:
+        """The ``-netdev`` option string of :attr:`qemu` ("" = none)."""
+        kind, _, arg = self.qemu.partition(":")
+        if not self.qemu:
+            return ""
+        if kind == "user" and not arg:
+            return "user"
+        if kind == "isolated" and not arg:
+            return "user,restrict=on"
+        if kind in ("bridge", "tap") and re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", arg):
+            return (
+                f"bridge,br={arg}"
+                if kind == "bridge"
+                else f"tap,ifname={arg},script=no,downscript=no"
+            )
+        raise ConfigError(
+            f"network {self.name}: qemu = {self.qemu!r} is not valid",
+            hint='use "bridge:<bridge>", "tap:<interface>", "user" or "isolated"',
+        )
+
+
+BACKENDS = ("directory", "hyperv", "qemu")
+ACCELS = ("auto", "kvm", "tcg")
 
 
 @dataclasses.dataclass(frozen=True)
 class BackendConfig:
-    #: "directory" (portable; VMs are folders) or "hyperv" (Windows hosts only).
+    #: "directory" (portable; VMs are folders), "hyperv" (Windows hosts only) or "qemu" (Linux
+    #: hosts running QEMU/KVM guests).
     kind: str = "directory"
-    #: Root folder of the directory backend's VMs.
+    #: Root folder of the directory and qemu backends' VMs.
     vm_root: Path = Path("vms")
+    #: qemu: the emulator binary.
+    qemu_binary: str = "qemu-system-x86_64"
+    #: qemu: "auto" (KVM when a short probe shows it works, TCG otherwise), "kvm" or "tcg".
+    accel: str = "auto"
+    #: qemu: seconds a guest has to power off after the ACPI power button before QEMU quits.
+    stop_timeout: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,12 +141,27 @@ def parse(text: str, home: Path, *, source: str = "agent.toml") -> AgentConfig:
             raise ConfigError(f"{source}: {exc}") from exc
 
     b = doc.get("backend", {})
-    _check_keys(b, {"kind", "vm_root"}, f"{source} [backend]")
+    _check_keys(
+        b, {"kind", "vm_root", "qemu_binary", "accel", "stop_timeout"}, f"{source} [backend]"
+    )
     kind = b.get("kind", "directory")
-    if kind not in ("directory", "hyperv"):
-        raise ConfigError(f'{source} [backend] kind must be "directory" or "hyperv"')
+    if kind not in BACKENDS:
+        raise ConfigError(f"{source} [backend] kind must be one of {', '.join(BACKENDS)}")
+    accel = b.get("accel", "auto")
+    if accel not in ACCELS:
+        raise ConfigError(f"{source} [backend] accel must be one of {', '.join(ACCELS)}")
+    stop_timeout = b.get("stop_timeout", 60)
+    if not isinstance(stop_timeout, int | float) or not 1 <= stop_timeout <= 3600:
+        raise ConfigError(f"{source} [backend] stop_timeout must be 1 to 3600 seconds")
+    qemu_binary = b.get("qemu_binary", "qemu-system-x86_64")
+    if not isinstance(qemu_binary, str) or not qemu_binary:
+        raise ConfigError(f"{source} [backend] qemu_binary must be a program name or path")
     backend = BackendConfig(
-        kind=kind, vm_root=_path(home, b.get("vm_root", "vms"), f"{source} [backend] vm_root")
+        kind=kind,
+        vm_root=_path(home, b.get("vm_root", "vms"), f"{source} [backend] vm_root"),
+        qemu_binary=qemu_binary,
+        accel=accel,
+        stop_timeout=float(stop_timeout),
     )
 
     storage_doc = doc.get("storage", {})
@@ -128,11 +179,13 @@ def parse(text: str, home: Path, *, source: str = "agent.toml") -> AgentConfig:
     for i, n in enumerate(doc.get("networks", [])):
         if not isinstance(n, dict) or not isinstance(n.get("name"), str):
             raise ConfigError(f"{source} [[networks]] #{i + 1} needs a name")
-        _check_keys(n, {"name", "subnets"}, f"{source} [[networks]] {n['name']}")
+        _check_keys(n, {"name", "subnets", "qemu"}, f"{source} [[networks]] {n['name']}")
         subnets = n.get("subnets", [])
         if not isinstance(subnets, list) or not all(isinstance(s, str) for s in subnets):
             raise ConfigError(f"{source} [[networks]] {n['name']}: subnets must be strings")
-        nets.append(NetworkConfig(name=n["name"], subnets=tuple(subnets)))
+        net = NetworkConfig(name=n["name"], subnets=tuple(subnets), qemu=str(n.get("qemu", "")))
+        net.qemu_netdev()  # refuses a bad value now rather than at a VM's start
+        nets.append(net)
 
     r = doc.get("replication", {})
     _check_keys(
@@ -221,15 +274,31 @@ def render(
     certificate_port: int = 8084,
     ticket_port: int = 8083,
     listen_host: str = "127.0.0.1",
+    backend: str = "directory",
+    accel: str = "auto",
+    qemu_networks: dict[str, str] | None = None,
 ) -> str:
-    """The agent.toml that ``register`` writes."""
+    """The agent.toml that ``register`` writes. ``qemu_networks``: VM network -> what its
+    NICs attach to on a qemu host ("bridge:br0", "tap:tap3", "user", "isolated")."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if accel not in ACCELS:
+        raise ConfigError(f"accel must be one of {', '.join(ACCELS)}, not {accel!r}")
     lines = [
         "# sitepair agent configuration. Relative paths are relative to this folder.",
         f'cloud = "{cloud}"            # cloud this host joins ("" = assigned by the broker)',
         "",
         "[backend]",
-        'kind = "directory"         # "directory" (portable) or "hyperv" (Windows only)',
+        f'kind = "{backend}"  # "directory" (portable), "hyperv" (Windows), "qemu" (Linux)',
         f'vm_root = "{vm_root}"',
+        *(
+            [
+                f'accel = "{accel}"   # qemu: "auto" (KVM if a probe guest runs), "kvm", "tcg"',
+                "stop_timeout = 60  # qemu: seconds a guest has to power off before QEMU quits",
+            ]
+            if backend == "qemu"
+            else []
+        ),
         "",
         "[storage]                  # storage classifications: name = folder",
     ]
@@ -242,6 +311,8 @@ def render(
             f'name = "{name}"',
             f"subnets = {list(subnets)!r}".replace("'", '"'),
         ]
+        if name in (qemu_networks or {}):
+            lines.append(f'qemu = "{(qemu_networks or {})[name]}"')
     lines += [
         "",
         "[replication]",

@@ -1,7 +1,8 @@
 """Host backends: the boundary between the agent and the hypervisor.
 
 ``directory`` is portable and runs everywhere (tests, demo, Linux hosts). ``hyperv`` drives
-Hyper-V through its management API and runs only on Windows hosts.
+Hyper-V through its management API and runs only on Windows hosts. ``qemu`` runs VMs as QEMU
+processes (KVM or TCG) on Linux hosts.
 """
 
 from __future__ import annotations
@@ -43,5 +44,22 @@ def make_backend(config: AgentConfig) -> HostBackend:
             storage=config.storage,
             networks=config.networks,
             extra_volumes=(config.replication.default_replica_path,),
+        )
+    if kind == "qemu":
+        if not sys.platform.startswith("linux"):
+            raise ConfigError(
+                f"the qemu backend runs only on Linux hosts; this host is {sys.platform}",
+                hint='set [backend] kind = "directory" in agent.toml',
+            )
+        from agent.hosts.qemu import QemuBackend
+
+        return QemuBackend(
+            config.backend.vm_root,
+            binary=config.backend.qemu_binary,
+            accel=config.backend.accel,
+            storage=config.storage,
+            networks=tuple((n.name, n.qemu_netdev()) for n in config.networks),
+            extra_volumes=(config.replication.default_replica_path,),
+            stop_timeout=config.backend.stop_timeout,
         )
     raise ConfigError(f"unknown backend {kind!r}")

@@ -25,8 +25,12 @@ def register_agent(
     networks: list[tuple[str, list[str]]] | None = None,
     cloud: str = "",
     vm_root: str = "vms",
+    backend: str = "directory",
+    accel: str = "tcg",
+    qemu_networks: dict[str, str] | None = None,
 ) -> AgentIdentity:
-    # Port 0: several agents share this machine; each reports the ports it bound.
+    # Port 0: several agents share this machine; each reports the ports it bound. A qemu
+    # host here runs TCG: KVM does not work on these machines (ENVIRONMENT.md).
     toml = config_mod.render(
         vm_root=vm_root,
         storage=storage,
@@ -34,6 +38,9 @@ def register_agent(
         cloud=cloud,
         certificate_port=0,
         ticket_port=0,
+        backend=backend,
+        accel=accel,
+        qemu_networks=qemu_networks,
     )
     ident = register(credentials, name=name, home=home, agent_toml=toml)
     (home / vm_root).mkdir(parents=True, exist_ok=True)

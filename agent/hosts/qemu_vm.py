@@ -8,7 +8,8 @@ command line that runs it, and the process that does.
     <vm-root>/<vm-name>/disks/           base images (VHDX or VHD: what replicates)
     <vm-root>/<vm-name>/overlays/        qcow2 layers above each base (agent.hosts.qemu_layers)
     <vm-root>/<vm-name>/layers.json      the layers and the change tracking they carry
-    <vm-root>/<vm-name>/run/             qmp.sock, qemu.pid, serial.log, qemu.log,
+    <vm-root>/<vm-name>/run/             qmp.sock, qemu.pid, serial.log (this boot's console;
+                                         serial.previous.log the boot before), qemu.log,
                                          instance.json (pid, start time, accel, command line)
 
 A VM is "running" or "paused" while its QEMU process lives and "off" otherwise: QEMU is started
@@ -384,6 +385,9 @@ def launch(argv: list[str], rt: Runtime, *, accel: str, timeout: float = 30.0) -
     rt.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     for stale in (rt.pidfile, rt.qmp):
         stale.unlink(missing_ok=True)
+    if rt.serial.exists():
+        # One console log per boot; the one before stays beside it.
+        rt.serial.replace(rt.serial.with_name("serial.previous.log"))
     with rt.stderr.open("ab") as err:
         try:
             done = subprocess.run(

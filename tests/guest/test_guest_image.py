@@ -134,7 +134,8 @@ def test_powerdown_then_every_acked_record_verifies(
         assert second.shutdown_clean()
 
 
-@pytest.mark.parametrize("round_", range(2))
+# A second round (a kill at another moment) runs in make test-slow: the default run keeps one.
+@pytest.mark.parametrize("round_", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_sigkill_mid_write_keeps_every_acked_record(
     disks: tuple[Path, Path], tmp_path: Path, round_: int
 ) -> None:
@@ -197,6 +198,7 @@ def test_a_corrupted_record_fails_verification(disks: tuple[Path, Path], tmp_pat
         assert c.acks() == []
 
 
+@pytest.mark.slow  # the qemu backend's VMs (tests/qemu) boot on the pc machine in every run
 def test_boots_on_the_pc_machine_too(disks: tuple[Path, Path], tmp_path: Path) -> None:
     """SeaBIOS on i440fx boots the same virtio-blk disk; the power button works there too."""
     with boot(disks, tmp_path, "pc", machine="pc") as vm:

@@ -41,6 +41,7 @@ from agent.hosts.base import (
     HostInventory,
     NetworkRecord,
     NicRecord,
+    QuiesceFailed,
     RegisteredVm,
     StorageRecord,
     VmRecord,
@@ -521,8 +522,16 @@ class QemuBackend(HostBackend):
         with self._vm(vm_ref) as (folder, spec, layers), self._monitor(folder, spec) as qmp:
             if qmp is not None:
                 layers.check_graph(qmp)
-            # Application consistency needs qemu-guest-agent in the guest (fsfreeze); until
-            # sitepair speaks it, cuts are crash-consistent and say so.
+            if app_consistent:
+                # Application consistency needs qemu-guest-agent's fsfreeze in the guest, which
+                # sitepair does not drive yet: say so, and the replication loop takes a
+                # crash-consistent cut at once (health reports app-consistent-failing).
+                raise QuiesceFailed(
+                    f"VM {spec.name}: application-consistent cuts of qemu VMs need "
+                    "qemu-guest-agent support, which sitepair does not have yet",
+                    hint="the cut is crash-consistent; set the policy's application-consistent "
+                    "frequency to 0 for qemu VMs to silence this",
+                )
             return layers.take_cut(qmp, app_consistent=False, now=self._clock())
 
     def outstanding_cut(self, vm_ref: str) -> Cut | None:

@@ -269,3 +269,16 @@ def test_kvm_is_chosen_only_when_a_guest_really_runs() -> None:
     ok, why = qemu_vm.probe_accel("/nonexistent/qemu", "kvm")
     assert not ok and "not found" in why
     assert qemu_vm.choose_accel("qemu-system-x86_64", "tcg") == "tcg"
+
+
+def test_an_application_consistent_cut_is_refused_plainly(backend: QemuBackend) -> None:
+    """No guest agent support yet: the backend says so (the loop then takes a crash-consistent
+    cut and health reports app-consistent-failing), and nothing is left half-done."""
+    from agent.hosts.base import QuiesceFailed
+
+    backend.create_vm("q01", disks=[("os", "vhdx", 8 * MiB)])
+    backend.set_vm_state("q01", "running")
+    with pytest.raises(QuiesceFailed, match="qemu-guest-agent"):
+        backend.take_cut("q01", app_consistent=True)
+    assert backend.outstanding_cut("q01") is None
+    assert not backend.take_cut("q01").app_consistent

@@ -5,6 +5,7 @@ python -m tests.harness run walkthrough failback --mode loopback --report out.js
 python -m tests.harness run all --seed 7
 python -m tests.harness run rpo-hold --mode netns --profile wan
 python -m tests.harness run walkthrough failback --store postgresql
+python -m tests.harness run walkthrough failback site-loss --backend qemu
 python -m tests.harness soak --minutes 60 --kills 200 --report soak.json
 """
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.harness import guest_scenarios
 from tests.harness.network import PROFILES
 from tests.harness.report import table, write_json
 from tests.harness.runner import run_scenario
@@ -50,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
             default="sqlite",
             help="the broker's store: its embedded SQLite, or a throwaway PostgreSQL server",
         )
+        sp.add_argument(
+            "--backend",
+            choices=["directory", "qemu"],
+            default="directory",
+            help="the hosts' backend: directory (the harness writes into VM folders), or qemu "
+            "(QEMU under TCG, each VM a real test guest; scenarios without a real-guest "
+            "version report SKIP)",
+        )
         sp.add_argument("--report", type=Path, help="write the report as JSON")
         sp.add_argument(
             "--work", type=Path, help="keep the run's folders here (default: a temp dir)"
@@ -57,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "list":
         for name, fn in SCENARIOS.items():
-            print(f"{name:<12} {(fn.__doc__ or '').strip().splitlines()[0]}")
+            backends = "directory, qemu" if name in guest_scenarios.SCENARIOS else "directory"
+            print(f"{name:<12} {backends:<15}  {(fn.__doc__ or '').strip().splitlines()[0]}")
         return 0
     if args.command == "soak":
         # Two thirds of the time for the kills, the rest for the RPO hold on each WAN profile.
@@ -82,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     reports = []
     for name, extra in plan:
         profile = str(extra.pop("profile", args.profile))
-        print(f"== {name} ({args.mode}, {profile}, {args.store}, seed {args.seed})", flush=True)
+        print(
+            f"== {name} ({args.mode}, {profile}, {args.store}, {args.backend}, seed {args.seed})",
+            flush=True,
+        )
         reports.append(
             run_scenario(
                 name,
@@ -91,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 work=args.work,
                 profile=profile,
                 store=args.store,
+                backend=args.backend,
                 **extra,
             )
         )

@@ -6,6 +6,11 @@ real crash. The network layer (tests/harness/network, loopback or namespaces) sa
 place listens and wraps each command so it runs there; replication traffic between the sites goes
 through its inter-site link, which the scenarios shape and break on demand. The harness itself
 reaches the broker through the network's portal.
+
+The hosts run the ``directory`` backend (VMs are folders a workload writes into) or, with
+``backend="qemu"``, the ``qemu`` backend under TCG, each VM network mapped to "isolated" QEMU
+networking: VMs are QEMU processes (daemonized, so they outlive the agent that started them;
+:meth:`Cluster.stop` ends those that are left).
 """
 
 from __future__ import annotations
@@ -23,15 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from agent import config as agent_config
+from agent.hosts import make_backend, qemu_vm
 from agent.hosts.directory import DirectoryBackend
+from agent.hosts.qemu import QemuBackend
 from broker.client import AdminClient, Profile, wait_job
 from broker.config import StoreConfig
 from broker.home import BrokerHome
+from sitepair.errors import SitepairError
 from sitepair.v1 import admin_pb2
 from tests.harness.network import Network, small_filesystem
 from tests.support.brokers import create_key, make_home, python_env
 
 REPO = Path(__file__).resolve().parents[2]
+BACKENDS = ("directory", "qemu")
 
 
 @dataclasses.dataclass
@@ -41,10 +50,44 @@ class AgentProc:
     home: Path
     host_id: str = ""
     proc: subprocess.Popen[bytes] | None = None
+    #: The host backend its agent.toml names: "directory" or "qemu".
+    kind: str = "directory"
 
     @property
-    def backend(self) -> DirectoryBackend:
+    def backend(self) -> DirectoryBackend | QemuBackend:
+        """The host's VMs, seen from the harness (as the agent sees them: same configuration)."""
+        if self.kind == "qemu":
+            return self.qemu
         return DirectoryBackend(self.home / "gold" / "vms", storage=(("gold", self.home / "gold"),))
+
+    @property
+    def qemu(self) -> QemuBackend:
+        """The host's qemu backend, built from its agent.toml as the agent builds it."""
+        backend = make_backend(agent_config.load(self.home))
+        assert isinstance(backend, QemuBackend), f"{self.name} runs the {self.kind} backend"
+        return backend
+
+    def vm_running(self, vm: str) -> bool:
+        """The VM is running (or paused) on this host. For qemu: its QEMU process lives (read
+        from the files its start recorded, so the harness never competes for the VM's QMP)."""
+        if self.kind == "qemu":
+            folder = self.qemu.vm_dir(vm)
+            return (folder / "vm.json").exists() and qemu_vm.running_instance(
+                qemu_vm.Runtime(folder)
+            ) is not None
+        try:
+            return DirectoryBackend(self.home / "gold" / "vms").find_vm(vm)[1].state == "running"
+        except (SitepairError, OSError):
+            return False
+
+    def kill_vms(self) -> None:
+        """SIGKILL every QEMU process of this host's VMs (qemu backend; a power cut)."""
+        if self.kind != "qemu":
+            return
+        for folder in self.qemu.list_vm_dirs():
+            inst = qemu_vm.running_instance(qemu_vm.Runtime(folder))
+            if inst is not None:
+                qemu_vm.kill(inst)
 
     @property
     def running(self) -> bool:
@@ -62,8 +105,11 @@ class Cluster:
         env: dict[str, str] | None = None,
         small_storage: dict[str, int] | None = None,
         store: StoreConfig | None = None,
+        backend: str = "directory",
         log: Callable[[str], None] = print,
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         self.root = root
         self.sites = sites
         self.net = network
@@ -82,6 +128,8 @@ class Cluster:
         self.small_storage = small_storage or {}
         #: The broker's store: None for SQLite in its home, or a PostgreSQL database.
         self.store = store
+        #: The hosts' backend: "directory", or "qemu" (TCG, VM networks "isolated").
+        self.backend = backend
         self._mounts = contextlib.ExitStack()
 
     # -- broker -----------------------------------------------------------------------------
@@ -161,6 +209,7 @@ class Cluster:
                 cert_port, ticket_port = self.net.free_port(site), self.net.free_port(site)
                 adv_host, adv_cert = self._advertised(site, cert_port)
                 _, adv_ticket = self._advertised(site, ticket_port)
+                qemu = self.backend == "qemu"
                 toml = agent_config.render(
                     vm_root="gold/vms",
                     storage={"gold": str(home / "gold")},
@@ -168,6 +217,11 @@ class Cluster:
                     certificate_port=cert_port,
                     ticket_port=ticket_port,
                     listen_host=self.net.agent_host(site),
+                    backend=self.backend,
+                    # KVM never works on the machines this runs on; the probe would only cost.
+                    accel="tcg" if qemu else "auto",
+                    # Guests get no route anywhere: QEMU user mode with restrict=on.
+                    qemu_networks={f"corp-{site}": "isolated"} if qemu else None,
                 )
                 toml = toml.replace(
                     'default_replica_path = "replicas"',
@@ -199,7 +253,9 @@ class Cluster:
                 )
                 if reg.returncode != 0:
                     raise RuntimeError(f"registering {name} failed: {reg.stderr}")
-                agent = AgentProc(name, site, home, json.loads(reg.stdout)["host_id"])
+                agent = AgentProc(
+                    name, site, home, json.loads(reg.stdout)["host_id"], kind=self.backend
+                )
                 self.agents[name] = agent
                 self.start_agent(name)
         self.wait_connected()
@@ -299,22 +355,12 @@ class Cluster:
     def host_of_vm(self, vm: str) -> AgentProc:
         """The agent whose backend holds the VM running (the current primary)."""
         for a in self.agents.values():
-            try:
-                if a.backend.find_vm(vm)[1].state == "running":
-                    return a
-            except Exception:
-                continue
+            if a.vm_running(vm):
+                return a
         raise LookupError(f"VM {vm} runs nowhere")
 
     def running_copies(self, vm: str) -> list[str]:
-        out = []
-        for a in self.agents.values():
-            try:
-                if a.backend.find_vm(vm)[1].state == "running":
-                    out.append(a.name)
-            except Exception:
-                continue
-        return out
+        return [a.name for a in self.agents.values() if a.vm_running(vm)]
 
     def replica_chains(self, vm: str) -> dict[str, Path]:
         """Top of each disk's latest chain in the VM's replica (on the replica host)."""
@@ -370,4 +416,6 @@ class Cluster:
                 self.broker.wait(20)
             except subprocess.TimeoutExpired:
                 self.broker.kill()
+        for a in self.agents.values():
+            a.kill_vms()  # QEMU outlives its agent (and, in loopback mode, the network)
         self._mounts.close()  # the agents are gone: nothing holds the small filesystems

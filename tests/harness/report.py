@@ -24,6 +24,8 @@ class ScenarioReport:
     profile: str = "lan"
     #: The broker's store: "sqlite" or "postgresql".
     store: str = "sqlite"
+    #: The hosts' backend: "directory" (the harness writes) or "qemu" (real guests).
+    backend: str = "directory"
     passed: bool = False
     #: Why the scenario could not run here (root needed, ...); a skip is not a pass.
     skipped: str = ""
@@ -57,6 +59,7 @@ def table(reports: list[ScenarioReport]) -> str:
         "mode",
         "link",
         "store",
+        "backend",
         "result",
         "time",
         "worst RPO",
@@ -71,6 +74,7 @@ def table(reports: list[ScenarioReport]) -> str:
             r.mode,
             r.profile,
             "pg" if r.store == "postgresql" else r.store,
+            "dir" if r.backend == "directory" else r.backend,
             "SKIP" if r.skipped else "PASS" if r.passed else "FAIL",
             f"{r.seconds:.0f}s",
             f"{r.worst_rpo:.1f}s" if r.worst_rpo else "-",

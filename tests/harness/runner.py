@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 
 from broker.config import StoreConfig
+from tests.harness import guest_scenarios
 from tests.harness.cluster import Cluster
 from tests.harness.network import PROFILES, Network, small_filesystem_unavailable
 from tests.harness.report import ScenarioReport
@@ -28,12 +29,24 @@ def run_scenario(
     kills: int = 0,
     profile: str = "lan",
     store: str = "sqlite",
+    backend: str = "directory",
 ) -> ScenarioReport:
     """Run scenario ``name`` on a fresh deployment; ``profile`` is the inter-site link's WAN
     profile for the whole run (scenarios that reshape the link put it back afterwards);
     ``store`` is the broker's: its embedded SQLite, or a throwaway PostgreSQL server that the
-    run starts and removes."""
-    report = ScenarioReport(name=name, mode=mode, seed=seed, profile=profile, store=store)
+    run starts and removes; ``backend`` is the hosts': ``directory`` (VM folders and the
+    harness's writer) or ``qemu`` (QEMU under TCG, each VM the real test guest:
+    tests/harness/guest_scenarios.py)."""
+    report = ScenarioReport(
+        name=name, mode=mode, seed=seed, profile=profile, store=store, backend=backend
+    )
+    scenarios, sites = SCENARIOS, SITES
+    if backend == "qemu":
+        why = guest_scenarios.unavailable_reason(name)
+        if why:
+            report.skipped = why
+            return report
+        scenarios, sites = guest_scenarios.SCENARIOS, guest_scenarios.SITES
     if store == "postgresql":
         reason = postgres.unavailable_reason()
         if reason:
@@ -67,17 +80,18 @@ def run_scenario(
             server, store_config, env = _postgres(stack)
         cluster = Cluster(
             root,
-            sites=SITES.get(name, {"a": 1, "b": 1}),
+            sites=sites.get(name, {"a": 1, "b": 1}),
             network=net,
             small_storage=SMALL_STORAGE.get(name),
             store=store_config,
             env=env,
+            backend=backend,
         )
         cluster.start_broker()
         cluster.add_agents()
         run = Run(cluster, report, root, seed, random.Random(seed), soak=soak, kills=kills)
         try:
-            SCENARIOS[name](run)
+            scenarios[name](run)
         finally:
             for vm in list(run.writers):
                 run.stop_writer(vm)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.hosts.directory import DirectoryBackend
 from broker.client import wait_job
 from sitepair.errors import SitepairError
 from sitepair.v1 import admin_pb2
@@ -82,8 +83,10 @@ class Run:
     def start_writer(self, vm: str, rate: float = 100.0, *, host_name: str = "") -> Writer:
         host = self.c.agents[host_name] if host_name else self.c.host_of_vm(vm)
         log = self.log(vm)
+        backend = host.backend
+        assert isinstance(backend, DirectoryBackend), "the harness writes into directory VMs only"
         w = Writer(
-            host.backend,
+            backend,
             vm,
             log,
             seed=self.seed_of(vm),

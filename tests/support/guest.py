@@ -62,7 +62,9 @@ The guest (``/init``, PID 1) on every boot:
 6. mounts it and verifies every record: ``SITEPAIR VERIFY count=<n> last=<seq> ok=<0|1>
    torn=<0|1> [bad=<seq> reason=<format|gap|missing|digest|nolog|nodisk|mount>]``;
 7. if verification passed, writes records from ``last+1`` on, each acknowledged as
-   ``SITEPAIR ACK <seq> <sha256>`` only once durable;
+   ``SITEPAIR ACK <seq> <sha256>`` only once durable, then timed as ``SITEPAIR LATENCY <seq>
+   record_us=<write to durable> fsync_us=<its two syncs> at=<guest epoch>`` (busybox ash's
+   ``$EPOCHREALTIME``; no such line where the shell lacks it);
 8. on a power-button press: stops the writer after its current record, syncs, unmounts, prints
    ``SITEPAIR SHUTDOWN clean`` and powers off.
 
@@ -320,13 +322,21 @@ writer() {
         if [ "$MAX" -gt 0 ] && [ $seq -gt "$MAX" ]; then say "WRITER done last=$((seq - 1))"; return; fi
         free=$(df -k /data | awk 'NR == 2 { print $4 }')
         if [ "$free" -lt "$MINFREE_KB" ]; then say "WRITER full last=$((seq - 1))"; return; fi
+        t0=$EPOCHREALTIME
         awk -v seed="$SEED" -v seq=$seq -f /etc/sitepair/gen.awk >records/$seq
+        t1=$EPOCHREALTIME
         sync records/$seq records
+        t2=$EPOCHREALTIME
         d=$(sha256sum records/$seq)
         d=${d%% *}
         echo "$seq $d" >>log
+        t3=$EPOCHREALTIME
         sync log
+        t4=$EPOCHREALTIME
         say "ACK $seq $d"
+        # For bench/replication.py: the record's write-to-durable time and its two syncs, in us.
+        [ -n "$t0" ] && say "LATENCY $seq record_us=$((${t4%.*}${t4#*.} - ${t0%.*}${t0#*.})) \
+fsync_us=$((${t2%.*}${t2#*.} - ${t1%.*}${t1#*.} + ${t4%.*}${t4#*.} - ${t3%.*}${t3#*.})) at=$t0"
         seq=$((seq + 1))
         sleep "$INTERVAL"
     done

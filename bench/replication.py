@@ -18,6 +18,13 @@ on this machine's two cores). The peers, run alternately with ours, 3 rounds, me
    log tracker and the scan tracker, against ``rsync --inplace --no-whole-file -I`` of the raw
    images through the daemon; bytes on the wire (the sum of our batches' ``wire_bytes``)
    against rsync's literal data.
+3. **Delta cycles of a running guest** (``--parts guest-delta``, not in the default set: it needs
+   QEMU and builds tests/support/guest.py's guest): the guest as a qemu-backend VM under TCG,
+   writing durable records at a fixed pace, protected (initial cycle, untimed); its own write
+   latency (per record, from its console) alone and with a delta cycle every N seconds, in
+   alternated windows; then timed delta cycles against rsync of the same cut (the source's base
+   images once the cycle released it, which are then exactly the cut, converted to raw by
+   ``qemu-img``), each cycle's replica checked byte for byte against that raw image.
 
 The page cache is dropped before every timed run when running as root (the output says so).
 ``--quick`` is a smoke test (small sizes, one round); ``--json FILE`` writes every number.
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -57,6 +65,7 @@ from _common import (
     load_average,
     machine_facts,
     median,
+    percentile,
     rotations,
     table,
     wait_for_quiet,
@@ -152,9 +161,17 @@ def _serve_sender(home: Path) -> None:
                             now=SYSTEM_CLOCK.now(),
                         )
 
+                if cmd.get("backend") == "qemu":
+                    from _guest import SPANS, timed_qemu_backend
+
+                    backend: Any = timed_qemu_backend(Path(cmd["vm_root"]))
+                    SPANS.clear()
+                else:
+                    backend = DirectoryBackend(Path(cmd["vm_root"]))
+                    SPANS = []
                 rel = SourceRelationship(
                     config,
-                    backend=DirectoryBackend(Path(cmd["vm_root"])),
+                    backend=backend,
                     state=state,
                     identity=lambda: ident,
                     clock=SYSTEM_CLOCK,
@@ -163,12 +180,14 @@ def _serve_sender(home: Path) -> None:
                     tracker=cmd["tracker"],
                     adaptive_compression=cmd.get("adaptive", True),
                 )
+                started_at = time.time()
                 start = time.perf_counter()
                 result = rel.run_cycle()
                 wall = time.perf_counter() - start
                 assert result is not None
                 reply = {
                     "seconds": wall,
+                    "spans": [("cycle", started_at, time.time()), *SPANS],
                     "send_seconds": result.seconds,
                     "kind": result.kind,
                     "batches": result.batches,
@@ -293,10 +312,12 @@ class RsyncDaemon:
     def url(self, name: str) -> str:
         return f"rsync://127.0.0.1:{self.port}/bench/{name}"
 
-    def run(self, src: Path, name: str, *options: str) -> dict[str, Any]:
+    def run(self, src: Path | list[Path], name: str, *options: str) -> dict[str, Any]:
+        """rsync ``src`` (a file, or several files into the folder ``name``) to the module."""
+        sources = [str(p) for p in src] if isinstance(src, list) else [str(src)]
         start = time.perf_counter()
         out = subprocess.run(
-            ["rsync", "--stats", *options, str(src), self.url(name)],
+            ["rsync", "--stats", *options, *sources, self.url(name)],
             check=True,
             capture_output=True,
             text=True,
@@ -326,6 +347,9 @@ class RsyncDaemon:
 # The orchestrator
 # =============================================================================================
 class Bench:
+    #: Started by main() once the agents are enrolled.
+    rsync: RsyncDaemon
+
     def __init__(self, args: argparse.Namespace, folder: Path) -> None:
         self.args = args
         self.folder = folder
@@ -333,6 +357,11 @@ class Bench:
         self.cold = can_drop_caches()
         self.workers: dict[str, Worker] = {}
         self.results: dict[str, Any] = {}
+        #: The 1-minute load at the end of each guest latency window, and the cores other
+        #: processes used during it, by kind; (start, end) of the guest's pauses for quiet.
+        self.window_loads: dict[str, list[float]] = {}
+        self.window_foreign: dict[str, list[float]] = {}
+        self.guest_pauses: list[tuple[float, float]] = []
         self._seq = 0
 
     # -- setup ------------------------------------------------------------------------------
@@ -445,14 +474,22 @@ class Bench:
         shutil.rmtree(self.work_dir / rid, ignore_errors=True)
 
     def cycle(
-        self, rid: str, *, malloc: str, tracker: str = "changelog", adaptive: bool = True
+        self,
+        rid: str,
+        *,
+        malloc: str,
+        tracker: str = "changelog",
+        adaptive: bool = True,
+        backend: str = "directory",
+        vm_root: Path | None = None,
     ) -> dict[str, Any]:
         return self.workers[f"tx-{malloc}"].call(
             op="cycle",
             relationship=rid,
             tracker=tracker,
             adaptive=adaptive,
-            vm_root=str(self.vm_root),
+            backend=backend,
+            vm_root=str(vm_root or self.vm_root),
             work_dir=str(self.work_dir),
             ticket_key=str(self.ticket_key_path),
         )
@@ -644,7 +681,259 @@ class Bench:
         src.unlink(missing_ok=True)
         return out
 
+    # -- a running guest --------------------------------------------------------------------
+    def guest_delta(
+        self, *, interval: float, every: float, window_cycles: int, timed_rounds: int
+    ) -> dict[str, Any]:
+        """The test guest as a qemu-backend VM (TCG) pausing ``interval`` s after each record:
+        protected (initial cycle, untimed); then its write latency alone and with a delta cycle
+        every ``every`` s, in alternated windows of ``window_cycles`` cycles; then timed delta
+        cycles, each ``every`` s after the previous cut, each followed by rsync of the cut."""
+        import _guest
+
+        from agent.hosts import qemu_vm
+        from agent.hosts.qemu import QemuBackend
+        from agent.hosts.qemu_vm import Runtime
+        from tests.support.guest import ConsoleLog, GuestImage, missing_tools
+
+        if missing := missing_tools():
+            raise RuntimeError(f"the guest-delta part needs {', '.join(missing)}")
+        print("building (or finding in its cache) the test guest ...", file=sys.stderr)
+        image = GuestImage.build()
+        gdir = self.folder / "guest"
+        boot = _guest.boot_disk(image, gdir, f"sitepair.interval={interval:g}")
+        data = gdir / "data.vhdx"
+        shutil.copyfile(image.data_template, data)
+        vm_root = self.homes["primary"] / "qemu-vms"
+        backend = QemuBackend(vm_root, accel="tcg", stop_timeout=30)
+        spec = backend.create_vm("guest", disks=[("boot", "vhdx", boot), ("data", "vhdx", data)])
+        self.guest_vm = (backend, spec.id)
+        started = time.monotonic()
+        backend.set_vm_state(spec.id, "running")
+        serial = Runtime(backend.find_vm(spec.id)[0]).serial
+        console = ConsoleLog(serial)
+        tail = _guest.ConsoleTail(serial)
+        try:
+            console.wait_for(lambda c: len(c.acks()) >= 3, 180, what="3 ACKs")
+            boot_seconds = time.monotonic() - started
+            rid = self.relationship(spec.id, auth="certificate", compress=True, malloc="tuned")
+
+            def cycle() -> dict[str, Any]:
+                return self.cycle(rid, malloc="tuned", backend="qemu", vm_root=vm_root)
+
+            qemu_pid = qemu_vm.running_instance(Runtime(backend.find_vm(spec.id)[0]))
+            pids = [os.getpid(), self.rsync.proc.pid, *(w.proc.pid for w in self.workers.values())]
+            pids += [qemu_pid.pid] if qemu_pid else []
+            breaks: list[float] = []
+
+            def quiet() -> None:
+                self._guest_quiet(backend, spec.id, pids, breaks)
+
+            print("initial cycle of the running guest (untimed) ...", file=sys.stderr)
+            initial = cycle()
+            spans: list[tuple[str, float, float]] = [tuple(x) for x in initial["spans"]]
+            time.sleep(every)
+            windows = self._guest_windows(cycle, spans, every, window_cycles, quiet, pids)
+            bases = {d: chain[0] for d, chain in backend.disk_chains(spec.id).items()}
+            quiet()
+            rounds = self._guest_rounds(cycle, spans, rid, bases, every, timed_rounds)
+            records = tail.records(breaks)
+            lags = tail.lags(breaks)
+            full = [x for x in console.lines() if x.startswith("SITEPAIR WRITER")]
+            backend.set_vm_state(spec.id, "off")
+            shutdown = console.shutdown()
+        finally:
+            tail.close()
+        if full:
+            raise RuntimeError(f"the guest's writer stopped ({full[0]}): its disk filled")
+        if shutdown != "clean":
+            raise RuntimeError(f"the guest did not shut down cleanly: {console.tail()}")
+        return {
+            "interval": interval,
+            "every": every,
+            "window_seconds": every * window_cycles,
+            "latency_rounds": self.rounds,
+            "timed_rounds": timed_rounds,
+            "boot_seconds": boot_seconds,
+            "initial": initial,
+            "disks": {d: str(p.name) for d, p in bases.items()},
+            "latency": _guest_latency(records, spans, windows),
+            "window_loads": self.window_loads,
+            "window_foreign_cores": self.window_foreign,
+            "pauses": self.guest_pauses,
+            "peers": _guest_peers(rounds, records),
+            "records_total": len(records),
+            # How late the console showed each record after its end on the host's clock (the
+            # guest's clock mapped by the smallest such delay): the mapping's accuracy.
+            "console_lag_p50": percentile(lags, 50),
+            "console_lag_p99": percentile(lags, 99),
+            "records": [dataclasses.astuple(r) for r in records],
+            "windows": windows,
+            "spans": spans,
+        }
+
+    def _guest_quiet(self, backend: Any, vm_id: str, pids: list[int], breaks: list[float]) -> None:
+        """If other processes use more than QUIET_CORES, pause the guest (so that it neither
+        writes nor loads the machine) until they have not for 15 s, at most 15 minutes; the
+        guest's clock stands still meanwhile, which ``breaks`` records."""
+        from _guest import QUIET_CORES, cpu_reading, foreign_cores
+
+        a = cpu_reading(pids)
+        time.sleep(3)
+        used = foreign_cores(a, cpu_reading(pids))
+        if used < QUIET_CORES or self.args.quick:  # a smoke test does not wait
+            return
+        print(f"other processes use {used:.2f} cores: guest paused until quiet", file=sys.stderr)
+        paused = time.time()
+        backend.set_vm_state(vm_id, "paused")
+        deadline, calm = time.monotonic() + 900, 0
+        while calm < 3 and time.monotonic() < deadline:
+            a = cpu_reading(pids)
+            time.sleep(5)
+            used = foreign_cores(a, cpu_reading(pids))
+            calm = calm + 1 if used < QUIET_CORES else 0
+        backend.set_vm_state(vm_id, "running")
+        breaks.append(time.time())
+        self.guest_pauses.append((paused, time.time()))
+        print(f"  guest resumed (other processes: {used:.2f} cores)", file=sys.stderr)
+        time.sleep(2)
+
+    def _guest_windows(
+        self,
+        cycle: Callable[[], dict[str, Any]],
+        spans: list[tuple[str, float, float]],
+        every: float,
+        window_cycles: int,
+        quiet: Callable[[], None],
+        pids: list[int],
+    ) -> dict[str, list[tuple[float, float]]]:
+        """Alternated windows (rotating order each round) of the guest alone and of a delta
+        cycle at the start of every ``every`` s; nothing else runs (no cache drops, no rsync).
+        Each round starts once other processes are quiet."""
+        from _guest import cpu_reading, foreign_cores
+
+        window = every * window_cycles
+        windows: dict[str, list[tuple[float, float]]] = {"alone": [], "cycles": []}
+        for r, order in rotations(list(windows), self.rounds):
+            quiet()
+            for name in order:
+                cpu = cpu_reading(pids)
+                start = time.time()
+                if name == "cycles":
+                    for k in range(window_cycles):
+                        _sleep_until(start + k * every)
+                        spans += [tuple(x) for x in cycle()["spans"]]
+                _sleep_until(start + window)
+                windows[name].append((start, time.time()))
+                foreign = foreign_cores(cpu, cpu_reading(pids))
+                self.window_loads.setdefault(name, []).append(load_average())
+                self.window_foreign.setdefault(name, []).append(foreign)
+                print(
+                    f"  latency round {r + 1}: {name} for {window:g} s (load "
+                    f"{load_average():.2f}, other processes {foreign:.2f} cores)",
+                    file=sys.stderr,
+                )
+        return windows
+
+    def _guest_rounds(
+        self,
+        cycle: Callable[[], dict[str, Any]],
+        spans: list[tuple[str, float, float]],
+        rid: str,
+        bases: dict[str, Path],
+        every: float,
+        count: int,
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Timed delta cycles, each ``every`` s after the previous cut, each followed by rsync
+        of that cut: the source's base images once the cycle released its cut (then exactly
+        the cut) converted to raw by qemu-img, into the raw copies of the cut before."""
+        src_dir = self.folder / "guest-raw"
+        src_dir.mkdir(exist_ok=True)
+
+        def to_raw() -> list[Path]:
+            out = []
+            for disk_id, base in bases.items():
+                raw = src_dir / f"{disk_id}.raw"
+                subprocess.run(
+                    ["qemu-img", "convert", "-U", "-f", "vhdx", "-O", "raw", str(base), str(raw)],
+                    check=True,
+                    capture_output=True,
+                )
+                out.append(raw)
+            return out
+
+        dst_dir = self.folder / "rsync" / "guest"
+        dst_dir.mkdir(exist_ok=True)
+        for raw in to_raw():
+            shutil.copyfile(raw, dst_dir / raw.name)
+        last_cut = max(a for name, a, _ in spans if name == "transaction")
+        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "rsync": []}
+        for r in range(count):
+            _sleep_until(last_cut + every)
+            if self.cold:
+                drop_caches()
+            cpu = self.cpu_seconds()
+            res = cycle()
+            time.sleep(0.3)
+            res["cpu_seconds"] = self.cpu_seconds() - cpu
+            spans += [tuple(x) for x in res["spans"]]
+            res["previous_cut_at"] = last_cut
+            last_cut = next(a for name, a, _ in res["spans"] if name == "transaction")
+            res["cut_at"] = last_cut
+            convert = time.perf_counter()
+            raws = to_raw()
+            convert = time.perf_counter() - convert
+            res["replica_matches"] = self._replica_matches(rid, raws)
+            if not res["replica_matches"]:
+                raise RuntimeError(f"round {r + 1}: the replica differs from the source's cut")
+            runs["ours"].append(res)
+            if self.cold:
+                drop_caches()
+            cpu = self.cpu_seconds()
+            rs = self.rsync.run(raws, "guest/", "--inplace", "--no-whole-file", "--ignore-times")
+            time.sleep(0.3)
+            rs["cpu_seconds"] = self.cpu_seconds() - cpu
+            rs["convert_seconds"] = convert
+            if rs["literal_bytes"] <= 0:
+                raise RuntimeError(f"rsync moved no data in round {r + 1}: {rs}")
+            runs["rsync"].append(rs)
+            print(
+                f"  round {r + 1}: ours {res['seconds']:.2f} s, {res['wire_bytes']:,} B on the "
+                f"wire; rsync {rs['seconds']:.2f} s, {rs['literal_bytes']:,} B literal",
+                file=sys.stderr,
+            )
+        return runs
+
+    def _replica_matches(self, rid: str, raws: list[Path]) -> bool:
+        """The replica's latest layer of each disk holds exactly the bytes of ``raws`` (the
+        source's cut, as qemu-img read it)."""
+        from sitepair import vdisk
+
+        roots = [p.parent for p in (self.homes["replica"] / "replicas" / rid).rglob("state.json")]
+        if len(roots) != 1:
+            return False
+        state = json.loads((roots[0] / "state.json").read_text())
+        for raw in raws:
+            top = roots[0] / state["disks"][raw.stem]["chain"][-1]
+            with vdisk.open_disk(top, read_only=True) as d, raw.open("rb") as f:
+                if d.virtual_size != raw.stat().st_size:
+                    return False
+                for off in range(0, d.virtual_size, 4 * MiB):
+                    n = min(4 * MiB, d.virtual_size - off)
+                    if d.read(off, n) != f.read(n):
+                        return False
+        return True
+
     def close(self) -> None:
+        if hasattr(self, "guest_vm"):
+            from agent.hosts import qemu_vm
+            from agent.hosts.qemu_vm import Runtime
+
+            backend, vm_id = self.guest_vm
+            with contextlib.suppress(Exception):
+                inst = qemu_vm.running_instance(Runtime(backend.find_vm(vm_id)[0]))
+                if inst is not None:
+                    qemu_vm.kill(inst)
         for w in self.workers.values():
             w.close()
         with contextlib.suppress(AttributeError):
@@ -652,6 +941,99 @@ class Bench:
         with contextlib.suppress(AttributeError):
             self.source_state.close()
             self.replica_state.close()
+
+
+def _sleep_until(t: float) -> None:
+    time.sleep(max(0.0, t - time.time()))
+
+
+def _guest_latency(
+    records: list[Any],
+    spans: list[tuple[str, float, float]],
+    windows: dict[str, list[tuple[float, float]]],
+    seed: int = 1,
+) -> dict[str, Any]:
+    """The guest's record latencies per window kind, and those of the cycling windows by what
+    was going on while each record was written."""
+    from _guest import latency_stats, overlaps, record_size
+
+    def within(ws: list[tuple[float, float]]) -> list[Any]:
+        return [r for r in records if any(a <= r.end <= b for a, b in ws)]
+
+    def seconds(ws: list[tuple[float, float]]) -> float:
+        return sum(b - a for a, b in ws)
+
+    in_windows = [(n, a, b) for n, a, b in spans if any(x <= a <= y for x, y in windows["cycles"])]
+
+    def of(name: str) -> list[tuple[float, float]]:
+        return [(a, b) for n, a, b in in_windows if n == name]
+
+    phases: dict[str, list[Any]] = {"transaction": [], "block-commit": [], "cycle": [], "idle": []}
+    for r in within(windows["cycles"]):
+        for phase in ("transaction", "block-commit", "cycle"):
+            if overlaps(r, of(phase)):
+                phases[phase].append(r)
+                break
+        else:
+            phases["idle"].append(r)
+    out: dict[str, Any] = {}
+    for name, ws in windows.items():
+        out[name] = latency_stats(within(ws), seconds(ws))
+        out[name]["record_bytes_per_s"] = sum(
+            record_size(seed, r.seq) for r in within(ws)
+        ) / seconds(ws)
+    out["per_window"] = {
+        name: [latency_stats(within([w]), w[1] - w[0]) for w in ws] for name, ws in windows.items()
+    }
+    out["by_phase"] = {name: latency_stats(rs) for name, rs in phases.items()}
+    # Per cycle: the time in each kind of span inside it (a release commits every disk).
+    per_cycle: dict[str, list[float]] = {}
+    for a, b in of("cycle"):
+        for name in ("cycle", "cut", "transaction", "release", "block-commit"):
+            per_cycle.setdefault(name, []).append(
+                sum(y - x for n, x, y in in_windows if n == name and a <= x and y <= b)
+            )
+    out["spans"] = {
+        name: {
+            "count": len(values),
+            "median_seconds": median(values),
+            "max_seconds": max(values, default=float("nan")),
+        }
+        for name, values in per_cycle.items()
+    }
+    return out
+
+
+def _guest_peers(
+    runs: dict[str, list[dict[str, Any]]], records: list[Any], seed: int = 1
+) -> dict[str, Any]:
+    """Medians of the timed rounds; for ours also the guest's records between the two cuts."""
+    from _guest import record_size
+
+    def span(res: dict[str, Any], name: str) -> float:
+        return float(sum(b - a for n, a, b in res["spans"] if n == name))
+
+    for res in runs["ours"]:
+        between = [r for r in records if res["previous_cut_at"] < r.end <= res["cut_at"]]
+        res["records"] = len(between)
+        res["record_bytes"] = sum(record_size(seed, r.seq) for r in between)
+        res["interval_seconds"] = res["cut_at"] - res["previous_cut_at"]
+        for name in ("cut", "transaction", "release", "block-commit"):
+            res[f"{name}_seconds"] = span(res, name)
+    ours_keys = (
+        "seconds", "cpu_seconds", "wire_bytes", "raw_bytes", "send_seconds", "cut_seconds",
+        "transaction_seconds", "release_seconds", "block-commit_seconds", "records",
+        "record_bytes", "interval_seconds",
+    )  # fmt: skip
+    rsync_keys = (
+        "seconds", "cpu_seconds", "literal_bytes", "matched_bytes", "sent_bytes",
+        "convert_seconds",
+    )  # fmt: skip
+    out: dict[str, Any] = {}
+    for name, rs in runs.items():
+        keys = ours_keys if name == "ours" else rsync_keys
+        out[name] = {"runs": rs, **{k: median([x[k] for x in rs]) for k in keys}}
+    return out
 
 
 @contextlib.contextmanager
@@ -735,6 +1117,77 @@ def delta_table(res: dict[str, Any]) -> str:
     )
 
 
+def _bytes(n: float) -> str:
+    return f"{n / 1e3:,.0f} KB" if 0 <= n < 10e6 else _mb(n)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f} ms" if seconds == seconds else "-"
+
+
+def guest_delta_table(res: dict[str, Any]) -> str:
+    rs, ours = res["peers"]["rsync"], res["peers"]["ours"]
+    rows = [
+        [
+            "rsync daemon, `--inplace --no-whole-file --ignore-times`, the cut's two disks as "
+            "raw images",
+            f"{rs['seconds']:.2f} s",
+            "1.00x",
+            f"{rs['cpu_seconds']:.1f} s",
+            f"{_bytes(rs['literal_bytes'])} literal data ({_bytes(rs['sent_bytes'])} sent in "
+            "total)",
+            "(reads both images in full at both ends)",
+        ],
+        [
+            "sitepair delta cycle of the running guest, qcow2 overlay as change log (cut "
+            f"{ours['cut_seconds']:.2f} s, sending {ours['send_seconds']:.2f} s, release "
+            f"{ours['release_seconds']:.2f} s)",
+            f"{ours['seconds']:.2f} s",
+            f"{ours['seconds'] / rs['seconds']:.2f}x",
+            f"{ours['cpu_seconds']:.1f} s",
+            _bytes(ours["wire_bytes"]),
+            _bytes(ours["raw_bytes"]),
+        ],
+    ]
+    return table(
+        ["peer", "wall time", "vs rsync (time)", "CPU time (both ends)", "on the wire",
+         "guest bytes sent"],
+        rows,
+    )  # fmt: skip
+
+
+def guest_latency_table(res: dict[str, Any]) -> str:
+    lat = res["latency"]
+
+    def row(label: str, st: dict[str, Any]) -> list[str]:
+        rate = f" ({st['records_per_s']:.2f}/s)" if "records_per_s" in st else ""
+        return [
+            label,
+            f"{st['records']}{rate}",
+            " / ".join(_ms(st[f"record_{k}"]) for k in ("p50", "p99", "max")),
+            " / ".join(_ms(st[f"fsync_{k}"]) for k in ("p50", "p99", "max")),
+        ]
+
+    every = f"{res['every']:g}"
+    ph = lat["by_phase"]
+    rows = [
+        row("guest alone", lat["alone"]),
+        row(f"guest with a delta cycle every {every} s", lat["cycles"]),
+        row("... of which records overlapping a cut's QMP `transaction`", ph["transaction"]),
+        row("... overlapping a release's `block-commit`", ph["block-commit"]),
+        row(
+            "... overlapping the rest of a cycle (new overlays, plan, send, replica commit)",
+            ph["cycle"],
+        ),
+        row("... between cycles", ph["idle"]),
+    ]
+    return table(
+        ["the guest's records", "records (rate)", "write to durable p50 / p99 / max",
+         "its two fsyncs p50 / p99 / max"],
+        rows,
+    )  # fmt: skip
+
+
 def goals(doc: dict[str, Any]) -> list[str]:
     out = []
     ini = doc.get("initial", {}).get("peers", {})
@@ -802,12 +1255,74 @@ def report(doc: dict[str, Any]) -> str:
             "",
             delta_table(dl),
         ]
-    lines += [
-        "",
-        ("Goals (not meaningful at --quick sizes): " if doc.get("quick") else "Goals: ")
-        + "; ".join(goals(doc))
-        + ".",
-    ]
+    if "guest_delta" in doc:
+        g = doc["guest_delta"]
+        ours, sp, alone = g["peers"]["ours"], g["latency"]["spans"], g["latency"]["alone"]
+        runs = {name: g["peers"][name]["runs"] for name in ("ours", "rsync")}
+        loads = {k: ", ".join(f"{x:.2f}" for x in v) for k, v in g["window_foreign_cores"].items()}
+        per_window = {
+            name: ", ".join(f"{_ms(w['record_p99'])} / {_ms(w['fsync_p99'])}" for w in windows)
+            for name, windows in g["latency"]["per_window"].items()
+        }
+        lines += [
+            "",
+            f"**Delta cycles of a running guest** (tests/support/guest.py under TCG as a qemu "
+            f"backend VM writing durable records of 16-64 KiB with a {g['interval']:g} s pause "
+            f"after each: {alone['records_per_s']:.2f} records/s, "
+            f"{alone['record_bytes_per_s'] / 1e3:.0f} KB/s when alone; disks "
+            f"{', '.join(g['disks'].values())}; each cycle {g['every']:g} s after the previous "
+            f"cut, in which the guest wrote {ours['records']:.0f} records, "
+            f"{ours['record_bytes'] / 1e3:,.0f} KB of record files; rsync copies that same cut, "
+            "the source's base images after the cycle released it, converted to raw by "
+            f"`qemu-img convert` in {g['peers']['rsync']['convert_seconds']:.2f} s, not counted):",
+            "",
+            guest_delta_table(g),
+            "",
+            f"Medians of {g['timed_rounds']} rounds (each round: our cycle, then rsync of its cut)"
+            "; per round, ours / rsync: "
+            + ", ".join(
+                f"{o['seconds']:.2f} / {r['seconds']:.2f} s"
+                for o, r in zip(runs["ours"], runs["rsync"], strict=True)
+            )
+            + ".",
+            "",
+            f"**The guest's write latency** (its own clock: from the start of a record's write "
+            f"to the fsync of its log line; {g['latency_rounds']} rounds of two windows of "
+            f"{g['window_seconds']:g} s, alone and with cycles, alternated; pooled):",
+            "",
+            guest_latency_table(g),
+            "",
+            "p99 per window (write to durable / fsyncs), alone: "
+            f"{per_window['alone']}; with cycles: {per_window['cycles']}. Cores used by other "
+            f"processes (not the guest, agents, rsync or this script) in each window, alone: "
+            f"{loads['alone']}; with cycles: {loads['cycles']}"
+            + (
+                f"; the guest was paused {len(g['pauses'])} time(s) to wait for quiet"
+                if g["pauses"]
+                else ""
+            )
+            + ".",
+            "",
+            f"In the cycling windows a cut took {_ms(sp['cut']['median_seconds'])} (max "
+            f"{_ms(sp['cut']['max_seconds'])}), of which the QMP transaction "
+            f"{_ms(sp['transaction']['median_seconds'])} (max "
+            f"{_ms(sp['transaction']['max_seconds'])}); a release "
+            f"{_ms(sp['release']['median_seconds'])} (max {_ms(sp['release']['max_seconds'])}),"
+            f" of which the block-commit {_ms(sp['block-commit']['median_seconds'])} (max "
+            f"{_ms(sp['block-commit']['max_seconds'])}) for both disks; medians of "
+            f"{sp['cut']['count']} cycles. Records are placed against those spans by the "
+            f"guest's clock, mapped to the host's through the console (lines seen "
+            f"{_ms(g['console_lag_p50'])} after their record's end, p99 "
+            f"{_ms(g['console_lag_p99'])}); the guest booted to its third record in "
+            f"{g['boot_seconds']:.0f} s.",
+        ]
+    if found := goals(doc):
+        lines += [
+            "",
+            ("Goals (not meaningful at --quick sizes): " if doc.get("quick") else "Goals: ")
+            + "; ".join(found)
+            + ".",
+        ]
     return "\n".join(lines)
 
 
@@ -825,7 +1340,29 @@ def main() -> int:
     parser.add_argument(
         "--parts",
         default="initial,zero,delta",
-        help="comma-separated parts to run: initial, zero (zero-heavy initial), delta",
+        help="comma-separated parts to run: initial, zero (zero-heavy initial), delta, "
+        "guest-delta (a running test guest under QEMU; not in the default set)",
+    )
+    parser.add_argument(
+        "--guest-interval",
+        type=float,
+        default=0.25,
+        help="guest-delta: the guest's pause after each record, seconds",
+    )
+    parser.add_argument(
+        "--guest-every",
+        type=float,
+        help="guest-delta: seconds between cycles (default 10; 5 with --quick)",
+    )
+    parser.add_argument(
+        "--guest-timed-rounds",
+        type=int,
+        help="guest-delta: timed delta rounds, ours then rsync (default 5; 1 with --quick)",
+    )
+    parser.add_argument(
+        "--guest-window-cycles",
+        type=int,
+        help="guest-delta: cycles per latency window (default 3; 2 with --quick)",
     )
     parser.add_argument(
         "--peers",
@@ -843,7 +1380,7 @@ def main() -> int:
         _serve_sender(args.home)
         return 0
     parts = set(args.parts.split(","))
-    if unknown := parts - {"initial", "zero", "delta"}:
+    if unknown := parts - {"initial", "zero", "delta", "guest-delta"}:
         parser.error(f"unknown --parts {', '.join(sorted(unknown))}")
     if unknown := set(args.peers) - set(LABELS):
         parser.error(f"unknown --peers {', '.join(sorted(unknown))}")
@@ -882,6 +1419,13 @@ def main() -> int:
             doc["zero_heavy"] = bench.initial("zeroheavy", zero_size, zero, full=False)
         if "delta" in parts:
             doc["delta"] = bench.delta(delta_size)
+        if "guest-delta" in parts:
+            doc["guest_delta"] = bench.guest_delta(
+                interval=args.guest_interval,
+                every=args.guest_every or (5.0 if args.quick else 10.0),
+                window_cycles=args.guest_window_cycles or (2 if args.quick else 3),
+                timed_rounds=args.guest_timed_rounds or (1 if args.quick else 5),
+            )
         doc["load_at_end"] = load_average()
         doc["command"] = "bench/replication.py " + " ".join(sys.argv[1:])
         print(report(doc))

@@ -326,7 +326,7 @@ class QemuBackend(HostBackend):
         return "paused" if status.get("status") in ("paused", "prelaunch") else "running"
 
     def _record(self, folder: Path, spec: QemuVmSpec) -> VmRecord:
-        layers = Layers(folder, spec)
+        layers = Layers(folder, spec, locked=False)
         disks = []
         for d in spec.disks:
             top = layers.chain(d.id)[-1]
@@ -394,7 +394,7 @@ class QemuBackend(HostBackend):
     def disk_chains(self, vm_ref: str) -> dict[str, list[Path]]:
         """Each disk's layers on disk, base first (the VM should be off: nothing writes)."""
         folder, spec = self.find_vm(vm_ref)
-        layers = Layers(folder, spec)
+        layers = Layers(folder, spec, locked=False)
         return {d.id: layers.chain(d.id) for d in spec.disks}
 
     # -- power ----------------------------------------------------------------------------------

@@ -118,10 +118,14 @@ class LayerState:
 class Layers:
     """The overlays and tracking of one VM (``folder``). Callers serialise operations."""
 
-    def __init__(self, folder: Path, spec: QemuVmSpec) -> None:
+    def __init__(self, folder: Path, spec: QemuVmSpec, *, locked: bool = True) -> None:
+        """``locked``: the caller holds the VM's lock (it may act on the layers). A reader
+        without it (the inventory) only looks: an intent it finds belongs to an operation in
+        progress, not to an interrupted one."""
         self.folder = folder
         self.spec = spec
         self.path = folder / "layers.json"
+        self.locked = locked
         self.state = self._load()
 
     # -- state --------------------------------------------------------------------------------
@@ -136,12 +140,14 @@ class Layers:
                 extra={"fields": {"vm": self.spec.name, "error": str(exc)}},
             )
             return LayerState(untrusted_reason=f"the layer record was damaged ({exc})")
-        if state.intent:
+        if state.intent and self.locked:
             self._distrust(state, f"an operation was interrupted ({state.intent})")
             state.intent = ""
         return state
 
     def save(self) -> None:
+        if not self.locked:
+            raise FailedPrecondition("the layers were read without the VM's lock")
         atomic_write(self.path, self.state.to_json())
 
     def _distrust(self, state: LayerState, reason: str) -> None:

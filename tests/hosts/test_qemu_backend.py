@@ -282,3 +282,26 @@ def test_an_application_consistent_cut_is_refused_plainly(backend: QemuBackend) 
         backend.take_cut("q01", app_consistent=True)
     assert backend.outstanding_cut("q01") is None
     assert not backend.take_cut("q01").app_consistent
+
+
+def test_the_inventory_does_not_mistake_an_operation_in_progress_for_an_interrupted_one(
+    backend: QemuBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The inventory reads layers.json without the VM's lock; an intent there belongs to a cut
+    in progress and must not make tracking untrusted."""
+    backend.create_vm("i01", disks=[("os", "vhdx", 8 * MiB)])
+    backend.set_vm_state("i01", "running")
+    first = backend.take_cut("i01")
+    backend.release_cut("i01", first.cut_id)
+    backend.reset_tracking("i01", first.cut_id)
+    folder, _ = backend.find_vm("i01")
+    doc = json.loads((folder / "layers.json").read_text())
+    doc["intent"] = "adding overlay 9"  # as a concurrent cut leaves it mid-way
+    (folder / "layers.json").write_text(json.dumps(doc))
+    caplog.clear()
+    backend.inventory()
+    backend.disk_chains("i01")
+    assert "untrusted" not in caplog.text  # it used to warn of an interrupted operation
+    assert json.loads((folder / "layers.json").read_text())["trusted"]
+    # Found under the lock (nobody is mid-way any more), it is an interrupted operation.
+    assert not backend.take_cut("i01").trusted

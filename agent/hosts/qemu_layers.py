@@ -425,9 +425,20 @@ class Layers:
                     extra={"fields": {"vm": self.spec.name, "cut": cut_id}},
                 )
             return
-        self.fold(qmp, st.cut.frozen)
+        count = dict(st.cut.frozen)
+        later: dict[str, list[list[int]]] = {}
+        if qmp is None:
+            # Off: QEMU is not there to point the layers above the cut at the base, and
+            # sitepair does not write qcow2 headers. So they are folded too, and what they hold
+            # (written after the cut) is remembered as changed since it.
+            for d in self.spec.disks:
+                above = st.overlays.get(d.id, [])[count.get(d.id, 0) :]
+                if above:
+                    later[d.id] = _union(_layer_ranges(self.overlay_path(d.id, x)) for x in above)
+                count[d.id] = len(st.overlays.get(d.id, []))
+        self.fold(qmp, count)
         st.cut = None
-        st.pending = {}
+        st.pending = later
         st.released = cut_id
         self.save()
 

@@ -305,3 +305,29 @@ def test_the_inventory_does_not_mistake_an_operation_in_progress_for_an_interrup
     assert json.loads((folder / "layers.json").read_text())["trusted"]
     # Found under the lock (nobody is mid-way any more), it is an interrupted operation.
     assert not backend.take_cut("i01").trusted
+
+
+def test_a_cut_released_after_the_vm_stopped_keeps_the_later_writes_tracked(
+    backend: QemuBackend,
+) -> None:
+    """A cycle's cut taken while the VM ran, released after it was powered off: the layer the
+    guest wrote after the cut must not be left pointing at a deleted one, and its writes must be
+    in the next cut."""
+    backend.create_vm("s01", disks=[("os", "vhdx", 8 * MiB)])
+    backend.set_vm_state("s01", "running")
+    g = Guest(backend, "s01", {"os": 8 * MiB})
+    first = backend.take_cut("s01")
+    backend.release_cut("s01", first.cut_id)
+    backend.reset_tracking("s01", first.cut_id)
+    g.write("os", 0, K64, 0x71)
+    cut = backend.take_cut("s01")
+    g.write("os", 4 * MiB, K64, 0x72)  # after the cut
+    backend.set_vm_state("s01", "off")
+    backend.release_cut("s01", cut.cut_id)
+    (chain,) = backend.disk_chains("s01").values()
+    assert chain_bytes(tuple(chain)) == bytes(g.model["os"])  # every layer still readable
+    nxt = backend.take_cut("s01")
+    assert nxt.trusted
+    assert aligned(list(nxt.disks[0].changed or [])) == {64}
+    assert chain_bytes(nxt.disks[0].chain) == bytes(g.model["os"])
+    assert backend.set_vm_state("s01", "running").state == "running"

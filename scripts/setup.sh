@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 # is built from Debian packages (busybox, e2fsck, a FAT boot disk with SYSLINUX) and booted by
 # QEMU; apt (apt-get download) fetches its kernel package at test time.
 DEBS=(qemu-utils libvhdi-utils rsync iproute2 postgresql make
-      qemu-system-x86 busybox-static e2fsprogs dosfstools mtools syslinux syslinux-common apt)
+      qemu-system-x86 busybox-static e2fsprogs dosfstools mtools syslinux syslinux-common apt
+      qemu-guest-agent)
 missing=()
 for p in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

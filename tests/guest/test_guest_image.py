@@ -2,6 +2,7 @@
 virtio-blk, writing records it acknowledges only once durable, shutting down cleanly on the
 ACPI power button, and verifying every acknowledged record on the next boot, after a clean
 shutdown, after a SIGKILL of QEMU mid-write, and (negative) after one record was corrupted.
+With a guest agent channel it runs the real qemu-guest-agent, whose fsfreeze stops the writer.
 
 Timeouts here only stop hangs; nothing asserts how fast anything is."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from tests.support.guest import (
     GuestImage,
     GuestTimeout,
     GuestVM,
+    check_data_disk,
     corrupt_record,
     launch_guest,
     record_bytes,
@@ -61,11 +64,13 @@ def test_image_disks_match_their_raw_images(guest_image: GuestImage) -> None:
         assert r.returncode == 0, r.stdout + r.stderr
     order = guest_image.manifest["load_order"]
     for dep, user in (("jbd2.ko", "ext4.ko"), ("crc32c_generic.ko", "ext4.ko"),
-                      ("virtio.ko", "virtio_blk.ko"), ("virtio_ring.ko", "virtio_pci.ko")):  # fmt: skip
+                      ("virtio.ko", "virtio_blk.ko"), ("virtio_ring.ko", "virtio_pci.ko"),
+                      ("virtio.ko", "virtio_console.ko")):  # fmt: skip
         assert order.index(dep) < order.index(user)
     # The cache gives the same image back without rebuilding.
     assert GuestImage.build(guest_image.directory.parent.parent).key == guest_image.key
-    gzip.decompress((guest_image.directory / "initrd.gz").read_bytes())
+    initrd = gzip.decompress((guest_image.directory / "initrd.gz").read_bytes())
+    assert b"usr/sbin/qemu-ga\0" in initrd  # the real guest agent, from qemu-guest-agent
 
 
 def test_records_are_deterministic() -> None:
@@ -84,6 +89,7 @@ def test_console_log_parser(tmp_path: Path) -> None:
         b"[    1.0] virtio_blk virtio1: [vdb] SITEPAIR ACK 9 " + d1.encode() + b"\r\n"
         b"SITEPAIR FSCK preen=1 check=0 journal=1 verdict=replayed\r\n"
         b"SITEPAIR VERIFY count=4 last=4 ok=0 torn=1 bad=3 reason=digest\r\n"
+        b"SITEPAIR QGA started port=/dev/vport2p1\r\n"
         b"SITEPAIR ACK 1 " + d1.encode() + b"\r\n"
         b"SITEPAIR ACK 2 " + d2.encode()
     )
@@ -99,6 +105,7 @@ def test_console_log_parser(tmp_path: Path) -> None:
         "digest",
     )
     assert not c.shutdown_clean()
+    assert c.qga() == "started"
     with pytest.raises(GuestTimeout, match="SITEPAIR ACK 2"):
         c.wait_for(lambda c: len(c.acks()) >= 2, timeout=0.3, what="2 ACKs")
 
@@ -112,6 +119,8 @@ def test_powerdown_then_every_acked_record_verifies(
         assert vm.powerdown() == 0
         first = vm.console
         assert first.shutdown_clean(), first.tail()
+    # Without a virtio-serial channel the guest agent is not started, and nothing else changes.
+    assert "SITEPAIR QGA failed reason=nochannel" in first.lines()
     acks = first.acks()
     assert_consecutive(acks, 1)
     assert_acks_match_records(acks, SEED)
@@ -205,3 +214,40 @@ def test_boots_on_the_pc_machine_too(disks: tuple[Path, Path], tmp_path: Path) -
         vm.wait_acks(1, BOOT)
         assert vm.powerdown() == 0
         assert vm.console.shutdown_clean()
+
+
+def test_guest_agent_freeze_stops_the_writer_until_thawed(
+    disks: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The guest runs the real qemu-guest-agent on its virtio-serial port: guest-fsfreeze-freeze
+    freezes the data filesystem (FIFREEZE), so the writer's ACKs stop (at most the record
+    already past its last sync is acknowledged) until guest-fsfreeze-thaw; every record is
+    intact afterwards. One boot: the disk is checked offline after the clean shutdown."""
+    with boot(disks, tmp_path, "qga", qga=True) as vm:
+        vm.wait_ready(BOOT)
+        c = vm.console
+        assert c.qga() == "started", c.tail()
+        # The writer's pace, to know how long "no ACK" means anything.
+        n = len(vm.wait_acks(3, BOOT))
+        t = time.monotonic()
+        vm.wait_acks(n + 3, BOOT)
+        period = (time.monotonic() - t) / 3
+        with vm.agent() as qga:
+            assert qga.execute("guest-fsfreeze-status") == "thawed"
+            assert qga.execute("guest-fsfreeze-freeze", timeout=120) == 1  # /data only
+            at_freeze = c.last_ack()
+            assert qga.execute("guest-fsfreeze-status") == "frozen"
+            # Frozen for many record periods: no ACK but the one that may have been in flight.
+            time.sleep(min(30.0, max(3.0, 8 * period)))
+            while_frozen = c.last_ack()
+            assert while_frozen <= at_freeze + 1, c.tail()
+            assert qga.execute("guest-fsfreeze-thaw", timeout=120) == 1
+            assert qga.execute("guest-fsfreeze-status") == "thawed"
+        vm.wait_for(lambda c: c.last_ack() > while_frozen, BOOT, "an ACK after the thaw")
+        assert vm.powerdown() == 0
+        assert c.shutdown_clean(), c.tail()
+    acks = c.acks()
+    assert_consecutive(acks, 1)
+    assert_acks_match_records(acks, SEED)
+    # Every acknowledged record, and nothing else, is on the disk, byte for byte.
+    assert check_data_disk(disks[1], SEED) == acks

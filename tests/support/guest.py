@@ -13,17 +13,18 @@ What is built (``GuestImage.build``), and why this way:
   (the data filesystem), crc32c_generic (ext4's metadata checksums ask the crypto API for
   "crc32c"; without modprobe in the guest nothing would load it on demand, so it is loaded
   explicitly, which also satisfies ext4's ``softdep``), evdev and button (the ACPI power button
-  as an input device, for ``system_powerdown``), and qemu_fw_cfg (per-VM parameters without
-  touching the disks). Dependencies are resolved here by reading each ``.ko``'s ``.modinfo``
-  section (``depends=`` and ``softdep=pre:``), so no modinfo/depmod is needed on the host, and
-  the guest's ``/init`` insmods them in that order. Built-in ones (``modules.builtin``) are
-  skipped.
+  as an input device, for ``system_powerdown``), qemu_fw_cfg (per-VM parameters without
+  touching the disks) and virtio_console (virtio-serial: qemu-guest-agent's channel).
+  Dependencies are resolved here by reading each ``.ko``'s ``.modinfo`` section (``depends=``
+  and ``softdep=pre:``), so no modinfo/depmod is needed on the host, and the guest's ``/init``
+  insmods them in that order. Built-in ones (``modules.builtin``) are skipped.
 - **Initramfs**: a gzip'd cpio (newc) written by this module, not by the cpio tool, so it can
   hold ``/dev/console`` without root and is byte-for-byte reproducible (mtime 0). It holds
   busybox from busybox-static (``--install -s`` at boot), the modules, the host's ``e2fsck``
-  with the shared libraries ``ldd`` names, and the ``/init`` below. ``mke2fs`` is not included:
-  the guest never formats its data disk, because a guest that formatted a disk it could not
-  read would turn a lost filesystem into an empty, "verified" one.
+  and ``qemu-ga`` (qemu-guest-agent) with the shared libraries ``ldd`` names, and the ``/init``
+  below. ``mke2fs`` is not included: the guest never formats its data disk, because a guest
+  that formatted a disk it could not read would turn a lost filesystem into an empty,
+  "verified" one.
 - **Boot disk**: an unpartitioned FAT image with SYSLINUX, the kernel and the initramfs, made
   with ``mkfs.fat``, ``syslinux --install`` (the mtools installer) and ``mcopy``: no loop device,
   no mount, no root needed. The VM boots it through SeaBIOS from a virtio-blk disk, as the
@@ -43,8 +44,9 @@ What is built (``GuestImage.build``), and why this way:
 Both raw images are converted to dynamic VHDX with the project's own ``sitepair.vdisk``
 (``convert``) and checked with ``qemu-img check`` and ``qemu-img compare`` against the raw
 image. The images are cached under a key covering every input (kernel package version,
-busybox, e2fsprogs and syslinux versions, the init script and the awk programs, the module
-list, the sizes); callers copy the templates per VM (``GuestImage.copy_disks``).
+busybox, e2fsprogs, qemu-guest-agent and syslinux versions, digests of the host binaries copied
+in and of their shared libraries, the init script and the awk programs, the module list, the
+sizes); callers copy the templates per VM (``GuestImage.copy_disks``).
 
 The guest (``/init``, PID 1) on every boot:
 
@@ -61,11 +63,19 @@ The guest (``/init``, PID 1) on every boot:
    ``SITEPAIR FSCK preen=<rc> check=<rc> journal=<0|1> verdict=<clean|replayed|repaired|errors>``;
 6. mounts it and verifies every record: ``SITEPAIR VERIFY count=<n> last=<seq> ok=<0|1>
    torn=<0|1> [bad=<seq> reason=<format|gap|missing|digest|nolog|nodisk|mount>]``;
-7. if verification passed, writes records from ``last+1`` on, each acknowledged as
+7. starts qemu-guest-agent when the VM has its virtio-serial port ``org.qemu.guest_agent.0``
+   (QEMU ``-device virtserialport,name=org.qemu.guest_agent.0``; ``launch_guest(qga=True)``):
+   links ``/dev/virtio-ports/org.qemu.guest_agent.0`` to the port's ``/dev/vportNpM`` (what udev
+   would do) and runs ``qemu-ga -d`` on it, after the data filesystem is mounted, so
+   ``guest-fsfreeze-freeze`` freezes it (FIFREEZE; the writer then blocks in its next write or
+   sync until ``guest-fsfreeze-thaw``). It prints ``SITEPAIR QGA started port=/dev/vportNpM``
+   once the daemon holds the port open, or ``SITEPAIR QGA failed reason=<nochannel|noport|exit|
+   exited|timeout>``; the workload never depends on it;
+8. if verification passed, writes records from ``last+1`` on, each acknowledged as
    ``SITEPAIR ACK <seq> <sha256>`` only once durable, then timed as ``SITEPAIR LATENCY <seq>
    record_us=<write to durable> fsync_us=<its two syncs> at=<guest epoch>`` (busybox ash's
    ``$EPOCHREALTIME``; no such line where the shell lacks it);
-8. on a power-button press: stops the writer after its current record, syncs, unmounts, prints
+9. on a power-button press: stops the writer after its current record, syncs, unmounts, prints
    ``SITEPAIR SHUTDOWN clean`` and powers off.
 
 Every line the tests parse starts with ``SITEPAIR `` so kernel noise never confuses the parser.
@@ -97,6 +107,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import struct
 import subprocess
@@ -130,12 +141,15 @@ WANTED_MODULES = (
     "evdev",
     "button",
     "qemu_fw_cfg",
+    "virtio_console",
 )
 #: The kernel command line. ``panic=-1`` reboots at once on a panic and ``-no-reboot`` then
 #: ends QEMU, so a broken guest ends its test instead of hanging it.
 KERNEL_CMDLINE = "console=ttyS0,115200 quiet loglevel=1 panic=-1"
 #: The fw_cfg file the init reads its per-VM parameters from.
 FW_CFG_NAME = "opt/sitepair/args"
+#: The virtio-serial port name qemu-guest-agent listens on (QEMU's and the qemu backend's).
+QGA_PORT_NAME = "org.qemu.guest_agent.0"
 
 #: Host tools the builder runs, with the Debian package that provides each.
 BUILD_TOOLS = {
@@ -151,6 +165,7 @@ BUILD_TOOLS = {
     "syslinux": "syslinux",
     "mcopy": "mtools",
     "qemu-img": "qemu-utils",
+    "qemu-ga": "qemu-guest-agent",
 }
 QEMU_BINARY = "qemu-system-x86_64"
 
@@ -312,6 +327,54 @@ if [ $MOUNTED -eq 1 ]; then
         fi
     fi
 fi
+
+# qemu-guest-agent, for application-consistent cuts (guest-fsfreeze-freeze/thaw), started once
+# the data filesystem is mounted and only when the VM has its virtio-serial port. The workload
+# never depends on it: any failure is reported and the boot goes on.
+QGA=org.qemu.guest_agent.0
+qgalog() { head -n 5 /tmp/qga.log 2>/dev/null | while read -r l; do say "QGALOG $l"; done; }
+qga_start() {
+    vs=0
+    for d in /sys/bus/virtio/devices/*; do
+        [ "$(cat "$d/device" 2>/dev/null)" = 0x0003 ] && vs=1  # virtio console (serial)
+    done
+    [ $vs -eq 1 ] || { say "QGA failed reason=nochannel"; return; }
+    # The device announces its ports after the driver is up; udev would then make the link.
+    port= i=0
+    while :; do
+        for p in /sys/class/virtio-ports/*; do
+            [ "$(cat "$p/name" 2>/dev/null)" = $QGA ] && port=${p##*/}
+        done
+        [ -n "$port" ] && [ -c "/dev/$port" ] && break
+        [ $i -ge 50 ] && { say "QGA failed reason=noport"; return; }
+        sleep 0.1
+        i=$((i + 1))
+    done
+    mkdir -p /dev/virtio-ports
+    ln -sf "../$port" /dev/virtio-ports/$QGA
+    qemu-ga -d -m virtio-serial -p /dev/virtio-ports/$QGA -f /run/qemu-ga.pid -t /run \
+        -l /tmp/qga.log 3<&-
+    rc=$?
+    [ $rc -eq 0 ] || { say "QGA failed reason=exit rc=$rc"; qgalog; return; }
+    # The daemon opens the port after forking: started once it holds it open.
+    i=0
+    while [ $i -lt 100 ]; do
+        pid=$(cat /run/qemu-ga.pid 2>/dev/null)
+        if [ -z "$(pidof qemu-ga)" ]; then say "QGA failed reason=exited"; qgalog; return; fi
+        if isnum "$pid"; then
+            for f in /proc/"$pid"/fd/*; do
+                [ "$(readlink "$f")" = "/dev/$port" ] || continue
+                say "QGA started port=/dev/$port"
+                return
+            done
+        fi
+        sleep 0.1
+        i=$((i + 1))
+    done
+    say "QGA failed reason=timeout"
+    qgalog
+}
+qga_start
 
 writer() {
     stop=0
@@ -706,12 +769,31 @@ def _busybox() -> Path:
     return busybox
 
 
+def host_binaries() -> dict[str, Path]:
+    """The host's dynamically linked programs the initramfs carries, by their path there."""
+    return {"sbin/e2fsck": Path(_tool("e2fsck")), "usr/sbin/qemu-ga": Path(_tool("qemu-ga"))}
+
+
+def _binaries_digest() -> str:
+    """A digest of the host programs copied into the guest and of every library they load."""
+    h = hashlib.sha256()
+    files = {name: path.resolve() for name, path in host_binaries().items()}
+    for binary in list(files.values()):
+        files.update({str(lib): lib.resolve() for lib in shared_libraries(binary)})
+    for name in sorted(files):
+        h.update(f"{name}\0{_file_digest(files[name])}\0".encode())
+    return h.hexdigest()[:16]
+
+
 def build_initramfs(modules: Sequence[Path], kernel_release: str) -> bytes:
     """The guest's initramfs (gzip'd newc cpio): busybox, the modules (load order in
-    ``/etc/sitepair/modules``), e2fsck with its libraries, the awk programs and ``/init``."""
+    ``/etc/sitepair/modules``), e2fsck and qemu-ga with their libraries, the awk programs and
+    ``/init``."""
     cpio = Cpio()
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "data", "etc"):
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "data", "etc",
+              "run"):  # fmt: skip
         cpio.directory(d)
+    cpio.symlink("var/run", "/run")
     cpio.char_device("dev/console", 5, 1)
     cpio.char_device("dev/null", 1, 3, 0o666)
     cpio.file("bin/busybox", _busybox().read_bytes(), 0o755)
@@ -723,10 +805,10 @@ def build_initramfs(modules: Sequence[Path], kernel_release: str) -> bytes:
     cpio.file("etc/sitepair/kernel-release", f"{kernel_release}\n".encode())
     cpio.file("etc/sitepair/gen.awk", GEN_AWK.encode())
     cpio.file("etc/sitepair/verify.awk", VERIFY_AWK.encode())
-    e2fsck = Path(_tool("e2fsck"))
-    cpio.file("sbin/e2fsck", e2fsck.resolve().read_bytes(), 0o755)
-    for lib in shared_libraries(e2fsck):
-        cpio.file(str(lib), lib.resolve().read_bytes(), 0o755)
+    for name, binary in host_binaries().items():
+        cpio.file(name, binary.resolve().read_bytes(), 0o755)
+        for lib in shared_libraries(binary):
+            cpio.file(str(lib), lib.resolve().read_bytes(), 0o755)
     cpio.file("etc/e2fsck.conf", E2FSCK_CONF.encode())
     cpio.symlink("etc/mtab", "/proc/self/mounts")
     return cpio.finish()
@@ -823,6 +905,8 @@ class GuestImage:
                 "busybox": _deb_version("busybox-static"),
                 "busybox_sha": _file_digest(_busybox()),
                 "e2fsprogs": _deb_version("e2fsprogs"),
+                "qemu_guest_agent": _deb_version("qemu-guest-agent"),
+                "binaries_sha": _binaries_digest(),
                 "syslinux": _deb_version("syslinux"),
                 "init_sha": hashlib.sha256(INIT_SCRIPT.encode()).hexdigest()[:16],
                 "awk_sha": hashlib.sha256((GEN_AWK + VERIFY_AWK).encode()).hexdigest()[:16],
@@ -926,6 +1010,7 @@ _VERIFY = re.compile(
 )
 _FSCK = re.compile(r"SITEPAIR FSCK preen=(\d+) check=(\d+) journal=([01]) verdict=(\w+)")
 _SHUTDOWN = re.compile(r"SITEPAIR SHUTDOWN (clean|unclean.*)")
+_QGA = re.compile(r"SITEPAIR QGA (started|failed)(?: .*)?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1042,6 +1127,16 @@ class ConsoleLog:
     def shutdown_clean(self) -> bool:
         return self.shutdown() == "clean"
 
+    def qga(self) -> str | None:
+        """The guest agent's start: ``started``, ``failed`` (the line says why), or None
+        before the guest got that far."""
+        found = None
+        for line in self.lines():
+            m = _QGA.fullmatch(line)
+            if m:
+                found = m.group(1)
+        return found
+
     def wait_for(
         self,
         predicate: Callable[[ConsoleLog], T | None],
@@ -1104,11 +1199,14 @@ def qemu_command(
     machine: str = "q35",
     memory_mib: int = 256,
     params: str | None = None,
+    qga_socket: Path | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """The QEMU command line for a guest: TCG, no network, no display, no reboot, the boot
     disk (first in boot order) and the data disk on virtio-blk through QEMU's vhdx driver, the
-    serial console to a file and QMP on a unix socket."""
+    serial console to a file and QMP on a unix socket. With ``qga_socket``, a virtio-serial
+    port named ``org.qemu.guest_agent.0`` whose host end is that unix socket (QEMU listens),
+    as the qemu backend gives its VMs: the guest then starts qemu-guest-agent on it."""
     argv = [
         QEMU_BINARY,
         "-machine", f"{machine},accel=tcg",
@@ -1126,6 +1224,12 @@ def qemu_command(
     ]  # fmt: skip
     if params:
         argv += ["-fw_cfg", f"name={FW_CFG_NAME},string={_opt(params)}"]
+    if qga_socket is not None:
+        argv += [
+            "-chardev", f"socket,id=qga0,path={_opt(qga_socket)},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-device", f"virtserialport,chardev=qga0,name={QGA_PORT_NAME}",
+        ]  # fmt: skip
     return argv + list(extra)
 
 
@@ -1156,6 +1260,91 @@ def qmp_execute(
     return asyncio.run(bounded())
 
 
+class GuestAgentError(GuestError):
+    """qemu-guest-agent answered a command with an error."""
+
+
+class GuestAgent:
+    """A client of the guest's qemu-guest-agent through the host end of its virtio-serial
+    channel (the unix socket QEMU listens on). The protocol: JSON objects, one a line, no
+    greeting; :meth:`sync` sends ``guest-sync`` with a fresh id and skips every line until the
+    reply with that id (replies left from an earlier client, a half-read line), then each
+    :meth:`execute` reads its command's reply. It is the tests' own, independent of the agent's
+    client (agent/hosts/qemu_guest_agent.py)."""
+
+    def __init__(self, path: Path) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._buf = b""
+        try:
+            self._sock.settimeout(10)
+            self._sock.connect(os.fspath(path))
+        except OSError:
+            self._sock.close()
+            raise
+
+    def __enter__(self) -> GuestAgent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def _send(self, command: str, arguments: dict[str, Any] | None) -> None:
+        message: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            message["arguments"] = arguments
+        self._sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def _reply(self, deadline: float, what: str) -> dict[str, Any] | None:
+        """The next line as a JSON object; None for a line that is not one."""
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestTimeout(f"qemu-guest-agent did not answer {what} in time")
+            self._sock.settimeout(left)
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise GuestError(f"the guest agent channel closed while waiting for {what}")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        try:
+            reply = json.loads(line.strip(b"\xff \r\t") or b"null")
+        except ValueError:
+            return None
+        return reply if isinstance(reply, dict) else None
+
+    def sync(self, timeout: float = 30) -> None:
+        """``guest-sync``: wait until the agent answers this client's fresh id."""
+        token = int.from_bytes(os.urandom(4), "big") >> 1 or 1  # fresh: not another's reply
+        self._send("guest-sync", {"id": token})
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._reply(deadline, "guest-sync")
+            if reply is not None and reply.get("return") == token:
+                return
+
+    def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float = 60
+    ) -> Any:
+        """Run one command; its ``return`` value, or GuestAgentError with the agent's error."""
+        self._send(command, arguments)
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._reply(deadline, command)
+            if reply is None:
+                continue
+            if "error" in reply:
+                raise GuestAgentError(f"{command}: {reply['error']}")
+            if "return" in reply:
+                return reply["return"]
+
+
 @dataclasses.dataclass
 class GuestVM:
     """A running QEMU guest started by :func:`launch_guest`. As a context manager it is
@@ -1166,6 +1355,8 @@ class GuestVM:
     qmp_socket: Path
     stderr_path: Path
     started: float
+    #: The host end of the guest agent's channel (``launch_guest(qga=True)``), else None.
+    qga_socket: Path | None = None
 
     def __enter__(self) -> GuestVM:
         return self
@@ -1181,6 +1372,19 @@ class GuestVM:
 
     def wait_for(self, predicate: Callable[[ConsoleLog], T | None], timeout: float, what: str) -> T:
         return self.console.wait_for(predicate, timeout, process=self.process, what=what)
+
+    def agent(self, timeout: float = 30) -> GuestAgent:
+        """A connection to the guest's qemu-guest-agent, synced (``guest-sync``) within
+        ``timeout`` seconds; use it as a context manager."""
+        if self.qga_socket is None:
+            raise GuestError("this guest was launched without a guest agent channel (qga=True)")
+        agent = GuestAgent(self.qga_socket)
+        try:
+            agent.sync(timeout)
+        except BaseException:
+            agent.close()
+            raise
+        return agent
 
     def wait_ready(self, timeout: float = 120) -> float:
         """Wait for ``SITEPAIR READY``; the seconds from launch to it."""
@@ -1234,19 +1438,24 @@ def launch_guest(
     interval: float = 0.2,
     max_records: int = 0,
     writer: bool = True,
+    qga: bool = False,
     extra: Sequence[str] = (),
 ) -> GuestVM:
     """Start QEMU on ``boot`` and ``data`` (VHDX files the guest may change); the console log,
     QMP socket and QEMU's stderr go in ``workdir`` as ``<name>.console`` etc. A console file
-    left from an earlier boot is replaced."""
+    left from an earlier boot is replaced. With ``qga``, the VM gets the guest agent's
+    virtio-serial channel, its host end the unix socket ``<name>.qga`` (``GuestVM.agent``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     console = workdir / f"{name}.console"
     qmp_socket = workdir / f"{name}.qmp"
+    qga_socket = workdir / f"{name}.qga" if qga else None
     stderr_path = workdir / f"{name}.stderr"
-    for p in (console, qmp_socket):
-        p.unlink(missing_ok=True)
-    if len(os.fsencode(qmp_socket)) > 100:
-        raise GuestError(f"{qmp_socket}: too long for a unix socket path")
+    for p in (console, qmp_socket, qga_socket):
+        if p is not None:
+            p.unlink(missing_ok=True)
+    for sock in (qmp_socket, qga_socket):
+        if sock is not None and len(os.fsencode(sock)) > 100:
+            raise GuestError(f"{sock}: too long for a unix socket path")
     argv = qemu_command(
         boot,
         data,
@@ -1255,11 +1464,14 @@ def launch_guest(
         machine=machine,
         memory_mib=memory_mib,
         params=guest_params(seed=seed, interval=interval, max_records=max_records, writer=writer),
+        qga_socket=qga_socket,
         extra=extra,
     )
     with stderr_path.open("wb") as err:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-    vm = GuestVM(process, ConsoleLog(console), qmp_socket, stderr_path, time.monotonic())
+    vm = GuestVM(
+        process, ConsoleLog(console), qmp_socket, stderr_path, time.monotonic(), qga_socket
+    )
     deadline = time.monotonic() + 10
     while not qmp_socket.exists():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -1299,3 +1511,37 @@ def corrupt_record(data_disk: Path, seq: int, *, at: int = 100) -> None:
         byte = disk.read(offset, 1)
         disk.write(offset, bytes([byte[0] ^ 0x01]))
         disk.flush()
+
+
+def check_data_disk(data_disk: Path, seed: int) -> list[tuple[int, str]]:
+    """Check a data disk offline (the guest stopped, its filesystem cleanly unmounted), as the
+    guest's boot-time verification would and more strictly: ``e2fsck -fn`` finds nothing, the
+    log is complete, gap-free from 1, and every record's bytes are exactly the generator's for
+    ``seed`` with the logged digest. Reads a raw copy (``sitepair.vdisk``) with ``debugfs``, no
+    mount. The log's entries ``(seq, digest)``; GuestError on the first fault."""
+    from sitepair.vdisk.ops import convert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "data.raw"
+        convert(data_disk, raw, format="raw", subformat="fixed")
+        conf = Path(tmp) / "e2fsck.conf"
+        conf.write_text(E2FSCK_CONF)
+        env = {**os.environ, "E2FSCK_CONFIG": str(conf)}
+        _run([_tool("e2fsck"), "-fn", raw], env=env)
+        out = Path(tmp) / "out"
+        out.mkdir()
+        _run([_tool("debugfs"), "-R", f"rdump /records {out}", raw])
+        _run([_tool("debugfs"), "-R", f"dump /log {out / 'log'}", raw])
+        text = (out / "log").read_text()
+        if text and not text.endswith("\n"):
+            raise GuestError(f"{data_disk}: the log ends in a partial line")
+        entries = []
+        for n, line in enumerate(text.splitlines(), 1):
+            seq, _, digest = line.partition(" ")
+            if seq != str(n):
+                raise GuestError(f"{data_disk}: log line {n} is {line!r}")
+            data = (out / "records" / seq).read_bytes()
+            if data != record_bytes(seed, n) or hashlib.sha256(data).hexdigest() != digest:
+                raise GuestError(f"{data_disk}: record {n} differs from the generator's or log's")
+            entries.append((n, digest))
+        return entries

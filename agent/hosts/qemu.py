@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from agent.hosts import qemu_vm
+from agent.hosts import qemu_guest_agent, qemu_vm
 from agent.hosts.base import (
     Cut,
     DiskRecord,
@@ -41,7 +41,6 @@ from agent.hosts.base import (
     HostInventory,
     NetworkRecord,
     NicRecord,
-    QuiesceFailed,
     RegisteredVm,
     StorageRecord,
     VmRecord,
@@ -226,8 +225,10 @@ class QemuBackend(HostBackend):
                 paths.check_component(disk_id, "disk id")
                 if not chain:
                     raise InvalidArgument(f"disk {disk_id} of VM {name}: the chain is empty")
-                with vdisk.open_disk(chain[-1], read_only=True) as top:
-                    fmt = top.format.value
+                # The image format of the chain (a qcow2 overlay on top, as in a cut of a
+                # qemu VM, takes its base's).
+                with vdisk.open_disk(chain[0], read_only=True) as bottom:
+                    fmt = bottom.format.value
                 if fmt not in qemu_vm.DISK_FORMATS:
                     raise InvalidArgument(f"{chain[-1]}: not a VHD or VHDX layer")
                 rel = f"disks/{disk_id}-{stamp}.{fmt}"
@@ -523,14 +524,22 @@ class QemuBackend(HostBackend):
             if qmp is not None:
                 layers.check_graph(qmp)
             if app_consistent:
-                # Application consistency needs qemu-guest-agent's fsfreeze in the guest, which
-                # sitepair does not drive yet: say so, and the replication loop takes a
-                # crash-consistent cut at once (health reports app-consistent-failing).
-                raise QuiesceFailed(
-                    f"VM {spec.name}: application-consistent cuts of qemu VMs need "
-                    "qemu-guest-agent support, which sitepair does not have yet",
-                    hint="the cut is crash-consistent; set the policy's application-consistent "
-                    "frequency to 0 for qemu VMs to silence this",
+                if qmp is None:
+                    # Off: nothing runs in the guest, the disks are as consistent as they get.
+                    return layers.take_cut(None, app_consistent=True, now=self._clock())
+                qga = Runtime(folder).qga
+                # No guest agent: QuiesceFailed at once (before any overlay is made), and the
+                # replication loop takes a crash-consistent cut.
+                agent = qemu_guest_agent.GuestAgent(qga, vm=spec.name)
+                try:
+                    agent.sync()
+                finally:
+                    agent.close()
+                return layers.take_cut(
+                    qmp,
+                    app_consistent=True,
+                    now=self._clock(),
+                    quiesce=lambda: qemu_guest_agent.frozen(qga, vm=spec.name),
                 )
             return layers.take_cut(qmp, app_consistent=False, now=self._clock())
 

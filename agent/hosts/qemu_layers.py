@@ -37,12 +37,13 @@ State lives in ``<vm>/layers.json`` (replaced atomically); overlays in ``<vm>/ov
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -279,8 +280,15 @@ class Layers:
         path.chmod(0o600)
         return name
 
-    def put_overlays(self, qmp: QmpSession) -> None:
-        """A fresh overlay on every disk, in one transaction (tracking continues in it)."""
+    def put_overlays(
+        self,
+        qmp: QmpSession,
+        *,
+        quiesce: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
+    ) -> None:
+        """A fresh overlay on every disk, in one transaction (tracking continues in it).
+        ``quiesce``: a context the transaction runs in (the guest's filesystems frozen), entered
+        only once the overlays are made, so the guest is frozen for the transaction alone."""
         st = self.state
         number = st.next_overlay
         st.next_overlay += 1
@@ -292,7 +300,8 @@ class Layers:
             top = node(i, f"o{overlays[-1]}") if overlays else node(i, "b")
             name = self._add_overlay(qmp, i, d.id, number)
             actions.append({"type": "blockdev-snapshot", "data": {"node": top, "overlay": name}})
-        qmp.execute("transaction", {"actions": actions})
+        with quiesce() if quiesce is not None else contextlib.nullcontext():
+            qmp.execute("transaction", {"actions": actions})
         for d in self.spec.disks:
             st.overlays.setdefault(d.id, []).append(number)
         st.intent = ""
@@ -345,8 +354,16 @@ class Layers:
         return folded
 
     # -- cuts ---------------------------------------------------------------------------------
-    def take_cut(self, qmp: QmpSession | None, *, app_consistent: bool, now: float) -> Cut:
-        """``qmp``: the running VM's monitor (None: the VM is off and nothing writes)."""
+    def take_cut(
+        self,
+        qmp: QmpSession | None,
+        *,
+        app_consistent: bool,
+        now: float,
+        quiesce: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
+    ) -> Cut:
+        """``qmp``: the running VM's monitor (None: the VM is off and nothing writes).
+        ``quiesce``: see :meth:`put_overlays` (an application-consistent cut)."""
         st = self.state
         if st.cut is not None and qmp is not None:
             # The previous cut was never released: fold its layers, keep their ranges.
@@ -360,7 +377,7 @@ class Layers:
             had_overlays = all(st.overlays.get(d.id) for d in self.spec.disks)
             if not had_overlays:
                 self._distrust(st, "the VM ran without a tracking layer")
-            self.put_overlays(qmp)
+            self.put_overlays(qmp, quiesce=quiesce)
             frozen = {d.id: len(st.overlays[d.id]) - 1 for d in self.spec.disks}
         else:
             frozen = {d.id: len(st.overlays.get(d.id, [])) for d in self.spec.disks}

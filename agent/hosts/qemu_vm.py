@@ -8,8 +8,9 @@ command line that runs it, and the process that does.
     <vm-root>/<vm-name>/disks/           base images (VHDX or VHD: what replicates)
     <vm-root>/<vm-name>/overlays/        qcow2 layers above each base (agent.hosts.qemu_layers)
     <vm-root>/<vm-name>/layers.json      the layers and the change tracking they carry
-    <vm-root>/<vm-name>/run/             qmp.sock, qemu.pid, serial.log (this boot's console;
-                                         serial.previous.log the boot before), qemu.log,
+    <vm-root>/<vm-name>/run/             qmp.sock, qga.sock (guest agent), qemu.pid,
+                                         serial.log (this boot's console; serial.previous.log
+                                         the boot before), qemu.log,
                                          instance.json (pid, start time, accel, command line)
 
 A VM is "running" or "paused" while its QEMU process lives and "off" otherwise: QEMU is started
@@ -204,14 +205,22 @@ class Runtime:
     def dir(self) -> Path:
         return self.folder / "run"
 
-    @property
-    def qmp(self) -> Path:
-        sock = self.dir / "qmp.sock"
+    def _socket(self, name: str) -> Path:
+        sock = self.dir / f"{name}.sock"
         if len(str(sock)) <= _SOCKET_PATH_MAX:
             return sock
         # A deep VM folder: the socket lives in the temporary folder, named after the folder.
         digest = hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:20]
-        return Path(tempfile.gettempdir()) / f"sitepair-qmp-{digest}.sock"
+        return Path(tempfile.gettempdir()) / f"sitepair-{name}-{digest}.sock"
+
+    @property
+    def qmp(self) -> Path:
+        return self._socket("qmp")
+
+    @property
+    def qga(self) -> Path:
+        """The host end of the guest agent's virtio-serial port."""
+        return self._socket("qga")
 
     @property
     def pidfile(self) -> Path:
@@ -345,6 +354,13 @@ def command_line(
         f"file,id=serial0,path={_opt(rt.serial)},append=on",
         "-serial",
         "chardev:serial0",
+        # qemu-guest-agent's channel (application-consistent cuts; qemu_guest_agent.py).
+        "-chardev",
+        f"socket,id=qga0,path={_opt(rt.qga)},server=on,wait=off",
+        "-device",
+        "virtio-serial-pci,id=vser0",
+        "-device",
+        "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
         "-daemonize",
         "-pidfile",
         _opt(rt.pidfile),
@@ -383,7 +399,7 @@ def _is_uuid(value: str) -> bool:
 def launch(argv: list[str], rt: Runtime, *, accel: str, timeout: float = 30.0) -> Instance:
     """Start QEMU daemonized (it outlives the agent) and record its instance."""
     rt.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for stale in (rt.pidfile, rt.qmp):
+    for stale in (rt.pidfile, rt.qmp, rt.qga):
         stale.unlink(missing_ok=True)
     if rt.serial.exists():
         # One console log per boot; the one before stays beside it.

@@ -271,9 +271,12 @@ def test_kvm_is_chosen_only_when_a_guest_really_runs() -> None:
     assert qemu_vm.choose_accel("qemu-system-x86_64", "tcg") == "tcg"
 
 
-def test_an_application_consistent_cut_is_refused_plainly(backend: QemuBackend) -> None:
-    """No guest agent support yet: the backend says so (the loop then takes a crash-consistent
-    cut and health reports app-consistent-failing), and nothing is left half-done."""
+def test_an_application_consistent_cut_without_a_guest_agent_is_refused_plainly(
+    backend: QemuBackend,
+) -> None:
+    """No qemu-guest-agent answers in this guest (there is no guest): the backend says so (the
+    loop then takes a crash-consistent cut and health reports app-consistent-failing), and
+    nothing is left half-done. tests/qemu has a guest that runs the agent."""
     from agent.hosts.base import QuiesceFailed
 
     backend.create_vm("q01", disks=[("os", "vhdx", 8 * MiB)])

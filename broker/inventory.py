@@ -36,6 +36,8 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from broker import bounds
 from broker.store.models import Cloud, HostStorage, InventoryVm, Server
@@ -144,39 +146,53 @@ def accept_inventory(inv: common_pb2.Inventory) -> AcceptedInventory:
         if len(reasons) < MAX_REASONS_LOGGED:
             reasons.append(f"{what}: {shown(exc.message, 160)}")
 
-    vm_ids: set[str] = set()
-    for vm in inv.vms:
-        try:
-            _check_vm(vm)
-            if vm.id in vm_ids:
-                raise InvalidArgument(f"VM id {vm.id} repeats")
-        except InvalidArgument as exc:
-            leave_out(f"VM {shown(vm.name)!r}", exc)
-            continue
-        vm_ids.add(vm.id)
-        out.vms.add().CopyFrom(vm)
-    names: set[str] = set()
-    for net in inv.networks:
-        try:
-            _check_network(net)
-            if net.name in names:
-                raise InvalidArgument(f"VM network {net.name!r} repeats")
-        except InvalidArgument as exc:
-            leave_out(f"network {shown(net.name)!r}", exc)
-            continue
-        names.add(net.name)
-        out.networks.add().CopyFrom(net)
-    names = set()
-    for st in inv.storage:
-        try:
-            _check_storage(st)
-            if st.name in names:
-                raise InvalidArgument(f"storage classification {st.name!r} repeats")
-        except InvalidArgument as exc:
-            leave_out(f"storage classification {shown(st.name)!r}", exc)
-            continue
-        names.add(st.name)
-        out.storage.add().CopyFrom(st)
+    def keep(
+        items: Iterable[Any],
+        into: Any,
+        *,
+        check: Callable[[Any], None],
+        key: Callable[[Any], str],
+        repeats: Callable[[Any], str],
+        label: Callable[[Any], str],
+    ) -> None:
+        """Copy into ``into`` each item that passes ``check`` and whose ``key`` is not taken
+        yet; the others are left out with their reason."""
+        seen: set[str] = set()
+        for item in items:
+            try:
+                check(item)
+                if key(item) in seen:
+                    raise InvalidArgument(repeats(item))
+            except InvalidArgument as exc:
+                leave_out(label(item), exc)
+                continue
+            seen.add(key(item))
+            into.add().CopyFrom(item)
+
+    keep(
+        inv.vms,
+        out.vms,
+        check=_check_vm,
+        key=lambda vm: vm.id,
+        repeats=lambda vm: f"VM id {vm.id} repeats",
+        label=lambda vm: f"VM {shown(vm.name)!r}",
+    )
+    keep(
+        inv.networks,
+        out.networks,
+        check=_check_network,
+        key=lambda net: net.name,
+        repeats=lambda net: f"VM network {net.name!r} repeats",
+        label=lambda net: f"network {shown(net.name)!r}",
+    )
+    keep(
+        inv.storage,
+        out.storage,
+        check=_check_storage,
+        key=lambda st: st.name,
+        repeats=lambda st: f"storage classification {st.name!r} repeats",
+        label=lambda st: f"storage classification {shown(st.name)!r}",
+    )
     out.DiscardUnknownFields()
     return AcceptedInventory(message=out, reasons=tuple(reasons), left_out=left_out)
 

@@ -28,6 +28,7 @@ import unicodedata
 from pathlib import Path, PurePath
 
 from sitepair.errors import InvalidArgument
+from sitepair.logsafe import shown
 
 #: Longest path component we create (NTFS and ext4 allow 255; leave room for suffixes).
 MAX_COMPONENT = 128
@@ -44,9 +45,9 @@ _SLUG_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def _shown(value: str, limit: int = 80) -> str:
-    """``value`` quoted for an error message, cut so a hostile value cannot flood a log."""
-    text = repr(value[:limit])
-    return text + f"... ({len(value)} characters)" if len(value) > limit else text
+    """``value`` quoted for an error message: cut, control characters escaped, its length kept
+    (sitepair.logsafe), so a hostile value cannot flood or forge a log."""
+    return f"'{shown(value, limit)}'"
 
 
 def check_component(value: str, what: str) -> str:

@@ -63,6 +63,7 @@ from sitepair.errors import (
     Unauthenticated,
     Unavailable,
 )
+from sitepair.logsafe import clipped, shown
 from sitepair.protoconv import timestamp
 from sitepair.rpc import REPLICATION_MAX_MESSAGE, Malformed, peer_identity, server_options
 from sitepair.v1 import replication_pb2
@@ -93,11 +94,6 @@ class Limits:
     idle_timeout: float = IDLE_TIMEOUT
 
 
-def _short(value: str, limit: int = 80) -> str:
-    """A value from the wire, cut for logs and messages (it may be hostile and huge)."""
-    return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
-
-
 def _safe_parse(cls: Any) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
@@ -122,7 +118,7 @@ class ReplicaRegistry:
         grant = self.state.grant(relationship) if len(relationship) <= 128 else None
         if grant is None:
             raise NotFound(
-                f"no replication grant for relationship {_short(relationship)} on this host"
+                f"no replication grant for relationship {shown(relationship, 80)} on this host"
             )
         return grant
 
@@ -239,7 +235,7 @@ class ReplicationServicer:
     def _abort(self, context: grpc.ServicerContext, exc: SitepairError) -> None:
         log.warning(
             "replication call refused",
-            extra={"fields": {"status": exc.status, "error": _short(str(exc), 300)}},
+            extra={"fields": {"status": exc.status, "error": clipped(str(exc), 300)}},
         )
         code = getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL)
         context.abort(code, str(exc))

@@ -50,6 +50,7 @@ from agent.replication.records import RecordFile
 from sitepair import paths, vdisk
 from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound, SitepairError
 from sitepair.fsutil import atomic_write, ensure_private_dir, fsync_dir
+from sitepair.logsafe import shown
 from sitepair.v1 import replication_pb2
 from sitepair.vdisk import ops as vdisk_ops
 
@@ -306,8 +307,8 @@ class ReplicaStore:
                 if granted and spec.disk_id not in granted:
                     raise Refusal(
                         "wrong-disks",
-                        f"disk {_short(spec.disk_id)} is not a disk of this relationship's grant "
-                        f"({', '.join(sorted(granted))})",
+                        f"disk {shown(spec.disk_id, 80)} is not a disk of this relationship's "
+                        f"grant ({', '.join(sorted(granted))})",
                         hint="the broker's inventory of the VM may be out of date: refresh the "
                         "primary host",
                     )
@@ -582,7 +583,7 @@ class ReplicaStore:
         with self.lock:
             ds = self.state.disks.get(disk_id)
             if ds is None:
-                raise NotFound(f"the replica has no disk {_short(disk_id)}")
+                raise NotFound(f"the replica has no disk {shown(disk_id, 80)}")
             top = self.path(ds.chain[-1])
         with vdisk.open_disk(top, read_only=True) as disk:
             for first, digests, allocated in vdisk_ops.iter_digests(disk, block):
@@ -817,8 +818,3 @@ def _private(path: Path) -> None:
     """Replica disk files are the agent's alone (0600), before any guest data is in them."""
     if sys.platform != "win32":
         path.chmod(0o600)
-
-
-def _short(value: str, limit: int = 80) -> str:
-    """A name from the wire, cut for a message (it may be hostile and huge)."""
-    return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"

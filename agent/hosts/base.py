@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from sitepair import paths
 from sitepair.errors import FailedPrecondition, NotFound
 
 
@@ -130,6 +131,14 @@ class RegisteredVm:
     #: The definition of a VM of the same name and id it replaced (a failback onto the old
     #: primary), in the backend's own words: restored by undo. None: nothing was replaced.
     previous: str | None = None
+
+
+def storage_class_of(storage: tuple[tuple[str, Path], ...], path: Path) -> str:
+    """The storage classification whose folder holds ``path`` (symlinks resolved), or ""."""
+    for name, folder in storage:
+        if paths.is_inside(folder, path):
+            return name
+    return ""
 
 
 class VmWriter(abc.ABC):

@@ -53,6 +53,7 @@ from agent.hosts.base import (
     StorageRecord,
     VmRecord,
     VmWriter,
+    storage_class_of,
 )
 from agent.hosts.checkpoints import Checkpoints
 from agent.hosts.dirwriter import DEFAULT_POLL_INTERVAL, DirectoryVmWriter
@@ -315,16 +316,6 @@ class DirectoryBackend(HostBackend):
         return {d.id: [folder / c for c in d.chain] for d in spec.disks}
 
     # -- inventory --------------------------------------------------------------------------
-    def _storage_class(self, path: Path) -> str:
-        resolved = path.resolve()
-        for name, folder in self.storage:
-            try:
-                resolved.relative_to(folder.resolve())
-                return name
-            except ValueError:
-                continue
-        return ""
-
     def _disk_record(self, folder: Path, disk: DiskSpec) -> DiskRecord:
         path = folder / disk.active
         fmt = path.suffix.lstrip(".").lower().replace("avhdx", "vhdx").replace("avhd", "vhd")
@@ -345,7 +336,7 @@ class DirectoryBackend(HostBackend):
             format=fmt,
             virtual_size=size,
             file_size=file_size,
-            storage_class=self._storage_class(path),
+            storage_class=storage_class_of(self.storage, path),
         )
 
     def _virtual_size_unlocked(self, folder: Path, disk: DiskSpec) -> int:

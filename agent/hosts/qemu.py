@@ -45,6 +45,7 @@ from agent.hosts.base import (
     StorageRecord,
     VmRecord,
     VmWriter,
+    storage_class_of,
 )
 from agent.hosts.qemu_layers import Layers
 from agent.hosts.qemu_monitor import QmpSession, session
@@ -348,7 +349,7 @@ class QemuBackend(HostBackend):
                     format=d.format,
                     virtual_size=size,
                     file_size=file_size,
-                    storage_class=self._storage_class(base),
+                    storage_class=storage_class_of(self.storage, base),
                 )
             )
         return VmRecord(
@@ -361,12 +362,6 @@ class QemuBackend(HostBackend):
             disks=tuple(disks),
             nics=spec.nics,
         )
-
-    def _storage_class(self, path: Path) -> str:
-        for name, folder in self.storage:
-            if paths.is_inside(folder, path):
-                return name
-        return ""
 
     def inventory(self) -> HostInventory:
         vms = []

@@ -41,11 +41,9 @@ import contextlib
 import dataclasses
 import json
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 from agent.hosts import qemu_vm
 from agent.hosts.base import Cut, FrozenDisk
@@ -539,16 +537,3 @@ def _copy_down(top: Path, base: Path, ranges: list[list[int]]) -> None:
                 else:
                     dst.write(pos, data)
             dst.flush()
-
-
-def _now() -> float:
-    return time.time()
-
-
-def describe_state(state: LayerState) -> dict[str, Any]:
-    return {
-        "trusted": state.trusted,
-        "untrusted_reason": state.untrusted_reason,
-        "overlays": state.overlays,
-        "cut": state.cut.cut_id if state.cut else "",
-    }

@@ -36,7 +36,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 
@@ -551,7 +550,3 @@ def choose_accel(binary: str, wanted: str) -> str:
         )
     log.warning("KVM does not work here; VMs run under TCG (slow)", extra={"fields": {"why": why}})
     return "tcg"
-
-
-def instance_fields(inst: Instance) -> dict[str, Any]:
-    return {"pid": inst.pid, "accel": inst.accel}

@@ -19,6 +19,7 @@ two SQL dialects; the type names above are the only words translated.
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import dataclasses
 import importlib.resources
@@ -252,6 +253,16 @@ class Store(abc.ABC):
                 )
                 backoff(attempt)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+    async def reading(self, fn: Callable[[Tx], T]) -> T:
+        """:meth:`transact` ``fn`` in a read snapshot, off the event loop."""
+        return await asyncio.to_thread(self.transact, fn, write=False)
+
+    async def writing(self, fn: Callable[[Tx], T]) -> T:
+        """:meth:`transact` ``fn`` in a write transaction, off the event loop (``fn`` may run
+        more than once after a retryable failure, so it does nothing but store work)."""
+        return await asyncio.to_thread(self.transact, fn, write=True)
 
 
 def backoff(attempt: int) -> None:

@@ -41,6 +41,7 @@ class CommandDispatcher:
         epoch: int = 0,
         job_id: str | None = None,
         job_step: int | None = None,
+        job_step_name: str = "",
     ) -> Command:
         """Store a command for ``server_id`` and deliver it now if the agent is connected."""
         now = self._clock.now()
@@ -59,6 +60,7 @@ class CommandDispatcher:
             created_at=now,
             job_id=job_id,
             job_step=job_step,
+            job_step_name=job_step_name,
         )
 
         def insert() -> None:

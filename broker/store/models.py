@@ -167,6 +167,8 @@ class Command:
     error: str = ""
     job_id: str | None = None
     job_step: int | None = None
+    #: The name of the job step that sent it (the key a resumed job finds it by).
+    job_step_name: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,7 +73,7 @@ _STEP_COLS = (
 )
 _COMMAND_COLS = (
     "id, server_id, kind, payload, state, created_at, delivered_at, deliveries, completed_at, "
-    "result_json, error, job_id, job_step"
+    "result_json, error, job_id, job_step, job_step_name"
 )
 
 
@@ -596,7 +596,7 @@ class Tx:
     def insert_command(self, cmd: Command) -> None:
         self._db.execute(
             f"INSERT INTO commands ({_COMMAND_COLS}) VALUES "
-            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 cmd.id,
                 cmd.server_id,
@@ -611,6 +611,7 @@ class Tx:
                 cmd.error,
                 cmd.job_id,
                 cmd.job_step,
+                cmd.job_step_name,
             ),
         )
 

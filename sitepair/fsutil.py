@@ -56,3 +56,11 @@ def ensure_private_dir(path: Path) -> Path:
     if sys.platform != "win32":
         path.chmod(0o700)
     return path
+
+
+def private_file(path: Path) -> None:
+    """Make an existing file the process owner's alone (0600; a no-op on Windows, where the
+    folder's ACL decides). For files created by a library that cannot take a mode, before
+    anything secret is written to them."""
+    if sys.platform != "win32":
+        path.chmod(0o600)

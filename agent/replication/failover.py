@@ -75,7 +75,7 @@ def freeze_latest(store: ReplicaStore, now: float) -> Point:
     st = store.state
     if st.points and st.points[-1].sequence == st.committed_sequence:
         return st.points[-1]
-    return store._seal(now)
+    return store.seal(now)
 
 
 def point_chains(store: ReplicaStore, point: Point) -> dict[str, list[Path]]:
@@ -127,7 +127,7 @@ def failover(
         tag = "test" if test else "failover"
         if tag not in point.pins:
             point.pins.append(tag)
-        store._save()
+        store.save()
         chains = point_chains(store, point)
         name = vm["name"] + ("-test" if test else "")
         vm_id = (
@@ -171,7 +171,7 @@ def failover(
         else:
             st.failover = record
             st.epoch = max(st.epoch, epoch)
-        store._save()
+        store.save()
     log.warning(
         "test failover VM created" if test else "failed over",
         extra={
@@ -206,7 +206,7 @@ def cleanup_test(store: ReplicaStore, backend: HostBackend) -> dict[str, Any]:
             return {"cleaned": False, "reason": "no test failover in place"}
         _undo_vm(backend, record)
         _unpin(store, "test")
-        store._save()
+        store.save()
     log.info(
         "test failover cleaned up", extra={"fields": {"relationship": store.state.relationship}}
     )
@@ -232,7 +232,7 @@ def cancel(
         _undo_vm(backend, record)
         _unpin(store, "failover")
         store.state.failover = None
-        store._save()
+        store.save()
     log.warning("failover cancelled", extra={"fields": {"relationship": rel, "epoch": epoch}})
     return {"cancelled": True}
 
@@ -261,7 +261,7 @@ def commit(store: ReplicaStore, state: ReplicationState, *, epoch: int) -> dict[
             ds.chain = ds.chain[:cut]
         store.state.points = []
         record["committed"] = True
-        store._save()
+        store.save()
     state.remove_grant(rel)
     log.warning("failover committed", extra={"fields": {"relationship": rel, "epoch": epoch}})
     return dict(record)
@@ -316,7 +316,7 @@ def adopt_vm_as_replica(
         st.disks = disks
         st.committed_sequence = committed_sequence
         st.epoch = max(st.epoch, epoch)
-        store._save()
+        store.save()
     log.warning(
         "old primary VM adopted as the replica of the reverse direction",
         extra={"fields": {"relationship": relationship, "vm": vm_id, "replica": str(root)}},

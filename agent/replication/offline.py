@@ -121,6 +121,6 @@ def import_export(store: ReplicaStore, folder: Path) -> int:
         st.committed_sequence = int(manifest["sequence"])
         st.cut_at = float(manifest["cut_at"])
         st.epoch = max(st.epoch, int(manifest.get("epoch", 0)))
-        st.committed_at = store._now()
-        store._save()
+        st.committed_at = store.now()
+        store.save()
     return st.committed_sequence

@@ -49,7 +49,8 @@ from agent.replication.admission import (
     peer_address,
 )
 from agent.replication.blocks import BLOCK, BadBatch
-from agent.replication.replica import Incoming, Refusal, ReplicaStore
+from agent.replication.incoming import Incoming, Refusal
+from agent.replication.replica import ReplicaStore
 from agent.replication.state import Grant, ReplicationState
 from sitepair import pki, tickets
 from sitepair.clock import Clock

@@ -20,7 +20,9 @@ process dies half-way (the writes are idempotent); ``state.json`` records the ne
 the disks are flushed. So after any crash, :meth:`ReplicaStore.recover` brings the replica to
 exactly the last committed cycle: the one before, if ``COMPLETE`` was not written; this one, by
 finishing the apply, if it was. An initial cycle writes straight into new disk files named
-``initial-<seq>.*`` (nothing to protect yet), and commits by renaming them.
+``initial-<seq>.*`` (nothing to protect yet), and commits by renaming them. Receiving and
+staging a cycle is :mod:`agent.replication.incoming`; this module keeps the replica's state and
+disks, commits staged cycles into them and manages the recovery points.
 
 **Recovery points.** With N > 0 points, committing a cycle may seal the active layer as a point
 (when the point interval has passed, or the cycle is application-consistent): the active layer is
@@ -36,20 +38,19 @@ import dataclasses
 import json
 import logging
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-import blake3
-
-from agent.replication.blocks import BLOCK, BadBatch, BlockRef, CycleDigest, DecodedBlock, Decoder
+from agent.replication import incoming
+from agent.replication.blocks import BLOCK
+from agent.replication.incoming import DECODER, Incoming, Refusal, write_blocks
 from agent.replication.records import RecordFile
 from sitepair import paths, vdisk
 from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound, SitepairError
-from sitepair.fsutil import atomic_write, ensure_private_dir, fsync_dir
+from sitepair.fsutil import atomic_write, ensure_private_dir, fsync_dir, private_file
 from sitepair.logsafe import shown
 from sitepair.v1 import replication_pb2
 from sitepair.vdisk import ops as vdisk_ops
@@ -59,39 +60,6 @@ log = logging.getLogger("sitepair.agent.replica")
 FORMAT = 1
 #: Block size of the differencing layers we create (Hyper-V uses 2 MiB for AVHDX too).
 LAYER_BLOCK = 2 * 1024 * 1024
-#: Free space kept in reserve beyond what a cycle needs, before it is committed.
-SPACE_MARGIN = 64 * 1024 * 1024
-#: Acknowledge (make durable) after this many batches (~1 MiB each), then after twice as many
-#: each time, up to ACK_MAX. Each point costs about six fsyncs (the disk's data, log entry and
-#: metadata, the records, progress.json and its folder): at a fixed 8 batches they took a
-#: fifth of the receiver's time in a 2 GiB initial cycle. Small cycles still get early resume
-#: points; an interrupted large cycle resends at most ACK_MAX batches, and a stream that ends
-#: early still makes everything it received durable (see :meth:`Incoming.abort`).
-#: Between acknowledgement points every batch's writes are handed to the kernel's writeback at
-#: once (``start_writeback``), so the disk works while batches arrive and the fsync at the next
-#: point finds little left: without it, on ext4, the writes between fsyncs stalled behind each
-#: fsync's journal commit, and a 2 GiB initial cycle took 15-20 % longer (docs/benchmarks.md).
-ACK_FIRST = 8
-ACK_MAX = 64
-#: One decoder for every replica of the process: it keeps a zstd context per thread (with
-#: its window buffer, about a MiB once used). A decoder per replica kept one per replica and
-#: receiver thread, for as long as the process lived: 3,000 relationships fuzzed through a
-#: receiver grew it by a GiB.
-DECODER = Decoder()
-#: Most disks one VM's cycle may carry (Hyper-V allows 4 IDE + 4 x 64 SCSI).
-MAX_DISKS = 260
-#: The VHDX format's largest virtual size (64 TiB).
-MAX_VIRTUAL_SIZE = 64 << 40
-
-
-class Refusal(SitepairError):
-    """A cycle the replica will not take; ``code`` goes back to the sender in ``Refused``."""
-
-    status = "FAILED_PRECONDITION"
-
-    def __init__(self, code: str, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.code = code
 
 
 @dataclasses.dataclass
@@ -148,19 +116,20 @@ class State:
             raise SitepairError(f"replica state {where} is damaged: {exc}") from exc
 
 
-def header_digest(header: replication_pb2.CycleHeader) -> bytes:
-    return blake3.blake3(header.SerializeToString(deterministic=True)).digest()
-
-
 class ReplicaStore:
-    """One relationship's replica. All methods take the store's lock: one operation at a time."""
+    """One relationship's replica. All methods take the store's lock: one operation at a time.
+
+    Besides the operations below, its public surface for the modules that change a replica
+    (:mod:`incoming`, :mod:`failover`, :mod:`offline`) is :attr:`state` and :attr:`lock` (change
+    the state only with the lock held, then :meth:`save`), :meth:`commit_initial`,
+    :meth:`apply_staged`, :meth:`seal` and :meth:`now`.
+    """
 
     def __init__(self, root: Path, state: State, *, clock: Any = None) -> None:
         self.root = root
         self.state = state
         self.lock = threading.RLock()
-        self._decoder = DECODER
-        self._now = clock.now if clock is not None else time.time
+        self._clock = clock.now if clock is not None else time.time
 
     # -- lifecycle --------------------------------------------------------------------------
     @classmethod
@@ -206,7 +175,7 @@ class ReplicaStore:
                         shutil.rmtree(d, ignore_errors=True)
                     store.state.relationship = relationship
                     store.state.epoch = epoch
-                    store._save()
+                    store.save()
             return store
         state = State(relationship=relationship, vm_id=vm_id, epoch=epoch)
         atomic_write(state_file, state.to_json())
@@ -223,11 +192,17 @@ class ReplicaStore:
         store.recover()
         return store
 
-    def _save(self) -> None:
+    def save(self) -> None:
+        """Write ``state.json`` atomically. Whoever changes :attr:`state` calls this before
+        letting go of :attr:`lock`: the file on disk is the replica's commit record."""
         atomic_write(self.root / "state.json", self.state.to_json())
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+    def now(self) -> float:
+        """The store's clock (injected in tests): when a cycle commits, a point is sealed."""
+        return self._clock()
 
     def recover(self) -> None:
         """Finish what a crash interrupted: a committed-but-unapplied cycle, a prune."""
@@ -248,7 +223,7 @@ class ReplicaStore:
                             "fields": {"relationship": self.state.relationship, "sequence": seq}
                         },
                     )
-                    self._apply_staged(d)
+                    self.apply_staged(d)
 
     # -- what the sender needs to know ------------------------------------------------------
     def partial(self) -> tuple[int, int, bytes]:
@@ -256,7 +231,7 @@ class ReplicaStore:
         with self.lock:
             seq = self.state.committed_sequence + 1
             d = self.root / "staging" / str(seq)
-            progress = _read_json(d / "progress.json")
+            progress = incoming.read_progress(d)
             if not progress:
                 return 0, 0, b""
             return seq, int(progress["acked"]), bytes.fromhex(progress["header_digest"])
@@ -273,129 +248,8 @@ class ReplicaStore:
     def begin(
         self, header: replication_pb2.CycleHeader, *, granted: Collection[str] = ()
     ) -> Incoming:
-        """Validate a cycle header against the replica; return the receiving session (which
-        knows from which batch to resume). ``granted`` are the disk ids of the grant: the
-        only ones a cycle may name (empty for a grant from an older broker: then the disks
-        the replica holds, or for an initial cycle any ids that pass the name rule)."""
-        with self.lock:
-            st = self.state
-            if header.relationship_id != st.relationship:
-                raise Refusal("wrong-relationship", f"this replica belongs to {st.relationship}")
-            if header.epoch < st.epoch:
-                raise Refusal(
-                    "stale-epoch",
-                    f"cycle epoch {header.epoch} is older than the replica's epoch {st.epoch}: "
-                    "this source was failed over from and is fenced",
-                )
-            if (
-                header.sequence != st.committed_sequence + 1
-                or header.base_sequence != st.committed_sequence
-            ):
-                raise Refusal(
-                    "wrong-base",
-                    f"cycle {header.sequence} needs base {header.base_sequence}, "
-                    f"the replica holds {st.committed_sequence}",
-                )
-            initial = header.kind == replication_pb2.INITIAL
-            names = [spec.disk_id for spec in header.disks]
-            if len(set(names)) != len(names) or not names:
-                raise Refusal("bad-header", "a cycle must name each of its disks exactly once")
-            if len(names) > MAX_DISKS:
-                raise Refusal("bad-header", f"a cycle may carry at most {MAX_DISKS} disks")
-            for spec in header.disks:
-                self.disk_folder(spec.disk_id)
-                if granted and spec.disk_id not in granted:
-                    raise Refusal(
-                        "wrong-disks",
-                        f"disk {shown(spec.disk_id, 80)} is not a disk of this relationship's "
-                        f"grant ({', '.join(sorted(granted))})",
-                        hint="the broker's inventory of the VM may be out of date: refresh the "
-                        "primary host",
-                    )
-                if (
-                    spec.virtual_size <= 0
-                    or spec.virtual_size > MAX_VIRTUAL_SIZE
-                    or spec.virtual_size % 512
-                ):
-                    raise Refusal(
-                        "bad-header",
-                        f"disk {spec.disk_id} claims a virtual size of {spec.virtual_size} bytes",
-                    )
-            if initial and granted and set(names) != set(granted):
-                raise Refusal(
-                    "wrong-disks",
-                    f"the initial cycle carries disks {', '.join(sorted(names))}; the grant "
-                    f"names {', '.join(sorted(granted))}",
-                )
-            if initial and st.disks:
-                raise Refusal("wrong-base", "an initial cycle was sent to a replica that has disks")
-            if not initial:
-                if not st.disks:
-                    raise Refusal(
-                        "wrong-base", "the replica has no disks yet: send an initial cycle"
-                    )
-                for spec in header.disks:
-                    disk = st.disks.get(spec.disk_id)
-                    if disk is None or disk.virtual_size != spec.virtual_size:
-                        raise Refusal(
-                            "wrong-disks", f"disk {spec.disk_id} does not match the replica"
-                        )
-            if header.batch_count > 10_000_000:
-                raise Refusal("bad-header", "absurd batch count")
-            # A higher epoch is recorded only when this cycle commits (_committed): a refused
-            # or abandoned cycle must not fence the real source.
-            d = self.root / "staging" / str(header.sequence)
-            digest = header_digest(header)
-            progress = _read_json(d / "progress.json")
-            ensure_private_dir(d.parent)
-            if progress and progress.get("header_digest") != digest.hex():
-                log.info(
-                    "discarding a staged cycle the sender no longer sends",
-                    extra={
-                        "fields": {"relationship": st.relationship, "sequence": header.sequence}
-                    },
-                )
-                shutil.rmtree(d)
-                progress = None
-            if (d / "COMPLETE").exists() and progress:
-                return Incoming(self, header, d, resume=int(progress["acked"]), complete=True)
-            if not progress:
-                shutil.rmtree(d, ignore_errors=True)
-                d.mkdir(mode=0o700)
-                (d / "header.bin").write_bytes(header.SerializeToString())
-                if initial:
-                    self._create_initial_disks(header, d)
-                progress = {"header_digest": digest.hex(), "acked": 0, "records": 0}
-                atomic_write(d / "progress.json", json.dumps(progress).encode())
-                fsync_dir(d.parent)
-            return Incoming(
-                self, header, d, resume=int(progress["acked"]), records=int(progress["records"])
-            )
-
-    def _create_initial_disks(self, header: replication_pb2.CycleHeader, d: Path) -> None:
-        for spec in header.disks:
-            fmt = spec.format or "vhdx"
-            if fmt not in ("vhdx", "vhd"):
-                raise Refusal("bad-header", f"disk {spec.disk_id}: unsupported format {fmt!r}")
-            target = ensure_private_dir(self.disk_folder(spec.disk_id))
-            path = target / f"initial-{header.sequence}.{fmt}"
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            options: dict[str, Any] = {}
-            if fmt == "vhdx":
-                options = {
-                    "logical_sector_size": spec.logical_sector_size or 512,
-                    "physical_sector_size": spec.physical_sector_size or 4096,
-                }
-            disk = vdisk.create_disk(
-                path,
-                format=fmt,
-                subformat=vdisk.SubFormat.DYNAMIC,
-                size=spec.virtual_size,
-                **options,
-            )
-            disk.close()
-            _private(path)
+        """Check a cycle's header and open its receiving session (:func:`incoming.begin`)."""
+        return incoming.begin(self, header, granted=granted)
 
     # -- applying ---------------------------------------------------------------------------
     def _open_active(self) -> dict[str, vdisk.VirtualDisk]:
@@ -409,8 +263,10 @@ class ReplicaStore:
             raise
         return disks
 
-    def _apply_staged(self, d: Path) -> int:
-        """Apply a COMPLETE staged cycle to the active layers; redo-safe. Returns bytes written."""
+    def apply_staged(self, d: Path) -> int:
+        """Apply the staged delta cycle in ``d`` (``COMPLETE`` written) to the active layers
+        and record it as committed; redo-safe after a crash. Returns the bytes written. The
+        caller holds :attr:`lock`."""
         header = replication_pb2.CycleHeader.FromString((d / "header.bin").read_bytes())
         written = 0
         disks = self._open_active()
@@ -419,7 +275,7 @@ class ReplicaStore:
             try:
                 for _, rec in records:
                     batch = replication_pb2.BlockBatch.FromString(rec)
-                    written += _write_blocks(disks, self._decoder.decode(batch), zeros=True)
+                    written += write_blocks(disks, DECODER.decode(batch), zeros=True)
             finally:
                 records.close()
             for disk in disks.values():
@@ -433,14 +289,16 @@ class ReplicaStore:
     def _committed(self, header: replication_pb2.CycleHeader, d: Path) -> None:
         st = self.state
         st.committed_sequence = header.sequence
-        st.committed_at = self._now()
+        st.committed_at = self.now()
         st.cut_at = header.cut_at.seconds + header.cut_at.nanos / 1e9
         st.app_consistent = header.app_consistent
         st.epoch = max(st.epoch, header.epoch)
-        self._save()
+        self.save()
         shutil.rmtree(d, ignore_errors=True)
 
-    def _commit_initial(self, header: replication_pb2.CycleHeader, d: Path) -> None:
+    def commit_initial(self, header: replication_pb2.CycleHeader, d: Path) -> None:
+        """Commit the initial cycle staged in ``d``: its new disk files become the bases of
+        the replica's chains. The caller holds :attr:`lock`."""
         st = self.state
         for spec in header.disks:
             fmt = spec.format or "vhdx"
@@ -468,16 +326,19 @@ class ReplicaStore:
             st = self.state
             if max_points <= 0 or not st.disks:
                 return None
-            now = self._now()
+            now = self.now()
             last = st.points[-1] if st.points else None
             due = force or last is None or now - last.sealed_at >= interval or app_consistent
             if not due or (last is not None and last.sequence == st.committed_sequence):
                 return None
-            point = self._seal(now)
+            point = self.seal(now)
             self.prune(max_points)
             return point
 
-    def _seal(self, now: float) -> Point:
+    def seal(self, now: float) -> Point:
+        """Seal the active layer of every disk as a recovery point at the committed sequence
+        (a new differencing child becomes the active layer); returns the point. The caller
+        holds :attr:`lock` and has checked that the committed sequence is not sealed yet."""
         st = self.state
         layers: dict[str, str] = {}
         new_chains: dict[str, list[str]] = {}
@@ -498,7 +359,7 @@ class ReplicaStore:
                 block_size=LAYER_BLOCK if ds.format == "vhdx" else None,
             )
             created.close()
-            _private(child_path)
+            private_file(child_path)
             new_chains[disk_id] = [*ds.chain, child]
         point = Point(
             sequence=st.committed_sequence,
@@ -510,7 +371,7 @@ class ReplicaStore:
         for disk_id, chain in new_chains.items():
             st.disks[disk_id].chain = chain
         st.points.append(point)
-        self._save()
+        self.save()
         log.info(
             "recovery point sealed",
             extra={"fields": {"relationship": st.relationship, "sequence": point.sequence}},
@@ -527,13 +388,13 @@ class ReplicaStore:
                 if oldest.pins or second.pins:
                     break
                 st.intent = {"op": "prune", "sequence": oldest.sequence}
-                self._save()
+                self.save()
                 self._finish_intent()
                 dropped += 1
             if max_points <= 0 and len(st.points) == 1 and not st.points[0].pins:
                 # No points wanted: the lone point's layer is the base, nothing to merge.
                 st.points = []
-                self._save()
+                self.save()
         return dropped
 
     def _finish_intent(self) -> None:
@@ -546,7 +407,7 @@ class ReplicaStore:
         oldest = st.points[0] if st.points else None
         if oldest is None or oldest.sequence != intent["sequence"] or len(st.points) < 2:
             st.intent = None
-            self._save()
+            self.save()
             return
         second = st.points[1]
         for disk_id, ds in st.disks.items():
@@ -562,11 +423,11 @@ class ReplicaStore:
             elif above is not None:
                 vdisk.set_parent(self.path(above), self.path(base))
             ds.chain = [c for c in ds.chain if c != layer]
-            self._save()
+            self.save()
         second.layers = dict(oldest.layers)
         st.points.pop(0)
         st.intent = None
-        self._save()
+        self.save()
         log.info(
             "oldest recovery point merged away",
             extra={"fields": {"relationship": st.relationship, "sequence": oldest.sequence}},
@@ -614,207 +475,3 @@ class ReplicaStore:
     def remove(self) -> None:
         with self.lock:
             shutil.rmtree(self.root)
-
-
-class Incoming:
-    """Receiving one cycle: batches in, durable acknowledgements out, trailer, commit."""
-
-    def __init__(
-        self,
-        store: ReplicaStore,
-        header: replication_pb2.CycleHeader,
-        staging: Path,
-        *,
-        resume: int,
-        records: int = 0,
-        complete: bool = False,
-    ) -> None:
-        self.store = store
-        self.header = header
-        self.staging = staging
-        self.resume = resume
-        self.complete = complete
-        self.direct = header.kind == replication_pb2.INITIAL
-        self.next_index = resume
-        self.acked = resume
-        self._ack_gap = ACK_FIRST
-        self._digest = CycleDigest()
-        self._blocks = 0
-        self._data_bytes = 0
-        self._disks: dict[str, vdisk.VirtualDisk] = {}
-        self._records = RecordFile(staging / "batches.dat")
-        if not complete:
-            self._records.truncate_to(records)
-        # Rebuild the running totals from what is already durable.
-        for _, rec in self._records:
-            batch = replication_pb2.BlockBatch.FromString(rec)
-            for blk in batch.blocks:
-                self._account(
-                    BlockRef(blk.disk_id, blk.offset, blk.length), blk.kind, bytes(blk.digest)
-                )
-        if self.direct and not complete:
-            for spec in header.disks:
-                fmt = spec.format or "vhdx"
-                self._disks[spec.disk_id] = vdisk.open_disk(
-                    store.disk_folder(spec.disk_id) / f"initial-{header.sequence}.{fmt}"
-                )
-
-    def _account(self, ref: BlockRef, kind: int, digest: bytes) -> None:
-        self._digest.add(ref, kind, digest)
-        self._blocks += 1
-        if kind == replication_pb2.Block.DATA:
-            self._data_bytes += ref.length
-
-    def add(self, batch: replication_pb2.BlockBatch) -> bool:
-        """Verify and keep one batch; True if an acknowledgement point was reached (call
-        :meth:`make_durable` then ack ``self.acked``)."""
-        if self.complete:
-            raise Refusal("protocol", "the cycle is already complete")
-        if batch.index != self.next_index:
-            raise Refusal("protocol", f"expected batch {self.next_index}, got {batch.index}")
-        decoded = self.store._decoder.decode(batch)
-        sizes = {s.disk_id: s.virtual_size for s in self.header.disks}
-        for blk in decoded:
-            size = sizes.get(blk.ref.disk_id)
-            if size is None:
-                raise BadBatch(
-                    f"batch {batch.index} names disk {blk.ref.disk_id}, not in this cycle"
-                )
-            if blk.ref.offset < 0 or blk.ref.offset + blk.ref.length > size:
-                raise BadBatch(
-                    f"batch {batch.index} writes beyond the end of disk {blk.ref.disk_id}"
-                )
-        if self.direct:
-            _write_blocks(self._disks, decoded, zeros=False)  # a new disk reads as zeros already
-            meta = replication_pb2.BlockBatch(index=batch.index, blocks=batch.blocks, raw_length=0)
-            self._records.append(meta.SerializeToString())
-        else:
-            self._records.append(batch.SerializeToString())
-            self._records.start_writeback()
-        for blk in decoded:
-            self._account(blk.ref, blk.kind, blk.digest)
-        self.next_index += 1
-        return self.next_index - self.acked >= self._ack_gap
-
-    def make_durable(self) -> int:
-        """Flush what was received; returns the number of batches now durable."""
-        if self.next_index == self.acked:
-            return self.acked
-        for disk in self._disks.values():
-            disk.flush()
-        self._records.sync()
-        progress = {
-            "header_digest": header_digest(self.header).hex(),
-            "acked": self.next_index,
-            "records": self._records.size,
-        }
-        atomic_write(self.staging / "progress.json", json.dumps(progress).encode())
-        self.acked = self.next_index
-        self._ack_gap = min(self._ack_gap * 2, ACK_MAX)
-        return self.acked
-
-    def finish(self, trailer: replication_pb2.CycleTrailer) -> int:
-        """Check the trailer, commit, apply; returns the guest bytes applied."""
-        store = self.store
-        with store.lock:
-            if not self.complete:
-                self.make_durable()
-                if (
-                    trailer.batch_count != self.next_index
-                    or trailer.batch_count != self.header.batch_count
-                ):
-                    raise Refusal(
-                        "incomplete",
-                        f"trailer says {trailer.batch_count} batches, {self.next_index} arrived, "
-                        f"the header announced {self.header.batch_count}",
-                    )
-                if trailer.block_count != self._blocks or trailer.data_bytes != self._data_bytes:
-                    raise Refusal("bad-digest", "the trailer's block or byte count does not match")
-                if trailer.cycle_digest != self._digest.digest():
-                    raise Refusal("bad-digest", "the cycle digest does not match what arrived")
-                if not self.direct:
-                    need = self._data_bytes + SPACE_MARGIN
-                    free = store.free_space()
-                    if free < need:
-                        raise Refusal(
-                            "disk-full",
-                            f"the replica's disk has {free >> 20} MiB free; this cycle needs "
-                            f"{need >> 20} MiB to be applied safely",
-                            hint="free space on the recovery host; replication resumes by itself",
-                        )
-                self.close_disks()
-                atomic_write(self.staging / "COMPLETE", trailer.SerializeToString())
-                fsync_dir(self.staging)
-                self.complete = True
-            self._records.close()
-            if self.direct:
-                store._commit_initial(self.header, self.staging)
-                return self._data_bytes
-            return store._apply_staged(self.staging)
-
-    def close_disks(self) -> None:
-        for disk in self._disks.values():
-            disk.close()
-        self._disks.clear()
-
-    def abort(self) -> None:
-        """The stream ended early: keep what is durable for a resume, release files."""
-        with contextlib.suppress(SitepairError, OSError):
-            self.make_durable()
-        self.close_disks()
-        self._records.close()
-
-
-def _write_blocks(
-    disks: dict[str, vdisk.VirtualDisk], blocks: list[DecodedBlock], *, zeros: bool
-) -> int:
-    """Write decoded blocks; consecutive DATA blocks of one disk go in one write (a 1 MiB write
-    costs the VHDX driver ~0.2 ms, sixteen 64 KiB writes ~0.33 ms). ZERO blocks are written as
-    zeroes when ``zeros``, skipped otherwise. Then start the writeback of every disk written
-    (see ACK_FIRST). Returns the DATA bytes written."""
-    written = 0
-    touched: set[str] = set()
-    i = 0
-    while i < len(blocks):
-        blk = blocks[i]
-        disk = disks[blk.ref.disk_id]
-        if blk.data is None:
-            if zeros:
-                disk.write_zeroes(blk.ref.offset, blk.ref.length)
-                touched.add(blk.ref.disk_id)
-            i += 1
-            continue
-        j = i + 1
-        end = blk.ref.offset + blk.ref.length
-        while (
-            j < len(blocks)
-            and blocks[j].data is not None
-            and blocks[j].ref.disk_id == blk.ref.disk_id
-            and blocks[j].ref.offset == end
-        ):
-            end += blocks[j].ref.length
-            j += 1
-        if j == i + 1:
-            disk.write(blk.ref.offset, blk.data)
-        else:
-            disk.write(blk.ref.offset, b"".join(b.data for b in blocks[i:j] if b.data is not None))
-        written += end - blk.ref.offset
-        touched.add(blk.ref.disk_id)
-        i = j
-    for disk_id in touched:
-        disks[disk_id].start_writeback()
-    return written
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        doc = json.loads(path.read_bytes())
-    except (FileNotFoundError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _private(path: Path) -> None:
-    """Replica disk files are the agent's alone (0600), before any guest data is in them."""
-    if sys.platform != "win32":
-        path.chmod(0o600)

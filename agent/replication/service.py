@@ -30,9 +30,9 @@ from agent.identity import AgentIdentity
 from agent.replication import failover as failover_mod
 from agent.replication.engine import SourceRelationship
 from agent.replication.failover import LATEST, LATEST_APP, adopt_vm_as_replica, check_point_kind
+from agent.replication.incoming import MAX_DISKS
 from agent.replication.offline import export_cut, import_export
 from agent.replication.receiver import ReceiverServer, ReplicaRegistry
-from agent.replication.replica import MAX_DISKS
 from agent.replication.state import DiskGrant, Grant, ReplicationState, SourceConfig
 from agent.replication.throttle import TokenBucket
 from sitepair import paths, pki

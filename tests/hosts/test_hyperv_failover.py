@@ -73,7 +73,7 @@ def make_replica(root: Path, vm_id: str) -> ReplicaStore:
         store.state.disks = disks
         store.state.committed_sequence = 3
         store.state.cut_at = 50.0
-        store._save()
+        store.save()
     return store
 
 

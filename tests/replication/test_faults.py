@@ -193,18 +193,18 @@ def test_resume_state_from_the_replica_is_checked(
     pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A replica answering with an impossible resume point is not believed."""
-    from agent.replication import replica as replica_mod
+    from agent.replication import incoming as incoming_mod
 
     src = tmp_path / "src.vhdx"
     make_disk(src, 4 * MiB)
     pair.grant("rel-1", "vm-1")
-    original = replica_mod.Incoming.__init__
+    original = incoming_mod.Incoming.__init__
 
     def lying_init(self, *a, **kw):  # type: ignore[no-untyped-def]
         original(self, *a, **kw)
         self.resume = 10_000
 
-    monkeypatch.setattr(replica_mod.Incoming, "__init__", lying_init)
+    monkeypatch.setattr(incoming_mod.Incoming, "__init__", lying_init)
     with (
         pair.client() as client,
         pytest.raises(SitepairError, match="refusing its resume state"),

@@ -70,12 +70,9 @@ import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from broker.store.base import (
-    POSTGRESQL,
     SCHEMA_MIGRATIONS_DDL,
-    Conflict,
     InFlight,
     RetryableError,
-    Session,
     Store,
     StoreError,
     backoff,
@@ -83,6 +80,7 @@ from broker.store.base import (
     newer_schema_error,
 )
 from broker.store.repository import Tx
+from broker.store.session import POSTGRESQL, Conflict, Session
 
 #: Where the broker finds the database password (never in broker.toml).
 PASSWORD_ENV = "SITEPAIR_DB_PASSWORD"  # noqa: S105 - the variable's name, not a password

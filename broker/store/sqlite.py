@@ -31,17 +31,16 @@ from typing import Any
 
 from broker.store.base import (
     SCHEMA_MIGRATIONS_DDL,
-    SQLITE,
-    Conflict,
     InFlight,
-    Session,
     Store,
     StoreError,
     migrations,
     newer_schema_error,
 )
 from broker.store.repository import Tx
+from broker.store.session import SQLITE, Conflict, Session
 
+# ``Tx`` is broker.store.repository's; it is importable from here too, where callers long found it.
 __all__ = ["SqliteStore", "StoreError", "Tx", "migrations"]
 
 log = logging.getLogger("sitepair.broker.store")

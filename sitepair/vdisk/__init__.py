@@ -5,17 +5,12 @@ Entry points:
 - :func:`open_disk` opens any supported image, detecting its format from its content;
 - :func:`create_disk` creates one and returns it opened for writing;
 - :func:`detect_format` says what a file is without opening it as a disk.
-
-The VHDX implementation lives in :mod:`sitepair.vdisk.vhdx` and is imported only when a VHDX
-image is met, so the rest works (and says so clearly) where that module is unavailable.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from sitepair.errors import VirtualDiskError
@@ -25,6 +20,9 @@ from sitepair.vdisk.qcow2 import open_qcow2, probe_qcow2
 from sitepair.vdisk.raw import create_raw, open_raw
 from sitepair.vdisk.vhd import create_vhd, open_vhd, probe_vhd, set_parent_vhd
 from sitepair.vdisk.vhd_layout import FOOTER_SIZE, parse_footer
+from sitepair.vdisk.vhdx import open_vhdx, set_parent_vhdx
+from sitepair.vdisk.vhdx_create import create_vhdx
+from sitepair.vdisk.vhdx_format import probe_vhdx
 
 __all__ = [
     "WRITABLE_FORMATS",
@@ -51,33 +49,8 @@ WRITABLE_FORMATS = (DiskFormat.RAW, DiskFormat.VHD, DiskFormat.VHDX)
 _HEAD = 64 * 1024
 
 
-def _vhdx() -> ModuleType:
-    """The VHDX module, or a clear error if this build lacks it."""
-    try:
-        return importlib.import_module("sitepair.vdisk.vhdx")
-    except ModuleNotFoundError as exc:
-        if exc.name != "sitepair.vdisk.vhdx":
-            raise
-        raise VirtualDiskError(
-            "VHDX support is not available in this build (sitepair.vdisk.vhdx is missing)"
-        ) from exc
-
-
 def vhdx_available() -> bool:
-    try:
-        _vhdx()
-    except VirtualDiskError:
-        return False
     return True
-
-
-def _probe_vhdx(head: bytes) -> bool:
-    try:
-        module = _vhdx()
-    except VirtualDiskError:
-        # Without the module we still recognise the file identifier, to say what it is.
-        return head[:8] == b"vhdxfile"
-    return bool(module.probe_vhdx(head))
 
 
 def detect_format(path: str | os.PathLike[str]) -> DiskFormat | None:
@@ -100,7 +73,7 @@ def detect_format(path: str | os.PathLike[str]) -> DiskFormat | None:
         tail = pread(fd, FOOTER_SIZE, size - FOOTER_SIZE) if size >= FOOTER_SIZE else b""
     finally:
         os.close(fd)
-    if _probe_vhdx(head):
+    if probe_vhdx(head):
         return DiskFormat.VHDX
     if probe_qcow2(head):
         if p.suffix.lower() == ".qcow2":
@@ -154,8 +127,7 @@ def open_disk(
                 hint="name raw images .raw or .img, or pass the raw format explicitly",
             )
     if fmt is DiskFormat.VHDX:
-        disk: VirtualDisk = _vhdx().open_vhdx(p, read_only=read_only)
-        return disk
+        return open_vhdx(p, read_only=read_only)
     if fmt is DiskFormat.VHD:
         return open_vhd(p, read_only=read_only)
     if fmt is DiskFormat.QCOW2:
@@ -201,7 +173,6 @@ def create_disk(
             raise VirtualDiskError(f"{p}: VHD takes no options ({', '.join(options)})")
         kwargs: dict[str, Any] = {} if block_size is None else {"block_size": block_size}
         return create_vhd(p, size=size, subformat=sub, parent=parent, **kwargs)
-    module = _vhdx()
     kwargs = dict(options)
     if block_size is not None:
         kwargs["block_size"] = block_size
@@ -209,10 +180,7 @@ def create_disk(
         kwargs["parent"] = Path(parent)
     if size is None and sub is not SubFormat.DIFFERENCING:
         raise VirtualDiskError(f"{p}: a size is needed to create a {sub} VHDX")
-    created = module.create_vhdx(p, size=size or 0, subformat=sub, **kwargs)
-    if isinstance(created, VirtualDisk):
-        return created
-    return open_disk(p, format=fmt)
+    return create_vhdx(p, size=size or 0, subformat=sub, **kwargs)
 
 
 def set_parent(child: str | os.PathLike[str], new_parent: str | os.PathLike[str]) -> None:
@@ -221,6 +189,6 @@ def set_parent(child: str | os.PathLike[str], new_parent: str | os.PathLike[str]
     if fmt is DiskFormat.VHD:
         set_parent_vhd(child, new_parent)
     elif fmt is DiskFormat.VHDX:
-        _vhdx().set_parent_vhdx(child, new_parent)
+        set_parent_vhdx(Path(child), Path(new_parent))
     else:
         raise VirtualDiskError(f"{child}: not a VHD or VHDX image; it cannot have a parent")

@@ -128,6 +128,11 @@ def guid_text(value: uuid.UUID) -> str:
 
 
 # -- file identifier (2.2.1) ---------------------------------------------------------------
+def probe_vhdx(head: bytes) -> bool:
+    """True if ``head`` starts with the VHDX file type identifier signature (2.2.1)."""
+    return head[:8] == FILE_ID_SIGNATURE
+
+
 def build_file_identifier(creator: str) -> bytes:
     encoded = creator.encode("utf-16-le")[:512]
     return (FILE_ID_SIGNATURE + encoded).ljust(64 * KiB, b"\0")

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from sitepair.errors import VirtualDiskError
 from sitepair.vdisk.base import SubFormat
-from sitepair.vdisk.vhdx import VhdxDisk, create_vhdx, open_vhdx
+from sitepair.vdisk.vhdx import VhdxDisk, open_vhdx
+from sitepair.vdisk.vhdx_create import create_vhdx
 from sitepair.vdisk.vhdx_format import HEADER_OFFSETS, REGION_TABLE_OFFSETS
 from tests.vdisk.vhdx_helpers import (
     edit_both_headers,
@@ -28,7 +29,7 @@ from tests.vdisk.vhdx_helpers import (
 )
 
 MiB = 1 << 20
-# Our layout (see vhdx._layout): log at 1 MiB, metadata region at 2 MiB, BAT at 3 MiB.
+# Our layout (see vhdx_create._layout): log at 1 MiB, metadata region at 2 MiB, BAT at 3 MiB.
 META = 2 * MiB
 ITEMS = META + 64 * 1024  # File Parameters, Virtual Disk Size, Page 83, LSS, PSS (packed)
 BAT = 3 * MiB

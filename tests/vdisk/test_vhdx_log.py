@@ -17,7 +17,8 @@ import pytest
 
 from sitepair.errors import VirtualDiskError
 from sitepair.vdisk.base import SubFormat
-from sitepair.vdisk.vhdx import VhdxDisk, create_vhdx, open_vhdx
+from sitepair.vdisk.vhdx import VhdxDisk, open_vhdx
+from sitepair.vdisk.vhdx_create import create_vhdx
 from sitepair.vdisk.vhdx_log import (
     SECTOR,
     build_entry,

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from sitepair.vdisk.base import SubFormat
-from sitepair.vdisk.vhdx import VhdxDisk, create_vhdx, open_vhdx, probe_vhdx, set_parent_vhdx
+from sitepair.vdisk.vhdx import VhdxDisk, open_vhdx, set_parent_vhdx
+from sitepair.vdisk.vhdx_create import create_vhdx
+from sitepair.vdisk.vhdx_format import probe_vhdx
 from tests.vdisk.vhdx_helpers import (
     MiB,
     pyvhdi_sha256,

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sitepair.vdisk.base import SubFormat, VirtualDisk
-from sitepair.vdisk.vhdx import create_vhdx, open_vhdx
+from sitepair.vdisk.vhdx import open_vhdx
+from sitepair.vdisk.vhdx_create import create_vhdx
 
 MiB = 1 << 20
 SIZE = 6 * MiB + 3 * 512  # not a multiple of the block size: a short last block

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -291,6 +292,50 @@ def test_values_round_trip_and_text_sorts_byte_wise(open_store: OpenStore) -> No
     with store.read() as tx:
         s = tx.get_server("host-0")
     assert s is not None and s.cert_not_after == 1_800_000_000.123456 and s.connected is True
+
+
+def test_relationship_updates_change_only_the_columns_named(open_store: OpenStore) -> None:
+    from broker.store.models import Relationship, RelationshipState
+
+    store = open_store()
+    rel = Relationship(
+        id="rel-1",
+        vm_id="vm-1",
+        vm_name="web",
+        primary_cloud="a",
+        recovery_cloud="b",
+        primary_server="host-1",
+        replica_server="host-2",
+        state=RelationshipState.ENABLING,
+        epoch=1,
+        policy_json="{}",
+        created_at=1.0,
+        updated_at=1.0,
+    )
+    with store.write() as tx:
+        tx.insert_relationship(rel)
+        tx.update_relationship(
+            "rel-1", 5.0, state=RelationshipState.PROTECTED, epoch=2, paused=True, disabled_at=4.0
+        )
+    with store.read() as tx:
+        got = tx.get_relationship("rel-1")
+    assert got == dataclasses.replace(
+        rel,
+        state=RelationshipState.PROTECTED,
+        epoch=2,
+        paused=True,
+        disabled_at=4.0,
+        updated_at=5.0,
+    )
+    # A key mypy cannot see (an untyped dict) is refused before any SQL is built from it.
+    untyped: list[dict[str, Any]] = [
+        {"id": "rel-2"},
+        {"updated_at": 9.0},
+        {"state = 'x', epoch": 1},
+    ]
+    for bad in untyped:
+        with pytest.raises(ValueError, match="not a relationship column"), store.write() as tx:
+            tx.update_relationship("rel-1", 6.0, **bad)
 
 
 def test_broker_leases_elect_the_first_to_join(open_store: OpenStore) -> None:

@@ -26,10 +26,10 @@ from broker.store.repo.inventory import InventoryQueries
 from broker.store.repo.jobs import JobQueries
 from broker.store.repo.meta import MetaQueries
 from broker.store.repo.plans import PlanQueries
-from broker.store.repo.relationships import RelationshipQueries
+from broker.store.repo.relationships import RelationshipChanges, RelationshipQueries
 from broker.store.repo.servers import ServerQueries
 
-__all__ = ["Tx"]
+__all__ = ["RelationshipChanges", "Tx"]
 
 
 class Tx(

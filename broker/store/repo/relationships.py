@@ -1,13 +1,13 @@
 """Relationships: one protected VM each, its two hosts, its state, epoch and status documents.
 
-:meth:`RelationshipQueries.update_relationship` changes the columns it is given and stamps
-``updated_at``.
+:meth:`RelationshipQueries.update_relationship` changes the columns it is given, each typed by
+:class:`RelationshipChanges`, and stamps ``updated_at``.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from broker import bounds
 from broker.store.models import Relationship, RelationshipState
@@ -21,6 +21,40 @@ _REL_COLS = (
     "replica_status_json, health, health_reasons_json, paused, created_at, updated_at, "
     "disabled_at, failover_json, verify_json"
 )
+
+
+class RelationshipChanges(TypedDict, total=False):
+    """The columns of a relationship :meth:`~RelationshipQueries.update_relationship` may change
+    (every one but the id and the two timestamps), with their types: the fields of
+    :class:`~broker.store.models.Relationship` of the same names."""
+
+    vm_id: str
+    vm_name: str
+    primary_cloud: str
+    recovery_cloud: str
+    primary_server: str
+    replica_server: str
+    state: RelationshipState
+    epoch: int
+    policy_json: str
+    replica_folder: str
+    replica_vm_json: str
+    primary_status_json: str
+    replica_status_json: str
+    health: str
+    health_reasons_json: str
+    paused: bool
+    disabled_at: float | None
+    failover_json: str
+    verify_json: str
+
+
+#: Checked at run time too: a caller unpacking an untyped dict gets no help from mypy.
+_CHANGEABLE = frozenset(_REL_COLS.replace(" ", "").split(",")) - {
+    "id",
+    "created_at",
+    "updated_at",
+}
 
 
 def _relationship(row: tuple[Any, ...]) -> Relationship:
@@ -108,12 +142,14 @@ class RelationshipQueries(Queries):
         args.append(limit)
         return [_relationship(r) for r in self._all(sql + " ORDER BY vm_name, id LIMIT ?", args)]
 
-    def update_relationship(self, rel_id: str, now: float, **fields: Any) -> None:
-        allowed = set(_REL_COLS.replace(" ", "").split(",")) - {"id", "created_at"}
+    def update_relationship(
+        self, rel_id: str, now: float, **changes: Unpack[RelationshipChanges]
+    ) -> None:
+        """Set the columns named in ``changes`` and ``updated_at = now``."""
         sets = []
         args: list[Any] = []
-        for key, value in fields.items():
-            if key not in allowed:
+        for key, value in changes.items():
+            if key not in _CHANGEABLE:
                 raise ValueError(f"not a relationship column: {key}")
             sets.append(f"{key} = ?")
             if isinstance(value, enum.Enum):

@@ -107,8 +107,6 @@ class LeaseLeadership(Leadership):
         self._leading_until = 0.0  # local monotonic time
         self._stop = asyncio.Event()
         self._stopped = False
-        #: Turns taken as leader (renewals that found this broker leading).
-        self.turns = 0
 
     @property
     def is_leader(self) -> bool:
@@ -127,7 +125,7 @@ class LeaseLeadership(Leadership):
             return tx.live_brokers()
 
         was = self.is_leader
-        members = await asyncio.to_thread(self._store.transact, renew)
+        members = await self._store.writing(renew)
         if self._stopped:
             return False
         leading = bool(members) and members[0].id == self.broker_id
@@ -164,7 +162,6 @@ class LeaseLeadership(Leadership):
                 )
                 continue
             if leading:
-                self.turns += 1
                 try:
                     await on_lead()
                 except Exception:

@@ -35,9 +35,6 @@ class AccessQueries(Queries):
         row = self._one("SELECT * FROM registration_keys WHERE id = ?", (key_id,))
         return None if row is None else _key(row)
 
-    def list_keys(self) -> list[RegistrationKey]:
-        return [_key(r) for r in self._all("SELECT * FROM registration_keys ORDER BY created_at")]
-
     def key_page(self, *, after: tuple[float, str] | None, limit: int) -> list[RegistrationKey]:
         """Keys oldest first, by (created_at, id), after the key ``after``."""
         sql = "SELECT * FROM registration_keys"

@@ -140,13 +140,6 @@ class JobQueries(Queries):
         self._db.executemany("UPDATE jobs SET owner = ? WHERE id = ?", [(owner, i) for i in ids])
         return ids
 
-    def unfinished_job_ids(self) -> list[str]:
-        rows = self._all(
-            "SELECT id FROM jobs WHERE state IN ('queued', 'running', 'waiting') "
-            "ORDER BY created_at"
-        )
-        return [r[0] for r in rows]
-
     def update_job(
         self,
         job_id: str,

@@ -137,7 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        info = c.call("GetBrokerInfo", admin_pb2.GetBrokerInfoRequest())
+        info = c.call(c.stub.GetBrokerInfo, admin_pb2.GetBrokerInfoRequest())
     if args.json:
         print_json(info)
         return EXIT_OK
@@ -163,7 +163,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"{out} exists", hint="choose another --out, or pass --force")
     with _client(args) as c:
         resp = c.call(
-            "CreateRegistrationKey",
+            c.stub.CreateRegistrationKey,
             admin_pb2.CreateRegistrationKeyRequest(
                 site=args.site, valid_seconds=int(valid), uses=args.uses
             ),
@@ -185,9 +185,9 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
         keys = c.list_all(
-            "ListRegistrationKeys",
+            c.stub.ListRegistrationKeys,
             admin_pb2.ListRegistrationKeysRequest(include_inactive=args.all),
-            "keys",
+            lambda page: page.keys,
         )
     if args.json:
         print_json(keys)
@@ -211,7 +211,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        key = c.call("RevokeRegistrationKey", admin_pb2.RevokeRegistrationKeyRequest(id=args.id))
+        key = c.call(
+            c.stub.RevokeRegistrationKey, admin_pb2.RevokeRegistrationKeyRequest(id=args.id)
+        )
     if args.json:
         print_json(key)
     else:
@@ -225,9 +227,9 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 def cmd_servers_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
         servers = c.list_all(
-            "ListServers",
+            c.stub.ListServers,
             admin_pb2.ListServersRequest(site=args.site or "", include_removed=args.all),
-            "servers",
+            lambda page: page.servers,
         )
     if args.json:
         print_json(servers)
@@ -252,7 +254,7 @@ def cmd_servers_list(args: argparse.Namespace) -> int:
 
 def cmd_servers_show(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        s = c.call("GetServer", admin_pb2.GetServerRequest(server=args.server))
+        s = c.call(c.stub.GetServer, admin_pb2.GetServerRequest(server=args.server))
     if args.json:
         print_json(s)
         return EXIT_OK
@@ -310,13 +312,15 @@ def cmd_servers_remove(args: argparse.Namespace) -> int:
     ):
         return EXIT_ERROR
     with _client(args) as c:
-        job = c.call("RemoveServer", admin_pb2.RemoveServerRequest(server=args.server))
+        job = c.call(c.stub.RemoveServer, admin_pb2.RemoveServerRequest(server=args.server))
     return _show_job_result(args, job)
 
 
 def cmd_servers_ping(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        job = c.call("PingServer", admin_pb2.PingServerRequest(server=args.server, note=args.note))
+        job = c.call(
+            c.stub.PingServer, admin_pb2.PingServerRequest(server=args.server, note=args.note)
+        )
         if args.wait:
             return _watch(args, c, job.id)
     return _show_job_result(args, job)
@@ -324,7 +328,7 @@ def cmd_servers_ping(args: argparse.Namespace) -> int:
 
 def cmd_servers_refresh(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        job = c.call("RefreshServer", admin_pb2.RefreshServerRequest(server=args.server))
+        job = c.call(c.stub.RefreshServer, admin_pb2.RefreshServerRequest(server=args.server))
         if args.wait:
             return _watch(args, c, job.id)
     return _show_job_result(args, job)
@@ -343,7 +347,7 @@ def cmd_operators_add(args: argparse.Namespace) -> int:
     valid = parse_duration(args.valid, what="--valid") if args.valid else 0
     with _client(args) as c:
         resp = c.call(
-            "AddOperator",
+            c.stub.AddOperator,
             admin_pb2.AddOperatorRequest(
                 name=args.name, csr_der=pki.make_csr(key, args.name), valid_seconds=int(valid)
             ),
@@ -367,7 +371,7 @@ def cmd_operators_add(args: argparse.Namespace) -> int:
 
 def cmd_operators_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        resp = c.call("ListOperators", admin_pb2.ListOperatorsRequest())
+        resp = c.call(c.stub.ListOperators, admin_pb2.ListOperatorsRequest())
     if args.json:
         print_json(list(resp.operators))
         return EXIT_OK
@@ -434,11 +438,11 @@ def _watch(args: argparse.Namespace, client: AdminClient, job_id: str) -> int:
 def cmd_jobs_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
         jobs = c.list_all(
-            "ListJobs",
+            c.stub.ListJobs,
             admin_pb2.ListJobsRequest(
                 state=args.state or "", kind=args.kind or "", page_size=max(args.limit, 0)
             ),
-            "jobs",
+            lambda page: page.jobs,
             limit=max(args.limit, 0),
         )
     if args.json:
@@ -453,7 +457,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 
 def cmd_jobs_show(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        job = c.call("GetJob", admin_pb2.GetJobRequest(id=args.id))
+        job = c.call(c.stub.GetJob, admin_pb2.GetJobRequest(id=args.id))
     if args.json:
         print_json(job)
     else:
@@ -468,7 +472,7 @@ def cmd_jobs_watch(args: argparse.Namespace) -> int:
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        job = c.call("CancelJob", admin_pb2.GetJobRequest(id=args.id))
+        job = c.call(c.stub.CancelJob, admin_pb2.GetJobRequest(id=args.id))
     return _show_job_result(args, job)
 
 

@@ -66,21 +66,13 @@ def register(
 
         return run
 
-    def call(
-        method: str, build: Callable[[argparse.Namespace], Any]
-    ) -> Callable[[argparse.Namespace, AdminClient], Any]:
-        def run(a: argparse.Namespace, c: AdminClient) -> Any:
-            return c.call(method, build(a))
-
-        return run
-
     sp = add(
         plans,
         "create",
         plan_command(
-            call(
-                "CreatePlan",
-                lambda a: admin_pb2.CreatePlanRequest(name=a.name, description=a.description or ""),
+            lambda a, c: c.call(
+                c.stub.CreatePlan,
+                admin_pb2.CreatePlanRequest(name=a.name, description=a.description or ""),
             )
         ),
         "create a recovery plan (with group 1)",
@@ -90,14 +82,14 @@ def register(
     sp = add(
         plans,
         "show",
-        plan_command(call("GetPlan", lambda a: admin_pb2.PlanRef(name=a.name))),
+        plan_command(lambda a, c: c.call(c.stub.GetPlan, admin_pb2.PlanRef(name=a.name))),
         "show a plan",
     )
     sp.add_argument("name")
 
     def plans_list(args: argparse.Namespace) -> int:
         with client(args) as c:
-            resp = c.call("ListPlans", admin_pb2.ListPlansRequest())
+            resp = c.call(c.stub.ListPlans, admin_pb2.ListPlansRequest())
         if args.json:
             print_json(list(resp.plans))
             return EXIT_OK
@@ -114,14 +106,14 @@ def register(
     sp = add(
         plans,
         "delete",
-        plan_command(call("DeletePlan", lambda a: admin_pb2.PlanRef(name=a.name))),
+        plan_command(lambda a, c: c.call(c.stub.DeletePlan, admin_pb2.PlanRef(name=a.name))),
         "delete a plan",
     )
     sp.add_argument("name")
     sp = add(
         plans,
         "add-group",
-        plan_command(call("AddPlanGroup", lambda a: admin_pb2.PlanRef(name=a.name))),
+        plan_command(lambda a, c: c.call(c.stub.AddPlanGroup, admin_pb2.PlanRef(name=a.name))),
         "add the next group",
     )
     sp.add_argument("name")
@@ -129,9 +121,9 @@ def register(
         plans,
         "add-vm",
         plan_command(
-            call(
-                "AddPlanVm",
-                lambda a: admin_pb2.AddPlanVmRequest(plan=a.name, group=a.group, vm=a.vm),
+            lambda a, c: c.call(
+                c.stub.AddPlanVm,
+                admin_pb2.AddPlanVmRequest(plan=a.name, group=a.group, vm=a.vm),
             )
         ),
         "add a protected VM to a group",
@@ -157,7 +149,7 @@ def register(
     sp = add(
         plans,
         "add-action",
-        plan_command(call("AddPlanAction", add_action)),
+        plan_command(lambda a, c: c.call(c.stub.AddPlanAction, add_action(a))),
         "add a script or manual action before/after a group",
     )
     sp.add_argument("name")
@@ -176,11 +168,9 @@ def register(
         plans,
         "failover",
         job_command(
-            call(
-                "PlanFailover",
-                lambda a: admin_pb2.PlanFailoverRequest(
-                    plan=a.name, type=a.type, point=a.point or ""
-                ),
+            lambda a, c: c.call(
+                c.stub.PlanFailover,
+                admin_pb2.PlanFailoverRequest(plan=a.name, type=a.type, point=a.point or ""),
             )
         ),
         "fail a whole plan over, group by group",
@@ -193,9 +183,9 @@ def register(
         plans,
         "cleanup-test",
         job_command(
-            call(
-                "PlanCleanupTest",
-                lambda a: admin_pb2.PlanCleanupRequest(plan=a.name, notes=a.notes or ""),
+            lambda a, c: c.call(
+                c.stub.PlanCleanupTest,
+                admin_pb2.PlanCleanupRequest(plan=a.name, notes=a.notes or ""),
             )
         ),
         "clean up a plan's test failover",
@@ -206,7 +196,7 @@ def register(
     sp = add(
         plans,
         "commit",
-        job_command(call("PlanCommit", lambda a: admin_pb2.PlanRef(name=a.name))),
+        job_command(lambda a, c: c.call(c.stub.PlanCommit, admin_pb2.PlanRef(name=a.name))),
         "commit the failover of every VM in the plan",
     )
     sp.add_argument("name")
@@ -214,7 +204,7 @@ def register(
     sp = add(
         plans,
         "resume",
-        job_command(call("PlanResume", lambda a: admin_pb2.PlanRef(name=a.name))),
+        job_command(lambda a, c: c.call(c.stub.PlanResume, admin_pb2.PlanRef(name=a.name))),
         "let a plan waiting at a manual action go on",
     )
     sp.add_argument("name")

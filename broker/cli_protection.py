@@ -18,6 +18,7 @@ from sitepair.v1 import admin_pb2
 ClientFactory = Callable[[argparse.Namespace], AdminClient]
 JobWatcher = Callable[[argparse.Namespace, AdminClient, str], int]
 JobPrinter = Callable[[argparse.Namespace, admin_pb2.Job], int]
+StartJob = Callable[[argparse.Namespace, AdminClient], admin_pb2.Job]
 
 
 def _ts(t: Any) -> str:
@@ -112,7 +113,7 @@ def register(
     def clouds_create(args: argparse.Namespace) -> int:
         with client(args) as c:
             cloud = c.call(
-                "CreateCloud",
+                c.stub.CreateCloud,
                 admin_pb2.CreateCloudRequest(
                     name=args.name, site=args.site, description=args.description or ""
                 ),
@@ -121,7 +122,7 @@ def register(
 
     def clouds_list(args: argparse.Namespace) -> int:
         with client(args) as c:
-            resp = c.call("ListClouds", admin_pb2.ListCloudsRequest())
+            resp = c.call(c.stub.ListClouds, admin_pb2.ListCloudsRequest())
         if args.json:
             print_json(list(resp.clouds))
             return EXIT_OK
@@ -136,31 +137,29 @@ def register(
 
     def clouds_show(args: argparse.Namespace) -> int:
         with client(args) as c:
-            return show_cloud(args, c.call("GetCloud", admin_pb2.CloudRef(name=args.name)))
+            return show_cloud(args, c.call(c.stub.GetCloud, admin_pb2.CloudRef(name=args.name)))
 
     def clouds_delete(args: argparse.Namespace) -> int:
         with client(args) as c:
-            cloud = c.call("DeleteCloud", admin_pb2.CloudRef(name=args.name))
+            cloud = c.call(c.stub.DeleteCloud, admin_pb2.CloudRef(name=args.name))
         if not args.json:
             print(f"cloud {cloud.name} deleted")
             return EXIT_OK
         return show_cloud(args, cloud)
 
-    def clouds_host(method: str) -> Callable[[argparse.Namespace], int]:
-        def run(args: argparse.Namespace) -> int:
-            with client(args) as c:
-                return show_cloud(
-                    args,
-                    c.call(
-                        method, admin_pb2.CloudHostRequest(cloud=args.cloud, server=args.server)
-                    ),
-                )
+    def clouds_add_host(args: argparse.Namespace) -> int:
+        with client(args) as c:
+            request = admin_pb2.CloudHostRequest(cloud=args.cloud, server=args.server)
+            return show_cloud(args, c.call(c.stub.AddCloudHost, request))
 
-        return run
+    def clouds_remove_host(args: argparse.Namespace) -> int:
+        with client(args) as c:
+            request = admin_pb2.CloudHostRequest(cloud=args.cloud, server=args.server)
+            return show_cloud(args, c.call(c.stub.RemoveCloudHost, request))
 
     def clouds_unpair(args: argparse.Namespace) -> int:
         with client(args) as c:
-            pair = c.call("UnpairClouds", admin_pb2.CloudRef(name=args.primary))
+            pair = c.call(c.stub.UnpairClouds, admin_pb2.CloudRef(name=args.primary))
         if args.json:
             print_json(pair)
         else:
@@ -169,7 +168,7 @@ def register(
 
     def clouds_pairs(args: argparse.Namespace) -> int:
         with client(args) as c:
-            resp = c.call("ListPairs", admin_pb2.ListPairsRequest())
+            resp = c.call(c.stub.ListPairs, admin_pb2.ListPairsRequest())
         if args.json:
             print_json(list(resp.pairs))
             return EXIT_OK
@@ -211,17 +210,17 @@ def register(
     sp.add_argument("name")
     sp = add(clouds, "delete", clouds_delete, "delete a cloud (not while paired)")
     sp.add_argument("name")
-    for name, method, text in (
-        ("add-host", "AddCloudHost", "add a host to a cloud"),
-        ("remove-host", "RemoveCloudHost", "remove a host from a cloud"),
+    for name, fn, text in (
+        ("add-host", clouds_add_host, "add a host to a cloud"),
+        ("remove-host", clouds_remove_host, "remove a host from a cloud"),
     ):
-        sp = add(clouds, name, clouds_host(method), text)
+        sp = add(clouds, name, fn, text)
         sp.add_argument("cloud")
         sp.add_argument("server")
     sp = add(
         clouds,
         "refresh",
-        job_command(lambda a, c: c.call("RefreshCloud", admin_pb2.CloudRef(name=a.name))),
+        job_command(lambda a, c: c.call(c.stub.RefreshCloud, admin_pb2.CloudRef(name=a.name))),
         "ask every host of a cloud to resend its inventory",
     )
     sp.add_argument("name")
@@ -231,7 +230,7 @@ def register(
         "pair",
         job_command(
             lambda a, c: c.call(
-                "PairClouds",
+                c.stub.PairClouds,
                 admin_pb2.PairCloudsRequest(
                     primary=a.primary, recovery=a.recovery, policy=policy_from_args(a)
                 ),
@@ -248,7 +247,7 @@ def register(
         "policy",
         job_command(
             lambda a, c: c.call(
-                "SetPairPolicy",
+                c.stub.SetPairPolicy,
                 admin_pb2.PairCloudsRequest(primary=a.primary, policy=policy_from_args(a)),
             )
         ),
@@ -270,7 +269,8 @@ def register(
         def do_map(args: argparse.Namespace, kind: str = kind) -> int:
             with client(args) as c:
                 m = c.call(
-                    "Map", admin_pb2.MapRequest(kind=kind, source=args.source, target=args.target)
+                    c.stub.Map,
+                    admin_pb2.MapRequest(kind=kind, source=args.source, target=args.target),
                 )
             if args.json:
                 print_json(m)
@@ -280,7 +280,7 @@ def register(
 
         def do_unmap(args: argparse.Namespace, kind: str = kind) -> int:
             with client(args) as c:
-                m = c.call("Unmap", admin_pb2.MapRequest(kind=kind, source=args.source))
+                m = c.call(c.stub.Unmap, admin_pb2.MapRequest(kind=kind, source=args.source))
             if args.json:
                 print_json(m)
             else:
@@ -289,7 +289,7 @@ def register(
 
         def do_list(args: argparse.Namespace, kind: str = kind) -> int:
             with client(args) as c:
-                resp = c.call("ListMappings", admin_pb2.ListMappingsRequest(kind=kind))
+                resp = c.call(c.stub.ListMappings, admin_pb2.ListMappingsRequest(kind=kind))
             if args.json:
                 print_json(list(resp.mappings))
                 return EXIT_OK
@@ -316,7 +316,11 @@ def register(
 
     def vms_list(args: argparse.Namespace) -> int:
         with client(args) as c:
-            vms = c.list_all("ListVms", admin_pb2.ListVmsRequest(server=args.server or ""), "vms")
+            vms = c.list_all(
+                c.stub.ListVms,
+                admin_pb2.ListVmsRequest(server=args.server or ""),
+                lambda page: page.vms,
+            )
         if args.json:
             print_json(vms)
             return EXIT_OK
@@ -340,7 +344,9 @@ def register(
     def vms_protected(args: argparse.Namespace) -> int:
         with client(args) as c:
             protected = c.list_all(
-                "ListProtected", admin_pb2.ListProtectedRequest(include_disabled=args.all), "vms"
+                c.stub.ListProtected,
+                admin_pb2.ListProtectedRequest(include_disabled=args.all),
+                lambda page: page.vms,
             )
         if args.json:
             print_json(protected)
@@ -365,7 +371,7 @@ def register(
 
     def vms_show(args: argparse.Namespace) -> int:
         with client(args) as c:
-            v = c.call("GetProtected", admin_pb2.ProtectedRef(vm=args.vm))
+            v = c.call(c.stub.GetProtected, admin_pb2.ProtectedRef(vm=args.vm))
         if args.json:
             print_json(v)
             return EXIT_OK
@@ -426,7 +432,8 @@ def register(
 
     protect = job_command(
         lambda a, c: c.call(
-            "ProtectVm", admin_pb2.ProtectVmRequest(vm=a.vm, accept_no_network=a.accept_no_network)
+            c.stub.ProtectVm,
+            admin_pb2.ProtectVmRequest(vm=a.vm, accept_no_network=a.accept_no_network),
         )
     )
     for parent, name in ((vms, "protect"), (sub, "protect")):
@@ -446,7 +453,7 @@ def register(
         elif a.keep_replica:
             replica = admin_pb2.DisableProtectionRequest.KEEP
         job: admin_pb2.Job = c.call(
-            "DisableProtection", admin_pb2.DisableProtectionRequest(vm=a.vm, replica=replica)
+            c.stub.DisableProtection, admin_pb2.DisableProtectionRequest(vm=a.vm, replica=replica)
         )
         return job
 
@@ -462,7 +469,7 @@ def register(
         request = admin_pb2.FailoverRequest(
             vm=a.vm, type=a.type, point=a.point or "", reverse=a.reverse, network=a.network or ""
         )
-        job: admin_pb2.Job = c.call("Failover", request)
+        job: admin_pb2.Job = c.call(c.stub.Failover, request)
         return job
 
     sp = add(vms, "failover", job_command(failover), "fail a VM over: planned, unplanned or test")
@@ -480,25 +487,31 @@ def register(
     )
     sp.add_argument("--wait", action="store_true")
 
-    def simple(method: str) -> Callable[[argparse.Namespace, AdminClient], admin_pb2.Job]:
-        def call(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
-            job: admin_pb2.Job = c.call(method, admin_pb2.ProtectedRef(vm=a.vm))
-            return job
-
-        return call
-
-    for name, method, text in (
-        ("commit", "CommitFailover", "commit a failover: other recovery points are discarded"),
-        ("cancel-failover", "CancelFailover", "undo a failover that was not committed"),
-        ("reverse", "ReverseReplication", "replicate a failed-over VM back to its old site"),
-    ):
-        sp = add(vms, name, job_command(simple(method)), text)
+    failover_steps: tuple[tuple[str, StartJob, str], ...] = (
+        (
+            "commit",
+            lambda a, c: c.call(c.stub.CommitFailover, admin_pb2.ProtectedRef(vm=a.vm)),
+            "commit a failover: other recovery points are discarded",
+        ),
+        (
+            "cancel-failover",
+            lambda a, c: c.call(c.stub.CancelFailover, admin_pb2.ProtectedRef(vm=a.vm)),
+            "undo a failover that was not committed",
+        ),
+        (
+            "reverse",
+            lambda a, c: c.call(c.stub.ReverseReplication, admin_pb2.ProtectedRef(vm=a.vm)),
+            "replicate a failed-over VM back to its old site",
+        ),
+    )
+    for name, start, text in failover_steps:
+        sp = add(vms, name, job_command(start), text)
         sp.add_argument("vm")
         sp.add_argument("--wait", action="store_true")
 
     def cleanup(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
         job: admin_pb2.Job = c.call(
-            "CleanupTestFailover", admin_pb2.CleanupTestRequest(vm=a.vm, notes=a.notes or "")
+            c.stub.CleanupTestFailover, admin_pb2.CleanupTestRequest(vm=a.vm, notes=a.notes or "")
         )
         return job
 
@@ -514,7 +527,7 @@ def register(
             request = admin_pb2.ReplicationActionRequest(
                 vm=a.vm, action=action, no_repair=getattr(a, "no_repair", False)
             )
-            job: admin_pb2.Job = c.call("ReplicationAction", request)
+            job: admin_pb2.Job = c.call(c.stub.ReplicationAction, request)
             return job
 
         return call

@@ -8,11 +8,12 @@ for another operator, whose key is generated on the operator's side and never se
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -21,7 +22,11 @@ from sitepair.errors import ConfigError, SitepairError
 from sitepair.rpc import channel_options, error_from_rpc
 from sitepair.v1 import admin_pb2, admin_pb2_grpc
 
-T = TypeVar("T")
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+PageRequestT = TypeVar("PageRequestT", bound="PageRequest")
+PageT = TypeVar("PageT", bound="Page")
+ItemT = TypeVar("ItemT")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +74,28 @@ class Profile:
         )
 
 
+class PageRequest(Protocol):
+    """A request for one page of a paged list: ``page_size`` items after ``page_token``."""
+
+    page_size: int
+    page_token: str
+
+
+class Page(Protocol):
+    """One page of a paged list."""
+
+    @property
+    def next_page_token(self) -> str: ...
+
+
 class AdminClient:
-    """Blocking admin API client; every failure is a SitepairError with a readable message."""
+    """Blocking admin API client; every failure is a SitepairError with a readable message.
+
+    ``stub`` is the generated Admin stub, so mypy checks each request and answer. Call it
+    through :meth:`call` (one answer), :meth:`list_all` (every page of a list) or
+    :meth:`watch_job` (a stream): they apply the client's timeout and turn a failed call into a
+    SitepairError an operator can act on (:func:`sitepair.rpc.error_from_rpc`).
+    """
 
     def __init__(self, profile: Profile, *, timeout: float = 30.0) -> None:
         self.profile = profile
@@ -95,14 +120,44 @@ class AdminClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
-        fn = getattr(self.stub, method)
+    def call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+    ) -> ResponseT:
+        """The answer of one call of ``method``, a method of :attr:`stub`."""
         try:
-            return fn(request, timeout=timeout or self.timeout, wait_for_ready=False)
+            return method(request, timeout=timeout or self.timeout, wait_for_ready=False)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, peer=f"broker at {self.address}") from None
 
-    def pages(self, method: str, request: Any, *, timeout: float | None = None) -> Iterator[Any]:
+    def list_all(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[PageRequestT, PageT],
+        request: PageRequestT,
+        items: Callable[[PageT], Iterable[ItemT]],
+        *,
+        limit: int = 0,
+        timeout: float | None = None,
+    ) -> list[ItemT]:
+        """The items of every page of a paged list (``items`` picks them from a page), or the
+        first ``limit`` of them (0 = all)."""
+        found: list[ItemT] = []
+        for page in self._pages(method, request, timeout=timeout):
+            found.extend(items(page))
+            if limit and len(found) >= limit:
+                return found[:limit]
+        return found
+
+    def _pages(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[PageRequestT, PageT],
+        request: PageRequestT,
+        *,
+        timeout: float | None,
+    ) -> Iterator[PageT]:
         """Every page of a paged list, following ``next_page_token`` until the last one.
 
         ``request`` is not changed; each page is asked with a copy carrying the token. A broker
@@ -110,8 +165,7 @@ class AdminClient:
         rather than loop forever.
         """
         seen: set[str] = set()
-        page_request = type(request)()
-        page_request.CopyFrom(request)
+        page_request = copy.deepcopy(request)
         while True:
             page = self.call(method, page_request, timeout=timeout)
             yield page
@@ -119,21 +173,11 @@ class AdminClient:
             if not token:
                 return
             if token in seen:
-                raise SitepairError(f"the broker at {self.address} repeated a page of {method}")
+                # Paged lists are List<Things>(List<Things>Request): name the method.
+                name = type(request).__name__.removesuffix("Request")
+                raise SitepairError(f"the broker at {self.address} repeated a page of {name}")
             seen.add(token)
             page_request.page_token = token
-
-    def list_all(
-        self, method: str, request: Any, field: str, *, limit: int = 0, timeout: float | None = None
-    ) -> list[Any]:
-        """The items of every page of a paged list (``field`` names the repeated field), or the
-        first ``limit`` of them (0 = all)."""
-        items: list[Any] = []
-        for page in self.pages(method, request, timeout=timeout):
-            items.extend(getattr(page, field))
-            if limit and len(items) >= limit:
-                return items[:limit]
-        return items
 
     def watch_job(self, job_id: str, *, timeout: float | None = None) -> Iterator[admin_pb2.Job]:
         """Every change of a job until it is final (or ``timeout`` seconds pass)."""

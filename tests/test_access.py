@@ -53,7 +53,7 @@ def _admin_ping(channel: grpc.Channel) -> admin_pb2.BrokerInfo:
 
 
 def test_admin_profile_works(broker: BrokerThread, admin: AdminClient) -> None:
-    info = admin.call("GetBrokerInfo", admin_pb2.GetBrokerInfoRequest())
+    info = admin.call(admin.stub.GetBrokerInfo, admin_pb2.GetBrokerInfoRequest())
     assert info.vault == "test"
     assert info.store.startswith("sqlite:")
 
@@ -151,7 +151,7 @@ def test_garbage_on_tls_ports_does_not_hurt(broker: BrokerThread, admin: AdminCl
                 tls.sendall(b"this is not HTTP/2" * 100)
         except (ssl.SSLError, OSError):
             pass  # the control port wants a client certificate: refusing is the right answer
-    assert admin.call("GetBrokerInfo", admin_pb2.GetBrokerInfoRequest()).vault == "test"
+    assert admin.call(admin.stub.GetBrokerInfo, admin_pb2.GetBrokerInfoRequest()).vault == "test"
 
 
 def test_malformed_protobuf_is_refused_and_broker_keeps_serving(
@@ -174,10 +174,11 @@ def test_malformed_protobuf_is_refused_and_broker_keeps_serving(
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "malformed request" in err.value.details()
     keys = admin.call(
-        "ListRegistrationKeys", admin_pb2.ListRegistrationKeysRequest(include_inactive=True)
+        admin.stub.ListRegistrationKeys,
+        admin_pb2.ListRegistrationKeysRequest(include_inactive=True),
     ).keys
     assert list(keys) == []
-    assert admin.call("GetBrokerInfo", admin_pb2.GetBrokerInfoRequest()).vault == "test"
+    assert admin.call(admin.stub.GetBrokerInfo, admin_pb2.GetBrokerInfoRequest()).vault == "test"
 
 
 def test_oversized_messages_are_refused(
@@ -207,7 +208,7 @@ def test_oversized_messages_are_refused(
             )
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # Nothing was consumed or created, and the broker still answers.
-    keys = admin.call("ListRegistrationKeys", admin_pb2.ListRegistrationKeysRequest()).keys
+    keys = admin.call(admin.stub.ListRegistrationKeys, admin_pb2.ListRegistrationKeysRequest()).keys
     assert [k.uses_remaining for k in keys] == [1]
 
 
@@ -228,7 +229,7 @@ def test_garbage_csr_refused_without_consuming(
             )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "PKCS#10" in err.value.details()
-    keys = admin.call("ListRegistrationKeys", admin_pb2.ListRegistrationKeysRequest()).keys
+    keys = admin.call(admin.stub.ListRegistrationKeys, admin_pb2.ListRegistrationKeysRequest()).keys
     assert [k.uses_remaining for k in keys] == [1]
 
 
@@ -236,13 +237,16 @@ def test_invalid_admin_arguments_get_clear_errors(broker: BrokerThread, admin: A
     from sitepair.errors import InvalidArgument, NotFound
 
     with pytest.raises(InvalidArgument, match="site 'bad site'"):
-        admin.call("CreateRegistrationKey", admin_pb2.CreateRegistrationKeyRequest(site="bad site"))
+        admin.call(
+            admin.stub.CreateRegistrationKey,
+            admin_pb2.CreateRegistrationKeyRequest(site="bad site"),
+        )
     with pytest.raises(InvalidArgument, match="at most 90 days"):
         admin.call(
-            "CreateRegistrationKey",
+            admin.stub.CreateRegistrationKey,
             admin_pb2.CreateRegistrationKeyRequest(site="s", valid_seconds=365 * 86400),
         )
     with pytest.raises(NotFound, match="no server"):
-        admin.call("GetServer", admin_pb2.GetServerRequest(server="nope"))
+        admin.call(admin.stub.GetServer, admin_pb2.GetServerRequest(server="nope"))
     with pytest.raises(NotFound, match="no job"):
-        admin.call("GetJob", admin_pb2.GetJobRequest(id="job-x"))
+        admin.call(admin.stub.GetJob, admin_pb2.GetJobRequest(id="job-x"))

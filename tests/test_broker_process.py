@@ -45,20 +45,23 @@ def test_restart_keeps_keys_servers_jobs_and_undelivered_commands(tmp_path: Path
             ident = register_agent(creds, tmp_path / "a", name="hv-1")
             # The agent is offline: the ping waits for it.
             job = admin.call(
-                "PingServer", admin_pb2.PingServerRequest(server="hv-1", note="across restart")
+                admin.stub.PingServer,
+                admin_pb2.PingServerRequest(server="hv-1", note="across restart"),
             )
         broker.stop()
         assert broker.proc is not None and broker.proc.returncode == 0
 
         broker.start()
         with broker.admin() as admin:
-            keys = admin.call("ListRegistrationKeys", admin_pb2.ListRegistrationKeysRequest()).keys
+            keys = admin.call(
+                admin.stub.ListRegistrationKeys, admin_pb2.ListRegistrationKeysRequest()
+            ).keys
             assert [(k.uses_remaining, k.uses_total) for k in keys] == [(2, 3)]
-            servers = admin.call("ListServers", admin_pb2.ListServersRequest()).servers
+            servers = admin.call(admin.stub.ListServers, admin_pb2.ListServersRequest()).servers
             assert [(s.name, s.id, s.state) for s in servers] == [
                 ("hv-1", ident.host_id, "disconnected")
             ]
-            assert admin.call("GetJob", admin_pb2.GetJobRequest(id=job.id)).state in (
+            assert admin.call(admin.stub.GetJob, admin_pb2.GetJobRequest(id=job.id)).state in (
                 "running",
                 "waiting",
             )
@@ -86,7 +89,9 @@ def test_sigkill_and_restart_loses_nothing_committed(tmp_path: Path) -> None:
         broker.kill()
         broker.start()
         with broker.admin() as admin:
-            keys = admin.call("ListRegistrationKeys", admin_pb2.ListRegistrationKeysRequest()).keys
+            keys = admin.call(
+                admin.stub.ListRegistrationKeys, admin_pb2.ListRegistrationKeysRequest()
+            ).keys
             assert sorted(k.site for k in keys) == [f"s{i}" for i in range(5)]
             # Keys made before the kill still enroll.
             register_agent(tmp_path / "c3.json", tmp_path / "a", name="hv-3")
@@ -110,12 +115,14 @@ def test_private_key_and_secret_never_reach_store_or_logs(tmp_path: Path) -> Non
             try:
                 deadline = time.monotonic() + 20
                 while (
-                    admin.call("GetServer", admin_pb2.GetServerRequest(server="hv-1")).state
+                    admin.call(
+                        admin.stub.GetServer, admin_pb2.GetServerRequest(server="hv-1")
+                    ).state
                     != "connected"
                 ):
                     assert time.monotonic() < deadline
                     time.sleep(0.1)
-                job = admin.call("PingServer", admin_pb2.PingServerRequest(server="hv-1"))
+                job = admin.call(admin.stub.PingServer, admin_pb2.PingServerRequest(server="hv-1"))
                 assert wait_job(admin, job.id).state == "succeeded"
             finally:
                 assert agent.stop() == 0

@@ -34,7 +34,7 @@ def eventually(
 
 
 def server(admin: AdminClient, name: str) -> admin_pb2.Server:
-    s: admin_pb2.Server = admin.call("GetServer", admin_pb2.GetServerRequest(server=name))
+    s: admin_pb2.Server = admin.call(admin.stub.GetServer, admin_pb2.GetServerRequest(server=name))
     return s
 
 
@@ -97,7 +97,9 @@ def test_ping_through_the_control_stream(
     agent = AgentThread(home)
     try:
         agent.wait_connected()
-        job = admin.call("PingServer", admin_pb2.PingServerRequest(server="hv-1", note="hello"))
+        job = admin.call(
+            admin.stub.PingServer, admin_pb2.PingServerRequest(server="hv-1", note="hello")
+        )
         done = wait_job(admin, job.id)
         assert done.state == "succeeded", done
         assert json.loads(done.result_json) == {
@@ -134,12 +136,17 @@ def test_command_sent_while_offline_is_delivered_once_after_reconnect(
 
     # The agent is offline: the command waits in the store, and the ping job says so.
     cmd = broker.loop.call(broker.ctx.dispatcher.submit(ident.host_id, _script_command(marker)))
-    job = admin.call("PingServer", admin_pb2.PingServerRequest(server="hv-1"))
+    job = admin.call(admin.stub.PingServer, admin_pb2.PingServerRequest(server="hv-1"))
     eventually(
-        lambda: admin.call("GetJob", admin_pb2.GetJobRequest(id=job.id)).state == "waiting",
+        lambda: (
+            admin.call(admin.stub.GetJob, admin_pb2.GetJobRequest(id=job.id)).state == "waiting"
+        ),
         what="waiting",
     )
-    assert "offline" in admin.call("GetJob", admin_pb2.GetJobRequest(id=job.id)).steps[0].message
+    assert (
+        "offline"
+        in admin.call(admin.stub.GetJob, admin_pb2.GetJobRequest(id=job.id)).steps[0].message
+    )
 
     # Connect, disconnect, reconnect a few times: the script runs exactly once.
     for _ in range(3):
@@ -257,7 +264,7 @@ def test_removed_server_is_refused(
     agent = AgentThread(home)
     try:
         agent.wait_connected()
-        job = admin.call("RemoveServer", admin_pb2.RemoveServerRequest(server="hv-1"))
+        job = admin.call(admin.stub.RemoveServer, admin_pb2.RemoveServerRequest(server="hv-1"))
         assert job.state == "succeeded"
         assert [s.state for s in job.steps] == ["succeeded"] * 4
         # The agent is told it was removed and stops with that reason.
@@ -283,11 +290,15 @@ def test_removed_server_is_refused(
                 stub.Connect(iter([control_pb2.AgentMessage(hello=control_pb2.Hello())]), timeout=5)
             )
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert [s.name for s in admin.call("ListServers", admin_pb2.ListServersRequest()).servers] == []
-    removed = admin.call("ListServers", admin_pb2.ListServersRequest(include_removed=True)).servers
+    assert [
+        s.name for s in admin.call(admin.stub.ListServers, admin_pb2.ListServersRequest()).servers
+    ] == []
+    removed = admin.call(
+        admin.stub.ListServers, admin_pb2.ListServersRequest(include_removed=True)
+    ).servers
     assert [(s.name, s.state) for s in removed] == [("hv-1", "removed")]
     with pytest.raises(FailedPrecondition, match="already removed"):
-        admin.call("RemoveServer", admin_pb2.RemoveServerRequest(server=ident.host_id))
+        admin.call(admin.stub.RemoveServer, admin_pb2.RemoveServerRequest(server=ident.host_id))
 
     # It may come back only as a new server, through a new key, with a new identity.
     creds2 = tmp_path / "c2.json"
@@ -351,4 +362,4 @@ def test_broker_serving_certificate_reloads_without_restart(
     assert broker.ctx.server_cert.ensure_fresh()
     after = serving_serial()
     assert after != before
-    assert admin.call("GetBrokerInfo", admin_pb2.GetBrokerInfoRequest()).vault == "test"
+    assert admin.call(admin.stub.GetBrokerInfo, admin_pb2.GetBrokerInfoRequest()).vault == "test"

@@ -48,12 +48,13 @@ def test_enrollment_end_to_end(
     assert who.id == ident.host_id and who.id.startswith("host-")
     assert ident.not_after - ident.not_before <= 24 * 3600 + 600  # short-lived
 
-    servers = admin.call("ListServers", admin_pb2.ListServersRequest()).servers
+    servers = admin.call(admin.stub.ListServers, admin_pb2.ListServersRequest()).servers
     assert [(s.name, s.site, s.id) for s in servers] == [("hv-01", "site-a", ident.host_id)]
 
     # The single use is gone.
     keys = admin.call(
-        "ListRegistrationKeys", admin_pb2.ListRegistrationKeysRequest(include_inactive=True)
+        admin.stub.ListRegistrationKeys,
+        admin_pb2.ListRegistrationKeysRequest(include_inactive=True),
     ).keys
     assert [(k.uses_remaining, k.state) for k in keys] == [(0, "used up")]
 
@@ -127,7 +128,7 @@ def test_single_use_key_twenty_agents_exactly_one_wins(
     refusals = [o for o in outcomes if o != "ok"]
     assert len(refusals) == 19
     assert all("used up" in r for r in refusals), refusals
-    servers = admin.call("ListServers", admin_pb2.ListServersRequest()).servers
+    servers = admin.call(admin.stub.ListServers, admin_pb2.ListServersRequest()).servers
     assert len(servers) == 1
 
 
@@ -151,7 +152,8 @@ def test_expired_key_is_refused_and_consumed(
     with pytest.raises(PermissionDenied, match="expired"):
         register_agent(creds, tmp_path / "a", name="hv-1")
     keys = admin.call(
-        "ListRegistrationKeys", admin_pb2.ListRegistrationKeysRequest(include_inactive=True)
+        admin.stub.ListRegistrationKeys,
+        admin_pb2.ListRegistrationKeysRequest(include_inactive=True),
     ).keys
     assert keys[0].uses_remaining == 1  # the refused attempt consumed a use
 
@@ -171,11 +173,15 @@ def test_expired_credentials_file_refused_locally(
 def test_revoked_key_refused(broker: BrokerThread, admin: AdminClient, tmp_path: Path) -> None:
     creds = tmp_path / "c.json"
     resp = create_key(admin, creds, uses=5)
-    admin.call("RevokeRegistrationKey", admin_pb2.RevokeRegistrationKeyRequest(id=resp.key.id))
+    admin.call(
+        admin.stub.RevokeRegistrationKey, admin_pb2.RevokeRegistrationKeyRequest(id=resp.key.id)
+    )
     with pytest.raises(PermissionDenied, match="revoked"):
         register_agent(creds, tmp_path / "a", name="hv-1")
     with pytest.raises(FailedPrecondition, match="already revoked"):
-        admin.call("RevokeRegistrationKey", admin_pb2.RevokeRegistrationKeyRequest(id=resp.key.id))
+        admin.call(
+            admin.stub.RevokeRegistrationKey, admin_pb2.RevokeRegistrationKeyRequest(id=resp.key.id)
+        )
 
 
 def test_wrong_secret_refused_without_consuming(
@@ -254,7 +260,7 @@ def test_credentials_for_another_broker(
             register(creds, name="hv-1", home=tmp_path / "a", agent_toml="")
     finally:
         other.stop()
-    assert admin.call("ListServers", admin_pb2.ListServersRequest()).servers == []
+    assert admin.call(admin.stub.ListServers, admin_pb2.ListServersRequest()).servers == []
 
 
 def test_vault_mismatch_named(
@@ -279,7 +285,8 @@ def test_duplicate_name_refused_and_use_kept(
     with pytest.raises(AlreadyExists, match="already registered"):
         register_agent(creds, tmp_path / "b", name="hv-1")
     keys = admin.call(
-        "ListRegistrationKeys", admin_pb2.ListRegistrationKeysRequest(include_inactive=True)
+        admin.stub.ListRegistrationKeys,
+        admin_pb2.ListRegistrationKeysRequest(include_inactive=True),
     ).keys
     assert keys[0].uses_remaining == 1
 

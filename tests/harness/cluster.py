@@ -25,7 +25,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import grpc
 
 from agent import config as agent_config
 from agent.hosts import make_backend, qemu_vm
@@ -35,9 +37,12 @@ from broker.client import AdminClient, Profile, wait_job
 from broker.config import StoreConfig
 from broker.home import BrokerHome
 from sitepair.errors import SitepairError
-from sitepair.v1 import admin_pb2
+from sitepair.v1 import admin_pb2, admin_pb2_grpc
 from tests.harness.network import Network, small_filesystem
 from tests.support.brokers import create_key, make_home, python_env
+
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
 
 REPO = Path(__file__).resolve().parents[2]
 BACKENDS = ("directory", "qemu")
@@ -291,7 +296,7 @@ class Cluster:
 
     def servers(self) -> dict[str, admin_pb2.Server]:
         assert self.admin is not None
-        resp = self.admin.call("ListServers", admin_pb2.ListServersRequest())
+        resp = self.admin.call(self.admin.stub.ListServers, admin_pb2.ListServersRequest())
         return {s.name: s for s in resp.servers}
 
     def wait_connected(self, names: list[str] | None = None, timeout: float = 90) -> None:
@@ -306,7 +311,15 @@ class Cluster:
             time.sleep(0.2)
 
     # -- operator helpers -------------------------------------------------------------------
-    def call(self, method: str, request: Any) -> Any:
+    @property
+    def stub(self) -> admin_pb2_grpc.AdminStub:
+        """The admin API's methods, to pass to :meth:`call`."""
+        assert self.admin is not None
+        return self.admin.stub
+
+    def call(
+        self, method: grpc.UnaryUnaryMultiCallable[RequestT, ResponseT], request: RequestT
+    ) -> ResponseT:
         assert self.admin is not None
         return self.admin.call(method, request)
 
@@ -319,7 +332,7 @@ class Cluster:
         return done
 
     def protected(self, vm: str) -> admin_pb2.ProtectedVm:
-        v: admin_pb2.ProtectedVm = self.call("GetProtected", admin_pb2.ProtectedRef(vm=vm))
+        v: admin_pb2.ProtectedVm = self.call(self.stub.GetProtected, admin_pb2.ProtectedRef(vm=vm))
         return v
 
     def pair(self, policy: admin_pb2.Policy) -> None:
@@ -327,30 +340,30 @@ class Cluster:
         primary, recovery = names[0], names[1]
         for site in names:
             self.call(
-                "CreateCloud",
+                self.stub.CreateCloud,
                 admin_pb2.CreateCloudRequest(name=f"cloud-{site}", site=f"site-{site}"),
             )
             for a in self.agents.values():
                 if a.site == site:
                     self.call(
-                        "AddCloudHost",
+                        self.stub.AddCloudHost,
                         admin_pb2.CloudHostRequest(cloud=f"cloud-{site}", server=a.name),
                     )
         self.job(
             self.call(
-                "PairClouds",
+                self.stub.PairClouds,
                 admin_pb2.PairCloudsRequest(
                     primary=f"cloud-{primary}", recovery=f"cloud-{recovery}", policy=policy
                 ),
             )
         )
         self.call(
-            "Map",
+            self.stub.Map,
             admin_pb2.MapRequest(
                 kind="network", source=f"corp-{primary}", target=f"corp-{recovery}"
             ),
         )
-        self.call("Map", admin_pb2.MapRequest(kind="storage", source="gold", target="gold"))
+        self.call(self.stub.Map, admin_pb2.MapRequest(kind="storage", source="gold", target="gold"))
 
     def host_of_vm(self, vm: str) -> AgentProc:
         """The agent whose backend holds the VM running (the current primary)."""

@@ -135,7 +135,9 @@ def walkthrough(run: Run) -> None:
     acked = src.last_ack()  # before the cycle the test VM is made from is asked for
     run.cycle("vm1")
     _check_replica(run, "vm1", "after a cycle while the guest writes")
-    run.run_job("Failover", admin_pb2.FailoverRequest(vm="vm1", type="test", network="create"))
+    run.run_job(
+        run.c.stub.Failover, admin_pb2.FailoverRequest(vm="vm1", type="test", network="create")
+    )
     test_host = c.protected("vm1").replica_server
     _check_from_latest(
         run, "vm1", test_host, "vm1-test", "the test VM starts from the latest recovery point"
@@ -146,7 +148,7 @@ def walkthrough(run: Run) -> None:
     run.cycle("vm1")  # production replication is not disturbed
     _check_replica(run, "vm1", "after a cycle with the test VM running")
     run.run_job(
-        "CleanupTestFailover",
+        run.c.stub.CleanupTestFailover,
         admin_pb2.CleanupTestRequest(vm="vm1", notes="harness: test VM booted and verified"),
     )
     tester = c.agents[test_host]
@@ -160,11 +162,14 @@ def walkthrough(run: Run) -> None:
         if a.site == "b":
             (a.home / "scripts").mkdir(exist_ok=True)
             (a.home / "scripts" / "mark.py").write_text(MARK)
-    c.call("CreatePlan", admin_pb2.CreatePlanRequest(name="app", description="harness walkthrough"))
-    c.call("AddPlanGroup", admin_pb2.PlanRef(name="app"))
-    c.call("AddPlanVm", admin_pb2.AddPlanVmRequest(plan="app", group=1, vm="vm1"))
     c.call(
-        "AddPlanAction",
+        c.stub.CreatePlan,
+        admin_pb2.CreatePlanRequest(name="app", description="harness walkthrough"),
+    )
+    c.call(c.stub.AddPlanGroup, admin_pb2.PlanRef(name="app"))
+    c.call(c.stub.AddPlanVm, admin_pb2.AddPlanVmRequest(plan="app", group=1, vm="vm1"))
+    c.call(
+        c.stub.AddPlanAction,
         admin_pb2.AddPlanActionRequest(
             plan="app",
             group=1,
@@ -174,7 +179,7 @@ def walkthrough(run: Run) -> None:
             ),
         ),
     )
-    run.run_job("PlanFailover", admin_pb2.PlanFailoverRequest(plan="app", type="planned"))
+    run.run_job(run.c.stub.PlanFailover, admin_pb2.PlanFailoverRequest(plan="app", type="planned"))
     last_on_a = _shutdown(run, src, "vm1", "hv-a1")
     new_host = c.host_of_vm("vm1").name
     # A quiet point: the guest on site a is off. The VM on site b started from exactly the
@@ -209,7 +214,9 @@ def failback(run: Run) -> None:
     host = "hv-a1"
     for trip in range(2):
         wait_ack(console, console.last_ack() + 2)
-        run.run_job("Failover", admin_pb2.FailoverRequest(vm="vm1", type="planned", reverse=True))
+        run.run_job(
+            run.c.stub.Failover, admin_pb2.FailoverRequest(vm="vm1", type="planned", reverse=True)
+        )
         last = _shutdown(run, console, "vm1", host)
         host = c.host_of_vm("vm1").name
         console = _console(run, host, "vm1")
@@ -244,7 +251,7 @@ def site_loss(run: Run) -> None:
     c.net.partition()
     run.report.faults.append("partition")
     last_on_a = src.last_ack()
-    run.run_job("Failover", admin_pb2.FailoverRequest(vm="vm1", type="unplanned"))
+    run.run_job(run.c.stub.Failover, admin_pb2.FailoverRequest(vm="vm1", type="unplanned"))
     new_host = c.protected("vm1").replica_server
     _check_from_latest(
         run, "vm1", new_host, "vm1", "the failed-over VM starts from the latest recovery point"
@@ -267,7 +274,7 @@ def site_loss(run: Run) -> None:
     fenced = False
     while time.monotonic() < deadline and not fenced:
         jobs = c.call(
-            "ListJobs", admin_pb2.ListJobsRequest(kind="fence-old-primary", limit=20)
+            c.stub.ListJobs, admin_pb2.ListJobsRequest(kind="fence-old-primary", limit=20)
         ).jobs
         fenced = any(j.state == "succeeded" for j in jobs)
         time.sleep(0.5)
@@ -277,7 +284,7 @@ def site_loss(run: Run) -> None:
         c.running_copies("vm1") == [new_host],
         ", ".join(c.running_copies("vm1")),
     )
-    run.run_job("ReverseReplication", admin_pb2.ProtectedRef(vm="vm1"))
+    run.run_job(run.c.stub.ReverseReplication, admin_pb2.ProtectedRef(vm="vm1"))
     run.cycle("vm1")
     _check_replica(run, "vm1", "after a reverse cycle, the old site back")
 

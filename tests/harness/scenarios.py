@@ -18,7 +18,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import grpc
 
 from agent.hosts.directory import DirectoryBackend
 from broker.client import wait_job
@@ -38,6 +40,8 @@ SLOW_LINK = WanProfile(
     "slow-metro", delay_ms=20, rate_mbit=32, description="20 ms one way, 32 Mbit/s"
 )
 DISKS = {"os": 32 * MiB, "data": 16 * MiB}
+RequestT = TypeVar("RequestT")
+
 MARK = """import os, sys
 with open(sys.argv[1], "a") as f:
     f.write(f"{os.environ['SITEPAIR_PLAN']} group {os.environ['SITEPAIR_GROUP']} {os.environ['SITEPAIR_VMS']}\\n")
@@ -113,25 +117,32 @@ class Run:
             time.sleep(0.05)
 
     # -- jobs -------------------------------------------------------------------------------
-    def run_job(self, method: str, request: Any, *, expect: str = "succeeded") -> admin_pb2.Job:
+    def run_job(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[RequestT, admin_pb2.Job],
+        request: RequestT,
+        *,
+        expect: str = "succeeded",
+    ) -> admin_pb2.Job:
         job = self.c.call(method, request)
         self.jobs.append(job.id)
         return self.c.job(job, expect=expect)
 
     def cycle(self, vm: str) -> admin_pb2.Job:
         return self.run_job(
-            "ReplicationAction", admin_pb2.ReplicationActionRequest(vm=vm, action="cycle")
+            self.c.stub.ReplicationAction, admin_pb2.ReplicationActionRequest(vm=vm, action="cycle")
         )
 
     def protect(self, vm: str) -> None:
         deadline = time.monotonic() + 60
         while not any(
-            v.vm.name == vm for v in self.c.call("ListVms", admin_pb2.ListVmsRequest()).vms
+            v.vm.name == vm
+            for v in self.c.call(self.c.stub.ListVms, admin_pb2.ListVmsRequest()).vms
         ):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{vm} never reached the inventory")
             time.sleep(0.2)
-        self.run_job("ProtectVm", admin_pb2.ProtectVmRequest(vm=vm))
+        self.run_job(self.c.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm=vm))
         self.epochs[vm] = self.c.protected(vm).epoch
 
     # -- checks -----------------------------------------------------------------------------
@@ -222,7 +233,7 @@ class Run:
             self.epochs[vm] = epoch
         deadline = time.monotonic() + 120
         while True:
-            jobs = self.c.call("ListJobs", admin_pb2.ListJobsRequest(limit=500)).jobs
+            jobs = self.c.call(self.c.stub.ListJobs, admin_pb2.ListJobsRequest(limit=500)).jobs
             stuck = [
                 f"{j.kind} {j.target} {j.state}"
                 for j in jobs
@@ -248,12 +259,16 @@ def policy(
 
 def pause(run: Run, vm: str) -> None:
     """Stop scheduled cycles, so that the scenario's manual cycles are the only ones."""
-    run.c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm=vm, action="pause"))
+    run.c.call(
+        run.c.stub.ReplicationAction, admin_pb2.ReplicationActionRequest(vm=vm, action="pause")
+    )
 
 
 def try_cycle(run: Run, vm: str) -> admin_pb2.Job:
     """Run a manual cycle and return the finished job, whether it succeeded or failed."""
-    job = run.c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm=vm, action="cycle"))
+    job = run.c.call(
+        run.c.stub.ReplicationAction, admin_pb2.ReplicationActionRequest(vm=vm, action="cycle")
+    )
     run.jobs.append(job.id)
     assert run.c.admin is not None
     return wait_job(run.c.admin, job.id)
@@ -285,14 +300,16 @@ def walkthrough(run: Run) -> None:
         run.protect(vm)
     run.check_replica("vm1")
     # Test failover while the writer goes on; production replication is not disturbed.
-    run.run_job("Failover", admin_pb2.FailoverRequest(vm="vm1", type="test", network="create"))
+    run.run_job(
+        run.c.stub.Failover, admin_pb2.FailoverRequest(vm="vm1", type="test", network="create")
+    )
     v = c.protected("vm1")
     test_host = c.agents[v.replica_server]
     chains = {d: chain[-1] for d, chain in test_host.backend.disk_chains("vm1-test").items()}
     run.check_copy("vm1: test failover VM is one point in time", "vm1", chains)
     run.cycle("vm1")
     run.run_job(
-        "CleanupTestFailover",
+        run.c.stub.CleanupTestFailover,
         admin_pb2.CleanupTestRequest(vm="vm1", notes="harness: test VM verified"),
     )
     gone = True
@@ -308,12 +325,15 @@ def walkthrough(run: Run) -> None:
         if a.site == "b":
             (a.home / "scripts").mkdir(exist_ok=True)
             (a.home / "scripts" / "mark.py").write_text(MARK)
-    c.call("CreatePlan", admin_pb2.CreatePlanRequest(name="app", description="harness walkthrough"))
-    c.call("AddPlanGroup", admin_pb2.PlanRef(name="app"))
-    c.call("AddPlanVm", admin_pb2.AddPlanVmRequest(plan="app", group=1, vm="vm1"))
-    c.call("AddPlanVm", admin_pb2.AddPlanVmRequest(plan="app", group=2, vm="vm2"))
     c.call(
-        "AddPlanAction",
+        c.stub.CreatePlan,
+        admin_pb2.CreatePlanRequest(name="app", description="harness walkthrough"),
+    )
+    c.call(c.stub.AddPlanGroup, admin_pb2.PlanRef(name="app"))
+    c.call(c.stub.AddPlanVm, admin_pb2.AddPlanVmRequest(plan="app", group=1, vm="vm1"))
+    c.call(c.stub.AddPlanVm, admin_pb2.AddPlanVmRequest(plan="app", group=2, vm="vm2"))
+    c.call(
+        c.stub.AddPlanAction,
         admin_pb2.AddPlanActionRequest(
             plan="app",
             group=2,
@@ -323,7 +343,7 @@ def walkthrough(run: Run) -> None:
             ),
         ),
     )
-    run.run_job("PlanFailover", admin_pb2.PlanFailoverRequest(plan="app", type="planned"))
+    run.run_job(run.c.stub.PlanFailover, admin_pb2.PlanFailoverRequest(plan="app", type="planned"))
     for vm in ("vm1", "vm2"):
         run.stop_writer(vm)  # stopped by the shutdown already
         run.check_running(vm, all_writes=True)
@@ -341,7 +361,9 @@ def failback(run: Run) -> None:
     run.protect("vm1")
     for trip in range(2):
         run.wait_writes("vm1", len(run.log("vm1").records()) + 200)
-        run.run_job("Failover", admin_pb2.FailoverRequest(vm="vm1", type="planned", reverse=True))
+        run.run_job(
+            run.c.stub.Failover, admin_pb2.FailoverRequest(vm="vm1", type="planned", reverse=True)
+        )
         run.stop_writer("vm1")
         run.check_running("vm1", all_writes=True)
         run.check_replica("vm1", all_writes=True)
@@ -357,7 +379,9 @@ def site_loss(run: Run) -> None:
     run.create_vm("hv-a1", "vm1")
     run.start_writer("vm1")
     run.protect("vm1")
-    run.c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="pause"))
+    run.c.call(
+        run.c.stub.ReplicationAction, admin_pb2.ReplicationActionRequest(vm="vm1", action="pause")
+    )
     run.wait_writes("vm1", 300)
     run.cycle("vm1")
     committed = run.check_replica("vm1")
@@ -371,7 +395,7 @@ def site_loss(run: Run) -> None:
     run.report.faults.append("partition")
     run.writers["vm1"].stop()  # the site is gone: nothing more it writes can be replicated
     writer_total = len(run.log("vm1").records())
-    run.run_job("Failover", admin_pb2.FailoverRequest(vm="vm1", type="unplanned"))
+    run.run_job(run.c.stub.Failover, admin_pb2.FailoverRequest(vm="vm1", type="unplanned"))
     v = c.protected("vm1")
     new_host = c.agents[v.replica_server]
     chains = {d: chain[-1] for d, chain in new_host.backend.disk_chains("vm1").items()}
@@ -401,7 +425,7 @@ def site_loss(run: Run) -> None:
     fenced = False
     while time.monotonic() < deadline and not fenced:
         jobs = c.call(
-            "ListJobs", admin_pb2.ListJobsRequest(kind="fence-old-primary", limit=20)
+            c.stub.ListJobs, admin_pb2.ListJobsRequest(kind="fence-old-primary", limit=20)
         ).jobs
         fenced = any(j.state == "succeeded" for j in jobs)
         time.sleep(0.5)
@@ -411,7 +435,7 @@ def site_loss(run: Run) -> None:
         len(c.running_copies("vm1")) == 1,
         ", ".join(c.running_copies("vm1")),
     )
-    run.run_job("ReverseReplication", admin_pb2.ProtectedRef(vm="vm1"))
+    run.run_job(run.c.stub.ReverseReplication, admin_pb2.ProtectedRef(vm="vm1"))
     run.stop_writer("vm1")
     run.cycle("vm1")
     run.check_replica("vm1", all_writes=True)
@@ -424,7 +448,7 @@ def kill_soak(run: Run) -> None:
     run.create_vm("hv-a1", "vm1")
     run.start_writer("vm1", rate=150)
     run.protect("vm1")
-    c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="pause"))
+    c.call(c.stub.ReplicationAction, admin_pb2.ReplicationActionRequest(vm="vm1", action="pause"))
     kills = run.kills or 6
     best = 0
     # A soak spreads its kills over its time (run.soak seconds): between kills the writer goes
@@ -441,7 +465,7 @@ def kill_soak(run: Run) -> None:
         def background(outcome: list[BaseException] = outcome) -> None:
             try:
                 c.call(
-                    "ReplicationAction",
+                    c.stub.ReplicationAction,
                     admin_pb2.ReplicationActionRequest(vm="vm1", action="cycle"),
                 )
             except BaseException as exc:
@@ -484,12 +508,14 @@ def wan_resync(run: Run) -> None:
     run.create_vm("hv-a1", "vm1")
     run.start_writer("vm1", rate=200)
     run.protect("vm1")
-    c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="pause"))
+    c.call(c.stub.ReplicationAction, admin_pb2.ReplicationActionRequest(vm="vm1", action="pause"))
     base = c.net.profile
     c.net.apply(SLOW_LINK)
     run.report.details["profile"] = f"{SLOW_LINK.name}: {SLOW_LINK.description}"
     run.wait_writes("vm1", 400)
-    job = c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="resync"))
+    job = c.call(
+        c.stub.ReplicationAction, admin_pb2.ReplicationActionRequest(vm="vm1", action="resync")
+    )
     run.jobs.append(job.id)
     time.sleep(run.rng.uniform(0.3, 1.0))
     c.net.partition()
@@ -529,7 +555,7 @@ def rpo_hold(run: Run) -> None:
     run.report.details["copy frequency"] = 30
     # The lag stays within two intervals plus a cycle's duration.
     run.report.check("worst lag within 2 copy intervals + 15 s", worst <= 75.0, f"{worst:.1f} s")
-    c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="pause"))
+    c.call(c.stub.ReplicationAction, admin_pb2.ReplicationActionRequest(vm="vm1", action="pause"))
     time.sleep(1)
     run.stop_writer("vm1")
     run.cycle("vm1")
@@ -649,7 +675,9 @@ def bad_link(run: Run) -> None:
             failed += 1
         run.check_replica("vm1")  # whatever happened, the replica is one point in time
     run.wait_writes("vm1", len(run.log("vm1").records()) + 40)
-    job = c.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="cycle"))
+    job = c.call(
+        c.stub.ReplicationAction, admin_pb2.ReplicationActionRequest(vm="vm1", action="cycle")
+    )
     run.jobs.append(job.id)
     time.sleep(run.rng.uniform(0.2, 0.6))
     c.net.partition()

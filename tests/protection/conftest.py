@@ -69,7 +69,9 @@ class Sites:
         return done
 
     def protected(self, vm: str) -> admin_pb2.ProtectedVm:
-        v: admin_pb2.ProtectedVm = self.admin.call("GetProtected", admin_pb2.ProtectedRef(vm=vm))
+        v: admin_pb2.ProtectedVm = self.admin.call(
+            self.admin.stub.GetProtected, admin_pb2.ProtectedRef(vm=vm)
+        )
         return v
 
 
@@ -105,7 +107,7 @@ def sites(broker: BrokerThread, admin: AdminClient, tmp_path: Path) -> Iterator[
 
 
 def inventory_has(admin: AdminClient, vm: str) -> bool:
-    resp = admin.call("ListVms", admin_pb2.ListVmsRequest())
+    resp = admin.call(admin.stub.ListVms, admin_pb2.ListVmsRequest())
     return any(v.vm.name == vm for v in resp.vms)
 
 

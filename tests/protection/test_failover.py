@@ -71,7 +71,7 @@ def protect_running(s: Sites, name: str = "web01", size: int = 8 * MiB) -> dict[
     models = make_vm(s, "hv-a1", name, size=size)
     host_of(s, "hv-a1").set_vm_state(name, "running")
     eventually(lambda: inventory_has(s.admin, name), what="VM in inventory")
-    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm=name)))
+    s.job(s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm=name)))
     return models
 
 
@@ -86,7 +86,8 @@ def test_planned_failover_reverse_and_failback_round_trips(sites: Sites) -> None
         eventually(lambda g=guest: g.writes > 20, what="guest writing")
         job = s.job(
             s.admin.call(
-                "Failover", admin_pb2.FailoverRequest(vm="web01", type="planned", reverse=True)
+                s.admin.stub.Failover,
+                admin_pb2.FailoverRequest(vm="web01", type="planned", reverse=True),
             )
         )
         assert guest.stopped.wait(30) and guest.error is None, guest.error
@@ -115,13 +116,16 @@ def test_unplanned_failover_fences_the_returning_old_primary(sites: Sites) -> No
     primary, replica = v.primary_server, v.replica_server
     s.job(
         s.admin.call(
-            "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="cycle")
+            s.admin.stub.ReplicationAction,
+            admin_pb2.ReplicationActionRequest(vm="web01", action="cycle"),
         )
     )
     snapshot = {k: bytes(m) for k, m in models.items()}
     # The primary site is lost (agent down); its VM keeps "running" in its folder.
     s.hosts[primary].stop()
-    job = s.job(s.admin.call("Failover", admin_pb2.FailoverRequest(vm="web01", type="unplanned")))
+    job = s.job(
+        s.admin.call(s.admin.stub.Failover, admin_pb2.FailoverRequest(vm="web01", type="unplanned"))
+    )
     assert "reconnects" in job.steps[3].message
     after = s.protected("web01")
     assert after.state == "failed-over-unplanned" and after.epoch == v.epoch + 1
@@ -135,7 +139,9 @@ def test_unplanned_failover_fences_the_returning_old_primary(sites: Sites) -> No
     s.hosts[primary].start()
 
     def fenced() -> bool:
-        jobs = s.admin.call("ListJobs", admin_pb2.ListJobsRequest(kind="fence-old-primary")).jobs
+        jobs = s.admin.call(
+            s.admin.stub.ListJobs, admin_pb2.ListJobsRequest(kind="fence-old-primary")
+        ).jobs
         return any(j.state == "succeeded" for j in jobs)
 
     eventually(fenced, what="old primary fenced")
@@ -144,7 +150,7 @@ def test_unplanned_failover_fences_the_returning_old_primary(sites: Sites) -> No
     assert agent is not None and after.relationship_id not in agent.daemon.replication.sources
     assert vm_content(new_backend, "web01", "os")[MiB : MiB + 65536] == b"\x33" * 65536
     # Reverse replication resynchronizes the old primary from the new one.
-    s.job(s.admin.call("ReverseReplication", admin_pb2.ProtectedRef(vm="web01")))
+    s.job(s.admin.call(s.admin.stub.ReverseReplication, admin_pb2.ProtectedRef(vm="web01")))
     expected = vm_content(new_backend, "web01", "os")
     assert replica_content(s, "web01", "os") == expected
 
@@ -162,14 +168,18 @@ def test_unplanned_failover_to_an_older_recovery_point(sites: Sites) -> None:
         models["os"][i * MiB : (i + 1) * MiB] = bytes([0x40 + i]) * MiB
         s.job(
             s.admin.call(
-                "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="cycle")
+                s.admin.stub.ReplicationAction,
+                admin_pb2.ReplicationActionRequest(vm="web01", action="cycle"),
             )
         )
     points = eventually(lambda: list(s.protected("web01").replica_status.points), what="points")
     assert [p.sequence for p in points] == [1]  # type: ignore[union-attr]  # hourly: one so far
     assert bytes(models["os"]) != first
     job = s.job(
-        s.admin.call("Failover", admin_pb2.FailoverRequest(vm="web01", type="unplanned", point="1"))
+        s.admin.call(
+            s.admin.stub.Failover,
+            admin_pb2.FailoverRequest(vm="web01", type="unplanned", point="1"),
+        )
     )
     assert "recovery point 1" in job.steps[2].message
     assert vm_content(host_of(s, v.replica_server), "web01", "os") == first
@@ -184,12 +194,14 @@ def test_test_failover_leaves_production_untouched(sites: Sites) -> None:
     guest.start()
     s.job(
         s.admin.call(
-            "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="cycle")
+            s.admin.stub.ReplicationAction,
+            admin_pb2.ReplicationActionRequest(vm="web01", action="cycle"),
         )
     )
     s.job(
         s.admin.call(
-            "Failover", admin_pb2.FailoverRequest(vm="web01", type="test", network="create")
+            s.admin.stub.Failover,
+            admin_pb2.FailoverRequest(vm="web01", type="test", network="create"),
         )
     )
     replica_backend = host_of(s, v.replica_server)
@@ -204,7 +216,8 @@ def test_test_failover_leaves_production_untouched(sites: Sites) -> None:
         w.flush()
     s.job(
         s.admin.call(
-            "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="cycle")
+            s.admin.stub.ReplicationAction,
+            admin_pb2.ReplicationActionRequest(vm="web01", action="cycle"),
         )
     )
     after = eventually(
@@ -219,10 +232,10 @@ def test_test_failover_leaves_production_untouched(sites: Sites) -> None:
     assert after.state == "protected" and after.primary_status.cycles_failed == 0
     eventually(lambda: s.protected("web01").health == "normal", what="normal health")
     with pytest.raises(FailedPrecondition, match="already in place"):
-        s.admin.call("Failover", admin_pb2.FailoverRequest(vm="web01", type="test"))
+        s.admin.call(s.admin.stub.Failover, admin_pb2.FailoverRequest(vm="web01", type="test"))
     cleanup = s.job(
         s.admin.call(
-            "CleanupTestFailover",
+            s.admin.stub.CleanupTestFailover,
             admin_pb2.CleanupTestRequest(vm="web01", notes="app answered on 443"),
         )
     )
@@ -239,9 +252,11 @@ def test_cancel_returns_and_commit_is_final(sites: Sites) -> None:
     s = sites
     models = protect_running(s)
     v = s.protected("web01")
-    s.job(s.admin.call("Failover", admin_pb2.FailoverRequest(vm="web01", type="planned")))
+    s.job(
+        s.admin.call(s.admin.stub.Failover, admin_pb2.FailoverRequest(vm="web01", type="planned"))
+    )
     assert s.protected("web01").state == "failed-over-planned"
-    s.job(s.admin.call("CancelFailover", admin_pb2.ProtectedRef(vm="web01")))
+    s.job(s.admin.call(s.admin.stub.CancelFailover, admin_pb2.ProtectedRef(vm="web01")))
     back = s.protected("web01")
     assert (
         back.state == "protected"
@@ -258,16 +273,19 @@ def test_cancel_returns_and_commit_is_final(sites: Sites) -> None:
     models["data"][0:65536] = b"\x21" * 65536
     s.job(
         s.admin.call(
-            "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="cycle")
+            s.admin.stub.ReplicationAction,
+            admin_pb2.ReplicationActionRequest(vm="web01", action="cycle"),
         )
     )
     assert replica_content(s, "web01", "data") == bytes(models["data"])
     # Fail over again, commit: then cancel is refused clearly.
-    s.job(s.admin.call("Failover", admin_pb2.FailoverRequest(vm="web01", type="planned")))
-    s.job(s.admin.call("CommitFailover", admin_pb2.ProtectedRef(vm="web01")))
+    s.job(
+        s.admin.call(s.admin.stub.Failover, admin_pb2.FailoverRequest(vm="web01", type="planned"))
+    )
+    s.job(s.admin.call(s.admin.stub.CommitFailover, admin_pb2.ProtectedRef(vm="web01")))
     assert s.protected("web01").state == "committed"
     with pytest.raises(FailedPrecondition, match="can no longer be cancelled"):
-        s.admin.call("CancelFailover", admin_pb2.ProtectedRef(vm="web01"))
+        s.admin.call(s.admin.stub.CancelFailover, admin_pb2.ProtectedRef(vm="web01"))
     assert Path(host_of(s, v.replica_server).vm_dir("web01") / "vm.json").exists()
 
 
@@ -280,10 +298,11 @@ def test_failover_and_reverse_back_and_forth_keeps_every_chain_whole(sites: Site
     for point in ("1", "latest"):
         s.job(
             s.admin.call(
-                "Failover", admin_pb2.FailoverRequest(vm="web01", type="unplanned", point=point)
+                s.admin.stub.Failover,
+                admin_pb2.FailoverRequest(vm="web01", type="unplanned", point=point),
             )
         )
-        s.job(s.admin.call("ReverseReplication", admin_pb2.ProtectedRef(vm="web01")))
+        s.job(s.admin.call(s.admin.stub.ReverseReplication, admin_pb2.ProtectedRef(vm="web01")))
         v = s.protected("web01")
         assert v.state == "protected", v.state
         backend = host_of(s, v.primary_server)
@@ -297,7 +316,8 @@ def test_failover_and_reverse_back_and_forth_keeps_every_chain_whole(sites: Site
     models["os"][0:4096] = b"\x5a" * 4096
     s.job(
         s.admin.call(
-            "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="cycle")
+            s.admin.stub.ReplicationAction,
+            admin_pb2.ReplicationActionRequest(vm="web01", action="cycle"),
         )
     )
     assert replica_content(s, "web01", "os") == bytes(models["os"])

@@ -22,7 +22,7 @@ def test_replica_host_offline_turns_warning_then_critical(sites: Sites) -> None:
     setup_pair(s)
     make_vm(s, "hv-a1", "web01", size=8 * MiB)
     eventually(lambda: inventory_has(s.admin, "web01"), what="VM")
-    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="web01")))
+    s.job(s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="web01")))
     eventually(lambda: s.protected("web01").health == "normal", what="normal")
     replica = s.protected("web01").replica_server
     s.hosts[replica].stop()
@@ -45,17 +45,19 @@ def test_paused_replication_is_a_warning_and_resumes(sites: Sites) -> None:
     setup_pair(s)
     make_vm(s, "hv-a1", "web01", size=8 * MiB)
     eventually(lambda: inventory_has(s.admin, "web01"), what="VM")
-    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="web01")))
+    s.job(s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="web01")))
     s.job(
         s.admin.call(
-            "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="pause")
+            s.admin.stub.ReplicationAction,
+            admin_pb2.ReplicationActionRequest(vm="web01", action="pause"),
         )
     )
     assert s.protected("web01").paused
     eventually(lambda: reasons(s, "web01").get("paused") == "warning", what="paused warning")
     s.job(
         s.admin.call(
-            "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="resume")
+            s.admin.stub.ReplicationAction,
+            admin_pb2.ReplicationActionRequest(vm="web01", action="resume"),
         )
     )
     eventually(lambda: "paused" not in reasons(s, "web01"), what="resumed")
@@ -74,7 +76,7 @@ def test_onboarding_an_existing_replica_moves_far_fewer_bytes(sites: Sites) -> N
         w.flush()
     models["os"][0 : 24 * MiB] = data
     eventually(lambda: inventory_has(s.admin, "big01"), what="VM")
-    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="big01")))
+    s.job(s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="big01")))
     first = s.protected("big01")
     agent = host.agent
     assert agent is not None
@@ -82,7 +84,7 @@ def test_onboarding_an_existing_replica_moves_far_fewer_bytes(sites: Sites) -> N
     assert full_bytes > 20 * MiB
     s.job(
         s.admin.call(
-            "DisableProtection",
+            s.admin.stub.DisableProtection,
             admin_pb2.DisableProtectionRequest(
                 vm="big01", replica=admin_pb2.DisableProtectionRequest.KEEP
             ),
@@ -93,7 +95,7 @@ def test_onboarding_an_existing_replica_moves_far_fewer_bytes(sites: Sites) -> N
         w.write("os", 3 * MiB, b"\x77" * 70_000)
         w.flush()
     models["os"][3 * MiB : 3 * MiB + 70_000] = b"\x77" * 70_000
-    done = s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="big01")))
+    done = s.job(s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="big01")))
     assert "adopted" in done.steps[2].message
     second = s.protected("big01")
     assert second.relationship_id != first.relationship_id
@@ -112,7 +114,7 @@ def test_cloud_refresh_asks_every_host_and_waits_for_offline_ones(sites: Sites) 
     setup_pair(s)
     make_vm(s, "hv-a1", "web01", size=4 * MiB)
     make_vm(s, "hv-a2", "db01", size=4 * MiB)
-    done = s.job(s.admin.call("RefreshCloud", admin_pb2.CloudRef(name="cloud-a")))
+    done = s.job(s.admin.call(s.admin.stub.RefreshCloud, admin_pb2.CloudRef(name="cloud-a")))
     assert [st.name for st in done.steps] == [
         "refresh inventory on hv-a1",
         "refresh inventory on hv-a2",
@@ -123,25 +125,27 @@ def test_cloud_refresh_asks_every_host_and_waits_for_offline_ones(sites: Sites) 
     # A host that is down gets the command when it comes back; the job waits for it.
     s.hosts["hv-a2"].stop()
     eventually(lambda: not server_connected(s, "hv-a2"), what="hv-a2 seen offline")
-    job = s.admin.call("RefreshCloud", admin_pb2.CloudRef(name="cloud-a"))
+    job = s.admin.call(s.admin.stub.RefreshCloud, admin_pb2.CloudRef(name="cloud-a"))
     eventually(lambda: job_state(s, job.id) == "waiting", what="job waiting for hv-a2")
     s.hosts["hv-a2"].start()
     s.job(job)
 
     with pytest.raises(NotFound, match="no cloud named"):
-        s.admin.call("RefreshCloud", admin_pb2.CloudRef(name="nope"))
-    s.admin.call("CreateCloud", admin_pb2.CreateCloudRequest(name="empty", site="site-a"))
+        s.admin.call(s.admin.stub.RefreshCloud, admin_pb2.CloudRef(name="nope"))
+    s.admin.call(
+        s.admin.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="empty", site="site-a")
+    )
     with pytest.raises(FailedPrecondition, match="no hosts"):
-        s.admin.call("RefreshCloud", admin_pb2.CloudRef(name="empty"))
+        s.admin.call(s.admin.stub.RefreshCloud, admin_pb2.CloudRef(name="empty"))
 
 
 def server_connected(s: Sites, name: str) -> bool:
-    servers = s.admin.call("ListServers", admin_pb2.ListServersRequest()).servers
+    servers = s.admin.call(s.admin.stub.ListServers, admin_pb2.ListServersRequest()).servers
     return any(v.name == name and v.state == "connected" for v in servers)
 
 
 def job_state(s: Sites, job_id: str) -> str:
-    job: admin_pb2.Job = s.admin.call("GetJob", admin_pb2.GetJobRequest(id=job_id))
+    job: admin_pb2.Job = s.admin.call(s.admin.stub.GetJob, admin_pb2.GetJobRequest(id=job_id))
     return job.state
 
 
@@ -165,6 +169,6 @@ def test_a_refresh_completes_only_once_the_broker_holds_what_it_reports(
     monkeypatch.setattr(backend, "inventory", slow_listing)
     for name in ("late01", "late02", "late03"):
         make_vm(s, "hv-a1", name, size=4 * MiB)
-        done = s.job(s.admin.call("RefreshCloud", admin_pb2.CloudRef(name="cloud-a")))
+        done = s.job(s.admin.call(s.admin.stub.RefreshCloud, admin_pb2.CloudRef(name="cloud-a")))
         assert json.loads(done.result_json)["servers"]["hv-a1"]["vms"] >= 1
         assert inventory_has(s.admin, name), f"the job ended before the broker listed {name}"

@@ -37,18 +37,18 @@ def protect_three(s: Sites) -> None:
         host_of(s, host).set_vm_state(vm, "running")
     eventually(lambda: all(inventory_has(s.admin, v) for v in ("vm1", "vm2", "vm3")), what="VMs")
     for vm in ("vm1", "vm2", "vm3"):
-        s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm=vm)))
+        s.job(s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm=vm)))
 
 
 def make_plan(s: Sites, marker: Path, *, failing: bool = False) -> None:
     a = s.admin
-    a.call("CreatePlan", admin_pb2.CreatePlanRequest(name="erp", description="the ERP stack"))
-    a.call("AddPlanGroup", admin_pb2.PlanRef(name="erp"))
-    a.call("AddPlanGroup", admin_pb2.PlanRef(name="erp"))
+    a.call(a.stub.CreatePlan, admin_pb2.CreatePlanRequest(name="erp", description="the ERP stack"))
+    a.call(a.stub.AddPlanGroup, admin_pb2.PlanRef(name="erp"))
+    a.call(a.stub.AddPlanGroup, admin_pb2.PlanRef(name="erp"))
     for group, vm in ((1, "vm1"), (2, "vm2"), (3, "vm3")):
-        a.call("AddPlanVm", admin_pb2.AddPlanVmRequest(plan="erp", group=group, vm=vm))
+        a.call(a.stub.AddPlanVm, admin_pb2.AddPlanVmRequest(plan="erp", group=group, vm=vm))
     a.call(
-        "AddPlanAction",
+        a.stub.AddPlanAction,
         admin_pb2.AddPlanActionRequest(
             plan="erp",
             group=1,
@@ -62,7 +62,7 @@ def make_plan(s: Sites, marker: Path, *, failing: bool = False) -> None:
         ),
     )
     a.call(
-        "AddPlanAction",
+        a.stub.AddPlanAction,
         admin_pb2.AddPlanActionRequest(
             plan="erp",
             group=2,
@@ -74,7 +74,7 @@ def make_plan(s: Sites, marker: Path, *, failing: bool = False) -> None:
         ),
     )
     a.call(
-        "AddPlanAction",
+        a.stub.AddPlanAction,
         admin_pb2.AddPlanActionRequest(
             plan="erp",
             group=3,
@@ -103,9 +103,11 @@ def test_three_groups_in_order_with_script_and_manual_action(sites: Sites, tmp_p
         install_scripts(h)
     marker = tmp_path / "marker.txt"
     make_plan(s, marker)
-    plan = s.admin.call("GetPlan", admin_pb2.PlanRef(name="erp"))
+    plan = s.admin.call(s.admin.stub.GetPlan, admin_pb2.PlanRef(name="erp"))
     assert [list(g.vms) for g in plan.groups] == [["vm1"], ["vm2"], ["vm3"]]
-    job = s.admin.call("PlanFailover", admin_pb2.PlanFailoverRequest(plan="erp", type="planned"))
+    job = s.admin.call(
+        s.admin.stub.PlanFailover, admin_pb2.PlanFailoverRequest(plan="erp", type="planned")
+    )
     assert [st.name for st in job.steps] == [
         "Group 1: planned failover of 1 VM(s)",
         "Group 1: after: database up",
@@ -116,15 +118,17 @@ def test_three_groups_in_order_with_script_and_manual_action(sites: Sites, tmp_p
     ]
     # The plan waits at the manual action: group 1 is over, group 2 has not started.
     eventually(
-        lambda: s.admin.call("GetJob", admin_pb2.GetJobRequest(id=job.id)).state == "waiting",
+        lambda: (
+            s.admin.call(s.admin.stub.GetJob, admin_pb2.GetJobRequest(id=job.id)).state == "waiting"
+        ),
         what="waiting",
     )
-    waiting = s.admin.call("GetJob", admin_pb2.GetJobRequest(id=job.id))
+    waiting = s.admin.call(s.admin.stub.GetJob, admin_pb2.GetJobRequest(id=job.id))
     assert "check the last order" in waiting.steps[2].message
     assert s.protected("vm1").state == "failed-over-planned"
     assert s.protected("vm2").state == "protected" and s.protected("vm3").state == "protected"
     assert marker.read_text().startswith("after-1 plan=erp group=1 vms=vm1 type=planned")
-    s.admin.call("PlanResume", admin_pb2.PlanRef(name="erp"))
+    s.admin.call(s.admin.stub.PlanResume, admin_pb2.PlanRef(name="erp"))
     done = wait_job(s.admin, job.id)
     assert done.state == "succeeded", (
         done.error,
@@ -139,7 +143,7 @@ def test_three_groups_in_order_with_script_and_manual_action(sites: Sites, tmp_p
         result["action-1"]["exit_status"] == 0 and "marked after-1" in result["action-1"]["output"]
     )
     # Commit the whole plan.
-    commit = s.job(s.admin.call("PlanCommit", admin_pb2.PlanRef(name="erp")))
+    commit = s.job(s.admin.call(s.admin.stub.PlanCommit, admin_pb2.PlanRef(name="erp")))
     assert [st.state for st in commit.steps] == ["succeeded"] * 3
     assert all(s.protected(vm).state == "committed" for vm in ("vm1", "vm2", "vm3"))
 
@@ -150,7 +154,9 @@ def test_failing_script_stops_a_planned_plan_where_it_failed(sites: Sites, tmp_p
     for h in s.hosts.values():
         install_scripts(h)
     make_plan(s, tmp_path / "marker.txt", failing=True)
-    job = s.admin.call("PlanFailover", admin_pb2.PlanFailoverRequest(plan="erp", type="planned"))
+    job = s.admin.call(
+        s.admin.stub.PlanFailover, admin_pb2.PlanFailoverRequest(plan="erp", type="planned")
+    )
     done = wait_job(s.admin, job.id)
     assert done.state == "failed"
     assert "step 2, Group 1: after: database up" in done.error
@@ -169,19 +175,26 @@ def test_test_failover_of_a_plan_and_cleanup(sites: Sites, tmp_path: Path) -> No
     for h in s.hosts.values():
         install_scripts(h)
     make_plan(s, tmp_path / "marker.txt")
-    job = s.admin.call("PlanFailover", admin_pb2.PlanFailoverRequest(plan="erp", type="test"))
+    job = s.admin.call(
+        s.admin.stub.PlanFailover, admin_pb2.PlanFailoverRequest(plan="erp", type="test")
+    )
     eventually(
-        lambda: s.admin.call("GetJob", admin_pb2.GetJobRequest(id=job.id)).state == "waiting",
+        lambda: (
+            s.admin.call(s.admin.stub.GetJob, admin_pb2.GetJobRequest(id=job.id)).state == "waiting"
+        ),
         what="waiting",
     )
-    s.admin.call("PlanResume", admin_pb2.PlanRef(name="erp"))
+    s.admin.call(s.admin.stub.PlanResume, admin_pb2.PlanRef(name="erp"))
     assert wait_job(s.admin, job.id).state == "succeeded"
     for vm in ("vm1", "vm2", "vm3"):
         v = s.protected(vm)
         assert v.state == "protected"
         assert running_on(s, f"{vm}-test", v.replica_server)
     s.job(
-        s.admin.call("PlanCleanupTest", admin_pb2.PlanCleanupRequest(plan="erp", notes="all green"))
+        s.admin.call(
+            s.admin.stub.PlanCleanupTest,
+            admin_pb2.PlanCleanupRequest(plan="erp", notes="all green"),
+        )
     )
     for vm in ("vm1", "vm2", "vm3"):
         v = s.protected(vm)
@@ -218,13 +231,13 @@ def test_broker_killed_during_a_plan_failover_finishes_it(tmp_path: Path) -> Non
                 agents[-1].wait_connected()
             sites = Sites(broker=None, admin=admin, hosts=hosts)  # type: ignore[arg-type]
             a = admin
-            a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
-            a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
-            a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-a", server="hv-a1"))
-            a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-b", server="hv-b1"))
+            a.call(a.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
+            a.call(a.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
+            a.call(a.stub.AddCloudHost, admin_pb2.CloudHostRequest(cloud="cloud-a", server="hv-a1"))
+            a.call(a.stub.AddCloudHost, admin_pb2.CloudHostRequest(cloud="cloud-b", server="hv-b1"))
             sites.job(
                 a.call(
-                    "PairClouds",
+                    a.stub.PairClouds,
                     admin_pb2.PairCloudsRequest(
                         primary="cloud-a",
                         recovery="cloud-b",
@@ -232,19 +245,21 @@ def test_broker_killed_during_a_plan_failover_finishes_it(tmp_path: Path) -> Non
                     ),
                 )
             )
-            a.call("Map", admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b"))
+            a.call(
+                a.stub.Map, admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b")
+            )
             for vm in ("vm1", "vm2"):
                 make_vm(sites, "hv-a1", vm, size=4 * MiB)
                 host_of(sites, "hv-a1").set_vm_state(vm, "running")
             eventually(lambda: inventory_has(a, "vm1") and inventory_has(a, "vm2"), what="VMs")
             for vm in ("vm1", "vm2"):
-                sites.job(a.call("ProtectVm", admin_pb2.ProtectVmRequest(vm=vm)))
-            a.call("CreatePlan", admin_pb2.CreatePlanRequest(name="p"))
-            a.call("AddPlanGroup", admin_pb2.PlanRef(name="p"))
-            a.call("AddPlanVm", admin_pb2.AddPlanVmRequest(plan="p", group=1, vm="vm1"))
-            a.call("AddPlanVm", admin_pb2.AddPlanVmRequest(plan="p", group=2, vm="vm2"))
+                sites.job(a.call(a.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm=vm)))
+            a.call(a.stub.CreatePlan, admin_pb2.CreatePlanRequest(name="p"))
+            a.call(a.stub.AddPlanGroup, admin_pb2.PlanRef(name="p"))
+            a.call(a.stub.AddPlanVm, admin_pb2.AddPlanVmRequest(plan="p", group=1, vm="vm1"))
+            a.call(a.stub.AddPlanVm, admin_pb2.AddPlanVmRequest(plan="p", group=2, vm="vm2"))
             a.call(
-                "AddPlanAction",
+                a.stub.AddPlanAction,
                 admin_pb2.AddPlanActionRequest(
                     plan="p",
                     group=2,
@@ -252,9 +267,13 @@ def test_broker_killed_during_a_plan_failover_finishes_it(tmp_path: Path) -> Non
                     action=admin_pb2.PlanAction(name="wait", instructions="press on"),
                 ),
             )
-            job = a.call("PlanFailover", admin_pb2.PlanFailoverRequest(plan="p", type="planned"))
+            job = a.call(
+                a.stub.PlanFailover, admin_pb2.PlanFailoverRequest(plan="p", type="planned")
+            )
             eventually(
-                lambda: a.call("GetJob", admin_pb2.GetJobRequest(id=job.id)).state == "waiting",
+                lambda: (
+                    a.call(a.stub.GetJob, admin_pb2.GetJobRequest(id=job.id)).state == "waiting"
+                ),
                 what="waiting",
             )
         broker.stop(signal.SIGKILL)
@@ -263,10 +282,13 @@ def test_broker_killed_during_a_plan_failover_finishes_it(tmp_path: Path) -> Non
             sites.admin = admin
             # The restarted broker resumed the plan: it still waits for the operator.
             eventually(
-                lambda: admin.call("GetJob", admin_pb2.GetJobRequest(id=job.id)).state == "waiting",
+                lambda: (
+                    admin.call(admin.stub.GetJob, admin_pb2.GetJobRequest(id=job.id)).state
+                    == "waiting"
+                ),
                 what="resumed and waiting",
             )
-            admin.call("PlanResume", admin_pb2.PlanRef(name="p"))
+            admin.call(admin.stub.PlanResume, admin_pb2.PlanRef(name="p"))
             done = wait_job(admin, job.id)
             assert done.state == "succeeded", (
                 done.error,
@@ -276,7 +298,7 @@ def test_broker_killed_during_a_plan_failover_finishes_it(tmp_path: Path) -> Non
                 assert sites.protected(vm).state == "failed-over-planned"
                 assert running_on(sites, vm, "hv-b1")
             # No job is left in progress.
-            jobs = admin.call("ListJobs", admin_pb2.ListJobsRequest(limit=100)).jobs
+            jobs = admin.call(admin.stub.ListJobs, admin_pb2.ListJobsRequest(limit=100)).jobs
             assert all(j.state in ("succeeded", "failed", "cancelled") for j in jobs), [
                 (j.kind, j.state) for j in jobs
             ]

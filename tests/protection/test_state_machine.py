@@ -16,7 +16,9 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TypeVar
 
+import grpc
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -29,6 +31,8 @@ from tests.protection.conftest import Host, Sites, eventually, inventory_has
 from tests.protection.test_walkthrough import MiB, make_vm
 from tests.support.agents import register_agent
 from tests.support.brokers import BrokerThread, create_key, make_home
+
+RequestT = TypeVar("RequestT")
 
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -58,13 +62,13 @@ class ProtectionMachine(RuleBasedStateMachine):
             h.start()
         self.s = Sites(self.broker, self.admin, {**hosts})
         a = self.admin
-        a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
-        a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
-        a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-a", server="hv-a1"))
-        a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-b", server="hv-b1"))
+        a.call(a.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
+        a.call(a.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
+        a.call(a.stub.AddCloudHost, admin_pb2.CloudHostRequest(cloud="cloud-a", server="hv-a1"))
+        a.call(a.stub.AddCloudHost, admin_pb2.CloudHostRequest(cloud="cloud-b", server="hv-b1"))
         self.s.job(
             a.call(
-                "PairClouds",
+                a.stub.PairClouds,
                 admin_pb2.PairCloudsRequest(
                     primary="cloud-a",
                     recovery="cloud-b",
@@ -74,11 +78,11 @@ class ProtectionMachine(RuleBasedStateMachine):
                 ),
             )
         )
-        a.call("Map", admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b"))
+        a.call(a.stub.Map, admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b"))
         make_vm(self.s, "hv-a1", "vm1", size=4 * MiB)
         self.s.hosts["hv-a1"].backend.set_vm_state("vm1", "running")
         eventually(lambda: inventory_has(a, "vm1"), what="VM")
-        self.s.job(a.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="vm1")))
+        self.s.job(a.call(a.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="vm1")))
         self.max_epoch = self.s.protected("vm1").epoch
         self.jobs: list[str] = []
 
@@ -90,7 +94,9 @@ class ProtectionMachine(RuleBasedStateMachine):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- helpers --------------------------------------------------------------------------
-    def _run(self, method: str, request: object) -> None:
+    def _run(
+        self, method: grpc.UnaryUnaryMultiCallable[RequestT, admin_pb2.Job], request: RequestT
+    ) -> None:
         try:
             job = self.admin.call(method, request)
         except SitepairError:
@@ -100,7 +106,7 @@ class ProtectionMachine(RuleBasedStateMachine):
             try:
                 wait_job(self.admin, job.id, timeout=60)
             except DeadlineExceeded:
-                stuck = self.admin.call("GetJob", admin_pb2.GetJobRequest(id=job.id))
+                stuck = self.admin.call(self.admin.stub.GetJob, admin_pb2.GetJobRequest(id=job.id))
                 steps = [(st.name, st.state, st.message) for st in stuck.steps]
                 raise AssertionError(f"job {stuck.kind} stuck {stuck.state}: {steps}") from None
         else:
@@ -113,35 +119,44 @@ class ProtectionMachine(RuleBasedStateMachine):
     # -- operator commands ----------------------------------------------------------------
     @rule(reverse=st.booleans())
     def planned(self, reverse: bool) -> None:
-        self._run("Failover", admin_pb2.FailoverRequest(vm="vm1", type="planned", reverse=reverse))
+        self._run(
+            self.admin.stub.Failover,
+            admin_pb2.FailoverRequest(vm="vm1", type="planned", reverse=reverse),
+        )
 
     @rule(point=st.sampled_from(["latest", "1"]))
     def unplanned(self, point: str) -> None:
-        self._run("Failover", admin_pb2.FailoverRequest(vm="vm1", type="unplanned", point=point))
+        self._run(
+            self.admin.stub.Failover,
+            admin_pb2.FailoverRequest(vm="vm1", type="unplanned", point=point),
+        )
 
     @rule()
     def test_failover(self) -> None:
-        self._run("Failover", admin_pb2.FailoverRequest(vm="vm1", type="test"))
+        self._run(self.admin.stub.Failover, admin_pb2.FailoverRequest(vm="vm1", type="test"))
 
     @rule()
     def cleanup_test(self) -> None:
-        self._run("CleanupTestFailover", admin_pb2.CleanupTestRequest(vm="vm1"))
+        self._run(self.admin.stub.CleanupTestFailover, admin_pb2.CleanupTestRequest(vm="vm1"))
 
     @rule()
     def commit(self) -> None:
-        self._run("CommitFailover", admin_pb2.ProtectedRef(vm="vm1"))
+        self._run(self.admin.stub.CommitFailover, admin_pb2.ProtectedRef(vm="vm1"))
 
     @rule()
     def cancel(self) -> None:
-        self._run("CancelFailover", admin_pb2.ProtectedRef(vm="vm1"))
+        self._run(self.admin.stub.CancelFailover, admin_pb2.ProtectedRef(vm="vm1"))
 
     @rule()
     def reverse(self) -> None:
-        self._run("ReverseReplication", admin_pb2.ProtectedRef(vm="vm1"))
+        self._run(self.admin.stub.ReverseReplication, admin_pb2.ProtectedRef(vm="vm1"))
 
     @rule()
     def cycle(self) -> None:
-        self._run("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="vm1", action="cycle"))
+        self._run(
+            self.admin.stub.ReplicationAction,
+            admin_pb2.ReplicationActionRequest(vm="vm1", action="cycle"),
+        )
 
     # -- agent events ----------------------------------------------------------------------
     @precondition(lambda self: self.all_up)
@@ -160,7 +175,7 @@ class ProtectionMachine(RuleBasedStateMachine):
             lambda: all(
                 j.state in FINAL
                 for j in self.admin.call(
-                    "ListJobs", admin_pb2.ListJobsRequest(kind="fence-old-primary")
+                    self.admin.stub.ListJobs, admin_pb2.ListJobsRequest(kind="fence-old-primary")
                 ).jobs
             ),
             timeout=60,
@@ -168,7 +183,9 @@ class ProtectionMachine(RuleBasedStateMachine):
         )
 
     def _all_connected(self) -> bool:
-        servers = self.admin.call("ListServers", admin_pb2.ListServersRequest()).servers
+        servers = self.admin.call(
+            self.admin.stub.ListServers, admin_pb2.ListServersRequest()
+        ).servers
         return all(v.state == "connected" for v in servers)
 
     # -- invariants ------------------------------------------------------------------------
@@ -205,7 +222,12 @@ class ProtectionMachine(RuleBasedStateMachine):
         for job_id in self.jobs:
             job = eventually(
                 lambda j=job_id: (
-                    (got := self.admin.call("GetJob", admin_pb2.GetJobRequest(id=j))).state in FINAL
+                    (
+                        got := self.admin.call(
+                            self.admin.stub.GetJob, admin_pb2.GetJobRequest(id=j)
+                        )
+                    ).state
+                    in FINAL
                     and got
                 ),
                 timeout=60,

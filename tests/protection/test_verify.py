@@ -28,7 +28,7 @@ def scheduler(s: Sites, **config: float | bool) -> VerifyScheduler:
 
 def tick(s: Sites, sched: VerifyScheduler) -> list[admin_pb2.Job]:
     ids = s.broker.loop.call(sched.tick())
-    return [s.job(s.admin.call("GetJob", admin_pb2.GetJobRequest(id=i))) for i in ids]
+    return [s.job(s.admin.call(s.admin.stub.GetJob, admin_pb2.GetJobRequest(id=i))) for i in ids]
 
 
 def corrupt_replica(s: Sites, vm: str, disk: str, offset: int, n: int) -> None:
@@ -53,7 +53,7 @@ def test_scheduled_verification_finds_reports_and_repairs_a_corrupt_replica(site
     }
     for vm in models:
         eventually(lambda vm=vm: inventory_has(s.admin, vm), what=f"{vm} in inventory")
-        s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm=vm)))
+        s.job(s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm=vm)))
     assert not s.protected("web01").HasField("last_verification")
 
     # Protected minutes ago, a weekly schedule: nothing is due yet.
@@ -95,7 +95,8 @@ def test_scheduled_verification_finds_reports_and_repairs_a_corrupt_replica(site
     # A clean verification (here by an operator) clears it.
     s.job(
         s.admin.call(
-            "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="verify")
+            s.admin.stub.ReplicationAction,
+            admin_pb2.ReplicationActionRequest(vm="web01", action="verify"),
         )
     )
     assert s.protected("web01").last_verification.mismatched_bytes == 0
@@ -107,7 +108,7 @@ def test_no_verification_starts_while_a_host_is_down(sites: Sites) -> None:
     setup_pair(s)
     make_vm(s, "hv-a1", "web01", size=4 * MiB)
     eventually(lambda: inventory_has(s.admin, "web01"), what="VM in inventory")
-    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="web01")))
+    s.job(s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="web01")))
     sched = scheduler(s, interval=1e-3)
     replica = s.protected("web01").replica_server
     s.hosts[replica].stop()
@@ -117,7 +118,9 @@ def test_no_verification_starts_while_a_host_is_down(sites: Sites) -> None:
     eventually(lambda: "replica-host-offline" not in reasons(s, "web01"), what="replica back")
     # The restarted replica listens on a new port (port 0 in tests): the broker told the
     # primary, or the verification below could not reach it.
-    moved = s.admin.call("ListJobs", admin_pb2.ListJobsRequest(kind="update-replica-address")).jobs
+    moved = s.admin.call(
+        s.admin.stub.ListJobs, admin_pb2.ListJobsRequest(kind="update-replica-address")
+    ).jobs
     assert [j.target for j in moved] == ["vm/web01"]
     s.job(moved[0])
     [job] = tick(s, sched)

@@ -19,15 +19,15 @@ MiB = 1 << 20
 
 def setup_pair(s: Sites, *, points: int = 0, app_hours: int = 0) -> None:
     a = s.admin
-    a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
-    a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
+    a.call(a.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
+    a.call(a.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
     for host, cloud in (
         ("hv-a1", "cloud-a"),
         ("hv-a2", "cloud-a"),
         ("hv-b1", "cloud-b"),
         ("hv-b2", "cloud-b"),
     ):
-        a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud=cloud, server=host))
+        a.call(a.stub.AddCloudHost, admin_pb2.CloudHostRequest(cloud=cloud, server=host))
     policy = admin_pb2.Policy(
         copy_frequency_seconds=300,
         recovery_points=points,
@@ -37,12 +37,12 @@ def setup_pair(s: Sites, *, points: int = 0, app_hours: int = 0) -> None:
     )
     s.job(
         a.call(
-            "PairClouds",
+            a.stub.PairClouds,
             admin_pb2.PairCloudsRequest(primary="cloud-a", recovery="cloud-b", policy=policy),
         )
     )
-    a.call("Map", admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b"))
-    a.call("Map", admin_pb2.MapRequest(kind="storage", source="gold", target="gold"))
+    a.call(a.stub.Map, admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b"))
+    a.call(a.stub.Map, admin_pb2.MapRequest(kind="storage", source="gold", target="gold"))
 
 
 def make_vm(
@@ -93,12 +93,15 @@ def replica_content(s: Sites, vm: str, disk: str) -> bytes:
 def test_walkthrough_to_protected_with_byte_exact_replica(sites: Sites) -> None:
     s = sites
     setup_pair(s)
-    clouds = {c.name: c for c in s.admin.call("ListClouds", admin_pb2.ListCloudsRequest()).clouds}
+    clouds = {
+        c.name: c
+        for c in s.admin.call(s.admin.stub.ListClouds, admin_pb2.ListCloudsRequest()).clouds
+    }
     assert clouds["cloud-a"].role == "primary" and clouds["cloud-b"].paired_with == "cloud-a"
     maps = {
         m.source: m
         for m in s.admin.call(
-            "ListMappings", admin_pb2.ListMappingsRequest(kind="network")
+            s.admin.stub.ListMappings, admin_pb2.ListMappingsRequest(kind="network")
         ).mappings
     }
     assert list(maps["corp-a"].source_clouds) == ["cloud-a"] and list(
@@ -107,7 +110,7 @@ def test_walkthrough_to_protected_with_byte_exact_replica(sites: Sites) -> None:
 
     models = make_vm(s, "hv-a1", "web01")
     eventually(lambda: inventory_has(s.admin, "web01"), what="VM in inventory")
-    job = s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="web01"))
+    job = s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="web01"))
     done = s.job(job)
     assert [st.name for st in done.steps] == [
         "Prerequisites check for enabling protection",
@@ -155,7 +158,8 @@ def test_walkthrough_to_protected_with_byte_exact_replica(sites: Sites) -> None:
     models["os"][5 * MiB : 5 * MiB + 100_000] = b"\x42" * 100_000
     s.job(
         s.admin.call(
-            "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="cycle")
+            s.admin.stub.ReplicationAction,
+            admin_pb2.ReplicationActionRequest(vm="web01", action="cycle"),
         )
     )
     assert replica_content(s, "web01", "os") == bytes(models["os"])
@@ -163,30 +167,33 @@ def test_walkthrough_to_protected_with_byte_exact_replica(sites: Sites) -> None:
     # Verify: digests agree.
     verify = s.job(
         s.admin.call(
-            "ReplicationAction", admin_pb2.ReplicationActionRequest(vm="web01", action="verify")
+            s.admin.stub.ReplicationAction,
+            admin_pb2.ReplicationActionRequest(vm="web01", action="verify"),
         )
     )
     assert '"mismatched_bytes": 0' in verify.result_json
 
     # Protecting again is refused clearly.
     with pytest.raises(AlreadyExists, match="already protected"):
-        s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="web01"))
+        s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="web01"))
 
 
 def test_second_pairing_refused_and_policy_rules(sites: Sites) -> None:
     s = sites
     setup_pair(s)
-    s.admin.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-c", site="site-b"))
+    s.admin.call(
+        s.admin.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-c", site="site-b")
+    )
     with pytest.raises(AlreadyExists, match="one pair at most"):
         s.admin.call(
-            "PairClouds",
+            s.admin.stub.PairClouds,
             admin_pb2.PairCloudsRequest(
                 primary="cloud-a", recovery="cloud-c", policy=admin_pb2.Policy()
             ),
         )
     with pytest.raises(AlreadyExists, match="remove the pairing first"):
         s.admin.call(
-            "PairClouds",
+            s.admin.stub.PairClouds,
             admin_pb2.PairCloudsRequest(
                 primary="cloud-c", recovery="cloud-b", policy=admin_pb2.Policy()
             ),
@@ -195,33 +202,45 @@ def test_second_pairing_refused_and_policy_rules(sites: Sites) -> None:
 
     bad = admin_pb2.Policy(copy_frequency_seconds=60)
     with pytest.raises(InvalidArgument, match="30 s, 5 min or 15 min"):
-        s.admin.call("SetPairPolicy", admin_pb2.PairCloudsRequest(primary="cloud-a", policy=bad))
+        s.admin.call(
+            s.admin.stub.SetPairPolicy, admin_pb2.PairCloudsRequest(primary="cloud-a", policy=bad)
+        )
     bad = admin_pb2.Policy(recovery_points=2, app_consistent_hours=4)
     with pytest.raises(InvalidArgument, match="needs more than 4 recovery points"):
-        s.admin.call("SetPairPolicy", admin_pb2.PairCloudsRequest(primary="cloud-a", policy=bad))
+        s.admin.call(
+            s.admin.stub.SetPairPolicy, admin_pb2.PairCloudsRequest(primary="cloud-a", policy=bad)
+        )
     bad = admin_pb2.Policy(initial_method="offline")
     with pytest.raises(InvalidArgument, match="export path"):
-        s.admin.call("SetPairPolicy", admin_pb2.PairCloudsRequest(primary="cloud-a", policy=bad))
+        s.admin.call(
+            s.admin.stub.SetPairPolicy, admin_pb2.PairCloudsRequest(primary="cloud-a", policy=bad)
+        )
     with pytest.raises(FailedPrecondition, match="is paired"):
-        s.admin.call("DeleteCloud", admin_pb2.CloudRef(name="cloud-b"))
+        s.admin.call(s.admin.stub.DeleteCloud, admin_pb2.CloudRef(name="cloud-b"))
 
 
 def test_unmapped_network_refused_unless_accepted(sites: Sites) -> None:
     s = sites
     setup_pair(s)
-    s.admin.call("Unmap", admin_pb2.MapRequest(kind="network", source="corp-a"))
+    s.admin.call(s.admin.stub.Unmap, admin_pb2.MapRequest(kind="network", source="corp-a"))
     make_vm(s, "hv-a2", "db01", size=8 * MiB)
     eventually(lambda: inventory_has(s.admin, "db01"), what="VM in inventory")
     with pytest.raises(FailedPrecondition, match="no mapping"):
-        s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="db01"))
-    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="db01", accept_no_network=True)))
+        s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="db01"))
+    s.job(
+        s.admin.call(
+            s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="db01", accept_no_network=True)
+        )
+    )
 
 
 def test_placement_honours_storage_mapping_and_capacity(sites: Sites) -> None:
     s = sites
     setup_pair(s)
     # Only hv-b2 offers the mapped target class "silver".
-    s.admin.call("Map", admin_pb2.MapRequest(kind="storage", source="gold", target="silver"))
+    s.admin.call(
+        s.admin.stub.Map, admin_pb2.MapRequest(kind="storage", source="gold", target="silver")
+    )
     silver = s.hosts["hv-b2"].home / "silver"
     silver.mkdir()
     text = (
@@ -234,13 +253,13 @@ def test_placement_honours_storage_mapping_and_capacity(sites: Sites) -> None:
     s.hosts["hv-b2"].start()
 
     def b2_has_silver() -> bool:
-        srv = s.admin.call("GetServer", admin_pb2.GetServerRequest(server="hv-b2"))
+        srv = s.admin.call(s.admin.stub.GetServer, admin_pb2.GetServerRequest(server="hv-b2"))
         return any(st.name == "silver" for st in srv.inventory.storage)
 
     eventually(b2_has_silver, what="silver storage reported")
     make_vm(s, "hv-a1", "app01", size=8 * MiB)
     eventually(lambda: inventory_has(s.admin, "app01"), what="VM in inventory")
-    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="app01")))
+    s.job(s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="app01")))
     v = s.protected("app01")
     assert v.replica_server == "hv-b2"
     assert v.replica_folder.startswith(str(silver))
@@ -252,13 +271,13 @@ def test_disable_with_and_without_delete_replica(sites: Sites) -> None:
     make_vm(s, "hv-a1", "vm1", size=8 * MiB)
     make_vm(s, "hv-a2", "vm2", size=8 * MiB, seed=2)
     eventually(lambda: inventory_has(s.admin, "vm1") and inventory_has(s.admin, "vm2"), what="VMs")
-    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="vm1")))
-    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="vm2")))
+    s.job(s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="vm1")))
+    s.job(s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="vm2")))
     kept = s.protected("vm1").replica_folder
     deleted = s.protected("vm2").replica_folder
     s.job(
         s.admin.call(
-            "DisableProtection",
+            s.admin.stub.DisableProtection,
             admin_pb2.DisableProtectionRequest(
                 vm="vm1", replica=admin_pb2.DisableProtectionRequest.KEEP
             ),
@@ -266,7 +285,7 @@ def test_disable_with_and_without_delete_replica(sites: Sites) -> None:
     )
     s.job(
         s.admin.call(
-            "DisableProtection",
+            s.admin.stub.DisableProtection,
             admin_pb2.DisableProtectionRequest(
                 vm="vm2", replica=admin_pb2.DisableProtectionRequest.DELETE
             ),
@@ -274,7 +293,7 @@ def test_disable_with_and_without_delete_replica(sites: Sites) -> None:
     )
     assert (Path(kept) / "state.json").exists()
     assert not Path(deleted).exists()
-    listed = s.admin.call("ListProtected", admin_pb2.ListProtectedRequest()).vms
+    listed = s.admin.call(s.admin.stub.ListProtected, admin_pb2.ListProtectedRequest()).vms
     assert list(listed) == []
     # The primary no longer replicates either VM.
     for host in ("hv-a1", "hv-a2"):
@@ -287,21 +306,21 @@ def test_ticket_authentication_through_the_broker(sites: Sites) -> None:
     connection and replicates over the replica's 8083-mode port."""
     s = sites
     a = s.admin
-    a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
-    a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
-    a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-a", server="hv-a1"))
-    a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-b", server="hv-b1"))
+    a.call(a.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
+    a.call(a.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
+    a.call(a.stub.AddCloudHost, admin_pb2.CloudHostRequest(cloud="cloud-a", server="hv-a1"))
+    a.call(a.stub.AddCloudHost, admin_pb2.CloudHostRequest(cloud="cloud-b", server="hv-b1"))
     policy = admin_pb2.Policy(copy_frequency_seconds=300, compression=True, authentication="ticket")
     s.job(
         a.call(
-            "PairClouds",
+            a.stub.PairClouds,
             admin_pb2.PairCloudsRequest(primary="cloud-a", recovery="cloud-b", policy=policy),
         )
     )
-    a.call("Map", admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b"))
+    a.call(a.stub.Map, admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b"))
     models = make_vm(s, "hv-a1", "web01", size=8 * MiB)
     eventually(lambda: inventory_has(s.admin, "web01"), what="VM in inventory")
-    s.job(a.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="web01")))
+    s.job(a.call(a.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="web01")))
     v = s.protected("web01")
     assert v.policy.authentication == "ticket" and v.policy.port == 8083
     for disk, model in models.items():
@@ -318,10 +337,10 @@ def test_offline_initial_replication_export_and_import(sites: Sites, tmp_path: P
     travels, the replica imports it, and delta cycles continue over the network."""
     s = sites
     a = s.admin
-    a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
-    a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
-    a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-a", server="hv-a1"))
-    a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-b", server="hv-b1"))
+    a.call(a.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
+    a.call(a.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
+    a.call(a.stub.AddCloudHost, admin_pb2.CloudHostRequest(cloud="cloud-a", server="hv-a1"))
+    a.call(a.stub.AddCloudHost, admin_pb2.CloudHostRequest(cloud="cloud-b", server="hv-b1"))
     carried = tmp_path / "usb-drive"
     policy = admin_pb2.Policy(
         copy_frequency_seconds=300,
@@ -332,14 +351,14 @@ def test_offline_initial_replication_export_and_import(sites: Sites, tmp_path: P
     )
     s.job(
         a.call(
-            "PairClouds",
+            a.stub.PairClouds,
             admin_pb2.PairCloudsRequest(primary="cloud-a", recovery="cloud-b", policy=policy),
         )
     )
-    a.call("Map", admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b"))
+    a.call(a.stub.Map, admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b"))
     models = make_vm(s, "hv-a1", "big01", size=16 * MiB)
     eventually(lambda: inventory_has(s.admin, "big01"), what="VM in inventory")
-    done = s.job(a.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="big01")))
+    done = s.job(a.call(a.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="big01")))
     assert (carried / "sitepair-export.json").exists()
     assert sorted(p.name for p in carried.iterdir()) == [
         "data.vhd",
@@ -356,7 +375,9 @@ def test_offline_initial_replication_export_and_import(sites: Sites, tmp_path: P
         w.flush()
     models["os"][0:65536] = b"\x11" * 65536
     s.job(
-        a.call("ReplicationAction", admin_pb2.ReplicationActionRequest(vm="big01", action="cycle"))
+        a.call(
+            a.stub.ReplicationAction, admin_pb2.ReplicationActionRequest(vm="big01", action="cycle")
+        )
     )
     stats = agent.daemon.replication.sources[rel_id].stats
     assert stats.total_cycle_bytes <= 2 * 65536, stats
@@ -377,7 +398,7 @@ def test_a_guest_that_cannot_quiesce_is_still_replicated(sites: Sites) -> None:
         "import sys\nprint('database refused to freeze')\nsys.exit(4)\n"
     )
     eventually(lambda: inventory_has(s.admin, "db01"), what="VM in inventory")
-    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="db01")))
+    s.job(s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="db01")))
     v = s.protected("db01")
     assert v.state == "protected"
     for disk, model in models.items():

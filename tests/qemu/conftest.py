@@ -92,7 +92,9 @@ class Sites:
         return done
 
     def protected(self, vm: str) -> admin_pb2.ProtectedVm:
-        v: admin_pb2.ProtectedVm = self.admin.call("GetProtected", admin_pb2.ProtectedRef(vm=vm))
+        v: admin_pb2.ProtectedVm = self.admin.call(
+            self.admin.stub.GetProtected, admin_pb2.ProtectedRef(vm=vm)
+        )
         return v
 
     def host(self, name: str) -> Host:
@@ -114,7 +116,8 @@ class Sites:
     def cycle(self, vm: str) -> None:
         self.job(
             self.admin.call(
-                "ReplicationAction", admin_pb2.ReplicationActionRequest(vm=vm, action="cycle")
+                self.admin.stub.ReplicationAction,
+                admin_pb2.ReplicationActionRequest(vm=vm, action="cycle"),
             )
         )
 
@@ -163,10 +166,18 @@ def sites(
         h.start()
     s = Sites(broker, admin, a, b, guest_image)
     try:
-        admin.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
-        admin.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
-        admin.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-a", server=a.name))
-        admin.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-b", server=b.name))
+        admin.call(
+            admin.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a")
+        )
+        admin.call(
+            admin.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b")
+        )
+        admin.call(
+            admin.stub.AddCloudHost, admin_pb2.CloudHostRequest(cloud="cloud-a", server=a.name)
+        )
+        admin.call(
+            admin.stub.AddCloudHost, admin_pb2.CloudHostRequest(cloud="cloud-b", server=b.name)
+        )
         policy = admin_pb2.Policy(
             copy_frequency_seconds=900,  # cycles are asked for by the tests
             recovery_points=2,
@@ -175,12 +186,16 @@ def sites(
         )
         s.job(
             admin.call(
-                "PairClouds",
+                admin.stub.PairClouds,
                 admin_pb2.PairCloudsRequest(primary="cloud-a", recovery="cloud-b", policy=policy),
             )
         )
-        admin.call("Map", admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b"))
-        admin.call("Map", admin_pb2.MapRequest(kind="storage", source="gold", target="gold"))
+        admin.call(
+            admin.stub.Map, admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b")
+        )
+        admin.call(
+            admin.stub.Map, admin_pb2.MapRequest(kind="storage", source="gold", target="gold")
+        )
         yield s
     finally:
         for h in hosts:
@@ -189,7 +204,9 @@ def sites(
 
 
 def inventory_has(admin: AdminClient, vm: str) -> bool:
-    return any(v.vm.name == vm for v in admin.call("ListVms", admin_pb2.ListVmsRequest()).vms)
+    return any(
+        v.vm.name == vm for v in admin.call(admin.stub.ListVms, admin_pb2.ListVmsRequest()).vms
+    )
 
 
 __all__ = ["Host", "Sites", "eventually", "inventory_has"]

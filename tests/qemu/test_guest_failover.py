@@ -36,7 +36,7 @@ pytestmark = pytest.mark.timeout(900)
 def protect(s: Sites, vm: str = "web01") -> None:
     s.make_guest(vm)
     eventually(lambda: inventory_has(s.admin, vm), what="the VM in the broker's inventory")
-    s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm=vm)))
+    s.job(s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm=vm)))
     eventually(lambda: s.protected(vm).state == "protected", timeout=120, what="protected")
 
 
@@ -95,17 +95,18 @@ def test_replicate_test_failover_planned_failover_and_failback(sites: Sites) -> 
     # while replication continues; cleanup removes it.
     acked = a_console.last_ack()
     s.cycle("web01")
-    s.job(s.admin.call("Failover", admin_pb2.FailoverRequest(vm="web01", type="test")))
+    s.job(s.admin.call(s.admin.stub.Failover, admin_pb2.FailoverRequest(vm="web01", type="test")))
     boots_and_verifies(s.b.console("web01-test"), at_least=acked)
     s.cycle("web01")  # replication is not disturbed
-    s.job(s.admin.call("CleanupTestFailover", admin_pb2.CleanupTestRequest(vm="web01")))
+    s.job(s.admin.call(s.admin.stub.CleanupTestFailover, admin_pb2.CleanupTestRequest(vm="web01")))
     assert s.b.backend.vm_id_of("web01-test") is None
 
     # Planned failover: ACPI shutdown, the last cycle, the VM boots on site B and finds every
     # record it acknowledged on site A.
     s.job(
         s.admin.call(
-            "Failover", admin_pb2.FailoverRequest(vm="web01", type="planned", reverse=True)
+            s.admin.stub.Failover,
+            admin_pb2.FailoverRequest(vm="web01", type="planned", reverse=True),
         )
     )
     assert a_console.shutdown_clean(), a_console.tail()
@@ -122,7 +123,8 @@ def test_replicate_test_failover_planned_failover_and_failback(sites: Sites) -> 
     s.cycle("web01")
     s.job(
         s.admin.call(
-            "Failover", admin_pb2.FailoverRequest(vm="web01", type="planned", reverse=True)
+            s.admin.stub.Failover,
+            admin_pb2.FailoverRequest(vm="web01", type="planned", reverse=True),
         )
     )
     assert b_console.shutdown_clean(), b_console.tail()
@@ -150,5 +152,7 @@ def test_unplanned_failover_after_the_source_host_dies(sites: Sites) -> None:
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     s.a.stop()
-    s.job(s.admin.call("Failover", admin_pb2.FailoverRequest(vm="web01", type="unplanned")))
+    s.job(
+        s.admin.call(s.admin.stub.Failover, admin_pb2.FailoverRequest(vm="web01", type="unplanned"))
+    )
     boots_and_verifies(s.b.console("web01"), at_least=acked_before_cut)

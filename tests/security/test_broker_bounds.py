@@ -15,15 +15,16 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import grpc
 import psutil
 import pytest
 
 from broker.cli import main as cli_main
-from broker.client import AdminClient
+from broker.client import AdminClient, Page, PageRequest
 from broker.store.models import (
     InventoryVm,
     Job,
@@ -123,26 +124,40 @@ def _hostile_inventory() -> common_pb2.Inventory:
 
 
 def _server(admin: AdminClient, name: str) -> admin_pb2.Server:
-    s: admin_pb2.Server = admin.call("GetServer", admin_pb2.GetServerRequest(server=name))
+    s: admin_pb2.Server = admin.call(admin.stub.GetServer, admin_pb2.GetServerRequest(server=name))
     return s
 
 
-def _walk(admin: AdminClient, method: str, request: object, field: str) -> list[object]:
+class _SizedPage(Page, Protocol):
+    def ByteSize(self) -> int: ...
+
+
+_RequestT = TypeVar("_RequestT", bound=PageRequest)
+_PageT = TypeVar("_PageT", bound=_SizedPage)
+_ItemT = TypeVar("_ItemT")
+
+
+def _walk(
+    admin: AdminClient,
+    method: grpc.UnaryUnaryMultiCallable[_RequestT, _PageT],
+    request: _RequestT,
+    items: Callable[[_PageT], Iterable[_ItemT]],
+) -> list[_ItemT]:
     """Every item of a paged list, asking for pages of 2, checking each page's size."""
-    items: list[object] = []
-    request.page_size = 2  # type: ignore[attr-defined]
+    found: list[_ItemT] = []
+    request.page_size = 2
     tokens: set[str] = set()
     while True:
         page = admin.call(method, request)
-        got = list(getattr(page, field))
+        got = list(items(page))
         assert len(got) <= 2
         assert page.ByteSize() < 8 * MIB
-        items += got
+        found += got
         if not page.next_page_token:
-            return items
+            return found
         assert page.next_page_token not in tokens
         tokens.add(page.next_page_token)
-        request.page_token = page.next_page_token  # type: ignore[attr-defined]
+        request.page_token = page.next_page_token
 
 
 def test_one_agent_cannot_blind_the_broker(
@@ -219,14 +234,19 @@ def test_one_agent_cannot_blind_the_broker(
         )
 
         # -- every list answers, and pages --
-        servers = admin.call("ListServers", admin_pb2.ListServersRequest()).servers
+        servers = admin.call(admin.stub.ListServers, admin_pb2.ListServersRequest()).servers
         assert sorted(s.name for s in servers) == ["hv-evil", "hv-good"]
-        walked = _walk(admin, "ListServers", admin_pb2.ListServersRequest(), "servers")
-        assert sorted(s.name for s in walked) == ["hv-evil", "hv-good"]  # type: ignore[attr-defined]
-        one = admin.call("ListServers", admin_pb2.ListServersRequest(page_size=1))
+        walked = _walk(
+            admin, admin.stub.ListServers, admin_pb2.ListServersRequest(), lambda p: p.servers
+        )
+        assert sorted(s.name for s in walked) == ["hv-evil", "hv-good"]
+        one = admin.call(admin.stub.ListServers, admin_pb2.ListServersRequest(page_size=1))
         assert len(one.servers) == 1 and one.next_page_token
         assert {
-            s.name for s in admin.list_all("ListServers", admin_pb2.ListServersRequest(), "servers")
+            s.name
+            for s in admin.list_all(
+                admin.stub.ListServers, admin_pb2.ListServersRequest(), lambda page: page.servers
+            )
         } == {
             "hv-evil",
             "hv-good",
@@ -236,8 +256,8 @@ def test_one_agent_cannot_blind_the_broker(
         assert evil_view.vm_count == len(LEGIT)
 
         # -- the hostile VMs are not stored; the legitimate ones are --
-        vms = _walk(admin, "ListVms", admin_pb2.ListVmsRequest(), "vms")
-        assert sorted((v.vm.id, v.vm.name) for v in vms) == sorted(LEGIT)  # type: ignore[attr-defined]
+        vms = _walk(admin, admin.stub.ListVms, admin_pb2.ListVmsRequest(), lambda p: p.vms)
+        assert sorted((v.vm.id, v.vm.name) for v in vms) == sorted(LEGIT)
         assert [v.name for v in evil_view.inventory.vms] == [name for _, name in LEGIT]
         assert [s.name for s in evil_view.inventory.storage] == ["gold"]
         assert [n.name for n in evil_view.inventory.networks] == ["corp"]
@@ -274,16 +294,14 @@ def test_one_agent_cannot_blind_the_broker(
                 paths.check_component(bad, "VM id")
 
         # The other lists answer and page too.
-        for method, request, field in (
-            ("ListJobs", admin_pb2.ListJobsRequest(), "jobs"),
-            ("ListProtected", admin_pb2.ListProtectedRequest(), "vms"),
-            (
-                "ListRegistrationKeys",
-                admin_pb2.ListRegistrationKeysRequest(include_inactive=True),
-                "keys",
-            ),
-        ):
-            _walk(admin, method, request, field)
+        _walk(admin, admin.stub.ListJobs, admin_pb2.ListJobsRequest(), lambda p: p.jobs)
+        _walk(admin, admin.stub.ListProtected, admin_pb2.ListProtectedRequest(), lambda p: p.vms)
+        _walk(
+            admin,
+            admin.stub.ListRegistrationKeys,
+            admin_pb2.ListRegistrationKeysRequest(include_inactive=True),
+            lambda p: p.keys,
+        )
 
         # The stream is still up: a hostile message is dropped, the agent is not disconnected.
         assert _server(admin, "hv-evil").state == "connected"
@@ -308,9 +326,11 @@ def test_one_agent_cannot_blind_the_broker(
         agent_stream.close()
 
     # Removing the attacker leaves nothing that breaks listing the removed servers either.
-    admin.call("RemoveServer", admin_pb2.RemoveServerRequest(server="hv-evil"))
+    admin.call(admin.stub.RemoveServer, admin_pb2.RemoveServerRequest(server="hv-evil"))
     removed = admin.list_all(
-        "ListServers", admin_pb2.ListServersRequest(include_removed=True), "servers"
+        admin.stub.ListServers,
+        admin_pb2.ListServersRequest(include_removed=True),
+        lambda page: page.servers,
     )
     assert {(s.name, s.state) for s in removed} >= {("hv-evil", "removed")}
 
@@ -423,9 +443,11 @@ def test_listing_survives_oversized_data_an_older_broker_stored(
 ) -> None:
     _store_old_data(broker)
 
-    first = admin.call("ListServers", admin_pb2.ListServersRequest())
+    first = admin.call(admin.stub.ListServers, admin_pb2.ListServersRequest())
     assert len(first.servers) == 100 and first.next_page_token  # the default page size
-    servers = admin.list_all("ListServers", admin_pb2.ListServersRequest(), "servers")
+    servers = admin.list_all(
+        admin.stub.ListServers, admin_pb2.ListServersRequest(), lambda page: page.servers
+    )
     assert len(servers) == 121
     assert len({s.id for s in servers}) == 121
     old = next(s for s in servers if s.name == "old-1")
@@ -435,15 +457,17 @@ def test_listing_survives_oversized_data_an_older_broker_stored(
     assert set(shown.withheld) == {"facts", "metrics", "inventory"}
     assert not shown.facts.hostname and not shown.metrics.volumes
 
-    vms = admin.list_all("ListVms", admin_pb2.ListVmsRequest(), "vms")
+    vms = admin.list_all(admin.stub.ListVms, admin_pb2.ListVmsRequest(), lambda page: page.vms)
     assert sorted(v.vm.id for v in vms) == [f"vm-old-{i}" for i in range(4)]
     assert all(list(v.withheld) == ["disks"] for v in vms)
 
-    jobs = admin.list_all("ListJobs", admin_pb2.ListJobsRequest(), "jobs")
+    jobs = admin.list_all(admin.stub.ListJobs, admin_pb2.ListJobsRequest(), lambda page: page.jobs)
     assert [j.id for j in jobs] == [f"job-old-{i}" for i in reversed(range(4))]
     assert all("result_json" in j.withheld for j in jobs)
     protected = admin.list_all(
-        "ListProtected", admin_pb2.ListProtectedRequest(include_disabled=True), "vms"
+        admin.stub.ListProtected,
+        admin_pb2.ListProtectedRequest(include_disabled=True),
+        lambda page: page.vms,
     )
     assert sorted(p.relationship_id for p in protected) == [f"rel-old-{i}" for i in range(4)]
     assert all("primary_status" in p.withheld for p in protected)

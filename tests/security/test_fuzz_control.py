@@ -243,14 +243,19 @@ class Target:
         self.outcomes[what] = self.outcomes.get(what, 0) + 1
 
     def check(self) -> None:
-        for method, request, field in (
-            ("ListServers", admin_pb2.ListServersRequest(), "servers"),
-            ("ListVms", admin_pb2.ListVmsRequest(), "vms"),
-            ("ListProtected", admin_pb2.ListProtectedRequest(include_disabled=True), "vms"),
+        servers = self.admin.list_all(
+            self.admin.stub.ListServers, admin_pb2.ListServersRequest(), lambda p: p.servers
+        )
+        assert servers, "ListServers"
+        protected = self.admin.list_all(
+            self.admin.stub.ListProtected,
+            admin_pb2.ListProtectedRequest(include_disabled=True),
+            lambda p: p.vms,
+        )
+        assert protected, "ListProtected"
+        for info in self.admin.list_all(
+            self.admin.stub.ListVms, admin_pb2.ListVmsRequest(), lambda page: page.vms
         ):
-            items = list(self.admin.list_all(method, request, field))
-            assert items or method == "ListVms", method
-        for info in self.admin.list_all("ListVms", admin_pb2.ListVmsRequest(), "vms"):
             paths.check_component(info.vm.id, "stored VM id")
             paths.check_display_name(info.vm.name, "stored VM name")
             for disk in info.vm.disks:
@@ -258,7 +263,9 @@ class Target:
         victim = next(
             v
             for v in self.admin.list_all(
-                "ListProtected", admin_pb2.ListProtectedRequest(include_disabled=True), "vms"
+                self.admin.stub.ListProtected,
+                admin_pb2.ListProtectedRequest(include_disabled=True),
+                lambda page: page.vms,
             )
             if v.relationship_id == self.victim_rel
         )

@@ -76,7 +76,7 @@ def run_cli(module: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def server(admin: AdminClient, name: str) -> admin_pb2.Server:
-    s: admin_pb2.Server = admin.call("GetServer", admin_pb2.GetServerRequest(server=name))
+    s: admin_pb2.Server = admin.call(admin.stub.GetServer, admin_pb2.GetServerRequest(server=name))
     return s
 
 
@@ -193,7 +193,7 @@ def test_a_second_broker_serve_is_refused_and_changes_nothing(
     assert broker.proc.poll() is None and agent.proc.poll() is None
     assert homelock.read_holder(home.root) == (broker.proc.pid, "sitepair-broker serve")
     with broker.admin() as admin:
-        ping = admin.call("PingServer", admin_pb2.PingServerRequest(server="hv-1"))
+        ping = admin.call(admin.stub.PingServer, admin_pb2.PingServerRequest(server="hv-1"))
         assert wait_job(admin, ping.id).state == "succeeded"
 
 
@@ -209,7 +209,7 @@ def test_a_killed_broker_leaves_a_lock_file_that_does_not_block(tmp_path: Path) 
         broker.start()  # waits for the run file of the new process
         assert homelock.read_holder(home.root) == (broker.proc.pid, "sitepair-broker serve")
         with broker.admin() as admin:
-            admin.call("GetBrokerInfo", admin_pb2.GetBrokerInfoRequest())
+            admin.call(admin.stub.GetBrokerInfo, admin_pb2.GetBrokerInfoRequest())
     finally:
         broker.stop()
     # A clean stop removes the run file and leaves the lock file empty.
@@ -241,7 +241,7 @@ def test_a_second_agent_run_is_refused_and_the_first_keeps_its_stream(
         assert agent.proc.poll() is None
         current = server(admin, "hv-1")
         assert current.state == "connected" and current.connected_since == since
-        ping = admin.call("PingServer", admin_pb2.PingServerRequest(server="hv-1"))
+        ping = admin.call(admin.stub.PingServer, admin_pb2.PingServerRequest(server="hv-1"))
         assert wait_job(admin, ping.id).state == "succeeded"
         assert server(admin, "hv-1").connected_since == since
 
@@ -255,7 +255,9 @@ def test_register_on_a_running_agents_home_is_refused_before_the_key_is_used(
     assert agent.proc is not None
     shutil.rmtree(agent.home / "identity")
     with broker.admin() as admin:
-        keys = admin.call("ListRegistrationKeys", admin_pb2.ListRegistrationKeysRequest()).keys
+        keys = admin.call(
+            admin.stub.ListRegistrationKeys, admin_pb2.ListRegistrationKeysRequest()
+        ).keys
         assert [k.uses_remaining for k in keys] == [1]
 
         reg = run_cli(
@@ -276,9 +278,14 @@ def test_register_on_a_running_agents_home_is_refused_before_the_key_is_used(
             f"(pid {agent.proc.pid}: sitepair-agent run)" in reg.stderr
         )
         assert not (agent.home / "identity").exists()
-        keys = admin.call("ListRegistrationKeys", admin_pb2.ListRegistrationKeysRequest()).keys
+        keys = admin.call(
+            admin.stub.ListRegistrationKeys, admin_pb2.ListRegistrationKeysRequest()
+        ).keys
         assert [k.uses_remaining for k in keys] == [1]
-        names = [s.name for s in admin.call("ListServers", admin_pb2.ListServersRequest()).servers]
+        names = [
+            s.name
+            for s in admin.call(admin.stub.ListServers, admin_pb2.ListServersRequest()).servers
+        ]
         assert names == ["hv-1"]
 
 
@@ -300,6 +307,6 @@ def test_a_killed_agent_leaves_a_lock_file_that_does_not_block(
     )
     with broker.admin() as admin:
         # Only a live control stream answers a ping: the restarted agent is serving.
-        ping = admin.call("PingServer", admin_pb2.PingServerRequest(server="hv-1"))
+        ping = admin.call(admin.stub.PingServer, admin_pb2.PingServerRequest(server="hv-1"))
         assert wait_job(admin, ping.id).state == "succeeded"
     assert restarted.poll() is None

@@ -60,22 +60,22 @@ def setup_pair(
     recovery_hosts: tuple[str, ...] = ("hv-b1", "hv-b2"),
 ) -> None:
     a = s.admin
-    a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
-    a.call("CreateCloud", admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
+    a.call(a.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))
+    a.call(a.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-b", site="site-b"))
     for host in primary_hosts:
-        a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-a", server=host))
+        a.call(a.stub.AddCloudHost, admin_pb2.CloudHostRequest(cloud="cloud-a", server=host))
     for host in recovery_hosts:
-        a.call("AddCloudHost", admin_pb2.CloudHostRequest(cloud="cloud-b", server=host))
+        a.call(a.stub.AddCloudHost, admin_pb2.CloudHostRequest(cloud="cloud-b", server=host))
     s.job(
         a.call(
-            "PairClouds",
+            a.stub.PairClouds,
             admin_pb2.PairCloudsRequest(
                 primary="cloud-a", recovery="cloud-b", policy=policy("certificate", True)
             ),
         )
     )
-    a.call("Map", admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b"))
-    a.call("Map", admin_pb2.MapRequest(kind="storage", source="gold", target="gold"))
+    a.call(a.stub.Map, admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b"))
+    a.call(a.stub.Map, admin_pb2.MapRequest(kind="storage", source="gold", target="gold"))
 
 
 def policy(authentication: str, compression: bool) -> admin_pb2.Policy:
@@ -85,7 +85,9 @@ def policy(authentication: str, compression: bool) -> admin_pb2.Policy:
 
 
 def protect(s: Sites, vm: str, *, expect: str = "succeeded") -> admin_pb2.Job:
-    return s.job(s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm=vm)), expect=expect)
+    return s.job(
+        s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm=vm)), expect=expect
+    )
 
 
 def agent_docs(host: Host, table: str) -> dict[str, dict[str, Any]]:
@@ -118,7 +120,9 @@ def body_of(cmd: Command) -> control_pb2.Command:
 
 def protected_any(s: Sites, vm_id: str) -> admin_pb2.ProtectedVm:
     """The newest relationship of a VM, disabled ones included."""
-    vms = s.admin.call("ListProtected", admin_pb2.ListProtectedRequest(include_disabled=True)).vms
+    vms = s.admin.call(
+        s.admin.stub.ListProtected, admin_pb2.ListProtectedRequest(include_disabled=True)
+    ).vms
     found = [v for v in vms if v.vm_id == vm_id or v.vm_name == vm_id]
     assert found, vm_id
     return max(found, key=lambda v: v.created_at.seconds + v.created_at.nanos / 1e9)
@@ -213,7 +217,9 @@ def barrier(s: Sites, raw: RawAgent, host: str) -> None:
     """Return once the broker has handled everything ``raw`` sent before: the broker reads a
     stream in order, and the ping's acknowledgement comes after the reports."""
     raw.heartbeat()
-    job = s.admin.call("PingServer", admin_pb2.PingServerRequest(server=host, note="barrier"))
+    job = s.admin.call(
+        s.admin.stub.PingServer, admin_pb2.PingServerRequest(server=host, note="barrier")
+    )
     s.job(job)
 
 
@@ -234,7 +240,7 @@ def test_a_policy_change_reconfigures_every_relationship_of_a_host(sites: Sites)
 
     done = s.job(
         s.admin.call(
-            "SetPairPolicy",
+            s.admin.stub.SetPairPolicy,
             admin_pb2.PairCloudsRequest(primary="cloud-a", policy=policy("ticket", False)),
         )
     )
@@ -272,7 +278,8 @@ def test_a_policy_change_reconfigures_every_relationship_of_a_host(sites: Sites)
         model["os"][MiB : MiB + len(data)] = data
         s.job(
             s.admin.call(
-                "ReplicationAction", admin_pb2.ReplicationActionRequest(vm=vm, action="cycle")
+                s.admin.stub.ReplicationAction,
+                admin_pb2.ReplicationActionRequest(vm=vm, action="cycle"),
             )
         )
         for disk, content in model.items():
@@ -293,10 +300,10 @@ def test_a_step_sends_one_command_per_target_and_finds_it_again_after_a_restart(
             configure_replica=control_pb2.ConfigureReplica(relationship_id=rel, auth="ticket")
         )
 
-    def once(orch: Orchestrator, step: int, body: control_pb2.Command) -> str:
+    def once(orch: Orchestrator, step: str, body: control_pb2.Command) -> str:
         return broker.loop.call(orch.submit_once(job, step, ident.host_id, body)).id
 
-    first = [once(ctx.protection, 1, configure(r)) for r in ("rel-1", "rel-2", "rel-3", "rel-1")]
+    first = [once(ctx.protection, "b", configure(r)) for r in ("rel-1", "rel-2", "rel-3", "rel-1")]
     assert len(set(first)) == 3 and first[0] == first[3]
     restarted = Orchestrator(
         store=ctx.store,
@@ -306,13 +313,13 @@ def test_a_step_sends_one_command_per_target_and_finds_it_again_after_a_restart(
         sessions=ctx.sessions,
         spawn=broker.broker.spawn,
     )
-    assert [once(restarted, 1, configure(r)) for r in ("rel-1", "rel-2", "rel-3")] == first[:3]
+    assert [once(restarted, "b", configure(r)) for r in ("rel-1", "rel-2", "rel-3")] == first[:3]
     # Another step, or another kind for the same relationship, is another command.
-    assert once(restarted, 0, configure("rel-1")) not in first
+    assert once(restarted, "a", configure("rel-1")) not in first
     source = control_pb2.Command(
         configure_source=control_pb2.ConfigureSource(relationship_id="rel-1")
     )
-    assert once(restarted, 1, source) not in first
+    assert once(restarted, "b", source) not in first
     assert len(job_commands(broker, job.id)) == 5
 
 
@@ -371,7 +378,7 @@ def test_a_hostile_vm_name_stays_inside_the_replica_storage(sites: Sites) -> Non
         db.execute("UPDATE vms SET name = ? WHERE name = 'evil'", (hostile,))
     vm_id = next(
         v.vm.id
-        for v in s.admin.call("ListVms", admin_pb2.ListVmsRequest()).vms
+        for v in s.admin.call(s.admin.stub.ListVms, admin_pb2.ListVmsRequest()).vms
         if v.vm.name == hostile
     )
     done = protect(s, vm_id)
@@ -562,7 +569,9 @@ def test_the_cycle_history_forgets_disabled_relationships(sites: Sites) -> None:
     rel = s.protected("web01").relationship_id
     protection = s.broker.ctx.protection
     eventually(lambda: rel in protection.history, what="a report from the primary")
-    s.job(s.admin.call("DisableProtection", admin_pb2.DisableProtectionRequest(vm="web01")))
+    s.job(
+        s.admin.call(s.admin.stub.DisableProtection, admin_pb2.DisableProtectionRequest(vm="web01"))
+    )
     assert rel not in protection.history
     # Also when it disappears behind this broker's back (another broker, a restore).
     protection.history.add("rel-gone", time.time(), 1, 0, 0)
@@ -584,7 +593,7 @@ def test_removing_a_server_revokes_it_on_every_other_host(sites: Sites) -> None:
     removed = s.hosts["hv-a1"]
 
     rel = s.protected("web01").relationship_id
-    job = s.admin.call("RemoveServer", admin_pb2.RemoveServerRequest(server="hv-a1"))
+    job = s.admin.call(s.admin.stub.RemoveServer, admin_pb2.RemoveServerRequest(server="hv-a1"))
     done = wait_job(s.admin, job.id)  # ends while a host is still offline (checked below)
     assert [st.name for st in done.steps][-1].startswith("tell the other hosts")
     cmds = job_commands(s.broker, job.id)
@@ -641,12 +650,14 @@ def test_removing_a_server_revokes_it_on_every_other_host(sites: Sites) -> None:
     # A policy change leaves it alone instead of waiting for a host that never comes back.
     pc = s.job(
         s.admin.call(
-            "SetPairPolicy",
+            s.admin.stub.SetPairPolicy,
             admin_pb2.PairCloudsRequest(primary="cloud-a", policy=policy("certificate", False)),
         )
     )
     assert "a host was removed" in pc.steps[1].message
-    s.job(s.admin.call("DisableProtection", admin_pb2.DisableProtectionRequest(vm="web01")))
+    s.job(
+        s.admin.call(s.admin.stub.DisableProtection, admin_pb2.DisableProtectionRequest(vm="web01"))
+    )
 
 
 # -- hole 7: a failed enable-protection job rolls back ------------------------------------------
@@ -686,18 +697,20 @@ def test_a_primary_removed_during_protection_leaves_no_grant_behind(sites: Sites
     make_vm(s, "hv-a1", "web01", size=2 * MiB)
     eventually(lambda: inventory_has(s.admin, "web01"), what="VM")
     s.hosts["hv-a1"].stop()
-    job = s.admin.call("ProtectVm", admin_pb2.ProtectVmRequest(vm="web01"))
+    job = s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="web01"))
     eventually(
         lambda: (
             "waiting for hv-a1"
-            in s.admin.call("GetJob", admin_pb2.GetJobRequest(id=job.id)).steps[3].message
+            in s.admin.call(s.admin.stub.GetJob, admin_pb2.GetJobRequest(id=job.id))
+            .steps[3]
+            .message
         ),
         what="the job waits for the primary",
     )
     v = protected_any(s, "web01")
     replica = s.hosts[v.replica_server]
     assert v.relationship_id in agent_docs(replica, "grants")
-    s.admin.call("RemoveServer", admin_pb2.RemoveServerRequest(server="hv-a1"))
+    s.admin.call(s.admin.stub.RemoveServer, admin_pb2.RemoveServerRequest(server="hv-a1"))
     done = s.job(job, expect="failed")
     assert "rolled back" in done.error, done.error
     assert v.relationship_id not in agent_docs(replica, "grants")

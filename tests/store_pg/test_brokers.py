@@ -63,7 +63,7 @@ def _copy(home: BrokerHome, root: Path) -> BrokerHome:
 
 def _server_state(broker: BrokerThread | BrokerProcess, name: str) -> str:
     with broker.admin() as admin:
-        server = admin.call("GetServer", admin_pb2.GetServerRequest(server=name))
+        server = admin.call(admin.stub.GetServer, admin_pb2.GetServerRequest(server=name))
     return str(server.state)
 
 
@@ -87,7 +87,7 @@ def test_broker_process_on_postgresql_enrolls_an_agent_and_runs_a_command(
     agent: AgentThread | None = None
     try:
         with broker.admin() as admin:
-            info = admin.call("GetBrokerInfo", admin_pb2.GetBrokerInfoRequest())
+            info = admin.call(admin.stub.GetBrokerInfo, admin_pb2.GetBrokerInfoRequest())
             assert info.vault == "pgvault"
             assert info.store.startswith("postgresql:") and PASSWORD not in info.store
             creds = tmp_path / "creds.json"
@@ -95,11 +95,14 @@ def test_broker_process_on_postgresql_enrolls_an_agent_and_runs_a_command(
             ident = register_agent(creds, tmp_path / "a", name="hv-1")
             agent = AgentThread(tmp_path / "a")
             agent.wait_connected()
-            job = admin.call("PingServer", admin_pb2.PingServerRequest(server="hv-1", note="pg"))
+            job = admin.call(
+                admin.stub.PingServer, admin_pb2.PingServerRequest(server="hv-1", note="pg")
+            )
             done = wait_job(admin, job.id)
             assert done.state == "succeeded" and json.loads(done.result_json)["note"] == "pg"
             keys = admin.call(
-                "ListRegistrationKeys", admin_pb2.ListRegistrationKeysRequest(include_inactive=True)
+                admin.stub.ListRegistrationKeys,
+                admin_pb2.ListRegistrationKeysRequest(include_inactive=True),
             )
             assert [k.uses_remaining for k in keys.keys] == [0]
     finally:
@@ -153,7 +156,7 @@ def test_two_brokers_share_a_vault_and_only_the_leader_runs_the_liveness_monitor
         # A job the leader runs, waiting for an offline agent, outlives the leader: when it
         # stops, the other broker leads, runs the monitor and takes the job over.
         with first.admin() as admin:
-            job = admin.call("PingServer", admin_pb2.PingServerRequest(server="hv-2"))
+            job = admin.call(admin.stub.PingServer, admin_pb2.PingServerRequest(server="hv-2"))
         first.stop()
         first = None
         wait_for(lambda: second.broker.leadership.is_leader, timeout=10)
@@ -171,7 +174,7 @@ def test_two_brokers_share_a_vault_and_only_the_leader_runs_the_liveness_monitor
         finally:
             store.close()
         with second.admin() as admin:
-            assert admin.call("GetJob", admin_pb2.GetJobRequest(id=job.id)).state in (
+            assert admin.call(admin.stub.GetJob, admin_pb2.GetJobRequest(id=job.id)).state in (
                 "running",
                 "waiting",
             )

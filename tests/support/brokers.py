@@ -87,7 +87,7 @@ def create_key(
     admin: AdminClient, out: Path, *, site: str = "site-a", uses: int = 1, valid_seconds: int = 0
 ) -> admin_pb2.CreateRegistrationKeyResponse:
     resp: admin_pb2.CreateRegistrationKeyResponse = admin.call(
-        "CreateRegistrationKey",
+        admin.stub.CreateRegistrationKey,
         admin_pb2.CreateRegistrationKeyRequest(site=site, uses=uses, valid_seconds=valid_seconds),
     )
     out.write_bytes(resp.credentials_file)

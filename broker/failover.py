@@ -12,14 +12,14 @@ no failover stays "in progress" forever.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from broker.orchestration import Orchestrator, StepFailed
+from broker.orchestration import Orchestrator, Step, StepFailed, StepRun
 from broker.protection import ProtectionManager
-from broker.store.models import Job, Relationship, RelationshipState, StepState
+from broker.store.models import Job, Relationship, RelationshipState
 from broker.store.sqlite import Tx
 from sitepair.errors import FailedPrecondition, InvalidArgument
 from sitepair.v1 import common_pb2, control_pb2
@@ -33,7 +33,8 @@ REPLICATING = (
     RelationshipState.RESYNCHRONIZING,
 )
 
-Step = Callable[[], Awaitable[str]]
+#: The name of the step that raises the epoch (in planned and unplanned failovers).
+RAISE_EPOCH = "Raise the epoch"
 
 
 def _failover(rel: Relationship) -> dict[str, Any]:
@@ -54,36 +55,61 @@ class FailoverManager(Orchestrator):
             command_timeout=p.command_timeout,
         )
         self.protection = protection
-        self._runners: dict[str, Callable[[Job, int], Awaitable[None]]] = {
-            "planned-failover": self._run_planned,
-            "unplanned-failover": self._run_unplanned,
-            "test-failover": self._run_test,
-            "cleanup-test-failover": self._run_cleanup,
-            "commit-failover": self._run_commit,
-            "cancel-failover": self._run_cancel,
-            "reverse-replication": self._run_reverse,
-            "fence-old-primary": self._run_fence,
-        }
-        for kind in self._runners:
-            self.jobs.register_resumer(kind, self.resume)
+        self.declare("planned-failover", self._planned_steps)
+        self.declare("unplanned-failover", self._unplanned_steps)
+        self.declare("test-failover", self._test_steps)
+        self.declare("cleanup-test-failover", self._cleanup_steps)
+        self.declare("commit-failover", self._commit_steps)
+        self.declare("cancel-failover", self._cancel_steps)
+        self.declare("reverse-replication", self._reverse_job_steps)
+        self.declare("fence-old-primary", self._fence_steps)
 
     async def resume(self, job: Job) -> bool:
-        start = next((s.index for s in job.steps if s.state != StepState.SUCCEEDED), len(job.steps))
-        self.spawn(self._runners[job.kind](job, start))
-        return True
+        params = json.loads(job.params_json)
+        if "names" not in params:
+            # A job of a broker that did not keep the hosts' names its steps show: the names
+            # as that broker found them, so each step is found again by its name.
+            params["names"] = await self._legacy_names(job, params)
+            job = dataclasses.replace(job, params_json=json.dumps(params, sort_keys=True))
+        return await super().resume(job)
+
+    async def _legacy_names(self, job: Job, params: dict[str, Any]) -> dict[str, str]:
+        rel = await self.relationship(params["relationship"])
+        doc = _failover(rel)
+        if job.kind == "reverse-replication" or doc.get("job") == job.id or doc.get("reversed"):
+            primary, replica = doc.get("old_primary", ""), doc.get("new_primary", "")
+        else:
+            primary, replica = rel.primary_server, rel.replica_server
+        names = await self._names()
+        return {"primary": names.get(primary, primary), "replica": names.get(replica, replica)}
 
     async def _start(
-        self, kind: str, rel: Relationship, steps: list[str], *, by: str, params: dict[str, Any]
+        self,
+        kind: str,
+        rel: Relationship,
+        *,
+        by: str,
+        params: dict[str, Any],
+        primary: str = "",
+        replica: str = "",
     ) -> Job:
-        job = await self.jobs.create(
+        """Start a failover job for ``rel``; ``primary`` and ``replica`` are the servers whose
+        names its steps show (the relationship's own by default)."""
+        names = await self._names()
+        primary, replica = primary or rel.primary_server, replica or rel.replica_server
+        return await self.start_job(
             kind,
             f"vm/{rel.vm_name}",
-            steps,
-            created_by=by,
-            params={"relationship": rel.id, **params},
+            {
+                "relationship": rel.id,
+                "names": {
+                    "primary": names.get(primary, primary),
+                    "replica": names.get(replica, replica),
+                },
+                **params,
+            },
+            by=by,
         )
-        self.spawn(self._runners[kind](job, 0))
-        return job
 
     async def _find(self, ref: str) -> Relationship:
         rel: Relationship = await self.read(lambda tx: tx.find_relationship(ref))
@@ -131,7 +157,7 @@ class FailoverManager(Orchestrator):
             )
             return doc
 
-        return await self.write(run)  # type: ignore[no-any-return]
+        return await self.write(run)
 
     async def _raise_epoch(self, job: Job, kind: str, point: str) -> int:
         """Raise the epoch once per job (a resumed job finds it raised already)."""
@@ -185,29 +211,14 @@ class FailoverManager(Orchestrator):
                 f"a test failover of {rel.vm_name} is in place",
                 hint="clean it up first (vms cleanup-test)",
             )
-        names = await self._names()
-        primary, replica = (
-            names.get(rel.primary_server, rel.primary_server),
-            names.get(rel.replica_server, rel.replica_server),
-        )
-        steps = [
-            "Check that the VM can fail over",
-            f"Shut down the VM on {primary}",
-            "Send the last changes and compare every block",
-            "Raise the epoch",
-            f"Fail over on {replica} and start the VM",
-            f"Fence {primary}",
-            "Complete the failover",
-        ]
-        if reverse:
-            steps += ["Commit the failover", *self._reverse_step_names(primary, replica)]
-        return await self._start("planned-failover", rel, steps, by=by, params={"reverse": reverse})
+        return await self._start("planned-failover", rel, by=by, params={"reverse": reverse})
 
-    async def _run_planned(self, job: Job, start: int) -> None:
-        params = json.loads(job.params_json)
+    def _planned_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
         rel_id = params["relationship"]
+        primary, replica = params["names"]["primary"], params["names"]["replica"]
 
-        async def check() -> str:
+        async def check(step: StepRun) -> str:
+            job = step.job
             rel = await self.relationship(rel_id)
             if (
                 rel.state == RelationshipState.FAILOVER_IN_PROGRESS
@@ -217,20 +228,18 @@ class FailoverManager(Orchestrator):
             if rel.state not in REPLICATING:
                 raise StepFailed(f"the VM is {rel.state.value}")
             for server in (rel.primary_server, rel.replica_server):
-                if not await self.wait_connected(job, 0, server):
+                if not await step.wait_connected(server):
                     raise StepFailed(
                         f"host {server} is not connected; a planned failover needs both "
                         "sites (use unplanned)"
                     )
             return "both hosts connected, replication healthy"
 
-        async def shutdown() -> str:
+        async def shutdown(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            if _failover(rel).get("job") == job.id:
+            if _failover(rel).get("job") == step.job.id:
                 return "done before"
-            await self.send_and_wait(
-                job,
-                1,
+            await step.send(
                 rel.primary_server,
                 control_pb2.Command(
                     vm_power=control_pb2.VmPower(
@@ -240,13 +249,11 @@ class FailoverManager(Orchestrator):
             )
             return "VM off"
 
-        async def final() -> str:
+        async def final(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            if _failover(rel).get("job") == job.id:
+            if _failover(rel).get("job") == step.job.id:
                 return "done before"
-            result = await self.send_and_wait(
-                job,
-                2,
+            result = await step.send(
                 rel.primary_server,
                 control_pb2.Command(
                     replication_action=control_pb2.ReplicationAction(
@@ -260,30 +267,39 @@ class FailoverManager(Orchestrator):
                 f"({result.get('disks_compared')} disk(s) compared)"
             )
 
-        async def raise_epoch() -> str:
-            return f"epoch {await self._raise_epoch(job, 'planned', 'latest')}"
+        async def raise_epoch(step: StepRun) -> str:
+            return f"epoch {await self._raise_epoch(step.job, 'planned', 'latest')}"
 
-        steps: list[Step] = [
-            check,
-            shutdown,
-            final,
-            raise_epoch,
-            *self._failover_steps(job, rel_id, 4, "latest", RelationshipState.FAILED_OVER_PLANNED),
+        steps = [
+            Step("Check that the VM can fail over", check),
+            Step(f"Shut down the VM on {primary}", shutdown),
+            Step("Send the last changes and compare every block", final),
+            Step(RAISE_EPOCH, raise_epoch),
+            *self._failover_steps(
+                rel_id,
+                "latest",
+                RelationshipState.FAILED_OVER_PLANNED,
+                (f"Fail over on {replica} and start the VM", f"Fence {primary}"),
+            ),
         ]
         if params.get("reverse"):
-            steps += [self._commit_step(job, rel_id, 7), *self._reverse_steps(job, rel_id, 8)]
-        await self.run_steps(job, steps, start)
+            steps += [self._commit_step(rel_id), *self._reverse_steps(rel_id, primary, replica)]
+        return steps
 
     def _failover_steps(
-        self, job: Job, rel_id: str, first: int, point: str, final_state: RelationshipState
+        self,
+        rel_id: str,
+        point: str,
+        final_state: RelationshipState,
+        names: tuple[str, str],
     ) -> list[Step]:
-        async def fail_over() -> str:
+        """Fail over (``names[0]``), fence the old primary (``names[1]``), complete."""
+
+        async def fail_over(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             doc = _failover(rel)
             vm, nets = self._vm_spec(rel)
-            result = await self.send_and_wait(
-                job,
-                first,
+            result = await step.send(
                 doc["new_primary"],
                 control_pb2.Command(
                     failover=control_pb2.Failover(
@@ -299,7 +315,7 @@ class FailoverManager(Orchestrator):
             await self._set_failover(rel_id, result=result)
             return f"VM {result.get('vm_name')} running from recovery point {result.get('point')}"
 
-        async def fence() -> str:
+        async def fence(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             doc = _failover(rel)
             old = doc["old_primary"]
@@ -308,9 +324,7 @@ class FailoverManager(Orchestrator):
                 return "the old primary was removed from the vault: every host refuses it"
             if not await self._connected(old):
                 return "the old primary is unreachable; it will be fenced when it reconnects"
-            await self.send_and_wait(
-                job,
-                first + 1,
+            await step.send(
                 old,
                 control_pb2.Command(
                     fence=control_pb2.Fence(
@@ -321,11 +335,15 @@ class FailoverManager(Orchestrator):
             await self._set_failover(rel_id, fence_pending=False)
             return "replication stopped and VM off on the old primary"
 
-        async def complete() -> str:
+        async def complete(step: StepRun) -> str:
             await self._set(rel_id, state=final_state)
             return final_state.value
 
-        return [fail_over, fence, complete]
+        return [
+            Step(names[0], fail_over),
+            Step(names[1], fence),
+            Step("Complete the failover", complete),
+        ]
 
     # -- unplanned --------------------------------------------------------------------------
     async def unplanned(self, ref: str, *, by: str, point: str = "latest") -> Job:
@@ -341,49 +359,37 @@ class FailoverManager(Orchestrator):
                 f"a test failover of {rel.vm_name} is in place",
                 hint="clean it up first (vms cleanup-test)",
             )
-        names = await self._names()
-        replica = names.get(rel.replica_server, rel.replica_server)
-        return await self._start(
-            "unplanned-failover",
-            rel,
-            [
-                f"Check that {replica} can fail over",
-                "Raise the epoch",
-                f"Fail over on {replica} to recovery point {point} and start the VM",
-                "Fence the old primary",
-                "Complete the failover",
-            ],
-            by=by,
-            params={"point": point},
-        )
+        return await self._start("unplanned-failover", rel, by=by, params={"point": point})
 
-    async def _run_unplanned(self, job: Job, start: int) -> None:
-        params = json.loads(job.params_json)
+    def _unplanned_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
         rel_id, point = params["relationship"], params["point"]
+        replica = params["names"]["replica"]
 
-        async def check() -> str:
+        async def check(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            if not await self.wait_connected(job, 0, rel.replica_server):
+            if not await step.wait_connected(rel.replica_server):
                 raise StepFailed(f"the recovery host {rel.replica_server} is not connected")
             status = json.loads(rel.replica_status_json or "{}")
             if not int(status.get("committed_sequence", 0)):
                 raise StepFailed("the replica holds no committed data yet")
             return f"replica at sequence {status.get('committed_sequence')}"
 
-        async def raise_epoch() -> str:
-            return f"epoch {await self._raise_epoch(job, 'unplanned', point)}"
+        async def raise_epoch(step: StepRun) -> str:
+            return f"epoch {await self._raise_epoch(step.job, 'unplanned', point)}"
 
-        await self.run_steps(
-            job,
-            [
-                check,
-                raise_epoch,
-                *self._failover_steps(
-                    job, rel_id, 2, point, RelationshipState.FAILED_OVER_UNPLANNED
+        return [
+            Step(f"Check that {replica} can fail over", check),
+            Step(RAISE_EPOCH, raise_epoch),
+            *self._failover_steps(
+                rel_id,
+                point,
+                RelationshipState.FAILED_OVER_UNPLANNED,
+                (
+                    f"Fail over on {replica} to recovery point {point} and start the VM",
+                    "Fence the old primary",
                 ),
-            ],
-            start,
-        )
+            ),
+        ]
 
     # -- test failover ----------------------------------------------------------------------
     async def test(self, ref: str, *, by: str, point: str = "latest", network: str = "") -> Job:
@@ -397,25 +403,16 @@ class FailoverManager(Orchestrator):
             raise FailedPrecondition(
                 f"a test failover of {rel.vm_name} is already in place", hint="clean it up first"
             )
-        names = await self._names()
-        replica = names.get(rel.replica_server, rel.replica_server)
         return await self._start(
-            "test-failover",
-            rel,
-            [
-                "Prepare the test network",
-                f"Create the test VM on {replica} from recovery point {point}",
-                "Complete the test failover",
-            ],
-            by=by,
-            params={"point": point, "network": network},
+            "test-failover", rel, by=by, params={"point": point, "network": network}
         )
 
-    async def _run_test(self, job: Job, start: int) -> None:
-        params = json.loads(job.params_json)
+    def _test_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
         rel_id = params["relationship"]
+        replica = params["names"]["replica"]
 
-        async def network() -> str:
+        async def network(step: StepRun) -> str:
+            job = step.job
             rel = await self.relationship(rel_id)
             wanted = params["network"]
             if wanted == "create":
@@ -433,13 +430,11 @@ class FailoverManager(Orchestrator):
                 else "no network: the test VM's NICs stay disconnected"
             )
 
-        async def create() -> str:
+        async def create(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             test = _failover(rel)["test"]
             vm, nets = self._vm_spec(rel)
-            result = await self.send_and_wait(
-                job,
-                1,
+            result = await step.send(
                 rel.replica_server,
                 control_pb2.Command(
                     failover=control_pb2.Failover(
@@ -458,32 +453,27 @@ class FailoverManager(Orchestrator):
                 f"test VM {result.get('vm_name')} running from recovery point {result.get('point')}"
             )
 
-        async def done() -> str:
+        async def done(step: StepRun) -> str:
             return "production replication continues; clean up with `vms cleanup-test`"
 
-        await self.run_steps(job, [network, create, done], start)
+        return [
+            Step("Prepare the test network", network),
+            Step(f"Create the test VM on {replica} from recovery point {params['point']}", create),
+            Step("Complete the test failover", done),
+        ]
 
     async def cleanup_test(self, ref: str, *, by: str, notes: str = "") -> Job:
         rel = await self._find(ref)
         if not _failover(rel).get("test"):
             raise FailedPrecondition(f"no test failover of {rel.vm_name} is in place")
-        return await self._start(
-            "cleanup-test-failover",
-            rel,
-            ["Remove the test VM and its disks", "Remove the test network", "Record the notes"],
-            by=by,
-            params={"notes": notes},
-        )
+        return await self._start("cleanup-test-failover", rel, by=by, params={"notes": notes})
 
-    async def _run_cleanup(self, job: Job, start: int) -> None:
-        params = json.loads(job.params_json)
+    def _cleanup_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
         rel_id = params["relationship"]
 
-        async def remove_vm() -> str:
+        async def remove_vm(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            result = await self.send_and_wait(
-                job,
-                0,
+            result = await step.send(
                 rel.replica_server,
                 control_pb2.Command(
                     failover_control=control_pb2.FailoverControl(
@@ -499,7 +489,7 @@ class FailoverManager(Orchestrator):
                 else str(result.get("reason"))
             )
 
-        async def remove_network() -> str:
+        async def remove_network(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             test = _failover(rel).get("test") or {}
             await self._set_failover(rel_id, test=None)
@@ -507,22 +497,26 @@ class FailoverManager(Orchestrator):
                 return f"network {test['network']} removed"
             return "nothing to remove"
 
-        async def record() -> str:
-            await self.jobs.set_state(job.id, job.state, result={"notes": params.get("notes", "")})
-            return params.get("notes") or "no notes"
+        async def record(step: StepRun) -> str:
+            await self.jobs.set_state(
+                step.job.id, step.job.state, result={"notes": params.get("notes", "")}
+            )
+            return str(params.get("notes") or "no notes")
 
-        await self.run_steps(job, [remove_vm, remove_network, record], start)
+        return [
+            Step("Remove the test VM and its disks", remove_vm),
+            Step("Remove the test network", remove_network),
+            Step("Record the notes", record),
+        ]
 
     # -- commit and cancel ------------------------------------------------------------------
-    def _commit_step(self, job: Job, rel_id: str, index: int) -> Step:
-        async def commit() -> str:
+    def _commit_step(self, rel_id: str) -> Step:
+        async def commit(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             doc = _failover(rel)
             if doc.get("committed"):
                 return "committed before"
-            await self.send_and_wait(
-                job,
-                index,
+            await step.send(
                 doc["new_primary"],
                 control_pb2.Command(
                     failover_control=control_pb2.FailoverControl(
@@ -536,7 +530,7 @@ class FailoverManager(Orchestrator):
             await self._set(rel_id, state=RelationshipState.COMMITTED)
             return "committed: other recovery points discarded"
 
-        return commit
+        return Step("Commit the failover", commit)
 
     async def commit(self, ref: str, *, by: str) -> Job:
         rel = await self._find(ref)
@@ -547,11 +541,10 @@ class FailoverManager(Orchestrator):
             )
         if doc.get("committed"):
             raise FailedPrecondition(f"the failover of {rel.vm_name} is already committed")
-        return await self._start("commit-failover", rel, ["Commit the failover"], by=by, params={})
+        return await self._start("commit-failover", rel, by=by, params={})
 
-    async def _run_commit(self, job: Job, start: int) -> None:
-        rel_id = json.loads(job.params_json)["relationship"]
-        await self.run_steps(job, [self._commit_step(job, rel_id, 0)], start)
+    def _commit_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
+        return [self._commit_step(params["relationship"])]
 
     async def cancel(self, ref: str, *, by: str) -> Job:
         rel = await self._find(ref)
@@ -568,27 +561,15 @@ class FailoverManager(Orchestrator):
             raise FailedPrecondition(
                 f"{rel.vm_name} is {rel.state.value}; there is no failover to cancel"
             )
-        return await self._start(
-            "cancel-failover",
-            rel,
-            [
-                "Remove the failed-over VM, keep the replica",
-                "Restart the VM on the original primary",
-                "Resume replication",
-            ],
-            by=by,
-            params={},
-        )
+        return await self._start("cancel-failover", rel, by=by, params={})
 
-    async def _run_cancel(self, job: Job, start: int) -> None:
-        rel_id = json.loads(job.params_json)["relationship"]
+    def _cancel_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
+        rel_id = params["relationship"]
 
-        async def undo() -> str:
+        async def undo(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             doc = _failover(rel)
-            await self.send_and_wait(
-                job,
-                0,
+            await step.send(
                 doc["new_primary"],
                 control_pb2.Command(
                     failover_control=control_pb2.FailoverControl(
@@ -600,12 +581,10 @@ class FailoverManager(Orchestrator):
             )
             return "failed-over VM removed; the replica is as it was"
 
-        async def restart() -> str:
+        async def restart(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             doc = _failover(rel)
-            await self.send_and_wait(
-                job,
-                1,
+            await step.send(
                 doc["old_primary"],
                 control_pb2.Command(
                     vm_power=control_pb2.VmPower(
@@ -615,56 +594,48 @@ class FailoverManager(Orchestrator):
             )
             return "VM running on the original primary"
 
-        async def resume() -> str:
+        async def resume(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             # Both sides get the raised epoch: the relationship goes on where it was.
-            await self.send_and_wait(
-                job, 2, rel.replica_server, self.protection._configure_replica_cmd(rel)
-            )
-            await self.send_and_wait(
-                job, 2, rel.primary_server, await self.protection._configure_source_cmd(rel)
-            )
+            await step.send(rel.replica_server, self.protection._configure_replica_cmd(rel))
+            await step.send(rel.primary_server, await self.protection._configure_source_cmd(rel))
             await self._set(rel_id, state=RelationshipState.PROTECTED, failover_json="{}")
             return f"replicating again at epoch {rel.epoch}"
 
-        await self.run_steps(job, [undo, restart, resume], start)
-
-    # -- reverse replication ----------------------------------------------------------------
-    def _reverse_step_names(self, old_primary: str, new_primary: str) -> list[str]:
         return [
-            f"Prepare {old_primary} as the replica (its VM's disks are kept)",
-            f"Replicate from {new_primary}: checksum resync, only differing blocks travel",
-            "Complete reverse replication",
+            Step("Remove the failed-over VM, keep the replica", undo),
+            Step("Restart the VM on the original primary", restart),
+            Step("Resume replication", resume),
         ]
 
+    # -- reverse replication ----------------------------------------------------------------
     async def reverse(self, ref: str, *, by: str) -> Job:
         rel = await self._find(ref)
         if rel.state not in (*FAILED_OVER, RelationshipState.COMMITTED):
             raise FailedPrecondition(
                 f"{rel.vm_name} is {rel.state.value}; reverse replication follows a failover"
             )
-        names = await self._names()
         doc = _failover(rel)
-        old, new = (
-            names.get(doc["old_primary"], doc["old_primary"]),
-            names.get(doc["new_primary"], doc["new_primary"]),
-        )
         return await self._start(
             "reverse-replication",
             rel,
-            ["Commit the failover", *self._reverse_step_names(old, new)],
             by=by,
             params={},
+            primary=doc["old_primary"],
+            replica=doc["new_primary"],
         )
 
-    async def _run_reverse(self, job: Job, start: int) -> None:
-        rel_id = json.loads(job.params_json)["relationship"]
-        await self.run_steps(
-            job, [self._commit_step(job, rel_id, 0), *self._reverse_steps(job, rel_id, 1)], start
-        )
+    def _reverse_job_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
+        rel_id, names = params["relationship"], params["names"]
+        return [
+            self._commit_step(rel_id),
+            *self._reverse_steps(rel_id, names["primary"], names["replica"]),
+        ]
 
-    def _reverse_steps(self, job: Job, rel_id: str, first: int) -> list[Step]:
-        async def prepare() -> str:
+    def _reverse_steps(self, rel_id: str, old_primary: str, new_primary: str) -> list[Step]:
+        """Replicate back from the new primary to the old one (names as shown)."""
+
+        async def prepare(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             doc = _failover(rel)
             if doc.get("reversed"):
@@ -703,23 +674,30 @@ class FailoverManager(Orchestrator):
             cmd = self.protection._configure_replica_cmd(rel)
             cmd.configure_replica.from_vm = rel.vm_id
             cmd.configure_replica.from_sequence = 1
-            result = await self.send_and_wait(job, first, old, cmd)
+            result = await step.send(old, cmd)
             await self._set(rel_id, replica_folder=str(result.get("folder", "")))
             seq = result.get("committed_sequence")
             return f"the old VM's disks are the replica, at sequence {seq}"
 
-        async def enable() -> str:
+        async def enable(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             cmd = await self.protection._configure_source_cmd(rel)
             cmd.configure_source.resync_first = True
-            await self.send_and_wait(job, first + 1, rel.primary_server, cmd)
-            return await self.protection.wait_first_cycle(job, first + 1, rel_id)
+            await step.send(rel.primary_server, cmd)
+            return await self.protection.wait_first_cycle(step, rel_id)
 
-        async def complete() -> str:
+        async def complete(step: StepRun) -> str:
             await self._set(rel_id, state=RelationshipState.PROTECTED, failover_json="{}")
             return "protected, in the reverse direction"
 
-        return [prepare, enable, complete]
+        return [
+            Step(f"Prepare {old_primary} as the replica (its VM's disks are kept)", prepare),
+            Step(
+                f"Replicate from {new_primary}: checksum resync, only differing blocks travel",
+                enable,
+            ),
+            Step("Complete reverse replication", complete),
+        ]
 
     # -- fencing a returning old primary ----------------------------------------------------
     async def on_server_connected(self, server_id: str) -> None:
@@ -734,23 +712,15 @@ class FailoverManager(Orchestrator):
                 jobs = await self.jobs.list(kind="fence-old-primary", limit=20)
                 if any(j.target == f"vm/{rel.vm_name}" and not j.state.final for j in jobs):
                     continue
-                await self._start(
-                    "fence-old-primary",
-                    rel,
-                    ["Fence the returning old primary"],
-                    by="broker",
-                    params={},
-                )
+                await self._start("fence-old-primary", rel, by="broker", params={})
 
-    async def _run_fence(self, job: Job, start: int) -> None:
-        rel_id = json.loads(job.params_json)["relationship"]
+    def _fence_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
+        rel_id = params["relationship"]
 
-        async def fence() -> str:
+        async def fence(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             doc = _failover(rel)
-            result = await self.send_and_wait(
-                job,
-                0,
+            result = await step.send(
                 doc["old_primary"],
                 control_pb2.Command(
                     fence=control_pb2.Fence(
@@ -764,4 +734,4 @@ class FailoverManager(Orchestrator):
                 f"VM {result.get('vm_state')}; reverse replication resynchronizes it"
             )
 
-        await self.run_steps(job, [fence], start)
+        return [Step("Fence the returning old primary", fence)]

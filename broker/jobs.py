@@ -20,6 +20,7 @@ from typing import Any
 
 from broker.store.base import Store
 from broker.store.models import Job, JobState, JobStep, StepState
+from broker.store.sqlite import Tx
 from sitepair.clock import Clock
 from sitepair.errors import FailedPrecondition, NotFound
 
@@ -87,28 +88,37 @@ class JobManager:
     async def step(
         self,
         job_id: str,
-        index: int,
+        step: str | int,
         state: StepState | None = None,
         *,
         message: str | None = None,
         done: int | None = None,
         total: int | None = None,
     ) -> None:
+        """Update the step named ``step`` (or at index ``step``) of a job; a name the job was
+        not created with (a step declared since, by a newer broker) has no row and is skipped."""
         now = self._clock.now()
 
-        def update() -> None:
-            with self._store.write() as tx:
-                tx.update_step(
-                    job_id,
-                    index,
-                    now=now,
-                    state=state,
-                    message=message,
-                    progress_done=done,
-                    progress_total=total,
-                )
+        def update(tx: Tx) -> None:
+            if isinstance(step, str):
+                job = tx.get_job(job_id)
+                found = [s.index for s in job.steps if s.name == step] if job else []
+                if not found:
+                    return
+                index = found[0]
+            else:
+                index = step
+            tx.update_step(
+                job_id,
+                index,
+                now=now,
+                state=state,
+                message=message,
+                progress_done=done,
+                progress_total=total,
+            )
 
-        await asyncio.to_thread(update)
+        await self._store.writing(update)
         await self._notify()
 
     async def set_state(

@@ -1,23 +1,27 @@
 """Plumbing shared by the broker's orchestrations (protection, failover, recovery plans).
 
-An orchestration is a job whose steps are coroutines; a step that needs an agent sends it a
-command tied to the job step and waits for the outcome. Steps are written to be idempotent, and
-:meth:`Orchestrator.send_and_wait` finds the command a step sent before a broker restart instead
-of sending a second one, so an interrupted job is resumed by running it again from its first
-unfinished step.
+An orchestration is a job declared once as an ordered list of named steps (:class:`Step`), each
+bound to the coroutine that runs it; the job is created with those names, and
+:meth:`Orchestrator.run_steps` runs the steps that have not succeeded yet, by name. A step that
+needs an agent sends it a command through its :class:`StepRun` and waits for the outcome.
 
-A command belongs to a job step, a server and what it acts on (:func:`command_target`): one
-step may configure several relationships on one host, and each gets its own command. The key is
-read back from the stored command itself, so it holds across broker restarts.
+Steps are written to be idempotent, and a command belongs to (job, step name, server, target):
+:meth:`Orchestrator.submit_once` finds the command a step sent before a broker restart instead of
+sending a second one, so an interrupted job is resumed by running it again, and a newer broker
+whose declaration of that job has a step more (or fewer) still finds each step's commands. The
+key is read back from the stored command itself (``job_step_name`` and the payload's target,
+:func:`command_target`), so it holds across broker restarts; the step's index is stored too, for
+display and order only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -33,9 +37,70 @@ from sitepair.v1 import control_pb2
 
 log = logging.getLogger("sitepair.broker.orchestration")
 
+T = TypeVar("T")
+
 
 class StepFailed(SitepairError):
     status = "FAILED_PRECONDITION"
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step of a job: its name (shown, and the key of what it sent) and what it does."""
+
+    name: str
+    run: Callable[[StepRun], Awaitable[str]]
+
+
+#: Builds a job's steps from its target and parameters (see :meth:`Orchestrator.declare`).
+Declaration = Callable[[str, dict[str, Any]], list[Step]]
+
+
+def step_names(steps: Iterable[Step]) -> list[str]:
+    """The names a job is created with; a name is a key, so it must be unique in its job."""
+    names = [s.name for s in steps]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a job's step names must differ: {names}")
+    return names
+
+
+def unique_names(names: Iterable[str]) -> list[str]:
+    """``names`` made unique by numbering the repeats ("x", "x (2)"), for steps whose names come
+    from an operator (recovery-plan actions may share a name)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRun:
+    """A step of a job being run: what it sends and the progress it shows belong to it."""
+
+    orchestrator: Orchestrator
+    job: Job
+    name: str
+    index: int
+
+    async def send(self, server_id: str, body: control_pb2.Command) -> dict[str, Any]:
+        """Deliver a command for this step (once, even across broker restarts) and wait."""
+        return await self.orchestrator.send_and_wait(self, server_id, body)
+
+    async def submit(self, server_id: str, body: control_pb2.Command) -> Command:
+        """The command this step sent ``server_id`` for the same target before, or a new one."""
+        return await self.orchestrator.submit_once(self.job, self.name, server_id, body, self.index)
+
+    async def progress(
+        self, message: str | None = None, *, done: int | None = None, total: int | None = None
+    ) -> None:
+        await self.orchestrator.jobs.step(
+            self.job.id, self.name, message=message, done=done, total=total
+        )
+
+    async def wait_connected(self, server_id: str, *, within: float = 60.0) -> bool:
+        return await self.orchestrator.wait_connected(self, server_id, within=within)
 
 
 class Orchestrator:
@@ -57,27 +122,71 @@ class Orchestrator:
         self.sessions = sessions
         self.spawn = spawn
         self.command_timeout = command_timeout
+        self._declared: dict[
+            str, tuple[Declaration, Callable[[StepRun], Awaitable[str]] | None]
+        ] = {}
 
-    async def read(self, fn: Callable[[Tx], Any]) -> Any:
-        def run() -> Any:
-            with self.store.read() as tx:
-                return fn(tx)
+    # -- declared jobs ----------------------------------------------------------------------
+    def declare(
+        self,
+        kind: str,
+        build: Declaration,
+        *,
+        on_failure: Callable[[StepRun], Awaitable[str]] | None = None,
+    ) -> None:
+        """Declare a kind of job once: ``build(target, params)`` gives its steps, in order, for a
+        job being created and for one resumed after a restart (see :meth:`run`)."""
+        self._declared[kind] = (build, on_failure)
+        self.jobs.register_resumer(kind, self.resume)
 
-        return await asyncio.to_thread(run)
+    def steps_of(self, kind: str, target: str, params: dict[str, Any]) -> list[Step]:
+        return self._declared[kind][0](target, params)
 
-    async def write(self, fn: Callable[[Tx], Any]) -> Any:
-        def run() -> Any:
-            with self.store.write() as tx:
-                return fn(tx)
+    async def create_job(self, kind: str, target: str, params: dict[str, Any], *, by: str) -> Job:
+        """A job of a declared kind, created with its steps' names (not started)."""
+        return await self.jobs.create(
+            kind,
+            target,
+            step_names(self.steps_of(kind, target, params)),
+            created_by=by,
+            params=params,
+        )
 
-        return await asyncio.to_thread(run)
+    async def start_job(self, kind: str, target: str, params: dict[str, Any], *, by: str) -> Job:
+        """Create a job of a declared kind and run it in the background."""
+        job = await self.create_job(kind, target, params, by=by)
+        self.spawn(self.run(job))
+        return job
+
+    async def run(self, job: Job) -> bool:
+        """Run a job of a declared kind from its first unfinished step."""
+        build, on_failure = self._declared[job.kind]
+        steps = build(job.target, json.loads(job.params_json))
+        return await self.run_steps(job, steps, on_failure=on_failure)
+
+    async def resume(self, job: Job) -> bool:
+        """Start-up: carry on with an unfinished job of a declared kind."""
+        self.spawn(self.run(job))
+        return True
+
+    async def read(self, fn: Callable[[Tx], T]) -> T:
+        return await self.store.reading(fn)
+
+    async def write(self, fn: Callable[[Tx], T]) -> T:
+        return await self.store.writing(fn)
 
     async def submit_once(
-        self, job: Job, step: int, server_id: str, body: control_pb2.Command
+        self,
+        job: Job,
+        step: str,
+        server_id: str,
+        body: control_pb2.Command,
+        index: int | None = None,
     ) -> Command:
-        """The command this job step sent ``server_id`` for the same kind and target before
-        (not failed), or a new one: a step resumed after a broker restart sends nothing twice,
-        and a step that configures several relationships on one host sends each its own."""
+        """The command the job step named ``step`` sent ``server_id`` for the same kind and
+        target before (not failed), or a new one: a step resumed after a broker restart sends
+        nothing twice, and a step that configures several relationships on one host sends each
+        its own. ``index`` is stored with a new command, for display and order only."""
         kind = body.WhichOneof("body")
         target = command_target(body)
 
@@ -85,22 +194,29 @@ class Orchestrator:
             return [
                 c
                 for c in tx.commands_for_job(job.id)
-                if c.job_step == step
+                if c.job_step_name == step
                 and c.server_id == server_id
                 and c.kind == kind
                 and c.state != CommandState.FAILED
                 and stored_target(c) == target
             ]
 
-        found: list[Command] = await self.read(existing)
+        found = await self.read(existing)
         if found:
             return found[-1]
+        if index is None:
+            index = next((s.index for s in job.steps if s.name == step), None)
         return await self.dispatcher.submit(
-            server_id, body, epoch=body_epoch(body), job_id=job.id, job_step=step
+            server_id,
+            body,
+            epoch=body_epoch(body),
+            job_id=job.id,
+            job_step=index,
+            job_step_name=step,
         )
 
     async def send_and_wait(
-        self, job: Job, step: int, server_id: str, body: control_pb2.Command
+        self, step: StepRun, server_id: str, body: control_pb2.Command
     ) -> dict[str, Any]:
         """Deliver a command for a job step (once, even across broker restarts) and wait."""
         server = await self.read(lambda tx: tx.get_server(server_id))
@@ -108,9 +224,9 @@ class Orchestrator:
             # Its commands would never be delivered: fail now rather than wait an hour.
             name = server.name if server is not None else server_id
             raise StepFailed(f"host {name} was removed from the vault")
-        cmd = await self.submit_once(job, step, server_id, body)
+        cmd = await step.submit(server_id, body)
         if self.sessions.get(server_id) is None and cmd.state.open:
-            await self.jobs.step(job.id, step, message=f"waiting for {server.name} to connect")
+            await step.progress(f"waiting for {server.name} to connect")
         try:
             done = await asyncio.wait_for(
                 self.dispatcher.wait(cmd.id), timeout=self.command_timeout
@@ -121,62 +237,78 @@ class Orchestrator:
             ) from exc
         if done.state != CommandState.SUCCEEDED:
             raise StepFailed(done.error or f"command {done.kind} {done.state.value}")
-        return json.loads(done.result_json) if done.result_json else {}
+        result: dict[str, Any] = json.loads(done.result_json) if done.result_json else {}
+        return result
+
+    async def unfinished(self, job: Job, steps: list[Step]) -> tuple[Job, list[StepRun]]:
+        """The job as stored now, and its declared steps that have not succeeded, in order.
+
+        Steps are matched with the job's stored steps by name: a step declared since the job
+        was created runs (it has no row to show it), and one a previous broker finished does
+        not, wherever either stands in the declaration."""
+        step_names(steps)
+        current = await self.jobs.get(job.id)
+        done = {s.name for s in current.steps if s.state == StepState.SUCCEEDED}
+        return current, [
+            StepRun(self, current, s.name, i) for i, s in enumerate(steps) if s.name not in done
+        ]
 
     async def run_steps(
         self,
         job: Job,
-        steps: list[Callable[[], Awaitable[str]]],
-        start: int,
+        steps: list[Step],
         *,
-        on_failure: Callable[[int], Awaitable[str]] | None = None,
+        on_failure: Callable[[StepRun], Awaitable[str]] | None = None,
     ) -> bool:
-        """Run ``steps`` from ``start``; on the first failure, ``on_failure(index)`` undoes what
-        the job did (its message joins the job's error) and the job fails."""
-        for i in range(start, len(steps)):
-            await self.jobs.step(job.id, i, StepState.RUNNING)
+        """Run the steps of ``job`` that have not succeeded yet; on the first failure,
+        ``on_failure(step)`` undoes what the job did (its message joins the job's error) and
+        the job fails."""
+        job, todo = await self.unfinished(job, steps)
+        bodies = {s.name: s.run for s in steps}
+        for run in todo:
+            await self.jobs.step(job.id, run.name, StepState.RUNNING)
             try:
-                message = await steps[i]()
+                message = await bodies[run.name](run)
             except SitepairError as exc:
-                await self.jobs.step(job.id, i, StepState.FAILED, message=exc.message)
-                error = f"{job.steps[i].name}: {exc.message}" if i < len(job.steps) else exc.message
-                await self.jobs.fail(job.id, await self._undo(job, i, on_failure, error))
+                await self.jobs.step(job.id, run.name, StepState.FAILED, message=exc.message)
+                error = f"{run.name}: {exc.message}"
+                await self.jobs.fail(job.id, await self.undo(run, on_failure, error))
                 return False
             except Exception as exc:
-                log.exception("job step crashed", extra={"fields": {"job": job.id, "step": i}})
-                await self.jobs.step(job.id, i, StepState.FAILED, message=str(exc))
+                log.exception(
+                    "job step crashed", extra={"fields": {"job": job.id, "step": run.name}}
+                )
+                await self.jobs.step(job.id, run.name, StepState.FAILED, message=str(exc))
                 await self.jobs.fail(
-                    job.id, await self._undo(job, i, on_failure, f"internal error: {exc}")
+                    job.id, await self.undo(run, on_failure, f"internal error: {exc}")
                 )
                 return False
-            await self.jobs.step(job.id, i, StepState.SUCCEEDED, message=message)
+            await self.jobs.step(job.id, run.name, StepState.SUCCEEDED, message=message)
         current = await self.jobs.get(job.id)
         await self.jobs.succeed(
             job.id, json.loads(current.result_json) if current.result_json else None
         )
         return True
 
-    async def _undo(
+    async def undo(
         self,
-        job: Job,
-        index: int,
-        on_failure: Callable[[int], Awaitable[str]] | None,
+        step: StepRun,
+        on_failure: Callable[[StepRun], Awaitable[str]] | None,
         error: str,
     ) -> str:
+        """``error`` followed by what ``on_failure`` undid after ``step`` failed."""
         if on_failure is None:
             return error
         try:
-            undone = await on_failure(index)
+            undone = await on_failure(step)
         except SitepairError as exc:
             undone = f"rolling back failed: {exc.message}"
         except Exception as exc:
-            log.exception("job rollback crashed", extra={"fields": {"job": job.id}})
+            log.exception("job rollback crashed", extra={"fields": {"job": step.job.id}})
             undone = f"rolling back failed: internal error: {exc}"
         return f"{error}; {undone}" if undone else error
 
-    async def wait_connected(
-        self, job: Job, step: int, server_id: str, *, within: float = 60.0
-    ) -> bool:
+    async def wait_connected(self, step: StepRun, server_id: str, *, within: float = 60.0) -> bool:
         """Give a host a moment to (re)connect (after a broker restart, agents come back within
         their reconnect backoff); False if it did not within ``within`` seconds."""
         deadline = self.clock.monotonic() + within
@@ -188,10 +320,8 @@ class Orchestrator:
                 return False
             if not announced:
                 server = await self.read(lambda tx: tx.get_server(server_id))
-                await self.jobs.step(
-                    job.id,
-                    step,
-                    message=f"waiting for {server.name if server else server_id} to connect",
+                await step.progress(
+                    f"waiting for {server.name if server else server_id} to connect"
                 )
                 announced = True
             await asyncio.sleep(0.5)
@@ -201,7 +331,7 @@ class Orchestrator:
         rel = await self.read(lambda tx: tx.get_relationship(rel_id))
         if rel is None:
             raise StepFailed(f"relationship {rel_id} disappeared")
-        return rel  # type: ignore[no-any-return]
+        return rel
 
     async def server_gone(self, server_id: str) -> bool:
         server = await self.read(lambda tx: tx.get_server(server_id))

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.failover import FailoverManager
-from broker.orchestration import Orchestrator, StepFailed
+from broker.orchestration import Orchestrator, Step, StepFailed, StepRun, unique_names
 from broker.store.models import Job, JobState, RecoveryPlan, Relationship, StepState
 from broker.store.sqlite import Tx
 from sitepair import pki
@@ -36,7 +37,12 @@ from sitepair.v1 import control_pb2
 log = logging.getLogger("sitepair.broker.plans")
 
 FAILOVER_TYPES = ("planned", "unplanned", "test")
-Step = Callable[[], Awaitable[str]]
+StepBody = Callable[[StepRun], Awaitable[str]]
+#: What the step of a per-VM plan job does to its VM ("commit the failover of web01").
+_VERBS = {
+    "plan-cleanup-test": "clean up the test failover of",
+    "plan-commit": "commit the failover of",
+}
 
 
 def _doc(plan: RecoveryPlan) -> dict[str, Any]:
@@ -59,15 +65,16 @@ class PlanManager(Orchestrator):
         )
         self.failover = failover
         self._resume = asyncio.Condition()
-        for kind in ("plan-failover", "plan-cleanup-test", "plan-commit"):
-            self.jobs.register_resumer(kind, self.resume)
+        self.declare("plan-failover", self._failover_steps)
+        self.declare("plan-cleanup-test", self._cleanup_steps)
+        self.declare("plan-commit", self._commit_steps)
 
     # -- editing ----------------------------------------------------------------------------
     async def get(self, name: str) -> RecoveryPlan:
         plan = await self.read(lambda tx: tx.get_plan(name))
         if plan is None:
             raise NotFound(f"no recovery plan {name!r}", hint="see `plans list`")
-        return plan  # type: ignore[no-any-return]
+        return plan
 
     async def create(self, name: str, description: str = "") -> RecoveryPlan:
         pki.check_identifier(name, "plan name")
@@ -98,7 +105,7 @@ class PlanManager(Orchestrator):
             assert updated is not None
             return updated
 
-        return await self.write(run)  # type: ignore[no-any-return]
+        return await self.write(run)
 
     async def add_group(self, name: str) -> RecoveryPlan:
         def change(tx: Tx, doc: dict[str, Any]) -> None:
@@ -175,64 +182,56 @@ class PlanManager(Orchestrator):
         if not any(g["vms"] for g in doc["groups"]):
             raise FailedPrecondition(f"recovery plan {name} has no VMs")
         await self._relationships(doc)
-        steps: list[str] = []
-        for i, g in enumerate(doc["groups"], start=1):
-            steps += [f"Group {i}: before: {a['name']}" for a in g["before"]]
-            if g["vms"]:
-                steps.append(f"Group {i}: {failover_type} failover of {len(g['vms'])} VM(s)")
-            steps += [f"Group {i}: after: {a['name']}" for a in g["after"]]
-        job = await self.jobs.create(
+        job = await self.create_job(
             "plan-failover",
             f"plan/{name}",
-            steps,
-            created_by=by,
-            params={"plan": name, "type": failover_type, "point": point, "doc": doc},
+            {"plan": name, "type": failover_type, "point": point, "doc": doc},
+            by=by,
         )
-        self.spawn(self._run_failover(job, 0))
+        self.spawn(self.run(job))
         return job
 
-    async def _run_failover(self, job: Job, start: int) -> None:
-        params = json.loads(job.params_json)
+    def _failover_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
+        """Group after group: its actions before, the failover of its VMs, its actions after.
+        Action names are the operator's and may repeat: repeats are numbered (see
+        :func:`unique_names`), so each step has a name of its own."""
         doc, ftype, point = params["doc"], params["type"], params["point"]
-        carry_on = ftype == "unplanned"
-        steps: list[Step] = []
-        index = 0
+        names: list[str] = []
+        bodies: list[StepBody] = []
         for gi, g in enumerate(doc["groups"], start=1):
             for action in g["before"]:
-                steps.append(
-                    self._action_step(job, index=index, gi=gi, group=g, action=action, ftype=ftype)
-                )
-                index += 1
+                names.append(f"Group {gi}: before: {action['name']}")
+                bodies.append(self._action_step(gi=gi, group=g, action=action, ftype=ftype))
             if g["vms"]:
-                steps.append(
-                    self._group_step(job, index=index, gi=gi, group=g, ftype=ftype, point=point)
-                )
-                index += 1
+                names.append(f"Group {gi}: {ftype} failover of {len(g['vms'])} VM(s)")
+                bodies.append(self._group_step(gi=gi, group=g, ftype=ftype, point=point))
             for action in g["after"]:
-                steps.append(
-                    self._action_step(job, index=index, gi=gi, group=g, action=action, ftype=ftype)
-                )
-                index += 1
-        await self._run_plan_steps(job, steps, start, carry_on=carry_on)
+                names.append(f"Group {gi}: after: {action['name']}")
+                bodies.append(self._action_step(gi=gi, group=g, action=action, ftype=ftype))
+        return [Step(n, b) for n, b in zip(unique_names(names), bodies, strict=True)]
 
-    async def _run_plan_steps(
-        self, job: Job, steps: list[Step], start: int, *, carry_on: bool
-    ) -> None:
+    async def run(self, job: Job) -> bool:
+        """Run a plan job's unfinished steps: a planned or test plan stops at the first
+        failure; an unplanned one goes on and reports every failure."""
+        params = json.loads(job.params_json)
+        steps = self.steps_of(job.kind, job.target, params)
+        carry_on = job.kind == "plan-failover" and params["type"] == "unplanned"
+        job, todo = await self.unfinished(job, steps)
+        bodies = {s.name: s.run for s in steps}
         failures: list[str] = []
-        for i in range(start, len(steps)):
-            await self.jobs.step(job.id, i, StepState.RUNNING)
+        for step in todo:
+            await self.jobs.step(job.id, step.name, StepState.RUNNING)
             try:
-                message = await steps[i]()
+                message = await bodies[step.name](step)
             except (StepFailed, FailedPrecondition) as exc:
-                await self.jobs.step(job.id, i, StepState.FAILED, message=exc.message)
+                await self.jobs.step(job.id, step.name, StepState.FAILED, message=exc.message)
+                where = f"step {step.index + 1}, {step.name}: {exc.message}"
                 if not carry_on:
-                    await self.jobs.fail(
-                        job.id, f"stopped at step {i + 1}, {job.steps[i].name}: {exc.message}"
-                    )
-                    return
-                failures.append(f"step {i + 1}, {job.steps[i].name}: {exc.message}")
+                    await self.jobs.fail(job.id, f"stopped at {where}")
+                    return False
+                failures.append(where)
                 continue
-            await self.jobs.step(job.id, i, StepState.SUCCEEDED, message=message)
+            await self.jobs.step(job.id, step.name, StepState.SUCCEEDED, message=message)
         if failures:
             await self.jobs.set_state(
                 job.id,
@@ -242,6 +241,7 @@ class PlanManager(Orchestrator):
             )
         else:
             await self.jobs.succeed(job.id, await self._result(job))
+        return True
 
     async def _result(self, job: Job) -> dict[str, Any]:
         current = await self.jobs.get(job.id)
@@ -254,10 +254,9 @@ class PlanManager(Orchestrator):
         state = current.state if not current.state.final else JobState.RUNNING
         await self.jobs.set_state(job.id, state, result=result)
 
-    def _group_step(
-        self, job: Job, *, index: int, gi: int, group: dict[str, Any], ftype: str, point: str
-    ) -> Step:
-        async def run() -> str:
+    def _group_step(self, *, gi: int, group: dict[str, Any], ftype: str, point: str) -> StepBody:
+        async def run(step: StepRun) -> str:
+            job = step.job
             result = await self._result(job)
             children: list[str] = result.get(f"group-{gi}", [])
             if not children:
@@ -286,17 +285,16 @@ class PlanManager(Orchestrator):
 
     def _action_step(
         self,
-        job: Job,
         *,
-        index: int,
         gi: int,
         group: dict[str, Any],
         action: dict[str, Any],
         ftype: str,
-    ) -> Step:
-        async def run() -> str:
+    ) -> StepBody:
+        async def run(step: StepRun) -> str:
+            job, index = step.job, step.index
             if action["kind"] == "manual":
-                return await self._manual(job, index, action)
+                return await self._manual(step, action)
             rels = [await self.relationship(r) for r in group["vms"]]
             if not rels:
                 raise StepFailed("a script action needs a VM in its group to know where to run")
@@ -310,9 +308,7 @@ class PlanManager(Orchestrator):
                 "SITEPAIR_VMS": ",".join(r.vm_name for r in rels),
             }
             try:
-                result = await self.send_and_wait(
-                    job,
-                    index,
+                result = await step.send(
                     host,
                     control_pb2.Command(
                         run_script=control_pb2.RunScript(
@@ -335,13 +331,11 @@ class PlanManager(Orchestrator):
 
         return run
 
-    async def _manual(self, job: Job, index: int, action: dict[str, Any]) -> str:
+    async def _manual(self, step: StepRun, action: dict[str, Any]) -> str:
+        job, index = step.job, step.index
         plan = json.loads(job.params_json)["plan"]
-        await self.jobs.step(
-            job.id,
-            index,
-            message=f"waiting for an operator: {action['instructions']} "
-            f"(then: plans resume {plan})",
+        await step.progress(
+            f"waiting for an operator: {action['instructions']} (then: plans resume {plan})"
         )
         await self.jobs.set_state(job.id, JobState.WAITING)
         while True:
@@ -378,38 +372,41 @@ class PlanManager(Orchestrator):
         return await self.jobs.get(job.id)
 
     async def cleanup_test(self, name: str, *, by: str, notes: str = "") -> Job:
-        return await self._per_vm(
-            name,
-            "plan-cleanup-test",
-            "clean up the test failover of",
-            by=by,
-            params={"notes": notes},
-        )
+        return await self._per_vm(name, "plan-cleanup-test", by=by, params={"notes": notes})
 
     async def commit(self, name: str, *, by: str) -> Job:
-        return await self._per_vm(name, "plan-commit", "commit the failover of", by=by, params={})
+        return await self._per_vm(name, "plan-commit", by=by, params={})
 
-    async def _per_vm(
-        self, name: str, kind: str, verb: str, *, by: str, params: dict[str, Any]
-    ) -> Job:
+    async def _per_vm(self, name: str, kind: str, *, by: str, params: dict[str, Any]) -> Job:
         doc = _doc(await self.get(name))
         rels = await self._relationships(doc)
-        job = await self.jobs.create(
+        job = await self.create_job(
             kind,
             f"plan/{name}",
-            [f"{verb} {r.vm_name}" for r in rels.values()],
-            created_by=by,
-            params={"plan": name, "relationships": list(rels), **params},
+            {
+                "plan": name,
+                "relationships": list(rels),
+                "vms": [r.vm_name for r in rels.values()],
+                **params,
+            },
+            by=by,
         )
-        self.spawn(self._run_per_vm(job, 0))
+        self.spawn(self.run(job))
         return job
 
-    async def _run_per_vm(self, job: Job, start: int) -> None:
-        params = json.loads(job.params_json)
-        steps: list[Step] = []
-        for i, rid in enumerate(params["relationships"]):
+    def _cleanup_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
+        return self._per_vm_steps(_VERBS["plan-cleanup-test"], params)
 
-            async def run(rid: str = rid, i: int = i) -> str:
+    def _commit_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
+        return self._per_vm_steps(_VERBS["plan-commit"], params)
+
+    def _per_vm_steps(self, verb: str, params: dict[str, Any]) -> list[Step]:
+        """One step per VM of the plan, each a child job (commit, or clean up a test)."""
+        steps: list[Step] = []
+        for i, (rid, vm) in enumerate(zip(params["relationships"], params["vms"], strict=True)):
+
+            async def run(step: StepRun, rid: str = rid, i: int = i) -> str:
+                job = step.job
                 result = await self._result(job)
                 child_id = result.get(f"vm-{i}")
                 if child_id is None:
@@ -426,16 +423,17 @@ class PlanManager(Orchestrator):
                     raise StepFailed(done.error)
                 return "done"
 
-            steps.append(run)
-        await self._run_plan_steps(job, steps, start, carry_on=False)
+            steps.append(Step(f"{verb} {vm}", run))
+        return steps
 
     async def resume(self, job: Job) -> bool:
-        start = next((s.index for s in job.steps if s.state != StepState.SUCCEEDED), len(job.steps))
-        if job.kind == "plan-failover":
-            self.spawn(self._run_failover(job, start))
-        else:
-            self.spawn(self._run_per_vm(job, start))
-        return True
+        params = json.loads(job.params_json)
+        if job.kind != "plan-failover" and "vms" not in params:
+            # A job of a broker that did not keep the VMs' names: its steps, one per VM, in
+            # order, end with them.
+            params["vms"] = [s.name.removeprefix(f"{_VERBS[job.kind]} ") for s in job.steps]
+            job = dataclasses.replace(job, params_json=json.dumps(params, sort_keys=True))
+        return await super().resume(job)
 
 
 def _group(doc: dict[str, Any], group: int) -> dict[str, Any]:

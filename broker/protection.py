@@ -24,7 +24,7 @@ from google.protobuf import json_format
 from broker.commands import CommandDispatcher
 from broker.health import CycleHistory, HealthConfig, evaluate
 from broker.jobs import JobManager
-from broker.orchestration import Orchestrator, StepFailed
+from broker.orchestration import Orchestrator, Step, StepFailed, StepRun
 from broker.policy import Policy, validate
 from broker.sessions import SessionRegistry
 from broker.store.base import Store
@@ -36,6 +36,7 @@ from broker.store.models import (
     InventoryVm,
     Job,
     JobState,
+    JobStep,
     Relationship,
     RelationshipState,
     Server,
@@ -116,14 +117,11 @@ class ProtectionManager(Orchestrator):
         self._reported = asyncio.Condition()
         self._refused_count = 0
         self._refused_logged_at: float | None = None
-        for kind in (
-            "enable-protection",
-            "disable-protection",
-            "configure-pair",
-            "replication-action",
-            "update-replica-address",
-        ):
-            jobs.register_resumer(kind, self.resume)
+        self.declare("configure-pair", self._pair_steps)
+        self.declare("enable-protection", self._protect_steps, on_failure=self._undo_protect)
+        self.declare("disable-protection", self._disable_steps)
+        self.declare("replication-action", self._action_steps)
+        self.declare("update-replica-address", self._readdress_steps)
 
     # -- clouds -----------------------------------------------------------------------------
     async def create_cloud(self, name: str, site: str, description: str = "") -> Cloud:
@@ -173,7 +171,7 @@ class ProtectionManager(Orchestrator):
             tx.set_host_cloud(server.id, cloud, now)
             return server
 
-        return await self.write(run)  # type: ignore[no-any-return]
+        return await self.write(run)
 
     async def remove_host(self, cloud: str, server_ref: str) -> Server:
         now = self.clock.now()
@@ -190,7 +188,7 @@ class ProtectionManager(Orchestrator):
             tx.set_host_cloud(server.id, None, now)
             return server
 
-        return await self.write(run)  # type: ignore[no-any-return]
+        return await self.write(run)
 
     # -- pairs ------------------------------------------------------------------------------
     async def pair(self, primary: str, recovery: str, policy: Policy, *, by: str) -> Job:
@@ -235,24 +233,17 @@ class ProtectionManager(Orchestrator):
     async def _apply_policy_job(
         self, primary: str, recovery: str, policy: Policy, *, by: str
     ) -> Job:
-        job = await self.jobs.create(
+        return await self.start_job(
             "configure-pair",
             f"pair/{primary}",
-            [
-                f"check the hosts of {recovery} accept {policy.authentication} replication",
-                "apply the policy to protected VMs",
-            ],
-            created_by=by,
-            params={"primary": primary, "recovery": recovery},
+            {"primary": primary, "recovery": recovery, "authentication": policy.authentication},
+            by=by,
         )
-        self.spawn(self._run_pair_job(job))
-        return job
 
-    async def _run_pair_job(self, job: Job, start: int = 0) -> None:
-        params = json.loads(job.params_json)
+    def _pair_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
         primary, recovery = params["primary"], params["recovery"]
 
-        async def check_hosts() -> str:
+        async def check_hosts(step: StepRun) -> str:
             def read(tx: Tx) -> tuple[Policy, list[Server]]:
                 pair = tx.pair_of(primary)
                 if pair is None:
@@ -285,7 +276,7 @@ class ProtectionManager(Orchestrator):
                 else f"cloud {recovery} has no hosts yet"
             )
 
-        async def apply_to_relationships() -> str:
+        async def apply_to_relationships(step: StepRun) -> str:
             def read(tx: Tx) -> tuple[CloudPair | None, list[Relationship], set[str]]:
                 rels = [r for r in tx.list_relationships() if r.primary_cloud == primary]
                 return tx.pair_of(primary), rels, tx.removed_server_ids()
@@ -311,14 +302,10 @@ class ProtectionManager(Orchestrator):
                     waiting.append(f"{rel.vm_name} (a host was removed)")
                     continue
                 fresh = await self.relationship(rel.id)
-                await self.send_and_wait(
-                    job, 1, fresh.replica_server, self._configure_replica_cmd(fresh)
-                )
-                await self.send_and_wait(
-                    job, 1, fresh.primary_server, await self._configure_source_cmd(fresh)
-                )
+                await step.send(fresh.replica_server, self._configure_replica_cmd(fresh))
+                await step.send(fresh.primary_server, await self._configure_source_cmd(fresh))
                 updated += 1
-                await self.jobs.step(job.id, 1, done=updated, total=len(rels))
+                await step.progress(done=updated, total=len(rels))
             message = f"{updated} protected VM(s) updated"
             if waiting:
                 message += f"; stored for {len(waiting)} not replicating now: " + ", ".join(
@@ -326,7 +313,13 @@ class ProtectionManager(Orchestrator):
                 )
             return message
 
-        await self.run_steps(job, [check_hosts, apply_to_relationships], start)
+        # Jobs created before the name of the policy's authentication was kept say "ticket" or
+        # "certificate" in their first step's name as the policy had it then.
+        authentication = params.get("authentication", "")
+        return [
+            Step(f"check the hosts of {recovery} accept {authentication} replication", check_hosts),
+            Step(APPLY_POLICY, apply_to_relationships),
+        ]
 
     async def unpair(self, primary: str) -> None:
         def run(tx: Tx) -> None:
@@ -381,7 +374,7 @@ class ProtectionManager(Orchestrator):
                 for m in tx.list_mappings(kind)
             ]
 
-        return await self.read(read)  # type: ignore[no-any-return]
+        return await self.read(read)
 
     # -- enable protection ------------------------------------------------------------------
     async def protect(self, vm_ref: str, *, by: str, accept_no_network: bool = False) -> Job:
@@ -477,33 +470,25 @@ class ProtectionManager(Orchestrator):
             return rel
 
         rel = await self.write(prepare)
-        job = await self.jobs.create(
-            "enable-protection",
-            f"vm/{rel.vm_name}",
-            [
-                "Prerequisites check for enabling protection",
-                "Choose the replica host",
-                "Create the replica VM",
-                "Enable replication on the primary host",
-                "Initial replication",
-                "Finalize protection",
-            ],
-            created_by=by,
-            params={"relationship": rel.id},
+        job = await self.create_job(
+            "enable-protection", f"vm/{rel.vm_name}", {"relationship": rel.id}, by=by
         )
         await self.jobs.step(
-            job.id, 0, StepState.SUCCEEDED, message="VM, pair, disks and networks checked"
+            job.id,
+            PREREQUISITES,
+            StepState.SUCCEEDED,
+            message="VM, pair, disks and networks checked",
         )
-        self.spawn(self._run_protect(job, 1))
+        self.spawn(self.run(job))
         return await self.jobs.get(job.id)
 
-    async def _run_protect(self, job: Job, start: int) -> None:
-        rel_id = json.loads(job.params_json)["relationship"]
+    def _protect_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
+        rel_id = params["relationship"]
 
-        async def noop() -> str:
+        async def noop(step: StepRun) -> str:
             return "checked"
 
-        async def place() -> str:
+        async def place(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             if rel.replica_server:
                 return f"{rel.replica_server} (chosen before)"
@@ -518,11 +503,9 @@ class ProtectionManager(Orchestrator):
             )
             return f"{placement.server.name}: {placement.reason}"
 
-        async def create_replica() -> str:
+        async def create_replica(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            result = await self.send_and_wait(
-                job, 2, rel.replica_server, self._configure_replica_cmd(rel)
-            )
+            result = await step.send(rel.replica_server, self._configure_replica_cmd(rel))
             committed = int(result.get("committed_sequence", 0))
             if not rel.replica_folder and result.get("folder"):
                 await self.write(
@@ -542,16 +525,14 @@ class ProtectionManager(Orchestrator):
                 )
             return f"replica folder {result.get('folder', '')}"
 
-        async def enable_source() -> str:
+        async def enable_source(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             # `clouds policy` leaves VMs still being enabled to this job: if the policy changed
             # since the replica host got its grant, it gets the current one before the primary.
             grant = self._configure_replica_cmd(rel)
-            if await self._grant_outdated(job, 2, grant.configure_replica):
-                await self.send_and_wait(job, 3, rel.replica_server, grant)
-            await self.send_and_wait(
-                job, 3, rel.primary_server, await self._configure_source_cmd(rel)
-            )
+            if await self._grant_outdated(step.job, CREATE_REPLICA, grant.configure_replica):
+                await step.send(rel.replica_server, grant)
+            await step.send(rel.primary_server, await self._configure_source_cmd(rel))
             if rel.state == RelationshipState.ENABLING:
                 await self.write(
                     lambda tx: tx.update_relationship(
@@ -560,10 +541,10 @@ class ProtectionManager(Orchestrator):
                 )
             return "replication configured"
 
-        async def initial() -> str:
-            return await self._wait_initial(job, rel_id)
+        async def initial(step: StepRun) -> str:
+            return await self._wait_initial(step, rel_id)
 
-        async def finalize() -> str:
+        async def finalize(step: StepRun) -> str:
             await self.write(
                 lambda tx: tx.update_relationship(
                     rel_id, self.clock.now(), state=RelationshipState.PROTECTED
@@ -572,25 +553,24 @@ class ProtectionManager(Orchestrator):
             await self.evaluate_health()  # no stale "initial replication pending" shown
             return "protected"
 
-        async def roll_back(failed: int) -> str:
-            return await self._undo_protect(job, failed, rel_id)
-
-        await self.run_steps(
-            job,
-            [noop, place, create_replica, enable_source, initial, finalize],
-            start,
-            on_failure=roll_back,
-        )
+        return [
+            Step(PREREQUISITES, noop),
+            Step("Choose the replica host", place),
+            Step(CREATE_REPLICA, create_replica),
+            Step("Enable replication on the primary host", enable_source),
+            Step("Initial replication", initial),
+            Step("Finalize protection", finalize),
+        ]
 
     async def _grant_outdated(
-        self, job: Job, step: int, current: control_pb2.ConfigureReplica
+        self, job: Job, step: str, current: control_pb2.ConfigureReplica
     ) -> bool:
         """True when the grant a job step sent differs from ``current`` in what both sides of
         a cycle must agree on (authentication, recovery points)."""
         sent = [
             c
             for c in await self.read(lambda tx: tx.commands_for_job(job.id))
-            if c.job_step == step and c.kind == "configure_replica"
+            if c.job_step_name == step and c.kind == "configure_replica"
         ]
         if not sent:
             return False
@@ -599,22 +579,22 @@ class ProtectionManager(Orchestrator):
         old = before.configure_replica
         return (old.auth, old.recovery_points) != (current.auth, current.recovery_points)
 
-    async def _finish_failed_protect(self, job: Job, step: int) -> None:
-        rel_id = json.loads(job.params_json)["relationship"]
-        undone = await self._undo(
-            job,
-            step,
-            lambda failed: self._undo_protect(job, failed, rel_id),
-            f"{job.steps[step].name}: {job.steps[step].message}",
+    async def _finish_failed_protect(self, job: Job, failed: JobStep) -> None:
+        undone = await self.undo(
+            StepRun(self, job, failed.name, failed.index),
+            self._undo_protect,
+            f"{failed.name}: {failed.message}",
         )
         await self.jobs.fail(job.id, undone)
 
-    async def _undo_protect(self, job: Job, step: int, rel_id: str) -> str:
+    async def _undo_protect(self, step: StepRun) -> str:
         """A failed enable-protection job leaves nothing behind on the hosts: the primary stops
         replicating (if it was told to start) and the replica host drops its grant (if it got
         one), deleting what was copied unless the replica was adopted from an earlier
         relationship (then it is kept, for the next attempt to adopt again). The relationship
         is disabled, so the VM can be protected again."""
+        job = step.job
+        rel_id = json.loads(job.params_json)["relationship"]
         rel = await self.read(lambda tx: tx.get_relationship(rel_id))
         if rel is None:
             return ""
@@ -625,7 +605,6 @@ class ProtectionManager(Orchestrator):
         if "configure_source" in sent and rel.primary_server:
             undone.append(
                 await self._undo_on(
-                    job,
                     step,
                     rel.primary_server,
                     control_pb2.RemoveRelationship(relationship_id=rel_id),
@@ -635,7 +614,6 @@ class ProtectionManager(Orchestrator):
         if "configure_replica" in sent and rel.replica_server:
             undone.append(
                 await self._undo_on(
-                    job,
                     step,
                     rel.replica_server,
                     control_pb2.RemoveRelationship(
@@ -667,7 +645,7 @@ class ProtectionManager(Orchestrator):
         )
 
     async def _undo_on(
-        self, job: Job, step: int, server_id: str, body: control_pb2.RemoveRelationship, done: str
+        self, step: StepRun, server_id: str, body: control_pb2.RemoveRelationship, done: str
     ) -> str:
         """Send a rollback command and wait a little for it; a host that is offline (or slow)
         gets it when it reconnects, and the job does not wait for that."""
@@ -675,9 +653,7 @@ class ProtectionManager(Orchestrator):
         name = server.name if server is not None else server_id
         if server is None or server.removed_at is not None:
             return f"{name} was removed from the vault (nothing to undo there)"
-        cmd = await self.submit_once(
-            job, step, server_id, control_pb2.Command(remove_relationship=body)
-        )
+        cmd = await step.submit(server_id, control_pb2.Command(remove_relationship=body))
         if self.sessions.get(server_id) is None:
             return f"{name} is offline: it gets the removal when it reconnects"
         try:
@@ -688,7 +664,7 @@ class ProtectionManager(Orchestrator):
             return f"{name} refused the removal: {outcome.error or outcome.state.value}"
         return f"{done} {name}"
 
-    async def _wait_initial(self, job: Job, rel_id: str) -> str:
+    async def _wait_initial(self, step: StepRun, rel_id: str) -> str:
         """Wait for the replica to hold sequence 1, showing progress from the primary's report."""
         sent_import = False
         while True:
@@ -715,9 +691,7 @@ class ProtectionManager(Orchestrator):
                 and primary.get("state") == "waiting-for-import"
                 and not sent_import
             ):
-                await self.send_and_wait(
-                    job,
-                    4,
+                await step.send(
                     rel.replica_server,
                     control_pb2.Command(
                         replication_action=control_pb2.ReplicationAction(
@@ -735,12 +709,12 @@ class ProtectionManager(Orchestrator):
             message = primary.get("state", "waiting for the first report")
             if primary.get("last_error"):
                 message += f"; last error: {primary['last_error']}"
-            await self.jobs.step(job.id, 4, message=message, done=done, total=total)
+            await step.progress(message, done=done, total=total)
             async with self._reported:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._reported.wait(), timeout=2.0)
 
-    async def wait_first_cycle(self, job: Job, step: int, rel_id: str) -> str:
+    async def wait_first_cycle(self, step: StepRun, rel_id: str) -> str:
         """Wait for the primary to report a committed cycle (after reverse replication)."""
         while True:
             rel = await self.relationship(rel_id)
@@ -754,7 +728,7 @@ class ProtectionManager(Orchestrator):
             message = primary.get("state", "waiting for the first report")
             if primary.get("last_error"):
                 message += f"; last error: {primary['last_error']}"
-            await self.jobs.step(job.id, step, message=message, done=done, total=total)
+            await step.progress(message, done=done, total=total)
             async with self._reported:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._reported.wait(), timeout=2.0)
@@ -766,31 +740,21 @@ class ProtectionManager(Orchestrator):
             raise FailedPrecondition(f"protection of {rel.vm_name} is already disabled")
         policy = Policy.from_json(rel.policy_json)
         delete = policy.delete_replica_on_disable if delete_replica is None else delete_replica
-        job = await self.jobs.create(
+        return await self.start_job(
             "disable-protection",
             f"vm/{rel.vm_name}",
-            [
-                "Stop replication on the primary host",
-                "Delete the replica" if delete else "Keep the replica, stop accepting cycles",
-                "Disable protection",
-            ],
-            created_by=by,
-            params={"relationship": rel.id, "delete_replica": delete},
+            {"relationship": rel.id, "delete_replica": delete},
+            by=by,
         )
-        self.spawn(self._run_disable(job, 0))
-        return job
 
-    async def _run_disable(self, job: Job, start: int) -> None:
-        params = json.loads(job.params_json)
+    def _disable_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
         rel_id, delete = params["relationship"], bool(params["delete_replica"])
 
-        async def stop_primary() -> str:
+        async def stop_primary(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             if not rel.primary_server or await self.server_gone(rel.primary_server):
                 return "the primary host is gone; nothing to stop"
-            await self.send_and_wait(
-                job,
-                0,
+            await step.send(
                 rel.primary_server,
                 control_pb2.Command(
                     remove_relationship=control_pb2.RemoveRelationship(relationship_id=rel_id)
@@ -798,13 +762,11 @@ class ProtectionManager(Orchestrator):
             )
             return "stopped"
 
-        async def handle_replica() -> str:
+        async def handle_replica(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             if not rel.replica_server or await self.server_gone(rel.replica_server):
                 return "the replica host is gone"
-            result = await self.send_and_wait(
-                job,
-                1,
+            result = await step.send(
                 rel.replica_server,
                 control_pb2.Command(
                     remove_relationship=control_pb2.RemoveRelationship(
@@ -814,7 +776,7 @@ class ProtectionManager(Orchestrator):
             )
             return ", ".join(result.get("removed", [])) or "nothing to remove"
 
-        async def mark() -> str:
+        async def mark(step: StepRun) -> str:
             now = self.clock.now()
             rel = await self.relationship(rel_id)
             replica_vm = json.loads(rel.replica_vm_json)
@@ -831,45 +793,36 @@ class ProtectionManager(Orchestrator):
             self.history.forget(rel_id)
             return "disabled"
 
-        await self.run_steps(job, [stop_primary, handle_replica, mark], start)
+        return [
+            Step("Stop replication on the primary host", stop_primary),
+            Step(
+                "Delete the replica" if delete else "Keep the replica, stop accepting cycles",
+                handle_replica,
+            ),
+            Step("Disable protection", mark),
+        ]
 
     async def action(self, ref: str, action: str, *, by: str, repair: bool = True) -> Job:
-        names = {
-            "pause": control_pb2.ReplicationAction.PAUSE,
-            "resume": control_pb2.ReplicationAction.RESUME,
-            "resync": control_pb2.ReplicationAction.RESYNC,
-            "verify": control_pb2.ReplicationAction.VERIFY,
-            "cycle": control_pb2.ReplicationAction.RUN_CYCLE,
-        }
-        if action not in names:
+        if action not in _ACTIONS:
             raise InvalidArgument(f"unknown replication action {action!r}")
         rel = await self.read(lambda tx: tx.find_relationship(ref))
         if rel.disabled_at is not None:
             raise FailedPrecondition(f"protection of {rel.vm_name} is disabled")
         if rel.state in (RelationshipState.ENABLING,):
             raise FailedPrecondition(f"protection of {rel.vm_name} is still being enabled")
-        job = await self.jobs.create(
+        return await self.start_job(
             "replication-action",
             f"vm/{rel.vm_name}",
-            [f"{action} replication of {rel.vm_name}"],
-            created_by=by,
-            params={"relationship": rel.id, "action": action, "repair": repair},
+            {"relationship": rel.id, "action": action, "repair": repair},
+            by=by,
         )
-        self.spawn(self._run_action(job, 0))
-        return job
 
-    async def _run_action(self, job: Job, start: int) -> None:
-        params = json.loads(job.params_json)
+    def _action_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
         rel_id, action = params["relationship"], params["action"]
-        code = {
-            "pause": control_pb2.ReplicationAction.PAUSE,
-            "resume": control_pb2.ReplicationAction.RESUME,
-            "resync": control_pb2.ReplicationAction.RESYNC,
-            "verify": control_pb2.ReplicationAction.VERIFY,
-            "cycle": control_pb2.ReplicationAction.RUN_CYCLE,
-        }[action]
+        code = _ACTIONS[action]
 
-        async def run() -> str:
+        async def run(step: StepRun) -> str:
+            job = step.job
             rel = await self.relationship(rel_id)
             if action == "resync":
                 await self.write(
@@ -877,9 +830,7 @@ class ProtectionManager(Orchestrator):
                         rel_id, self.clock.now(), state=RelationshipState.RESYNCHRONIZING
                     )
                 )
-            result = await self.send_and_wait(
-                job,
-                0,
+            result = await step.send(
                 rel.primary_server,
                 control_pb2.Command(
                     replication_action=control_pb2.ReplicationAction(
@@ -904,7 +855,8 @@ class ProtectionManager(Orchestrator):
                 )
             return json.dumps(result, sort_keys=True)
 
-        await self.run_steps(job, [run], start)
+        # The VM's name as the job's target has it (``vm/NAME``), as when the job was created.
+        return [Step(f"{action} replication of {target.removeprefix('vm/')}", run)]
 
     async def _record_verification(self, rel_id: str, job: Job, result: dict[str, Any]) -> None:
         """Keep the outcome of a verification on the relationship (health, schedule, `vms show`)."""
@@ -937,29 +889,27 @@ class ProtectionManager(Orchestrator):
         for rel in rels:
             if rel.replica_server != server_id or rel.state not in _REPLICATING:
                 continue
-            job = await self.jobs.create(
+            job = await self.start_job(
                 "update-replica-address",
                 f"vm/{rel.vm_name}",
-                ["Give the primary host the replica host's new address"],
-                created_by="broker",
-                params={"relationship": rel.id},
+                {"relationship": rel.id},
+                by="broker",
             )
-            self.spawn(self._run_readdress(job, 0))
             started.append(job)
         return started
 
-    async def _run_readdress(self, job: Job, start: int) -> None:
-        rel_id = json.loads(job.params_json)["relationship"]
+    def _readdress_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
+        rel_id = params["relationship"]
 
-        async def tell() -> str:
+        async def tell(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             if rel.state not in _REPLICATING:
                 return f"nothing to do: the relationship is {rel.state.value}"
             cmd = await self._configure_source_cmd(rel)
-            await self.send_and_wait(job, 0, rel.primary_server, cmd)
+            await step.send(rel.primary_server, cmd)
             return f"replicating to {cmd.configure_source.address}"
 
-        await self.run_steps(job, [tell], start)
+        return [Step("Give the primary host the replica host's new address", tell)]
 
     # -- reports and health -----------------------------------------------------------------
     async def on_report(self, server_id: str, report: control_pb2.ReplicationReport) -> None:
@@ -1179,21 +1129,26 @@ class ProtectionManager(Orchestrator):
         )
 
     async def resume(self, job: Job) -> bool:
-        start = next((s.index for s in job.steps if s.state != StepState.SUCCEEDED), len(job.steps))
-        if job.kind == "enable-protection" and job.steps[start].state == StepState.FAILED:
+        failed = next((s for s in job.steps if s.state == StepState.FAILED), None)
+        if job.kind == "enable-protection" and failed is not None:
             # The broker stopped while rolling a failed job back: finish the rollback.
-            self.spawn(self._finish_failed_protect(job, start))
+            self.spawn(self._finish_failed_protect(job, failed))
             return True
-        runner = {
-            "enable-protection": self._run_protect,
-            "disable-protection": self._run_disable,
-            "configure-pair": self._run_pair_job,
-            "replication-action": self._run_action,
-            "update-replica-address": self._run_readdress,
-        }[job.kind]
-        self.spawn(runner(job, start))
-        return True
+        return await super().resume(job)
 
+
+#: The names of job steps looked up by name elsewhere than in their job's declaration.
+PREREQUISITES = "Prerequisites check for enabling protection"
+CREATE_REPLICA = "Create the replica VM"
+APPLY_POLICY = "apply the policy to protected VMs"
+
+_ACTIONS = {
+    "pause": control_pb2.ReplicationAction.PAUSE,
+    "resume": control_pb2.ReplicationAction.RESUME,
+    "resync": control_pb2.ReplicationAction.RESYNC,
+    "verify": control_pb2.ReplicationAction.VERIFY,
+    "cycle": control_pb2.ReplicationAction.RUN_CYCLE,
+}
 
 #: States in which the primary replicates to the replica (a test failover leaves it running).
 _REPLICATING = (

@@ -31,12 +31,12 @@ from sitepair.v1 import control_pb2
 log = logging.getLogger("sitepair.broker.servers")
 
 COMMAND_JOB_KINDS = ("ping-server", "refresh-server", "refresh-cloud")
-REMOVE_STEPS = (
-    "deny-list the server's identity",
-    "close its control stream",
-    "cancel its open commands",
-    "tell the other hosts to refuse it on their replication ports",
-)
+#: The steps of a remove-server job, in order (a step is found again by its name).
+DENY = "deny-list the server's identity"
+CLOSE = "close its control stream"
+CANCEL = "cancel its open commands"
+REVOKE = "tell the other hosts to refuse it on their replication ports"
+REMOVE_STEPS = (DENY, CLOSE, CANCEL, REVOKE)
 
 
 class ServerOperations:
@@ -95,33 +95,34 @@ class ServerOperations:
             created_by=by,
             params={"server": server.id},
         )
-        follow = await self._run_remove(job, 0)
+        follow = await self._run_remove(job)
         if follow is not None:
             await asyncio.wait({follow}, timeout=self._revoke_wait)
         return await self._jobs.get(job.id)
 
-    async def _run_remove(self, job: Job, start: int) -> asyncio.Task[None] | None:
-        """Steps of a remove-server job from ``start`` (each idempotent, so a job interrupted by
-        a broker restart is run again from its first unfinished step); returns the task that
-        follows the hosts' answers to the revocation, if there is one."""
+    async def _run_remove(self, job: Job) -> asyncio.Task[None] | None:
+        """The steps of a remove-server job that have not succeeded (each idempotent, so a job
+        interrupted by a broker restart is run again from its first unfinished step); returns
+        the task that follows the hosts' answers to the revocation, if there is one."""
         server_id: str = json.loads(job.params_json)["server"]
         server = await self.find(server_id)
-        if start <= 0:
+        done = {s.name for s in job.steps if s.state == StepState.SUCCEEDED}
+        if DENY not in done:
             now = self._clock.now()
 
             def mark() -> None:
                 with self._store.write() as tx:
                     tx.mark_server_removed(server.id, now)
 
-            await self._jobs.step(job.id, 0, StepState.RUNNING)
+            await self._jobs.step(job.id, DENY, StepState.RUNNING)
             await asyncio.to_thread(mark)
             self._authorizer.deny_server(server.id)
-            await self._jobs.step(job.id, 0, StepState.SUCCEEDED, message="refused from now on")
+            await self._jobs.step(job.id, DENY, StepState.SUCCEEDED, message="refused from now on")
             log.warning(
                 "server removed",
                 extra={"fields": {"server": server.id, "name": server.name, "by": job.created_by}},
             )
-        if start <= 1:
+        if CLOSE not in done:
             closed = self._sessions.close(
                 server.id,
                 control_pb2.Goodbye(
@@ -131,20 +132,23 @@ class ServerOperations:
             )
             await self._jobs.step(
                 job.id,
-                1,
+                CLOSE,
                 StepState.SUCCEEDED,
                 message="stream closed" if closed else "it was not connected",
             )
-        if start <= 2:
+        if CANCEL not in done:
             cancelled = await self._dispatcher.cancel_for_server(server.id, "server removed")
             await self._jobs.step(
-                job.id, 2, StepState.SUCCEEDED, message=f"{len(cancelled)} command(s) cancelled"
+                job.id,
+                CANCEL,
+                StepState.SUCCEEDED,
+                message=f"{len(cancelled)} command(s) cancelled",
             )
-        await self._jobs.step(job.id, 3, StepState.RUNNING)
+        await self._jobs.step(job.id, REVOKE, StepState.RUNNING)
         revocations = await self._revoke_everywhere(job, server)
         if not revocations:
             await self._jobs.step(
-                job.id, 3, StepState.SUCCEEDED, message="no other host in the vault"
+                job.id, REVOKE, StepState.SUCCEEDED, message="no other host in the vault"
             )
             await self._jobs.succeed(job.id, {"server": server.id})
             return None
@@ -175,7 +179,13 @@ class ServerOperations:
         for host in hosts:
             cmd = sent.get(host.id)
             if cmd is None:
-                cmd = await self._dispatcher.submit(host.id, body, job_id=job.id, job_step=3)
+                cmd = await self._dispatcher.submit(
+                    host.id,
+                    body,
+                    job_id=job.id,
+                    job_step=REMOVE_STEPS.index(REVOKE),
+                    job_step_name=REVOKE,
+                )
             out.append((cmd, host))
         return out
 
@@ -188,7 +198,7 @@ class ServerOperations:
         offline = [s.name for c, s in revocations if self._sessions.get(s.id) is None]
         await self._jobs.step(
             job.id,
-            3,
+            REVOKE,
             message=f"RevokeHost sent to {len(revocations)} host(s); waiting for "
             f"{len(connected)} connected one(s) to confirm",
         )
@@ -224,7 +234,10 @@ class ServerOperations:
         }
         if failures:
             await self._jobs.step(
-                job.id, 3, StepState.FAILED, message=message + "; failed: " + "; ".join(failures)
+                job.id,
+                REVOKE,
+                StepState.FAILED,
+                message=message + "; failed: " + "; ".join(failures),
             )
             await self._jobs.set_state(
                 job.id,
@@ -234,12 +247,11 @@ class ServerOperations:
                 result=result,
             )
             return
-        await self._jobs.step(job.id, 3, StepState.SUCCEEDED, message=message)
+        await self._jobs.step(job.id, REVOKE, StepState.SUCCEEDED, message=message)
         await self._jobs.succeed(job.id, result)
 
     async def _resume_remove(self, job: Job) -> bool:
-        start = next((s.index for s in job.steps if s.state != StepState.SUCCEEDED), len(job.steps))
-        self._spawn(self._run_remove(job, start))
+        self._spawn(self._run_remove(job))
         return True
 
     # -- command jobs -----------------------------------------------------------------------
@@ -281,8 +293,10 @@ class ServerOperations:
             params={"cloud": cloud, "servers": [s.id for s in servers]},
         )
         cmds = [
-            await self._dispatcher.submit(s.id, body, job_id=job.id, job_step=i)
-            for i, s in enumerate(servers)
+            await self._dispatcher.submit(
+                s.id, body, job_id=job.id, job_step=step.index, job_step_name=step.name
+            )
+            for step, s in zip(job.steps, servers, strict=True)
         ]
         self._spawn(self._follow(job, list(zip(cmds, servers, strict=True))))
         return await self._jobs.get(job.id)
@@ -299,7 +313,9 @@ class ServerOperations:
             created_by=by,
             params={"server": server.id},
         )
-        cmd = await self._dispatcher.submit(server.id, body, job_id=job.id, job_step=0)
+        cmd = await self._dispatcher.submit(
+            server.id, body, job_id=job.id, job_step=0, job_step_name=job.steps[0].name
+        )
         self._spawn(self._follow(job, [(cmd, server)]))
         return await self._jobs.get(job.id)
 

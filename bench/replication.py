@@ -463,7 +463,6 @@ class Bench:
                 auth=auth,
                 compression=compress,
             ),
-            {},
         )
         return rid
 

@@ -32,7 +32,7 @@ from agent.hosts.base import Cut, HostBackend, QuiesceFailed
 from agent.identity import AgentIdentity
 from agent.replication.blocks import BLOCK, BlockRef, blocks_for, group
 from agent.replication.sender import CyclePlan, CycleRefused, CycleResult, DiskPlan, ReplicaClient
-from agent.replication.state import ReplicationState, SourceConfig
+from agent.replication.state import PendingCycle, ReplicationState, SenderState, SourceConfig
 from agent.replication.throttle import TokenBucket
 from agent.replication.tracking import DigestStore, differing_ranges, digests_of
 from sitepair import vdisk
@@ -179,12 +179,12 @@ class SourceRelationship:
             ticket_provider=self.ticket_provider,
         )
 
-    def _extra(self) -> dict[str, Any]:
+    def _sender(self) -> SenderState:
         found = self.state.source(self.relationship)
-        return found[1] if found else {}
+        return found[1] if found else SenderState()
 
-    def _set_extra(self, **changes: Any) -> None:
-        self.state.update_source_extra(self.relationship, **changes)
+    def _set_sender(self, change: Callable[[SenderState], SenderState]) -> None:
+        self.state.update_sender(self.relationship, change)
 
     # -- one cycle --------------------------------------------------------------------------
     def run_cycle(self, *, app_consistent: bool = False, final: bool = False) -> CycleResult | None:
@@ -268,9 +268,9 @@ class SourceRelationship:
                 f"the replica of {self.relationship} is at epoch {replica.epoch}, this host at "
                 f"{cfg.epoch}: this VM was failed over and this host must not replicate it"
             )
-        extra = self._extra()
+        sender = self._sender()
         if (
-            extra.get("exported")
+            sender.exported
             and replica.committed_sequence == 0
             and not (self.resync_requested or final)
         ):
@@ -279,18 +279,18 @@ class SourceRelationship:
             # resync sends it over the network after all, if the operator gives up the drive).
             self.stats.state = "waiting-for-import"
             return None
-        pending = extra.get("cycle")
+        pending = sender.cycle
         outstanding = self.backend.outstanding_cut(cfg.vm_id)
-        if pending and pending["sequence"] <= replica.committed_sequence:
+        if pending and pending.sequence <= replica.committed_sequence:
             # Committed on the replica before we could record it: finish that bookkeeping.
             self._finish(pending, outstanding)
-            extra = self._extra()
+            sender = self._sender()
             pending = None
             outstanding = self.backend.outstanding_cut(cfg.vm_id)
         next_seq = replica.committed_sequence + 1
         if replica.committed_sequence == 0:
             kind = replication_pb2.INITIAL
-        elif self.resync_requested or extra.get("needs_resync"):
+        elif self.resync_requested or sender.needs_resync:
             kind = replication_pb2.RESYNC
         else:
             kind = replication_pb2.FINAL if final else replication_pb2.DELTA
@@ -299,13 +299,13 @@ class SourceRelationship:
         if (
             pending
             and outstanding is not None
-            and pending.get("cut_id") == outstanding.cut_id
-            and pending["sequence"] == next_seq
+            and pending.cut_id == outstanding.cut_id
+            and pending.sequence == next_seq
             and not final
         ):
             cut = outstanding  # resend the same cycle: the replica resumes where it stopped
             self.resent_cut = True
-            kind = replication_pb2.CycleKind.ValueType(int(pending["kind"]))
+            kind = replication_pb2.CycleKind.ValueType(pending.kind)
         if cut is None:
             cut = self.backend.take_cut(cfg.vm_id, app_consistent=app_consistent)
         untrusted = cut.untrusted_reason or (self.tracker == "scan" and not self._have_digests(cut))
@@ -315,7 +315,9 @@ class SourceRelationship:
                 "change tracking untrusted; resynchronizing",
                 extra={"fields": {"relationship": self.relationship, "reason": reason}},
             )
-            self._set_extra(needs_resync=True, resync_reason=reason)
+            self._set_sender(
+                lambda s: dataclasses.replace(s, needs_resync=True, resync_reason=reason)
+            )
             kind = replication_pb2.RESYNC
         self.stats.state = {
             replication_pb2.INITIAL: "initial-replication",
@@ -334,8 +336,8 @@ class SourceRelationship:
             cut_at=timestamp(cut.taken_at),
             source_host=self.identity().host_id,
         )
-        record = {"sequence": next_seq, "cut_id": cut.cut_id, "kind": kind}
-        self._set_extra(cycle=record)
+        record = PendingCycle(sequence=next_seq, cut_id=cut.cut_id, kind=kind)
+        self._set_sender(lambda s: dataclasses.replace(s, cycle=record))
         log.info(
             "cycle starting",
             extra={
@@ -406,13 +408,15 @@ class SourceRelationship:
     def _have_digests(self, cut: Cut) -> bool:
         return all(self.digest_store.load(d.disk_id) is not None for d in cut.disks)
 
-    def _finish(self, record: dict[str, Any], cut: Cut | None) -> None:
+    def _finish(self, record: PendingCycle, cut: Cut | None) -> None:
         """The replica committed ``record``: release its cut and clear the bookkeeping."""
-        if cut is not None and cut.cut_id == record.get("cut_id"):
+        if cut is not None and cut.cut_id == record.cut_id:
             self.backend.release_cut(self.config.vm_id, cut.cut_id)
-            if record["kind"] in (replication_pb2.INITIAL, replication_pb2.RESYNC):
+            if record.kind in (replication_pb2.INITIAL, replication_pb2.RESYNC):
                 self.backend.reset_tracking(self.config.vm_id, cut.cut_id)
-        self._set_extra(cycle=None, needs_resync=False, resync_reason="")
+        self._set_sender(
+            lambda s: dataclasses.replace(s, cycle=None, needs_resync=False, resync_reason="")
+        )
 
     def _plan(
         self, client: ReplicaClient, cut: Cut, kind: replication_pb2.CycleKind.ValueType
@@ -514,7 +518,7 @@ class SourceRelationship:
                         f"{self.relationship}: initial replication has not completed; "
                         "there is nothing to verify yet"
                     )
-                if self._extra().get("cycle"):
+                if self._sender().cycle is not None:
                     raise FailedPrecondition(
                         f"{self.relationship}: a cycle is outstanding; verify after it commits"
                     )

@@ -33,7 +33,14 @@ from agent.replication.failover import LATEST, LATEST_APP, adopt_vm_as_replica, 
 from agent.replication.incoming import MAX_DISKS
 from agent.replication.offline import export_cut, import_export
 from agent.replication.receiver import ReceiverServer, ReplicaRegistry
-from agent.replication.state import DiskGrant, Grant, ReplicationState, SourceConfig
+from agent.replication.state import (
+    DiskGrant,
+    Grant,
+    PendingCycle,
+    ReplicationState,
+    SenderState,
+    SourceConfig,
+)
 from agent.replication.throttle import TokenBucket
 from sitepair import paths, pki
 from sitepair.clock import Clock
@@ -124,10 +131,10 @@ class ReplicationService:
             certificate_port=r.certificate_port,
             ticket_port=r.ticket_port,
         )
-        for grant in self.state.grants():
+        for grant in await asyncio.to_thread(self.state.grants):
             await asyncio.to_thread(self.registry.store, grant)  # finishes interrupted applies
-        for source, _ in self.state.sources():
-            self._start_runner(source)
+        for source, sender in await asyncio.to_thread(self.state.sources):
+            await self._start_runner(source, sender)
 
     async def run(self) -> None:
         await self.start()
@@ -143,7 +150,7 @@ class ReplicationService:
         await asyncio.gather(*self._runners.values(), return_exceptions=True)
         self._runners.clear()
         await asyncio.to_thread(self.receiver.stop, 2.0)
-        self.state.close()
+        await asyncio.to_thread(self.state.close)
 
     # -- commands ---------------------------------------------------------------------------
     def replica_roots(self) -> list[Path]:
@@ -195,7 +202,7 @@ class ReplicationService:
         )
         if len({d.disk_id for d in disks}) != len(disks):
             raise InvalidArgument("the grant names a disk twice")
-        if self.state.is_revoked(cmd.source_host):
+        if await asyncio.to_thread(self.state.is_revoked, cmd.source_host):
             raise FailedPrecondition(
                 f"host {cmd.source_host} was removed from the vault; it may not replicate here"
             )
@@ -269,30 +276,31 @@ class ReplicationService:
             app_consistent_interval=float(cmd.app_consistent_interval_seconds),
             bandwidth_limit=float(cmd.bandwidth_limit),
         )
-        previous = self.state.source(cmd.relationship_id)
-        extra = previous[1] if previous else {}
-        extra.update(
-            {
-                "tracker": cmd.tracker or "changelog",
-                "initial_method": control_pb2.InitialReplication.Method.Name(cmd.initial.method),
-                "initial_at": seconds(cmd.initial.start_at),
-                "export_path": cmd.initial.export_path,
-            }
+        previous = await asyncio.to_thread(self.state.source, cmd.relationship_id)
+        sender = dataclasses.replace(
+            previous[1] if previous else SenderState(),
+            tracker=cmd.tracker or "changelog",
+            initial_method=control_pb2.InitialReplication.Method.Name(cmd.initial.method),
+            initial_at=seconds(cmd.initial.start_at),
+            export_path=cmd.initial.export_path,
         )
         if cmd.resync_first and not previous:
-            extra["needs_resync"] = True
-            extra["resync_reason"] = "the replica holds an older copy of this VM"
+            sender = dataclasses.replace(
+                sender,
+                needs_resync=True,
+                resync_reason="the replica holds an older copy of this VM",
+            )
         current = self.sources.get(cmd.relationship_id)
         if current is not None:
             current.retire()
-        await asyncio.to_thread(self.state.put_source, source, extra)
+        await asyncio.to_thread(self.state.put_source, source, sender)
         old = self._runners.pop(cmd.relationship_id, None)
         if old is not None:
             old.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await old
         self.sources.pop(cmd.relationship_id, None)
-        self._start_runner(source)
+        await self._start_runner(source, sender)
         log.info(
             "source configured",
             extra={
@@ -317,13 +325,13 @@ class ReplicationService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         stopped = self.sources.pop(rel, None) is not None
-        if self.state.source(rel) is not None:
+        if await asyncio.to_thread(self.state.source, rel) is not None:
             await asyncio.to_thread(self.state.remove_source, rel)
             stopped = True
         return stopped
 
     async def failover(self, cmd: control_pb2.Failover) -> dict[str, Any]:
-        grant = self.registry.grant(cmd.relationship_id)
+        grant = await asyncio.to_thread(self.registry.grant, cmd.relationship_id)
         store = await asyncio.to_thread(self.registry.store, grant)
         check_point_kind(cmd.point or "latest")
         kind = (
@@ -365,7 +373,7 @@ class ReplicationService:
 
     async def failover_control(self, cmd: control_pb2.FailoverControl) -> dict[str, Any]:
         a = control_pb2.FailoverControl
-        grant = self.state.grant(cmd.relationship_id)
+        grant = await asyncio.to_thread(self.state.grant, cmd.relationship_id)
         if grant is None:
             # After a commit the grant is gone: answer a repeated commit from the replica folder.
             raise NotFound(f"this host holds no replica of {cmd.relationship_id}")
@@ -421,9 +429,10 @@ class ReplicationService:
         newly = await asyncio.to_thread(
             self.state.revoke_host, host, reason=reason, now=self.clock.now()
         )
-        refused = [g.relationship for g in self.state.grants() if g.source_host == host]
+        grants = await asyncio.to_thread(self.state.grants)
+        refused = [g.relationship for g in grants if g.source_host == host]
         stopped = []
-        for source, _ in self.state.sources():
+        for source, _ in await asyncio.to_thread(self.state.sources):
             if source.replica_host == host:
                 await self._stop_runner(source.relationship)
                 stopped.append(source.relationship)
@@ -464,10 +473,11 @@ class ReplicationService:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.sources.pop(rel, None) is not None or self.state.source(rel) is not None:
+        known = self.sources.pop(rel, None) is not None
+        if known or await asyncio.to_thread(self.state.source, rel) is not None:
             await asyncio.to_thread(self.state.remove_source, rel)
             removed.append("source")
-        grant = self.state.grant(rel)
+        grant = await asyncio.to_thread(self.state.grant, rel)
         if grant is not None:
             await asyncio.to_thread(self.state.remove_grant, rel)
             self.registry.forget(rel)
@@ -484,7 +494,7 @@ class ReplicationService:
         rel = cmd.relationship_id
         a = control_pb2.ReplicationAction
         if cmd.action == a.IMPORT:
-            grant = self.registry.grant(rel)
+            grant = await asyncio.to_thread(self.registry.grant, rel)
             store = await asyncio.to_thread(self.registry.store, grant)
             seq = await asyncio.to_thread(import_export, store, Path(cmd.path))
             return {"relationship": rel, "imported_sequence": seq}
@@ -492,10 +502,10 @@ class ReplicationService:
         if source is None:
             raise NotFound(f"this host is not the primary of relationship {rel}")
         if cmd.action == a.PAUSE:
-            await asyncio.to_thread(self.state.update_source_extra, rel, paused=True)
+            await asyncio.to_thread(self._set_paused, rel, True)
             return {"relationship": rel, "paused": True}
         if cmd.action == a.RESUME:
-            await asyncio.to_thread(self.state.update_source_extra, rel, paused=False)
+            await asyncio.to_thread(self._set_paused, rel, False)
             self._wake[rel].set()
             return {"relationship": rel, "paused": False}
         if cmd.action == a.VERIFY:
@@ -536,8 +546,11 @@ class ReplicationService:
         return {"relationship": cmd.relationship_id, "limit": cmd.bytes_per_second}
 
     # -- runners ----------------------------------------------------------------------------
-    def _start_runner(self, source: SourceConfig) -> None:
-        if self.state.is_revoked(source.replica_host):
+    def _set_paused(self, rel: str, paused: bool) -> None:
+        self.state.update_sender(rel, lambda s: dataclasses.replace(s, paused=paused))
+
+    async def _start_runner(self, source: SourceConfig, sender: SenderState) -> None:
+        if await asyncio.to_thread(self.state.is_revoked, source.replica_host):
             log.warning(
                 "not replicating to a host removed from the vault",
                 extra={
@@ -545,8 +558,6 @@ class ReplicationService:
                 },
             )
             return
-        found = self.state.source(source.relationship)
-        extra = found[1] if found else {}
         rel = SourceRelationship(
             source,
             backend=self.backend,
@@ -556,7 +567,7 @@ class ReplicationService:
             work_dir=self.work_dir,
             ticket_provider=self._ticket_provider(source) if source.auth == "ticket" else None,
             host_bucket=self.host_bucket,
-            tracker=str(extra.get("tracker", "changelog")),
+            tracker=sender.tracker,
             adaptive_compression=self.config.replication.compression == "adaptive",
         )
         self.sources[source.relationship] = rel
@@ -574,18 +585,18 @@ class ReplicationService:
     async def _run_source(self, rel: SourceRelationship) -> None:
         cfg = rel.config
         wake = self._wake[cfg.relationship]
-        extra = self.state.source(cfg.relationship)[1]  # type: ignore[index]
+        sender = await asyncio.to_thread(self.state.sender, cfg.relationship)
         next_at = self.clock.now()
-        if extra.get("initial_method") == "SCHEDULED" and extra.get("initial_at"):
-            next_at = max(next_at, float(extra["initial_at"]))
+        if sender.initial_method == "SCHEDULED" and sender.initial_at:
+            next_at = max(next_at, sender.initial_at)
         last_app = 0.0
         while not self._stop.is_set():
             delay = max(0.0, next_at - self.clock.now())
             wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=delay)
-            extra = self.state.source(cfg.relationship)[1]  # type: ignore[index]
-            if extra.get("paused"):
+            sender = await asyncio.to_thread(self.state.sender, cfg.relationship)
+            if sender.paused:
                 rel.stats.state = "paused"
                 next_at = self.clock.now() + cfg.copy_frequency
                 continue
@@ -595,8 +606,8 @@ class ReplicationService:
                 and started - last_app >= cfg.app_consistent_interval
             )
             try:
-                if extra.get("initial_method") == "OFFLINE" and not extra.get("exported"):
-                    await asyncio.to_thread(self._export, rel, extra)
+                if sender.initial_method == "OFFLINE" and not sender.exported:
+                    await asyncio.to_thread(self._export, rel, sender)
                 result = await asyncio.to_thread(rel.run_cycle, app_consistent=app)
                 if app and result is not None:
                     last_app = started
@@ -632,17 +643,16 @@ class ReplicationService:
             rel.stats.cycles_missed += overran
             next_at = started + cfg.copy_frequency * (overran + 1)
 
-    def _export(self, rel: SourceRelationship, extra: dict[str, Any]) -> None:
+    def _export(self, rel: SourceRelationship, sender: SenderState) -> None:
         cfg = rel.config
-        path = extra.get("export_path")
+        path = sender.export_path
         if not path:
             raise FailedPrecondition("offline initial replication needs an export path")
         cut = self.backend.take_cut(cfg.vm_id)
         export_cut(cut, Path(path), relationship=cfg.relationship, vm_id=cfg.vm_id, epoch=cfg.epoch)
-        self.state.update_source_extra(
-            cfg.relationship,
-            exported=True,
-            cycle={"sequence": 1, "cut_id": cut.cut_id, "kind": replication_pb2.INITIAL},
+        pending = PendingCycle(sequence=1, cut_id=cut.cut_id, kind=replication_pb2.INITIAL)
+        self.state.update_sender(
+            cfg.relationship, lambda s: dataclasses.replace(s, exported=True, cycle=pending)
         )
         rel.stats.state = "waiting-for-import"
         log.info(
@@ -671,12 +681,13 @@ class ReplicationService:
         out = control_pb2.ReplicationReport()
         for rel_id, rel in list(self.sources.items()):
             st = rel.stats
-            extra = (self.state.source(rel_id) or (None, {}))[1]
+            found = self.state.source(rel_id)
+            paused = found is not None and found[1].paused
             out.relationships.add(
                 relationship_id=rel_id,
                 role="primary",
                 vm_id=rel.config.vm_id,
-                state=("paused" if extra.get("paused") else st.state),
+                state=("paused" if paused else st.state),
                 epoch=rel.config.epoch,
                 committed_sequence=st.committed_sequence,
                 cycles_succeeded=st.cycles_succeeded,
@@ -696,7 +707,7 @@ class ReplicationService:
                 app_consistent_error=st.last_app_consistent_error,
                 app_consistent_failures=st.app_consistent_failures,
                 last_cut_at=timestamp(st.last_cut_at) if st.last_cut_at else None,
-                paused=bool(extra.get("paused")),
+                paused=paused,
             )
         for grant in self.state.grants():
             try:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sqlite3
-import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.sqlitedb import SqliteDb
 from sitepair.errors import ConfigError, StaleEpoch
 
 _SCHEMA = """
@@ -74,9 +74,6 @@ class Grant:
     #: only the disks it already holds, and an initial cycle's ids that pass the name rule.
     disks: tuple[DiskGrant, ...] = ()
 
-    def disk(self, disk_id: str) -> DiskGrant | None:
-        return next((d for d in self.disks if d.disk_id == disk_id), None)
-
     def to_doc(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -104,21 +101,89 @@ class SourceConfig:
     paused: bool = False
 
 
-class ReplicationState:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+@dataclasses.dataclass(frozen=True)
+class PendingCycle:
+    """The cycle a source started and has not seen committed: after a crash the same cut is
+    sent again (the replica resumes it), or, if the replica committed it meanwhile, the cut
+    is released."""
+
+    sequence: int
+    cut_id: str
+    #: A ``replication_pb2.CycleKind`` value.
+    kind: int
+
+
+#: Version of the :class:`SenderState` document; 0 is the untagged dict of older agents (the
+#: same keys, each optional).
+SENDER_STATE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SenderState:
+    """What the sender of one relationship remembers across restarts, besides its
+    :class:`SourceConfig`: how the initial copy is made, the outstanding cycle, whether a
+    resync is owed, whether the operator paused it. Stored with the source as versioned JSON
+    (:meth:`to_doc`, :meth:`from_doc`); changed with :meth:`ReplicationState.update_sender`."""
+
+    #: How changes are found: "changelog" (the backend's change tracking) or "scan".
+    tracker: str = "changelog"
+    #: ``InitialReplication.Method`` name: NETWORK, SCHEDULED or OFFLINE.
+    initial_method: str = "NETWORK"
+    #: For SCHEDULED: when the initial cycle may start (Unix seconds, 0 = now).
+    initial_at: float = 0.0
+    #: For OFFLINE: the folder the initial copy is exported to.
+    export_path: str = ""
+    #: For OFFLINE: the initial copy was exported; the replica is to import it.
+    exported: bool = False
+    #: The operator paused replication (ReplicationAction PAUSE).
+    paused: bool = False
+    #: The next cycle must be a resync (change tracking was lost, or the replica is older).
+    needs_resync: bool = False
+    resync_reason: str = ""
+    cycle: PendingCycle | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = dataclasses.asdict(self)
+        doc["version"] = SENDER_STATE_VERSION
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any], *, where: str) -> SenderState:
+        doc = dict(doc)
+        version = doc.pop("version", 0)
+        if version not in (0, SENDER_STATE_VERSION):
+            raise ConfigError(
+                f"{where}: sender state version {version!r} is newer than this agent knows",
+                hint="run the agent version that wrote it, or remove and re-add the source",
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in doc.items() if k in known}
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise ConfigError(f"replication state {path} cannot be opened: {exc}") from exc
-        self._lock = threading.Lock()
+            cycle = fields.pop("cycle", None)
+            return cls(
+                **fields,
+                cycle=PendingCycle(
+                    sequence=int(cycle["sequence"]),
+                    cut_id=str(cycle["cut_id"]),
+                    kind=int(cycle["kind"]),
+                )
+                if cycle
+                else None,
+            )
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ConfigError(f"{where}: the sender state is damaged: {exc}") from exc
+
+
+class ReplicationState:
+    """The database. Every method blocks on SQLite: call them from threads, not the loop."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = SqliteDb(path, schema=_SCHEMA, version=1, what="replication state")
+        self._db = self._file.db
+        self._lock = self._file.lock
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._file.close()
 
     # -- epochs ------------------------------------------------------------------------------
     def epoch(self, relationship: str) -> int:
@@ -130,28 +195,22 @@ class ReplicationState:
 
     def observe_epoch(self, relationship: str, epoch: int) -> None:
         """Record ``epoch`` if it is the highest seen; raise StaleEpoch if it is lower."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(
-                    "SELECT epoch FROM epochs WHERE relationship = ?", (relationship,)
-                ).fetchone()
-                highest = int(row[0]) if row else 0
-                if epoch < highest:
-                    raise StaleEpoch(
-                        f"relationship {relationship}: epoch {epoch} is older than {highest}, "
-                        "the highest this host has seen; refused (fenced)"
-                    )
-                if epoch > highest:
-                    self._db.execute(
-                        "INSERT INTO epochs VALUES (?, ?) ON CONFLICT (relationship) "
-                        "DO UPDATE SET epoch = excluded.epoch",
-                        (relationship, epoch),
-                    )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._file.transaction() as db:
+            row = db.execute(
+                "SELECT epoch FROM epochs WHERE relationship = ?", (relationship,)
+            ).fetchone()
+            highest = int(row[0]) if row else 0
+            if epoch < highest:
+                raise StaleEpoch(
+                    f"relationship {relationship}: epoch {epoch} is older than {highest}, "
+                    "the highest this host has seen; refused (fenced)"
+                )
+            if epoch > highest:
+                db.execute(
+                    "INSERT INTO epochs VALUES (?, ?) ON CONFLICT (relationship) "
+                    "DO UPDATE SET epoch = excluded.epoch",
+                    (relationship, epoch),
+                )
 
     # -- grants and sources -----------------------------------------------------------------
     def put_grant(self, grant: Grant) -> None:
@@ -168,36 +227,43 @@ class ReplicationState:
     def remove_grant(self, relationship: str) -> None:
         self._delete("grants", relationship)
 
-    def put_source(self, source: SourceConfig, extra: dict[str, Any] | None = None) -> None:
+    def put_source(self, source: SourceConfig, sender: SenderState | None = None) -> None:
         self.observe_epoch(source.relationship, source.epoch)
-        doc = dataclasses.asdict(source)
-        doc["_extra"] = extra or {}
-        self._put("sources", source.relationship, doc)
+        self._put("sources", source.relationship, _source_doc(source, sender or SenderState()))
 
-    def source(self, relationship: str) -> tuple[SourceConfig, dict[str, Any]] | None:
+    def source(self, relationship: str) -> tuple[SourceConfig, SenderState] | None:
         doc = self._get("sources", relationship)
-        if not doc:
-            return None
-        extra = doc.pop("_extra", {})
-        return SourceConfig(**doc), extra
+        return _source_from_doc(doc) if doc else None
 
-    def sources(self) -> list[tuple[SourceConfig, dict[str, Any]]]:
-        out = []
-        for doc in self._all("sources"):
-            extra = doc.pop("_extra", {})
-            out.append((SourceConfig(**doc), extra))
-        return out
+    def sources(self) -> list[tuple[SourceConfig, SenderState]]:
+        return [_source_from_doc(doc) for doc in self._all("sources")]
 
-    def update_source_extra(self, relationship: str, **changes: Any) -> dict[str, Any]:
+    def sender(self, relationship: str) -> SenderState:
+        """The sender state of a source this host has (ConfigError if it has none)."""
         found = self.source(relationship)
         if found is None:
             raise ConfigError(f"no source relationship {relationship}")
-        source, extra = found
-        extra.update(changes)
-        doc = dataclasses.asdict(source)
-        doc["_extra"] = extra
-        self._put("sources", relationship, doc)
-        return extra
+        return found[1]
+
+    def update_sender(
+        self, relationship: str, change: Callable[[SenderState], SenderState]
+    ) -> SenderState:
+        """Replace the sender state of ``relationship`` with ``change(current)`` in one
+        transaction (ConfigError if there is no such source); returns the new state. Call it
+        like ``update_sender(rel, lambda s: dataclasses.replace(s, paused=True))``."""
+        with self._file.transaction() as db:
+            row = db.execute(
+                "SELECT doc FROM sources WHERE relationship = ?", (relationship,)
+            ).fetchone()
+            if row is None:
+                raise ConfigError(f"no source relationship {relationship}")
+            source, current = _source_from_doc(json.loads(row[0]))
+            new = change(current)
+            db.execute(
+                "UPDATE sources SET doc = ? WHERE relationship = ?",
+                (json.dumps(_source_doc(source, new), sort_keys=True), relationship),
+            )
+        return new
 
     def remove_source(self, relationship: str) -> None:
         self._delete("sources", relationship)
@@ -258,3 +324,17 @@ class ReplicationState:
     def _delete(self, table: str, key: str) -> None:
         with self._lock:
             self._db.execute(f"DELETE FROM {table} WHERE relationship = ?", (key,))  # noqa: S608
+
+
+def _source_doc(source: SourceConfig, sender: SenderState) -> dict[str, Any]:
+    doc = dataclasses.asdict(source)
+    doc["_extra"] = sender.to_doc()
+    return doc
+
+
+def _source_from_doc(doc: dict[str, Any]) -> tuple[SourceConfig, SenderState]:
+    doc = dict(doc)
+    sender = SenderState.from_doc(
+        doc.pop("_extra", None) or {}, where=f"source {doc.get('relationship')}"
+    )
+    return SourceConfig(**doc), sender

@@ -22,7 +22,7 @@ from agent.hosts.base import Cut, RegisteredVm
 from agent.hosts.hyperv import HyperVBackend, align_ranges
 from agent.hosts.hyperv_api import HvVm, PowerShellHyperVApi, QuiesceFailed
 from agent.replication.engine import SourceRelationship
-from agent.replication.state import SourceConfig
+from agent.replication.state import SenderState, SourceConfig
 from sitepair import vdisk
 from sitepair.clock import SYSTEM_CLOCK
 from sitepair.errors import (
@@ -974,7 +974,7 @@ def test_engine_replicates_a_hyperv_vm_byte_for_byte(
         epoch=1,
         auth="certificate",
     )
-    pair.state.put_source(config, {"tracker": "changelog"})
+    pair.state.put_source(config, SenderState(tracker="changelog"))
     rel = SourceRelationship(
         config,
         backend=backend,

@@ -56,7 +56,7 @@ def sender(home: Path, vm_root: Path, relationship: str, work_dir: Path) -> int:
     state = ReplicationState(home / "state" / "replication.db")
     found = state.source(relationship)
     assert found is not None
-    config, extra = found
+    config, sender = found
     rel = SourceRelationship(
         config,
         backend=DirectoryBackend(vm_root),
@@ -64,7 +64,7 @@ def sender(home: Path, vm_root: Path, relationship: str, work_dir: Path) -> int:
         identity=lambda: ident,
         clock=SYSTEM_CLOCK,
         work_dir=work_dir,
-        tracker=str(extra.get("tracker", "changelog")),
+        tracker=sender.tracker,
     )
     rel.run_cycle()
     return 0

@@ -11,7 +11,7 @@ import pytest
 
 from agent.hosts.directory import DirectoryBackend
 from agent.replication.engine import TRANSIENT_BACKOFF, SourceRelationship
-from agent.replication.state import SourceConfig
+from agent.replication.state import SenderState, SourceConfig
 from sitepair import vdisk
 from sitepair.clock import SYSTEM_CLOCK
 from sitepair.errors import StaleEpoch, Unavailable
@@ -43,7 +43,7 @@ def setup_source(
         epoch=1,
         auth=auth,
     )
-    pair.state.put_source(config, {"tracker": tracker})
+    pair.state.put_source(config, SenderState(tracker=tracker))
     rel = SourceRelationship(
         config,
         backend=backend,

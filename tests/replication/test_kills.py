@@ -23,7 +23,7 @@ import pytest
 from agent.hosts.directory import DirectoryBackend
 from agent.replication.engine import SourceRelationship
 from agent.replication.replica import ReplicaStore
-from agent.replication.state import SourceConfig
+from agent.replication.state import SenderState, SourceConfig
 from sitepair import vdisk
 from sitepair.clock import SYSTEM_CLOCK
 from sitepair.errors import SitepairError
@@ -133,12 +133,12 @@ def setup(pair: Pair, tmp_path: Path):  # type: ignore[no-untyped-def]
         epoch=1,
         bandwidth_limit=RATE,
     )
-    pair.state.put_source(config, {"tracker": "changelog"})
+    pair.state.put_source(config, SenderState(tracker="changelog"))
     # The sender process reads its source config from the primary's own state database.
     from agent.replication.state import ReplicationState
 
     primary_state = ReplicationState(pair.primary_home / "state" / "replication.db")
-    primary_state.put_source(config, {"tracker": "changelog"})
+    primary_state.put_source(config, SenderState(tracker="changelog"))
     primary_state.close()
     receiver = ReceiverProcess(pair.replica_home, port)
     receiver.start()

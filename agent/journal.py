@@ -13,11 +13,9 @@ restarted), the journal answers:
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
-import threading
 from pathlib import Path
 
-from sitepair.errors import ConfigError
+from agent.sqlitedb import SqliteDb
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands (
@@ -45,19 +43,12 @@ class JournalEntry:
 
 class CommandJournal:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise ConfigError(f"agent state {path} cannot be opened: {exc}") from exc
-        self._lock = threading.Lock()
+        self._file = SqliteDb(path, schema=_SCHEMA, version=1, what="agent state")
+        self._db = self._file.db
+        self._lock = self._file.lock
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._file.close()
 
     def get(self, command_id: str) -> JournalEntry | None:
         with self._lock:

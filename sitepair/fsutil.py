@@ -9,6 +9,7 @@ the start, never chmod'ed after being written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import tempfile
@@ -16,13 +17,22 @@ from pathlib import Path
 
 
 def fsync_dir(path: Path) -> None:
-    """Make a rename or creation inside ``path`` durable (no-op on Windows, where it is not
-    possible and NTFS journals the directory change)."""
+    """Make a rename, creation or removal inside the folder ``path`` durable.
+
+    The one rule for every caller (the agent, the replica store, :mod:`sitepair.vdisk`): an
+    error is raised, never swallowed, because a rename that is not durable breaks the crash
+    safety built on it. The exceptions are where a folder cannot be fsync'd at all: Windows
+    (no such call; NTFS journals the change), and a file system that answers ``EINVAL`` to an
+    fsync of a folder (some network and FUSE file systems), where there is nothing more to do.
+    """
     if sys.platform == "win32":  # pragma: no cover - Windows only
         return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
     finally:
         os.close(fd)
 

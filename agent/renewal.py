@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -28,22 +27,16 @@ log = logging.getLogger("sitepair.agent.renewal")
 
 
 class IdentityHolder:
-    """The current identity, replaced on renewal; listeners hear about each new certificate."""
+    """The current identity, replaced on renewal; readers call :meth:`get` for each use."""
 
     def __init__(self, identity: AgentIdentity) -> None:
         self._identity = identity
-        self._listeners: list[Callable[[AgentIdentity], None]] = []
 
     def get(self) -> AgentIdentity:
         return self._identity
 
     def set(self, identity: AgentIdentity) -> None:
         self._identity = identity
-        for listener in self._listeners:
-            listener(identity)
-
-    def subscribe(self, listener: Callable[[AgentIdentity], None]) -> None:
-        self._listeners.append(listener)
 
 
 class CertificateRenewer:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import sqlite3
 import time
@@ -105,6 +106,88 @@ def test_migrations_apply_once_and_are_numbered(open_store: OpenStore) -> None:
     store.close()
     store = open_store()
     assert store.schema_version() == len(known)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_at_6(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[Store, Callable[[str, Sequence[Any]], None]]]:
+    """A store migrated only to version 6, as a broker before migration 0007 left it, and a way
+    to write rows into it as that broker did (its SQL, run outside the current repository)."""
+    store: Store
+    if request.param == "sqlite":
+        path = tmp_path / "b.db"
+        store = SqliteStore(path)
+
+        def run(sql: str, args: Sequence[Any]) -> None:
+            with contextlib.closing(sqlite3.connect(path)) as db, db:
+                db.execute(sql, args)
+
+    else:
+        import psycopg
+
+        from broker.store.postgres import PostgresStore
+
+        dsn: str = request.getfixturevalue("pg_dsn")
+        store = PostgresStore(dsn)
+
+        def run(sql: str, args: Sequence[Any]) -> None:
+            with psycopg.connect(dsn, password=pg.PASSWORD, autocommit=True) as db:
+                db.execute(store.dialect.sql(sql), args)
+
+    try:
+        assert store.migrate(to=6) == 6
+        assert store.schema_version() == 6
+        yield store, run
+    finally:
+        store.close()
+
+
+def test_migration_7_names_the_step_of_each_stored_command(
+    store_at_6: tuple[Store, Callable[[str, Sequence[Any]], None]],
+) -> None:
+    """Commands stored by index before migration 0007 take the name of the step at that index."""
+    from broker.store.models import Job, JobStep
+
+    store, run = store_at_6
+    names = ["prepare", "configure", "finish"]
+    with store.write() as tx:
+        tx.insert_server(_server())
+        tx.insert_job(
+            Job(
+                id="job-1",
+                kind="k",
+                target="t",
+                state=JobState.RUNNING,
+                created_at=1.0,
+                updated_at=1.0,
+                created_by="t",
+                steps=tuple(
+                    JobStep("job-1", i, name, StepState.PENDING) for i, name in enumerate(names)
+                ),
+            )
+        )
+    for cid, job_id, step in [
+        ("c-1", "job-1", 1),
+        ("c-0", "job-1", 0),
+        ("c-gone", "job-1", 7),  # no such step: nothing to name it by
+        ("c-plain", None, None),  # not sent by a job
+    ]:
+        run(
+            "INSERT INTO commands (id, server_id, kind, payload, state, created_at, job_id, "
+            "job_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (cid, "host-1", "ping", b"", "pending", 1.0, job_id, step),
+        )
+
+    assert store.migrate() == 7
+    with store.read() as tx:
+        named = {c.id: (c.job_step, c.job_step_name) for c in tx.open_commands("host-1")}
+    assert named == {
+        "c-1": (1, "configure"),
+        "c-0": (0, "prepare"),
+        "c-gone": (7, ""),
+        "c-plain": (None, ""),
+    }
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -146,8 +146,10 @@ class Store(abc.ABC):
         """The newest migration applied to the store (0 for an empty one)."""
 
     @abc.abstractmethod
-    def migrate(self) -> int:
-        """Apply every migration newer than the store's version; returns the version."""
+    def migrate(self, to: int | None = None) -> int:
+        """Apply every migration newer than the store's version, up to version ``to`` (all of
+        them by default; tests stop early to write a store as an older broker did); returns
+        the version."""
 
     def transact(self, fn: Callable[[Tx], T], *, write: bool = True) -> T:
         """Run ``fn`` in a transaction, running it again after a :class:`RetryableError`.

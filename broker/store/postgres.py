@@ -362,21 +362,23 @@ class PostgresStore(Store):
         row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
         return int(row[0] or 0) if row is not None else 0
 
-    def migrate(self) -> int:
-        """Apply every newer migration, each in its own transaction under the write lock.
+    def migrate(self, to: int | None = None) -> int:
+        """Apply every newer migration (up to version ``to``), each in its own transaction under
+        the write lock.
 
         Brokers starting together take turns: each re-reads the version under the lock, so a
         migration is applied once, and writers of older brokers wait rather than see half a
         schema.
         """
         known = migrations(POSTGRESQL)
+        target = len(known) if to is None else to
         while True:
             conn = self._begin(write=True)
             try:
                 current = self._version(conn)
                 if current > len(known):
                     raise newer_schema_error(self._description, current, len(known))
-                if current == len(known):
+                if current >= target:
                     conn.execute("COMMIT")
                     return current
                 version, name, sql = known[current]

@@ -169,8 +169,9 @@ class SqliteStore(Store):
         row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
         return int(row[0] or 0)
 
-    def migrate(self) -> int:
-        """Apply every migration newer than the store's version, each in its own transaction."""
+    def migrate(self, to: int | None = None) -> int:
+        """Apply every migration newer than the store's version (up to version ``to``), each in
+        its own transaction."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             current = self.schema_version()
@@ -179,8 +180,9 @@ class SqliteStore(Store):
         known = migrations(SQLITE)
         if current > len(known):
             raise newer_schema_error(str(self.path), current, len(known))
+        target = len(known) if to is None else to
         conn = self._conn()
-        for version, name, sql in known[current:]:
+        for version, name, sql in known[current:target]:
             script = (
                 "BEGIN IMMEDIATE;\n"
                 + sql
@@ -195,7 +197,7 @@ class SqliteStore(Store):
                 raise StoreError(
                     f"migration {version} ({name}) failed on {self.path}: {exc}"
                 ) from exc
-        return len(known)
+        return max(current, target)
 
 
 def _store_error(path: Path, exc: sqlite3.Error) -> StoreError:

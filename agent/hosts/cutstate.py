@@ -23,14 +23,19 @@ it holds the VM's operations lock. It holds:
 ``pending`` / ``releasing``
     Journals of an interrupted ``take_cut`` / ``release_cut``, finished or undone by the next
     operation (see :mod:`agent.hosts.directory`).
+
+What every backend's cut state shares (the newest cut number, the cuts, the taints, the
+versioned JSON document and how a damaged one is reported) is :class:`CutLedger` and
+:func:`decode`; the Hyper-V backend's state (:mod:`agent.hosts.hyperv_state`) builds on them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from sitepair.errors import ConfigError
 from sitepair.fsutil import atomic_write
@@ -91,24 +96,30 @@ class Releasing:
     current: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+class _Cut(Protocol):
+    cut_id: str
+    seq: int
+    released: bool
+
+
+CutT = TypeVar("CutT", bound=_Cut)
+T = TypeVar("T")
+
+
 @dataclasses.dataclass
-class TrackingState:
+class CutLedger(Generic[CutT]):
+    """The part of a backend's cut state every backend has: the newest cut number (cut
+    numbers only grow), the cuts, and the taints; stored as versioned JSON (:meth:`to_json`,
+    read back with :func:`decode`)."""
+
     seq: int = 0
-    baseline_seq: int = 0
-    cuts: list[CutRecord] = dataclasses.field(default_factory=list)
+    cuts: list[CutT] = dataclasses.field(default_factory=list)
     taints: list[Taint] = dataclasses.field(default_factory=list)
-    identities: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
-    pending: PendingCut | None = None
-    releasing: Releasing | None = None
 
-    # -- queries ---------------------------------------------------------------------------
-    def find(self, cut_id: str) -> CutRecord | None:
-        for c in self.cuts:
-            if c.cut_id == cut_id:
-                return c
-        return None
+    def find(self, cut_id: str) -> CutT | None:
+        return next((c for c in self.cuts if c.cut_id == cut_id), None)
 
-    def outstanding(self) -> list[CutRecord]:
+    def outstanding(self) -> list[CutT]:
         """Unreleased cuts, oldest first."""
         return sorted((c for c in self.cuts if not c.released), key=lambda c: c.seq)
 
@@ -117,39 +128,77 @@ class TrackingState:
             self.taints.append(Taint(seq, reason))
 
     def trim_released(self) -> None:
+        """Forget released cuts but the newest :data:`KEEP_RELEASED`."""
         released = sorted((c for c in self.cuts if c.released), key=lambda c: c.seq)
         drop = {c.cut_id for c in released[:-KEEP_RELEASED]} if released else set()
         self.cuts = [c for c in self.cuts if c.cut_id not in drop]
 
-    # -- persistence -----------------------------------------------------------------------
     def to_json(self) -> bytes:
         doc = {"version": STATE_VERSION, **dataclasses.asdict(self)}
         return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
+
+def decode(data: bytes, where: Path, parse: Callable[[dict[str, Any]], T], *, hint: str) -> T:
+    """Read a cut state document written by :meth:`CutLedger.to_json`: ``parse`` builds the
+    state from the JSON object; a damaged or unknown document is a ConfigError with ``hint``
+    (what the operator can do about it)."""
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
+            version = doc.get("version") if isinstance(doc, dict) else None
+            raise ValueError(f"unsupported version {version!r}")
+        return parse(doc)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"{where} is damaged: {exc}", hint=hint) from exc
+
+
+def taints_from(doc: dict[str, Any]) -> list[Taint]:
+    return [Taint(int(t["seq"]), str(t["reason"])) for t in doc["taints"]]
+
+
+def load_file(path: Path, parse: Callable[[bytes, Path], T], empty: Callable[[], T]) -> T:
+    """The state in ``path`` (``parse(data, path)``), or ``empty()`` if there is none yet."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return empty()
+    return parse(data, path)
+
+
+def save_file(path: Path, state: CutLedger[Any]) -> None:
+    """Replace ``path`` with ``state`` atomically (the caller holds the VM's operations lock)."""
+    atomic_write(path, state.to_json())
+
+
+@dataclasses.dataclass
+class TrackingState(CutLedger[CutRecord]):
+    """The directory and QEMU backends' cut state (``changes/cuts.json``)."""
+
+    baseline_seq: int = 0
+    identities: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    pending: PendingCut | None = None
+    releasing: Releasing | None = None
+
     @classmethod
     def from_json(cls, data: bytes, where: Path) -> TrackingState:
-        try:
-            doc = json.loads(data)
-            if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
-                raise ValueError(f"unsupported version {doc.get('version')!r}")
-            return cls(
+        return decode(
+            data,
+            where,
+            lambda doc: cls(
                 seq=int(doc["seq"]),
                 baseline_seq=int(doc["baseline_seq"]),
                 cuts=[_cut(c) for c in doc["cuts"]],
-                taints=[Taint(int(t["seq"]), str(t["reason"])) for t in doc["taints"]],
+                taints=taints_from(doc),
                 identities={
                     str(d): {str(k): str(v) for k, v in m.items()}
                     for d, m in doc["identities"].items()
                 },
                 pending=_pending(doc["pending"]) if doc.get("pending") else None,
                 releasing=_releasing(doc["releasing"]) if doc.get("releasing") else None,
-            )
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise ConfigError(
-                f"{where} is damaged: {exc}",
-                hint="the VM's change tracking must be restarted: move the changes folder "
-                "aside; the next cycle then needs a resync",
-            ) from exc
+            ),
+            hint="the VM's change tracking must be restarted: move the changes folder "
+            "aside; the next cycle then needs a resync",
+        )
 
 
 def _cut(c: dict[str, Any]) -> CutRecord:
@@ -195,13 +244,8 @@ def state_path(folder: Path) -> Path:
 
 
 def load(folder: Path) -> TrackingState:
-    path = state_path(folder)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return TrackingState()
-    return TrackingState.from_json(data, path)
+    return load_file(state_path(folder), TrackingState.from_json, TrackingState)
 
 
 def save(folder: Path, state: TrackingState) -> None:
-    atomic_write(state_path(folder), state.to_json())
+    save_file(state_path(folder), state)

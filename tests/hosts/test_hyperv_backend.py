@@ -19,8 +19,9 @@ import pytest
 from agent.config import AgentConfig, BackendConfig, NetworkConfig
 from agent.hosts import make_backend
 from agent.hosts.base import Cut, RegisteredVm
-from agent.hosts.hyperv import HyperVBackend, align_ranges
+from agent.hosts.hyperv import HyperVBackend
 from agent.hosts.hyperv_api import HvVm, PowerShellHyperVApi, QuiesceFailed
+from agent.hosts.hyperv_cuts import align_ranges
 from agent.replication.engine import SourceRelationship
 from agent.replication.state import SenderState, SourceConfig
 from sitepair import vdisk

@@ -18,7 +18,8 @@ from sitepair.vdisk.base import DiskFormat, DiskInfo, SubFormat, VirtualDisk, co
 from sitepair.vdisk.fileio import file_size, open_image, pread
 from sitepair.vdisk.qcow2 import open_qcow2, probe_qcow2
 from sitepair.vdisk.raw import create_raw, open_raw
-from sitepair.vdisk.vhd import create_vhd, open_vhd, probe_vhd, set_parent_vhd
+from sitepair.vdisk.vhd import open_vhd, probe_vhd, set_parent_vhd
+from sitepair.vdisk.vhd_create import create_vhd
 from sitepair.vdisk.vhd_layout import FOOTER_SIZE, parse_footer
 from sitepair.vdisk.vhdx import open_vhdx, set_parent_vhdx
 from sitepair.vdisk.vhdx_create import create_vhdx

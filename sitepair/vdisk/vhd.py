@@ -1,14 +1,11 @@
 """VHD images: fixed, dynamic and differencing, read and write.
 
-The structures are in :mod:`sitepair.vdisk.vhd_layout`; this module does the I/O.
-
-Reading
-    Guest offsets map through the BAT to blocks; a block's sector bitmap says which sectors
-    this file holds. A clear bit reads as zeros in a dynamic disk and from the parent in a
-    differencing disk. Bitmaps that are all ones are remembered as "full" and never read again;
-    partial ones are cached (bounded). Contiguous file extents are read with one ``preadv``,
-    including the hop over the next block's bitmap (read into a scratch buffer), so a
-    sequential read of a file laid out in order costs one system call per request.
+The structures are in :mod:`sitepair.vdisk.vhd_layout`; opening and checking a file is
+:mod:`sitepair.vdisk.vhd_load`, reading :mod:`sitepair.vdisk.vhd_read`, creating
+:mod:`sitepair.vdisk.vhd_create`, parent locator paths :mod:`sitepair.vdisk.vhd_locator`. This
+module is the write side: :class:`VhdDisk` writes in a crash-safe order and repairs what a crash
+left on a writable open; :func:`open_vhd` opens an image with its parent chain and
+:func:`set_parent_vhd` relinks a differencing disk.
 
 Writing and crash safety
     VHD has no log. Its metadata updates are made crash-safe by ordering alone, and each
@@ -49,45 +46,29 @@ Limits
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import heapq
 import os
-import threading
 import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 from sitepair.errors import VirtualDiskError
 from sitepair.vdisk import vhd_layout as L
-from sitepair.vdisk.base import DiskFormat, DiskInfo, SubFormat, VirtualDisk, coalesce
+from sitepair.vdisk.base import SubFormat
 from sitepair.vdisk.fileio import (
-    IOV_MAX,
-    data_ranges,
     datasync,
-    file_size,
-    fsync_dir,
     is_zero,
     open_image,
-    pread_exact,
-    preadv_exact,
     pwrite_all,
     round_up,
     write_keep_holes,
 )
 from sitepair.vdisk.locking import lock_file
+from sitepair.vdisk.vhd_locator import relative_locator
+from sitepair.vdisk.vhd_read import BITMAP_CACHE_ENTRIES, ZEROS, VhdLayer, vhd_time
 
-MiB = 1 << 20
-DEFAULT_BLOCK_SIZE = 2 * MiB
+__all__ = ["VhdDisk", "open_vhd", "probe_vhd", "set_parent_vhd"]
+
 #: Differencing chains deeper than this are refused (each layer holds a file descriptor).
 MAX_CHAIN_DEPTH = 256
-#: Partial sector bitmaps kept in memory per open image (512 bytes each for 2 MiB blocks).
-_BITMAP_CACHE_ENTRIES = 8192
-#: A hop over at most this many bytes between two file extents is read into scratch memory
-#: rather than split into two reads (the hop is usually the next block's 512-byte bitmap).
-_MAX_READ_GAP = 64 * 1024
-_ZEROS = bytes(4 * MiB)
 #: File alignment of the data of the blocks we allocate.
 _DATA_ALIGNMENT = 4096
 #: Guest bytes described by one byte of a sector bitmap (8 sectors).
@@ -103,13 +84,6 @@ that is up to the next 4 KiB boundary of the block), filling those with their cu
 contents (from the parent). The guest view is unchanged and every bitmap we write has that
 form; we ourselves read bitmaps bit by bit, exactly as the specification says.
 """
-
-_SUBFORMAT_OF = {
-    L.DISK_FIXED: SubFormat.FIXED,
-    L.DISK_DYNAMIC: SubFormat.DYNAMIC,
-    L.DISK_DIFFERENCING: SubFormat.DIFFERENCING,
-}
-_DISK_TYPE_OF = {v: k for k, v in _SUBFORMAT_OF.items()}
 
 
 def probe_vhd(head: bytes, tail: bytes) -> bool:
@@ -133,10 +107,8 @@ def open_vhd(
         raise
 
 
-class VhdDisk(VirtualDisk):
-    """An open VHD image. Create with :func:`open_vhd`."""
-
-    format = DiskFormat.VHD
+class VhdDisk(VhdLayer):
+    """An open VHD image, read and write. Open with :func:`open_vhd`."""
 
     def __init__(
         self,
@@ -147,18 +119,8 @@ class VhdDisk(VirtualDisk):
         chain: tuple[Path, ...],
         open_parent: bool = True,
     ) -> None:
-        super().__init__()
-        self.path = path
-        self.read_only = read_only
-        self.parent = None
-        self._fd = fd
-        self._meta_lock = threading.Lock()
-        self._details: dict[str, object] = {}
-        self._repairs: list[str] = []
-        self._bitmap_cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
-        self._dirty_bitmaps: dict[int, bytearray] = {}
         self._dirty_bat: set[int] = set()
-        self._load()
+        super().__init__(path, fd, read_only=read_only)
         if self.subformat is SubFormat.DIFFERENCING and open_parent:
             self._open_parent(chain)
         if not read_only:
@@ -172,173 +134,7 @@ class VhdDisk(VirtualDisk):
         if self.parent is not None:
             self.parent.close()
 
-    # -- loading ------------------------------------------------------------------------
-    def _load(self) -> None:
-        path, fd = self.path, self._fd
-        size = file_size(fd)
-        if size < L.FOOTER_SIZE:
-            raise VirtualDiskError(
-                f"{path}: {size} bytes is too small to be a VHD image (the footer alone is "
-                f"{L.FOOTER_SIZE} bytes)"
-            )
-        tail = pread_exact(fd, L.FOOTER_SIZE, size - L.FOOTER_SIZE, path, "footer")
-        head = pread_exact(fd, L.FOOTER_SIZE, 0, path, "footer copy")
-        end_footer: L.Footer | None = None
-        copy_footer: L.Footer | None = None
-        end_error = copy_error = None
-        try:
-            end_footer = L.parse_footer(tail, f"{path}: footer at the end of the file")
-        except VirtualDiskError as exc:
-            end_error = exc
-        if head[:8] == L.FOOTER_COOKIE:
-            try:
-                copy_footer = L.parse_footer(head, f"{path}: footer copy at offset 0")
-            except VirtualDiskError as exc:
-                copy_error = exc
-        self._end_footer_ok = end_footer is not None
-        self._copy_needs_repair = False
-        if end_footer is not None:
-            footer = end_footer
-            self._details["footer"] = "end of file"
-            if footer.disk_type != L.DISK_FIXED:
-                if copy_footer is None:
-                    why = copy_error.message if copy_error else "missing"
-                    self._details["footer_copy"] = f"damaged: {why}"
-                    self._copy_needs_repair = True
-                elif head != tail:
-                    self._details["footer_copy"] = "differs from the footer at the end"
-                    self._copy_needs_repair = True
-                else:
-                    self._details["footer_copy"] = "ok"
-        elif copy_footer is not None and copy_footer.disk_type != L.DISK_FIXED:
-            footer = copy_footer
-            assert end_error is not None
-            self._details["footer"] = (
-                f"the footer at the end of the file is damaged ({end_error.message}); "
-                "read using the copy at offset 0"
-            )
-            self._details["footer_copy"] = "ok"
-        else:
-            if tail[:8] != L.FOOTER_COOKIE and head[:8] != L.FOOTER_COOKIE:
-                raise VirtualDiskError(
-                    f"{path}: not a VHD image (no 'conectix' footer at the end or at the start "
-                    "of the file)"
-                )
-            reasons = [e.message for e in (end_error, copy_error) if e is not None]
-            if copy_footer is not None:
-                reasons.append(
-                    f"{path}: the copy at offset 0 describes a fixed disk, which has no copy"
-                )
-            raise VirtualDiskError("; ".join(reasons))
-        self._footer = footer
-        # The footer exactly as found (reserved bytes included), for every copy we write.
-        self._footer_bytes = tail if end_footer is not None else head
-        self.subformat = _SUBFORMAT_OF[footer.disk_type]
-        self._size = footer.current_size
-        self._file_end = size
-        if footer.disk_type == L.DISK_FIXED:
-            self._load_fixed(size)
-        else:
-            self._load_dynamic(size)
-
-    def _load_fixed(self, size: int) -> None:
-        data_area = size - L.FOOTER_SIZE
-        if data_area < self._size:
-            raise VirtualDiskError(
-                f"{self.path}: truncated fixed VHD: the data area holds {data_area} bytes but "
-                f"the footer says the virtual size is {self._size}"
-            )
-        self._bs = DEFAULT_BLOCK_SIZE
-        self._n = 0
-
-    def _load_dynamic(self, size: int) -> None:
-        path, fd, footer = self.path, self._fd, self._footer
-        # Where the data may go: up to the end footer, or to the end of the file if that
-        # footer is missing (a crash while appending a block; the copy at 0 is in use).
-        limit = size - L.FOOTER_SIZE if self._end_footer_ok else size
-        hoff = footer.data_offset
-        if hoff + L.HEADER_SIZE > limit:
-            raise VirtualDiskError(
-                f"{path}: the dynamic disk header at file offset {hoff} lies beyond the end of "
-                f"the file ({size} bytes): the image is truncated"
-            )
-        header = L.parse_dynamic_header(
-            pread_exact(fd, L.HEADER_SIZE, hoff, path, "dynamic disk header"),
-            f"{path}: dynamic disk header",
-        )
-        bs = header.block_size
-        n = L.bat_entries_needed(self._size, bs)
-        if header.max_table_entries < n:
-            raise VirtualDiskError(
-                f"{path}: the BAT has {header.max_table_entries} entries, too few for a virtual "
-                f"size of {self._size} bytes in {bs}-byte blocks ({n} needed)"
-            )
-        if n > L.MAX_BAT_ENTRIES:
-            raise VirtualDiskError(
-                f"{path}: a BAT of {n} entries ({self._size} bytes in {bs}-byte blocks) is "
-                f"larger than this implementation supports ({L.MAX_BAT_ENTRIES})"
-            )
-        bat_region = round_up(header.max_table_entries * 4, L.SECTOR)
-        regions = [
-            L.Region(0, L.FOOTER_SIZE, "footer copy"),
-            L.Region(hoff, hoff + L.HEADER_SIZE, "dynamic disk header"),
-            L.Region(header.table_offset, header.table_offset + bat_region, "BAT"),
-        ]
-        if header.table_offset + bat_region > limit:
-            raise VirtualDiskError(
-                f"{path}: the BAT ({header.max_table_entries} entries at file offset "
-                f"{header.table_offset}) extends beyond the end of the file ({size} bytes)"
-            )
-        # Read the sectors holding the first n entries, so rewriting a BAT sector keeps any
-        # entries past n exactly as they were.
-        keep = min(header.max_table_entries, round_up(n * 4, L.SECTOR) // 4)
-        bat = L.parse_bat(
-            pread_exact(fd, keep * 4, header.table_offset, path, "BAT"),
-            keep,
-        )
-        reserved_end = 0
-        locator_data: list[tuple[L.Locator, str]] = []
-        if footer.disk_type == L.DISK_DIFFERENCING:
-            for idx, loc in enumerate(header.locators):
-                if loc.platform_code not in (L.PLATFORM_W2RU, L.PLATFORM_W2KU):
-                    continue
-                if loc.data_length == 0:
-                    continue
-                name = f"parent locator {idx} ({loc.platform})"
-                if loc.data_length > L.MAX_LOCATOR_BYTES:
-                    raise VirtualDiskError(
-                        f"{path}: {name} claims {loc.data_length} bytes of path (at most "
-                        f"{L.MAX_LOCATOR_BYTES} are accepted)"
-                    )
-                if loc.data_offset + loc.data_length > limit:
-                    raise VirtualDiskError(
-                        f"{path}: {name} at file offset {loc.data_offset} points beyond the end "
-                        f"of the file ({size} bytes)"
-                    )
-                regions.append(L.Region(loc.data_offset, loc.data_offset + loc.data_length, name))
-                reserved_end = max(reserved_end, min(loc.reserved_end(), limit))
-                raw = pread_exact(fd, loc.data_length, loc.data_offset, path, name)
-                locator_data.append((loc, L.decode_locator(raw, loc.platform, f"{path}: {name}")))
-        L.check_metadata_regions(regions, limit, path)
-        highest = L.check_layout(
-            bat=bat[:n], block_size=bs, metadata=regions, data_limit=limit, where=path
-        )
-        self._header = header
-        self._regions = regions
-        self._locators = locator_data
-        self._bat = bat
-        self._n = n
-        self._bs = bs
-        self._spb = bs // L.SECTOR
-        self._bm_bytes = L.bitmap_bytes(bs)
-        self._full = bytearray(n)
-        self._data_end = round_up(
-            max(highest, reserved_end, *(r.end for r in regions)),
-            L.SECTOR,
-        )
-        if footer.disk_type == L.DISK_DIFFERENCING:
-            self._details["parent_unique_id"] = str(header.parent_unique_id)
-
+    # -- opening: the parent chain and repairs -------------------------------------------------
     def _open_parent(self, chain: tuple[Path, ...]) -> None:
         me = self.path.resolve()
         if len(chain) >= MAX_CHAIN_DEPTH:
@@ -364,44 +160,8 @@ class VhdDisk(VirtualDisk):
         self.parent = parent
         stamp = L.vhd_timestamp(parent_path.stat().st_mtime)
         self._details["parent_path"] = str(parent_path)
-        self._details["parent_time_stamp"] = _vhd_time(self._header.parent_timestamp)
+        self._details["parent_time_stamp"] = vhd_time(self._header.parent_timestamp)
         self._details["parent_time_stamp_matches"] = stamp == self._header.parent_timestamp
-
-    def _check_parent(self, parent: VhdDisk, parent_path: Path) -> None:
-        expected = self._header.parent_unique_id
-        if parent.identity != expected:
-            raise VirtualDiskError(
-                f"{self.path}: parent id mismatch: this disk expects a parent with unique "
-                f"id {expected}, but {parent_path} has {parent.identity}",
-                hint="the parent was replaced or a different file was found; relink the "
-                "child to its real parent",
-            )
-        if parent.virtual_size != self._size:
-            raise VirtualDiskError(
-                f"{self.path}: virtual size {self._size} differs from its parent's "
-                f"({parent.virtual_size}, {parent_path})"
-            )
-
-    def _find_parent(self) -> Path:
-        """Resolve the parent: W2ru (relative) first, then W2ku (absolute)."""
-        tried: list[str] = []
-        order = {L.PLATFORM_W2RU: 0, L.PLATFORM_W2KU: 1}
-        for loc, text in sorted(self._locators, key=lambda lt: order[lt[0].platform_code]):
-            candidate = _locator_to_path(text, self.path.parent, loc.platform_code)
-            if candidate is None:
-                tried.append(f"{loc.platform} {text!r} (not a path on this system)")
-                continue
-            if candidate.is_file():
-                return candidate
-            tried.append(f"{loc.platform} {text!r} -> {candidate} (missing)")
-        if not tried:
-            raise VirtualDiskError(
-                f"{self.path}: differencing disk without a W2ru or W2ku parent locator"
-            )
-        raise VirtualDiskError(
-            f"{self.path}: parent not found; tried " + ", ".join(tried),
-            hint="restore the parent file or relink the child to it",
-        )
 
     def _repair(self) -> None:
         """Writable opens fix what a crash or a damaged sector left behind (see module doc)."""
@@ -436,233 +196,6 @@ class VhdDisk(VirtualDisk):
             self._repairs.append("rewrote the footer copy at offset 0")
             self._copy_needs_repair = False
             self._details["footer_copy"] = "ok"
-
-    # -- geometry and identity -------------------------------------------------------------
-    @property
-    def virtual_size(self) -> int:
-        return self._size
-
-    @property
-    def logical_sector_size(self) -> int:
-        return L.SECTOR
-
-    @property
-    def physical_sector_size(self) -> int:
-        return L.SECTOR
-
-    @property
-    def block_size(self) -> int:
-        return self._bs
-
-    @property
-    def identity(self) -> uuid.UUID:
-        return self._footer.unique_id
-
-    def info(self) -> DiskInfo:
-        self._check_open()
-        own = list(self.allocated_ranges(this_layer_only=True))
-        footer = self._footer
-        details: dict[str, object] = dict(self._details)
-        details.update(
-            {
-                "creator_application": footer.creator_app.decode("latin-1"),
-                "creator_version": f"{footer.creator_version >> 16}."
-                f"{footer.creator_version & 0xFFFF}",
-                "creator_host_os": footer.creator_host_os.decode("latin-1"),
-                "created": _vhd_time(footer.timestamp),
-                "geometry_chs": [footer.cylinders, footer.heads, footer.sectors_per_track],
-                "chs_size": footer.chs_size,
-                "original_size": footer.original_size,
-                "saved_state": bool(footer.saved_state),
-            }
-        )
-        if self.subformat is not SubFormat.FIXED:
-            details["bat_entries"] = self._header.max_table_entries
-            details["allocated_blocks"] = sum(
-                1 for i in range(self._n) if self._bat[i] != L.UNALLOCATED
-            )
-            details["parent_locators"] = [
-                {"platform": loc.platform, "path": text} for loc, text in self._locators
-            ]
-        if self._repairs:
-            details["repaired"] = list(self._repairs)
-        return DiskInfo(
-            path=str(self.path),
-            format=DiskFormat.VHD,
-            subformat=self.subformat,
-            virtual_size=self._size,
-            logical_sector_size=L.SECTOR,
-            physical_sector_size=L.SECTOR,
-            block_size=self._bs,
-            identity=footer.unique_id,
-            file_size=file_size(self._fd),
-            allocated_bytes=sum(length for _, length in own),
-            change_token=None,
-            parent=self.parent.info() if self.parent is not None else None,
-            details=details,
-        )
-
-    # -- reading ---------------------------------------------------------------------------
-    def read(self, offset: int, length: int) -> bytes:
-        self._check_open()
-        self._check_range(offset, length)
-        if length == 0:
-            return b""
-        if self.subformat is SubFormat.FIXED:
-            return pread_exact(self._fd, length, offset, self.path, "guest data")
-        bs = self._bs
-        first = offset // bs
-        if first == (offset + length - 1) // bs:
-            # Within one block whose bitmap is full: straight from the file, no copy.
-            entry = self._bat[first]
-            if entry != L.UNALLOCATED and (self._full[first] or self._bitmap(first) is None):
-                pos = entry * L.SECTOR + self._bm_bytes + offset - first * bs
-                return pread_exact(self._fd, length, pos, self.path, f"block {first}")
-        out = bytearray(length)
-        self._read_dynamic(offset, memoryview(out))
-        return bytes(out)
-
-    def read_into(self, offset: int, buf: memoryview) -> None:
-        self._check_open()
-        self._check_range(offset, len(buf))
-        if not len(buf):
-            return
-        if self.subformat is SubFormat.FIXED:
-            preadv_exact(self._fd, [buf], offset, self.path, "guest data")
-            return
-        self._read_dynamic(offset, buf)
-
-    def _read_dynamic(self, offset: int, out: memoryview) -> None:
-        """Fill ``out`` (guest bytes at ``offset``), batching file extents into ``preadv``
-        calls and parent (or zero) extents into one parent read each."""
-        bs, bm_bytes, end = self._bs, self._bm_bytes, offset + len(out)
-        fd, path = self._fd, self.path
-        scratch = memoryview(bytearray(0))
-        iov: list[memoryview] = []
-        iov_start = iov_end = -1
-        par_start = par_end = -1
-
-        def flush_file() -> None:
-            nonlocal iov, iov_start, iov_end
-            if iov:
-                preadv_exact(fd, iov, iov_start, path, "block data")
-            iov, iov_start, iov_end = [], -1, -1
-
-        def flush_parent() -> None:
-            nonlocal par_start, par_end
-            if par_start >= 0:
-                dst = out[par_start - offset : par_end - offset]
-                if self.parent is not None:
-                    self.parent.read_into(par_start, dst)
-                else:
-                    dst[:] = _ZEROS[: len(dst)] if len(dst) <= len(_ZEROS) else bytes(len(dst))
-            par_start = par_end = -1
-
-        def add_file(file_off: int, g0: int, g1: int) -> None:
-            nonlocal iov_start, iov_end, scratch
-            dst = out[g0 - offset : g1 - offset]
-            gap = file_off - iov_end
-            if iov and len(iov) < IOV_MAX - 2 and 0 <= gap <= _MAX_READ_GAP:
-                if gap:
-                    if len(scratch) < gap:
-                        scratch = memoryview(bytearray(max(gap, bm_bytes)))
-                    iov.append(scratch[:gap])
-                iov.append(dst)
-            else:
-                flush_file()
-                iov.append(dst)
-                iov_start = file_off
-            iov_end = file_off + len(dst)
-
-        def add_parent(g0: int, g1: int) -> None:
-            nonlocal par_start, par_end
-            if par_start >= 0 and par_end == g0:
-                par_end = g1
-                return
-            flush_parent()
-            par_start, par_end = g0, g1
-
-        for i in range(offset // bs, (end - 1) // bs + 1):
-            b0 = i * bs
-            g0, g1 = max(offset, b0), min(end, b0 + bs)
-            entry = self._bat[i]
-            if entry == L.UNALLOCATED:
-                add_parent(g0, g1)
-                continue
-            data_base = entry * L.SECTOR + bm_bytes - b0  # file offset of guest offset 0
-            bitmap = None if self._full[i] else self._bitmap(i)
-            if bitmap is None:
-                add_file(data_base + g0, g0, g1)
-                continue
-            s0 = (g0 - b0) // L.SECTOR
-            s1 = -(-(g1 - b0) // L.SECTOR)
-            for r0, r1, present in L.sector_runs(bitmap, s0, s1):
-                a, b = max(g0, b0 + r0 * L.SECTOR), min(g1, b0 + r1 * L.SECTOR)
-                if present:
-                    add_file(data_base + a, a, b)
-                else:
-                    add_parent(a, b)
-        flush_file()
-        flush_parent()
-
-    def _bitmap(self, index: int) -> bytes | None:
-        """The sector bitmap of allocated block ``index``; ``None`` when every bit is set."""
-        with self._meta_lock:
-            return self._bitmap_locked(index)
-
-    def _bitmap_locked(self, index: int) -> bytes | None:
-        if self._full[index]:
-            return None
-        dirty = self._dirty_bitmaps.get(index)
-        if dirty is not None:
-            return bytes(dirty)
-        cached = self._bitmap_cache.get(index)
-        if cached is not None:
-            self._bitmap_cache.move_to_end(index)
-            return cached
-        raw = pread_exact(
-            self._fd,
-            self._bm_bytes,
-            self._bat[index] * L.SECTOR,
-            self.path,
-            f"sector bitmap of block {index}",
-        )
-        if L.bitmap_full(raw, self._spb):
-            self._full[index] = 1
-            return None
-        self._bitmap_cache[index] = raw
-        if len(self._bitmap_cache) > _BITMAP_CACHE_ENTRIES:
-            self._bitmap_cache.popitem(last=False)
-        return raw
-
-    def allocated_ranges(self, *, this_layer_only: bool = False) -> Iterator[tuple[int, int]]:
-        self._check_open()
-        own = self._own_ranges()
-        if this_layer_only or self.parent is None:
-            return iter(own)
-        return coalesce(heapq.merge(own, self.parent.allocated_ranges()))
-
-    def _own_ranges(self) -> list[tuple[int, int]]:
-        if self.subformat is SubFormat.FIXED:
-            return list(data_ranges(self._fd, 0, self._size))
-        bs, size = self._bs, self._size
-        precise = self.subformat is SubFormat.DIFFERENCING
-        out: list[tuple[int, int]] = []
-        bat = self._bat
-        for i in range(self._n):
-            if bat[i] == L.UNALLOCATED:
-                continue
-            b0 = i * bs
-            bitmap = self._bitmap(i) if precise and not self._full[i] else None
-            if bitmap is None:
-                out.append((b0, min(bs, size - b0)))
-                continue
-            last = min(self._spb, -(-(size - b0) // L.SECTOR))
-            for r0, r1, present in L.sector_runs(bitmap, 0, last):
-                if present:
-                    a = b0 + r0 * L.SECTOR
-                    out.append((a, min(b0 + r1 * L.SECTOR, size) - a))
-        return list(coalesce(out))
 
     # -- writing ---------------------------------------------------------------------------
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -699,10 +232,10 @@ class VhdDisk(VirtualDisk):
         self._check_writable()
         self._check_range(offset, length)
         pos, end = offset, offset + length
-        step = len(_ZEROS)
+        step = len(ZEROS)
         while pos < end:
             n = min(step, end - pos)
-            self.write(pos, memoryview(_ZEROS)[:n])
+            self.write(pos, memoryview(ZEROS)[:n])
             pos += n
 
     def _write_aligned(self, offset: int, view: memoryview) -> None:
@@ -786,8 +319,8 @@ class VhdDisk(VirtualDisk):
     def _zero_fill(self, start: int, end: int, file_end: int) -> None:
         end = min(end, file_end)
         while start < end:
-            n = min(end - start, len(_ZEROS))
-            pwrite_all(self._fd, memoryview(_ZEROS)[:n], start)
+            n = min(end - start, len(ZEROS))
+            pwrite_all(self._fd, memoryview(ZEROS)[:n], start)
             start += n
 
     def flush(self) -> None:
@@ -814,13 +347,9 @@ class VhdDisk(VirtualDisk):
                     self._dirty_bitmaps.pop(index, None)
                     if not self._full[index]:
                         self._bitmap_cache[index] = bytes(bitmap)
-                while len(self._bitmap_cache) > _BITMAP_CACHE_ENTRIES:
+                while len(self._bitmap_cache) > BITMAP_CACHE_ENTRIES:
                     self._bitmap_cache.popitem(last=False)
             self._dirty_bat.clear()
-
-    def _close_files(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
 
     # -- relinking -------------------------------------------------------------------------
     def _relink(self, parent_path: Path, parent_id: uuid.UUID, parent_size: int) -> None:
@@ -843,7 +372,7 @@ class VhdDisk(VirtualDisk):
         with self._write_lock:
             fd = self._fd
             entries: list[tuple[int, bytes]] = []
-            rel = _relative_locator(parent_path, self.path)
+            rel = relative_locator(parent_path, self.path)
             if rel is not None:
                 entries.append((L.PLATFORM_W2RU, L.locator_path_bytes(rel)))
             entries.append((L.PLATFORM_W2KU, L.locator_path_bytes(str(parent_path.absolute()))))
@@ -876,156 +405,6 @@ class VhdDisk(VirtualDisk):
                 (loc, data.decode("utf-16-le"))
                 for loc, (_, data) in zip(locators, entries, strict=True)
             ]
-
-
-def _vhd_time(stamp: int) -> str:
-    return datetime.fromtimestamp(stamp + L.VHD_EPOCH, tz=UTC).isoformat()
-
-
-def _locator_to_path(text: str, base: Path, platform: int) -> Path | None:
-    """A locator's path on this system, or ``None`` if it cannot name a file here."""
-    if not text:
-        return None
-    if platform == L.PLATFORM_W2RU:
-        parts = PureWindowsPath(text).parts if "\\" in text else PurePosixPath(text).parts
-        if PureWindowsPath(text).is_absolute() or PurePosixPath(text).is_absolute():
-            return None
-        return base.joinpath(*parts) if parts else None
-    # W2ku: absolute. A Windows path ("C:\\...") only means something on Windows; ours on a
-    # POSIX host is a POSIX absolute path.
-    if os.name == "nt":  # pragma: no cover - Windows only
-        return Path(text) if PureWindowsPath(text).is_absolute() else None
-    posix = text.replace("\\", "/") if not PureWindowsPath(text).drive else None
-    if posix is None or not posix.startswith("/"):
-        return None
-    return Path(posix)
-
-
-def _relative_locator(parent: Path, child: Path) -> str | None:
-    """The W2ru text for ``parent`` seen from ``child``'s folder (".\\name" style), or None
-    where no relative path exists (different Windows drives)."""
-    try:
-        rel = os.path.relpath(parent.absolute(), child.absolute().parent)
-    except ValueError:  # pragma: no cover - Windows: different drives
-        return None
-    rel = rel.replace(os.sep, "\\")
-    if not rel.startswith(".."):
-        rel = ".\\" + rel
-    return rel
-
-
-def create_vhd(
-    path: str | os.PathLike[str],
-    *,
-    size: int | None,
-    subformat: SubFormat | str,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    parent: str | os.PathLike[str] | None = None,
-) -> VhdDisk:
-    """Create a VHD and return it opened writable. ``size`` is the virtual size in bytes (a
-    multiple of 512); a differencing disk takes its parent's size (``size`` may be None or
-    must match).
-
-    The file is created exclusively (an existing file is never overwritten), written
-    completely and synced, with its folder entry. Fixed disks are sparse files until written."""
-    sub = SubFormat(subformat)
-    p = Path(path)
-    parent_id = uuid.UUID(int=0)
-    parent_path: Path | None = None
-    if sub is SubFormat.DIFFERENCING:
-        if parent is None:
-            raise VirtualDiskError(f"{p}: a differencing disk needs a parent")
-        parent_path = Path(parent)
-        with open_vhd(parent_path, read_only=True) as par:
-            parent_id = par.identity
-            if size is not None and size != par.virtual_size:
-                raise VirtualDiskError(
-                    f"{p}: size {size} differs from the parent's virtual size "
-                    f"{par.virtual_size} (a differencing disk always has its parent's size)"
-                )
-            size = par.virtual_size
-    elif parent is not None:
-        raise VirtualDiskError(f"{p}: only a differencing disk has a parent")
-    if size is None:
-        raise VirtualDiskError(f"{p}: a size is needed to create a {sub} VHD")
-    _check_create_size(p, size)
-    if sub is not SubFormat.FIXED:
-        _check_block_size(p, block_size)
-    fd = open_image(p, read_only=False, create=True)
-    try:
-        lock_file(fd, p, exclusive=True)
-        footer = L.new_footer(disk_type=_DISK_TYPE_OF[sub], size=size)
-        fbytes = footer.pack()
-        if sub is SubFormat.FIXED:
-            os.ftruncate(fd, size)
-            pwrite_all(fd, fbytes, size)
-        else:
-            n = L.bat_entries_needed(size, block_size)
-            table_offset = L.FOOTER_SIZE + L.HEADER_SIZE
-            bat_bytes = round_up(n * 4, L.SECTOR)
-            pos = table_offset + bat_bytes
-            locators: list[L.Locator] = []
-            blobs: list[tuple[int, bytes]] = []
-            stamp = 0
-            name = ""
-            if parent_path is not None:
-                stamp = L.vhd_timestamp(parent_path.stat().st_mtime)
-                name = parent_path.name
-                texts = []
-                rel = _relative_locator(parent_path, p)
-                if rel is not None:
-                    texts.append((L.PLATFORM_W2RU, rel))
-                texts.append((L.PLATFORM_W2KU, str(parent_path.absolute())))
-                for code, text in texts:
-                    data = L.locator_path_bytes(text)
-                    space = round_up(len(data), L.SECTOR)
-                    locators.append(L.Locator(code, space, len(data), 0, pos))
-                    blobs.append((pos, data + bytes(space - len(data))))
-                    pos += space
-            header = L.DynamicHeader(
-                data_offset=L.NO_DATA_OFFSET,
-                table_offset=table_offset,
-                max_table_entries=n,
-                block_size=block_size,
-                parent_unique_id=parent_id,
-                parent_timestamp=stamp,
-                parent_name=name,
-                locators=tuple(locators),
-            )
-            pwrite_all(fd, fbytes, 0)
-            pwrite_all(fd, header.pack(), L.FOOTER_SIZE)
-            pwrite_all(fd, b"\xff" * bat_bytes, table_offset)
-            for at, blob in blobs:
-                pwrite_all(fd, blob, at)
-            pwrite_all(fd, fbytes, pos)
-        datasync(fd)
-        fsync_dir(p)
-        return VhdDisk(p, fd, read_only=False, chain=())
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            p.unlink()
-        raise
-
-
-def _check_create_size(p: Path, size: int) -> None:
-    if size <= 0 or size % L.SECTOR:
-        raise VirtualDiskError(
-            f"{p}: a VHD's size must be a positive multiple of {L.SECTOR} bytes (got {size})"
-        )
-    if size > L.MAX_VIRTUAL_SIZE:
-        raise VirtualDiskError(
-            f"{p}: {size} bytes exceeds the VHD maximum of 2040 GiB",
-            hint="use VHDX for larger disks",
-        )
-
-
-def _check_block_size(p: Path, block_size: int) -> None:
-    if block_size & (block_size - 1) or not L.MIN_BLOCK_SIZE <= block_size <= L.MAX_BLOCK_SIZE:
-        raise VirtualDiskError(
-            f"{p}: VHD block size {block_size} is not a power of two between "
-            f"{L.MIN_BLOCK_SIZE} and {L.MAX_BLOCK_SIZE} (Hyper-V uses 2 MiB)"
-        )
 
 
 def set_parent_vhd(child: str | os.PathLike[str], new_parent: str | os.PathLike[str]) -> None:

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from sitepair.errors import VirtualDiskError
 from sitepair.vdisk import open_disk
 from sitepair.vdisk import vhd_layout as L
-from sitepair.vdisk.vhd import VhdDisk, create_vhd, open_vhd, set_parent_vhd
+from sitepair.vdisk.vhd import VhdDisk, open_vhd, set_parent_vhd
+from sitepair.vdisk.vhd_create import create_vhd
 from tests.vdisk.helpers import (
     MiB,
     bat_entry,

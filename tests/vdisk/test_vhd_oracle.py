@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from sitepair.vdisk import SubFormat, open_disk
-from sitepair.vdisk.vhd import create_vhd, open_vhd
+from sitepair.vdisk.vhd import open_vhd
+from sitepair.vdisk.vhd_create import create_vhd
 from tests.vdisk.helpers import (
     MiB,
     pyvhdi_sha256,

@@ -21,7 +21,8 @@ from sitepair.vdisk import (
 )
 from sitepair.vdisk import vhd_layout as L
 from sitepair.vdisk.raw import open_raw
-from sitepair.vdisk.vhd import create_vhd, open_vhd, probe_vhd
+from sitepair.vdisk.vhd import open_vhd, probe_vhd
+from sitepair.vdisk.vhd_create import create_vhd
 from tests.vdisk.helpers import MiB, patch, read_at
 
 

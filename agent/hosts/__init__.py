@@ -36,7 +36,7 @@ def make_backend(config: AgentConfig) -> HostBackend:
                 hint='set [backend] kind = "directory" in agent.toml',
             )
         from agent.hosts.hyperv import HyperVBackend
-        from agent.hosts.hyperv_api import PowerShellHyperVApi
+        from agent.hosts.hyperv_powershell import PowerShellHyperVApi
 
         return HyperVBackend(
             config.backend.vm_root,

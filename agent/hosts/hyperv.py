@@ -2,8 +2,8 @@
 
 **Exercised on Windows only, and not yet on a real Hyper-V host.** Every call to Hyper-V goes
 through the narrow :class:`agent.hosts.hyperv_api.HyperVApi`; on a Windows host that is
-:class:`~agent.hosts.hyperv_api.PowerShellHyperVApi`. The logic here is tested on Linux against
-``FakeHyperVApi`` (``tests/hosts/fake_hyperv.py``), a simulation over real VHDX/VHD files;
+:class:`~agent.hosts.hyperv_powershell.PowerShellHyperVApi`. The logic here is tested on Linux
+against ``FakeHyperVApi`` (``tests/hosts/fake_hyperv.py``), a simulation over real VHDX/VHD files;
 ``docs/hyperv-backend.md`` says what that proves and what it cannot.
 
 The contract of :class:`agent.hosts.base.HostBackend` in Hyper-V's terms:

@@ -19,24 +19,21 @@ from typing import Any
 
 import pytest
 
-from agent.hosts import hyperv_api
+from agent.hosts import hyperv_scripts
 from agent.hosts.hyperv_api import (
     HvDrive,
     HvNic,
     NewVm,
-    PowerShellHyperVApi,
     QuiesceFailed,
     RctUnavailable,
-    RunResult,
     check_guid,
-    format_mac,
     notes_fields,
     parse_slot,
-    ps_quote,
-    render,
-    run_process,
     slot_name,
 )
+from agent.hosts.hyperv_json import format_mac
+from agent.hosts.hyperv_powershell import PowerShellHyperVApi, RunResult, run_process
+from agent.hosts.hyperv_scripts import ps_quote, render
 from sitepair.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -176,10 +173,10 @@ def test_no_template_puts_a_value_inside_a_double_quoted_string() -> None:
     """PowerShell expands $(...) inside double quotes: a value placed there could run code."""
     templates = {
         name: value
-        for name, value in vars(hyperv_api).items()
-        if name.startswith("_") and isinstance(value, str) and "<<" in value
+        for name, value in vars(hyperv_scripts).items()
+        if name.isupper() and isinstance(value, str) and "<<" in value
     }
-    templates.update({f"_POWER[{k}]": v for k, v in hyperv_api._POWER.items()})
+    templates.update({f"POWER[{k}]": v for k, v in hyperv_scripts.POWER.items()})
     assert len(templates) > 15
     for name, text in templates.items():
         for line in text.splitlines():

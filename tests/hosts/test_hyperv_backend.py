@@ -20,8 +20,9 @@ from agent.config import AgentConfig, BackendConfig, NetworkConfig
 from agent.hosts import make_backend
 from agent.hosts.base import Cut, RegisteredVm
 from agent.hosts.hyperv import HyperVBackend
-from agent.hosts.hyperv_api import HvVm, PowerShellHyperVApi, QuiesceFailed
+from agent.hosts.hyperv_api import HvVm, QuiesceFailed
 from agent.hosts.hyperv_cuts import align_ranges
+from agent.hosts.hyperv_powershell import PowerShellHyperVApi
 from agent.replication.engine import SourceRelationship
 from agent.replication.state import SenderState, SourceConfig
 from sitepair import vdisk
@@ -54,8 +55,6 @@ SIZES = {OS: 8 * MiB, DATA: 4 * MiB}
 
 @pytest.fixture
 def hv(tmp_path: Path) -> FakeHyperVApi:
-    if not vdisk.vhdx_available():
-        pytest.skip("sitepair.vdisk.vhdx is not available in this tree")
     return FakeHyperVApi(tmp_path / "host", process_limit=3 * MiB)
 
 
@@ -960,8 +959,6 @@ def test_engine_replicates_a_hyperv_vm_byte_for_byte(
     """SourceRelationship.run_cycle over a HyperVBackend on the fake: the initial cycle copies
     the guest's disks exactly; delta cycles carry exactly the blocks the guest wrote; a VM move
     (RCT history lost) becomes a checksum resync, and deltas follow again."""
-    if not vdisk.vhdx_available():
-        pytest.skip("sitepair.vdisk.vhdx is not available in this tree")
     hv = FakeHyperVApi(tmp_path / "host", process_limit=3 * MiB)
     made = hv.add_vm("web01", [(OS, "vhdx", SIZES[OS]), (DATA, "vhd", SIZES[DATA])])
     hv.set_power(made.id, "start")

@@ -31,15 +31,20 @@ import grpc.aio
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker import config as config_mod
+from broker.agent_commands import AgentCommands
 from broker.auth import BrokerAuthorizer
 from broker.ca import CertificateAuthority, ServerCertificate, write_operator_profile
+from broker.clouds import CloudManager
 from broker.commands import CommandDispatcher
+from broker.failback import FailbackManager
 from broker.failover import FailoverManager
 from broker.heartbeats import HeartbeatWriter, LivenessMonitor
 from broker.home import BrokerHome
 from broker.jobs import JobManager, new_id
+from broker.orchestration import Orchestration
 from broker.plans import PlanManager
 from broker.protection import ProtectionManager
+from broker.reports import ReplicationReports
 from broker.servers import ServerOperations
 from broker.sessions import SessionRegistry
 from broker.store.base import Store
@@ -73,8 +78,11 @@ class BrokerContext:
     dispatcher: CommandDispatcher
     heartbeats: HeartbeatWriter
     servers: ServerOperations
+    clouds: CloudManager
     protection: ProtectionManager
+    reports: ReplicationReports
     failover: FailoverManager
+    failback: FailbackManager
     plans: PlanManager
     ticket_key: ed25519.Ed25519PrivateKey
     started_at: float
@@ -291,19 +299,28 @@ class Broker:
             spawn=self.spawn,
         )
         ticket_key = tickets.load_signing_key(home.ticket_key)
-        protection = ProtectionManager(
+        orchestration = Orchestration(
             store=store,
             clock=clock,
             jobs=jobs,
             dispatcher=dispatcher,
             sessions=sessions,
             spawn=self.spawn,
-            ticket_key=ticket_key,
+        )
+        commands = AgentCommands(store=store, ticket_key=ticket_key)
+        reports = ReplicationReports(
+            store=store,
+            clock=clock,
             agent_lifetime=cfg.certificates.agent_lifetime,
             health=cfg.health,
         )
-        failover = FailoverManager(protection)
-        plans = PlanManager(failover)
+        clouds = CloudManager(orchestration, commands=commands)
+        protection = ProtectionManager(orchestration, commands=commands, reports=reports)
+        failback = FailbackManager(orchestration, commands=commands, reports=reports)
+        failover = FailoverManager(
+            orchestration, commands=commands, reports=reports, failback=failback
+        )
+        plans = PlanManager(orchestration, failover=failover, failback=failback)
         ctx = BrokerContext(
             config=cfg,
             home=home,
@@ -317,8 +334,11 @@ class Broker:
             dispatcher=dispatcher,
             heartbeats=heartbeats,
             servers=servers,
+            clouds=clouds,
             protection=protection,
+            reports=reports,
             failover=failover,
+            failback=failback,
             plans=plans,
             ticket_key=ticket_key,
             started_at=clock.now(),
@@ -392,7 +412,7 @@ class Broker:
         self._heartbeat_task = self.spawn(heartbeats.run(), essential=True)
         self.spawn(self._liveness.run(), essential=True)
         self.spawn(self._renew_serving_certificate(), essential=True)
-        self.spawn(protection.run_health(cfg.heartbeat.interval, leader=leadership), essential=True)
+        self.spawn(reports.run_health(cfg.heartbeat.interval, leader=leadership), essential=True)
         verifier = VerifyScheduler(
             store=store, clock=clock, jobs=jobs, protection=protection, config=cfg.verify
         )

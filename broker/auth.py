@@ -28,9 +28,6 @@ class BrokerAuthorizer:
     def deny_server(self, server_id: str) -> None:
         self._removed_servers.add(server_id)
 
-    def is_denied(self, server_id: str) -> bool:
-        return server_id in self._removed_servers
-
     def authorize(self, identity: pki.Identity, roles: frozenset[pki.Role]) -> None:
         if identity.vault != self.vault:
             raise PermissionDenied(

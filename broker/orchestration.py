@@ -103,25 +103,35 @@ class StepRun:
         return await self.orchestrator.wait_connected(self, server_id, within=within)
 
 
+@dataclasses.dataclass(frozen=True)
+class Orchestration:
+    """What running jobs of agent commands takes; built once, shared by the orchestrators."""
+
+    store: Store
+    clock: Clock
+    jobs: JobManager
+    dispatcher: CommandDispatcher
+    sessions: SessionRegistry
+    #: Runs a coroutine as a task the broker cancels when it shuts down.
+    spawn: Callable[[Awaitable[Any]], asyncio.Task[Any]]
+    #: How long a step waits for a host's answer to a command.
+    command_timeout: float = 3600.0
+
+
 class Orchestrator:
-    def __init__(
-        self,
-        *,
-        store: Store,
-        clock: Clock,
-        jobs: JobManager,
-        dispatcher: CommandDispatcher,
-        sessions: SessionRegistry,
-        spawn: Callable[[Awaitable[Any]], asyncio.Task[Any]],
-        command_timeout: float = 3600.0,
-    ) -> None:
-        self.store = store
-        self.clock = clock
-        self.jobs = jobs
-        self.dispatcher = dispatcher
-        self.sessions = sessions
-        self.spawn = spawn
-        self.command_timeout = command_timeout
+    """The base of the managers whose operations are jobs of agent commands: declares their
+    kinds of job, runs their steps, sends their commands."""
+
+    def __init__(self, orchestration: Orchestration) -> None:
+        o = orchestration
+        self.orchestration = o
+        self.store = o.store
+        self.clock = o.clock
+        self.jobs = o.jobs
+        self.dispatcher = o.dispatcher
+        self.sessions = o.sessions
+        self.spawn = o.spawn
+        self.command_timeout = o.command_timeout
         self._declared: dict[
             str, tuple[Declaration, Callable[[StepRun], Awaitable[str]] | None]
         ] = {}

@@ -26,8 +26,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from broker.failback import FailbackManager
 from broker.failover import FailoverManager
-from broker.orchestration import Orchestrator, Step, StepFailed, StepRun, unique_names
+from broker.orchestration import (
+    Orchestration,
+    Orchestrator,
+    Step,
+    StepFailed,
+    StepRun,
+    unique_names,
+)
 from broker.store.models import Job, JobState, RecoveryPlan, Relationship, StepState
 from broker.store.sqlite import Tx
 from sitepair import pki
@@ -52,18 +60,16 @@ def _doc(plan: RecoveryPlan) -> dict[str, Any]:
 
 
 class PlanManager(Orchestrator):
-    def __init__(self, failover: FailoverManager) -> None:
-        f = failover
-        super().__init__(
-            store=f.store,
-            clock=f.clock,
-            jobs=f.jobs,
-            dispatcher=f.dispatcher,
-            sessions=f.sessions,
-            spawn=f.spawn,
-            command_timeout=f.command_timeout,
-        )
-        self.failover = failover
+    def __init__(
+        self,
+        orchestration: Orchestration,
+        *,
+        failover: FailoverManager,
+        failback: FailbackManager,
+    ) -> None:
+        super().__init__(orchestration)
+        self._failover = failover
+        self._failback = failback
         self._resume = asyncio.Condition()
         self.declare("plan-failover", self._failover_steps)
         self.declare("plan-cleanup-test", self._cleanup_steps)
@@ -262,11 +268,13 @@ class PlanManager(Orchestrator):
             if not children:
                 for rid in group["vms"]:
                     if ftype == "planned":
-                        child = await self.failover.planned(rid, by=f"plan/{job.id}")
+                        child = await self._failover.planned(rid, by=f"plan/{job.id}")
                     elif ftype == "unplanned":
-                        child = await self.failover.unplanned(rid, by=f"plan/{job.id}", point=point)
+                        child = await self._failover.unplanned(
+                            rid, by=f"plan/{job.id}", point=point
+                        )
                     else:
-                        child = await self.failover.test(rid, by=f"plan/{job.id}", point=point)
+                        child = await self._failover.test(rid, by=f"plan/{job.id}", point=point)
                     children.append(child.id)
                 await self._remember(job, f"group-{gi}", children)
             outcomes = await asyncio.gather(*(self._wait_job(c) for c in children))
@@ -411,11 +419,11 @@ class PlanManager(Orchestrator):
                 child_id = result.get(f"vm-{i}")
                 if child_id is None:
                     if job.kind == "plan-cleanup-test":
-                        child = await self.failover.cleanup_test(
+                        child = await self._failover.cleanup_test(
                             rid, by=f"plan/{job.id}", notes=params.get("notes", "")
                         )
                     else:
-                        child = await self.failover.commit(rid, by=f"plan/{job.id}")
+                        child = await self._failback.commit(rid, by=f"plan/{job.id}")
                     child_id = child.id
                     await self._remember(job, f"vm-{i}", child_id)
                 done = await self._wait_job(child_id)

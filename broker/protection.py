@@ -1,37 +1,29 @@
-"""Protection management: clouds, cloud pairs and their policy, mappings, protected VMs, health.
+"""Protection of VMs: enable, disable, replication actions, and a replica host that moved.
 
-What an operator does between registering hosts and a failover, as Azure Site Recovery does it
-between two on-premises sites. Every change that touches hosts runs as a job whose steps are
-commands to agents; command steps are idempotent and a job interrupted by a broker restart
-carries on from its first unfinished step (:meth:`ProtectionManager.resume`).
+Protecting a VM (``vms protect``) is a job: the broker checks the VM, its cloud's pair and its
+disks, chooses the replica host (:mod:`broker.placement`), has the replica host accept the VM
+and the primary replicate to it (:mod:`broker.agent_commands`), and follows the initial
+replication through the hosts' reports (:mod:`broker.reports`). A failed enable leaves nothing
+behind on the hosts. Disabling protection, the replication actions (pause, resume, resync,
+verify, run a cycle) and telling a primary its replica host's new address are jobs too. Every
+command step is idempotent and a job interrupted by a broker restart carries on from its first
+unfinished step (:mod:`broker.orchestration`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import json
 import logging
-import os
 import uuid
-from collections.abc import Awaitable, Callable
-from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from google.protobuf import json_format
-
-from broker.commands import CommandDispatcher
-from broker.health import CycleHistory, HealthConfig, evaluate
-from broker.jobs import JobManager
-from broker.orchestration import Orchestrator, Step, StepFailed, StepRun
-from broker.policy import Policy, validate
-from broker.sessions import SessionRegistry
-from broker.store.base import Store
-from broker.store.leadership import Leader
+from broker import placement
+from broker.agent_commands import REPLICATING, AgentCommands
+from broker.orchestration import Orchestration, Orchestrator, Step, StepRun
+from broker.policy import Policy
+from broker.reports import ReplicationReports
 from broker.store.models import (
-    Cloud,
-    CloudPair,
     CommandState,
     InventoryVm,
     Job,
@@ -43,338 +35,32 @@ from broker.store.models import (
     StepState,
 )
 from broker.store.sqlite import Tx
-from sitepair import paths, pki, tickets
-from sitepair.clock import Clock
-from sitepair.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    SitepairError,
-)
-from sitepair.protoconv import timestamp
+from sitepair import paths
+from sitepair.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from sitepair.v1 import control_pb2
 
 log = logging.getLogger("sitepair.broker.protection")
 
 SUPPORTED_FORMATS = ("vhd", "vhdx")
-#: Space kept free on a replica volume beyond the disks' allocated size.
-PLACEMENT_MARGIN = 1 << 30
 #: How long a failed job waits for a host to confirm a rollback command (it stays queued).
 UNDO_WAIT = 30.0
-#: Statuses looked at in one replication report (a host reports one per relationship and role;
-#: more than this is not a host we would give that many relationships).
-MAX_STATUSES_PER_REPORT = 4096
-#: Longest text kept from a status, per field; longer text is cut.
-STATUS_TEXT_LIMITS = {
-    "relationship_id": 64,
-    "role": 16,
-    "state": 64,
-    "vm_id": 128,
-    "last_error": 2048,
-    "last_error_code": 64,
-    "app_consistent_error": 2048,
-}
-#: Recovery points kept from a status (24 hourly points, the latest, and room for pinned ones).
-MAX_STATUS_POINTS = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    server: Server
-    folder: str
-    reason: str
 
 
 class ProtectionManager(Orchestrator):
     def __init__(
         self,
+        orchestration: Orchestration,
         *,
-        store: Store,
-        clock: Clock,
-        jobs: JobManager,
-        dispatcher: CommandDispatcher,
-        sessions: SessionRegistry,
-        spawn: Callable[[Awaitable[Any]], asyncio.Task[Any]],
-        ticket_key: Any,
-        agent_lifetime: float,
-        health: HealthConfig | None = None,
-        command_timeout: float = 3600.0,
+        commands: AgentCommands,
+        reports: ReplicationReports,
     ) -> None:
-        super().__init__(
-            store=store,
-            clock=clock,
-            jobs=jobs,
-            dispatcher=dispatcher,
-            sessions=sessions,
-            spawn=spawn,
-            command_timeout=command_timeout,
-        )
-        self.ticket_key = ticket_key
-        self.agent_lifetime = agent_lifetime
-        self.health_config = health or HealthConfig()
-        self.history = CycleHistory()
-        self._reported = asyncio.Condition()
-        self._refused_count = 0
-        self._refused_logged_at: float | None = None
-        self.declare("configure-pair", self._pair_steps)
+        super().__init__(orchestration)
+        self._commands = commands
+        self._reports = reports
         self.declare("enable-protection", self._protect_steps, on_failure=self._undo_protect)
         self.declare("disable-protection", self._disable_steps)
         self.declare("replication-action", self._action_steps)
         self.declare("update-replica-address", self._readdress_steps)
-
-    # -- clouds -----------------------------------------------------------------------------
-    async def create_cloud(self, name: str, site: str, description: str = "") -> Cloud:
-        pki.check_identifier(name, "cloud name")
-        pki.check_identifier(site, "site")
-        cloud = Cloud(name=name, site=site, description=description, created_at=self.clock.now())
-        await self.write(lambda tx: tx.insert_cloud(cloud))
-        log.info("cloud created", extra={"fields": {"cloud": name, "site": site}})
-        return cloud
-
-    async def delete_cloud(self, name: str) -> None:
-        def run(tx: Tx) -> None:
-            if tx.get_cloud(name) is None:
-                raise NotFound(f"no cloud {name!r}")
-            pair = tx.pair_of(name)
-            if pair is not None:
-                raise FailedPrecondition(
-                    f"cloud {name} is paired ({pair.primary_cloud} -> {pair.recovery_cloud})",
-                    hint=f"remove the pairing first: clouds unpair {pair.primary_cloud}",
-                )
-            tx.delete_cloud(name)
-
-        await self.write(run)
-
-    async def add_host(self, cloud: str, server_ref: str) -> Server:
-        now = self.clock.now()
-
-        def run(tx: Tx) -> Server:
-            c = tx.get_cloud(cloud)
-            if c is None:
-                raise NotFound(f"no cloud {cloud!r}", hint="create it with `clouds create`")
-            server = tx.find_server(server_ref)
-            if server.removed_at is not None:
-                raise FailedPrecondition(f"server {server.name} was removed")
-            if server.site != c.site:
-                raise FailedPrecondition(
-                    f"server {server.name} is at site {server.site}, cloud {cloud} at {c.site}"
-                )
-            current = tx.cloud_of(server.id)
-            if current == cloud:
-                return server
-            if current is not None and _active_on(tx, server.id):
-                raise FailedPrecondition(
-                    f"server {server.name} is in cloud {current} and protects VMs there",
-                    hint="disable their protection before moving the host",
-                )
-            tx.set_host_cloud(server.id, cloud, now)
-            return server
-
-        return await self.write(run)
-
-    async def remove_host(self, cloud: str, server_ref: str) -> Server:
-        now = self.clock.now()
-
-        def run(tx: Tx) -> Server:
-            server = tx.find_server(server_ref)
-            if tx.cloud_of(server.id) != cloud:
-                raise FailedPrecondition(f"server {server.name} is not in cloud {cloud}")
-            if _active_on(tx, server.id):
-                raise FailedPrecondition(
-                    f"server {server.name} takes part in protected VMs",
-                    hint="disable their protection first",
-                )
-            tx.set_host_cloud(server.id, None, now)
-            return server
-
-        return await self.write(run)
-
-    # -- pairs ------------------------------------------------------------------------------
-    async def pair(self, primary: str, recovery: str, policy: Policy, *, by: str) -> Job:
-        validate(policy)
-        now = self.clock.now()
-
-        def run(tx: Tx) -> None:
-            for name in (primary, recovery):
-                if tx.get_cloud(name) is None:
-                    raise NotFound(f"no cloud {name!r}")
-            if primary == recovery:
-                raise InvalidArgument("a cloud cannot be paired with itself")
-            for name in (primary, recovery):
-                existing = tx.pair_of(name)
-                if existing is not None:
-                    raise AlreadyExists(
-                        f"cloud {name} already belongs to the pair {existing.primary_cloud} -> "
-                        f"{existing.recovery_cloud}; a cloud belongs to one pair at most",
-                        hint="to change the target, remove the pairing first: "
-                        f"clouds unpair {existing.primary_cloud}",
-                    )
-            tx.insert_pair(CloudPair(primary, recovery, policy.to_json(), now, now))
-
-        await self.write(run)
-        log.info("clouds paired", extra={"fields": {"primary": primary, "recovery": recovery}})
-        return await self._apply_policy_job(primary, recovery, policy, by=by)
-
-    async def set_policy(self, primary: str, policy: Policy, *, by: str) -> Job:
-        validate(policy)
-        now = self.clock.now()
-
-        def run(tx: Tx) -> CloudPair:
-            pair = tx.pair_of(primary)
-            if pair is None or pair.primary_cloud != primary:
-                raise NotFound(f"cloud {primary} is not the primary of a pair")
-            tx.update_pair_policy(primary, policy.to_json(), now)
-            return pair
-
-        pair = await self.write(run)
-        return await self._apply_policy_job(pair.primary_cloud, pair.recovery_cloud, policy, by=by)
-
-    async def _apply_policy_job(
-        self, primary: str, recovery: str, policy: Policy, *, by: str
-    ) -> Job:
-        return await self.start_job(
-            "configure-pair",
-            f"pair/{primary}",
-            {"primary": primary, "recovery": recovery, "authentication": policy.authentication},
-            by=by,
-        )
-
-    def _pair_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
-        primary, recovery = params["primary"], params["recovery"]
-
-        async def check_hosts(step: StepRun) -> str:
-            def read(tx: Tx) -> tuple[Policy, list[Server]]:
-                pair = tx.pair_of(primary)
-                if pair is None:
-                    raise StepFailed(f"the pair {primary} -> {recovery} was removed meanwhile")
-                return Policy.from_json(pair.policy_json), [
-                    s for s in (tx.get_server(i) for i in tx.cloud_hosts(recovery)) if s is not None
-                ]
-
-            policy, hosts = await self.read(read)
-            problems = []
-            for host in hosts:
-                facts = json.loads(host.facts_json or "{}")
-                port = int(
-                    facts.get(
-                        "certificatePort"
-                        if policy.authentication == "certificate"
-                        else "ticketPort",
-                        0,
-                    )
-                )
-                if not port:
-                    problems.append(
-                        f"{host.name} reports no {policy.authentication} replication listener"
-                    )
-            if problems:
-                raise StepFailed("; ".join(problems))
-            return (
-                f"{len(hosts)} recovery host(s) ready"
-                if hosts
-                else f"cloud {recovery} has no hosts yet"
-            )
-
-        async def apply_to_relationships(step: StepRun) -> str:
-            def read(tx: Tx) -> tuple[CloudPair | None, list[Relationship], set[str]]:
-                rels = [r for r in tx.list_relationships() if r.primary_cloud == primary]
-                return tx.pair_of(primary), rels, tx.removed_server_ids()
-
-            pair, rels, removed = await self.read(read)
-            if pair is None:
-                raise StepFailed(f"the pair {primary} -> {recovery} was removed meanwhile")
-            updated, waiting = 0, []
-            for rel in rels:
-                # Every relationship gets the policy in the store; those replicating get it on
-                # their hosts too, each its own commands (one per relationship and host).
-                # Others take it when they next configure their hosts (cancel, reverse); a
-                # failed-over VM's old primary must not be told to replicate again.
-                def update(tx: Tx, rel_id: str = rel.id) -> None:
-                    tx.update_relationship(rel_id, self.clock.now(), policy_json=pair.policy_json)
-
-                await self.write(update)
-                if rel.state not in _REPLICATING:
-                    waiting.append(f"{rel.vm_name} ({rel.state.value})")
-                    continue
-                gone = [s for s in (rel.primary_server, rel.replica_server) if s in removed]
-                if gone:
-                    waiting.append(f"{rel.vm_name} (a host was removed)")
-                    continue
-                fresh = await self.relationship(rel.id)
-                await step.send(fresh.replica_server, self._configure_replica_cmd(fresh))
-                await step.send(fresh.primary_server, await self._configure_source_cmd(fresh))
-                updated += 1
-                await step.progress(done=updated, total=len(rels))
-            message = f"{updated} protected VM(s) updated"
-            if waiting:
-                message += f"; stored for {len(waiting)} not replicating now: " + ", ".join(
-                    waiting[:20]
-                )
-            return message
-
-        # Jobs created before the name of the policy's authentication was kept say "ticket" or
-        # "certificate" in their first step's name as the policy had it then.
-        authentication = params.get("authentication", "")
-        return [
-            Step(f"check the hosts of {recovery} accept {authentication} replication", check_hosts),
-            Step(APPLY_POLICY, apply_to_relationships),
-        ]
-
-    async def unpair(self, primary: str) -> None:
-        def run(tx: Tx) -> None:
-            pair = tx.pair_of(primary)
-            if pair is None or pair.primary_cloud != primary:
-                raise NotFound(f"cloud {primary} is not the primary of a pair")
-            rels = [r for r in tx.list_relationships() if r.primary_cloud == primary]
-            if rels:
-                raise FailedPrecondition(
-                    f"{len(rels)} VM(s) of cloud {primary} are protected",
-                    hint="disable their protection before removing the pairing",
-                )
-            tx.delete_pair(primary)
-
-        await self.write(run)
-
-    # -- mappings ---------------------------------------------------------------------------
-    async def map(self, kind: str, source: str, target: str) -> None:
-        if kind not in ("network", "storage"):
-            raise InvalidArgument(f"unknown mapping kind {kind!r}")
-        if not source or not target:
-            raise InvalidArgument("a mapping needs a source and a target")
-        await self.write(lambda tx: tx.put_mapping(kind, source, target, self.clock.now()))
-
-    async def unmap(self, kind: str, source: str) -> None:
-        removed = await self.write(lambda tx: tx.delete_mapping(kind, source))
-        if not removed:
-            raise NotFound(f"no {kind} mapping for {source!r}")
-
-    async def mappings(self, kind: str) -> list[dict[str, Any]]:
-        """Each mapping with the clouds whose hosts offer its source and target."""
-
-        def read(tx: Tx) -> list[dict[str, Any]]:
-            offered: dict[str, set[str]] = {}
-            if kind == "network":
-                for server_id, name, _ in tx.host_networks():
-                    cloud = tx.cloud_of(server_id)
-                    if cloud:
-                        offered.setdefault(name, set()).add(cloud)
-            else:
-                for st in tx.host_storage():
-                    cloud = tx.cloud_of(st.server_id)
-                    if cloud:
-                        offered.setdefault(st.name, set()).add(cloud)
-            return [
-                {
-                    "source": m.source,
-                    "target": m.target,
-                    "source_clouds": sorted(offered.get(m.source, ())),
-                    "target_clouds": sorted(offered.get(m.target, ())),
-                }
-                for m in tx.list_mappings(kind)
-            ]
-
-        return await self.read(read)
 
     # -- enable protection ------------------------------------------------------------------
     async def protect(self, vm_ref: str, *, by: str, accept_no_network: bool = False) -> Job:
@@ -492,20 +178,20 @@ class ProtectionManager(Orchestrator):
             rel = await self.relationship(rel_id)
             if rel.replica_server:
                 return f"{rel.replica_server} (chosen before)"
-            placement = await self.read(lambda tx: _place(tx, rel))
+            chosen = await self.read(lambda tx: placement.place(tx, rel))
             await self.write(
                 lambda tx: tx.update_relationship(
                     rel_id,
                     self.clock.now(),
-                    replica_server=placement.server.id,
-                    replica_folder=placement.folder,
+                    replica_server=chosen.server.id,
+                    replica_folder=chosen.folder,
                 )
             )
-            return f"{placement.server.name}: {placement.reason}"
+            return f"{chosen.server.name}: {chosen.reason}"
 
         async def create_replica(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            result = await step.send(rel.replica_server, self._configure_replica_cmd(rel))
+            result = await step.send(rel.replica_server, self._commands.configure_replica(rel))
             committed = int(result.get("committed_sequence", 0))
             if not rel.replica_folder and result.get("folder"):
                 await self.write(
@@ -529,10 +215,10 @@ class ProtectionManager(Orchestrator):
             rel = await self.relationship(rel_id)
             # `clouds policy` leaves VMs still being enabled to this job: if the policy changed
             # since the replica host got its grant, it gets the current one before the primary.
-            grant = self._configure_replica_cmd(rel)
+            grant = self._commands.configure_replica(rel)
             if await self._grant_outdated(step.job, CREATE_REPLICA, grant.configure_replica):
                 await step.send(rel.replica_server, grant)
-            await step.send(rel.primary_server, await self._configure_source_cmd(rel))
+            await step.send(rel.primary_server, await self._commands.configure_source(rel))
             if rel.state == RelationshipState.ENABLING:
                 await self.write(
                     lambda tx: tx.update_relationship(
@@ -550,7 +236,7 @@ class ProtectionManager(Orchestrator):
                     rel_id, self.clock.now(), state=RelationshipState.PROTECTED
                 )
             )
-            await self.evaluate_health()  # no stale "initial replication pending" shown
+            await self._reports.evaluate_health()  # no stale "initial replication pending" shown
             return "protected"
 
         return [
@@ -635,7 +321,7 @@ class ProtectionManager(Orchestrator):
                 replica_vm_json=json.dumps(replica_vm),
             )
         )
-        self.history.forget(rel_id)
+        self._reports.forget(rel_id)
         log.warning(
             "enable protection failed and was rolled back",
             extra={"fields": {"job": job.id, "relationship": rel_id, "undone": undone}},
@@ -710,28 +396,7 @@ class ProtectionManager(Orchestrator):
             if primary.get("last_error"):
                 message += f"; last error: {primary['last_error']}"
             await step.progress(message, done=done, total=total)
-            async with self._reported:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._reported.wait(), timeout=2.0)
-
-    async def wait_first_cycle(self, step: StepRun, rel_id: str) -> str:
-        """Wait for the primary to report a committed cycle (after reverse replication)."""
-        while True:
-            rel = await self.relationship(rel_id)
-            primary = json.loads(rel.primary_status_json or "{}")
-            if primary.get("state") == "protected" and int(primary.get("cycles_succeeded", 0)) >= 1:
-                return f"replica at sequence {primary.get('committed_sequence')}"
-            done, total = (
-                int(primary.get("progress_done", 0)),
-                int(primary.get("progress_total", 0)),
-            )
-            message = primary.get("state", "waiting for the first report")
-            if primary.get("last_error"):
-                message += f"; last error: {primary['last_error']}"
-            await step.progress(message, done=done, total=total)
-            async with self._reported:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._reported.wait(), timeout=2.0)
+            await self._reports.next_report(2.0)
 
     # -- disable, pause, resume, resync, verify --------------------------------------------
     async def disable(self, ref: str, *, by: str, delete_replica: bool | None = None) -> Job:
@@ -790,7 +455,7 @@ class ProtectionManager(Orchestrator):
                     replica_vm_json=json.dumps(replica_vm),
                 )
             )
-            self.history.forget(rel_id)
+            self._reports.forget(rel_id)
             return "disabled"
 
         return [
@@ -878,7 +543,7 @@ class ProtectionManager(Orchestrator):
             tx.update_relationship(rel_id, now, verify_json=json.dumps(doc, sort_keys=True))
 
         await self.write(update)
-        await self.evaluate_health()
+        await self._reports.evaluate_health()
 
     # -- a replica host that moved ---------------------------------------------------------
     async def on_replica_address_changed(self, server_id: str) -> list[Job]:
@@ -887,7 +552,7 @@ class ProtectionManager(Orchestrator):
         rels = await self.read(lambda tx: tx.list_relationships())
         started = []
         for rel in rels:
-            if rel.replica_server != server_id or rel.state not in _REPLICATING:
+            if rel.replica_server != server_id or rel.state not in REPLICATING:
                 continue
             job = await self.start_job(
                 "update-replica-address",
@@ -903,230 +568,13 @@ class ProtectionManager(Orchestrator):
 
         async def tell(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            if rel.state not in _REPLICATING:
+            if rel.state not in REPLICATING:
                 return f"nothing to do: the relationship is {rel.state.value}"
-            cmd = await self._configure_source_cmd(rel)
+            cmd = await self._commands.configure_source(rel)
             await step.send(rel.primary_server, cmd)
             return f"replicating to {cmd.configure_source.address}"
 
         return [Step("Give the primary host the replica host's new address", tell)]
-
-    # -- reports and health -----------------------------------------------------------------
-    async def on_report(self, server_id: str, report: control_pb2.ReplicationReport) -> None:
-        """Take the statuses a host reports, for the relationships it is party to only.
-
-        A status counts only from the host that holds that role in the relationship (primary
-        status from the primary host, replica status from the replica host): another host's
-        word about a relationship costs nothing (no history, no store write) and is logged at
-        most once a minute. Free-form fields are cut to size before they are stored.
-        """
-        now = self.clock.now()
-        mine: dict[str, Relationship] = await self.read(
-            lambda tx: {r.id: r for r in tx.relationships_of_server(server_id)}
-        )
-        statuses = report.relationships
-        kept: dict[tuple[str, str], control_pb2.RelationshipStatus] = {}
-        refused = max(0, len(statuses) - MAX_STATUSES_PER_REPORT)
-        example = ""
-        for status in statuses[:MAX_STATUSES_PER_REPORT]:
-            rel = mine.get(status.relationship_id)
-            if rel is None or _role_of(rel, server_id) != status.role:
-                refused += 1
-                example = example or status.relationship_id
-                continue
-            kept[(status.relationship_id, status.role)] = status  # the last one of each
-        if refused:
-            self._note_refused(server_id, refused, example)
-        if not kept:
-            return
-        docs = [(st, _status_doc(st, now)) for st in kept.values()]
-
-        def update(tx: Tx) -> list[control_pb2.RelationshipStatus]:
-            taken = []
-            for st, d in docs:
-                rel = tx.get_relationship(st.relationship_id)  # again: it may have changed
-                if (
-                    rel is None
-                    or rel.disabled_at is not None
-                    or _role_of(rel, server_id) != st.role
-                ):
-                    continue
-                fields: dict[str, Any] = {}
-                if st.role == "primary":
-                    fields["primary_status_json"] = json.dumps(d, sort_keys=True)
-                    if st.state == "resynchronizing" and rel.state == RelationshipState.PROTECTED:
-                        fields["state"] = RelationshipState.RESYNCHRONIZING
-                    elif st.state == "protected" and rel.state in (
-                        RelationshipState.RESYNCHRONIZING,
-                        RelationshipState.RESYNC_REQUIRED,
-                    ):
-                        fields["state"] = RelationshipState.PROTECTED
-                else:
-                    fields["replica_status_json"] = json.dumps(d, sort_keys=True)
-                tx.update_relationship(rel.id, now, **fields)
-                taken.append(st)
-            return taken
-
-        taken: list[control_pb2.RelationshipStatus] = await self.write(update)
-        for status in taken:
-            if status.role == "primary":
-                self.history.add(
-                    status.relationship_id,
-                    now,
-                    status.cycles_succeeded,
-                    status.cycles_missed,
-                    status.cycles_failed,
-                )
-        async with self._reported:
-            self._reported.notify_all()
-
-    def _note_refused(self, server_id: str, count: int, example: str) -> None:
-        """One log line a minute at most for statuses refused (a confused or hostile host)."""
-        self._refused_count += count
-        at = self.clock.monotonic()
-        if self._refused_logged_at is not None and at - self._refused_logged_at < 60.0:
-            return
-        log.warning(
-            "replication statuses refused: the reporting host does not hold that role in "
-            "those relationships (or sent too many)",
-            extra={
-                "fields": {
-                    "server": server_id[:64],
-                    "refused": self._refused_count,
-                    "example": example[:64],
-                }
-            },
-        )
-        self._refused_logged_at = at
-        self._refused_count = 0
-
-    async def evaluate_health(self) -> list[tuple[str, str]]:
-        """Recompute and store every active relationship's health; returns (id, health)."""
-        now = self.clock.now()
-
-        def run(tx: Tx) -> list[tuple[str, str]]:
-            out = []
-            for rel in tx.list_relationships():
-                health, reasons = evaluate(
-                    rel,
-                    primary=tx.get_server(rel.primary_server) if rel.primary_server else None,
-                    replica=tx.get_server(rel.replica_server) if rel.replica_server else None,
-                    now=now,
-                    config=self.health_config,
-                    history=self.history,
-                    agent_lifetime=self.agent_lifetime,
-                )
-                reasons_json = json.dumps([r.as_dict() for r in reasons], sort_keys=True)
-                if health != rel.health or reasons_json != rel.health_reasons_json:
-                    tx.update_relationship(
-                        rel.id, now, health=health, health_reasons_json=reasons_json
-                    )
-                    if health != rel.health:
-                        log.warning(
-                            "replication health changed",
-                            extra={
-                                "fields": {
-                                    "vm": rel.vm_name,
-                                    "from": rel.health,
-                                    "to": health,
-                                    "reasons": [r.code for r in reasons],
-                                }
-                            },
-                        )
-                out.append((rel.id, health))
-            return out
-
-        out: list[tuple[str, str]] = await self.write(run)
-        # Relationships disabled or deleted since (by this broker or another) leave no samples.
-        self.history.retain(rel_id for rel_id, _ in out)
-        return out
-
-    async def run_health(self, interval: float, *, leader: Leader | None = None) -> None:
-        """Evaluate health every ``interval``; with several brokers, on the leader only."""
-        while True:
-            if leader is None or leader.is_leader:
-                try:
-                    await self.evaluate_health()
-                except SitepairError:
-                    log.exception("health evaluation failed")
-            await asyncio.sleep(interval)
-
-    # -- tickets ----------------------------------------------------------------------------
-    def issue_ticket(self, rel: Relationship) -> str:
-        return tickets.issue(
-            self.ticket_key,
-            source_host=rel.primary_server,
-            replica_host=rel.replica_server,
-            relationship=rel.id,
-            vm=rel.vm_id,
-            epoch=rel.epoch,
-            now=self.clock.now(),
-        )
-
-    # -- commands for agents ----------------------------------------------------------------
-    def _configure_replica_cmd(self, rel: Relationship) -> control_pb2.Command:
-        """The replica host's grant: from which host, how authenticated, and the VM's disks as
-        the broker's inventory knows them (the only disk ids its cycles may name)."""
-        policy = Policy.from_json(rel.policy_json)
-        replica_vm = json.loads(rel.replica_vm_json or "{}")
-        return control_pb2.Command(
-            configure_replica=control_pb2.ConfigureReplica(
-                relationship_id=rel.id,
-                vm_id=rel.vm_id,
-                vm_name=rel.vm_name,
-                source_host=rel.primary_server,
-                epoch=rel.epoch,
-                folder=rel.replica_folder,
-                auth=policy.authentication,
-                ticket_public_key=tickets.public_key_bytes(self.ticket_key),
-                recovery_points=policy.recovery_points,
-                point_interval_seconds=3600,
-                adopt=bool(replica_vm.get("adopt")),
-                disks=granted_disks(replica_vm),
-            )
-        )
-
-    async def _configure_source_cmd(self, rel: Relationship) -> control_pb2.Command:
-        policy = Policy.from_json(rel.policy_json)
-        replica = await self.read(lambda tx: tx.get_server(rel.replica_server))
-        if replica is None:
-            raise StepFailed(f"the replica host {rel.replica_server} is not registered")
-        host, certificate_port, ticket_port = replication_endpoint(replica.facts_json)
-        port = certificate_port if policy.authentication == "certificate" else ticket_port
-        if policy.port and port != policy.port and port:
-            log.info(
-                "replica host listens on another port than the policy's",
-                extra={"fields": {"host": replica.name, "policy_port": policy.port, "port": port}},
-            )
-        if not port:
-            raise StepFailed(
-                f"{replica.name} reports no {policy.authentication} replication listener"
-            )
-        method = {
-            "network": control_pb2.InitialReplication.NETWORK,
-            "scheduled": control_pb2.InitialReplication.SCHEDULED,
-            "offline": control_pb2.InitialReplication.OFFLINE,
-        }[policy.initial_method]
-        return control_pb2.Command(
-            configure_source=control_pb2.ConfigureSource(
-                relationship_id=rel.id,
-                vm_id=rel.vm_id,
-                replica_host=rel.replica_server,
-                address=f"{host}:{port}",
-                epoch=rel.epoch,
-                auth=policy.authentication,
-                compression=policy.compression,
-                copy_frequency_seconds=policy.copy_frequency,
-                app_consistent_interval_seconds=policy.app_consistent_hours * 3600,
-                bandwidth_limit=policy.bandwidth_limit,
-                initial=control_pb2.InitialReplication(
-                    method=method,
-                    start_at=timestamp(policy.initial_at) if policy.initial_at else None,
-                    export_path=policy.export_path,
-                ),
-                resync_first=bool(json.loads(rel.replica_vm_json).get("adopt")),
-            )
-        )
 
     async def resume(self, job: Job) -> bool:
         failed = next((s for s in job.steps if s.state == StepState.FAILED), None)
@@ -1140,7 +588,6 @@ class ProtectionManager(Orchestrator):
 #: The names of job steps looked up by name elsewhere than in their job's declaration.
 PREREQUISITES = "Prerequisites check for enabling protection"
 CREATE_REPLICA = "Create the replica VM"
-APPLY_POLICY = "apply the policy to protected VMs"
 
 _ACTIONS = {
     "pause": control_pb2.ReplicationAction.PAUSE,
@@ -1149,66 +596,6 @@ _ACTIONS = {
     "verify": control_pb2.ReplicationAction.VERIFY,
     "cycle": control_pb2.ReplicationAction.RUN_CYCLE,
 }
-
-#: States in which the primary replicates to the replica (a test failover leaves it running).
-_REPLICATING = (
-    RelationshipState.INITIAL_REPLICATION,
-    RelationshipState.PROTECTED,
-    RelationshipState.RESYNC_REQUIRED,
-    RelationshipState.RESYNCHRONIZING,
-    RelationshipState.FAILED_OVER_TEST,
-)
-
-
-def replication_endpoint(facts_json: str) -> tuple[str, int, int]:
-    """Where a host's receivers listen, from its facts: (host, certificate port, ticket port)."""
-    facts = json.loads(facts_json or "{}")
-    return (
-        str(facts.get("replicationHost") or "127.0.0.1"),
-        int(facts.get("certificatePort", 0)),
-        int(facts.get("ticketPort", 0)),
-    )
-
-
-def granted_disks(replica_vm: dict[str, Any]) -> list[control_pb2.GrantedDisk]:
-    """The disks a replica host accepts for a VM, from the VM's inventory at protection."""
-    return [
-        control_pb2.GrantedDisk(
-            disk_id=str(d["id"]),
-            virtual_size=int(d.get("virtual_size") or 0),
-            format=str(d.get("format") or ""),
-        )
-        for d in replica_vm.get("disks", [])
-    ]
-
-
-def _role_of(rel: Relationship, server_id: str) -> str:
-    """The role ``server_id`` holds in ``rel`` ("primary", "replica" or "")."""
-    if rel.primary_server == server_id:
-        return "primary"
-    if rel.replica_server == server_id:
-        return "replica"
-    return ""
-
-
-def _status_doc(status: control_pb2.RelationshipStatus, now: float) -> dict[str, Any]:
-    """A reported status as stored: free-form text cut to size, recovery points bounded."""
-    st = control_pb2.RelationshipStatus()
-    st.CopyFrom(status)
-    for name, limit in STATUS_TEXT_LIMITS.items():
-        value = getattr(st, name)
-        if len(value) > limit:
-            setattr(st, name, value[:limit])
-    if len(st.points) > MAX_STATUS_POINTS:
-        del st.points[: len(st.points) - MAX_STATUS_POINTS]  # keep the newest
-    doc = json_format.MessageToDict(st, preserving_proto_field_name=True)
-    doc["last_success_at"] = st.last_success_at.seconds + st.last_success_at.nanos / 1e9
-    doc["reported_at"] = now
-    return doc
-
-
-def _active_on(tx: Tx, server_id: str) -> bool:
-    return bool(tx.relationships_of_server(server_id))
 
 
 def _find_vm(tx: Tx, ref: str) -> tuple[InventoryVm, Server]:
@@ -1226,99 +613,3 @@ def _find_vm(tx: Tx, ref: str) -> tuple[InventoryVm, Server]:
     if server is None or server.removed_at is not None:
         raise FailedPrecondition(f"VM {vm.name} is on a host that was removed")
     return vm, server
-
-
-def replica_folder(storage_path: str, vm_name: str, rel_id: str) -> str:
-    """``<storage path>/<slug of the VM name>-<relationship id>`` on the replica host.
-
-    The VM name comes from the primary host's inventory, so it never becomes a path as it is:
-    :func:`sitepair.paths.slug` makes one safe component of it, the relationship id (ours) makes
-    it unique, and the result is proved to lie directly inside the storage path. The storage
-    path is the replica host's own (POSIX, or Windows with a drive letter); it must be absolute.
-    """
-    name = paths.check_component(f"{paths.slug(vm_name)}-{rel_id}", "replica folder name")
-    windows = "\\" in storage_path or PureWindowsPath(storage_path).drive != ""
-    if windows:
-        root = PureWindowsPath(storage_path)
-        folder = root / name
-        if not root.is_absolute() or ".." in root.parts or folder.parent != root:
-            raise InvalidArgument(
-                f"storage path {storage_path[:200]!r} is not an absolute folder",
-                hint="the replica host must report its storage classifications' full paths",
-            )
-        return str(folder)
-    if not PurePosixPath(storage_path).is_absolute():
-        raise InvalidArgument(
-            f"storage path {storage_path[:200]!r} is not an absolute folder",
-            hint="the replica host must report its storage classifications' full paths",
-        )
-    root_path = Path(os.path.normpath(storage_path))
-    folder_path = paths.check_inside(root_path, root_path / name, "replica folder")
-    if folder_path.name != name:
-        raise InvalidArgument(f"replica folder {name} would not lie in {storage_path[:200]!r}")
-    return str(root_path / name)
-
-
-def _place(tx: Tx, rel: Relationship) -> Placement:
-    """Choose the replica host: mapped storage with room, memory headroom, fewest replicas."""
-    replica_vm = json.loads(rel.replica_vm_json)
-    disks = replica_vm["disks"]
-    need = sum(int(d.get("file_size") or d["virtual_size"]) for d in disks) + PLACEMENT_MARGIN
-    storage_map = {m.source: m.target for m in tx.list_mappings("storage")}
-    classes = {d.get("storage_class", "") for d in disks}
-    target_class = ""
-    for c in classes:
-        if c and c in storage_map:
-            target_class = storage_map[c]
-    candidates = []
-    refusals = []
-    for server_id in tx.cloud_hosts(rel.recovery_cloud):
-        server = tx.get_server(server_id)
-        if server is None or server.removed_at is not None:
-            continue
-        metrics = json.loads(server.metrics_json or "{}")
-        facts = json.loads(server.facts_json or "{}")
-        if target_class:
-            match = [s for s in tx.host_storage(server_id) if s.name == target_class]
-            if not match:
-                refusals.append(f"{server.name} has no storage classification {target_class}")
-                continue
-            free = match[0].free_bytes
-            try:
-                folder = replica_folder(match[0].path, rel.vm_name, rel.id)
-            except InvalidArgument as exc:
-                refusals.append(f"{server.name}: {exc.message}")
-                continue
-        else:
-            volumes = metrics.get("volumes") or []
-            free = max((int(v.get("freeBytes", 0)) for v in volumes), default=0)
-            folder = ""
-        if free < need:
-            refusals.append(
-                f"{server.name} has {free >> 20} MiB free, the disks need {need >> 20} MiB"
-            )
-            continue
-        memory = int(facts.get("memoryTotalBytes", 0))
-        committed = sum(
-            json.loads(r.replica_vm_json).get("memory_mb", 0) << 20
-            for r in tx.relationships_of_server(server_id)
-            if r.replica_server == server_id
-        )
-        if memory and committed + (int(replica_vm["memory_mb"]) << 20) > memory:
-            refusals.append(
-                f"{server.name} lacks memory for another {replica_vm['memory_mb']} MiB replica VM"
-            )
-            continue
-        replicas = sum(
-            1 for r in tx.relationships_of_server(server_id) if r.replica_server == server_id
-        )
-        candidates.append((replicas, -free, server.name, server, folder))
-    if not candidates:
-        detail = "; ".join(refusals) if refusals else f"cloud {rel.recovery_cloud} has no hosts"
-        raise StepFailed(f"no host in {rel.recovery_cloud} can hold the replica: {detail}")
-    candidates.sort(key=lambda c: (c[0], c[1], c[2]))
-    replicas, neg_free, _, server, folder = candidates[0]
-    where = f"storage {target_class}" if target_class else "the host's default replica location"
-    return Placement(
-        server, folder, f"{replicas} replica(s) there, {(-neg_free) >> 30} GiB free in {where}"
-    )

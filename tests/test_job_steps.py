@@ -19,14 +19,7 @@ def test_a_job_resumed_after_a_step_was_inserted_sends_no_command_twice(
     ident = register_agent(credentials, tmp_path / "hv", name="hv-1")  # offline: stays pending
     ctx = broker.ctx
     assert ctx is not None
-    orch = Orchestrator(
-        store=ctx.store,
-        clock=ctx.clock,
-        jobs=ctx.jobs,
-        dispatcher=ctx.dispatcher,
-        sessions=ctx.sessions,
-        spawn=broker.broker.spawn,
-    )
+    orch = Orchestrator(ctx.protection.orchestration)
     body = control_pb2.Command(
         configure_replica=control_pb2.ConfigureReplica(relationship_id="rel-1", auth="ticket")
     )

@@ -141,9 +141,7 @@ class ProtectionAdmin:
     async def CreateCloud(
         self, request: admin_pb2.CreateCloudRequest, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.Cloud:
-        cloud = await self.ctx.protection.create_cloud(
-            request.name, request.site, request.description
-        )
+        cloud = await self.ctx.clouds.create_cloud(request.name, request.site, request.description)
         return await self._read(lambda tx: self._cloud_proto(tx, cloud))  # type: ignore[no-any-return]
 
     @rpc(roles=ADMIN)
@@ -176,21 +174,21 @@ class ProtectionAdmin:
         self, request: admin_pb2.CloudRef, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.Cloud:
         before = await self._cloud(request.name)
-        await self.ctx.protection.delete_cloud(request.name)
+        await self.ctx.clouds.delete_cloud(request.name)
         return before
 
     @rpc(roles=ADMIN)
     async def AddCloudHost(
         self, request: admin_pb2.CloudHostRequest, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.Cloud:
-        await self.ctx.protection.add_host(request.cloud, request.server)
+        await self.ctx.clouds.add_host(request.cloud, request.server)
         return await self._cloud(request.cloud)
 
     @rpc(roles=ADMIN)
     async def RemoveCloudHost(
         self, request: admin_pb2.CloudHostRequest, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.Cloud:
-        await self.ctx.protection.remove_host(request.cloud, request.server)
+        await self.ctx.clouds.remove_host(request.cloud, request.server)
         return await self._cloud(request.cloud)
 
     @rpc(roles=ADMIN)
@@ -205,9 +203,7 @@ class ProtectionAdmin:
         self, request: admin_pb2.PairCloudsRequest, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.Job:
         policy = policy_from_proto(request.policy)
-        job = await self.ctx.protection.pair(
-            request.primary, request.recovery, policy, by=identity.id
-        )
+        job = await self.ctx.clouds.pair(request.primary, request.recovery, policy, by=identity.id)
         return job_to_proto(job)
 
     @rpc(roles=ADMIN)
@@ -216,7 +212,7 @@ class ProtectionAdmin:
     ) -> admin_pb2.Job:
         policy = policy_from_proto(request.policy)
         return job_to_proto(
-            await self.ctx.protection.set_policy(request.primary, policy, by=identity.id)
+            await self.ctx.clouds.set_policy(request.primary, policy, by=identity.id)
         )
 
     @rpc(roles=ADMIN)
@@ -226,7 +222,7 @@ class ProtectionAdmin:
         pair = await self._read(lambda tx: tx.pair_of(request.name))
         if pair is None:
             raise NotFound(f"cloud {request.name} is not paired")
-        await self.ctx.protection.unpair(request.name)
+        await self.ctx.clouds.unpair(request.name)
         return admin_pb2.CloudPairInfo(
             primary=pair.primary_cloud,
             recovery=pair.recovery_cloud,
@@ -255,7 +251,7 @@ class ProtectionAdmin:
 
     # -- mappings ---------------------------------------------------------------------------
     async def _mapping(self, kind: str, source: str) -> admin_pb2.MappingInfo:
-        for m in await self.ctx.protection.mappings(kind):
+        for m in await self.ctx.clouds.mappings(kind):
             if m["source"] == source:
                 return admin_pb2.MappingInfo(kind=kind, **m)
         raise NotFound(f"no {kind} mapping for {source!r}")
@@ -264,7 +260,7 @@ class ProtectionAdmin:
     async def Map(
         self, request: admin_pb2.MapRequest, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.MappingInfo:
-        await self.ctx.protection.map(request.kind, request.source, request.target)
+        await self.ctx.clouds.map(request.kind, request.source, request.target)
         return await self._mapping(request.kind, request.source)
 
     @rpc(roles=ADMIN)
@@ -272,7 +268,7 @@ class ProtectionAdmin:
         self, request: admin_pb2.MapRequest, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.MappingInfo:
         before = await self._mapping(request.kind, request.source)
-        await self.ctx.protection.unmap(request.kind, request.source)
+        await self.ctx.clouds.unmap(request.kind, request.source)
         return before
 
     @rpc(roles=ADMIN)
@@ -284,7 +280,7 @@ class ProtectionAdmin:
         for kind in kinds:
             if kind not in ("network", "storage"):
                 raise InvalidArgument(f"unknown mapping kind {kind!r}")
-            for m in await self.ctx.protection.mappings(kind):
+            for m in await self.ctx.clouds.mappings(kind):
                 out.mappings.add(kind=kind, **m)
         return out
 
@@ -381,13 +377,13 @@ class ProtectionAdmin:
     async def CommitFailover(
         self, request: admin_pb2.ProtectedRef, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.Job:
-        return job_to_proto(await self.ctx.failover.commit(request.vm, by=identity.id))
+        return job_to_proto(await self.ctx.failback.commit(request.vm, by=identity.id))
 
     @rpc(roles=ADMIN)
     async def CancelFailover(
         self, request: admin_pb2.ProtectedRef, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.Job:
-        return job_to_proto(await self.ctx.failover.cancel(request.vm, by=identity.id))
+        return job_to_proto(await self.ctx.failback.cancel(request.vm, by=identity.id))
 
     @rpc(roles=ADMIN)
     async def CleanupTestFailover(
@@ -401,7 +397,7 @@ class ProtectionAdmin:
     async def ReverseReplication(
         self, request: admin_pb2.ProtectedRef, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.Job:
-        return job_to_proto(await self.ctx.failover.reverse(request.vm, by=identity.id))
+        return job_to_proto(await self.ctx.failback.reverse(request.vm, by=identity.id))
 
     # -- recovery plans ---------------------------------------------------------------------
     async def _plan_proto(self, name: str) -> admin_pb2.RecoveryPlan:

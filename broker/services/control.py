@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import grpc.aio
 
 from broker import bounds
+from broker.agent_commands import replication_endpoint
 from broker.inventory import accept_inventory, join_declared_cloud, sync_inventory
-from broker.protection import replication_endpoint
 from broker.sessions import AgentSession
 from broker.store.models import HeartbeatRecord, Relationship, Server, StoredInventory
 from sitepair import PROTOCOL_VERSION, pki, tickets
@@ -236,7 +236,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                         continue
                     await ctx.dispatcher.handle_ack(session.server_id, message.ack)
                 elif kind == "replication":
-                    await ctx.protection.on_report(session.server_id, message.replication)
+                    await ctx.reports.on_report(session.server_id, message.replication)
                 else:
                     log.warning(
                         "unexpected message on control stream",

@@ -29,15 +29,11 @@ import pytest
 
 from agent.identity import AgentIdentity
 from agent.replication.sender import ReplicaClient
+from broker.agent_commands import granted_disks, replication_endpoint
 from broker.client import wait_job
-from broker.orchestration import Orchestrator
-from broker.protection import (
-    MAX_STATUS_POINTS,
-    STATUS_TEXT_LIMITS,
-    granted_disks,
-    replica_folder,
-    replication_endpoint,
-)
+from broker.orchestration import Orchestration, Orchestrator
+from broker.placement import replica_folder
+from broker.reports import MAX_STATUS_POINTS, STATUS_TEXT_LIMITS
 from broker.store.models import Command
 from sitepair import pki
 from sitepair.errors import FailedPrecondition, InvalidArgument, PermissionDenied
@@ -306,12 +302,14 @@ def test_a_step_sends_one_command_per_target_and_finds_it_again_after_a_restart(
     first = [once(ctx.protection, "b", configure(r)) for r in ("rel-1", "rel-2", "rel-3", "rel-1")]
     assert len(set(first)) == 3 and first[0] == first[3]
     restarted = Orchestrator(
-        store=ctx.store,
-        clock=ctx.clock,
-        jobs=ctx.jobs,
-        dispatcher=ctx.dispatcher,
-        sessions=ctx.sessions,
-        spawn=broker.broker.spawn,
+        Orchestration(
+            store=ctx.store,
+            clock=ctx.clock,
+            jobs=ctx.jobs,
+            dispatcher=ctx.dispatcher,
+            sessions=ctx.sessions,
+            spawn=broker.broker.spawn,
+        )
     )
     assert [once(restarted, "b", configure(r)) for r in ("rel-1", "rel-2", "rel-3")] == first[:3]
     # Another step, or another kind for the same relationship, is another command.
@@ -412,7 +410,7 @@ def test_a_host_that_is_not_party_cannot_change_a_relationships_health(
     protect(s, "web01")
     eventually(lambda: s.protected("web01").health == "normal", what="normal")
     rel = s.protected("web01").relationship_id
-    protection = s.broker.ctx.protection
+    reports = s.broker.ctx.reports
 
     with rogue_agent(s, tmp_path) as (raw, rogue):
         # Reports as the primary and as the replica, many a second (the real primary reports
@@ -435,10 +433,10 @@ def test_a_host_that_is_not_party_cannot_change_a_relationships_health(
             raw.heartbeat()
             time.sleep(0.05)
             if i % 6 == 0:
-                s.broker.loop.call(protection.evaluate_health())
+                s.broker.loop.call(reports.evaluate_health())
                 v = s.protected("web01")
                 seen.append((v.health, [r.code for r in v.reasons]))
-                samples = protection.history._samples.get(rel, ())
+                samples = reports.history._samples.get(rel, ())
                 assert all(missed < 1000 for _, _, missed, _ in samples), "rogue counters kept"
         barrier(s, raw, "rogue")
         assert all(health == "normal" for health, _ in seen), seen
@@ -451,7 +449,7 @@ def test_a_host_that_is_not_party_cannot_change_a_relationships_health(
     # A party in the wrong role is refused too: the replica host speaking as the primary.
     replica = s.hosts[s.protected("web01").replica_server].host_id
     s.broker.loop.call(
-        protection.on_report(
+        reports.on_report(
             replica,
             control_pb2.ReplicationReport(
                 relationships=[_status(rel, "primary", last_error_code="disk-full")]
@@ -470,9 +468,9 @@ async def _stored(s: Sites, rel: str) -> tuple[str, str]:
 def test_made_up_relationship_ids_cost_the_broker_nothing(sites: Sites, tmp_path: Path) -> None:
     """200,000 made-up ids from an enrolled host: no history, no store write, no memory kept."""
     s = sites
-    protection = s.broker.ctx.protection
+    reports, store = s.broker.ctx.reports, s.broker.ctx.store
     writes = []
-    real_write = protection.write
+    real_write = store.writing
 
     async def counting_write(fn: Any) -> Any:
         writes.append(fn)
@@ -503,9 +501,9 @@ def test_made_up_relationship_ids_cost_the_broker_nothing(sites: Sites, tmp_path
     with rogue_agent(s, tmp_path) as (raw, _):
         # Built up front, so the test's own messages are not counted as the broker's growth.
         rounds = [flood("rel-a"), flood("rel-b")]
-        history_before = len(protection.history)
+        history_before = len(reports.history)
         barrier(s, raw, "rogue")
-        protection.write = counting_write  # type: ignore[method-assign]
+        store.writing = counting_write  # type: ignore[method-assign]
         rss = []
         try:
             for messages in rounds:
@@ -516,9 +514,9 @@ def test_made_up_relationship_ids_cost_the_broker_nothing(sites: Sites, tmp_path
                 gc.collect()
                 rss.append(rss_bytes())
         finally:
-            del protection.write
+            del store.writing
         assert [fn for fn in writes if "on_report" in fn.__qualname__] == []
-        assert len(protection.history) == history_before == 0
+        assert len(reports.history) == history_before == 0
         # The first round sets the allocators' high-water mark for parsing; the second must
         # not add to it. Generous: a history entry per id would be well over 100 MiB.
         grown = rss[1] - rss[0]
@@ -548,7 +546,7 @@ def test_reported_text_and_points_are_bounded(sites: Sites) -> None:
     # Stop the real primary's reports so they do not overwrite the one under test.
     primary.stop()
     s.broker.loop.call(
-        s.broker.ctx.protection.on_report(
+        s.broker.ctx.reports.on_report(
             primary.host_id, control_pb2.ReplicationReport(relationships=[huge])
         )
     )
@@ -567,16 +565,16 @@ def test_the_cycle_history_forgets_disabled_relationships(sites: Sites) -> None:
     eventually(lambda: inventory_has(s.admin, "web01"), what="VM")
     protect(s, "web01")
     rel = s.protected("web01").relationship_id
-    protection = s.broker.ctx.protection
-    eventually(lambda: rel in protection.history, what="a report from the primary")
+    reports = s.broker.ctx.reports
+    eventually(lambda: rel in reports.history, what="a report from the primary")
     s.job(
         s.admin.call(s.admin.stub.DisableProtection, admin_pb2.DisableProtectionRequest(vm="web01"))
     )
-    assert rel not in protection.history
+    assert rel not in reports.history
     # Also when it disappears behind this broker's back (another broker, a restore).
-    protection.history.add("rel-gone", time.time(), 1, 0, 0)
-    s.broker.loop.call(protection.evaluate_health())
-    assert "rel-gone" not in protection.history
+    reports.history.add("rel-gone", time.time(), 1, 0, 0)
+    s.broker.loop.call(reports.evaluate_health())
+    assert "rel-gone" not in reports.history
 
 
 # -- hole 4: a removed server is revoked everywhere ---------------------------------------------
@@ -640,7 +638,7 @@ def test_removing_a_server_revokes_it_on_every_other_host(sites: Sites) -> None:
         client.get_state(rel)
 
     # The VM whose primary was removed: health says why; disabling it still works.
-    s.broker.loop.call(s.broker.ctx.protection.evaluate_health())
+    s.broker.loop.call(s.broker.ctx.reports.evaluate_health())
     v = s.protected("web01")
     assert v.health == "critical"
     reasons = {r.code: r.message for r in v.reasons}

@@ -1,0 +1,260 @@
+"""Replication reports and health: what hosts say about their relationships, and what it means.
+
+Each host reports the status of its relationships about once a second. A status counts only from
+the host that holds that role (:meth:`ReplicationReports.on_report`); it is stored cut to size,
+its cycle counters join the recent history (:class:`broker.health.CycleHistory`), and whoever
+waits for a relationship's progress (initial replication, the first cycle after reversing) is
+woken. :meth:`ReplicationReports.evaluate_health` turns statuses, history and the hosts' liveness
+into each relationship's health, every ``[health] interval`` on the leader broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from google.protobuf import json_format
+
+from broker.health import CycleHistory, HealthConfig, evaluate
+from broker.orchestration import StepFailed, StepRun
+from broker.store.base import Store
+from broker.store.leadership import Leader
+from broker.store.models import Relationship, RelationshipState
+from broker.store.sqlite import Tx
+from sitepair.clock import Clock
+from sitepair.errors import SitepairError
+from sitepair.v1 import control_pb2
+
+log = logging.getLogger("sitepair.broker.reports")
+
+#: Statuses looked at in one replication report (a host reports one per relationship and role;
+#: more than this is not a host we would give that many relationships).
+MAX_STATUSES_PER_REPORT = 4096
+#: Longest text kept from a status, per field; longer text is cut.
+STATUS_TEXT_LIMITS = {
+    "relationship_id": 64,
+    "role": 16,
+    "state": 64,
+    "vm_id": 128,
+    "last_error": 2048,
+    "last_error_code": 64,
+    "app_consistent_error": 2048,
+}
+#: Recovery points kept from a status (24 hourly points, the latest, and room for pinned ones).
+MAX_STATUS_POINTS = 64
+
+
+class ReplicationReports:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        clock: Clock,
+        agent_lifetime: float,
+        health: HealthConfig | None = None,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._agent_lifetime = agent_lifetime
+        self._health_config = health or HealthConfig()
+        #: Recent cycle counters of each relationship, from its primary's reports.
+        self.history = CycleHistory()
+        self._reported = asyncio.Condition()
+        self._refused_count = 0
+        self._refused_logged_at: float | None = None
+
+    async def next_report(self, within: float) -> None:
+        """Wait until a host's statuses were taken, or ``within`` seconds."""
+        async with self._reported:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reported.wait(), timeout=within)
+
+    async def wait_first_cycle(self, step: StepRun, rel_id: str) -> str:
+        """Wait for the primary to report a committed cycle (after reverse replication)."""
+        while True:
+            rel = await self._store.reading(lambda tx: tx.get_relationship(rel_id))
+            if rel is None:
+                raise StepFailed(f"relationship {rel_id} disappeared")
+            primary = json.loads(rel.primary_status_json or "{}")
+            if primary.get("state") == "protected" and int(primary.get("cycles_succeeded", 0)) >= 1:
+                return f"replica at sequence {primary.get('committed_sequence')}"
+            done, total = (
+                int(primary.get("progress_done", 0)),
+                int(primary.get("progress_total", 0)),
+            )
+            message = primary.get("state", "waiting for the first report")
+            if primary.get("last_error"):
+                message += f"; last error: {primary['last_error']}"
+            await step.progress(message, done=done, total=total)
+            await self.next_report(2.0)
+
+    def forget(self, rel_id: str) -> None:
+        """A relationship was disabled: its cycle history goes."""
+        self.history.forget(rel_id)
+
+    async def on_report(self, server_id: str, report: control_pb2.ReplicationReport) -> None:
+        """Take the statuses a host reports, for the relationships it is party to only.
+
+        A status counts only from the host that holds that role in the relationship (primary
+        status from the primary host, replica status from the replica host): another host's
+        word about a relationship costs nothing (no history, no store write) and is logged at
+        most once a minute. Free-form fields are cut to size before they are stored.
+        """
+        now = self._clock.now()
+        mine: dict[str, Relationship] = await self._store.reading(
+            lambda tx: {r.id: r for r in tx.relationships_of_server(server_id)}
+        )
+        statuses = report.relationships
+        kept: dict[tuple[str, str], control_pb2.RelationshipStatus] = {}
+        refused = max(0, len(statuses) - MAX_STATUSES_PER_REPORT)
+        example = ""
+        for status in statuses[:MAX_STATUSES_PER_REPORT]:
+            rel = mine.get(status.relationship_id)
+            if rel is None or _role_of(rel, server_id) != status.role:
+                refused += 1
+                example = example or status.relationship_id
+                continue
+            kept[(status.relationship_id, status.role)] = status  # the last one of each
+        if refused:
+            self._note_refused(server_id, refused, example)
+        if not kept:
+            return
+        docs = [(st, _status_doc(st, now)) for st in kept.values()]
+
+        def update(tx: Tx) -> list[control_pb2.RelationshipStatus]:
+            taken = []
+            for st, d in docs:
+                rel = tx.get_relationship(st.relationship_id)  # again: it may have changed
+                if (
+                    rel is None
+                    or rel.disabled_at is not None
+                    or _role_of(rel, server_id) != st.role
+                ):
+                    continue
+                fields: dict[str, Any] = {}
+                if st.role == "primary":
+                    fields["primary_status_json"] = json.dumps(d, sort_keys=True)
+                    if st.state == "resynchronizing" and rel.state == RelationshipState.PROTECTED:
+                        fields["state"] = RelationshipState.RESYNCHRONIZING
+                    elif st.state == "protected" and rel.state in (
+                        RelationshipState.RESYNCHRONIZING,
+                        RelationshipState.RESYNC_REQUIRED,
+                    ):
+                        fields["state"] = RelationshipState.PROTECTED
+                else:
+                    fields["replica_status_json"] = json.dumps(d, sort_keys=True)
+                tx.update_relationship(rel.id, now, **fields)
+                taken.append(st)
+            return taken
+
+        taken: list[control_pb2.RelationshipStatus] = await self._store.writing(update)
+        for status in taken:
+            if status.role == "primary":
+                self.history.add(
+                    status.relationship_id,
+                    now,
+                    status.cycles_succeeded,
+                    status.cycles_missed,
+                    status.cycles_failed,
+                )
+        async with self._reported:
+            self._reported.notify_all()
+
+    def _note_refused(self, server_id: str, count: int, example: str) -> None:
+        """One log line a minute at most for statuses refused (a confused or hostile host)."""
+        self._refused_count += count
+        at = self._clock.monotonic()
+        if self._refused_logged_at is not None and at - self._refused_logged_at < 60.0:
+            return
+        log.warning(
+            "replication statuses refused: the reporting host does not hold that role in "
+            "those relationships (or sent too many)",
+            extra={
+                "fields": {
+                    "server": server_id[:64],
+                    "refused": self._refused_count,
+                    "example": example[:64],
+                }
+            },
+        )
+        self._refused_logged_at = at
+        self._refused_count = 0
+
+    async def evaluate_health(self) -> list[tuple[str, str]]:
+        """Recompute and store every active relationship's health; returns (id, health)."""
+        now = self._clock.now()
+
+        def run(tx: Tx) -> list[tuple[str, str]]:
+            out = []
+            for rel in tx.list_relationships():
+                health, reasons = evaluate(
+                    rel,
+                    primary=tx.get_server(rel.primary_server) if rel.primary_server else None,
+                    replica=tx.get_server(rel.replica_server) if rel.replica_server else None,
+                    now=now,
+                    config=self._health_config,
+                    history=self.history,
+                    agent_lifetime=self._agent_lifetime,
+                )
+                reasons_json = json.dumps([r.as_dict() for r in reasons], sort_keys=True)
+                if health != rel.health or reasons_json != rel.health_reasons_json:
+                    tx.update_relationship(
+                        rel.id, now, health=health, health_reasons_json=reasons_json
+                    )
+                    if health != rel.health:
+                        log.warning(
+                            "replication health changed",
+                            extra={
+                                "fields": {
+                                    "vm": rel.vm_name,
+                                    "from": rel.health,
+                                    "to": health,
+                                    "reasons": [r.code for r in reasons],
+                                }
+                            },
+                        )
+                out.append((rel.id, health))
+            return out
+
+        out: list[tuple[str, str]] = await self._store.writing(run)
+        # Relationships disabled or deleted since (by this broker or another) leave no samples.
+        self.history.retain(rel_id for rel_id, _ in out)
+        return out
+
+    async def run_health(self, interval: float, *, leader: Leader | None = None) -> None:
+        """Evaluate health every ``interval``; with several brokers, on the leader only."""
+        while True:
+            if leader is None or leader.is_leader:
+                try:
+                    await self.evaluate_health()
+                except SitepairError:
+                    log.exception("health evaluation failed")
+            await asyncio.sleep(interval)
+
+
+def _role_of(rel: Relationship, server_id: str) -> str:
+    """The role ``server_id`` holds in ``rel`` ("primary", "replica" or "")."""
+    if rel.primary_server == server_id:
+        return "primary"
+    if rel.replica_server == server_id:
+        return "replica"
+    return ""
+
+
+def _status_doc(status: control_pb2.RelationshipStatus, now: float) -> dict[str, Any]:
+    """A reported status as stored: free-form text cut to size, recovery points bounded."""
+    st = control_pb2.RelationshipStatus()
+    st.CopyFrom(status)
+    for name, limit in STATUS_TEXT_LIMITS.items():
+        value = getattr(st, name)
+        if len(value) > limit:
+            setattr(st, name, value[:limit])
+    if len(st.points) > MAX_STATUS_POINTS:
+        del st.points[: len(st.points) - MAX_STATUS_POINTS]  # keep the newest
+    doc = json_format.MessageToDict(st, preserving_proto_field_name=True)
+    doc["last_success_at"] = st.last_success_at.seconds + st.last_success_at.nanos / 1e9
+    doc["reported_at"] = now
+    return doc

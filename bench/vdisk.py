@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sitepair.vdisk import create_disk, open_disk, vhdx_available  # noqa: E402
+from sitepair.vdisk import create_disk, open_disk  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -172,7 +172,7 @@ def main() -> int:
     folder.mkdir(parents=True, exist_ok=True)
     bench = Bench(folder, args.runs)
     size = int(args.size * 1024) * MiB
-    formats = ["vhd"] + (["vhdx"] if vhdx_available() else [])
+    formats = ["vhd", "vhdx"]
     have_qemu = shutil.which("qemu-img") is not None
     try:
         print(f"building images in {folder} ...", file=sys.stderr)

@@ -37,7 +37,6 @@ __all__ = [
     "detect_format",
     "open_disk",
     "set_parent",
-    "vhdx_available",
 ]
 
 #: Extensions that may hold a raw image (anything else must be recognised by its content).
@@ -48,10 +47,6 @@ VHDX_EXTENSIONS = frozenset({".vhdx", ".avhdx"})
 #: The formats sitepair creates and writes (qcow2 is read-only).
 WRITABLE_FORMATS = (DiskFormat.RAW, DiskFormat.VHD, DiskFormat.VHDX)
 _HEAD = 64 * 1024
-
-
-def vhdx_available() -> bool:
-    return True
 
 
 def detect_format(path: str | os.PathLike[str]) -> DiskFormat | None:

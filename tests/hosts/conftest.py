@@ -7,14 +7,11 @@ from pathlib import Path
 import pytest
 
 from agent.hosts.directory import DirectoryBackend
-from sitepair.vdisk import vhdx_available
 from tests.hosts.helpers import DISKS, MiB
 
 
 @pytest.fixture
 def vm_root(tmp_path: Path) -> Path:
-    if not vhdx_available():
-        pytest.skip("sitepair.vdisk.vhdx is not available in this tree")
     return tmp_path / "vms"
 
 

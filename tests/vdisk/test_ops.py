@@ -10,7 +10,7 @@ import blake3
 import pytest
 
 from sitepair.errors import VirtualDiskError
-from sitepair.vdisk import VirtualDisk, create_disk, detect_format, open_disk, vhdx_available
+from sitepair.vdisk import VirtualDisk, create_disk, detect_format, open_disk
 from sitepair.vdisk.ops import compare, convert, digest, flatten, merge
 from tests.vdisk.helpers import MiB, qemu_compare_raw, require_qemu
 
@@ -23,15 +23,10 @@ KINDS = [
     ("vhdx", "fixed"),
     ("vhdx", "dynamic"),
 ]
-VHDX_MISSING = pytest.mark.skipif(not vhdx_available(), reason="no VHDX implementation here")
-
-
-def _marks(fmt: str) -> list[pytest.MarkDecorator]:
-    return [VHDX_MISSING] if fmt == "vhdx" else []
 
 
 def _params() -> list[object]:
-    return [pytest.param(f, s, marks=_marks(f), id=f"{f}-{s}") for f, s in KINDS]
+    return [pytest.param(f, s, id=f"{f}-{s}") for f, s in KINDS]
 
 
 def _fill(disk: VirtualDisk, seed: int, count: int = 12) -> None:
@@ -76,9 +71,7 @@ def test_convert_output_checked_by_qemu(tmp_path: Path) -> None:
     require_qemu()
     src = _image(tmp_path, "src", "vhd", "dynamic", seed=4)
     expected = _all(src)
-    for fmt, qfmt in (("vhd", "vpc"), ("raw", "raw")) + (
-        (("vhdx", "vhdx"),) if vhdx_available() else ()
-    ):
+    for fmt, qfmt in (("vhd", "vpc"), ("raw", "raw"), ("vhdx", "vhdx")):
         out = tmp_path / ("out" + EXT[fmt])
         convert(src, out, fmt, "dynamic" if fmt != "raw" else "fixed")
         qemu_compare_raw(out, expected, tmp_path, fmt=qfmt)
@@ -165,7 +158,7 @@ def _chain(folder: Path, fmt: str, depth: int) -> list[Path]:
     return paths
 
 
-@pytest.mark.parametrize("fmt", [pytest.param(f, marks=_marks(f)) for f in ("vhd", "vhdx")])
+@pytest.mark.parametrize("fmt", ["vhd", "vhdx"])
 def test_merge_chain_with_relink(tmp_path: Path, fmt: str) -> None:
     base, c1, c2, c3 = _chain(tmp_path, fmt, 4)
     top = _all(c3)

@@ -31,7 +31,6 @@ from sitepair.vdisk import (
     fileio,
     open_disk,
     vhd_layout,
-    vhdx_available,
 )
 from sitepair.vdisk import qcow2 as q
 from sitepair.vdisk.cli import main
@@ -56,7 +55,6 @@ from tests.vdisk.qcow2_helpers import (
 )
 
 pytestmark = pytest.mark.usefixtures("qemu")
-needs_vhdx = pytest.mark.skipif(not vhdx_available(), reason="no VHDX implementation here")
 
 SIZE = 24 * MiB
 #: Aligned, unaligned, cluster-straddling, multi-cluster, zero (over data and over nothing,
@@ -209,7 +207,6 @@ OVERLAY_WRITES = (
 )
 
 
-@needs_vhdx
 @pytest.mark.parametrize("options", ["", "compat=0.10", "extended_l2=on", "cluster_size=4k"])
 def test_overlay_on_a_sitepair_vhdx(tmp_path: Path, options: str) -> None:
     base = tmp_path / "base.vhdx"
@@ -233,7 +230,6 @@ def test_overlay_on_a_sitepair_vhdx(tmp_path: Path, options: str) -> None:
         assert own[0][0] == 0 and all(off < 15 * MiB for off, _ in own)
 
 
-@needs_vhdx
 def test_qcow2_on_qcow2_on_vhdx(tmp_path: Path) -> None:
     base = tmp_path / "base.vhdx"
     make_base(base, "vhdx")
@@ -274,7 +270,6 @@ def test_backing_vhd_raw_and_absolute_names(tmp_path: Path) -> None:
         assert disk.parent is not None and disk.parent.format is DiskFormat.RAW
 
 
-@needs_vhdx
 def test_overlay_larger_and_smaller_than_its_backing_file(tmp_path: Path) -> None:
     base = tmp_path / "base.vhdx"
     make_base(base, "vhdx", size=8 * MiB)
@@ -290,7 +285,6 @@ def test_overlay_larger_and_smaller_than_its_backing_file(tmp_path: Path) -> Non
         assert all(off + n <= 6 * MiB for off, n in disk.allocated_ranges())
 
 
-@needs_vhdx
 def test_backing_format_probed_when_the_overlay_names_none(tmp_path: Path) -> None:
     base = tmp_path / "base.vhdx"
     make_base(base, "vhdx")

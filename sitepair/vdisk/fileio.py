@@ -23,9 +23,8 @@ SECTOR = 512
 
 _HAVE_PREAD = hasattr(os, "pread")
 _HAVE_PREADV = hasattr(os, "preadv")
-_HAVE_PWRITEV = hasattr(os, "pwritev")
 _SEEK_LOCK = threading.Lock()  # only used where os.pread is missing (Windows)
-#: Upper bound on buffers per preadv/pwritev call (POSIX guarantees at least 16; Linux has 1024).
+#: Upper bound on buffers per preadv call (POSIX guarantees at least 16; Linux has 1024).
 IOV_MAX = 512
 if hasattr(os, "sysconf"):
     with contextlib.suppress(ValueError, OSError):
@@ -129,34 +128,6 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         offset += n
 
 
-def pwritev_all(fd: int, buffers: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
-    """Write ``buffers`` back to back starting at ``offset``."""
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    if not _HAVE_PWRITEV:  # pragma: no cover - Windows only
-        for v in views:
-            pwrite_all(fd, v, offset)
-            offset += len(v)
-        return
-    while views:
-        batch = views[:IOV_MAX]
-        want = sum(len(v) for v in batch)
-        n = os.pwritev(fd, batch, offset)
-        offset += n
-        if n == want:
-            views = views[IOV_MAX:]
-            continue
-        # Short write: drop what was written and go on.
-        rest: list[memoryview] = []
-        skip = n
-        for v in views:
-            if skip >= len(v):
-                skip -= len(v)
-                continue
-            rest.append(v[skip:])
-            skip = 0
-        views = rest
-
-
 def datasync(fd: int) -> None:
     """Make written data (and the file size) durable."""
     if hasattr(os, "fdatasync"):
@@ -194,19 +165,6 @@ def start_writeback(fd: int) -> bool:
     if _SYNC_FILE_RANGE is None:
         return False
     return _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory entry change (create, rename, unlink) in ``path``'s folder durable.
-
-    Linux needs the directory itself fsync'd; Windows has no such call (NTFS journals it)."""
-    if sys.platform == "win32":  # pragma: no cover - Windows only
-        return
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_size(fd: int) -> int:

@@ -21,9 +21,10 @@ from typing import Any
 import blake3
 
 from sitepair.errors import VirtualDiskError
+from sitepair.fsutil import fsync_dir
 from sitepair.vdisk import create_disk, detect_format, open_disk, set_parent
 from sitepair.vdisk.base import DiskFormat, SubFormat, VirtualDisk, coalesce
-from sitepair.vdisk.fileio import fsync_dir, is_zero
+from sitepair.vdisk.fileio import is_zero
 
 MiB = 1 << 20
 #: Unit of work for copying and comparing: large enough to amortise per-call costs, small
@@ -157,7 +158,7 @@ def convert(
                 _copy(source, target)
                 target.flush()
             _place(tmp, dst_path)
-            fsync_dir(dst_path)
+            fsync_dir(dst_path.parent)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -241,7 +242,7 @@ def merge(
     for g in pending:
         set_parent(g, parent_file)
     child_file.unlink()
-    fsync_dir(child_file)
+    fsync_dir(child_file.parent)
 
 
 def digest(disk: VirtualDisk, block_size: int, *, threads: int = 2) -> list[bytes]:

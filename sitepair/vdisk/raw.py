@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sitepair.errors import VirtualDiskError
+from sitepair.fsutil import fsync_dir
 from sitepair.vdisk.base import DiskFormat, DiskInfo, SubFormat, VirtualDisk
 from sitepair.vdisk.fileio import (
     data_ranges,
     datasync,
     file_size,
-    fsync_dir,
     open_image,
     pread_exact,
     preadv_exact,
@@ -55,7 +55,7 @@ def create_raw(path: str | os.PathLike[str], *, size: int) -> RawDisk:
         lock_file(fd, p, exclusive=True)
         os.ftruncate(fd, size)
         datasync(fd)
-        fsync_dir(p)
+        fsync_dir(p.parent)
         return RawDisk(p, fd, read_only=False)
     except BaseException:
         os.close(fd)

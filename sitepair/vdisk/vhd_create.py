@@ -14,11 +14,11 @@ import uuid
 from pathlib import Path
 
 from sitepair.errors import VirtualDiskError
+from sitepair.fsutil import fsync_dir
 from sitepair.vdisk import vhd_layout as L
 from sitepair.vdisk.base import SubFormat
 from sitepair.vdisk.fileio import (
     datasync,
-    fsync_dir,
     open_image,
     pwrite_all,
     round_up,
@@ -122,7 +122,7 @@ def create_vhd(
                 pwrite_all(fd, blob, at)
             pwrite_all(fd, fbytes, pos)
         datasync(fd)
-        fsync_dir(p)
+        fsync_dir(p.parent)
         return VhdDisk(p, fd, read_only=False, chain=())
     except BaseException:
         os.close(fd)

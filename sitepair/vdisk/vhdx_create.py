@@ -19,6 +19,7 @@ from array import array
 from pathlib import Path
 
 from sitepair.errors import VirtualDiskError
+from sitepair.fsutil import fsync_dir
 from sitepair.vdisk.base import SubFormat, VirtualDisk
 from sitepair.vdisk.fileio import round_up
 from sitepair.vdisk.locking import lock_file
@@ -221,6 +222,7 @@ def create_vhdx(
         os.pwrite(fd, bat.tobytes(), bat_offset)
         os.ftruncate(fd, file_size)
         os.fsync(fd)
+        fsync_dir(path.parent)
         disk = VhdxDisk(path, fd, read_only=False)
     except BaseException as exc:
         os.close(fd)
@@ -229,16 +231,4 @@ def create_vhdx(
         if isinstance(exc, OSError):
             raise VirtualDiskError(f"{path}: cannot create: {exc}") from exc
         raise
-    _fsync_dir(path.parent)
     return with_parent_chain(disk)
-
-
-def _fsync_dir(directory: Path) -> None:
-    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -16,7 +16,8 @@ from typing import Any
 from sitepair.errors import VirtualDiskError
 from sitepair.vdisk.base import DiskFormat, DiskInfo, SubFormat, VirtualDisk, coalesce
 from sitepair.vdisk.fileio import file_size, open_image, pread
-from sitepair.vdisk.qcow2 import open_qcow2, probe_qcow2
+from sitepair.vdisk.qcow2 import open_qcow2
+from sitepair.vdisk.qcow2_header import probe_qcow2
 from sitepair.vdisk.raw import create_raw, open_raw
 from sitepair.vdisk.vhd import open_vhd, probe_vhd, set_parent_vhd
 from sitepair.vdisk.vhd_create import create_vhd

@@ -33,6 +33,7 @@ from sitepair.vdisk import (
     vhd_layout,
 )
 from sitepair.vdisk import qcow2 as q
+from sitepair.vdisk import qcow2_header as qh
 from sitepair.vdisk.cli import main
 from sitepair.vdisk.ops import compare, convert, merge
 from sitepair.vdisk.qcow2 import Qcow2Disk, open_qcow2
@@ -311,7 +312,7 @@ def test_backing_format_probed_when_the_overlay_names_none(tmp_path: Path) -> No
 def drop_backing_format(path: Path) -> None:
     """Turn the backing format header extension into an unknown (ignored) extension."""
     head = read_at(path, 0, 4096)
-    at = head.index(struct.pack(">I", q.EXT_BACKING_FORMAT), 104)
+    at = head.index(struct.pack(">I", qh.EXT_BACKING_FORMAT), 104)
     patch(path, at, struct.pack(">I", 0x7E57_0001))
 
 
@@ -621,7 +622,7 @@ def _backing_name(name: bytes, fmt: bytes | None = None) -> Callable[[Path], Non
         set_u64(p, 8, 2048)
         set_u32(p, 16, len(name))
         if fmt is not None:
-            ext = struct.pack(">II", q.EXT_BACKING_FORMAT, len(fmt)) + fmt.ljust(8, b"\0")
+            ext = struct.pack(">II", qh.EXT_BACKING_FORMAT, len(fmt)) + fmt.ljust(8, b"\0")
             length = struct.unpack(">I", read_at(p, 100, 4))[0]
             patch(p, length, ext + bytes(8))
 
@@ -798,13 +799,13 @@ def test_encrypted_image_made_by_qemu_is_refused(tmp_path: Path, method: str, na
 def test_header_parser_units() -> None:
     """parse_header on hand-made headers: the smallest valid ones and each check."""
     v2 = struct.pack(">4sIQIIQIIQQIIQ", b"QFI\xfb", 2, 0, 0, 16, 1 << 20, 0, 1, 65536, 0, 0, 0, 0)
-    h = q.parse_header(v2, 3 * 65536, "x")
+    h = qh.parse_header(v2, 3 * 65536, "x")
     assert (h.version, h.cluster_size, h.virtual_size, h.l1_entries_needed) == (2, 65536, MiB, 1)
     assert not h.dirty and not h.extended_l2 and h.backing_file is None
     with pytest.raises(VirtualDiskError, match="runs past the end of the file"):
-        q.parse_header(v2, 65536, "x")
+        qh.parse_header(v2, 65536, "x")
     zero_size = v2[:24] + struct.pack(">Q", 0) + v2[32:36] + struct.pack(">I", 0) + v2[40:]
-    assert q.parse_header(zero_size, 72, "x").l1_entries_needed == 0
+    assert qh.parse_header(zero_size, 72, "x").l1_entries_needed == 0
 
 
 # -- fuzzing: random damage to the metadata --------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from broker.store.base import Store
 from broker.store.models import Command, CommandState
+from broker.store.sqlite import Tx
 from sitepair.clock import Clock
 from sitepair.errors import NotFound
 from sitepair.v1 import control_pb2
@@ -63,13 +64,12 @@ class CommandDispatcher:
             job_step_name=job_step_name,
         )
 
-        def insert() -> None:
-            with self._store.write() as tx:
-                if tx.get_server(server_id) is None:
-                    raise NotFound(f"no server {server_id}")
-                tx.insert_command(cmd)
+        def insert(tx: Tx) -> None:
+            if tx.get_server(server_id) is None:
+                raise NotFound(f"no server {server_id}")
+            tx.insert_command(cmd)
 
-        await asyncio.to_thread(insert)
+        await self._store.writing(insert)
         log.info(
             "command queued",
             extra={"fields": {"command": cmd.id, "kind": kind, "server": server_id}},
@@ -82,11 +82,10 @@ class CommandDispatcher:
     async def deliver_open(self, session: AgentSession) -> int:
         """Send every unacknowledged command of the session's server (on connect)."""
 
-        def read() -> list[Command]:
-            with self._store.read() as tx:
-                return tx.open_commands(session.server_id)
+        def read(tx: Tx) -> list[Command]:
+            return tx.open_commands(session.server_id)
 
-        cmds = await asyncio.to_thread(read)
+        cmds = await self._store.reading(read)
         await self._deliver(session, cmds)
         return len(cmds)
 
@@ -104,11 +103,10 @@ class CommandDispatcher:
             return
         now = self._clock.now()
 
-        def mark() -> None:
-            with self._store.write() as tx:
-                tx.mark_commands_delivered(sent, now)
+        def mark(tx: Tx) -> None:
+            tx.mark_commands_delivered(sent, now)
 
-        await asyncio.to_thread(mark)
+        await self._store.writing(mark)
 
     async def handle_ack(self, server_id: str, ack: control_pb2.CommandAck) -> Command | None:
         """Record an agent's acknowledgement; returns the completed command (None if ignored)."""
@@ -124,18 +122,17 @@ class CommandDispatcher:
         )
         now = self._clock.now()
 
-        def complete() -> Command | None:
-            with self._store.write() as tx:
-                return tx.complete_command(
-                    ack.command_id,
-                    server_id=server_id,
-                    state=state,
-                    now=now,
-                    result_json=ack.result_json[:65536],
-                    error=ack.error[:4096],
-                )
+        def complete(tx: Tx) -> Command | None:
+            return tx.complete_command(
+                ack.command_id,
+                server_id=server_id,
+                state=state,
+                now=now,
+                result_json=ack.result_json[:65536],
+                error=ack.error[:4096],
+            )
 
-        cmd = await asyncio.to_thread(complete)
+        cmd = await self._store.writing(complete)
         if cmd is None:
             log.info(
                 "duplicate or foreign ack ignored",
@@ -152,11 +149,10 @@ class CommandDispatcher:
         return cmd
 
     async def get(self, command_id: str) -> Command:
-        def read() -> Command | None:
-            with self._store.read() as tx:
-                return tx.get_command(command_id)
+        def read(tx: Tx) -> Command | None:
+            return tx.get_command(command_id)
 
-        cmd = await asyncio.to_thread(read)
+        cmd = await self._store.reading(read)
         if cmd is None:
             raise NotFound(f"no command {command_id}")
         return cmd
@@ -183,11 +179,10 @@ class CommandDispatcher:
     async def cancel_for_server(self, server_id: str, reason: str) -> list[Command]:
         now = self._clock.now()
 
-        def cancel() -> list[Command]:
-            with self._store.write() as tx:
-                return tx.cancel_open_commands(server_id, now, reason)
+        def cancel(tx: Tx) -> list[Command]:
+            return tx.cancel_open_commands(server_id, now, reason)
 
-        cmds = await asyncio.to_thread(cancel)
+        cmds = await self._store.writing(cancel)
         for cmd in cmds:
             for fut in self._waiters.pop(cmd.id, []):
                 if not fut.done():

@@ -19,6 +19,7 @@ from broker.sessions import SessionRegistry
 from broker.store.base import Store
 from broker.store.leadership import Leader
 from broker.store.models import HeartbeatRecord
+from broker.store.sqlite import Tx
 from sitepair.clock import Clock
 
 log = logging.getLogger("sitepair.broker.heartbeats")
@@ -43,11 +44,10 @@ class HeartbeatWriter:
             return 0
         batch, self._pending = list(self._pending.values()), {}
 
-        def write() -> None:
-            with self._store.write() as tx:
-                tx.record_heartbeats(batch)
+        def write(tx: Tx) -> None:
+            tx.record_heartbeats(batch)
 
-        await asyncio.to_thread(write)
+        await self._store.writing(write)
         self.batches += 1
         self.written += len(batch)
         return len(batch)
@@ -95,13 +95,12 @@ class LivenessMonitor:
         now = self._clock.now()
         cutoff = now - self._interval * self._missed
 
-        def sweep() -> list[str]:
-            with self._store.write() as tx:
-                silent = tx.connected_servers_silent_since(cutoff)
-                tx.set_servers_disconnected(silent, now)
-                return silent
+        def sweep(tx: Tx) -> list[str]:
+            silent = tx.connected_servers_silent_since(cutoff)
+            tx.set_servers_disconnected(silent, now)
+            return silent
 
-        silent = await asyncio.to_thread(sweep)
+        silent = await self._store.writing(sweep)
         for server_id in silent:
             log.warning(
                 "server missed its heartbeats; marked disconnected",

@@ -73,11 +73,10 @@ class JobManager:
             ),
         )
 
-        def insert() -> None:
-            with self._store.write() as tx:
-                tx.insert_job(job)
+        def insert(tx: Tx) -> None:
+            tx.insert_job(job)
 
-        await asyncio.to_thread(insert)
+        await self._store.writing(insert)
         log.info(
             "job created",
             extra={"fields": {"job": job_id, "kind": kind, "target": target, "by": created_by}},
@@ -131,34 +130,33 @@ class JobManager:
     ) -> None:
         now = self._clock.now()
 
-        def update() -> None:
-            with self._store.write() as tx:
-                job = tx.get_job(job_id)
-                if job is None:
-                    raise NotFound(f"no job {job_id}")
-                if job.state.final:
-                    return  # a final state is never left (a late ack cannot revive a job)
-                tx.update_job(
-                    job_id,
-                    now=now,
-                    state=state,
-                    error=error,
-                    result_json=json.dumps(result, sort_keys=True) if result is not None else None,
-                )
-                if state.final:
-                    # Steps that never ran are marked so the job reads truthfully.
-                    for s in job.steps:
-                        if s.state in (StepState.PENDING, StepState.RUNNING):
-                            tx.update_step(
-                                job_id,
-                                s.index,
-                                now=now,
-                                state=StepState.CANCELLED
-                                if state == JobState.CANCELLED or s.state == StepState.PENDING
-                                else StepState.FAILED,
-                            )
+        def update(tx: Tx) -> None:
+            job = tx.get_job(job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id}")
+            if job.state.final:
+                return  # a final state is never left (a late ack cannot revive a job)
+            tx.update_job(
+                job_id,
+                now=now,
+                state=state,
+                error=error,
+                result_json=json.dumps(result, sort_keys=True) if result is not None else None,
+            )
+            if state.final:
+                # Steps that never ran are marked so the job reads truthfully.
+                for s in job.steps:
+                    if s.state in (StepState.PENDING, StepState.RUNNING):
+                        tx.update_step(
+                            job_id,
+                            s.index,
+                            now=now,
+                            state=StepState.CANCELLED
+                            if state == JobState.CANCELLED or s.state == StepState.PENDING
+                            else StepState.FAILED,
+                        )
 
-        await asyncio.to_thread(update)
+        await self._store.writing(update)
         if state.final:
             self._cancel_hooks.pop(job_id, None)
             log.info(
@@ -175,21 +173,19 @@ class JobManager:
 
     # -- reading and watching ---------------------------------------------------------------
     async def get(self, job_id: str) -> Job:
-        def read() -> Job | None:
-            with self._store.read() as tx:
-                return tx.get_job(job_id)
+        def read(tx: Tx) -> Job | None:
+            return tx.get_job(job_id)
 
-        job = await asyncio.to_thread(read)
+        job = await self._store.reading(read)
         if job is None:
             raise NotFound(f"no job {job_id!r}", hint="see `sitepair-broker jobs list`")
         return job
 
     async def list(self, *, state: str = "", kind: str = "", limit: int = 100) -> list[Job]:
-        def read() -> list[Job]:
-            with self._store.read() as tx:
-                return tx.list_jobs(state=state, kind=kind, limit=limit)
+        def read(tx: Tx) -> list[Job]:
+            return tx.list_jobs(state=state, kind=kind, limit=limit)
 
-        return await asyncio.to_thread(read)
+        return await self._store.reading(read)
 
     async def watch(self, job_id: str, *, poll: float = 1.0) -> AsyncIterator[Job]:
         """Yield the job now and after every change, until it is final."""
@@ -241,12 +237,11 @@ class JobManager:
         over, and they become this broker's.
         """
 
-        def read() -> list[Job]:
-            with self._store.write() as tx:
-                jobs = [tx.get_job(i) for i in tx.adopt_orphaned_jobs(self.owner)]
-                return [j for j in jobs if j is not None]
+        def read(tx: Tx) -> list[Job]:
+            jobs = [tx.get_job(i) for i in tx.adopt_orphaned_jobs(self.owner)]
+            return [j for j in jobs if j is not None]
 
-        for job in await asyncio.to_thread(read):
+        for job in await self._store.writing(read):
             resumer = self._resumers.get(job.kind)
             taken = False
             if resumer is not None:

@@ -54,9 +54,9 @@ _VERBS = {
 
 
 def _doc(plan: RecoveryPlan) -> dict[str, Any]:
-    doc = json.loads(plan.doc_json)
+    doc: dict[str, Any] = json.loads(plan.doc_json)
     doc.setdefault("groups", [])
-    return doc  # type: ignore[no-any-return]
+    return doc
 
 
 class PlanManager(Orchestrator):
@@ -445,9 +445,9 @@ class PlanManager(Orchestrator):
 
 
 def _group(doc: dict[str, Any], group: int) -> dict[str, Any]:
-    groups = doc["groups"]
+    groups: list[dict[str, Any]] = doc["groups"]
     if not 1 <= group <= len(groups):
         raise InvalidArgument(
             f"the plan has groups 1 to {len(groups)}; add one with `plans add-group`"
         )
-    return groups[group - 1]  # type: ignore[no-any-return]
+    return groups[group - 1]

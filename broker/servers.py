@@ -24,6 +24,7 @@ from broker.jobs import JobManager
 from broker.sessions import SessionRegistry
 from broker.store.base import Store
 from broker.store.models import Command, CommandState, Job, JobState, Server, StepState
+from broker.store.sqlite import Tx
 from sitepair.clock import Clock
 from sitepair.errors import FailedPrecondition, NotFound
 from sitepair.v1 import control_pb2
@@ -70,11 +71,10 @@ class ServerOperations:
         jobs.register_resumer("remove-server", self._resume_remove)
 
     async def find(self, ref: str) -> Server:
-        def read() -> Server:
-            with self._store.read() as tx:
-                return tx.find_server(ref)
+        def read(tx: Tx) -> Server:
+            return tx.find_server(ref)
 
-        return await asyncio.to_thread(read)
+        return await self._store.reading(read)
 
     # -- remove -----------------------------------------------------------------------------
     async def remove(self, ref: str, *, by: str) -> Job:
@@ -110,12 +110,11 @@ class ServerOperations:
         if DENY not in done:
             now = self._clock.now()
 
-            def mark() -> None:
-                with self._store.write() as tx:
-                    tx.mark_server_removed(server.id, now)
+            def mark(tx: Tx) -> None:
+                tx.mark_server_removed(server.id, now)
 
             await self._jobs.step(job.id, DENY, StepState.RUNNING)
-            await asyncio.to_thread(mark)
+            await self._store.writing(mark)
             self._authorizer.deny_server(server.id)
             await self._jobs.step(job.id, DENY, StepState.SUCCEEDED, message="refused from now on")
             log.warning(
@@ -158,17 +157,16 @@ class ServerOperations:
         """A RevokeHost command, stored, for every other host not removed (once per host, even
         when the job is run again)."""
 
-        def read() -> tuple[list[Server], dict[str, Command]]:
-            with self._store.read() as tx:
-                hosts = [s for s in tx.list_servers() if s.id != removed.id]
-                sent = {
-                    c.server_id: c
-                    for c in tx.commands_for_job(job.id)
-                    if c.kind == "revoke_host" and c.state != CommandState.FAILED
-                }
+        def read(tx: Tx) -> tuple[list[Server], dict[str, Command]]:
+            hosts = [s for s in tx.list_servers() if s.id != removed.id]
+            sent = {
+                c.server_id: c
+                for c in tx.commands_for_job(job.id)
+                if c.kind == "revoke_host" and c.state != CommandState.FAILED
+            }
             return hosts, sent
 
-        hosts, sent = await asyncio.to_thread(read)
+        hosts, sent = await self._store.reading(read)
         body = control_pb2.Command(
             revoke_host=control_pb2.RevokeHost(
                 host_id=removed.id,
@@ -271,15 +269,14 @@ class ServerOperations:
     async def refresh_cloud(self, cloud: str, *, by: str) -> Job:
         """Ask every host of ``cloud`` to resend its inventory: one step per host."""
 
-        def read() -> list[Server]:
-            with self._store.read() as tx:
-                if tx.get_cloud(cloud) is None:
-                    raise NotFound(f"no cloud named {cloud!r}; see `clouds list`")
-                hosts = [tx.get_server(h) for h in tx.cloud_hosts(cloud)]
+        def read(tx: Tx) -> list[Server]:
+            if tx.get_cloud(cloud) is None:
+                raise NotFound(f"no cloud named {cloud!r}; see `clouds list`")
+            hosts = [tx.get_server(h) for h in tx.cloud_hosts(cloud)]
             live = [h for h in hosts if h is not None and h.removed_at is None]
             return sorted(live, key=lambda h: h.name)
 
-        servers = await asyncio.to_thread(read)
+        servers = await self._store.reading(read)
         if not servers:
             raise FailedPrecondition(
                 f"cloud {cloud} has no hosts to refresh; add one with `clouds add-host`"
@@ -366,13 +363,12 @@ class ServerOperations:
     async def resume(self, job: Job) -> bool:
         """Start-up: re-attach to a command job's command (see module docstring)."""
 
-        def read() -> list[tuple[Command, Server]]:
-            with self._store.read() as tx:
-                cmds = sorted(tx.commands_for_job(job.id), key=lambda c: c.job_step or 0)
-                pairs = [(c, tx.get_server(c.server_id)) for c in cmds]
+        def read(tx: Tx) -> list[tuple[Command, Server]]:
+            cmds = sorted(tx.commands_for_job(job.id), key=lambda c: c.job_step or 0)
+            pairs = [(c, tx.get_server(c.server_id)) for c in cmds]
             return [(c, s) for c, s in pairs if s is not None]
 
-        pairs = await asyncio.to_thread(read)
+        pairs = await self._store.reading(read)
         if not pairs:
             return False
         self._spawn(self._follow(job, pairs))

@@ -24,6 +24,7 @@ from broker.protection import ProtectionManager
 from broker.store.base import Store
 from broker.store.leadership import Leader
 from broker.store.models import JobState, Relationship, RelationshipState
+from broker.store.sqlite import Tx
 from sitepair.clock import Clock
 from sitepair.errors import SitepairError
 
@@ -85,10 +86,9 @@ class VerifyScheduler:
             return []
         now = self._clock.now()
 
-        def read() -> list[Relationship]:
-            with self._store.read() as tx:
-                rels = tx.list_relationships()
-                connected = {s.id for s in tx.list_servers() if s.connected}
+        def read(tx: Tx) -> list[Relationship]:
+            rels = tx.list_relationships()
+            connected = {s.id for s in tx.list_servers() if s.connected}
             return [
                 r
                 for r in rels
@@ -100,7 +100,7 @@ class VerifyScheduler:
             ]
 
         due = sorted(
-            ((self._due_at(r), r) for r in await asyncio.to_thread(read)),
+            ((self._due_at(r), r) for r in await self._store.reading(read)),
             key=lambda pair: pair[0],
         )
         started: list[str] = []
@@ -136,16 +136,15 @@ class VerifyScheduler:
         return due
 
     async def _mark_attempt(self, rel_id: str, now: float) -> None:
-        def update() -> None:
-            with self._store.write() as tx:
-                rel = tx.get_relationship(rel_id)
-                if rel is None:
-                    return
-                doc = json.loads(rel.verify_json or "{}")
-                doc["attempted_at"] = now
-                tx.update_relationship(rel_id, now, verify_json=json.dumps(doc, sort_keys=True))
+        def update(tx: Tx) -> None:
+            rel = tx.get_relationship(rel_id)
+            if rel is None:
+                return
+            doc = json.loads(rel.verify_json or "{}")
+            doc["attempted_at"] = now
+            tx.update_relationship(rel_id, now, verify_json=json.dumps(doc, sort_keys=True))
 
-        await asyncio.to_thread(update)
+        await self._store.writing(update)
 
     async def _running(self) -> set[str]:
         """Relationships with a verification job still going (whoever started it)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc.aio
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker import config as config_mod
 from broker.agent_commands import AgentCommands
@@ -46,6 +44,10 @@ from broker.plans import PlanManager
 from broker.protection import ProtectionManager
 from broker.reports import ReplicationReports
 from broker.servers import ServerOperations
+from broker.services.admin import AdminService
+from broker.services.context import BrokerContext
+from broker.services.control import ControlService
+from broker.services.enrollment import EnrollmentService
 from broker.sessions import SessionRegistry
 from broker.store.base import Store
 from broker.store.leadership import Leadership, LeaseLeadership, SoleLeadership
@@ -60,40 +62,6 @@ from sitepair.rpc import CONTROL_MAX_RECEIVE, add_servicer, server_options
 from sitepair.v1 import admin_pb2_grpc, control_pb2, control_pb2_grpc, enrollment_pb2_grpc
 
 log = logging.getLogger("sitepair.broker")
-
-
-@dataclasses.dataclass
-class BrokerContext:
-    """What the services share. Built once by :class:`Broker`."""
-
-    config: config_mod.BrokerConfig
-    home: BrokerHome
-    clock: Clock
-    store: Store
-    ca: CertificateAuthority
-    server_cert: ServerCertificate
-    authorizer: BrokerAuthorizer
-    sessions: SessionRegistry
-    jobs: JobManager
-    dispatcher: CommandDispatcher
-    heartbeats: HeartbeatWriter
-    servers: ServerOperations
-    clouds: CloudManager
-    protection: ProtectionManager
-    reports: ReplicationReports
-    failover: FailoverManager
-    failback: FailbackManager
-    plans: PlanManager
-    ticket_key: ed25519.Ed25519PrivateKey
-    started_at: float
-    bound_enrollment: str = ""
-    bound_control: str = ""
-
-    def enrollment_addresses(self) -> list[str]:
-        return list(self.config.advertise.enrollment) or [self.bound_enrollment]
-
-    def control_addresses(self) -> list[str]:
-        return list(self.config.advertise.control) or [self.bound_control]
 
 
 def open_store(config: config_mod.StoreConfig, home: BrokerHome) -> Store:
@@ -262,7 +230,12 @@ class Broker:
     async def _start(self) -> BrokerContext:
         cfg, home, clock = self.config, self.home, self.clock
         store = await asyncio.to_thread(open_store, cfg.store, home)
-        vault = await asyncio.to_thread(_stored_vault, store)
+        vault = await store.reading(lambda tx: tx.get_meta("vault"))
+        if vault is None:
+            store.close()
+            raise ConfigError(
+                f"store {store.description} has no vault: was the home made by `init`?"
+            )
         if vault != cfg.vault:
             store.close()
             raise ConfigError(
@@ -277,12 +250,14 @@ class Broker:
             dns_names=cfg.certificates.server_names,
             ip_addresses=cfg.certificates.server_ips,
         )
-        removed = await asyncio.to_thread(_removed_servers, store)
+        removed = await store.reading(lambda tx: tx.removed_server_ids())
         # A broker that has just started has no agent connected. On a shared store, agents are
         # connected to the other brokers; the leader's liveness monitor disconnects those of a
         # broker that died.
         disconnected = (
-            0 if store.shared else await asyncio.to_thread(_disconnect_all, store, clock.now())
+            0
+            if store.shared
+            else await store.writing(lambda tx: tx.disconnect_all_servers(clock.now()))
         )
         authorizer = BrokerAuthorizer(cfg.vault, removed_servers=removed)
         sessions = SessionRegistry()
@@ -323,7 +298,6 @@ class Broker:
         plans = PlanManager(orchestration, failover=failover, failback=failback)
         ctx = BrokerContext(
             config=cfg,
-            home=home,
             clock=clock,
             store=store,
             ca=ca,
@@ -344,11 +318,6 @@ class Broker:
             started_at=clock.now(),
         )
         self.ctx = ctx
-        # Imported here: the servicers import BrokerContext from this module.
-        from broker.services.admin import AdminService
-        from broker.services.control import ControlService
-        from broker.services.enrollment import EnrollmentService
-
         limits = cfg.limits
         self._enroll_server = grpc.aio.server(
             options=server_options(max_message_bytes=256 * 1024, max_concurrent_streams=8),
@@ -542,21 +511,3 @@ class Broker:
 def _with_port(address: str, port: int) -> str:
     host = address.rsplit(":", 1)[0]
     return f"{host}:{port}"
-
-
-def _stored_vault(store: Store) -> str:
-    with store.read() as tx:
-        vault = tx.get_meta("vault")
-    if vault is None:
-        raise ConfigError(f"store {store.description} has no vault: was the home made by `init`?")
-    return vault
-
-
-def _removed_servers(store: Store) -> set[str]:
-    with store.read() as tx:
-        return tx.removed_server_ids()
-
-
-def _disconnect_all(store: Store, now: float) -> int:
-    with store.write() as tx:
-        return tx.disconnect_all_servers(now)

@@ -7,7 +7,6 @@ ListJobs newest first, ListRegistrationKeys oldest first; the protection lists a
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ from broker import paging
 from broker.convert import job_to_proto, key_to_proto, server_to_proto
 from broker.services.admin_protection import ProtectionAdmin
 from broker.store.models import Job, Operator, RegistrationKey, Server
+from broker.store.sqlite import Tx
 from sitepair import __version__, credentials, pki
 from sitepair.errors import InvalidArgument, NotFound
 from sitepair.protoconv import timestamp
@@ -26,7 +26,7 @@ from sitepair.rpc import rpc
 from sitepair.v1 import admin_pb2, admin_pb2_grpc
 
 if TYPE_CHECKING:
-    from broker.app import BrokerContext
+    from broker.services.context import BrokerContext
 
 log = logging.getLogger("sitepair.broker.admin")
 
@@ -94,11 +94,10 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
             created_by=identity.id,
         )
 
-        def insert() -> None:
-            with ctx.store.write() as tx:
-                tx.insert_key(key)
+        def insert(tx: Tx) -> None:
+            tx.insert_key(key)
 
-        await asyncio.to_thread(insert)
+        await ctx.store.writing(insert)
         creds = credentials.Credentials(
             vault=ctx.config.vault,
             site=site,
@@ -128,11 +127,10 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
         size = paging.page_size(request.page_size)
         now = self.ctx.clock.now()
 
-        def read() -> admin_pb2.ListRegistrationKeysResponse:
+        def read(tx: Tx) -> admin_pb2.ListRegistrationKeysResponse:
             # Inactive keys are filtered here (a key's state depends on the time), so a page
             # may hold fewer keys than asked for; the token still moves past every key read.
-            with self.ctx.store.read() as tx:
-                rows = tx.key_page(after=after, limit=size + 1)
+            rows = tx.key_page(after=after, limit=size + 1)
             keys, token = paging.fill(
                 rows, size, lambda k: key_to_proto(k, now), lambda k: (k.created_at, k.id)
             )
@@ -141,7 +139,7 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
                 next_page_token=token,
             )
 
-        return await asyncio.to_thread(read)
+        return await self.ctx.store.reading(read)
 
     @rpc(roles=ADMIN)
     async def RevokeRegistrationKey(
@@ -152,11 +150,10 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.RegistrationKey:
         now = self.ctx.clock.now()
 
-        def revoke() -> RegistrationKey:
-            with self.ctx.store.write() as tx:
-                return tx.revoke_key(request.id, now)
+        def revoke(tx: Tx) -> RegistrationKey:
+            return tx.revoke_key(request.id, now)
 
-        key = await asyncio.to_thread(revoke)
+        key = await self.ctx.store.writing(revoke)
         log.info("registration key revoked", extra={"fields": {"key": key.id, "by": identity.id}})
         return key_to_proto(key, now)
 
@@ -171,15 +168,14 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
         after = paging.decode_token(request.page_token, (str, str, str))
         size = paging.page_size(request.page_size)
 
-        def read() -> admin_pb2.ListServersResponse:
-            with self.ctx.store.read() as tx:
-                rows = tx.server_page(
-                    site=request.site,
-                    include_removed=request.include_removed,
-                    after=after,
-                    limit=size + 1,
-                )
-                counts = tx.vm_counts([s.id for s in rows])
+        def read(tx: Tx) -> admin_pb2.ListServersResponse:
+            rows = tx.server_page(
+                site=request.site,
+                include_removed=request.include_removed,
+                after=after,
+                limit=size + 1,
+            )
+            counts = tx.vm_counts([s.id for s in rows])
 
             def convert(s: Server) -> admin_pb2.Server:
                 msg = server_to_proto(s, vm_count=counts.get(s.id, 0))
@@ -188,7 +184,7 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
             servers, token = paging.fill(rows, size, convert, lambda s: (s.site, s.name, s.id))
             return admin_pb2.ListServersResponse(servers=servers, next_page_token=token)
 
-        return await asyncio.to_thread(read)
+        return await self.ctx.store.reading(read)
 
     @rpc(roles=ADMIN)
     async def GetServer(
@@ -197,18 +193,17 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
         context: grpc.aio.ServicerContext[Any, Any],
         identity: pki.Identity,
     ) -> admin_pb2.Server:
-        def read() -> admin_pb2.Server:
-            with self.ctx.store.read() as tx:
-                server = tx.find_server(request.server)
-                count = tx.vm_counts([server.id]).get(server.id, 0)
-                msg = server_to_proto(
-                    server, tx.get_inventory(server.id), with_inventory=True, vm_count=count
-                )
+        def read(tx: Tx) -> admin_pb2.Server:
+            server = tx.find_server(request.server)
+            count = tx.vm_counts([server.id]).get(server.id, 0)
+            msg = server_to_proto(
+                server, tx.get_inventory(server.id), with_inventory=True, vm_count=count
+            )
             return paging.trim(
                 msg, ["inventory", "metrics", "facts"], limit=paging.MAX_RESPONSE_BYTES
             )
 
-        return await asyncio.to_thread(read)
+        return await self.ctx.store.reading(read)
 
     @rpc(roles=ADMIN)
     async def RemoveServer(
@@ -267,11 +262,10 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
             cert_not_after=pki.not_after(cert),
         )
 
-        def insert() -> None:
-            with ctx.store.write() as tx:
-                tx.insert_operator(op)
+        def insert(tx: Tx) -> None:
+            tx.insert_operator(op)
 
-        await asyncio.to_thread(insert)
+        await ctx.store.writing(insert)
         log.info(
             "operator added", extra={"fields": {"operator": op_id, "name": name, "by": identity.id}}
         )
@@ -289,9 +283,8 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
         context: grpc.aio.ServicerContext[Any, Any],
         identity: pki.Identity,
     ) -> admin_pb2.ListOperatorsResponse:
-        def read() -> list[Operator]:
-            with self.ctx.store.read() as tx:
-                return tx.list_operators()
+        def read(tx: Tx) -> list[Operator]:
+            return tx.list_operators()
 
         return admin_pb2.ListOperatorsResponse(
             operators=[
@@ -301,7 +294,7 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
                     created_at=timestamp(o.created_at),
                     certificate_not_after=timestamp(o.cert_not_after),
                 )
-                for o in await asyncio.to_thread(read)
+                for o in await self.ctx.store.reading(read)
             ]
         )
 
@@ -316,11 +309,8 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
         after = paging.decode_token(request.page_token, (float, str))
         size = paging.page_size(request.page_size or request.limit)
 
-        def read() -> admin_pb2.ListJobsResponse:
-            with self.ctx.store.read() as tx:
-                rows = tx.job_page(
-                    state=request.state, kind=request.kind, after=after, limit=size + 1
-                )
+        def read(tx: Tx) -> admin_pb2.ListJobsResponse:
+            rows = tx.job_page(state=request.state, kind=request.kind, after=after, limit=size + 1)
 
             def convert(j: Job) -> admin_pb2.Job:
                 return paging.trim(job_to_proto(j), ["result_json", "steps", "error"])
@@ -328,7 +318,7 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
             jobs, token = paging.fill(rows, size, convert, lambda j: (j.created_at, j.id))
             return admin_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
 
-        return await asyncio.to_thread(read)
+        return await self.ctx.store.reading(read)
 
     @rpc(roles=ADMIN)
     async def GetJob(

@@ -7,9 +7,9 @@ reported status too big for a page, are withheld and named in the item's ``withh
 
 from __future__ import annotations
 
-import asyncio
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc.aio
 
@@ -24,8 +24,10 @@ from sitepair.protoconv import timestamp
 from sitepair.rpc import rpc
 from sitepair.v1 import admin_pb2, common_pb2
 
+T = TypeVar("T")
+
 if TYPE_CHECKING:
-    from broker.app import BrokerContext
+    from broker.services.context import BrokerContext
 
 ADMIN = [pki.Role.ADMIN]
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -77,12 +79,8 @@ def _vm_proto(v: InventoryVm) -> tuple[common_pb2.VirtualMachine, list[str]]:
 class ProtectionAdmin:
     ctx: BrokerContext
 
-    async def _read(self, fn: Any) -> Any:
-        def run() -> Any:
-            with self.ctx.store.read() as tx:
-                return fn(tx)
-
-        return await asyncio.to_thread(run)
+    async def _read(self, fn: Callable[[Tx], T]) -> T:
+        return await self.ctx.store.reading(fn)
 
     def _cloud_proto(self, tx: Tx, cloud: Cloud) -> admin_pb2.Cloud:
         pair = tx.pair_of(cloud.name)
@@ -134,7 +132,7 @@ class ProtectionAdmin:
             vms, token = paging.fill(rows, size, convert, lambda v: (v.name, v.server_id, v.vm_id))
             return admin_pb2.ListVmsResponse(vms=vms, next_page_token=token)
 
-        return await self._read(read)  # type: ignore[no-any-return]
+        return await self._read(read)
 
     # -- clouds -----------------------------------------------------------------------------
     @rpc(roles=ADMIN)
@@ -142,13 +140,13 @@ class ProtectionAdmin:
         self, request: admin_pb2.CreateCloudRequest, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.Cloud:
         cloud = await self.ctx.clouds.create_cloud(request.name, request.site, request.description)
-        return await self._read(lambda tx: self._cloud_proto(tx, cloud))  # type: ignore[no-any-return]
+        return await self._read(lambda tx: self._cloud_proto(tx, cloud))
 
     @rpc(roles=ADMIN)
     async def ListClouds(
         self, request: admin_pb2.ListCloudsRequest, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.ListCloudsResponse:
-        return await self._read(  # type: ignore[no-any-return]
+        return await self._read(
             lambda tx: admin_pb2.ListCloudsResponse(
                 clouds=[self._cloud_proto(tx, c) for c in tx.list_clouds()]
             )
@@ -161,7 +159,7 @@ class ProtectionAdmin:
                 raise NotFound(f"no cloud {name!r}", hint="see `clouds list`")
             return self._cloud_proto(tx, cloud)
 
-        return await self._read(read)  # type: ignore[no-any-return]
+        return await self._read(read)
 
     @rpc(roles=ADMIN)
     async def GetCloud(
@@ -247,7 +245,7 @@ class ProtectionAdmin:
                 ]
             )
 
-        return await self._read(read)  # type: ignore[no-any-return]
+        return await self._read(read)
 
     # -- mappings ---------------------------------------------------------------------------
     async def _mapping(self, kind: str, source: str) -> admin_pb2.MappingInfo:
@@ -337,7 +335,7 @@ class ProtectionAdmin:
             vms, token = paging.fill(rows, size, convert, lambda r: (r.vm_name, r.id))
             return admin_pb2.ListProtectedResponse(vms=vms, next_page_token=token)
 
-        return await self._read(read)  # type: ignore[no-any-return]
+        return await self._read(read)
 
     @rpc(roles=ADMIN)
     async def GetProtected(
@@ -348,7 +346,7 @@ class ProtectionAdmin:
             names = {s.id: s.name for s in tx.list_servers(include_removed=True)}
             return relationship_to_proto(rel, names)
 
-        return await self._read(read)  # type: ignore[no-any-return]
+        return await self._read(read)
 
     # -- failover ---------------------------------------------------------------------------
     @rpc(roles=ADMIN)
@@ -425,7 +423,7 @@ class ProtectionAdmin:
                         )
             return msg
 
-        return await self._read(read)  # type: ignore[no-any-return]
+        return await self._read(read)
 
     @rpc(roles=ADMIN)
     async def CreatePlan(

@@ -32,6 +32,7 @@ from broker.agent_commands import replication_endpoint
 from broker.inventory import accept_inventory, join_declared_cloud, sync_inventory
 from broker.sessions import AgentSession
 from broker.store.models import HeartbeatRecord, Relationship, Server, StoredInventory
+from broker.store.sqlite import Tx
 from sitepair import PROTOCOL_VERSION, pki, tickets
 from sitepair.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from sitepair.logsafe import shown
@@ -40,7 +41,7 @@ from sitepair.rpc import rpc
 from sitepair.v1 import common_pb2, control_pb2, control_pb2_grpc
 
 if TYPE_CHECKING:
-    from broker.app import BrokerContext
+    from broker.services.context import BrokerContext
 
 log = logging.getLogger("sitepair.broker.control")
 
@@ -79,11 +80,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self.authorizer = ctx.authorizer
 
     async def _server(self, identity: pki.Identity) -> Server:
-        def read() -> Server | None:
-            with self.ctx.store.read() as tx:
-                return tx.get_server(identity.id)
+        def read(tx: Tx) -> Server | None:
+            return tx.get_server(identity.id)
 
-        server = await asyncio.to_thread(read)
+        server = await self.ctx.store.reading(read)
         if server is None:
             raise PermissionDenied(f"no server {identity.id} is registered in this vault")
         if server.removed_at is not None:
@@ -132,25 +132,24 @@ class ControlService(control_pb2_grpc.ControlServicer):
         ctx.sessions.open(session)
         facts_json = bounds.to_json(facts)
 
-        def connected() -> bool:
+        def connected(tx: Tx) -> bool:
             """Record the connection; True when the host's replication address changed."""
-            with ctx.store.write() as tx:
-                before = tx.get_server(server.id)
-                tx.set_server_connected(
-                    server.id,
-                    now=now,
-                    facts_json=facts_json,
-                    agent_version=agent_version,
-                    cloud=facts.cloud,
-                )
-                join_declared_cloud(tx, server, facts.cloud, now)
+            before = tx.get_server(server.id)
+            tx.set_server_connected(
+                server.id,
+                now=now,
+                facts_json=facts_json,
+                agent_version=agent_version,
+                cloud=facts.cloud,
+            )
+            join_declared_cloud(tx, server, facts.cloud, now)
             return (
                 before is not None
                 and before.facts_json not in ("", "{}")
                 and replication_endpoint(before.facts_json) != replication_endpoint(facts_json)
             )
 
-        moved = await asyncio.to_thread(connected)
+        moved = await ctx.store.writing(connected)
         log.info(
             "agent connected",
             extra={"fields": {"server": server.id, "name": server.name, "peer": context.peer()}},
@@ -185,12 +184,9 @@ class ControlService(control_pb2_grpc.ControlServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             if ctx.sessions.release(session):
-                await asyncio.to_thread(self._disconnected, server.id)
+                gone = ctx.clock.now()
+                await ctx.store.writing(lambda tx: tx.set_servers_disconnected([server.id], gone))
                 log.info("agent disconnected", extra={"fields": {"server": server.id}})
-
-    def _disconnected(self, server_id: str) -> None:
-        with self.ctx.store.write() as tx:
-            tx.set_servers_disconnected([server_id], self.ctx.clock.now())
 
     async def _read(
         self, request_iterator: AsyncIterator[control_pb2.AgentMessage], session: AgentSession
@@ -288,14 +284,13 @@ class ControlService(control_pb2_grpc.ControlServicer):
             payload=clean.SerializeToString(),
         )
 
-        def put() -> None:
-            with self.ctx.store.write() as tx:
-                tx.put_inventory(record)
-                server = tx.get_server(session.server_id)
-                if server is not None:
-                    sync_inventory(tx, server, accepted, now)
+        def put(tx: Tx) -> None:
+            tx.put_inventory(record)
+            server = tx.get_server(session.server_id)
+            if server is not None:
+                sync_inventory(tx, server, accepted, now)
 
-        await asyncio.to_thread(put)
+        await self.ctx.store.writing(put)
         session.inventory_digest = clean.digest
         log.info(
             "inventory received",
@@ -318,11 +313,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
         ctx = self.ctx
         await self._server(identity)
 
-        def read() -> Relationship:
-            with ctx.store.read() as tx:
-                return tx.find_relationship(request.relationship_id)
+        def read(tx: Tx) -> Relationship:
+            return tx.find_relationship(request.relationship_id)
 
-        rel = await asyncio.to_thread(read)
+        rel = await ctx.store.reading(read)
         if rel.id != request.relationship_id or rel.disabled_at is not None:
             raise PermissionDenied(f"relationship {request.relationship_id} is not active")
         if rel.primary_server != identity.id:
@@ -363,13 +357,12 @@ class ControlService(control_pb2_grpc.ControlServicer):
             lifetime=ctx.config.certificates.agent_lifetime,
         )
 
-        def record() -> None:
-            with ctx.store.write() as tx:
-                tx.update_server_certificate(
-                    server.id, format(cert.serial_number, "x"), pki.not_after(cert)
-                )
+        def record(tx: Tx) -> None:
+            tx.update_server_certificate(
+                server.id, format(cert.serial_number, "x"), pki.not_after(cert)
+            )
 
-        await asyncio.to_thread(record)
+        await ctx.store.writing(record)
         log.info(
             "agent certificate renewed",
             extra={"fields": {"server": server.id, "serial": format(cert.serial_number, "x")}},

@@ -47,7 +47,7 @@ from sitepair.rpc import rpc
 from sitepair.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 if TYPE_CHECKING:
-    from broker.app import BrokerContext
+    from broker.services.context import BrokerContext
 
 log = logging.getLogger("sitepair.broker.enrollment")
 
@@ -122,6 +122,9 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         now = ctx.clock.now()
         lifetime = ctx.config.certificates.agent_lifetime
 
+        # Hand-rolled rather than store.writing: the certificate is signed inside the
+        # transaction (its serial is stored with the server, as the key's use is consumed), and
+        # a retried transaction would sign a second one.
         def enroll() -> _Outcome:
             with ctx.store.write() as tx:
                 key = tx.get_key(request.key_id)

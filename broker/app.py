@@ -61,6 +61,10 @@ from sitepair.homelock import HomeLock
 from sitepair.rpc import CONTROL_MAX_RECEIVE, add_servicer, server_options
 from sitepair.v1 import admin_pb2_grpc, control_pb2, control_pb2_grpc, enrollment_pb2_grpc
 
+#: BrokerContext is defined beside the servicers (broker/services/context.py) and exported here
+#: too, as what :meth:`Broker.start` returns.
+__all__ = ["Broker", "BrokerContext", "init_home", "open_store"]
+
 log = logging.getLogger("sitepair.broker")
 
 

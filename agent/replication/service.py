@@ -3,18 +3,17 @@
 It is a sibling task of the control stream in the agent daemon. The broker configures it with
 commands (ConfigureReplica on the recovery host, ConfigureSource on the primary), which are
 persisted so replication continues across agent restarts without the broker. Each source
-relationship has a runner that starts a cycle every copy-frequency interval (counting the
-intervals a slow cycle overran as missed), backs off after failures, and stops for good when the
-replica reports a higher epoch (this host was failed over from: fenced).
+relationship has a runner (:mod:`agent.replication.runners`) that starts a cycle every
+copy-frequency interval (counting the intervals a slow cycle overran as missed), backs off after
+failures, and stops for good when the replica reports a higher epoch (this host was failed over
+from: fenced). The replica side is :mod:`agent.replication.receiver`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import math
 import os
 import shutil
 from collections.abc import Callable
@@ -25,23 +24,22 @@ import grpc
 from google.protobuf import json_format
 
 from agent.config import AgentConfig
-from agent.hosts.base import HostBackend, QuiesceFailed
+from agent.hosts.base import HostBackend
 from agent.identity import AgentIdentity
 from agent.replication import failover as failover_mod
 from agent.replication.engine import SourceRelationship
 from agent.replication.failover import LATEST, LATEST_APP, adopt_vm_as_replica, check_point_kind
 from agent.replication.incoming import MAX_DISKS
-from agent.replication.offline import export_cut, import_export
+from agent.replication.offline import import_export
 from agent.replication.receiver import ReceiverServer, ReplicaRegistry
+from agent.replication.runners import SourceRunners
 from agent.replication.state import (
     DiskGrant,
     Grant,
-    PendingCycle,
     ReplicationState,
     SenderState,
     SourceConfig,
 )
-from agent.replication.throttle import TokenBucket
 from sitepair import paths, pki
 from sitepair.clock import Clock
 from sitepair.errors import (
@@ -50,7 +48,6 @@ from sitepair.errors import (
     NotFound,
     PermissionDenied,
     SitepairError,
-    StaleEpoch,
 )
 from sitepair.protoconv import seconds, timestamp
 from sitepair.rpc import channel_options, error_from_rpc
@@ -59,8 +56,6 @@ from sitepair.v1 import control_pb2, control_pb2_grpc, replication_pb2
 log = logging.getLogger("sitepair.agent.replication")
 
 COPY_FREQUENCIES = (30, 300, 900)
-#: After a failed cycle, retry after this long (capped by the copy frequency).
-RETRY_AFTER = 10.0
 
 
 class BrokerTickets:
@@ -108,11 +103,15 @@ class ReplicationService:
         self.receiver = ReceiverServer(
             registry=self.registry, identity=identity, on_commit=self._replica_committed
         )
-        self.host_bucket = TokenBucket(0)
-        self.work_dir = home / "state" / "replication"
-        self.sources: dict[str, SourceRelationship] = {}
-        self._runners: dict[str, asyncio.Task[None]] = {}
-        self._wake: dict[str, asyncio.Event] = {}
+        self.runners = SourceRunners(
+            state=self.state,
+            backend=backend,
+            identity=identity,
+            clock=clock,
+            work_dir=home / "state" / "replication",
+            tickets=self.tickets,
+            adaptive_compression=config.replication.compression == "adaptive",
+        )
         self._stop = asyncio.Event()
         self._started = False
         self._closed = False
@@ -134,7 +133,12 @@ class ReplicationService:
         for grant in await asyncio.to_thread(self.state.grants):
             await asyncio.to_thread(self.registry.store, grant)  # finishes interrupted applies
         for source, sender in await asyncio.to_thread(self.state.sources):
-            await self._start_runner(source, sender)
+            await self.runners.start(source, sender)
+
+    @property
+    def sources(self) -> dict[str, SourceRelationship]:
+        """The source relationships being replicated now, by relationship id."""
+        return self.runners.sources
 
     async def run(self) -> None:
         await self.start()
@@ -145,10 +149,7 @@ class ReplicationService:
             return
         self._closed = True
         self._stop.set()
-        for task in self._runners.values():
-            task.cancel()
-        await asyncio.gather(*self._runners.values(), return_exceptions=True)
-        self._runners.clear()
+        await self.runners.shutdown()
         await asyncio.to_thread(self.receiver.stop, 2.0)
         await asyncio.to_thread(self.state.close)
 
@@ -290,17 +291,10 @@ class ReplicationService:
                 needs_resync=True,
                 resync_reason="the replica holds an older copy of this VM",
             )
-        current = self.sources.get(cmd.relationship_id)
-        if current is not None:
-            current.retire()
+        self.runners.retire(cmd.relationship_id)
         await asyncio.to_thread(self.state.put_source, source, sender)
-        old = self._runners.pop(cmd.relationship_id, None)
-        if old is not None:
-            old.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await old
-        self.sources.pop(cmd.relationship_id, None)
-        await self._start_runner(source, sender)
+        await self.runners.stop(cmd.relationship_id)
+        await self.runners.start(source, sender)
         log.info(
             "source configured",
             extra={
@@ -319,12 +313,7 @@ class ReplicationService:
             raise NotFound(f"no VM {vm_id} on this host")
 
     async def _stop_source(self, rel: str) -> bool:
-        task = self._runners.pop(rel, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        stopped = self.sources.pop(rel, None) is not None
+        stopped = await self.runners.stop(rel)
         if await asyncio.to_thread(self.state.source, rel) is not None:
             await asyncio.to_thread(self.state.remove_source, rel)
             stopped = True
@@ -434,7 +423,7 @@ class ReplicationService:
         stopped = []
         for source, _ in await asyncio.to_thread(self.state.sources):
             if source.replica_host == host:
-                await self._stop_runner(source.relationship)
+                await self.runners.stop(source.relationship, retire=True)
                 stopped.append(source.relationship)
         log.warning(
             "host revoked",
@@ -454,26 +443,10 @@ class ReplicationService:
             "sources_stopped": stopped,
         }
 
-    async def _stop_runner(self, rel: str) -> None:
-        """Stop replicating ``rel`` for now, keeping its configuration."""
-        task = self._runners.pop(rel, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        current = self.sources.pop(rel, None)
-        if current is not None:
-            current.retire()
-
     async def remove(self, cmd: control_pb2.RemoveRelationship) -> dict[str, Any]:
         rel = cmd.relationship_id
         removed = []
-        task = self._runners.pop(rel, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        known = self.sources.pop(rel, None) is not None
+        known = await self.runners.stop(rel)
         if known or await asyncio.to_thread(self.state.source, rel) is not None:
             await asyncio.to_thread(self.state.remove_source, rel)
             removed.append("source")
@@ -502,11 +475,11 @@ class ReplicationService:
         if source is None:
             raise NotFound(f"this host is not the primary of relationship {rel}")
         if cmd.action == a.PAUSE:
-            await asyncio.to_thread(self._set_paused, rel, True)
+            await asyncio.to_thread(self.runners.set_paused, rel, True)
             return {"relationship": rel, "paused": True}
         if cmd.action == a.RESUME:
-            await asyncio.to_thread(self._set_paused, rel, False)
-            self._wake[rel].set()
+            await asyncio.to_thread(self.runners.set_paused, rel, False)
+            self.runners.wake(rel)
             return {"relationship": rel, "paused": False}
         if cmd.action == a.VERIFY:
             report = await asyncio.to_thread(source.verify, repair=cmd.repair)
@@ -537,133 +510,13 @@ class ReplicationService:
 
     async def set_bandwidth(self, cmd: control_pb2.SetBandwidth) -> dict[str, Any]:
         if not cmd.relationship_id:
-            self.host_bucket.set_rate(float(cmd.bytes_per_second))
+            self.runners.host_bucket.set_rate(float(cmd.bytes_per_second))
             return {"host_limit": cmd.bytes_per_second}
         source = self.sources.get(cmd.relationship_id)
         if source is None:
             raise NotFound(f"this host is not the primary of relationship {cmd.relationship_id}")
         source.bucket.set_rate(float(cmd.bytes_per_second))
         return {"relationship": cmd.relationship_id, "limit": cmd.bytes_per_second}
-
-    # -- runners ----------------------------------------------------------------------------
-    def _set_paused(self, rel: str, paused: bool) -> None:
-        self.state.update_sender(rel, lambda s: dataclasses.replace(s, paused=paused))
-
-    async def _start_runner(self, source: SourceConfig, sender: SenderState) -> None:
-        if await asyncio.to_thread(self.state.is_revoked, source.replica_host):
-            log.warning(
-                "not replicating to a host removed from the vault",
-                extra={
-                    "fields": {"relationship": source.relationship, "replica": source.replica_host}
-                },
-            )
-            return
-        rel = SourceRelationship(
-            source,
-            backend=self.backend,
-            state=self.state,
-            identity=self.identity,
-            clock=self.clock,
-            work_dir=self.work_dir,
-            ticket_provider=self._ticket_provider(source) if source.auth == "ticket" else None,
-            host_bucket=self.host_bucket,
-            tracker=sender.tracker,
-            adaptive_compression=self.config.replication.compression == "adaptive",
-        )
-        self.sources[source.relationship] = rel
-        self._wake[source.relationship] = asyncio.Event()
-        self._runners[source.relationship] = asyncio.create_task(
-            self._run_source(rel), name=f"replicate-{source.relationship}"
-        )
-
-    def _ticket_provider(self, source: SourceConfig) -> Callable[[], str]:
-        def provide() -> str:
-            return self.tickets(source.relationship)
-
-        return provide
-
-    async def _run_source(self, rel: SourceRelationship) -> None:
-        cfg = rel.config
-        wake = self._wake[cfg.relationship]
-        sender = await asyncio.to_thread(self.state.sender, cfg.relationship)
-        next_at = self.clock.now()
-        if sender.initial_method == "SCHEDULED" and sender.initial_at:
-            next_at = max(next_at, sender.initial_at)
-        last_app = 0.0
-        while not self._stop.is_set():
-            delay = max(0.0, next_at - self.clock.now())
-            wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=delay)
-            sender = await asyncio.to_thread(self.state.sender, cfg.relationship)
-            if sender.paused:
-                rel.stats.state = "paused"
-                next_at = self.clock.now() + cfg.copy_frequency
-                continue
-            started = self.clock.now()
-            app = (
-                bool(cfg.app_consistent_interval)
-                and started - last_app >= cfg.app_consistent_interval
-            )
-            try:
-                if sender.initial_method == "OFFLINE" and not sender.exported:
-                    await asyncio.to_thread(self._export, rel, sender)
-                result = await asyncio.to_thread(rel.run_cycle, app_consistent=app)
-                if app and result is not None:
-                    last_app = started
-                    rel.stats.last_app_consistent_error = ""
-            except QuiesceFailed as exc:
-                # An application-consistent point is not worth a stalled replica: this cycle
-                # goes on crash-consistent at once, the next application-consistent attempt
-                # comes after the interval, and the operator sees why in the log.
-                log.warning(
-                    "application-consistent cut failed; this cycle is crash-consistent",
-                    extra={"fields": {"relationship": cfg.relationship, "error": str(exc)}},
-                )
-                rel.stats.app_consistent_failures += 1
-                rel.stats.last_app_consistent_error = str(exc)
-                last_app = started
-                next_at = self.clock.now()
-                continue
-            except StaleEpoch as exc:
-                log.error(
-                    "relationship fenced; replication stopped on this host",
-                    extra={"fields": {"relationship": cfg.relationship, "error": str(exc)}},
-                )
-                return
-            except SitepairError as exc:
-                log.warning(
-                    "cycle will be retried",
-                    extra={"fields": {"relationship": cfg.relationship, "error": str(exc)}},
-                )
-                next_at = self.clock.now() + min(RETRY_AFTER, cfg.copy_frequency)
-                continue
-            elapsed = self.clock.now() - started
-            overran = math.floor(elapsed / cfg.copy_frequency) if cfg.copy_frequency > 0 else 0
-            rel.stats.cycles_missed += overran
-            next_at = started + cfg.copy_frequency * (overran + 1)
-
-    def _export(self, rel: SourceRelationship, sender: SenderState) -> None:
-        cfg = rel.config
-        path = sender.export_path
-        if not path:
-            raise FailedPrecondition("offline initial replication needs an export path")
-        cut = self.backend.take_cut(cfg.vm_id)
-        export_cut(cut, Path(path), relationship=cfg.relationship, vm_id=cfg.vm_id, epoch=cfg.epoch)
-        pending = PendingCycle(sequence=1, cut_id=cut.cut_id, kind=replication_pb2.INITIAL)
-        self.state.update_sender(
-            cfg.relationship, lambda s: dataclasses.replace(s, exported=True, cycle=pending)
-        )
-        rel.stats.state = "waiting-for-import"
-        log.info(
-            "initial copy exported",
-            extra={"fields": {"relationship": cfg.relationship, "path": path}},
-        )
-
-    def wake(self, relationship: str) -> None:
-        event = self._wake.get(relationship)
-        if event is not None:
-            event.set()
 
     # -- reports ----------------------------------------------------------------------------
     def _replica_committed(

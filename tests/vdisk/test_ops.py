@@ -3,6 +3,7 @@ relinking, chains of depth 3 and more), flatten and digest."""
 
 from __future__ import annotations
 
+import errno
 import random
 from pathlib import Path
 
@@ -27,6 +28,31 @@ KINDS = [
 
 def _params() -> list[object]:
     return [pytest.param(f, s, id=f"{f}-{s}") for f, s in KINDS]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "module"),
+    [
+        ("raw", "sitepair.vdisk.raw"),
+        ("vhd", "sitepair.vdisk.vhd_create"),
+        ("vhdx", "sitepair.vdisk.vhdx_create"),
+    ],
+)
+def test_create_fails_cleanly_when_its_folder_cannot_be_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, module: str
+) -> None:
+    """An image whose folder entry cannot be made durable is not reported as created: the
+    error reaches the caller and the half-made file is gone (VHDX used to ignore the error)."""
+
+    def fail(folder: Path) -> None:
+        raise OSError(errno.EIO, "simulated I/O error", str(folder))
+
+    monkeypatch.setattr(f"{module}.fsync_dir", fail)
+    path = tmp_path / f"new{EXT[fmt]}"
+    sub = "fixed" if fmt == "raw" else "dynamic"
+    with pytest.raises((OSError, VirtualDiskError), match="simulated I/O error"):
+        create_disk(path, format=fmt, subformat=sub, size=SIZE)
+    assert not path.exists()
 
 
 def _fill(disk: VirtualDisk, seed: int, count: int = 12) -> None:

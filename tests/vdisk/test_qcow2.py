@@ -388,6 +388,7 @@ def test_large_sparse_overlay_map(tmp_path: Path) -> None:
     qemu_io_qcow2(img, *commands)
     top = qemu_top_layer(img)
     with open_disk(img, read_only=True) as disk:
+        assert isinstance(disk, Qcow2Disk)
         assert list(disk.allocated_ranges(this_layer_only=True)) == top.allocated
         extents = list(disk.layer_extents())
         assert list(coalesce((o, n) for o, n, z in extents if not z)) == top.data

@@ -71,6 +71,11 @@ def add_region(path: Path, guid: uuid.UUID, offset: int, length: int, required: 
     rechecksum_regions(path)
 
 
+def patch_each(path: Path, offsets: tuple[int, ...], data: bytes) -> None:
+    for offset in offsets:
+        patch(path, offset, data)
+
+
 CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "empty file": (lambda p: os.truncate(p, 0), "too short to be a VHDX"),
     "not a vhdx": (lambda p: patch(p, 0, b"conectix"), "file type identifier"),
@@ -82,11 +87,11 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "truncated before the metadata": (lambda p: os.truncate(p, META), "beyond the end of the file"),
     "truncated in the BAT": (lambda p: os.truncate(p, BAT + 1024), "BAT region.*truncated"),
     "both header checksums bad": (
-        lambda p: [patch(p, off + 4, b"\0\0\0\0") for off in HEADER_OFFSETS],
+        lambda p: patch_each(p, tuple(off + 4 for off in HEADER_OFFSETS), b"\0\0\0\0"),
         "no valid header.*bad CRC-32C",
     ),
     "both region tables bad": (
-        lambda p: [patch(p, off + 100, b"\xff") for off in REGION_TABLE_OFFSETS],
+        lambda p: patch_each(p, tuple(off + 100 for off in REGION_TABLE_OFFSETS), b"\xff"),
         "no valid region table.*bad CRC-32C",
     ),
     "header version 2": (

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
 
+from broker.cli_jobs import job_command
+from broker.cli_support import AddCommand, Command, Subcommands, admin_client
 from broker.client import AdminClient
 from sitepair.cliutil import EXIT_OK, print_json, print_table
 from sitepair.v1 import admin_pb2
-
-ClientFactory = Callable[[argparse.Namespace], AdminClient]
 
 
 def show_plan(args: argparse.Namespace, plan: admin_pb2.RecoveryPlan) -> int:
@@ -34,37 +33,23 @@ def _action(a: admin_pb2.PlanAction) -> str:
     return f"script: {a.name}: {a.script} {args} (timeout {a.timeout_seconds}s)".replace("  ", " ")
 
 
-def register(
-    sub: Any,
-    add: Callable[..., argparse.ArgumentParser],
-    client: ClientFactory,
-    watch: Callable[[argparse.Namespace, AdminClient, str], int],
-    show_job: Callable[[argparse.Namespace, admin_pb2.Job], int],
-) -> None:
+def plan_command(
+    fn: Callable[[argparse.Namespace, AdminClient], admin_pb2.RecoveryPlan],
+) -> Command:
+    """A command that changes or reads a plan and shows it as the broker answered."""
+
+    def run(args: argparse.Namespace) -> int:
+        with admin_client(args) as c:
+            return show_plan(args, fn(args, c))
+
+    return run
+
+
+def register(sub: Subcommands, add: AddCommand) -> None:
+    """Add the ``plans`` commands."""
     plans = sub.add_parser("plans", help="recovery plans").add_subparsers(
         dest="sub", required=True, metavar="ACTION"
     )
-
-    def plan_command(
-        fn: Callable[[argparse.Namespace, AdminClient], admin_pb2.RecoveryPlan],
-    ) -> Callable[[argparse.Namespace], int]:
-        def run(args: argparse.Namespace) -> int:
-            with client(args) as c:
-                return show_plan(args, fn(args, c))
-
-        return run
-
-    def job_command(
-        fn: Callable[[argparse.Namespace, AdminClient], admin_pb2.Job],
-    ) -> Callable[[argparse.Namespace], int]:
-        def run(args: argparse.Namespace) -> int:
-            with client(args) as c:
-                job = fn(args, c)
-                if getattr(args, "wait", False):
-                    return watch(args, c, job.id)
-            return show_job(args, job)
-
-        return run
 
     sp = add(
         plans,
@@ -88,7 +73,7 @@ def register(
     sp.add_argument("name")
 
     def plans_list(args: argparse.Namespace) -> int:
-        with client(args) as c:
+        with admin_client(args) as c:
             resp = c.call(c.stub.ListPlans, admin_pb2.ListPlansRequest())
         if args.json:
             print_json(list(resp.plans))

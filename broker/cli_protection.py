@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-from collections.abc import Callable
-from typing import Any
+import functools
 
+from broker.cli_jobs import StartJob, job_command
+from broker.cli_support import AddCommand, Subcommands, admin_client, ts
 from broker.client import AdminClient
 from sitepair.cliutil import EXIT_OK, print_json, print_table, progress_bar
-from sitepair.clock import iso
 from sitepair.durations import format_size, parse_duration, parse_size
 from sitepair.errors import InvalidArgument
-from sitepair.protoconv import seconds
 from sitepair.v1 import admin_pb2
 
-ClientFactory = Callable[[argparse.Namespace], AdminClient]
-JobWatcher = Callable[[argparse.Namespace, AdminClient, str], int]
-JobPrinter = Callable[[argparse.Namespace, admin_pb2.Job], int]
-StartJob = Callable[[argparse.Namespace, AdminClient], admin_pb2.Job]
-
-
-def _ts(t: Any) -> str:
-    v = seconds(t)
-    return iso(v) if v else "-"
+# -- protection policy --------------------------------------------------------------------------
 
 
 def policy_from_args(args: argparse.Namespace) -> admin_pb2.Policy:
@@ -73,146 +64,331 @@ def add_policy_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--bandwidth", help="per-VM limit in bytes per second, e.g. 50M")
 
 
-def register(
-    sub: Any,
-    add: Callable[..., argparse.ArgumentParser],
-    client: ClientFactory,
-    watch: JobWatcher,
-    show_job: JobPrinter,
-) -> None:
-    """Add the protection commands to the top-level parser."""
+# -- clouds and pairs ---------------------------------------------------------------------------
 
-    def job_command(
-        fn: Callable[[argparse.Namespace, AdminClient], admin_pb2.Job],
-    ) -> Callable[[argparse.Namespace], int]:
-        def run(args: argparse.Namespace) -> int:
-            with client(args) as c:
-                job = fn(args, c)
-                if getattr(args, "wait", False):
-                    return watch(args, c, job.id)
-            return show_job(args, job)
 
-        return run
+def show_cloud(args: argparse.Namespace, cloud: admin_pb2.Cloud) -> int:
+    if args.json:
+        print_json(cloud)
+    else:
+        pair = f"{cloud.role} of a pair with {cloud.paired_with}" if cloud.role else "not paired"
+        print(f"cloud {cloud.name} (site {cloud.site}), {pair}")
+        print(f"  hosts: {', '.join(cloud.hosts) or '-'}")
+    return EXIT_OK
 
+
+def cmd_clouds_create(args: argparse.Namespace) -> int:
+    with admin_client(args) as c:
+        cloud = c.call(
+            c.stub.CreateCloud,
+            admin_pb2.CreateCloudRequest(
+                name=args.name, site=args.site, description=args.description or ""
+            ),
+        )
+    return show_cloud(args, cloud)
+
+
+def cmd_clouds_list(args: argparse.Namespace) -> int:
+    with admin_client(args) as c:
+        resp = c.call(c.stub.ListClouds, admin_pb2.ListCloudsRequest())
+    if args.json:
+        print_json(list(resp.clouds))
+        return EXIT_OK
+    print_table(
+        ["CLOUD", "SITE", "ROLE", "PAIRED WITH", "HOSTS"],
+        [[cl.name, cl.site, cl.role, cl.paired_with, ", ".join(cl.hosts)] for cl in resp.clouds],
+    )
+    return EXIT_OK
+
+
+def cmd_clouds_show(args: argparse.Namespace) -> int:
+    with admin_client(args) as c:
+        return show_cloud(args, c.call(c.stub.GetCloud, admin_pb2.CloudRef(name=args.name)))
+
+
+def cmd_clouds_delete(args: argparse.Namespace) -> int:
+    with admin_client(args) as c:
+        cloud = c.call(c.stub.DeleteCloud, admin_pb2.CloudRef(name=args.name))
+    if not args.json:
+        print(f"cloud {cloud.name} deleted")
+        return EXIT_OK
+    return show_cloud(args, cloud)
+
+
+def cmd_clouds_add_host(args: argparse.Namespace) -> int:
+    with admin_client(args) as c:
+        request = admin_pb2.CloudHostRequest(cloud=args.cloud, server=args.server)
+        return show_cloud(args, c.call(c.stub.AddCloudHost, request))
+
+
+def cmd_clouds_remove_host(args: argparse.Namespace) -> int:
+    with admin_client(args) as c:
+        request = admin_pb2.CloudHostRequest(cloud=args.cloud, server=args.server)
+        return show_cloud(args, c.call(c.stub.RemoveCloudHost, request))
+
+
+def cmd_clouds_unpair(args: argparse.Namespace) -> int:
+    with admin_client(args) as c:
+        pair = c.call(c.stub.UnpairClouds, admin_pb2.CloudRef(name=args.primary))
+    if args.json:
+        print_json(pair)
+    else:
+        print(f"pairing {pair.primary} -> {pair.recovery} removed")
+    return EXIT_OK
+
+
+def cmd_clouds_pairs(args: argparse.Namespace) -> int:
+    with admin_client(args) as c:
+        resp = c.call(c.stub.ListPairs, admin_pb2.ListPairsRequest())
+    if args.json:
+        print_json(list(resp.pairs))
+        return EXIT_OK
+    print_table(
+        [
+            "PRIMARY",
+            "RECOVERY",
+            "COPY EVERY",
+            "POINTS",
+            "APP-CONS.",
+            "AUTH",
+            "PORT",
+            "INITIAL",
+            "VMS",
+        ],
+        [
+            [
+                p.primary,
+                p.recovery,
+                f"{p.policy.copy_frequency_seconds}s",
+                p.policy.recovery_points,
+                f"{p.policy.app_consistent_hours}h" if p.policy.app_consistent_hours else "-",
+                p.policy.authentication,
+                p.policy.port,
+                p.policy.initial_method,
+                p.protected_vms,
+            ]
+            for p in resp.pairs
+        ],
+    )
+    return EXIT_OK
+
+
+# -- mappings -----------------------------------------------------------------------------------
+
+
+def cmd_map(args: argparse.Namespace, kind: str) -> int:
+    with admin_client(args) as c:
+        m = c.call(
+            c.stub.Map,
+            admin_pb2.MapRequest(kind=kind, source=args.source, target=args.target),
+        )
+    if args.json:
+        print_json(m)
+    else:
+        print(f"{kind} {m.source} -> {m.target}")
+    return EXIT_OK
+
+
+def cmd_unmap(args: argparse.Namespace, kind: str) -> int:
+    with admin_client(args) as c:
+        m = c.call(c.stub.Unmap, admin_pb2.MapRequest(kind=kind, source=args.source))
+    if args.json:
+        print_json(m)
+    else:
+        print(f"{kind} mapping {m.source} -> {m.target} removed")
+    return EXIT_OK
+
+
+def cmd_mappings_list(args: argparse.Namespace, kind: str) -> int:
+    with admin_client(args) as c:
+        resp = c.call(c.stub.ListMappings, admin_pb2.ListMappingsRequest(kind=kind))
+    if args.json:
+        print_json(list(resp.mappings))
+        return EXIT_OK
+    print_table(
+        ["SOURCE", "TARGET", "SOURCE CLOUDS", "TARGET CLOUDS"],
+        [
+            [m.source, m.target, ", ".join(m.source_clouds), ", ".join(m.target_clouds)]
+            for m in resp.mappings
+        ],
+    )
+    return EXIT_OK
+
+
+# -- VMs and their protection -------------------------------------------------------------------
+
+
+def cmd_vms_list(args: argparse.Namespace) -> int:
+    with admin_client(args) as c:
+        vms = c.list_all(
+            c.stub.ListVms,
+            admin_pb2.ListVmsRequest(server=args.server or ""),
+            lambda page: page.vms,
+        )
+    if args.json:
+        print_json(vms)
+        return EXIT_OK
+    print_table(
+        ["VM", "HOST", "CLOUD", "STATE", "DISKS", "PROTECTION", "HEALTH"],
+        [
+            [
+                v.vm.name,
+                v.server_name,
+                v.cloud,
+                v.vm.state,
+                f"{len(v.vm.disks)} ({format_size(sum(d.virtual_size for d in v.vm.disks))})",
+                v.protection_state,
+                v.health,
+            ]
+            for v in vms
+        ],
+    )
+    return EXIT_OK
+
+
+def cmd_vms_protected(args: argparse.Namespace) -> int:
+    with admin_client(args) as c:
+        protected = c.list_all(
+            c.stub.ListProtected,
+            admin_pb2.ListProtectedRequest(include_disabled=args.all),
+            lambda page: page.vms,
+        )
+    if args.json:
+        print_json(protected)
+        return EXIT_OK
+    print_table(
+        ["VM", "STATE", "HEALTH", "PRIMARY", "REPLICA", "LAST CYCLE", "EPOCH", "RELATIONSHIP"],
+        [
+            [
+                v.vm_name,
+                v.state + (" (paused)" if v.paused else ""),
+                v.health,
+                v.primary_server,
+                v.replica_server,
+                ts(v.primary_status.last_success_at),
+                v.epoch,
+                v.relationship_id,
+            ]
+            for v in protected
+        ],
+    )
+    return EXIT_OK
+
+
+def cmd_vms_show(args: argparse.Namespace) -> int:
+    with admin_client(args) as c:
+        v = c.call(c.stub.GetProtected, admin_pb2.ProtectedRef(vm=args.vm))
+    if args.json:
+        print_json(v)
+        return EXIT_OK
+    p, ps, rs = v.policy, v.primary_status, v.replica_status
+    print(f"VM {v.vm_name} ({v.vm_id}), relationship {v.relationship_id}")
+    print(f"  state          {v.state}{' (paused)' if v.paused else ''}, epoch {v.epoch}")
+    print(f"  health         {v.health}")
+    for r in v.reasons:
+        print(f"    {r.level:<9} {r.message}")
+    print(f"  primary        {v.primary_server} in {v.primary_cloud}")
+    print(f"  replica        {v.replica_server} in {v.recovery_cloud} {v.replica_folder}")
+    compression = "on" if p.compression else "off"
+    print(
+        f"  policy         every {p.copy_frequency_seconds}s, {p.recovery_points} point(s), "
+        f"{p.authentication} on {p.port}, compression {compression}"
+    )
+    print(
+        f"  cycles         {ps.cycles_succeeded} ok, {ps.cycles_failed} failed, "
+        f"{ps.cycles_missed} missed; last {ts(ps.last_success_at)}"
+    )
+    if ps.cycles_succeeded:
+        print(
+            f"  cycle size     avg {format_size(ps.avg_cycle_bytes)}, "
+            f"max {format_size(ps.max_cycle_bytes)}; latency avg "
+            f"{ps.avg_cycle_seconds:.1f}s, max {ps.max_cycle_seconds:.1f}s"
+        )
+    if ps.progress_total and ps.state in ("initial-replication", "resynchronizing"):
+        print(f"  progress       {progress_bar(ps.progress_done, ps.progress_total)}")
+    if ps.last_error:
+        print(f"  last error     {ps.last_error}")
+    print(f"  replica holds  sequence {rs.committed_sequence} (cut {ts(rs.last_cut_at)})")
+    if v.HasField("last_verification"):
+        lv = v.last_verification
+        outcome = (
+            "identical"
+            if not lv.mismatched_bytes
+            else f"{format_size(lv.mismatched_bytes)} differed"
+            + (", repaired" if lv.repaired else ", NOT repaired")
+        )
+        print(
+            f"  verified       {ts(lv.at)} at sequence {lv.sequence}: {outcome} "
+            f"(by {lv.by}, job {lv.job_id})"
+        )
+    else:
+        print("  verified       never")
+    for pt in rs.points:
+        flags = ", app-consistent" if pt.app_consistent else ""
+        pinned = " (pinned)" if pt.pinned else ""
+        print(f"    point {pt.sequence:<6} {ts(pt.cut_at)}{flags}{pinned}")
+    return EXIT_OK
+
+
+def _disable(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
+    replica = admin_pb2.DisableProtectionRequest.POLICY
+    if a.delete_replica:
+        replica = admin_pb2.DisableProtectionRequest.DELETE
+    elif a.keep_replica:
+        replica = admin_pb2.DisableProtectionRequest.KEEP
+    return c.call(
+        c.stub.DisableProtection, admin_pb2.DisableProtectionRequest(vm=a.vm, replica=replica)
+    )
+
+
+def _replication_action(action: str) -> StartJob:
+    def start(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
+        request = admin_pb2.ReplicationActionRequest(
+            vm=a.vm, action=action, no_repair=getattr(a, "no_repair", False)
+        )
+        return c.call(c.stub.ReplicationAction, request)
+
+    return start
+
+
+# -- failover -----------------------------------------------------------------------------------
+
+
+def _failover(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
+    request = admin_pb2.FailoverRequest(
+        vm=a.vm, type=a.type, point=a.point or "", reverse=a.reverse, network=a.network or ""
+    )
+    return c.call(c.stub.Failover, request)
+
+
+def _cleanup_test(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
+    return c.call(
+        c.stub.CleanupTestFailover, admin_pb2.CleanupTestRequest(vm=a.vm, notes=a.notes or "")
+    )
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+
+def register(sub: Subcommands, add: AddCommand) -> None:
+    """Add the protection commands: clouds, mappings, VMs and their protection."""
     # -- clouds --
     clouds = sub.add_parser("clouds", help="clouds and cloud pairs").add_subparsers(
         dest="sub", required=True, metavar="ACTION"
     )
 
-    def show_cloud(args: argparse.Namespace, cloud: admin_pb2.Cloud) -> int:
-        if args.json:
-            print_json(cloud)
-        else:
-            pair = (
-                f"{cloud.role} of a pair with {cloud.paired_with}" if cloud.role else "not paired"
-            )
-            print(f"cloud {cloud.name} (site {cloud.site}), {pair}")
-            print(f"  hosts: {', '.join(cloud.hosts) or '-'}")
-        return EXIT_OK
-
-    def clouds_create(args: argparse.Namespace) -> int:
-        with client(args) as c:
-            cloud = c.call(
-                c.stub.CreateCloud,
-                admin_pb2.CreateCloudRequest(
-                    name=args.name, site=args.site, description=args.description or ""
-                ),
-            )
-        return show_cloud(args, cloud)
-
-    def clouds_list(args: argparse.Namespace) -> int:
-        with client(args) as c:
-            resp = c.call(c.stub.ListClouds, admin_pb2.ListCloudsRequest())
-        if args.json:
-            print_json(list(resp.clouds))
-            return EXIT_OK
-        print_table(
-            ["CLOUD", "SITE", "ROLE", "PAIRED WITH", "HOSTS"],
-            [
-                [cl.name, cl.site, cl.role, cl.paired_with, ", ".join(cl.hosts)]
-                for cl in resp.clouds
-            ],
-        )
-        return EXIT_OK
-
-    def clouds_show(args: argparse.Namespace) -> int:
-        with client(args) as c:
-            return show_cloud(args, c.call(c.stub.GetCloud, admin_pb2.CloudRef(name=args.name)))
-
-    def clouds_delete(args: argparse.Namespace) -> int:
-        with client(args) as c:
-            cloud = c.call(c.stub.DeleteCloud, admin_pb2.CloudRef(name=args.name))
-        if not args.json:
-            print(f"cloud {cloud.name} deleted")
-            return EXIT_OK
-        return show_cloud(args, cloud)
-
-    def clouds_add_host(args: argparse.Namespace) -> int:
-        with client(args) as c:
-            request = admin_pb2.CloudHostRequest(cloud=args.cloud, server=args.server)
-            return show_cloud(args, c.call(c.stub.AddCloudHost, request))
-
-    def clouds_remove_host(args: argparse.Namespace) -> int:
-        with client(args) as c:
-            request = admin_pb2.CloudHostRequest(cloud=args.cloud, server=args.server)
-            return show_cloud(args, c.call(c.stub.RemoveCloudHost, request))
-
-    def clouds_unpair(args: argparse.Namespace) -> int:
-        with client(args) as c:
-            pair = c.call(c.stub.UnpairClouds, admin_pb2.CloudRef(name=args.primary))
-        if args.json:
-            print_json(pair)
-        else:
-            print(f"pairing {pair.primary} -> {pair.recovery} removed")
-        return EXIT_OK
-
-    def clouds_pairs(args: argparse.Namespace) -> int:
-        with client(args) as c:
-            resp = c.call(c.stub.ListPairs, admin_pb2.ListPairsRequest())
-        if args.json:
-            print_json(list(resp.pairs))
-            return EXIT_OK
-        print_table(
-            [
-                "PRIMARY",
-                "RECOVERY",
-                "COPY EVERY",
-                "POINTS",
-                "APP-CONS.",
-                "AUTH",
-                "PORT",
-                "INITIAL",
-                "VMS",
-            ],
-            [
-                [
-                    p.primary,
-                    p.recovery,
-                    f"{p.policy.copy_frequency_seconds}s",
-                    p.policy.recovery_points,
-                    f"{p.policy.app_consistent_hours}h" if p.policy.app_consistent_hours else "-",
-                    p.policy.authentication,
-                    p.policy.port,
-                    p.policy.initial_method,
-                    p.protected_vms,
-                ]
-                for p in resp.pairs
-            ],
-        )
-        return EXIT_OK
-
-    sp = add(clouds, "create", clouds_create, "create a cloud (a group of hosts at one site)")
+    sp = add(clouds, "create", cmd_clouds_create, "create a cloud (a group of hosts at one site)")
     sp.add_argument("name")
     sp.add_argument("--site", required=True)
     sp.add_argument("--description")
-    add(clouds, "list", clouds_list, "list clouds")
-    sp = add(clouds, "show", clouds_show, "show a cloud")
+    add(clouds, "list", cmd_clouds_list, "list clouds")
+    sp = add(clouds, "show", cmd_clouds_show, "show a cloud")
     sp.add_argument("name")
-    sp = add(clouds, "delete", clouds_delete, "delete a cloud (not while paired)")
+    sp = add(clouds, "delete", cmd_clouds_delete, "delete a cloud (not while paired)")
     sp.add_argument("name")
     for name, fn, text in (
-        ("add-host", clouds_add_host, "add a host to a cloud"),
-        ("remove-host", clouds_remove_host, "remove a host from a cloud"),
+        ("add-host", cmd_clouds_add_host, "add a host to a cloud"),
+        ("remove-host", cmd_clouds_remove_host, "remove a host from a cloud"),
     ):
         sp = add(clouds, name, fn, text)
         sp.add_argument("cloud")
@@ -256,9 +432,9 @@ def register(
     sp.add_argument("primary")
     sp.add_argument("--wait", action="store_true")
     add_policy_arguments(sp)
-    sp = add(clouds, "unpair", clouds_unpair, "remove a pairing (no VM may be protected)")
+    sp = add(clouds, "unpair", cmd_clouds_unpair, "remove a pairing (no VM may be protected)")
     sp.add_argument("primary")
-    add(clouds, "pairs", clouds_pairs, "list cloud pairs and their policies")
+    add(clouds, "pairs", cmd_clouds_pairs, "list cloud pairs and their policies")
 
     # -- mappings --
     for kind, src_help in (("network", "VM network"), ("storage", "storage classification")):
@@ -266,168 +442,33 @@ def register(
             f"{kind}s" if kind == "network" else kind, help=f"{src_help} mappings"
         ).add_subparsers(dest="sub", required=True, metavar="ACTION")
 
-        def do_map(args: argparse.Namespace, kind: str = kind) -> int:
-            with client(args) as c:
-                m = c.call(
-                    c.stub.Map,
-                    admin_pb2.MapRequest(kind=kind, source=args.source, target=args.target),
-                )
-            if args.json:
-                print_json(m)
-            else:
-                print(f"{kind} {m.source} -> {m.target}")
-            return EXIT_OK
-
-        def do_unmap(args: argparse.Namespace, kind: str = kind) -> int:
-            with client(args) as c:
-                m = c.call(c.stub.Unmap, admin_pb2.MapRequest(kind=kind, source=args.source))
-            if args.json:
-                print_json(m)
-            else:
-                print(f"{kind} mapping {m.source} -> {m.target} removed")
-            return EXIT_OK
-
-        def do_list(args: argparse.Namespace, kind: str = kind) -> int:
-            with client(args) as c:
-                resp = c.call(c.stub.ListMappings, admin_pb2.ListMappingsRequest(kind=kind))
-            if args.json:
-                print_json(list(resp.mappings))
-                return EXIT_OK
-            print_table(
-                ["SOURCE", "TARGET", "SOURCE CLOUDS", "TARGET CLOUDS"],
-                [
-                    [m.source, m.target, ", ".join(m.source_clouds), ", ".join(m.target_clouds)]
-                    for m in resp.mappings
-                ],
-            )
-            return EXIT_OK
-
-        sp = add(grp, "map", do_map, f"map a source {src_help} to a target one")
+        sp = add(
+            grp,
+            "map",
+            functools.partial(cmd_map, kind=kind),
+            f"map a source {src_help} to a target one",
+        )
         sp.add_argument("source")
         sp.add_argument("target")
-        sp = add(grp, "unmap", do_unmap, "remove a mapping")
+        sp = add(grp, "unmap", functools.partial(cmd_unmap, kind=kind), "remove a mapping")
         sp.add_argument("source")
-        add(grp, "list", do_list, "list mappings with the clouds that offer them")
+        add(
+            grp,
+            "list",
+            functools.partial(cmd_mappings_list, kind=kind),
+            "list mappings with the clouds that offer them",
+        )
 
     # -- VMs and protection --
     vms = sub.add_parser("vms", help="virtual machines and their protection").add_subparsers(
         dest="sub", required=True, metavar="ACTION"
     )
 
-    def vms_list(args: argparse.Namespace) -> int:
-        with client(args) as c:
-            vms = c.list_all(
-                c.stub.ListVms,
-                admin_pb2.ListVmsRequest(server=args.server or ""),
-                lambda page: page.vms,
-            )
-        if args.json:
-            print_json(vms)
-            return EXIT_OK
-        print_table(
-            ["VM", "HOST", "CLOUD", "STATE", "DISKS", "PROTECTION", "HEALTH"],
-            [
-                [
-                    v.vm.name,
-                    v.server_name,
-                    v.cloud,
-                    v.vm.state,
-                    f"{len(v.vm.disks)} ({format_size(sum(d.virtual_size for d in v.vm.disks))})",
-                    v.protection_state,
-                    v.health,
-                ]
-                for v in vms
-            ],
-        )
-        return EXIT_OK
-
-    def vms_protected(args: argparse.Namespace) -> int:
-        with client(args) as c:
-            protected = c.list_all(
-                c.stub.ListProtected,
-                admin_pb2.ListProtectedRequest(include_disabled=args.all),
-                lambda page: page.vms,
-            )
-        if args.json:
-            print_json(protected)
-            return EXIT_OK
-        print_table(
-            ["VM", "STATE", "HEALTH", "PRIMARY", "REPLICA", "LAST CYCLE", "EPOCH", "RELATIONSHIP"],
-            [
-                [
-                    v.vm_name,
-                    v.state + (" (paused)" if v.paused else ""),
-                    v.health,
-                    v.primary_server,
-                    v.replica_server,
-                    _ts(v.primary_status.last_success_at),
-                    v.epoch,
-                    v.relationship_id,
-                ]
-                for v in protected
-            ],
-        )
-        return EXIT_OK
-
-    def vms_show(args: argparse.Namespace) -> int:
-        with client(args) as c:
-            v = c.call(c.stub.GetProtected, admin_pb2.ProtectedRef(vm=args.vm))
-        if args.json:
-            print_json(v)
-            return EXIT_OK
-        p, ps, rs = v.policy, v.primary_status, v.replica_status
-        print(f"VM {v.vm_name} ({v.vm_id}), relationship {v.relationship_id}")
-        print(f"  state          {v.state}{' (paused)' if v.paused else ''}, epoch {v.epoch}")
-        print(f"  health         {v.health}")
-        for r in v.reasons:
-            print(f"    {r.level:<9} {r.message}")
-        print(f"  primary        {v.primary_server} in {v.primary_cloud}")
-        print(f"  replica        {v.replica_server} in {v.recovery_cloud} {v.replica_folder}")
-        compression = "on" if p.compression else "off"
-        print(
-            f"  policy         every {p.copy_frequency_seconds}s, {p.recovery_points} point(s), "
-            f"{p.authentication} on {p.port}, compression {compression}"
-        )
-        print(
-            f"  cycles         {ps.cycles_succeeded} ok, {ps.cycles_failed} failed, "
-            f"{ps.cycles_missed} missed; last {_ts(ps.last_success_at)}"
-        )
-        if ps.cycles_succeeded:
-            print(
-                f"  cycle size     avg {format_size(ps.avg_cycle_bytes)}, "
-                f"max {format_size(ps.max_cycle_bytes)}; latency avg "
-                f"{ps.avg_cycle_seconds:.1f}s, max {ps.max_cycle_seconds:.1f}s"
-            )
-        if ps.progress_total and ps.state in ("initial-replication", "resynchronizing"):
-            print(f"  progress       {progress_bar(ps.progress_done, ps.progress_total)}")
-        if ps.last_error:
-            print(f"  last error     {ps.last_error}")
-        print(f"  replica holds  sequence {rs.committed_sequence} (cut {_ts(rs.last_cut_at)})")
-        if v.HasField("last_verification"):
-            lv = v.last_verification
-            outcome = (
-                "identical"
-                if not lv.mismatched_bytes
-                else f"{format_size(lv.mismatched_bytes)} differed"
-                + (", repaired" if lv.repaired else ", NOT repaired")
-            )
-            print(
-                f"  verified       {_ts(lv.at)} at sequence {lv.sequence}: {outcome} "
-                f"(by {lv.by}, job {lv.job_id})"
-            )
-        else:
-            print("  verified       never")
-        for pt in rs.points:
-            flags = ", app-consistent" if pt.app_consistent else ""
-            pinned = " (pinned)" if pt.pinned else ""
-            print(f"    point {pt.sequence:<6} {_ts(pt.cut_at)}{flags}{pinned}")
-        return EXIT_OK
-
-    sp = add(vms, "list", vms_list, "list VMs in the inventory")
+    sp = add(vms, "list", cmd_vms_list, "list VMs in the inventory")
     sp.add_argument("--server")
-    sp = add(vms, "protected", vms_protected, "list protected VMs with state and health")
+    sp = add(vms, "protected", cmd_vms_protected, "list protected VMs with state and health")
     sp.add_argument("--all", action="store_true", help="include disabled ones")
-    sp = add(vms, "show", vms_show, "show a protected VM: state, health, statistics, points")
+    sp = add(vms, "show", cmd_vms_show, "show a protected VM: state, health, statistics, points")
     sp.add_argument("vm")
 
     protect = job_command(
@@ -446,18 +487,7 @@ def register(
         )
         sp.add_argument("--wait", action="store_true", help="watch the job until it finishes")
 
-    def disable(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
-        replica = admin_pb2.DisableProtectionRequest.POLICY
-        if a.delete_replica:
-            replica = admin_pb2.DisableProtectionRequest.DELETE
-        elif a.keep_replica:
-            replica = admin_pb2.DisableProtectionRequest.KEEP
-        job: admin_pb2.Job = c.call(
-            c.stub.DisableProtection, admin_pb2.DisableProtectionRequest(vm=a.vm, replica=replica)
-        )
-        return job
-
-    sp = add(vms, "disable", job_command(disable), "disable protection of a VM")
+    sp = add(vms, "disable", job_command(_disable), "disable protection of a VM")
     sp.add_argument("vm")
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--delete-replica", action="store_true")
@@ -465,14 +495,7 @@ def register(
     sp.add_argument("--wait", action="store_true")
 
     # -- failover --
-    def failover(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
-        request = admin_pb2.FailoverRequest(
-            vm=a.vm, type=a.type, point=a.point or "", reverse=a.reverse, network=a.network or ""
-        )
-        job: admin_pb2.Job = c.call(c.stub.Failover, request)
-        return job
-
-    sp = add(vms, "failover", job_command(failover), "fail a VM over: planned, unplanned or test")
+    sp = add(vms, "failover", job_command(_failover), "fail a VM over: planned, unplanned or test")
     sp.add_argument("vm")
     sp.add_argument("--type", choices=["planned", "unplanned", "test"], required=True)
     sp.add_argument(
@@ -509,28 +532,12 @@ def register(
         sp.add_argument("vm")
         sp.add_argument("--wait", action="store_true")
 
-    def cleanup(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
-        job: admin_pb2.Job = c.call(
-            c.stub.CleanupTestFailover, admin_pb2.CleanupTestRequest(vm=a.vm, notes=a.notes or "")
-        )
-        return job
-
-    sp = add(vms, "cleanup-test", job_command(cleanup), "remove a test failover's VM and network")
+    sp = add(
+        vms, "cleanup-test", job_command(_cleanup_test), "remove a test failover's VM and network"
+    )
     sp.add_argument("vm")
     sp.add_argument("--notes", help="what the test showed; kept in the job")
     sp.add_argument("--wait", action="store_true")
-
-    def replication_action(
-        action: str,
-    ) -> Callable[[argparse.Namespace, AdminClient], admin_pb2.Job]:
-        def call(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
-            request = admin_pb2.ReplicationActionRequest(
-                vm=a.vm, action=action, no_repair=getattr(a, "no_repair", False)
-            )
-            job: admin_pb2.Job = c.call(c.stub.ReplicationAction, request)
-            return job
-
-        return call
 
     for action, text in (
         ("pause", "pause replication"),
@@ -539,7 +546,7 @@ def register(
         ("verify", "compare source and replica digests without moving data, repair mismatches"),
         ("cycle", "run a replication cycle now"),
     ):
-        sp = add(vms, action, job_command(replication_action(action)), text)
+        sp = add(vms, action, job_command(_replication_action(action)), text)
         sp.add_argument("vm")
         sp.add_argument("--wait", action="store_true")
         if action == "verify":

@@ -98,7 +98,6 @@ class AdminClient:
     """
 
     def __init__(self, profile: Profile, *, timeout: float = 30.0) -> None:
-        self.profile = profile
         self.timeout = timeout
         self.address = profile.addresses[0]
         creds = grpc.ssl_channel_credentials(

@@ -19,7 +19,6 @@ from sitepair.errors import SitepairError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 

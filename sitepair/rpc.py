@@ -19,7 +19,7 @@ import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -115,12 +115,6 @@ def peer_identity(
 ) -> pki.Identity:
     """The identity in the peer's certificate; gRPC has verified its chain against our CA."""
     return pki.identity_from_cert(peer_certificate(context))
-
-
-class Authorizer(Protocol):
-    """Decides whether a verified identity may call a method that accepts ``roles``."""
-
-    def authorize(self, identity: pki.Identity, roles: frozenset[pki.Role]) -> None: ...
 
 
 # -- safe registration: malformed requests become INVALID_ARGUMENT ---------------------------

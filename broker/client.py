@@ -92,9 +92,9 @@ class AdminClient:
     """Blocking admin API client; every failure is a SitepairError with a readable message.
 
     ``stub`` is the generated Admin stub, so mypy checks each request and answer. Call it
-    through :meth:`call` (one answer), :meth:`list_all` (every page of a list) or
-    :meth:`watch_job` (a stream): they apply the client's timeout and turn a failed call into a
-    SitepairError an operator can act on (:func:`sitepair.rpc.error_from_rpc`).
+    through :meth:`call` (one answer) or :meth:`list_all` (every page of a list), which apply the
+    client's timeout, or :meth:`watch_job` (a stream, without one); all three turn a failed call
+    into a SitepairError an operator can act on (:func:`sitepair.rpc.error_from_rpc`).
     """
 
     def __init__(self, profile: Profile, *, timeout: float = 30.0) -> None:

@@ -32,7 +32,7 @@ released and clear the journal; last, delete logs and bitmaps nobody needs. Re-r
 crash anywhere finishes the job: for a layer whose merge had started, if the layer above
 already names the base (the data is complete) only F is deleted; otherwise F is relinked to the
 base first (a partial merge changed the base's VHDX DataWriteGuid) and merged again, which
-rewrites the same data.
+rewrites the same data. The merging itself is :mod:`agent.hosts.cutrelease`.
 """
 
 from __future__ import annotations
@@ -47,14 +47,13 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
-from agent.hosts import changelog, cutstate, hooks, vmlock
+from agent.hosts import changelog, cutrelease, cutstate, hooks, vmlock
 from agent.hosts.base import Cut, FrozenDisk, QuiesceFailed
 from agent.hosts.cutstate import CutDisk, CutRecord, PendingCut, Releasing, TrackingState
 from agent.hosts.vmspec import DiskSpec, VmSpec, read_vm, write_vm
 from sitepair import vdisk
 from sitepair.errors import FailedPrecondition, NotFound, SitepairError
 from sitepair.fsutil import atomic_write, fsync_dir
-from sitepair.vdisk import ops as vdisk_ops
 
 log = logging.getLogger("sitepair.agent.directory")
 
@@ -160,7 +159,7 @@ class Checkpoints:
             state.releasing = Releasing(cut_id=cut_id, seq=record.seq, layers=layers)
             cutstate.save(folder, state)
             self._fault("release:journal")
-            self._release_run(folder, state)
+            cutrelease.release_run(folder, state, self._fault)
 
     def reset_tracking(self, folder: Path, spec: VmSpec, cut_id: str) -> None:
         with self._exclusive(folder, spec.name):
@@ -173,7 +172,7 @@ class Checkpoints:
             state.taints = [t for t in state.taints if t.seq > record.seq]
             state.baseline_seq = max(state.baseline_seq, record.seq)
             cutstate.save(folder, state)
-            self._collect_garbage(folder, read_vm(folder), state)
+            cutrelease.collect_garbage(folder, read_vm(folder), state)
 
     def recover(self, folder: Path, spec: VmSpec) -> None:
         """Finish or undo an operation a dead process left half done (every other operation,
@@ -209,7 +208,7 @@ class Checkpoints:
             else:
                 self._roll_back_cut(folder, spec, state)
         if state.releasing is not None:
-            self._release_run(folder, state)
+            cutrelease.release_run(folder, state, self._fault)
         return state
 
     # -- internals: taking a cut ----------------------------------------------------------
@@ -508,119 +507,6 @@ class Checkpoints:
         outstanding = state.outstanding()
         return self._cut_view(folder, spec, outstanding[-1]) if outstanding else None
 
-    # -- internals: release --------------------------------------------------------------
-    def _release_run(self, folder: Path, state: TrackingState) -> None:
-        """Carry out (or resume) the journalled release; see the module docstring."""
-        journal = state.releasing
-        assert journal is not None
-        for disk_id, layers in journal.layers.items():
-            for entry in layers:
-                spec = read_vm(folder)
-                disk = spec.disk(disk_id)
-                chain = list(disk.chain)
-                if entry not in chain:
-                    continue  # merged and dropped from vm.json already
-                where = f"VM {spec.name} disk {disk_id}"
-                position = chain.index(entry)
-                if position != 1 or position + 1 >= len(chain):
-                    raise FailedPrecondition(
-                        f"{where}: cannot merge {folder / entry}: it is not the layer right "
-                        f"above the base {folder / chain[0]} with a layer above it"
-                    )
-                frozen, base, above = (folder / entry, folder / chain[0], folder / chain[2])
-                resume = journal.current.get(disk_id) == entry
-                if not resume:
-                    journal.current[disk_id] = entry
-                    cutstate.save(folder, state)
-                    self._fault("release:merge-started")
-                try:
-                    self._merge_layer(frozen, base, above, resume=resume)
-                except SitepairError as exc:
-                    raise type(exc)(
-                        f"{where}: merging {frozen} into {base} failed: {exc.message}",
-                        hint=exc.hint,
-                    ) from exc
-                self._fault("release:merged")
-                chain.remove(entry)
-                new_disks = tuple(
-                    dataclasses.replace(d, chain=tuple(chain)) if d.id == disk_id else d
-                    for d in spec.disks
-                )
-                write_vm(folder, dataclasses.replace(spec, disks=new_disks))
-                self._fault("release:chain-updated")
-            self._refresh_identities(folder, read_vm(folder), state, disk_id)
-        for c in state.cuts:
-            if c.seq <= journal.seq:
-                c.released = True
-        state.baseline_seq = max(state.baseline_seq, journal.seq)
-        state.releasing = None
-        state.trim_released()
-        cutstate.save(folder, state)
-        self._fault("release:recorded")
-        self._collect_garbage(folder, read_vm(folder), state)
-
-    def _merge_layer(self, frozen: Path, base: Path, above: Path, *, resume: bool) -> None:
-        if not frozen.exists():
-            return  # merged and deleted; only vm.json was left to update
-        if resume and _parent_is(above, base):
-            # The merge wrote everything and relinked the layer above; only the delete is left.
-            frozen.unlink()
-            fsync_dir(frozen.parent)
-            return
-        if resume:
-            # A partial merge may have changed the base (a VHDX base then has a new
-            # DataWriteGuid the frozen layer no longer matches): relink, then merge again.
-            vdisk.set_parent(frozen, base)
-            self._fault("release:relinked-for-resume")
-        vdisk_ops.merge(frozen, relink=[above])
-
-    def _refresh_identities(
-        self, folder: Path, spec: VmSpec, state: TrackingState, disk_id: str
-    ) -> None:
-        """After merges: record the identities of the layers the release changed (the base and
-        the layer relinked onto it) and forget the merged ones."""
-        disk = spec.disk(disk_id)
-        known = state.identities.setdefault(disk_id, {})
-        for entry in list(known):
-            if entry not in disk.chain[:-1]:
-                del known[entry]
-        for entry in disk.chain[:2]:
-            identity = changelog.layer_identity(folder / entry)
-            if entry == disk.active:
-                lp = changelog.log_path(folder, disk_id, entry)
-                with contextlib.suppress(changelog.ChangeLogError, changelog.ChangeLogMissing):
-                    header = changelog.read_header(lp)
-                    if header.state == changelog.STATE_CLEAN:
-                        changelog.set_identity(lp, identity)
-            else:
-                known[entry] = identity
-
-    def _collect_garbage(self, folder: Path, spec: VmSpec, state: TrackingState) -> None:
-        """Delete change logs and cut bitmaps no cut can need any more."""
-        if state.pending is not None or state.releasing is not None:
-            return
-        keep_logs = {changelog.log_path(folder, d.id, d.active) for d in spec.disks}
-        keep_bits: set[Path] = set()
-        for c in state.outstanding():
-            for cd in c.disks:
-                if c.seq > state.baseline_seq:
-                    keep_logs.add(changelog.log_path(folder, cd.disk_id, cd.frozen))
-                if cd.bits:
-                    keep_bits.add(folder / "changes" / cd.bits)
-        changes = folder / "changes"
-        for disk in spec.disks:
-            for path in (changes / disk.id).glob("*.cbt"):
-                if path not in keep_logs:
-                    path.unlink(missing_ok=True)
-        for path in (changes / "cuts").glob("*.bits"):
-            if path not in keep_bits:
-                path.unlink(missing_ok=True)
-        # Temporary files of atomic replacements a crash interrupted (no writer has its disks
-        # open now, and the operations lock keeps other backend operations out).
-        for folder_ in (changes, changes / "cuts", *(changes / d.id for d in spec.disks)):
-            for path in folder_.glob(".*.tmp"):
-                path.unlink(missing_ok=True)
-
 
 def _active_of(spec: VmSpec, disk_id: str) -> str | None:
     for d in spec.disks:
@@ -651,15 +537,6 @@ def _child_entry(folder: Path, disk: DiskSpec, seq: int, fmt: vdisk.DiskFormat) 
         if path.resolve() not in in_chain and not path.exists():
             return entry
     raise AssertionError("unreachable")
-
-
-def _parent_is(child: Path, parent: Path) -> bool:
-    """True if ``child`` opens and its parent is ``parent``."""
-    try:
-        with vdisk.open_disk(child, read_only=True) as disk:
-            return disk.parent is not None and disk.parent.path.resolve() == parent.resolve()
-    except SitepairError:
-        return False
 
 
 def _modified(where: str, path: Path, current: str, recorded: str) -> str:

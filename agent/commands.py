@@ -1,21 +1,20 @@
 """Executing broker commands exactly once, with the journal as the memory of what ran.
 
-Handlers are registered by command kind (the ``body`` oneof name of ``sitepair.v1.Command``).
-The executor answers every delivery: a first delivery is journaled as running, acknowledged as
-RECEIVED, executed, journaled with its outcome and acknowledged with it; a repeated delivery is
-answered from the journal without running anything.
+Handlers are registered by command kind (the ``body`` oneof name of ``sitepair.v1.Command``)
+and return a ``sitepair.v1.CommandResult`` whose ``body`` case is that same kind. The executor
+answers every delivery: a first delivery is journaled as running, acknowledged as RECEIVED,
+executed, journaled with its outcome and acknowledged with it; a repeated delivery is answered
+from the journal without running anything.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from agent.journal import CommandJournal
 from sitepair.clock import Clock
@@ -24,7 +23,7 @@ from sitepair.v1 import control_pb2
 
 log = logging.getLogger("sitepair.agent.commands")
 
-Handler = Callable[[control_pb2.Command], Awaitable[dict[str, Any]]]
+Handler = Callable[[control_pb2.Command], Awaitable[control_pb2.CommandResult]]
 Ack = Callable[[control_pb2.CommandAck], Awaitable[None]]
 
 MAX_SCRIPT_OUTPUT = 64 * 1024
@@ -90,7 +89,7 @@ class CommandExecutor:
                     state=control_pb2.CommandAck.SUCCEEDED
                     if seen.state == "succeeded"
                     else control_pb2.CommandAck.FAILED,
-                    result_json=seen.result_json,
+                    result=seen.command_result(),
                     error=seen.error,
                 )
             )
@@ -102,7 +101,7 @@ class CommandExecutor:
         assert task is not None
         self._running[command.id] = task
         try:
-            ok, result_json, error = await self._execute(kind, command)
+            ok, result, error = await self._execute(kind, command)
         finally:
             self._running.pop(command.id, None)
         await asyncio.to_thread(
@@ -110,22 +109,26 @@ class CommandExecutor:
             command.id,
             ok=ok,
             now=self._clock.now(),
-            result_json=result_json,
+            result=result,
             error=error,
         )
         await ack(
             control_pb2.CommandAck(
                 command_id=command.id,
                 state=control_pb2.CommandAck.SUCCEEDED if ok else control_pb2.CommandAck.FAILED,
-                result_json=result_json,
+                result=result,
                 error=error,
             )
         )
 
-    async def _execute(self, kind: str, command: control_pb2.Command) -> tuple[bool, str, str]:
+    async def _execute(
+        self, kind: str, command: control_pb2.Command
+    ) -> tuple[bool, control_pb2.CommandResult, str]:
+        """Run the handler of ``kind``: (succeeded, its result, the error when it failed)."""
+        none = control_pb2.CommandResult()
         handler = self._handlers.get(kind)
         if handler is None:
-            return False, "", f"this agent does not know the command {kind!r} (upgrade it?)"
+            return False, none, f"this agent does not know the command {kind!r} (upgrade it?)"
         log.info("command started", extra={"fields": {"command": command.id, "kind": kind}})
         try:
             result = await handler(command)
@@ -133,12 +136,19 @@ class CommandExecutor:
             log.warning(
                 "command failed", extra={"fields": {"command": command.id, "error": str(exc)}}
             )
-            return False, "", str(exc)
+            return False, none, str(exc)
         except Exception as exc:
             log.exception("command crashed", extra={"fields": {"command": command.id}})
-            return False, "", f"internal error in the agent: {type(exc).__name__}: {exc}"
+            return False, none, f"internal error in the agent: {type(exc).__name__}: {exc}"
+        answered = result.WhichOneof("body")
+        if answered != kind:
+            log.error(
+                "command handler answered with the wrong result",
+                extra={"fields": {"command": command.id, "kind": kind, "result": answered}},
+            )
+            return False, none, f"internal error in the agent: a {answered} result for {kind}"
         log.info("command succeeded", extra={"fields": {"command": command.id, "kind": kind}})
-        return True, json.dumps(result, sort_keys=True, default=str), ""
+        return True, result, ""
 
 
 def _relationship_of(command: control_pb2.Command) -> str:
@@ -149,7 +159,9 @@ def _relationship_of(command: control_pb2.Command) -> str:
     return str(getattr(getattr(command, kind), "relationship_id", "") or "")
 
 
-async def run_script(scripts_dir: Path, request: control_pb2.RunScript) -> dict[str, Any]:
+async def run_script(
+    scripts_dir: Path, request: control_pb2.RunScript
+) -> control_pb2.RunScriptResult:
     """Run a script the operator placed in the agent's scripts folder, with a timeout.
 
     Only a bare file name inside ``scripts_dir`` is accepted, so the broker cannot make an agent
@@ -190,4 +202,4 @@ async def run_script(scripts_dir: Path, request: control_pb2.RunScript) -> dict[
         raise FailedPrecondition(
             f"script {name} exited with status {proc.returncode}; output: {text[-2000:]}"
         )
-    return {"script": name, "exit_status": proc.returncode, "output": text}
+    return control_pb2.RunScriptResult(script=name, exit_status=proc.returncode, output=text)

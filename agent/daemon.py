@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
 
 from agent import config as config_mod
 from agent.commands import CommandExecutor, run_script
@@ -83,63 +82,72 @@ class AgentDaemon:
         self._register_handlers()
 
     def _register_handlers(self) -> None:
-        async def ping(cmd: control_pb2.Command) -> dict[str, Any]:
+        Result = control_pb2.CommandResult
+
+        async def ping(cmd: control_pb2.Command) -> control_pb2.CommandResult:
             ident = self.identity.get()
-            return {"note": cmd.ping.note, "host_id": ident.host_id, "name": ident.name}
+            return Result(
+                ping=control_pb2.PingResult(
+                    note=cmd.ping.note, host_id=ident.host_id, name=ident.name
+                )
+            )
 
-        async def refresh(cmd: control_pb2.Command) -> dict[str, Any]:
-            return {"vms": await self.control.send_inventory()}
+        async def refresh(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+            vms = await self.control.send_inventory()
+            return Result(refresh_inventory=control_pb2.RefreshInventoryResult(vms=vms))
 
-        async def script(cmd: control_pb2.Command) -> dict[str, Any]:
-            return await run_script(self.config.scripts_dir, cmd.run_script)
+        async def script(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+            return Result(run_script=await run_script(self.config.scripts_dir, cmd.run_script))
 
         rep = self.replication
 
-        async def configure_replica(cmd: control_pb2.Command) -> dict[str, Any]:
-            return await rep.configure_replica(cmd.configure_replica)
+        async def configure_replica(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+            return Result(configure_replica=await rep.configure_replica(cmd.configure_replica))
 
-        async def configure_source(cmd: control_pb2.Command) -> dict[str, Any]:
-            return await rep.configure_source(cmd.configure_source)
+        async def configure_source(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+            return Result(configure_source=await rep.configure_source(cmd.configure_source))
 
-        async def remove(cmd: control_pb2.Command) -> dict[str, Any]:
-            return await rep.remove(cmd.remove_relationship)
+        async def remove(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+            return Result(remove_relationship=await rep.remove(cmd.remove_relationship))
 
-        async def action(cmd: control_pb2.Command) -> dict[str, Any]:
-            return await rep.action(cmd.replication_action)
+        async def action(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+            return Result(replication_action=await rep.action(cmd.replication_action))
 
-        async def bandwidth(cmd: control_pb2.Command) -> dict[str, Any]:
-            return await rep.set_bandwidth(cmd.set_bandwidth)
+        async def bandwidth(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+            return Result(set_bandwidth=await rep.set_bandwidth(cmd.set_bandwidth))
 
-        self.executor.register("ping", ping)
-        self.executor.register("refresh_inventory", refresh)
-        self.executor.register("run_script", script)
-        self.executor.register("configure_replica", configure_replica)
-        self.executor.register("configure_source", configure_source)
-        self.executor.register("remove_relationship", remove)
-        self.executor.register("replication_action", action)
-        self.executor.register("set_bandwidth", bandwidth)
+        async def failover(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+            return Result(failover=await rep.failover(cmd.failover))
 
-        async def failover(cmd: control_pb2.Command) -> dict[str, Any]:
-            return await rep.failover(cmd.failover)
+        async def failover_control(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+            return Result(failover_control=await rep.failover_control(cmd.failover_control))
 
-        async def failover_control(cmd: control_pb2.Command) -> dict[str, Any]:
-            return await rep.failover_control(cmd.failover_control)
+        async def vm_power(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+            return Result(vm_power=await rep.vm_power(cmd.vm_power))
 
-        async def vm_power(cmd: control_pb2.Command) -> dict[str, Any]:
-            return await rep.vm_power(cmd.vm_power)
+        async def fence(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+            return Result(fence=await rep.fence(cmd.fence))
 
-        async def fence(cmd: control_pb2.Command) -> dict[str, Any]:
-            return await rep.fence(cmd.fence)
+        async def revoke_host(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+            return Result(revoke_host=await rep.revoke_host(cmd.revoke_host))
 
-        self.executor.register("failover", failover)
-        self.executor.register("failover_control", failover_control)
-        self.executor.register("vm_power", vm_power)
-        self.executor.register("fence", fence)
-
-        async def revoke_host(cmd: control_pb2.Command) -> dict[str, Any]:
-            return await rep.revoke_host(cmd.revoke_host)
-
-        self.executor.register("revoke_host", revoke_host)
+        handlers = {
+            "ping": ping,
+            "refresh_inventory": refresh,
+            "run_script": script,
+            "configure_replica": configure_replica,
+            "configure_source": configure_source,
+            "remove_relationship": remove,
+            "replication_action": action,
+            "set_bandwidth": bandwidth,
+            "failover": failover,
+            "failover_control": failover_control,
+            "vm_power": vm_power,
+            "fence": fence,
+            "revoke_host": revoke_host,
+        }
+        for kind, handler in handlers.items():
+            self.executor.register(kind, handler)
 
     def facts(self) -> common_pb2.HostFacts:
         facts = host_facts(backend=self.backend.kind, cloud=self.config.cloud)

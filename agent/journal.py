@@ -8,6 +8,12 @@ restarted), the journal answers:
 * ``running`` found at start-up (the agent died while running it): report it as failed, "
   interrupted", and do not run it again; the broker's job decides whether to retry with a new
   command (which has a new id).
+
+A finished command's result is kept as the serialized ``sitepair.v1.CommandResult`` it was
+acknowledged with (schema version 2). Journals from before (version 1) kept the result as JSON
+text in ``result_json``; version 2 adds the ``result`` column empty, so a command finished
+before the upgrade is re-acknowledged with an empty result (its outcome and error stay right;
+the broker already holds the result of all but a lost acknowledgement).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import dataclasses
 from pathlib import Path
 
 from agent.sqlitedb import SqliteDb
+from sitepair.v1 import control_pb2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands (
@@ -24,10 +31,13 @@ CREATE TABLE IF NOT EXISTS commands (
     state TEXT NOT NULL,          -- running, succeeded, failed
     received_at REAL NOT NULL,
     finished_at REAL,
-    result_json TEXT NOT NULL DEFAULT '',
-    error TEXT NOT NULL DEFAULT ''
+    result_json TEXT NOT NULL DEFAULT '',  -- version 1: the result as JSON; no longer written
+    error TEXT NOT NULL DEFAULT '',
+    result BLOB NOT NULL DEFAULT x''       -- the serialized sitepair.v1.CommandResult
 );
 """
+
+_MIGRATIONS = {2: "ALTER TABLE commands ADD COLUMN result BLOB NOT NULL DEFAULT x'';"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +47,19 @@ class JournalEntry:
     state: str
     received_at: float
     finished_at: float | None
-    result_json: str
+    result: bytes  # a serialized sitepair.v1.CommandResult; empty for none
     error: str
+
+    def command_result(self) -> control_pb2.CommandResult:
+        """The typed result this command was acknowledged with."""
+        return control_pb2.CommandResult.FromString(self.result)
 
 
 class CommandJournal:
     def __init__(self, path: Path) -> None:
-        self._file = SqliteDb(path, schema=_SCHEMA, version=1, what="agent state")
+        self._file = SqliteDb(
+            path, schema=_SCHEMA, version=2, what="agent state", migrations=_MIGRATIONS
+        )
         self._db = self._file.db
         self._lock = self._file.lock
 
@@ -53,7 +69,7 @@ class CommandJournal:
     def get(self, command_id: str) -> JournalEntry | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT id, kind, state, received_at, finished_at, result_json, error "
+                "SELECT id, kind, state, received_at, finished_at, result, error "
                 "FROM commands WHERE id = ?",
                 (command_id,),
             ).fetchone()
@@ -73,13 +89,20 @@ class CommandJournal:
         return self.get(command_id)
 
     def finish(
-        self, command_id: str, *, ok: bool, now: float, result_json: str = "", error: str = ""
+        self,
+        command_id: str,
+        *,
+        ok: bool,
+        now: float,
+        result: control_pb2.CommandResult | None = None,
+        error: str = "",
     ) -> None:
+        data = result.SerializeToString(deterministic=True) if result is not None else b""
         with self._lock:
             self._db.execute(
-                "UPDATE commands SET state = ?, finished_at = ?, result_json = ?, error = ? "
+                "UPDATE commands SET state = ?, finished_at = ?, result = ?, error = ? "
                 "WHERE id = ?",
-                ("succeeded" if ok else "failed", now, result_json, error, command_id),
+                ("succeeded" if ok else "failed", now, data, error, command_id),
             )
 
     def interrupted(self, now: float) -> list[str]:

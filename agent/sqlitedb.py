@@ -3,7 +3,8 @@
 :class:`SqliteDb` opens a file in WAL mode with ``synchronous=FULL`` (a committed row survives a
 power cut), a busy timeout, mode 0600 for a new file (SQLite gives its ``-wal`` and ``-shm``
 files the same mode), and the schema applied and versioned with ``PRAGMA user_version``: a
-database written by a newer agent (a higher version) is refused rather than misread. One
+database written by a newer agent (a higher version) is refused rather than misread, and one
+written by an older agent is brought up to date by the ``migrations`` of the versions between. One
 connection is shared by the threads of the process, one statement or transaction at a time
 under :attr:`SqliteDb.lock`. Every call blocks: callers on an event loop run them in a thread.
 """
@@ -15,7 +16,7 @@ import os
 import sqlite3
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from sitepair.errors import ConfigError
@@ -26,9 +27,21 @@ BUSY_TIMEOUT = 5.0
 
 class SqliteDb:
     """One database file: ``schema`` (``CREATE ... IF NOT EXISTS`` statements) at ``version``.
-    ``what`` names the file in errors ("agent state", "replication state")."""
+    ``what`` names the file in errors ("agent state", "replication state").
 
-    def __init__(self, path: Path, *, schema: str, version: int, what: str) -> None:
+    ``migrations[n]`` is the script that turns a file at version ``n - 1`` into version ``n``;
+    it runs, in one transaction with the others, only for a file an older agent wrote (a new
+    file gets ``schema`` as it is now)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        schema: str,
+        version: int,
+        what: str,
+        migrations: Mapping[int, str] | None = None,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if sys.platform != "win32" and not path.exists():
             # Created private from the start; never chmod'ed after rows were written.
@@ -46,6 +59,9 @@ class SqliteDb:
                     f"{what} {path} has schema version {found}; this agent knows {version}",
                     hint="run the agent version that wrote it",
                 )
+            if 0 < found < version and migrations:
+                steps = [migrations[n] for n in range(found + 1, version + 1) if n in migrations]
+                self.db.executescript("BEGIN IMMEDIATE;\n" + "\n".join(steps) + "\nCOMMIT;")
             self.db.executescript(schema)
             if found < version:
                 self.db.execute(f"PRAGMA user_version = {int(version)}")

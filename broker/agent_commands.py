@@ -16,6 +16,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from broker.documents import decode_facts
 from broker.orchestration import StepFailed
 from broker.policy import Policy
 from broker.store.base import Store
@@ -37,6 +38,10 @@ REPLICATING = (
     RelationshipState.FAILED_OVER_TEST,
 )
 
+_AUTH_MODES = {
+    "certificate": control_pb2.AUTH_CERTIFICATE,
+    "ticket": control_pb2.AUTH_TICKET,
+}
 _INITIAL_METHODS = {
     "network": control_pb2.InitialReplication.NETWORK,
     "scheduled": control_pb2.InitialReplication.SCHEDULED,
@@ -75,7 +80,7 @@ def configure_replica(rel: Relationship, *, ticket_public_key: bytes) -> control
             source_host=rel.primary_server,
             epoch=rel.epoch,
             folder=rel.replica_folder,
-            auth=policy.authentication,
+            auth=auth_mode(policy.authentication),
             ticket_public_key=ticket_public_key,
             recovery_points=policy.recovery_points,
             point_interval_seconds=3600,
@@ -104,7 +109,7 @@ def configure_source(rel: Relationship, replica: Server) -> control_pb2.Command:
             replica_host=rel.replica_server,
             address=f"{host}:{port}",
             epoch=rel.epoch,
-            auth=policy.authentication,
+            auth=auth_mode(policy.authentication),
             compression=policy.compression,
             copy_frequency_seconds=policy.copy_frequency,
             app_consistent_interval_seconds=policy.app_consistent_hours * 3600,
@@ -119,13 +124,18 @@ def configure_source(rel: Relationship, replica: Server) -> control_pb2.Command:
     )
 
 
+def auth_mode(authentication: str) -> control_pb2.AuthMode.ValueType:
+    """The wire's name for a policy's authentication ("certificate" or "ticket")."""
+    return _AUTH_MODES[authentication]
+
+
 def replication_endpoint(facts_json: str) -> tuple[str, int, int]:
     """Where a host's receivers listen, from its facts: (host, certificate port, ticket port)."""
-    facts = json.loads(facts_json or "{}")
+    facts = decode_facts(facts_json)
     return (
-        str(facts.get("replicationHost") or "127.0.0.1"),
-        int(facts.get("certificatePort", 0)),
-        int(facts.get("ticketPort", 0)),
+        facts.replication_host or "127.0.0.1",
+        facts.certificate_port,
+        facts.ticket_port,
     )
 
 

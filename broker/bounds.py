@@ -37,8 +37,7 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath, PureWindowsPath
 
-from google.protobuf import json_format
-
+from broker import documents
 from sitepair import pki
 from sitepair.errors import InvalidArgument
 from sitepair.v1 import common_pb2
@@ -216,5 +215,6 @@ def accept_metrics(metrics: common_pb2.HostMetrics) -> tuple[common_pb2.HostMetr
 
 
 def to_json(message: common_pb2.HostFacts | common_pb2.HostMetrics) -> str:
-    """How facts and metrics are stored (``servers.facts_json`` / ``metrics_json``)."""
-    return json_format.MessageToJson(message, indent=None)
+    """How facts and metrics are stored (``servers.facts_json`` / ``metrics_json``): see
+    :mod:`broker.documents`."""
+    return documents.encode_message(message)

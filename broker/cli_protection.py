@@ -12,7 +12,7 @@ from broker.client import AdminClient
 from sitepair.cliutil import EXIT_OK, print_json, print_table, progress_bar
 from sitepair.durations import format_size, parse_duration, parse_size
 from sitepair.errors import InvalidArgument
-from sitepair.v1 import admin_pb2
+from sitepair.v1 import admin_pb2, control_pb2
 
 # -- protection policy --------------------------------------------------------------------------
 
@@ -304,7 +304,10 @@ def cmd_vms_show(args: argparse.Namespace) -> int:
             f"max {format_size(ps.max_cycle_bytes)}; latency avg "
             f"{ps.avg_cycle_seconds:.1f}s, max {ps.max_cycle_seconds:.1f}s"
         )
-    if ps.progress_total and ps.state in ("initial-replication", "resynchronizing"):
+    if ps.progress_total and ps.state in (
+        control_pb2.STATE_INITIAL_REPLICATION,
+        control_pb2.STATE_RESYNCHRONIZING,
+    ):
         print(f"  progress       {progress_bar(ps.progress_done, ps.progress_total)}")
     if ps.last_error:
         print(f"  last error     {ps.last_error}")

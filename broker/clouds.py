@@ -9,11 +9,10 @@ and storage become on the recovery side. Pairing, or changing a pair's policy, i
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
-from broker.agent_commands import REPLICATING, AgentCommands
+from broker.agent_commands import REPLICATING, AgentCommands, replication_endpoint
 from broker.orchestration import Orchestration, Orchestrator, Step, StepFailed, StepRun
 from broker.policy import Policy, validate
 from broker.store.models import Cloud, CloudPair, Job, Relationship, Server
@@ -165,15 +164,8 @@ class CloudManager(Orchestrator):
             policy, hosts = await self.read(read)
             problems = []
             for host in hosts:
-                facts = json.loads(host.facts_json or "{}")
-                port = int(
-                    facts.get(
-                        "certificatePort"
-                        if policy.authentication == "certificate"
-                        else "ticketPort",
-                        0,
-                    )
-                )
+                _, certificate_port, ticket_port = replication_endpoint(host.facts_json)
+                port = certificate_port if policy.authentication == "certificate" else ticket_port
                 if not port:
                     problems.append(
                         f"{host.name} reports no {policy.authentication} replication listener"

@@ -14,6 +14,7 @@ import logging
 import uuid
 from typing import TYPE_CHECKING
 
+from broker import documents
 from broker.store.base import Store
 from broker.store.models import Command, CommandState
 from broker.store.sqlite import Tx
@@ -128,7 +129,7 @@ class CommandDispatcher:
                 server_id=server_id,
                 state=state,
                 now=now,
-                result_json=ack.result_json[:65536],
+                result_json=documents.encode_result(ack.result),
                 error=ack.error[:4096],
             )
 

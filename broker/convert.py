@@ -15,6 +15,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from broker import bounds
+from broker.documents import StoredStatus
 from broker.policy import Policy, validate
 from broker.store.models import Job, RegistrationKey, Relationship, Server, StoredInventory
 from sitepair.protoconv import seconds, timestamp
@@ -185,13 +186,9 @@ def relationship_to_proto(r: Relationship, names: dict[str, str]) -> admin_pb2.P
         ("primary_status", r.primary_status_json),
         ("replica_status", r.replica_status_json),
     ):
-        doc = json.loads(text or "{}")
-        doc.pop("reported_at", None)
-        last = doc.pop("last_success_at", None)
-        target = getattr(msg, field)
-        json_format.ParseDict(doc, target, ignore_unknown_fields=True)
-        if last:
-            target.last_success_at.CopyFrom(timestamp(float(last)))
+        stored = StoredStatus.decode(text)
+        if stored is not None:
+            getattr(msg, field).CopyFrom(stored.status)
     verify = json.loads(r.verify_json or "{}")
     if verify.get("at"):
         msg.last_verification.CopyFrom(

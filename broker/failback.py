@@ -202,9 +202,9 @@ class FailbackManager(FailoverJobs):
             cmd = self._commands.configure_replica(rel)
             cmd.configure_replica.from_vm = rel.vm_id
             cmd.configure_replica.from_sequence = 1
-            result = await step.send(old, cmd)
-            await self.set_fields(rel_id, replica_folder=str(result.get("folder", "")))
-            seq = result.get("committed_sequence")
+            adopted = (await step.send(old, cmd)).configure_replica
+            await self.set_fields(rel_id, replica_folder=adopted.folder)
+            seq = adopted.committed_sequence
             return f"the old VM's disks are the replica, at sequence {seq}"
 
         async def enable(step: StepRun) -> str:

@@ -18,8 +18,16 @@ import logging
 from typing import Any
 
 from broker.agent_commands import AgentCommands
+from broker.documents import status_of
 from broker.failback import FailbackManager
-from broker.failover_jobs import FAILED_OVER, REPLICATING, FailoverJobs, failover_doc
+from broker.failover_jobs import (
+    FAILED_OVER,
+    REPLICATING,
+    FailoverJobs,
+    failover_doc,
+    final_cycle,
+    made_vm,
+)
 from broker.orchestration import Orchestration, Step, StepFailed, StepRun
 from broker.reports import ReplicationReports
 from broker.store.models import Job, RelationshipState
@@ -146,7 +154,7 @@ class FailoverManager(FailoverJobs):
             rel = await self.relationship(rel_id)
             if failover_doc(rel).get("job") == step.job.id:
                 return "done before"
-            result = await step.send(
+            sent = await step.send(
                 rel.primary_server,
                 control_pb2.Command(
                     replication_action=control_pb2.ReplicationAction(
@@ -154,10 +162,11 @@ class FailoverManager(FailoverJobs):
                     )
                 ),
             )
-            await self.set_failover(rel_id, final=result)
+            final = sent.replication_action
+            await self.set_failover(rel_id, final=final_cycle(final))
             return (
-                f"replica at sequence {result.get('sequence')}, identical to the primary "
-                f"({result.get('disks_compared')} disk(s) compared)"
+                f"replica at sequence {final.sequence}, identical to the primary "
+                f"({final.disks_compared} disk(s) compared)"
             )
 
         async def raise_epoch(step: StepRun) -> str:
@@ -195,7 +204,7 @@ class FailoverManager(FailoverJobs):
             rel = await self.relationship(rel_id)
             doc = failover_doc(rel)
             vm, nets = self.vm_spec(rel)
-            result = await step.send(
+            sent = await step.send(
                 doc["new_primary"],
                 control_pb2.Command(
                     failover=control_pb2.Failover(
@@ -208,8 +217,9 @@ class FailoverManager(FailoverJobs):
                     )
                 ),
             )
-            await self.set_failover(rel_id, result=result)
-            return f"VM {result.get('vm_name')} running from recovery point {result.get('point')}"
+            made = sent.failover
+            await self.set_failover(rel_id, result=made_vm(made))
+            return f"VM {made.vm_name} running from recovery point {made.point}"
 
         async def fence(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
@@ -267,10 +277,10 @@ class FailoverManager(FailoverJobs):
             rel = await self.relationship(rel_id)
             if not await step.wait_connected(rel.replica_server):
                 raise StepFailed(f"the recovery host {rel.replica_server} is not connected")
-            status = json.loads(rel.replica_status_json or "{}")
-            if not int(status.get("committed_sequence", 0)):
+            status = status_of(rel.replica_status_json)
+            if not status.committed_sequence:
                 raise StepFailed("the replica holds no committed data yet")
-            return f"replica at sequence {status.get('committed_sequence')}"
+            return f"replica at sequence {status.committed_sequence}"
 
         async def raise_epoch(step: StepRun) -> str:
             return f"epoch {await self._raise_epoch(step.job, 'unplanned', point)}"
@@ -332,7 +342,7 @@ class FailoverManager(FailoverJobs):
             rel = await self.relationship(rel_id)
             test = failover_doc(rel)["test"]
             vm, nets = self.vm_spec(rel)
-            result = await step.send(
+            sent = await step.send(
                 rel.replica_server,
                 control_pb2.Command(
                     failover=control_pb2.Failover(
@@ -346,10 +356,9 @@ class FailoverManager(FailoverJobs):
                     )
                 ),
             )
-            await self.set_failover(rel_id, test={**test, "result": result})
-            return (
-                f"test VM {result.get('vm_name')} running from recovery point {result.get('point')}"
-            )
+            made = sent.failover
+            await self.set_failover(rel_id, test={**test, "result": made_vm(made)})
+            return f"test VM {made.vm_name} running from recovery point {made.point}"
 
         async def done(step: StepRun) -> str:
             return "production replication continues; clean up with `vms cleanup-test`"
@@ -373,7 +382,7 @@ class FailoverManager(FailoverJobs):
 
         async def remove_vm(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            result = await step.send(
+            sent = await step.send(
                 rel.replica_server,
                 control_pb2.Command(
                     failover_control=control_pb2.FailoverControl(
@@ -383,11 +392,10 @@ class FailoverManager(FailoverJobs):
                     )
                 ),
             )
-            return (
-                f"removed {result.get('vm_name', 'the test VM')}"
-                if result.get("cleaned")
-                else str(result.get("reason"))
-            )
+            cleaned = sent.failover_control
+            if not cleaned.done:
+                return cleaned.reason or "no test VM to remove"
+            return f"removed {cleaned.vm_name or 'the test VM'}"
 
         async def remove_network(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
@@ -430,7 +438,7 @@ class FailoverManager(FailoverJobs):
         async def fence(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
             doc = failover_doc(rel)
-            result = await step.send(
+            sent = await step.send(
                 doc["old_primary"],
                 control_pb2.Command(
                     fence=control_pb2.Fence(
@@ -439,9 +447,10 @@ class FailoverManager(FailoverJobs):
                 ),
             )
             await self.set_failover(rel_id, fence_pending=False)
+            fenced = sent.fence
             return (
-                f"replication stopped ({result.get('replication_stopped')}), "
-                f"VM {result.get('vm_state')}; reverse replication resynchronizes it"
+                f"replication stopped ({fenced.replication_stopped}), "
+                f"VM {fenced.vm_state}; reverse replication resynchronizes it"
             )
 
         return [Step("Fence the returning old primary", fence)]

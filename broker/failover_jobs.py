@@ -20,7 +20,7 @@ from broker.reports import ReplicationReports
 from broker.store.models import Job, Relationship, RelationshipState
 from broker.store.sqlite import Tx
 from sitepair.errors import FailedPrecondition
-from sitepair.v1 import common_pb2
+from sitepair.v1 import common_pb2, control_pb2
 
 #: States of a VM failed over (and not committed yet).
 FAILED_OVER = (RelationshipState.FAILED_OVER_PLANNED, RelationshipState.FAILED_OVER_UNPLANNED)
@@ -30,6 +30,32 @@ REPLICATING = (
     RelationshipState.RESYNC_REQUIRED,
     RelationshipState.RESYNCHRONIZING,
 )
+
+
+def made_vm(result: control_pb2.FailoverResult) -> dict[str, Any]:
+    """What the failover document keeps of the VM a recovery host made (``vms show``)."""
+    ts = result.cut_at
+    return {
+        "epoch": result.epoch,
+        "test": result.test,
+        "point": result.point,
+        "cut_at": ts.seconds + ts.nanos / 1e9,
+        "app_consistent": result.app_consistent,
+        "vm_name": result.vm_name,
+        "vm_id": result.vm_id,
+        "committed": result.committed,
+        "started": result.started,
+    }
+
+
+def final_cycle(result: control_pb2.ReplicationActionResult) -> dict[str, Any]:
+    """What the failover document keeps of a planned failover's final cycle."""
+    return {
+        "sequence": result.sequence,
+        "final_bytes": result.final_bytes,
+        "disks_compared": result.disks_compared,
+        "mismatched_bytes": result.mismatched_bytes,
+    }
 
 
 def failover_doc(rel: Relationship) -> dict[str, Any]:

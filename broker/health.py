@@ -13,8 +13,10 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from broker.documents import ErrorCode, StoredStatus
 from broker.policy import Policy
 from broker.store.models import Relationship, RelationshipState, Server
+from sitepair.v1 import control_pb2
 
 NORMAL, WARNING, CRITICAL = "normal", "warning", "critical"
 _LEVEL = {NORMAL: 0, WARNING: 1, CRITICAL: 2}
@@ -109,13 +111,14 @@ def evaluate(
 ) -> tuple[str, list[Reason]]:
     reasons: list[Reason] = []
     policy = Policy.from_json(rel.policy_json)
-    status: dict[str, Any] = json.loads(rel.primary_status_json or "{}")
+    stored = StoredStatus.decode(rel.primary_status_json)
+    status = stored.status if stored is not None else control_pb2.RelationshipStatus()
     state = rel.state
     if state == RelationshipState.DISABLED:
         return NORMAL, []
 
     if state in (RelationshipState.ENABLING, RelationshipState.INITIAL_REPLICATION):
-        done, total = int(status.get("progress_done", 0)), int(status.get("progress_total", 0))
+        done, total = status.progress_done, status.progress_total
         progress = f" ({100 * done // total}% of {total >> 20} MiB)" if total else ""
         reasons.append(
             Reason(
@@ -124,7 +127,10 @@ def evaluate(
                 f"initial replication has not completed{progress}",
             )
         )
-    if state == RelationshipState.RESYNC_REQUIRED or status.get("state") == "resync-required":
+    if (
+        state == RelationshipState.RESYNC_REQUIRED
+        or status.state == control_pb2.ReplicationState.STATE_RESYNC_REQUIRED
+    ):
         reasons.append(
             Reason(
                 CRITICAL,
@@ -207,7 +213,7 @@ def evaluate(
         RelationshipState.FAILED_OVER_TEST,
     )
     if replicating and not rel.paused:
-        last = float(status.get("last_success_at", 0.0))
+        last = (stored.last_success_at if stored is not None else None) or 0.0
         lag = now - last if last else now - rel.updated_at
         interval = policy.copy_frequency
         if lag > interval * config.lag_critical_cycles:
@@ -238,8 +244,8 @@ def evaluate(
             )
     if replicating:
         # Even while paused: the last attempt's outcome is still true of the replica.
-        code = status.get("last_error_code", "")
-        if code == "disk-full":
+        code = status.last_error_code
+        if code == ErrorCode.ERROR_DISK_FULL:
             where = rel.replica_folder or "its replica folder"
             name = replica.name if replica is not None else "the replica host"
             reasons.append(
@@ -250,7 +256,10 @@ def evaluate(
                     "free space there and replication resumes by itself",
                 )
             )
-        elif code == "stale-epoch" or status.get("state") == "fenced":
+        elif (
+            code == ErrorCode.ERROR_STALE_EPOCH
+            or status.state == control_pb2.ReplicationState.STATE_FENCED
+        ):
             reasons.append(
                 Reason(
                     CRITICAL,
@@ -258,7 +267,7 @@ def evaluate(
                     "the primary host was fenced: it replicates an epoch older than the replica's",
                 )
             )
-    app_error = str(status.get("app_consistent_error", ""))
+    app_error = status.app_consistent_error
     if replicating and app_error and policy.app_consistent_hours:
         reasons.append(
             Reason(

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import DecodeError
 
 from broker.commands import CommandDispatcher
+from broker.documents import decode_result
 from broker.jobs import JobManager
 from broker.sessions import SessionRegistry
 from broker.store.base import Store
@@ -84,7 +85,7 @@ class StepRun:
     name: str
     index: int
 
-    async def send(self, server_id: str, body: control_pb2.Command) -> dict[str, Any]:
+    async def send(self, server_id: str, body: control_pb2.Command) -> control_pb2.CommandResult:
         """Deliver a command for this step (once, even across broker restarts) and wait."""
         return await self.orchestrator.send_and_wait(self, server_id, body)
 
@@ -227,8 +228,9 @@ class Orchestrator:
 
     async def send_and_wait(
         self, step: StepRun, server_id: str, body: control_pb2.Command
-    ) -> dict[str, Any]:
-        """Deliver a command for a job step (once, even across broker restarts) and wait."""
+    ) -> control_pb2.CommandResult:
+        """Deliver a command for a job step (once, even across broker restarts) and wait;
+        returns what the host says the command did."""
         server = await self.read(lambda tx: tx.get_server(server_id))
         if server is None or server.removed_at is not None:
             # Its commands would never be delivered: fail now rather than wait an hour.
@@ -247,8 +249,7 @@ class Orchestrator:
             ) from exc
         if done.state != CommandState.SUCCEEDED:
             raise StepFailed(done.error or f"command {done.kind} {done.state.value}")
-        result: dict[str, Any] = json.loads(done.result_json) if done.result_json else {}
-        return result
+        return decode_result(done.kind, done.result_json)
 
     async def unfinished(self, job: Job, steps: list[Step]) -> tuple[Job, list[StepRun]]:
         """The job as stored now, and its declared steps that have not succeeded, in order.

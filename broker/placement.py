@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from broker.documents import decode_facts, decode_metrics
 from broker.orchestration import StepFailed
 from broker.store.models import Relationship, Server
 from broker.store.sqlite import Tx
@@ -79,8 +80,8 @@ def place(tx: Tx, rel: Relationship) -> Placement:
         server = tx.get_server(server_id)
         if server is None or server.removed_at is not None:
             continue
-        metrics = json.loads(server.metrics_json or "{}")
-        facts = json.loads(server.facts_json or "{}")
+        metrics = decode_metrics(server.metrics_json)
+        facts = decode_facts(server.facts_json)
         if target_class:
             match = [s for s in tx.host_storage(server_id) if s.name == target_class]
             if not match:
@@ -93,15 +94,14 @@ def place(tx: Tx, rel: Relationship) -> Placement:
                 refusals.append(f"{server.name}: {exc.message}")
                 continue
         else:
-            volumes = metrics.get("volumes") or []
-            free = max((int(v.get("freeBytes", 0)) for v in volumes), default=0)
+            free = max((v.free_bytes for v in metrics.volumes), default=0)
             folder = ""
         if free < need:
             refusals.append(
                 f"{server.name} has {free >> 20} MiB free, the disks need {need >> 20} MiB"
             )
             continue
-        memory = int(facts.get("memoryTotalBytes", 0))
+        memory = facts.memory_total_bytes
         committed = sum(
             json.loads(r.replica_vm_json).get("memory_mb", 0) << 20
             for r in tx.relationships_of_server(server_id)

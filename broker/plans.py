@@ -332,10 +332,20 @@ class PlanManager(Orchestrator):
                     job, f"action-{index}", {"name": action["name"], "error": exc.message}
                 )
                 raise
-            await self._remember(job, f"action-{index}", {"name": action["name"], **result})
-            output = str(result.get("output", "")).strip().splitlines()
+            ran = result.run_script
+            await self._remember(
+                job,
+                f"action-{index}",
+                {
+                    "name": action["name"],
+                    "script": ran.script,
+                    "exit_status": ran.exit_status,
+                    "output": ran.output,
+                },
+            )
+            output = ran.output.strip().splitlines()
             tail = output[-1] if output else ""
-            return f"exit status {result.get('exit_status')}" + (f": {tail}" if tail else "")
+            return f"exit status {ran.exit_status}" + (f": {tail}" if tail else "")
 
         return run
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from broker import placement
 from broker.agent_commands import REPLICATING, AgentCommands
+from broker.documents import State, progress_message, status_of
 from broker.orchestration import Orchestration, Orchestrator, Step, StepRun
 from broker.policy import Policy
 from broker.reports import ReplicationReports
@@ -37,7 +38,7 @@ from broker.store.models import (
 from broker.store.sqlite import Tx
 from sitepair import paths
 from sitepair.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from sitepair.v1 import control_pb2
+from sitepair.v1 import control_pb2, replication_pb2
 
 log = logging.getLogger("sitepair.broker.protection")
 
@@ -191,12 +192,13 @@ class ProtectionManager(Orchestrator):
 
         async def create_replica(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            result = await step.send(rel.replica_server, self._commands.configure_replica(rel))
-            committed = int(result.get("committed_sequence", 0))
-            if not rel.replica_folder and result.get("folder"):
+            sent = await step.send(rel.replica_server, self._commands.configure_replica(rel))
+            result = sent.configure_replica
+            committed = result.committed_sequence
+            if not rel.replica_folder and result.folder:
                 await self.write(
                     lambda tx: tx.update_relationship(
-                        rel_id, self.clock.now(), replica_folder=str(result["folder"])
+                        rel_id, self.clock.now(), replica_folder=result.folder
                     )
                 )
             if committed:
@@ -209,7 +211,7 @@ class ProtectionManager(Orchestrator):
                 return (
                     f"existing replica adopted at sequence {committed}; a checksum resync follows"
                 )
-            return f"replica folder {result.get('folder', '')}"
+            return f"replica folder {result.folder}"
 
         async def enable_source(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
@@ -355,14 +357,14 @@ class ProtectionManager(Orchestrator):
         sent_import = False
         while True:
             rel = await self.relationship(rel_id)
-            replica = json.loads(rel.replica_status_json or "{}")
-            primary = json.loads(rel.primary_status_json or "{}")
-            committed = int(replica.get("committed_sequence", 0))
+            replica = status_of(rel.replica_status_json)
+            primary = status_of(rel.primary_status_json)
+            committed = replica.committed_sequence
             if committed >= 1 and rel.state != RelationshipState.RESYNCHRONIZING:
                 return f"replica at sequence {committed}"
             if (
                 rel.state == RelationshipState.RESYNCHRONIZING
-                and primary.get("state") == "protected"
+                and primary.state == State.STATE_PROTECTED
                 and committed
             ):
                 await self.write(
@@ -374,7 +376,7 @@ class ProtectionManager(Orchestrator):
             policy = Policy.from_json(rel.policy_json)
             if (
                 policy.initial_method == "offline"
-                and primary.get("state") == "waiting-for-import"
+                and primary.state == State.STATE_WAITING_FOR_IMPORT
                 and not sent_import
             ):
                 await step.send(
@@ -388,14 +390,9 @@ class ProtectionManager(Orchestrator):
                     ),
                 )
                 sent_import = True
-            done, total = (
-                int(primary.get("progress_done", 0)),
-                int(primary.get("progress_total", 0)),
+            await step.progress(
+                progress_message(primary), done=primary.progress_done, total=primary.progress_total
             )
-            message = primary.get("state", "waiting for the first report")
-            if primary.get("last_error"):
-                message += f"; last error: {primary['last_error']}"
-            await step.progress(message, done=done, total=total)
             await self._reports.next_report(2.0)
 
     # -- disable, pause, resume, resync, verify --------------------------------------------
@@ -439,7 +436,7 @@ class ProtectionManager(Orchestrator):
                     )
                 ),
             )
-            return ", ".join(result.get("removed", [])) or "nothing to remove"
+            return ", ".join(result.remove_relationship.removed) or "nothing to remove"
 
         async def mark(step: StepRun) -> str:
             now = self.clock.now()
@@ -512,18 +509,22 @@ class ProtectionManager(Orchestrator):
                 await self.write(
                     lambda tx: tx.update_relationship(rel_id, self.clock.now(), **changes)
                 )
-            await self.jobs.set_state(job.id, JobState.RUNNING, result=result)
+            done = result.replication_action
+            outcome = _action_outcome(action, done)
+            await self.jobs.set_state(job.id, JobState.RUNNING, result=outcome)
             if action == "verify":
-                await self._record_verification(rel_id, job, result)
-                return f"{result.get('mismatched_bytes', 0)} mismatching bytes" + (
-                    " repaired" if result.get("repaired") else ""
+                await self._record_verification(rel_id, job, done)
+                return f"{done.mismatched_bytes} mismatching bytes" + (
+                    " repaired" if done.repaired else ""
                 )
-            return json.dumps(result, sort_keys=True)
+            return json.dumps(outcome, sort_keys=True)
 
         # The VM's name as the job's target has it (``vm/NAME``), as when the job was created.
         return [Step(f"{action} replication of {target.removeprefix('vm/')}", run)]
 
-    async def _record_verification(self, rel_id: str, job: Job, result: dict[str, Any]) -> None:
+    async def _record_verification(
+        self, rel_id: str, job: Job, result: control_pb2.ReplicationActionResult
+    ) -> None:
         """Keep the outcome of a verification on the relationship (health, schedule, `vms show`)."""
         now = self.clock.now()
 
@@ -536,9 +537,9 @@ class ProtectionManager(Orchestrator):
                 at=now,
                 job=job.id,
                 by=job.created_by,
-                sequence=int(result.get("sequence", 0)),
-                mismatched_bytes=int(result.get("mismatched_bytes", 0)),
-                repaired=bool(result.get("repaired", False)),
+                sequence=result.sequence,
+                mismatched_bytes=result.mismatched_bytes,
+                repaired=result.repaired,
             )
             tx.update_relationship(rel_id, now, verify_json=json.dumps(doc, sort_keys=True))
 
@@ -613,3 +614,27 @@ def _find_vm(tx: Tx, ref: str) -> tuple[InventoryVm, Server]:
     if server is None or server.removed_at is not None:
         raise FailedPrecondition(f"VM {vm.name} is on a host that was removed")
     return vm, server
+
+
+def _action_outcome(action: str, done: control_pb2.ReplicationActionResult) -> dict[str, Any]:
+    """What a replication action's job keeps as its result (``jobs show``)."""
+    outcome: dict[str, Any] = {"relationship": done.relationship_id}
+    if action in ("pause", "resume"):
+        outcome["paused"] = done.paused
+    elif action == "verify":
+        outcome.update(
+            sequence=done.sequence,
+            mismatched_bytes=done.mismatched_bytes,
+            repaired=done.repaired,
+            mismatches={
+                r.disk_id: [[o, n] for o, n in zip(r.offsets, r.lengths, strict=True)]
+                for r in done.mismatches
+            },
+        )
+    else:
+        outcome.update(
+            sequence=done.sequence,
+            bytes=done.bytes,
+            kind=replication_pb2.CycleKind.Name(done.kind) if done.sequence else "",
+        )
+    return outcome

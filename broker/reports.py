@@ -14,15 +14,14 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any
 
-from google.protobuf import json_format
-
+from broker.documents import StoredStatus, progress_message, status_of
 from broker.health import CycleHistory, HealthConfig, evaluate
 from broker.orchestration import StepFailed, StepRun
 from broker.store.base import Store
 from broker.store.leadership import Leader
 from broker.store.models import Relationship, RelationshipState
+from broker.store.repository import RelationshipChanges
 from broker.store.sqlite import Tx
 from sitepair.clock import Clock
 from sitepair.errors import SitepairError
@@ -36,12 +35,28 @@ MAX_STATUSES_PER_REPORT = 4096
 #: Longest text kept from a status, per field; longer text is cut.
 STATUS_TEXT_LIMITS = {
     "relationship_id": 64,
-    "role": 16,
-    "state": 64,
     "vm_id": 128,
     "last_error": 2048,
-    "last_error_code": 64,
     "app_consistent_error": 2048,
+}
+
+Role = control_pb2.Role
+State = control_pb2.ReplicationState
+#: The relationship state a primary's reported state moves the relationship to, from the states
+#: it may move it from (a failover, a disable or the initial copy are the broker's own moves).
+_PRIMARY_MOVES: dict[int, tuple[RelationshipState, tuple[RelationshipState, ...]]] = {
+    State.STATE_RESYNC_REQUIRED: (
+        RelationshipState.RESYNC_REQUIRED,
+        (RelationshipState.PROTECTED,),
+    ),
+    State.STATE_RESYNCHRONIZING: (
+        RelationshipState.RESYNCHRONIZING,
+        (RelationshipState.PROTECTED, RelationshipState.RESYNC_REQUIRED),
+    ),
+    State.STATE_PROTECTED: (
+        RelationshipState.PROTECTED,
+        (RelationshipState.RESYNCHRONIZING, RelationshipState.RESYNC_REQUIRED),
+    ),
 }
 #: Recovery points kept from a status (24 hourly points, the latest, and room for pinned ones).
 MAX_STATUS_POINTS = 64
@@ -78,17 +93,12 @@ class ReplicationReports:
             rel = await self._store.reading(lambda tx: tx.get_relationship(rel_id))
             if rel is None:
                 raise StepFailed(f"relationship {rel_id} disappeared")
-            primary = json.loads(rel.primary_status_json or "{}")
-            if primary.get("state") == "protected" and int(primary.get("cycles_succeeded", 0)) >= 1:
-                return f"replica at sequence {primary.get('committed_sequence')}"
-            done, total = (
-                int(primary.get("progress_done", 0)),
-                int(primary.get("progress_total", 0)),
+            primary = status_of(rel.primary_status_json)
+            if primary.state == State.STATE_PROTECTED and primary.cycles_succeeded >= 1:
+                return f"replica at sequence {primary.committed_sequence}"
+            await step.progress(
+                progress_message(primary), done=primary.progress_done, total=primary.progress_total
             )
-            message = primary.get("state", "waiting for the first report")
-            if primary.get("last_error"):
-                message += f"; last error: {primary['last_error']}"
-            await step.progress(message, done=done, total=total)
             await self.next_report(2.0)
 
     def forget(self, rel_id: str) -> None:
@@ -108,12 +118,16 @@ class ReplicationReports:
             lambda tx: {r.id: r for r in tx.relationships_of_server(server_id)}
         )
         statuses = report.relationships
-        kept: dict[tuple[str, str], control_pb2.RelationshipStatus] = {}
+        kept: dict[tuple[str, int], control_pb2.RelationshipStatus] = {}
         refused = max(0, len(statuses) - MAX_STATUSES_PER_REPORT)
         example = ""
         for status in statuses[:MAX_STATUSES_PER_REPORT]:
             rel = mine.get(status.relationship_id)
-            if rel is None or _role_of(rel, server_id) != status.role:
+            if (
+                rel is None
+                or status.role == Role.ROLE_UNSPECIFIED
+                or _role_of(rel, server_id) != status.role
+            ):
                 refused += 1
                 example = example or status.relationship_id
                 continue
@@ -122,11 +136,11 @@ class ReplicationReports:
             self._note_refused(server_id, refused, example)
         if not kept:
             return
-        docs = [(st, _status_doc(st, now)) for st in kept.values()]
+        docs = [(st, _stored(st, now).encode()) for st in kept.values()]
 
         def update(tx: Tx) -> list[control_pb2.RelationshipStatus]:
-            taken = []
-            for st, d in docs:
+            taken: list[control_pb2.RelationshipStatus] = []
+            for st, doc in docs:
                 rel = tx.get_relationship(st.relationship_id)  # again: it may have changed
                 if (
                     rel is None
@@ -134,25 +148,21 @@ class ReplicationReports:
                     or _role_of(rel, server_id) != st.role
                 ):
                     continue
-                fields: dict[str, Any] = {}
-                if st.role == "primary":
-                    fields["primary_status_json"] = json.dumps(d, sort_keys=True)
-                    if st.state == "resynchronizing" and rel.state == RelationshipState.PROTECTED:
-                        fields["state"] = RelationshipState.RESYNCHRONIZING
-                    elif st.state == "protected" and rel.state in (
-                        RelationshipState.RESYNCHRONIZING,
-                        RelationshipState.RESYNC_REQUIRED,
-                    ):
-                        fields["state"] = RelationshipState.PROTECTED
+                fields: RelationshipChanges = {}
+                if st.role == Role.ROLE_PRIMARY:
+                    fields["primary_status_json"] = doc
+                    move = _PRIMARY_MOVES.get(st.state)
+                    if move is not None and rel.state in move[1]:
+                        fields["state"] = move[0]
                 else:
-                    fields["replica_status_json"] = json.dumps(d, sort_keys=True)
+                    fields["replica_status_json"] = doc
                 tx.update_relationship(rel.id, now, **fields)
                 taken.append(st)
             return taken
 
         taken: list[control_pb2.RelationshipStatus] = await self._store.writing(update)
         for status in taken:
-            if status.role == "primary":
+            if status.role == Role.ROLE_PRIMARY:
                 self.history.add(
                     status.relationship_id,
                     now,
@@ -235,16 +245,16 @@ class ReplicationReports:
             await asyncio.sleep(interval)
 
 
-def _role_of(rel: Relationship, server_id: str) -> str:
-    """The role ``server_id`` holds in ``rel`` ("primary", "replica" or "")."""
+def _role_of(rel: Relationship, server_id: str) -> control_pb2.Role.ValueType:
+    """The role ``server_id`` holds in ``rel`` (unspecified when it is neither side)."""
     if rel.primary_server == server_id:
-        return "primary"
+        return Role.ROLE_PRIMARY
     if rel.replica_server == server_id:
-        return "replica"
-    return ""
+        return Role.ROLE_REPLICA
+    return Role.ROLE_UNSPECIFIED
 
 
-def _status_doc(status: control_pb2.RelationshipStatus, now: float) -> dict[str, Any]:
+def _stored(status: control_pb2.RelationshipStatus, now: float) -> StoredStatus:
     """A reported status as stored: free-form text cut to size, recovery points bounded."""
     st = control_pb2.RelationshipStatus()
     st.CopyFrom(status)
@@ -254,7 +264,4 @@ def _status_doc(status: control_pb2.RelationshipStatus, now: float) -> dict[str,
             setattr(st, name, value[:limit])
     if len(st.points) > MAX_STATUS_POINTS:
         del st.points[: len(st.points) - MAX_STATUS_POINTS]  # keep the newest
-    doc = json_format.MessageToDict(st, preserving_proto_field_name=True)
-    doc["last_success_at"] = st.last_success_at.seconds + st.last_success_at.nanos / 1e9
-    doc["reported_at"] = now
-    return doc
+    return StoredStatus(status=st, reported_at=now)

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from broker import documents
 from broker.auth import BrokerAuthorizer
 from broker.commands import CommandDispatcher
 from broker.jobs import JobManager
@@ -342,13 +343,9 @@ class ServerOperations:
             done = await self._dispatcher.wait(cmd.id)
             if done.state == CommandState.SUCCEEDED:
                 await self._jobs.step(job.id, step, StepState.SUCCEEDED, message="done")
-                result: dict[str, Any] = {}
-                if done.result_json:
-                    try:
-                        result = json.loads(done.result_json)
-                    except json.JSONDecodeError:
-                        result = {"raw": done.result_json}
-                results[server.name] = result
+                results[server.name] = documents.result_fields(
+                    documents.decode_result(done.kind, done.result_json)
+                )
             else:
                 reason = done.error or done.state.value
                 await self._jobs.step(job.id, step, StepState.FAILED, message=reason)

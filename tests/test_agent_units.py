@@ -33,9 +33,9 @@ def test_command_runs_once_and_repeats_are_answered_from_the_journal(tmp_path: P
     executor = CommandExecutor(journal, ManualClock())
     runs: list[str] = []
 
-    async def ping(cmd: control_pb2.Command) -> dict[str, str]:
+    async def ping(cmd: control_pb2.Command) -> control_pb2.CommandResult:
         runs.append(cmd.id)
-        return {"pong": cmd.ping.note}
+        return control_pb2.CommandResult(ping=control_pb2.PingResult(note=cmd.ping.note))
 
     executor.register("ping", ping)
     cmd = control_pb2.Command(id="c1", ping=control_pb2.Ping(note="x"))
@@ -46,7 +46,8 @@ def test_command_runs_once_and_repeats_are_answered_from_the_journal(tmp_path: P
     ]
     again = _run(executor, cmd)
     assert [a.state for a in again] == [control_pb2.CommandAck.SUCCEEDED]
-    assert again[0].result_json == first[1].result_json == '{"pong": "x"}'
+    assert again[0].result == first[1].result
+    assert again[0].result.ping.note == "x"
     assert runs == ["c1"]
     journal.close()
 
@@ -60,9 +61,9 @@ def test_command_interrupted_by_a_crash_is_not_run_again(tmp_path: Path) -> None
     executor = CommandExecutor(journal, ManualClock())
     runs: list[str] = []
 
-    async def ping(cmd: control_pb2.Command) -> dict[str, str]:
+    async def ping(cmd: control_pb2.Command) -> control_pb2.CommandResult:
         runs.append(cmd.id)
-        return {}
+        return control_pb2.CommandResult(ping=control_pb2.PingResult())
 
     executor.register("ping", ping)
     acks = _run(executor, control_pb2.Command(id="c1", ping=control_pb2.Ping()))
@@ -79,6 +80,53 @@ def test_unknown_command_kind_fails_clearly(tmp_path: Path) -> None:
     )
     assert acks[-1].state == control_pb2.CommandAck.FAILED
     assert "does not know the command 'refresh_inventory'" in acks[-1].error
+
+
+def test_a_result_of_another_kind_fails_the_command(tmp_path: Path) -> None:
+    executor = CommandExecutor(CommandJournal(tmp_path / "j.db"), ManualClock())
+
+    async def ping(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+        return control_pb2.CommandResult(fence=control_pb2.FenceResult())
+
+    executor.register("ping", ping)
+    acks = _run(executor, control_pb2.Command(id="c1", ping=control_pb2.Ping()))
+    assert acks[-1].state == control_pb2.CommandAck.FAILED
+    assert "a fence result for ping" in acks[-1].error
+
+
+def test_a_journal_from_before_typed_results_re_acks_with_an_empty_result(
+    tmp_path: Path,
+) -> None:
+    """A version-1 journal kept results as JSON text: it is migrated, its finished commands are
+    answered again with their outcome and an empty result, and new results are kept typed."""
+    import sqlite3
+
+    path = tmp_path / "agent.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE commands (id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, "
+        "received_at REAL NOT NULL, finished_at REAL, result_json TEXT NOT NULL DEFAULT '', "
+        "error TEXT NOT NULL DEFAULT '');"
+        "INSERT INTO commands VALUES ('old', 'ping', 'succeeded', 1.0, 2.0, '{\"note\": \"x\"}', '');"
+        "PRAGMA user_version = 1;"
+    )
+    db.close()
+    journal = CommandJournal(path)
+    executor = CommandExecutor(journal, ManualClock())
+
+    async def ping(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+        return control_pb2.CommandResult(ping=control_pb2.PingResult(note=cmd.ping.note))
+
+    executor.register("ping", ping)
+    old = _run(executor, control_pb2.Command(id="old", ping=control_pb2.Ping(note="x")))
+    assert [a.state for a in old] == [control_pb2.CommandAck.SUCCEEDED]
+    assert old[0].result == control_pb2.CommandResult()
+    _run(executor, control_pb2.Command(id="new", ping=control_pb2.Ping(note="y")))
+    journal.close()
+    journal = CommandJournal(path)
+    entry = journal.get("new")
+    assert entry is not None and entry.command_result().ping.note == "y"
+    journal.close()
 
 
 def test_backoff_has_full_jitter_and_a_cap() -> None:
@@ -160,16 +208,16 @@ def test_commands_of_one_relationship_run_in_delivery_order(tmp_path: Path) -> N
     events: list[str] = []
     release = asyncio.Event()
 
-    async def configure(cmd: control_pb2.Command) -> dict[str, str]:
+    async def configure(cmd: control_pb2.Command) -> control_pb2.CommandResult:
         events.append(f"configure {cmd.configure_replica.relationship_id} start")
         if cmd.configure_replica.relationship_id == "rel-1":
             await release.wait()
         events.append(f"configure {cmd.configure_replica.relationship_id} end")
-        return {}
+        return control_pb2.CommandResult(configure_replica=control_pb2.ConfigureReplicaResult())
 
-    async def remove(cmd: control_pb2.Command) -> dict[str, str]:
+    async def remove(cmd: control_pb2.Command) -> control_pb2.CommandResult:
         events.append(f"remove {cmd.remove_relationship.relationship_id}")
-        return {}
+        return control_pb2.CommandResult(remove_relationship=control_pb2.RemoveRelationshipResult())
 
     executor.register("configure_replica", configure)
     executor.register("remove_relationship", remove)

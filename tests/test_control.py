@@ -13,6 +13,7 @@ import pytest
 from agent.control import AgentRemoved
 from agent.hosts.directory import DirectoryBackend
 from broker.client import AdminClient, wait_job
+from broker.documents import decode_result
 from sitepair import pki
 from sitepair.errors import FailedPrecondition
 from sitepair.v1 import admin_pb2, control_pb2, control_pb2_grpc
@@ -189,7 +190,8 @@ def test_redelivered_command_is_answered_from_the_journal(
         agent.wait_connected()
         done = broker.loop.call(broker.ctx.dispatcher.wait(cmd.id))
         assert done.state.value == "succeeded"
-        assert json.loads(done.result_json)["exit_status"] == 0
+        result = decode_result("run_script", done.result_json).run_script
+        assert result.script == "mark.py" and result.exit_status == 0  # from the journal
     finally:
         agent.stop()
     assert marker.read_text() == "ran\n"

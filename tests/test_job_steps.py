@@ -21,7 +21,9 @@ def test_a_job_resumed_after_a_step_was_inserted_sends_no_command_twice(
     assert ctx is not None
     orch = Orchestrator(ctx.protection.orchestration)
     body = control_pb2.Command(
-        configure_replica=control_pb2.ConfigureReplica(relationship_id="rel-1", auth="ticket")
+        configure_replica=control_pb2.ConfigureReplica(
+            relationship_id="rel-1", auth=control_pb2.AUTH_TICKET
+        )
     )
     ran: list[str] = []
     sent: list[str] = []

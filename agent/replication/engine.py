@@ -24,12 +24,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeAlias
 
 import blake3
 
 from agent.hosts.base import Cut, HostBackend, QuiesceFailed
 from agent.identity import AgentIdentity
+from agent.replication import codes
 from agent.replication.blocks import BLOCK, BlockRef, blocks_for, group
 from agent.replication.sender import CyclePlan, CycleRefused, CycleResult, DiskPlan, ReplicaClient
 from agent.replication.state import PendingCycle, ReplicationState, SenderState, SourceConfig
@@ -39,7 +40,7 @@ from sitepair import vdisk
 from sitepair.clock import Clock
 from sitepair.errors import FailedPrecondition, SitepairError, StaleEpoch, Unavailable
 from sitepair.protoconv import timestamp
-from sitepair.v1 import replication_pb2
+from sitepair.v1 import control_pb2, replication_pb2
 
 log = logging.getLogger("sitepair.agent.replication")
 
@@ -54,19 +55,30 @@ KIND_NAMES = {
     replication_pb2.FINAL: "final",
 }
 
+State: TypeAlias = control_pb2.ReplicationState.ValueType
+
+#: The states in which a relationship whose change tracking was lost reports
+#: STATE_RESYNC_REQUIRED: no cycle is running (or one is about to find out it must resync).
+_IDLE_STATES = (
+    control_pb2.STATE_INITIAL_PENDING,
+    control_pb2.STATE_REPLICATING,
+    control_pb2.STATE_PROTECTED,
+    control_pb2.STATE_RESYNC_REQUIRED,
+)
+
 
 @dataclasses.dataclass
 class Stats:
     """What the broker shows per protected VM (and uses for health)."""
 
-    state: str = "initial-replication-pending"
+    state: State = control_pb2.STATE_INITIAL_PENDING
     cycles_succeeded: int = 0
     cycles_failed: int = 0
     cycles_missed: int = 0
     last_success_at: float = 0.0
     last_cut_at: float = 0.0
     last_error: str = ""
-    last_error_code: str = ""
+    last_error_code: codes.ErrorCode = replication_pb2.ERROR_NONE
     last_cycle_seconds: float = 0.0
     max_cycle_seconds: float = 0.0
     total_cycle_seconds: float = 0.0
@@ -116,6 +128,15 @@ class VerifyReport:
     @property
     def mismatched_bytes(self) -> int:
         return sum(length for ranges in self.disks.values() for _, length in ranges)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalCycleReport:
+    """A final cycle and the comparison after it: the replica holds the VM's final state."""
+
+    sequence: int  # what the replica holds
+    final_bytes: int  # guest bytes the final cycle carried
+    disks_compared: int
 
 
 class SourceRelationship:
@@ -179,6 +200,16 @@ class SourceRelationship:
             ticket_provider=self.ticket_provider,
         )
 
+    def reported_state(self, sender: SenderState) -> State:
+        """The state to report, given the sender's recorded state ``sender``: paused, or
+        STATE_RESYNC_REQUIRED while change tracking is lost (``needs_resync``) and no cycle
+        runs, or what the last cycle left in :attr:`stats`."""
+        if sender.paused:
+            return control_pb2.STATE_PAUSED
+        if sender.needs_resync and self.stats.state in _IDLE_STATES:
+            return control_pb2.STATE_RESYNC_REQUIRED
+        return self.stats.state
+
     def _sender(self) -> SenderState:
         found = self.state.source(self.relationship)
         return found[1] if found else SenderState()
@@ -202,10 +233,11 @@ class SourceRelationship:
                 try:
                     return self._attempt(app_consistent=app_consistent, final=final)
                 except (Unavailable, CycleRefused) as exc:
-                    transient = isinstance(exc, Unavailable) or exc.code == "busy"
+                    transient = isinstance(exc, Unavailable) or exc.code == codes.BUSY
                     if not transient or retries == len(TRANSIENT_BACKOFF):
                         if transient:  # _attempt counts only the failures it does not retry
-                            self._failed(getattr(exc, "code", "unavailable"), str(exc))
+                            code = exc.code if isinstance(exc, CycleRefused) else codes.UNAVAILABLE
+                            self._failed(code, str(exc))
                         raise
                     wait = TRANSIENT_BACKOFF[retries]
                     retries += 1
@@ -229,32 +261,43 @@ class SourceRelationship:
         except Unavailable:
             raise  # counted by run_cycle once it gives up
         except CycleRefused as exc:
-            if exc.code == "busy":
+            if exc.code == codes.BUSY:
                 raise  # likewise
             self._failed(exc.code, str(exc))
-            if exc.code == "stale-epoch":
-                self.stats.state = "fenced"
+            if exc.code == codes.STALE_EPOCH:
                 raise StaleEpoch(str(exc)) from None
             raise
         except StaleEpoch as exc:
-            self.stats.state = "fenced"
-            self._failed("stale-epoch", str(exc))
+            self._failed(codes.STALE_EPOCH, str(exc))
             raise
         except QuiesceFailed:
             raise  # not a failed cycle: the loop runs it crash-consistent at once
         except SitepairError as exc:
-            self._failed(getattr(exc, "status", "error").lower(), str(exc))
+            self._failed(codes.code_of(exc), str(exc))
             raise
         finally:
             client.close()
 
-    def _failed(self, code: str, message: str) -> None:
-        self.stats.cycles_failed += 1
-        self.stats.last_error = message
-        self.stats.last_error_code = code
+    def _failed(self, code: codes.ErrorCode, message: str) -> None:
+        """Count a failed cycle. A replica at a newer epoch fences this host; a resync that
+        failed leaves the relationship needing one (its change tracking is still lost)."""
+        st = self.stats
+        st.cycles_failed += 1
+        st.last_error = message
+        st.last_error_code = code
+        if code == codes.STALE_EPOCH:
+            st.state = control_pb2.STATE_FENCED
+        elif st.state == control_pb2.STATE_RESYNCHRONIZING and self._sender().needs_resync:
+            st.state = control_pb2.STATE_RESYNC_REQUIRED
         log.warning(
             "cycle failed",
-            extra={"fields": {"relationship": self.relationship, "code": code, "error": message}},
+            extra={
+                "fields": {
+                    "relationship": self.relationship,
+                    "code": codes.code_name(code),
+                    "error": message,
+                }
+            },
         )
 
     def _run_cycle(
@@ -277,7 +320,7 @@ class SourceRelationship:
             # Offline initial replication: the first cut travels on a drive. Sending it over
             # the network here would defeat the point; wait until the replica imports it (a
             # resync sends it over the network after all, if the operator gives up the drive).
-            self.stats.state = "waiting-for-import"
+            self.stats.state = control_pb2.STATE_WAITING_FOR_IMPORT
             return None
         pending = sender.cycle
         outstanding = self.backend.outstanding_cut(cfg.vm_id)
@@ -320,9 +363,9 @@ class SourceRelationship:
             )
             kind = replication_pb2.RESYNC
         self.stats.state = {
-            replication_pb2.INITIAL: "initial-replication",
-            replication_pb2.RESYNC: "resynchronizing",
-        }.get(kind, "replicating")
+            replication_pb2.INITIAL: control_pb2.STATE_INITIAL_REPLICATION,
+            replication_pb2.RESYNC: control_pb2.STATE_RESYNCHRONIZING,
+        }.get(kind, control_pb2.STATE_REPLICATING)
 
         plan, scan_digests = self._plan(client, cut, kind)
         header = replication_pb2.CycleHeader(
@@ -386,8 +429,9 @@ class SourceRelationship:
         st.total_cycle_bytes += result.raw_bytes
         st.wire_bytes += result.wire_bytes
         st.committed_sequence = next_seq
-        st.state = "protected"
-        st.last_error = st.last_error_code = ""
+        st.state = control_pb2.STATE_PROTECTED
+        st.last_error = ""
+        st.last_error_code = replication_pb2.ERROR_NONE
         log.info(
             "cycle committed",
             extra={
@@ -457,7 +501,7 @@ class SourceRelationship:
         return CyclePlan(kind=kind, disks=tuple(disks), batches=batches), scan
 
     # -- planned failover -------------------------------------------------------------------
-    def final_cycle(self) -> dict[str, Any]:
+    def final_cycle(self) -> FinalCycleReport:
         """The last cycle of a VM that was shut down, then proof the replica holds exactly the
         VM's final state: every block's digest compared on both sides. A difference raises, so
         a planned failover never goes on with data missing."""
@@ -487,12 +531,11 @@ class SourceRelationship:
                 f"primary in {total} bytes; the failover must not go on",
                 hint="run the planned failover again (a new final cycle is sent), or verify",
             )
-        return {
-            "sequence": state.committed_sequence,
-            "final_bytes": result.raw_bytes if result else 0,
-            "disks_compared": compared,
-            "mismatched_bytes": 0,
-        }
+        return FinalCycleReport(
+            sequence=state.committed_sequence,
+            final_bytes=result.raw_bytes if result else 0,
+            disks_compared=compared,
+        )
 
     def backend_chains(self) -> dict[str, Path]:
         """The top of each disk's current chain (the VM must be off: nothing writes it)."""

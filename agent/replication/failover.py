@@ -13,7 +13,8 @@ checksum resync sends only the blocks that differ.
 
 Every step records its outcome in the replica's state, so a step repeated after a crash or a
 redelivered command returns what was done instead of doing it again. A step carrying an epoch
-lower than the highest the host has seen is refused (StaleEpoch).
+lower than the highest the host has seen is refused (StaleEpoch). The record is a dict in the
+replica's state; what a step answers the broker is built from it (:func:`failover_result`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from agent.replication.replica import DiskState, Point, ReplicaStore
 from agent.replication.state import ReplicationState
 from sitepair import vdisk
 from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound
+from sitepair.protoconv import timestamp
+from sitepair.v1 import control_pb2
 
 log = logging.getLogger("sitepair.agent.failover")
 
@@ -87,6 +90,22 @@ def point_chains(store: ReplicaStore, point: Point) -> dict[str, list[Path]]:
     return out
 
 
+def failover_result(relationship: str, record: dict[str, Any]) -> control_pb2.FailoverResult:
+    """What the broker is told about a failover (or test failover) from its record."""
+    return control_pb2.FailoverResult(
+        relationship_id=relationship,
+        epoch=int(record["epoch"]),
+        test=bool(record["test"]),
+        point=int(record["point"]),
+        cut_at=timestamp(float(record["cut_at"])) if record.get("cut_at") else None,
+        app_consistent=bool(record.get("app_consistent")),
+        vm_name=str(record["vm_name"]),
+        vm_id=str(record["vm_id"]),
+        committed=bool(record.get("committed")),
+        started=bool(record.get("started")),
+    )
+
+
 def failover(
     store: ReplicaStore,
     backend: HostBackend,
@@ -100,7 +119,7 @@ def failover(
     start: bool,
     test: bool,
     now: float,
-) -> dict[str, Any]:
+) -> control_pb2.FailoverResult:
     rel = store.state.relationship
     state.observe_epoch(rel, epoch)
     with store.lock:
@@ -108,11 +127,11 @@ def failover(
         if test:
             done = st.tests.get("test")
             if done is not None:
-                return dict(done)
+                return failover_result(rel, done)
         else:
             if st.failover is not None:
                 if st.failover["epoch"] == epoch:
-                    return dict(st.failover)
+                    return failover_result(rel, st.failover)
                 raise FailedPrecondition(
                     f"{rel} was already failed over at epoch {st.failover['epoch']}"
                 )
@@ -178,7 +197,7 @@ def failover(
             "fields": {"relationship": rel, "vm": name, "point": point.sequence, "epoch": epoch}
         },
     )
-    return dict(record)
+    return failover_result(rel, record)
 
 
 def _undo_vm(backend: HostBackend, record: dict[str, Any]) -> None:
@@ -199,30 +218,37 @@ def _unpin(store: ReplicaStore, tag: str) -> None:
             p.pins.remove(tag)
 
 
-def cleanup_test(store: ReplicaStore, backend: HostBackend) -> dict[str, Any]:
+def cleanup_test(store: ReplicaStore, backend: HostBackend) -> control_pb2.FailoverControlResult:
+    rel = store.state.relationship
     with store.lock:
         record = store.state.tests.pop("test", None)
         if record is None:
-            return {"cleaned": False, "reason": "no test failover in place"}
+            return control_pb2.FailoverControlResult(
+                relationship_id=rel, done=False, reason="no test failover in place"
+            )
         _undo_vm(backend, record)
         _unpin(store, "test")
         store.save()
     log.info(
         "test failover cleaned up", extra={"fields": {"relationship": store.state.relationship}}
     )
-    return {"cleaned": True, "vm_name": record["vm_name"]}
+    return control_pb2.FailoverControlResult(
+        relationship_id=rel, done=True, vm_name=str(record["vm_name"])
+    )
 
 
 def cancel(
     store: ReplicaStore, backend: HostBackend, state: ReplicationState, *, epoch: int
-) -> dict[str, Any]:
+) -> control_pb2.FailoverControlResult:
     """Undo a failover that was not committed: the replica is exactly as before it."""
     rel = store.state.relationship
     state.observe_epoch(rel, epoch)
     with store.lock:
         record = store.state.failover
         if record is None:
-            return {"cancelled": False, "reason": "no failover in place"}
+            return control_pb2.FailoverControlResult(
+                relationship_id=rel, done=False, reason="no failover in place"
+            )
         if record.get("committed"):
             raise FailedPrecondition(
                 f"the failover of {rel} was committed; it cannot be cancelled",
@@ -234,10 +260,12 @@ def cancel(
         store.state.failover = None
         store.save()
     log.warning("failover cancelled", extra={"fields": {"relationship": rel, "epoch": epoch}})
-    return {"cancelled": True}
+    return control_pb2.FailoverControlResult(relationship_id=rel, done=True)
 
 
-def commit(store: ReplicaStore, state: ReplicationState, *, epoch: int) -> dict[str, Any]:
+def commit(
+    store: ReplicaStore, state: ReplicationState, *, epoch: int
+) -> control_pb2.FailoverControlResult:
     """Keep the failed-over VM for good: other recovery points are discarded, no way back."""
     rel = store.state.relationship
     state.observe_epoch(rel, epoch)
@@ -246,7 +274,7 @@ def commit(store: ReplicaStore, state: ReplicationState, *, epoch: int) -> dict[
         if record is None:
             raise FailedPrecondition(f"{rel} is not failed over; there is nothing to commit")
         if record.get("committed"):
-            return dict(record)
+            return _committed(rel, record)
         if store.state.tests:
             raise FailedPrecondition(
                 f"a test failover of {rel} is in place", hint="clean it up first"
@@ -264,7 +292,13 @@ def commit(store: ReplicaStore, state: ReplicationState, *, epoch: int) -> dict[
         store.save()
     state.remove_grant(rel)
     log.warning("failover committed", extra={"fields": {"relationship": rel, "epoch": epoch}})
-    return dict(record)
+    return _committed(rel, record)
+
+
+def _committed(rel: str, record: dict[str, Any]) -> control_pb2.FailoverControlResult:
+    return control_pb2.FailoverControlResult(
+        relationship_id=rel, done=True, failover=failover_result(rel, record)
+    )
 
 
 def adopt_vm_as_replica(

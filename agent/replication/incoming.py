@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
+from agent.replication import codes
 from agent.replication.blocks import BadBatch, BlockRef, CycleDigest, DecodedBlock, Decoder
 from agent.replication.records import RecordFile
 from sitepair import vdisk
@@ -65,7 +66,7 @@ class Refusal(SitepairError):
 
     status = "FAILED_PRECONDITION"
 
-    def __init__(self, code: str, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, code: codes.ErrorCode, message: str, *, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.code = code
 
@@ -87,10 +88,10 @@ def begin(
     with store.lock:
         st = store.state
         if header.relationship_id != st.relationship:
-            raise Refusal("wrong-relationship", f"this replica belongs to {st.relationship}")
+            raise Refusal(codes.WRONG_RELATIONSHIP, f"this replica belongs to {st.relationship}")
         if header.epoch < st.epoch:
             raise Refusal(
-                "stale-epoch",
+                codes.STALE_EPOCH,
                 f"cycle epoch {header.epoch} is older than the replica's epoch {st.epoch}: "
                 "this source was failed over from and is fenced",
             )
@@ -99,21 +100,21 @@ def begin(
             or header.base_sequence != st.committed_sequence
         ):
             raise Refusal(
-                "wrong-base",
+                codes.WRONG_BASE,
                 f"cycle {header.sequence} needs base {header.base_sequence}, "
                 f"the replica holds {st.committed_sequence}",
             )
         initial = header.kind == replication_pb2.INITIAL
         names = [spec.disk_id for spec in header.disks]
         if len(set(names)) != len(names) or not names:
-            raise Refusal("bad-header", "a cycle must name each of its disks exactly once")
+            raise Refusal(codes.BAD_HEADER, "a cycle must name each of its disks exactly once")
         if len(names) > MAX_DISKS:
-            raise Refusal("bad-header", f"a cycle may carry at most {MAX_DISKS} disks")
+            raise Refusal(codes.BAD_HEADER, f"a cycle may carry at most {MAX_DISKS} disks")
         for spec in header.disks:
             store.disk_folder(spec.disk_id)
             if granted and spec.disk_id not in granted:
                 raise Refusal(
-                    "wrong-disks",
+                    codes.WRONG_DISKS,
                     f"disk {shown(spec.disk_id, 80)} is not a disk of this relationship's "
                     f"grant ({', '.join(sorted(granted))})",
                     hint="the broker's inventory of the VM may be out of date: refresh the "
@@ -125,26 +126,30 @@ def begin(
                 or spec.virtual_size % 512
             ):
                 raise Refusal(
-                    "bad-header",
+                    codes.BAD_HEADER,
                     f"disk {spec.disk_id} claims a virtual size of {spec.virtual_size} bytes",
                 )
         if initial and granted and set(names) != set(granted):
             raise Refusal(
-                "wrong-disks",
+                codes.WRONG_DISKS,
                 f"the initial cycle carries disks {', '.join(sorted(names))}; the grant "
                 f"names {', '.join(sorted(granted))}",
             )
         if initial and st.disks:
-            raise Refusal("wrong-base", "an initial cycle was sent to a replica that has disks")
+            raise Refusal(codes.WRONG_BASE, "an initial cycle was sent to a replica that has disks")
         if not initial:
             if not st.disks:
-                raise Refusal("wrong-base", "the replica has no disks yet: send an initial cycle")
+                raise Refusal(
+                    codes.WRONG_BASE, "the replica has no disks yet: send an initial cycle"
+                )
             for spec in header.disks:
                 disk = st.disks.get(spec.disk_id)
                 if disk is None or disk.virtual_size != spec.virtual_size:
-                    raise Refusal("wrong-disks", f"disk {spec.disk_id} does not match the replica")
+                    raise Refusal(
+                        codes.WRONG_DISKS, f"disk {spec.disk_id} does not match the replica"
+                    )
         if header.batch_count > 10_000_000:
-            raise Refusal("bad-header", "absurd batch count")
+            raise Refusal(codes.BAD_HEADER, "absurd batch count")
         # A higher epoch is recorded only when this cycle commits (_committed): a refused
         # or abandoned cycle must not fence the real source.
         d = store.root / "staging" / str(header.sequence)
@@ -180,7 +185,7 @@ def _create_initial_disks(
     for spec in header.disks:
         fmt = spec.format or "vhdx"
         if fmt not in ("vhdx", "vhd"):
-            raise Refusal("bad-header", f"disk {spec.disk_id}: unsupported format {fmt!r}")
+            raise Refusal(codes.BAD_HEADER, f"disk {spec.disk_id}: unsupported format {fmt!r}")
         target = ensure_private_dir(store.disk_folder(spec.disk_id))
         path = target / f"initial-{header.sequence}.{fmt}"
         with contextlib.suppress(FileNotFoundError):
@@ -255,9 +260,9 @@ class Incoming:
         """Verify and keep one batch; True if an acknowledgement point was reached (call
         :meth:`make_durable` then ack ``self.acked``)."""
         if self.complete:
-            raise Refusal("protocol", "the cycle is already complete")
+            raise Refusal(codes.PROTOCOL, "the cycle is already complete")
         if batch.index != self.next_index:
-            raise Refusal("protocol", f"expected batch {self.next_index}, got {batch.index}")
+            raise Refusal(codes.PROTOCOL, f"expected batch {self.next_index}, got {batch.index}")
         decoded = DECODER.decode(batch)
         sizes = {s.disk_id: s.virtual_size for s in self.header.disks}
         for blk in decoded:
@@ -310,20 +315,22 @@ class Incoming:
                     or trailer.batch_count != self.header.batch_count
                 ):
                     raise Refusal(
-                        "incomplete",
+                        codes.INCOMPLETE,
                         f"trailer says {trailer.batch_count} batches, {self.next_index} arrived, "
                         f"the header announced {self.header.batch_count}",
                     )
                 if trailer.block_count != self._blocks or trailer.data_bytes != self._data_bytes:
-                    raise Refusal("bad-digest", "the trailer's block or byte count does not match")
+                    raise Refusal(
+                        codes.BAD_DIGEST, "the trailer's block or byte count does not match"
+                    )
                 if trailer.cycle_digest != self._digest.digest():
-                    raise Refusal("bad-digest", "the cycle digest does not match what arrived")
+                    raise Refusal(codes.BAD_DIGEST, "the cycle digest does not match what arrived")
                 if not self.direct:
                     need = self._data_bytes + SPACE_MARGIN
                     free = store.free_space()
                     if free < need:
                         raise Refusal(
-                            "disk-full",
+                            codes.DISK_FULL,
                             f"the replica's disk has {free >> 20} MiB free; this cycle needs "
                             f"{need >> 20} MiB to be applied safely",
                             hint="free space on the recovery host; replication resumes by itself",

@@ -39,6 +39,7 @@ from typing import Any
 import grpc
 
 from agent.identity import AgentIdentity
+from agent.replication import codes
 from agent.replication.admission import (
     FIRST_MESSAGE_TIMEOUT,
     IDLE_TIMEOUT,
@@ -177,7 +178,7 @@ class ReplicationServicer:
             per_host=self.limits.per_host,
         )
         self.cycles_committed = 0
-        self.refusals: list[tuple[str, str]] = []
+        self.refusals: list[tuple[codes.ErrorCode, str]] = []
 
     # -- authorization ----------------------------------------------------------------------
     def _authorize(self, context: grpc.ServicerContext, grant: Grant, epoch: int) -> None:
@@ -280,7 +281,7 @@ class ReplicationServicer:
             if first is None:
                 return
             if isinstance(first, Malformed) or first.WhichOneof("body") != "header":
-                yield _refused("protocol", "a cycle must start with its header")
+                yield _refused(codes.PROTOCOL, "a cycle must start with its header")
                 return
             header = first.header
             try:
@@ -293,7 +294,9 @@ class ReplicationServicer:
             busy = self.registry.busy_lock(grant.relationship)
             deadline.touch(BUSY_WAIT + self.limits.first_message_timeout)
             if not busy.acquire(timeout=BUSY_WAIT):
-                yield _refused("busy", "another cycle of this relationship is still in progress")
+                yield _refused(
+                    codes.BUSY, "another cycle of this relationship is still in progress"
+                )
                 return
             try:
                 deadline.touch(self.limits.idle_timeout)
@@ -364,7 +367,7 @@ class ReplicationServicer:
                     )
                     return
                 else:
-                    raise Refusal("protocol", f"unexpected {kind} in the middle of a cycle")
+                    raise Refusal(codes.PROTOCOL, f"unexpected {kind} in the middle of a cycle")
             log.info(
                 "cycle stream ended before its trailer; kept for resume", extra={"fields": fields}
             )
@@ -378,28 +381,31 @@ class ReplicationServicer:
             self._note_refusal(exc.code, str(exc), fields)
             yield _refused(exc.code, str(exc))
         except BadBatch as exc:
-            self._note_refusal("bad-digest", str(exc), fields)
-            yield _refused("bad-digest", str(exc))
+            self._note_refusal(codes.BAD_DIGEST, str(exc), fields)
+            yield _refused(codes.BAD_DIGEST, str(exc))
         except OSError as exc:
-            code = "disk-full" if exc.errno == errno.ENOSPC else "io-error"
+            code = codes.DISK_FULL if exc.errno == errno.ENOSPC else codes.IO
             message = (
                 "the replica's disk is full; nothing was applied"
-                if code == "disk-full"
+                if code == codes.DISK_FULL
                 else f"I/O error on the replica: {exc}"
             )
             self._note_refusal(code, message, fields)
             yield _refused(code, message)
         except SitepairError as exc:
-            self._note_refusal("error", str(exc), fields)
-            yield _refused("error", str(exc))
+            self._note_refusal(codes.REFUSED, str(exc), fields)
+            yield _refused(codes.REFUSED, str(exc))
         finally:
             if incoming is not None:
                 incoming.abort()
 
-    def _note_refusal(self, code: str, message: str, fields: dict[str, Any]) -> None:
+    def _note_refusal(self, code: codes.ErrorCode, message: str, fields: dict[str, Any]) -> None:
         self.refusals.append((code, message))
         del self.refusals[:-100]
-        log.warning("cycle refused", extra={"fields": {**fields, "code": code, "error": message}})
+        log.warning(
+            "cycle refused",
+            extra={"fields": {**fields, "code": codes.code_name(code), "error": message}},
+        )
 
     # -- GetState and Digests ---------------------------------------------------------------
     def GetState(
@@ -499,7 +505,7 @@ class ReplicationServicer:
         )
 
 
-def _refused(code: str, message: str) -> replication_pb2.CycleReply:
+def _refused(code: codes.ErrorCode, message: str) -> replication_pb2.CycleReply:
     return replication_pb2.CycleReply(refused=replication_pb2.Refused(code=code, message=message))
 
 

@@ -44,7 +44,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-from agent.replication import incoming
+from agent.replication import codes, incoming
 from agent.replication.blocks import BLOCK
 from agent.replication.incoming import DECODER, Incoming, Refusal, write_blocks
 from agent.replication.records import RecordFile
@@ -243,7 +243,7 @@ class ReplicaStore:
         try:
             return paths.inside(self.root / "disks", disk_id, what="disk id")
         except InvalidArgument as exc:
-            raise Refusal("bad-header", str(exc)) from exc
+            raise Refusal(codes.BAD_HEADER, str(exc)) from exc
 
     def begin(
         self, header: replication_pb2.CycleHeader, *, granted: Collection[str] = ()

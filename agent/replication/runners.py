@@ -26,7 +26,7 @@ from agent.replication.state import PendingCycle, ReplicationState, SenderState,
 from agent.replication.throttle import TokenBucket
 from sitepair.clock import Clock
 from sitepair.errors import FailedPrecondition, SitepairError, StaleEpoch
-from sitepair.v1 import replication_pb2
+from sitepair.v1 import control_pb2, replication_pb2
 
 log = logging.getLogger("sitepair.agent.replication")
 
@@ -144,7 +144,7 @@ class SourceRunners:
                 await asyncio.wait_for(wake.wait(), timeout=delay)
             sender = await asyncio.to_thread(self.state.sender, cfg.relationship)
             if sender.paused:
-                rel.stats.state = "paused"
+                rel.stats.state = control_pb2.STATE_PAUSED
                 next_at = self.clock.now() + cfg.copy_frequency
                 continue
             started = self.clock.now()
@@ -201,7 +201,7 @@ class SourceRunners:
         self.state.update_sender(
             cfg.relationship, lambda s: dataclasses.replace(s, exported=True, cycle=pending)
         )
-        rel.stats.state = "waiting-for-import"
+        rel.stats.state = control_pb2.STATE_WAITING_FOR_IMPORT
         log.info(
             "initial copy exported",
             extra={"fields": {"relationship": cfg.relationship, "path": path}},

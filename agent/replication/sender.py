@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 
 from agent.identity import AgentIdentity
+from agent.replication import codes
 from agent.replication.adapt import CompressionGovernor
 from agent.replication.blocks import (
     BLOCK,
@@ -50,12 +51,13 @@ ACCEPT_TIMEOUT = 120.0
 
 
 class CycleRefused(SitepairError):
-    """The replica refused the cycle; ``code`` says why (stale-epoch, wrong-base, disk-full...)."""
+    """The replica refused the cycle; ``code`` says why (ERROR_STALE_EPOCH, ERROR_WRONG_BASE,
+    ERROR_DISK_FULL...)."""
 
     status = "FAILED_PRECONDITION"
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"the replica refused the cycle ({code}): {message}")
+    def __init__(self, code: codes.ErrorCode, message: str) -> None:
+        super().__init__(f"the replica refused the cycle ({codes.code_name(code)}): {message}")
         self.code = code
 
 

@@ -18,7 +18,6 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -32,6 +31,7 @@ from agent.replication.failover import LATEST, LATEST_APP, adopt_vm_as_replica, 
 from agent.replication.incoming import MAX_DISKS
 from agent.replication.offline import import_export
 from agent.replication.receiver import ReceiverServer, ReplicaRegistry
+from agent.replication.replica import ReplicaStore
 from agent.replication.runners import SourceRunners
 from agent.replication.state import (
     DiskGrant,
@@ -56,6 +56,31 @@ from sitepair.v1 import control_pb2, control_pb2_grpc, replication_pb2
 log = logging.getLogger("sitepair.agent.replication")
 
 COPY_FREQUENCIES = (30, 300, 900)
+
+#: The authentication modes of the wire, by the names the agent's records keep.
+AUTH_MODES = {control_pb2.AUTH_CERTIFICATE: "certificate", control_pb2.AUTH_TICKET: "ticket"}
+
+#: The trackers of the wire, by the names the agent's records keep.
+TRACKERS = {control_pb2.TRACKER_CHANGELOG: "changelog", control_pb2.TRACKER_SCAN: "scan"}
+
+
+def auth_mode(mode: control_pb2.AuthMode.ValueType) -> str:
+    """The agent's name of a command's authentication mode; an unset or unknown one is refused."""
+    name = AUTH_MODES.get(mode)
+    if name is None:
+        raise InvalidArgument(
+            f"the command names no known authentication mode ({mode}): "
+            "it must be certificate or ticket"
+        )
+    return name
+
+
+def tracker_name(tracker: control_pb2.Tracker.ValueType) -> str:
+    """The agent's name of a command's tracker; an unknown one is refused."""
+    name = TRACKERS.get(tracker)
+    if name is None:
+        raise InvalidArgument(f"the command names an unknown change tracker ({tracker})")
+    return name
 
 
 class BrokerTickets:
@@ -183,12 +208,13 @@ class ReplicationService:
             "of agent.toml; check the storage mapping at the broker",
         )
 
-    async def configure_replica(self, cmd: control_pb2.ConfigureReplica) -> dict[str, Any]:
+    async def configure_replica(
+        self, cmd: control_pb2.ConfigureReplica
+    ) -> control_pb2.ConfigureReplicaResult:
         paths.check_component(cmd.relationship_id, "relationship id")
         paths.check_component(cmd.vm_id, "VM id")
         pki.check_identifier(cmd.source_host, "source host")
-        if cmd.auth not in ("certificate", "ticket"):
-            raise InvalidArgument(f"unknown authentication {cmd.auth!r}")
+        auth = auth_mode(cmd.auth)
         if cmd.recovery_points > 24:
             raise InvalidArgument("at most 24 additional recovery points")
         if len(cmd.disks) > MAX_DISKS:
@@ -215,7 +241,7 @@ class ReplicationService:
             source_host=cmd.source_host,
             epoch=cmd.epoch,
             folder=str(folder),
-            auth=cmd.auth,
+            auth=auth,
             ticket_public_key=cmd.ticket_public_key.hex(),
             recovery_points=cmd.recovery_points,
             point_interval=float(cmd.point_interval_seconds or 3600),
@@ -248,17 +274,20 @@ class ReplicationService:
                 }
             },
         )
-        return {
-            "relationship": grant.relationship,
-            "folder": str(folder),
-            "committed_sequence": store.state.committed_sequence,
-            "ports": self.ports,
-        }
+        return control_pb2.ConfigureReplicaResult(
+            relationship_id=grant.relationship,
+            folder=str(folder),
+            committed_sequence=store.state.committed_sequence,
+            certificate_port=self.ports.get("certificate", 0),
+            ticket_port=self.ports.get("ticket", 0),
+        )
 
-    async def configure_source(self, cmd: control_pb2.ConfigureSource) -> dict[str, Any]:
+    async def configure_source(
+        self, cmd: control_pb2.ConfigureSource
+    ) -> control_pb2.ConfigureSourceResult:
         pki.check_identifier(cmd.relationship_id, "relationship id")
-        if cmd.auth not in ("certificate", "ticket"):
-            raise InvalidArgument(f"unknown authentication {cmd.auth!r}")
+        auth = auth_mode(cmd.auth)
+        tracker = tracker_name(cmd.tracker)
         if cmd.copy_frequency_seconds not in COPY_FREQUENCIES and cmd.copy_frequency_seconds > 0:
             log.info(
                 "non-standard copy frequency",
@@ -271,7 +300,7 @@ class ReplicationService:
             replica_host=cmd.replica_host,
             address=cmd.address,
             epoch=cmd.epoch,
-            auth=cmd.auth,
+            auth=auth,
             compression=cmd.compression,
             copy_frequency=float(cmd.copy_frequency_seconds or 300),
             app_consistent_interval=float(cmd.app_consistent_interval_seconds),
@@ -280,7 +309,7 @@ class ReplicationService:
         previous = await asyncio.to_thread(self.state.source, cmd.relationship_id)
         sender = dataclasses.replace(
             previous[1] if previous else SenderState(),
-            tracker=cmd.tracker or "changelog",
+            tracker=tracker,
             initial_method=control_pb2.InitialReplication.Method.Name(cmd.initial.method),
             initial_at=seconds(cmd.initial.start_at),
             export_path=cmd.initial.export_path,
@@ -305,7 +334,7 @@ class ReplicationService:
                 }
             },
         )
-        return {"relationship": source.relationship}
+        return control_pb2.ConfigureSourceResult(relationship_id=source.relationship)
 
     def backend_vm_check(self, vm_id: str) -> None:
         inv = self.backend.inventory()
@@ -319,7 +348,7 @@ class ReplicationService:
             stopped = True
         return stopped
 
-    async def failover(self, cmd: control_pb2.Failover) -> dict[str, Any]:
+    async def failover(self, cmd: control_pb2.Failover) -> control_pb2.FailoverResult:
         grant = await asyncio.to_thread(self.registry.grant, cmd.relationship_id)
         store = await asyncio.to_thread(self.registry.store, grant)
         check_point_kind(cmd.point or "latest")
@@ -360,7 +389,9 @@ class ReplicationService:
             )
         return result
 
-    async def failover_control(self, cmd: control_pb2.FailoverControl) -> dict[str, Any]:
+    async def failover_control(
+        self, cmd: control_pb2.FailoverControl
+    ) -> control_pb2.FailoverControlResult:
         a = control_pb2.FailoverControl
         grant = await asyncio.to_thread(self.state.grant, cmd.relationship_id)
         if grant is None:
@@ -377,13 +408,13 @@ class ReplicationService:
         self.registry.forget(cmd.relationship_id)
         return result
 
-    async def vm_power(self, cmd: control_pb2.VmPower) -> dict[str, Any]:
+    async def vm_power(self, cmd: control_pb2.VmPower) -> control_pb2.VmPowerResult:
         if cmd.relationship_id:
             await asyncio.to_thread(self.state.observe_epoch, cmd.relationship_id, cmd.epoch)
         record = await asyncio.to_thread(self.backend.set_vm_state, cmd.vm_id, cmd.state)
-        return {"vm": record.name, "state": record.state}
+        return control_pb2.VmPowerResult(vm=record.name, state=record.state)
 
-    async def fence(self, cmd: control_pb2.Fence) -> dict[str, Any]:
+    async def fence(self, cmd: control_pb2.Fence) -> control_pb2.FenceResult:
         """Stop replicating a relationship this host was the primary of, and power its VM off:
         a newer epoch exists, so this copy must not run or replicate."""
         await asyncio.to_thread(self.state.observe_epoch, cmd.relationship_id, cmd.epoch)
@@ -401,13 +432,11 @@ class ReplicationService:
                 "fields": {"relationship": cmd.relationship_id, "epoch": cmd.epoch, "vm": state}
             },
         )
-        return {
-            "relationship": cmd.relationship_id,
-            "replication_stopped": stopped,
-            "vm_state": state,
-        }
+        return control_pb2.FenceResult(
+            relationship_id=cmd.relationship_id, replication_stopped=stopped, vm_state=state
+        )
 
-    async def revoke_host(self, cmd: control_pb2.RevokeHost) -> dict[str, Any]:
+    async def revoke_host(self, cmd: control_pb2.RevokeHost) -> control_pb2.RevokeHostResult:
         """The broker removed ``host_id`` from the vault: refuse it on both replication ports
         from now on (its certificate may be valid for hours yet), and stop replicating to it.
         Replicas it sent stay: they may be what a failover needs."""
@@ -436,14 +465,13 @@ class ReplicationService:
                 }
             },
         )
-        return {
-            "host": host,
-            "newly_revoked": newly,
-            "grants_refused": refused,
-            "sources_stopped": stopped,
-        }
+        return control_pb2.RevokeHostResult(
+            host_id=host, newly_revoked=newly, grants_refused=refused, sources_stopped=stopped
+        )
 
-    async def remove(self, cmd: control_pb2.RemoveRelationship) -> dict[str, Any]:
+    async def remove(
+        self, cmd: control_pb2.RemoveRelationship
+    ) -> control_pb2.RemoveRelationshipResult:
         rel = cmd.relationship_id
         removed = []
         known = await self.runners.stop(rel)
@@ -461,37 +489,54 @@ class ReplicationService:
         log.info(
             "relationship removed", extra={"fields": {"relationship": rel, "removed": removed}}
         )
-        return {"relationship": rel, "removed": removed}
+        return control_pb2.RemoveRelationshipResult(relationship_id=rel, removed=removed)
 
-    async def action(self, cmd: control_pb2.ReplicationAction) -> dict[str, Any]:
+    async def action(
+        self, cmd: control_pb2.ReplicationAction
+    ) -> control_pb2.ReplicationActionResult:
         rel = cmd.relationship_id
         a = control_pb2.ReplicationAction
+        Result = control_pb2.ReplicationActionResult
         if cmd.action == a.IMPORT:
             grant = await asyncio.to_thread(self.registry.grant, rel)
             store = await asyncio.to_thread(self.registry.store, grant)
             seq = await asyncio.to_thread(import_export, store, Path(cmd.path))
-            return {"relationship": rel, "imported_sequence": seq}
+            return Result(relationship_id=rel, sequence=seq)
         source = self.sources.get(rel)
         if source is None:
             raise NotFound(f"this host is not the primary of relationship {rel}")
         if cmd.action == a.PAUSE:
             await asyncio.to_thread(self.runners.set_paused, rel, True)
-            return {"relationship": rel, "paused": True}
+            return Result(relationship_id=rel, paused=True)
         if cmd.action == a.RESUME:
             await asyncio.to_thread(self.runners.set_paused, rel, False)
             self.runners.wake(rel)
-            return {"relationship": rel, "paused": False}
+            return Result(relationship_id=rel, paused=False)
         if cmd.action == a.VERIFY:
             report = await asyncio.to_thread(source.verify, repair=cmd.repair)
-            return {
-                "relationship": rel,
-                "sequence": report.sequence,
-                "mismatched_bytes": report.mismatched_bytes,
-                "mismatches": {k: [list(r) for r in v] for k, v in report.disks.items()},
-                "repaired": report.repaired,
-            }
+            return Result(
+                relationship_id=rel,
+                sequence=report.sequence,
+                mismatched_bytes=report.mismatched_bytes,
+                mismatches=[
+                    control_pb2.ByteRanges(
+                        disk_id=disk,
+                        offsets=[off for off, _ in ranges],
+                        lengths=[n for _, n in ranges],
+                    )
+                    for disk, ranges in sorted(report.disks.items())
+                ],
+                repaired=report.repaired,
+            )
         if cmd.action == a.FINAL_CYCLE:
-            return await asyncio.to_thread(source.final_cycle)
+            final = await asyncio.to_thread(source.final_cycle)
+            return Result(
+                relationship_id=rel,
+                sequence=final.sequence,
+                final_bytes=final.final_bytes,
+                disks_compared=final.disks_compared,
+                mismatched_bytes=0,
+            )
         if cmd.action == a.RESYNC:
             source.resync_requested = True
         result = await asyncio.to_thread(source.run_cycle)
@@ -499,28 +544,30 @@ class ReplicationService:
             # That finished a cut taken before an interruption; "cycle now" means the VM's state
             # now, so take one more.
             result = await asyncio.to_thread(source.run_cycle) or result
-        return {
-            "relationship": rel,
-            "sequence": result.sequence if result else 0,
-            "bytes": result.raw_bytes if result else 0,
-            "kind": replication_pb2.CycleKind.Name(replication_pb2.CycleKind.ValueType(result.kind))
-            if result
-            else "",
-        }
+        if result is None:
+            return Result(relationship_id=rel)
+        return Result(
+            relationship_id=rel,
+            sequence=result.sequence,
+            bytes=result.raw_bytes,
+            kind=replication_pb2.CycleKind.ValueType(result.kind),
+        )
 
-    async def set_bandwidth(self, cmd: control_pb2.SetBandwidth) -> dict[str, Any]:
+    async def set_bandwidth(self, cmd: control_pb2.SetBandwidth) -> control_pb2.SetBandwidthResult:
         if not cmd.relationship_id:
             self.runners.host_bucket.set_rate(float(cmd.bytes_per_second))
-            return {"host_limit": cmd.bytes_per_second}
+            return control_pb2.SetBandwidthResult(bytes_per_second=cmd.bytes_per_second)
         source = self.sources.get(cmd.relationship_id)
         if source is None:
             raise NotFound(f"this host is not the primary of relationship {cmd.relationship_id}")
         source.bucket.set_rate(float(cmd.bytes_per_second))
-        return {"relationship": cmd.relationship_id, "limit": cmd.bytes_per_second}
+        return control_pb2.SetBandwidthResult(
+            relationship_id=cmd.relationship_id, bytes_per_second=cmd.bytes_per_second
+        )
 
     # -- reports ----------------------------------------------------------------------------
     def _replica_committed(
-        self, grant: Grant, store: Any, header: replication_pb2.CycleHeader
+        self, grant: Grant, store: ReplicaStore, header: replication_pb2.CycleHeader
     ) -> None:
         store.maybe_seal(
             max_points=grant.recovery_points,
@@ -535,12 +582,12 @@ class ReplicationService:
         for rel_id, rel in list(self.sources.items()):
             st = rel.stats
             found = self.state.source(rel_id)
-            paused = found is not None and found[1].paused
+            sender = found[1] if found is not None else SenderState()
             out.relationships.add(
                 relationship_id=rel_id,
-                role="primary",
+                role=control_pb2.ROLE_PRIMARY,
                 vm_id=rel.config.vm_id,
-                state=("paused" if paused else st.state),
+                state=rel.reported_state(sender),
                 epoch=rel.config.epoch,
                 committed_sequence=st.committed_sequence,
                 cycles_succeeded=st.cycles_succeeded,
@@ -560,7 +607,7 @@ class ReplicationService:
                 app_consistent_error=st.last_app_consistent_error,
                 app_consistent_failures=st.app_consistent_failures,
                 last_cut_at=timestamp(st.last_cut_at) if st.last_cut_at else None,
-                paused=paused,
+                paused=sender.paused,
             )
         for grant in self.state.grants():
             try:
@@ -568,17 +615,19 @@ class ReplicationService:
             except SitepairError as exc:
                 out.relationships.add(
                     relationship_id=grant.relationship,
-                    role="replica",
-                    state="error",
+                    role=control_pb2.ROLE_REPLICA,
+                    state=control_pb2.STATE_REPLICA_ERROR,
                     last_error=str(exc),
                 )
                 continue
             s = store.state
             status = out.relationships.add(
                 relationship_id=grant.relationship,
-                role="replica",
+                role=control_pb2.ROLE_REPLICA,
                 vm_id=grant.vm_id,
-                state="replica" if s.committed_sequence else "waiting-for-initial",
+                state=control_pb2.STATE_REPLICA
+                if s.committed_sequence
+                else control_pb2.STATE_WAITING_FOR_INITIAL,
                 epoch=max(s.epoch, grant.epoch),
                 committed_sequence=s.committed_sequence,
                 last_success_at=timestamp(s.committed_at) if s.committed_at else None,

@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from sitepair.v1 import common_pb2 as _common_pb2
+from sitepair.v1 import replication_pb2 as _replication_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,138 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _AuthMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuthModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuthMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUTH_MODE_UNSPECIFIED: _AuthMode.ValueType  # 0
+    AUTH_CERTIFICATE: _AuthMode.ValueType  # 1
+    """port 8084: mutual TLS with broker-CA certificates"""
+    AUTH_TICKET: _AuthMode.ValueType  # 2
+    """port 8083: server TLS and a broker-signed ticket"""
+
+class AuthMode(_AuthMode, metaclass=_AuthModeEnumTypeWrapper):
+    """-- replication commands and reports --------------------------------------------------------
+
+    To the replica host: accept cycles of a relationship from its source host.
+    How a replica host authenticates the primary's cycles.
+    """
+
+AUTH_MODE_UNSPECIFIED: AuthMode.ValueType  # 0
+AUTH_CERTIFICATE: AuthMode.ValueType  # 1
+"""port 8084: mutual TLS with broker-CA certificates"""
+AUTH_TICKET: AuthMode.ValueType  # 2
+"""port 8083: server TLS and a broker-signed ticket"""
+Global___AuthMode: _TypeAlias = AuthMode  # noqa: Y015
+
+class _Tracker:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TrackerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Tracker.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRACKER_CHANGELOG: _Tracker.ValueType  # 0
+    """the host backend's change log (the default)"""
+    TRACKER_SCAN: _Tracker.ValueType  # 1
+    """read and hash every allocated block, compare with the replica"""
+
+class Tracker(_Tracker, metaclass=_TrackerEnumTypeWrapper):
+    """How the primary finds what changed between cycles."""
+
+TRACKER_CHANGELOG: Tracker.ValueType  # 0
+"""the host backend's change log (the default)"""
+TRACKER_SCAN: Tracker.ValueType  # 1
+"""read and hash every allocated block, compare with the replica"""
+Global___Tracker: _TypeAlias = Tracker  # noqa: Y015
+
+class _Role:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLE_UNSPECIFIED: _Role.ValueType  # 0
+    ROLE_PRIMARY: _Role.ValueType  # 1
+    ROLE_REPLICA: _Role.ValueType  # 2
+
+class Role(_Role, metaclass=_RoleEnumTypeWrapper):
+    """Which side of a relationship a host is."""
+
+ROLE_UNSPECIFIED: Role.ValueType  # 0
+ROLE_PRIMARY: Role.ValueType  # 1
+ROLE_REPLICA: Role.ValueType  # 2
+Global___Role: _TypeAlias = Role  # noqa: Y015
+
+class _ReplicationState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReplicationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReplicationState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPLICATION_STATE_UNSPECIFIED: _ReplicationState.ValueType  # 0
+    STATE_INITIAL_PENDING: _ReplicationState.ValueType  # 1
+    """The primary's side.
+    configured; the first cycle has not started
+    """
+    STATE_INITIAL_REPLICATION: _ReplicationState.ValueType  # 2
+    """the initial copy is running"""
+    STATE_REPLICATING: _ReplicationState.ValueType  # 3
+    """a delta cycle is running"""
+    STATE_PROTECTED: _ReplicationState.ValueType  # 4
+    """the last cycle committed"""
+    STATE_RESYNCHRONIZING: _ReplicationState.ValueType  # 5
+    """a checksum resync is running"""
+    STATE_RESYNC_REQUIRED: _ReplicationState.ValueType  # 6
+    """change tracking was lost: the next cycle must resynchronize"""
+    STATE_PAUSED: _ReplicationState.ValueType  # 7
+    STATE_WAITING_FOR_IMPORT: _ReplicationState.ValueType  # 8
+    """offline initial replication: the replica must import it"""
+    STATE_FENCED: _ReplicationState.ValueType  # 9
+    """a newer epoch exists: this host must not replicate"""
+    STATE_WAITING_FOR_INITIAL: _ReplicationState.ValueType  # 10
+    """The replica's side.
+    no cycle committed yet
+    """
+    STATE_REPLICA: _ReplicationState.ValueType  # 11
+    """holds a committed copy"""
+    STATE_REPLICA_ERROR: _ReplicationState.ValueType  # 12
+    """its replica store cannot be read"""
+
+class ReplicationState(_ReplicationState, metaclass=_ReplicationStateEnumTypeWrapper):
+    """What a host says about one relationship it is party to."""
+
+REPLICATION_STATE_UNSPECIFIED: ReplicationState.ValueType  # 0
+STATE_INITIAL_PENDING: ReplicationState.ValueType  # 1
+"""The primary's side.
+configured; the first cycle has not started
+"""
+STATE_INITIAL_REPLICATION: ReplicationState.ValueType  # 2
+"""the initial copy is running"""
+STATE_REPLICATING: ReplicationState.ValueType  # 3
+"""a delta cycle is running"""
+STATE_PROTECTED: ReplicationState.ValueType  # 4
+"""the last cycle committed"""
+STATE_RESYNCHRONIZING: ReplicationState.ValueType  # 5
+"""a checksum resync is running"""
+STATE_RESYNC_REQUIRED: ReplicationState.ValueType  # 6
+"""change tracking was lost: the next cycle must resynchronize"""
+STATE_PAUSED: ReplicationState.ValueType  # 7
+STATE_WAITING_FOR_IMPORT: ReplicationState.ValueType  # 8
+"""offline initial replication: the replica must import it"""
+STATE_FENCED: ReplicationState.ValueType  # 9
+"""a newer epoch exists: this host must not replicate"""
+STATE_WAITING_FOR_INITIAL: ReplicationState.ValueType  # 10
+"""The replica's side.
+no cycle committed yet
+"""
+STATE_REPLICA: ReplicationState.ValueType  # 11
+"""holds a committed copy"""
+STATE_REPLICA_ERROR: ReplicationState.ValueType  # 12
+"""its replica store cannot be read"""
+Global___ReplicationState: _TypeAlias = ReplicationState  # noqa: Y015
 
 @_typing.final
 class AgentMessage(_message.Message):
@@ -426,28 +559,531 @@ class CommandAck(_message.Message):
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
-    RESULT_JSON_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     state: Global___CommandAck.State.ValueType
     error: _builtins.str
     """operator-readable reason when FAILED"""
-    result_json: _builtins.str
-    """command-specific result"""
+    @_builtins.property
+    def result(self) -> Global___CommandResult:
+        """SUCCEEDED: what the command did, one message per command kind"""
+
     def __init__(
         self,
         *,
         command_id: _builtins.str = ...,
         state: Global___CommandAck.State.ValueType = ...,
         error: _builtins.str = ...,
-        result_json: _builtins.str = ...,
+        result: Global___CommandResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "error", b"error", "result_json", b"result_json", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "error", b"error", "result", b"result", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CommandAck: _TypeAlias = CommandAck  # noqa: Y015
+
+@_typing.final
+class CommandResult(_message.Message):
+    """What a command did, in the shape of its kind: the oneof case matches the command's body."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PING_FIELD_NUMBER: _builtins.int
+    REFRESH_INVENTORY_FIELD_NUMBER: _builtins.int
+    RUN_SCRIPT_FIELD_NUMBER: _builtins.int
+    CONFIGURE_REPLICA_FIELD_NUMBER: _builtins.int
+    CONFIGURE_SOURCE_FIELD_NUMBER: _builtins.int
+    REMOVE_RELATIONSHIP_FIELD_NUMBER: _builtins.int
+    REPLICATION_ACTION_FIELD_NUMBER: _builtins.int
+    SET_BANDWIDTH_FIELD_NUMBER: _builtins.int
+    FAILOVER_FIELD_NUMBER: _builtins.int
+    FAILOVER_CONTROL_FIELD_NUMBER: _builtins.int
+    VM_POWER_FIELD_NUMBER: _builtins.int
+    FENCE_FIELD_NUMBER: _builtins.int
+    REVOKE_HOST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ping(self) -> Global___PingResult: ...
+    @_builtins.property
+    def refresh_inventory(self) -> Global___RefreshInventoryResult: ...
+    @_builtins.property
+    def run_script(self) -> Global___RunScriptResult: ...
+    @_builtins.property
+    def configure_replica(self) -> Global___ConfigureReplicaResult: ...
+    @_builtins.property
+    def configure_source(self) -> Global___ConfigureSourceResult: ...
+    @_builtins.property
+    def remove_relationship(self) -> Global___RemoveRelationshipResult: ...
+    @_builtins.property
+    def replication_action(self) -> Global___ReplicationActionResult: ...
+    @_builtins.property
+    def set_bandwidth(self) -> Global___SetBandwidthResult: ...
+    @_builtins.property
+    def failover(self) -> Global___FailoverResult: ...
+    @_builtins.property
+    def failover_control(self) -> Global___FailoverControlResult: ...
+    @_builtins.property
+    def vm_power(self) -> Global___VmPowerResult: ...
+    @_builtins.property
+    def fence(self) -> Global___FenceResult: ...
+    @_builtins.property
+    def revoke_host(self) -> Global___RevokeHostResult: ...
+    def __init__(
+        self,
+        *,
+        ping: Global___PingResult | None = ...,
+        refresh_inventory: Global___RefreshInventoryResult | None = ...,
+        run_script: Global___RunScriptResult | None = ...,
+        configure_replica: Global___ConfigureReplicaResult | None = ...,
+        configure_source: Global___ConfigureSourceResult | None = ...,
+        remove_relationship: Global___RemoveRelationshipResult | None = ...,
+        replication_action: Global___ReplicationActionResult | None = ...,
+        set_bandwidth: Global___SetBandwidthResult | None = ...,
+        failover: Global___FailoverResult | None = ...,
+        failover_control: Global___FailoverControlResult | None = ...,
+        vm_power: Global___VmPowerResult | None = ...,
+        fence: Global___FenceResult | None = ...,
+        revoke_host: Global___RevokeHostResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script", "configure_replica", "configure_source", "remove_relationship", "replication_action", "set_bandwidth", "failover", "failover_control", "vm_power", "fence", "revoke_host"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
+
+@_typing.final
+class PingResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTE_FIELD_NUMBER: _builtins.int
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    note: _builtins.str
+    host_id: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        note: _builtins.str = ...,
+        host_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "name", b"name", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PingResult: _TypeAlias = PingResult  # noqa: Y015
+
+@_typing.final
+class RefreshInventoryResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VMS_FIELD_NUMBER: _builtins.int
+    vms: _builtins.int
+    """VMs in the inventory sent"""
+    def __init__(
+        self,
+        *,
+        vms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vms", b"vms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefreshInventoryResult: _TypeAlias = RefreshInventoryResult  # noqa: Y015
+
+@_typing.final
+class RunScriptResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCRIPT_FIELD_NUMBER: _builtins.int
+    EXIT_STATUS_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    script: _builtins.str
+    exit_status: _builtins.int
+    output: _builtins.str
+    """stdout and stderr interleaved, the last 64 KiB"""
+    def __init__(
+        self,
+        *,
+        script: _builtins.str = ...,
+        exit_status: _builtins.int = ...,
+        output: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_status", b"exit_status", "output", b"output", "script", b"script"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunScriptResult: _TypeAlias = RunScriptResult  # noqa: Y015
+
+@_typing.final
+class ConfigureReplicaResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    FOLDER_FIELD_NUMBER: _builtins.int
+    COMMITTED_SEQUENCE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_PORT_FIELD_NUMBER: _builtins.int
+    TICKET_PORT_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    folder: _builtins.str
+    """where the replica's files are on the replica host"""
+    committed_sequence: _builtins.int
+    """what the replica already holds (adopted or earlier)"""
+    certificate_port: _builtins.int
+    """the receiver's ports (0 = not listening)"""
+    ticket_port: _builtins.int
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        folder: _builtins.str = ...,
+        committed_sequence: _builtins.int = ...,
+        certificate_port: _builtins.int = ...,
+        ticket_port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_port", b"certificate_port", "committed_sequence", b"committed_sequence", "folder", b"folder", "relationship_id", b"relationship_id", "ticket_port", b"ticket_port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigureReplicaResult: _TypeAlias = ConfigureReplicaResult  # noqa: Y015
+
+@_typing.final
+class ConfigureSourceResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["relationship_id", b"relationship_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigureSourceResult: _TypeAlias = ConfigureSourceResult  # noqa: Y015
+
+@_typing.final
+class RemoveRelationshipResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """what was removed, for the job's log"""
+
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["relationship_id", b"relationship_id", "removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveRelationshipResult: _TypeAlias = RemoveRelationshipResult  # noqa: Y015
+
+@_typing.final
+class ReplicationActionResult(_message.Message):
+    """The outcome of a ReplicationAction; which fields are set depends on the action."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    MISMATCHED_BYTES_FIELD_NUMBER: _builtins.int
+    MISMATCHES_FIELD_NUMBER: _builtins.int
+    REPAIRED_FIELD_NUMBER: _builtins.int
+    DISKS_COMPARED_FIELD_NUMBER: _builtins.int
+    FINAL_BYTES_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    sequence: _builtins.int
+    """RUN_CYCLE/RESYNC/FINAL_CYCLE: the cycle committed (0 = none)"""
+    bytes: _builtins.int
+    """VERIFY: the replica's sequence compared; IMPORT: imported
+    RUN_CYCLE/RESYNC: guest bytes the cycle carried
+    """
+    kind: _replication_pb2.CycleKind.ValueType
+    """RUN_CYCLE/RESYNC: the kind of cycle that ran"""
+    paused: _builtins.bool
+    """PAUSE/RESUME: paused afterwards"""
+    mismatched_bytes: _builtins.int
+    """VERIFY, FINAL_CYCLE"""
+    repaired: _builtins.bool
+    """VERIFY with repair"""
+    disks_compared: _builtins.int
+    """FINAL_CYCLE"""
+    final_bytes: _builtins.int
+    """FINAL_CYCLE: guest bytes of the final cycle"""
+    @_builtins.property
+    def mismatches(self) -> _containers.RepeatedCompositeFieldContainer[Global___ByteRanges]:
+        """VERIFY: per disk"""
+
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        kind: _replication_pb2.CycleKind.ValueType = ...,
+        paused: _builtins.bool = ...,
+        mismatched_bytes: _builtins.int = ...,
+        mismatches: _abc.Iterable[Global___ByteRanges] | None = ...,
+        repaired: _builtins.bool = ...,
+        disks_compared: _builtins.int = ...,
+        final_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "disks_compared", b"disks_compared", "final_bytes", b"final_bytes", "kind", b"kind", "mismatched_bytes", b"mismatched_bytes", "mismatches", b"mismatches", "paused", b"paused", "relationship_id", b"relationship_id", "repaired", b"repaired", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicationActionResult: _TypeAlias = ReplicationActionResult  # noqa: Y015
+
+@_typing.final
+class ByteRanges(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISK_ID_FIELD_NUMBER: _builtins.int
+    OFFSETS_FIELD_NUMBER: _builtins.int
+    LENGTHS_FIELD_NUMBER: _builtins.int
+    disk_id: _builtins.str
+    @_builtins.property
+    def offsets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """offsets[i], lengths[i]: one mismatching range"""
+
+    @_builtins.property
+    def lengths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        disk_id: _builtins.str = ...,
+        offsets: _abc.Iterable[_builtins.int] | None = ...,
+        lengths: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_id", b"disk_id", "lengths", b"lengths", "offsets", b"offsets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ByteRanges: _TypeAlias = ByteRanges  # noqa: Y015
+
+@_typing.final
+class SetBandwidthResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    """"" = the host-wide limit"""
+    bytes_per_second: _builtins.int
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        bytes_per_second: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_per_second", b"bytes_per_second", "relationship_id", b"relationship_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBandwidthResult: _TypeAlias = SetBandwidthResult  # noqa: Y015
+
+@_typing.final
+class FailoverResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
+    POINT_FIELD_NUMBER: _builtins.int
+    CUT_AT_FIELD_NUMBER: _builtins.int
+    APP_CONSISTENT_FIELD_NUMBER: _builtins.int
+    VM_NAME_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    epoch: _builtins.int
+    test: _builtins.bool
+    point: _builtins.int
+    """the recovery point's sequence"""
+    app_consistent: _builtins.bool
+    vm_name: _builtins.str
+    vm_id: _builtins.str
+    committed: _builtins.bool
+    started: _builtins.bool
+    @_builtins.property
+    def cut_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        test: _builtins.bool = ...,
+        point: _builtins.int = ...,
+        cut_at: _timestamp_pb2.Timestamp | None = ...,
+        app_consistent: _builtins.bool = ...,
+        vm_name: _builtins.str = ...,
+        vm_id: _builtins.str = ...,
+        committed: _builtins.bool = ...,
+        started: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cut_at", b"cut_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_consistent", b"app_consistent", "committed", b"committed", "cut_at", b"cut_at", "epoch", b"epoch", "point", b"point", "relationship_id", b"relationship_id", "started", b"started", "test", b"test", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailoverResult: _TypeAlias = FailoverResult  # noqa: Y015
+
+@_typing.final
+class FailoverControlResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    VM_NAME_FIELD_NUMBER: _builtins.int
+    FAILOVER_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    done: _builtins.bool
+    """false: nothing to do (reason says why)"""
+    reason: _builtins.str
+    vm_name: _builtins.str
+    """CLEANUP_TEST: the test VM removed"""
+    @_builtins.property
+    def failover(self) -> Global___FailoverResult:
+        """COMMIT: the failover kept"""
+
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        done: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        vm_name: _builtins.str = ...,
+        failover: Global___FailoverResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failover", b"failover"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "failover", b"failover", "reason", b"reason", "relationship_id", b"relationship_id", "vm_name", b"vm_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailoverControlResult: _TypeAlias = FailoverControlResult  # noqa: Y015
+
+@_typing.final
+class VmPowerResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    state: _builtins.str
+    """the VM's state afterwards"""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VmPowerResult: _TypeAlias = VmPowerResult  # noqa: Y015
+
+@_typing.final
+class FenceResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    REPLICATION_STOPPED_FIELD_NUMBER: _builtins.int
+    VM_STATE_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    replication_stopped: _builtins.bool
+    vm_state: _builtins.str
+    """the VM's state afterwards, "absent" when it is not here"""
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        replication_stopped: _builtins.bool = ...,
+        vm_state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["relationship_id", b"relationship_id", "replication_stopped", b"replication_stopped", "vm_state", b"vm_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FenceResult: _TypeAlias = FenceResult  # noqa: Y015
+
+@_typing.final
+class RevokeHostResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    NEWLY_REVOKED_FIELD_NUMBER: _builtins.int
+    GRANTS_REFUSED_FIELD_NUMBER: _builtins.int
+    SOURCES_STOPPED_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    newly_revoked: _builtins.bool
+    @_builtins.property
+    def grants_refused(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """relationships this host no longer accepts from it"""
+
+    @_builtins.property
+    def sources_stopped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """relationships this host no longer sends to it"""
+
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        newly_revoked: _builtins.bool = ...,
+        grants_refused: _abc.Iterable[_builtins.str] | None = ...,
+        sources_stopped: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants_refused", b"grants_refused", "host_id", b"host_id", "newly_revoked", b"newly_revoked", "sources_stopped", b"sources_stopped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeHostResult: _TypeAlias = RevokeHostResult  # noqa: Y015
 
 @_typing.final
 class RenewRequest(_message.Message):
@@ -496,11 +1132,6 @@ Global___RenewResponse: _TypeAlias = RenewResponse  # noqa: Y015
 
 @_typing.final
 class ConfigureReplica(_message.Message):
-    """-- replication commands and reports --------------------------------------------------------
-
-    To the replica host: accept cycles of a relationship from its source host.
-    """
-
     DESCRIPTOR: _descriptor.Descriptor
 
     RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
@@ -524,8 +1155,7 @@ class ConfigureReplica(_message.Message):
     epoch: _builtins.int
     folder: _builtins.str
     """replica folder; "" = <default replica path>/<relationship>"""
-    auth: _builtins.str
-    """"certificate" (8084) or "ticket" (8083)"""
+    auth: Global___AuthMode.ValueType
     ticket_public_key: _builtins.bytes
     """the broker's Ed25519 ticket key (ticket auth)"""
     recovery_points: _builtins.int
@@ -554,7 +1184,7 @@ class ConfigureReplica(_message.Message):
         source_host: _builtins.str = ...,
         epoch: _builtins.int = ...,
         folder: _builtins.str = ...,
-        auth: _builtins.str = ...,
+        auth: Global___AuthMode.ValueType = ...,
         ticket_public_key: _builtins.bytes = ...,
         recovery_points: _builtins.int = ...,
         point_interval_seconds: _builtins.int = ...,
@@ -671,7 +1301,7 @@ class ConfigureSource(_message.Message):
     address: _builtins.str
     """host:port of the replica's receiver"""
     epoch: _builtins.int
-    auth: _builtins.str
+    auth: Global___AuthMode.ValueType
     compression: _builtins.bool
     copy_frequency_seconds: _builtins.int
     """30, 300 or 900"""
@@ -679,8 +1309,7 @@ class ConfigureSource(_message.Message):
     """0 = never"""
     bandwidth_limit: _builtins.int
     """bytes per second, 0 = unlimited"""
-    tracker: _builtins.str
-    """"changelog" (default) or "scan" """
+    tracker: Global___Tracker.ValueType
     resync_first: _builtins.bool
     """the replica holds an older copy: checksum resync, not a full copy"""
     @_builtins.property
@@ -693,12 +1322,12 @@ class ConfigureSource(_message.Message):
         replica_host: _builtins.str = ...,
         address: _builtins.str = ...,
         epoch: _builtins.int = ...,
-        auth: _builtins.str = ...,
+        auth: Global___AuthMode.ValueType = ...,
         compression: _builtins.bool = ...,
         copy_frequency_seconds: _builtins.int = ...,
         app_consistent_interval_seconds: _builtins.int = ...,
         bandwidth_limit: _builtins.int = ...,
-        tracker: _builtins.str = ...,
+        tracker: Global___Tracker.ValueType = ...,
         initial: Global___InitialReplication | None = ...,
         resync_first: _builtins.bool = ...,
     ) -> None: ...
@@ -850,6 +1479,7 @@ class RelationshipStatus(_message.Message):
     RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_CODE_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     COMMITTED_SEQUENCE_FIELD_NUMBER: _builtins.int
     CYCLES_SUCCEEDED_FIELD_NUMBER: _builtins.int
@@ -866,7 +1496,6 @@ class RelationshipStatus(_message.Message):
     PROGRESS_DONE_FIELD_NUMBER: _builtins.int
     PROGRESS_TOTAL_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
-    LAST_ERROR_CODE_FIELD_NUMBER: _builtins.int
     POINTS_FIELD_NUMBER: _builtins.int
     LAST_CUT_AT_FIELD_NUMBER: _builtins.int
     PAUSED_FIELD_NUMBER: _builtins.int
@@ -874,9 +1503,10 @@ class RelationshipStatus(_message.Message):
     APP_CONSISTENT_ERROR_FIELD_NUMBER: _builtins.int
     APP_CONSISTENT_FAILURES_FIELD_NUMBER: _builtins.int
     relationship_id: _builtins.str
-    role: _builtins.str
-    """"primary" or "replica" """
-    state: _builtins.str
+    role: Global___Role.ValueType
+    state: Global___ReplicationState.ValueType
+    last_error_code: _replication_pb2.ErrorCode.ValueType
+    """why the last cycle failed (ERROR_NONE after a success)"""
     epoch: _builtins.int
     committed_sequence: _builtins.int
     cycles_succeeded: _builtins.int
@@ -892,7 +1522,6 @@ class RelationshipStatus(_message.Message):
     progress_done: _builtins.int
     progress_total: _builtins.int
     last_error: _builtins.str
-    last_error_code: _builtins.str
     paused: _builtins.bool
     vm_id: _builtins.str
     app_consistent_error: _builtins.str
@@ -910,8 +1539,9 @@ class RelationshipStatus(_message.Message):
         self,
         *,
         relationship_id: _builtins.str = ...,
-        role: _builtins.str = ...,
-        state: _builtins.str = ...,
+        role: Global___Role.ValueType = ...,
+        state: Global___ReplicationState.ValueType = ...,
+        last_error_code: _replication_pb2.ErrorCode.ValueType = ...,
         epoch: _builtins.int = ...,
         committed_sequence: _builtins.int = ...,
         cycles_succeeded: _builtins.int = ...,
@@ -928,7 +1558,6 @@ class RelationshipStatus(_message.Message):
         progress_done: _builtins.int = ...,
         progress_total: _builtins.int = ...,
         last_error: _builtins.str = ...,
-        last_error_code: _builtins.str = ...,
         points: _abc.Iterable[Global___RecoveryPoint] | None = ...,
         last_cut_at: _timestamp_pb2.Timestamp | None = ...,
         paused: _builtins.bool = ...,

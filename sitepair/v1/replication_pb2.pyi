@@ -45,6 +45,98 @@ FINAL: CycleKind.ValueType  # 4
 """last cycle before a planned failover"""
 Global___CycleKind: _TypeAlias = CycleKind  # noqa: Y015
 
+class _ErrorCode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_NONE: _ErrorCode.ValueType  # 0
+    ERROR_PROTOCOL: _ErrorCode.ValueType  # 1
+    """Refusals by the replica host.
+    the sender broke the cycle protocol (a bug or a hostile peer)
+    """
+    ERROR_BUSY: _ErrorCode.ValueType  # 2
+    """another cycle of the relationship is in progress: retried"""
+    ERROR_STALE_EPOCH: _ErrorCode.ValueType  # 3
+    """the replica is at a newer epoch: the sender was failed over"""
+    ERROR_WRONG_BASE: _ErrorCode.ValueType  # 4
+    """the cycle's base is not what the replica holds"""
+    ERROR_WRONG_DISKS: _ErrorCode.ValueType  # 5
+    """a disk the grant does not list, or one that does not match"""
+    ERROR_WRONG_RELATIONSHIP: _ErrorCode.ValueType  # 6
+    ERROR_BAD_HEADER: _ErrorCode.ValueType  # 7
+    ERROR_BAD_DIGEST: _ErrorCode.ValueType  # 8
+    """a block's bytes do not match their digest"""
+    ERROR_INCOMPLETE: _ErrorCode.ValueType  # 9
+    """the trailer came before every batch"""
+    ERROR_DISK_FULL: _ErrorCode.ValueType  # 10
+    """the replica's volume is full; nothing was applied"""
+    ERROR_IO: _ErrorCode.ValueType  # 11
+    """another I/O error on the replica"""
+    ERROR_REFUSED: _ErrorCode.ValueType  # 12
+    """another refusal; the message says why"""
+    ERROR_UNAVAILABLE: _ErrorCode.ValueType  # 20
+    """The sender's own failures, by the kind of error.
+    the replica host could not be reached
+    """
+    ERROR_FAILED_PRECONDITION: _ErrorCode.ValueType  # 21
+    ERROR_INVALID_ARGUMENT: _ErrorCode.ValueType  # 22
+    ERROR_NOT_FOUND: _ErrorCode.ValueType  # 23
+    ERROR_PERMISSION_DENIED: _ErrorCode.ValueType  # 24
+    ERROR_UNAUTHENTICATED: _ErrorCode.ValueType  # 25
+    ERROR_DEADLINE_EXCEEDED: _ErrorCode.ValueType  # 26
+    ERROR_RESOURCE_EXHAUSTED: _ErrorCode.ValueType  # 27
+    ERROR_DATA_LOSS: _ErrorCode.ValueType  # 28
+    ERROR_INTERNAL: _ErrorCode.ValueType  # 29
+    ERROR_OTHER: _ErrorCode.ValueType  # 30
+
+class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
+    """Why a cycle failed: the replica's refusal (Refused.code), or the sender's own failure
+    (RelationshipStatus.last_error_code).
+    """
+
+ERROR_NONE: ErrorCode.ValueType  # 0
+ERROR_PROTOCOL: ErrorCode.ValueType  # 1
+"""Refusals by the replica host.
+the sender broke the cycle protocol (a bug or a hostile peer)
+"""
+ERROR_BUSY: ErrorCode.ValueType  # 2
+"""another cycle of the relationship is in progress: retried"""
+ERROR_STALE_EPOCH: ErrorCode.ValueType  # 3
+"""the replica is at a newer epoch: the sender was failed over"""
+ERROR_WRONG_BASE: ErrorCode.ValueType  # 4
+"""the cycle's base is not what the replica holds"""
+ERROR_WRONG_DISKS: ErrorCode.ValueType  # 5
+"""a disk the grant does not list, or one that does not match"""
+ERROR_WRONG_RELATIONSHIP: ErrorCode.ValueType  # 6
+ERROR_BAD_HEADER: ErrorCode.ValueType  # 7
+ERROR_BAD_DIGEST: ErrorCode.ValueType  # 8
+"""a block's bytes do not match their digest"""
+ERROR_INCOMPLETE: ErrorCode.ValueType  # 9
+"""the trailer came before every batch"""
+ERROR_DISK_FULL: ErrorCode.ValueType  # 10
+"""the replica's volume is full; nothing was applied"""
+ERROR_IO: ErrorCode.ValueType  # 11
+"""another I/O error on the replica"""
+ERROR_REFUSED: ErrorCode.ValueType  # 12
+"""another refusal; the message says why"""
+ERROR_UNAVAILABLE: ErrorCode.ValueType  # 20
+"""The sender's own failures, by the kind of error.
+the replica host could not be reached
+"""
+ERROR_FAILED_PRECONDITION: ErrorCode.ValueType  # 21
+ERROR_INVALID_ARGUMENT: ErrorCode.ValueType  # 22
+ERROR_NOT_FOUND: ErrorCode.ValueType  # 23
+ERROR_PERMISSION_DENIED: ErrorCode.ValueType  # 24
+ERROR_UNAUTHENTICATED: ErrorCode.ValueType  # 25
+ERROR_DEADLINE_EXCEEDED: ErrorCode.ValueType  # 26
+ERROR_RESOURCE_EXHAUSTED: ErrorCode.ValueType  # 27
+ERROR_DATA_LOSS: ErrorCode.ValueType  # 28
+ERROR_INTERNAL: ErrorCode.ValueType  # 29
+ERROR_OTHER: ErrorCode.ValueType  # 30
+Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
+
 class _Codec:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -410,13 +502,12 @@ class Refused(_message.Message):
 
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
-    code: _builtins.str
-    """"stale-epoch", "wrong-base", "bad-digest", "disk-full", ..."""
+    code: Global___ErrorCode.ValueType
     message: _builtins.str
     def __init__(
         self,
         *,
-        code: _builtins.str = ...,
+        code: Global___ErrorCode.ValueType = ...,
         message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015

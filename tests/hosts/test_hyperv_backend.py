@@ -35,7 +35,7 @@ from sitepair.errors import (
     NotFound,
     Unavailable,
 )
-from sitepair.v1 import replication_pb2
+from sitepair.v1 import control_pb2, replication_pb2
 from tests.hosts.fake_hyperv import FakeHyperVApi
 from tests.hosts.helpers import (
     BLOCK,
@@ -1019,4 +1019,4 @@ def test_engine_replicates_a_hyperv_vm_byte_for_byte(
     assert after is not None and after.kind == replication_pb2.DELTA
     assert after.raw_bytes == sum(len(b) for b in written.values()) * BLOCK
     assert {s: replica(s) for s in SIZES} == guest.snapshot()
-    assert rel.stats.cycles_succeeded == 5 and rel.stats.state == "protected"
+    assert rel.stats.cycles_succeeded == 5 and rel.stats.state == control_pb2.STATE_PROTECTED

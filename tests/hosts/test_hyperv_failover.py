@@ -94,7 +94,7 @@ def test_failover_and_cancel(
     backend: HyperVBackend, hv: FakeHyperVApi, state: ReplicationState, tmp_path: Path
 ) -> None:
     store = make_replica(tmp_path / "replica", "vm-source-1")
-    record = fo.failover(
+    result = fo.failover(
         store,
         backend,
         state,
@@ -108,6 +108,9 @@ def test_failover_and_cancel(
         now=100.0,
     )
     replica_before = files_under(tmp_path / "replica" / "disks")  # the point sealed
+    record = store.state.failover  # what the agent keeps; the broker is told ``result``
+    assert record is not None and result == fo.failover_result(store.state.relationship, record)
+    assert (result.vm_name, result.epoch, result.test, result.started) == ("web01", 2, False, True)
     assert record["vm_folder"] == str(backend.vm_dir("web01")) and record["previous_vm"] is None
     (made,) = hv.vms.values()
     assert (made.name, made.state) == ("web01", "Running")
@@ -121,15 +124,13 @@ def test_failover_and_cancel(
     # The agent restarts: the record comes back from the replica's state.json.
     store = ReplicaStore.open(tmp_path / "replica")
     assert store.state.failover == record
-    assert fo.cancel(store, HyperVBackend(tmp_path / "agent", hv), state, epoch=2) == {
-        "cancelled": True
-    }
+    assert fo.cancel(store, HyperVBackend(tmp_path / "agent", hv), state, epoch=2).done
     assert not hv.vms and not backend.vm_dir("web01").exists()
     assert not any(Path(c).exists() for c in record["children"])
     assert files_under(tmp_path / "replica" / "disks") == replica_before
     after = ReplicaStore.open(tmp_path / "replica").state  # as saved
     assert after.failover is None and all(not p.pins for p in after.points)
-    assert fo.cancel(store, backend, state, epoch=2)["cancelled"] is False
+    assert fo.cancel(store, backend, state, epoch=2).done is False
 
 
 @pytest.fixture
@@ -160,7 +161,7 @@ def test_failback_over_the_old_primary_and_cancel(
     old = old_primary
     old_files = files_under(tmp_path / "host")
     store = make_replica(tmp_path / "replica", old.id)
-    record = fo.failover(
+    fo.failover(
         store,
         backend,
         state,
@@ -175,6 +176,8 @@ def test_failback_over_the_old_primary_and_cancel(
     )
     # The old VM was replaced (same name and id); its definition is in the record, as JSON.
     assert old.id not in hv.vms and len(hv.vms) == 1
+    record = store.state.failover
+    assert record is not None
     assert json.loads(record["previous_vm"])["drives"] == [
         {"slot": d.slot, "path": d.path} for d in old.drives
     ]
@@ -200,7 +203,7 @@ def test_test_failover_and_cleanup(
     backend: HyperVBackend, hv: FakeHyperVApi, state: ReplicationState, tmp_path: Path
 ) -> None:
     store = make_replica(tmp_path / "replica", "vm-source-1")
-    record = fo.failover(
+    result = fo.failover(
         store,
         backend,
         state,
@@ -216,11 +219,13 @@ def test_test_failover_and_cleanup(
     replica_before = files_under(tmp_path / "replica" / "disks")
     (made,) = hv.vms.values()
     assert made.name == "web01-test" and made.state == "Running"
-    assert record["vm_id"] != "vm-source-1" and backend.vm_id_of("web01-test") == record["vm_id"]
+    assert result.test and result.vm_name == "web01-test"
+    assert result.vm_id != "vm-source-1" and backend.vm_id_of("web01-test") == result.vm_id
     assert all(n.switch == "" for n in made.nics)  # isolated: not connected
     hv.guest_write(made.id, DATA, 0, b"test")
-    assert fo.cleanup_test(store, backend) == {"cleaned": True, "vm_name": "web01-test"}
+    cleaned = fo.cleanup_test(store, backend)
+    assert cleaned.done and cleaned.vm_name == "web01-test"
     assert not hv.vms and not backend.vm_dir("web01-test").exists()
     assert files_under(tmp_path / "replica" / "disks") == replica_before
     assert not store.state.tests
-    assert fo.cleanup_test(store, backend)["cleaned"] is False
+    assert fo.cleanup_test(store, backend).done is False

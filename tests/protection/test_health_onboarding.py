@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
+from sitepair import vdisk
 from sitepair.errors import FailedPrecondition, NotFound
 from sitepair.v1 import admin_pb2
 from tests.protection.conftest import Sites, eventually, inventory_has
@@ -172,3 +174,40 @@ def test_a_refresh_completes_only_once_the_broker_holds_what_it_reports(
         done = s.job(s.admin.call(s.admin.stub.RefreshCloud, admin_pb2.CloudRef(name="cloud-a")))
         assert json.loads(done.result_json)["servers"]["hv-a1"]["vms"] >= 1
         assert inventory_has(s.admin, name), f"the job ended before the broker listed {name}"
+
+
+def test_lost_change_tracking_shows_resync_required_until_a_resync_lands(
+    sites: Sites, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The primary's change tracking is lost and its resync fails (the replica's disk is full):
+    the primary reports it, and the broker shows "resync-required" until a resync commits."""
+    from agent.replication import replica as replica_mod
+
+    s = sites
+    setup_pair(s)
+    models = make_vm(s, "hv-a1", "web01", size=8 * MiB)
+    eventually(lambda: inventory_has(s.admin, "web01"), what="VM")
+    s.job(s.admin.call(s.admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="web01")))
+    eventually(lambda: s.protected("web01").health == "normal", what="normal")
+    assert "resync-required" not in reasons(s, "web01")
+    # Written behind the backend's back (the VM's disk edited offline): tracking is lost.
+    backend = s.hosts["hv-a1"].backend
+    folder, spec = backend.find_vm("web01")
+    disk = next(d for d in spec.disks if d.id == "os")
+    top = Path(disk.chain[-1])
+    with vdisk.open_disk(top if top.is_absolute() else folder / top) as d:
+        d.write(MiB, b"\x5a" * 4096)
+    models["os"][MiB : MiB + 4096] = b"\x5a" * 4096
+    monkeypatch.setattr(replica_mod.ReplicaStore, "free_space", lambda self: 0)
+    cycle = admin_pb2.ReplicationActionRequest(vm="web01", action="cycle")
+    s.job(s.admin.call(s.admin.stub.ReplicationAction, cycle), expect="failed")
+    eventually(
+        lambda: reasons(s, "web01").get("resync-required") == "critical", what="resync-required"
+    )
+    assert s.protected("web01").health == "critical"
+    monkeypatch.undo()
+    s.job(s.admin.call(s.admin.stub.ReplicationAction, cycle))
+    eventually(lambda: "resync-required" not in reasons(s, "web01"), what="resynchronized")
+    eventually(lambda: s.protected("web01").health == "normal", what="normal again")
+    for name, model in models.items():
+        assert replica_content(s, "web01", name) == bytes(model)

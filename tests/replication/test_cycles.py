@@ -108,7 +108,7 @@ def test_wrong_base_and_stale_epoch_are_refused(pair: Pair, tmp_path: Path) -> N
                 plan_for(src, "os", replication_pb2.DELTA),
                 compress=True,
             )
-        assert err.value.code == "wrong-base"
+        assert err.value.code == replication_pb2.ERROR_WRONG_BASE
         with pytest.raises(Exception, match="epoch 2 is older than 3"):
             client.send_cycle(
                 header("rel-1", "vm-1", 1, replication_pb2.INITIAL, epoch=2),

@@ -11,11 +11,12 @@ import pytest
 
 from agent.hosts.directory import DirectoryBackend
 from agent.replication.engine import TRANSIENT_BACKOFF, SourceRelationship
+from agent.replication.sender import CycleRefused
 from agent.replication.state import SenderState, SourceConfig
 from sitepair import vdisk
 from sitepair.clock import SYSTEM_CLOCK
 from sitepair.errors import StaleEpoch, Unavailable
-from sitepair.v1 import replication_pb2
+from sitepair.v1 import control_pb2, replication_pb2
 from tests.replication.conftest import Pair
 from tests.support.proxy import FaultProxy
 
@@ -98,7 +99,7 @@ def test_cycles_follow_the_writes_exactly(
         assert result.raw_bytes < 8 * MiB  # only what changed travelled
         for disk, model in models.items():
             assert replica_of(pair, disk) == bytes(model)
-    assert rel.stats.cycles_succeeded == 4 and rel.stats.state == "protected"
+    assert rel.stats.cycles_succeeded == 4 and rel.stats.state == control_pb2.STATE_PROTECTED
 
 
 def test_untrusted_tracking_becomes_a_checksum_resync(pair: Pair, tmp_path: Path) -> None:
@@ -125,6 +126,49 @@ def test_untrusted_tracking_becomes_a_checksum_resync(pair: Pair, tmp_path: Path
     # Tracking is trusted again afterwards.
     write_random(backend, vm, models, rng, 5)
     assert rel.run_cycle().kind == replication_pb2.DELTA  # type: ignore[union-attr]
+
+
+def test_lost_tracking_is_reported_as_resync_required_until_a_resync_commits(
+    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Change tracking lost and the resync failed (the replica's disk is full): the primary
+    reports STATE_RESYNC_REQUIRED, also after a restart, until a resync cycle commits."""
+    from agent.replication import replica as replica_mod
+
+    backend, rel, vm = setup_source(pair, tmp_path)
+    models = {"os": bytearray(32 * MiB), "data": bytearray(16 * MiB)}
+    write_random(backend, vm, models, random.Random(5), 20)
+    rel.run_cycle()
+    assert rel.reported_state(pair.state.sender("rel-1")) == control_pb2.STATE_PROTECTED
+    folder, spec = backend.find_vm(vm)
+    chain_top = Path(spec.disks[0].chain[-1])
+    active = chain_top if chain_top.is_absolute() else folder / chain_top
+    with vdisk.open_disk(active) as d:  # written behind the backend's back: tracking is lost
+        d.write(MiB, b"\x5a" * 4096)
+    models["os"][MiB : MiB + 4096] = b"\x5a" * 4096
+    monkeypatch.setattr(replica_mod.ReplicaStore, "free_space", lambda self: 0)
+    with pytest.raises(CycleRefused):
+        rel.run_cycle()
+    assert rel.stats.last_error_code == replication_pb2.ERROR_DISK_FULL
+    sender = pair.state.sender("rel-1")
+    assert sender.needs_resync
+    assert rel.reported_state(sender) == control_pb2.STATE_RESYNC_REQUIRED
+    # After a restart (a new engine, nothing run yet) it says the same.
+    restarted = SourceRelationship(
+        rel.config,
+        backend=backend,
+        state=pair.state,
+        identity=lambda: pair.primary,
+        clock=SYSTEM_CLOCK,
+        work_dir=tmp_path / "work",
+    )
+    assert restarted.reported_state(sender) == control_pb2.STATE_RESYNC_REQUIRED
+    monkeypatch.undo()
+    result = restarted.run_cycle()
+    assert result is not None and result.kind == replication_pb2.RESYNC
+    assert restarted.reported_state(pair.state.sender("rel-1")) == control_pb2.STATE_PROTECTED
+    for disk, model in models.items():
+        assert replica_of(pair, disk) == bytes(model)
 
 
 def test_verify_finds_and_repairs_corruption_at_rest(pair: Pair, tmp_path: Path) -> None:
@@ -169,7 +213,7 @@ def test_higher_epoch_on_the_replica_fences_the_source(pair: Pair, tmp_path: Pat
     write_random(backend, vm, models, random.Random(4), 5)
     with pytest.raises(StaleEpoch):
         rel.run_cycle()
-    assert rel.stats.state == "fenced"
+    assert rel.stats.state == control_pb2.STATE_FENCED
 
 
 def test_recovery_points_are_sealed_and_pruned(pair: Pair, tmp_path: Path) -> None:
@@ -239,7 +283,10 @@ def test_a_replica_that_stays_away_fails_the_cycle_after_the_retries(
         proxy.partition()
         with pytest.raises(Unavailable):
             rel.run_cycle()
-        assert rel.stats.cycles_failed == 1 and rel.stats.last_error_code == "unavailable"
+        assert (
+            rel.stats.cycles_failed == 1
+            and rel.stats.last_error_code == replication_pb2.ERROR_UNAVAILABLE
+        )
         assert proxy.stats.refused >= 1 + len(TRANSIENT_BACKOFF)  # tried, then retried
     finally:
         proxy.close()

@@ -161,7 +161,7 @@ def test_bad_digest_from_an_authenticated_sender_is_refused(pair: Pair, tmp_path
         )
     kinds = [r.WhichOneof("body") for r in replies]
     assert kinds == ["accepted", "refused"]
-    assert replies[-1].refused.code == "bad-digest"
+    assert replies[-1].refused.code == replication_pb2.ERROR_BAD_DIGEST
     assert "does not match its digest" in replies[-1].refused.message
     store = pair.registry.store(pair.state.grant("rel-1"))  # type: ignore[arg-type]
     assert store.state.committed_sequence == 0
@@ -240,7 +240,7 @@ def test_replica_disk_full_is_refused_cleanly_and_recovers(
             client.send_cycle(
                 header("rel-1", "vm-1", 2, replication_pb2.DELTA), delta, compress=True
             )
-        assert err.value.code == "disk-full"
+        assert err.value.code == replication_pb2.ERROR_DISK_FULL
         assert "free space" in str(err.value) or "MiB free" in str(err.value)
         assert replica_bytes(pair, "rel-1", "os") == before
         monkeypatch.undo()

@@ -38,7 +38,7 @@ from broker.store.models import Command
 from sitepair import pki
 from sitepair.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from sitepair.protoconv import timestamp
-from sitepair.v1 import admin_pb2, control_pb2, control_pb2_grpc
+from sitepair.v1 import admin_pb2, control_pb2, control_pb2_grpc, replication_pb2
 from tests.protection import conftest as protection_fixtures
 from tests.protection.conftest import Host, Sites, eventually, inventory_has
 from tests.protection.test_walkthrough import MiB, make_vm, replica_content
@@ -163,7 +163,6 @@ class RawAgent:
                             ack=control_pb2.CommandAck(
                                 command_id=message.command.id,
                                 state=control_pb2.CommandAck.SUCCEEDED,
-                                result_json="{}",
                             )
                         )
                     )
@@ -396,7 +395,12 @@ def test_a_hostile_vm_name_stays_inside_the_replica_storage(sites: Sites) -> Non
 
 
 # -- hole 5: reports only from a party, in its role --------------------------------------------
-def _status(rel: str, role: str, **fields: Any) -> control_pb2.RelationshipStatus:
+PRIMARY, REPLICA = control_pb2.ROLE_PRIMARY, control_pb2.ROLE_REPLICA
+
+
+def _status(
+    rel: str, role: control_pb2.Role.ValueType, **fields: Any
+) -> control_pb2.RelationshipStatus:
     return control_pb2.RelationshipStatus(relationship_id=rel, role=role, **fields)
 
 
@@ -421,14 +425,14 @@ def test_a_host_that_is_not_party_cannot_change_a_relationships_health(
             raw.report(
                 _status(
                     rel,
-                    "primary",
-                    state="resync-required",
+                    PRIMARY,
+                    state=control_pb2.STATE_RESYNC_REQUIRED,
                     cycles_succeeded=1_000_000,
                     cycles_missed=1000 * i,
                     last_error="x" * 100_000,
-                    last_error_code="disk-full",
+                    last_error_code=replication_pb2.ERROR_DISK_FULL,
                 ),
-                _status(rel, "replica", state="fenced", committed_sequence=99_999),
+                _status(rel, REPLICA, state=control_pb2.STATE_FENCED, committed_sequence=99_999),
             )
             raw.heartbeat()
             time.sleep(0.05)
@@ -443,8 +447,8 @@ def test_a_host_that_is_not_party_cannot_change_a_relationships_health(
         v = s.protected("web01")
         assert rogue not in (v.primary_server, v.replica_server)
         after = s.broker.loop.call(_stored(s, rel))
-        assert "disk-full" not in after[0] and "99999" not in after[1]
-        assert "xxxx" not in after[0] and "resync-required" not in after[0]
+        assert "ERROR_DISK_FULL" not in after[0] and "99999" not in after[1]
+        assert "xxxx" not in after[0] and "STATE_RESYNC_REQUIRED" not in after[0]
 
     # A party in the wrong role is refused too: the replica host speaking as the primary.
     replica = s.hosts[s.protected("web01").replica_server].host_id
@@ -452,11 +456,13 @@ def test_a_host_that_is_not_party_cannot_change_a_relationships_health(
         reports.on_report(
             replica,
             control_pb2.ReplicationReport(
-                relationships=[_status(rel, "primary", last_error_code="disk-full")]
+                relationships=[
+                    _status(rel, PRIMARY, last_error_code=replication_pb2.ERROR_DISK_FULL)
+                ]
             ),
         )
     )
-    assert "disk-full" not in s.broker.loop.call(_stored(s, rel))[0]
+    assert "ERROR_DISK_FULL" not in s.broker.loop.call(_stored(s, rel))[0]
 
 
 async def _stored(s: Sites, rel: str) -> tuple[str, str]:
@@ -481,7 +487,7 @@ def test_made_up_relationship_ids_cost_the_broker_nothing(sites: Sites, tmp_path
             control_pb2.AgentMessage(
                 replication=control_pb2.ReplicationReport(
                     relationships=[
-                        _status(f"{prefix}-{i:012x}", "primary", cycles_missed=i)
+                        _status(f"{prefix}-{i:012x}", PRIMARY, cycles_missed=i)
                         for i in range(n, n + 4000)
                     ]
                 )
@@ -492,7 +498,7 @@ def test_made_up_relationship_ids_cost_the_broker_nothing(sites: Sites, tmp_path
         messages.append(
             control_pb2.AgentMessage(
                 replication=control_pb2.ReplicationReport(
-                    relationships=[_status(f"{prefix}-big-{i}", "replica") for i in range(20_000)]
+                    relationships=[_status(f"{prefix}-big-{i}", REPLICA) for i in range(20_000)]
                 )
             )
         )
@@ -535,10 +541,10 @@ def test_reported_text_and_points_are_bounded(sites: Sites) -> None:
     primary = s.hosts[v.primary_server]
     huge = control_pb2.RelationshipStatus(
         relationship_id=v.relationship_id,
-        role="primary",
-        state="s" * 10_000,
+        role=control_pb2.ROLE_PRIMARY,
+        state=control_pb2.STATE_PROTECTED,
         last_error="e" * 1_000_000,
-        last_error_code="c" * 10_000,
+        last_error_code=replication_pb2.ERROR_OTHER,
         app_consistent_error="a" * 1_000_000,
         vm_id="v" * 10_000,
         points=[control_pb2.RecoveryPoint(sequence=i) for i in range(5_000)],

@@ -72,7 +72,7 @@ def test_a_primary_cannot_write_another_replica_through_disk_ids(
     site.grant("evil", "vm-evil")  # the attacker's own VM: a valid grant
     with pytest.raises(CycleRefused) as info:
         site.send_initial("evil", "vm-evil", evil_src, disk_id=disk_id)
-    assert info.value.code in ("bad-header", "wrong-disks")
+    assert info.value.code in (replication_pb2.ERROR_BAD_HEADER, replication_pb2.ERROR_WRONG_DISKS)
     assert site.replica_bytes("victim") == victim
     after = files_under(site.replicas)
     assert {k: v for k, v in after.items() if k.startswith("victim")} == {
@@ -90,7 +90,7 @@ def test_a_grant_without_disks_still_refuses_paths(site: Site, tmp_path: Path) -
     site.grant("old", "vm-old", disks=())
     with pytest.raises(CycleRefused) as info:
         site.send_initial("old", "vm-old", src, disk_id="../../victim/disks/os")
-    assert info.value.code == "bad-header"
+    assert info.value.code == replication_pb2.ERROR_BAD_HEADER
     site.send_initial("old", "vm-old", src, disk_id="os")  # a plain id is fine
 
 
@@ -229,7 +229,7 @@ def test_a_zstd_bomb_is_refused_without_being_decompressed(site: Site, declare: 
     replies = _cycle_with(site, "rel", "vm", batch)
     grown = site.peak_rss() - before
     refused = [r.refused for r in replies if r.WhichOneof("body") == "refused"]
-    assert refused and refused[0].code == "bad-digest", replies
+    assert refused and refused[0].code == replication_pb2.ERROR_BAD_DIGEST, replies
     # Before the fix the receiver's peak RSS grew by about 1 GiB with a declared size.
     assert grown < 128 * MiB, f"the receiver's peak grew by {grown >> 20} MiB"
 

@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from broker import bounds
-from broker.documents import StoredStatus
+from broker.documents import StoredStatus, Verification
 from broker.policy import Policy, validate
 from broker.store.models import Job, RegistrationKey, Relationship, Server, StoredInventory
 from sitepair.protoconv import seconds, timestamp
@@ -189,16 +189,16 @@ def relationship_to_proto(r: Relationship, names: dict[str, str]) -> admin_pb2.P
         stored = StoredStatus.decode(text)
         if stored is not None:
             getattr(msg, field).CopyFrom(stored.status)
-    verify = json.loads(r.verify_json or "{}")
-    if verify.get("at"):
+    verify = Verification.decode(r.verify_json)
+    if verify.at:
         msg.last_verification.CopyFrom(
             admin_pb2.Verification(
-                at=timestamp(float(verify["at"])),
-                job_id=verify.get("job", ""),
-                sequence=int(verify.get("sequence", 0)),
-                mismatched_bytes=int(verify.get("mismatched_bytes", 0)),
-                repaired=bool(verify.get("repaired", False)),
-                by=verify.get("by", ""),
+                at=timestamp(verify.at),
+                job_id=verify.job_id,
+                sequence=verify.sequence,
+                mismatched_bytes=verify.mismatched_bytes,
+                repaired=verify.repaired,
+                by=verify.by,
             )
         )
     return msg

@@ -270,3 +270,53 @@ def result_fields(result: control_pb2.CommandResult) -> dict[str, Any]:
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """``relationships.verify_json``: the last comparison of a replica with its source, and
+    the last attempt at one (for the schedule), as ``{"version": 1, ...}`` with these fields.
+    Documents from before the version field have the same keys (``job`` for ``job_id``)."""
+
+    #: When the last verification finished with a result (0 = never).
+    at: float = 0.0
+    job_id: str = ""
+    by: str = ""
+    #: The replica's cycle sequence that was compared.
+    sequence: int = 0
+    mismatched_bytes: int = 0
+    repaired: bool = False
+    #: When a scheduled verification last started (it may not have finished).
+    attempted_at: float = 0.0
+
+    VERSION = 1
+
+    def encode(self) -> str:
+        doc = dataclasses.asdict(self)
+        doc["version"] = self.VERSION
+        return json.dumps(doc, sort_keys=True)
+
+    @classmethod
+    def decode(cls, text: str) -> Verification:
+        try:
+            doc = json.loads(text or "{}")
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            return cls()
+        if doc.get("version", cls.VERSION) != cls.VERSION:
+            log.warning("verification record of an unknown version ignored")
+            return cls()
+        try:
+            return cls(
+                at=float(doc.get("at") or 0.0),
+                job_id=str(doc.get("job_id", doc.get("job", ""))),
+                by=str(doc.get("by", "")),
+                sequence=int(doc.get("sequence") or 0),
+                mismatched_bytes=int(doc.get("mismatched_bytes") or 0),
+                repaired=bool(doc.get("repaired", False)),
+                attempted_at=float(doc.get("attempted_at") or 0.0),
+            )
+        except (TypeError, ValueError):
+            log.warning("verification record unreadable; treated as never verified")
+            return cls()

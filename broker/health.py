@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 from collections.abc import Iterable
-from typing import Any
 
-from broker.documents import ErrorCode, StoredStatus
+from broker.documents import ErrorCode, StoredStatus, Verification
 from broker.policy import Policy
 from broker.store.models import Relationship, RelationshipState, Server
 from sitepair.v1 import control_pb2
@@ -277,10 +275,10 @@ def evaluate(
                 "points are crash-consistent until the guest can be quiesced",
             )
         )
-    verify: dict[str, Any] = json.loads(rel.verify_json or "{}")
-    if int(verify.get("mismatched_bytes", 0)):
-        seq, n = verify.get("sequence", 0), int(verify["mismatched_bytes"])
-        if verify.get("repaired"):
+    verify = Verification.decode(rel.verify_json)
+    if verify.mismatched_bytes:
+        seq, n = verify.sequence, verify.mismatched_bytes
+        if verify.repaired:
             reasons.append(
                 Reason(
                     WARNING,

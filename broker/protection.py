@@ -20,7 +20,7 @@ from typing import Any
 
 from broker import placement
 from broker.agent_commands import REPLICATING, AgentCommands
-from broker.documents import State, progress_message, status_of
+from broker.documents import State, Verification, progress_message, status_of
 from broker.orchestration import Orchestration, Orchestrator, Step, StepRun
 from broker.policy import Policy
 from broker.reports import ReplicationReports
@@ -532,16 +532,16 @@ class ProtectionManager(Orchestrator):
             rel = tx.get_relationship(rel_id)
             if rel is None:
                 return
-            doc = json.loads(rel.verify_json or "{}")
-            doc.update(
+            done = Verification(
                 at=now,
-                job=job.id,
+                job_id=job.id,
                 by=job.created_by,
                 sequence=result.sequence,
                 mismatched_bytes=result.mismatched_bytes,
                 repaired=result.repaired,
+                attempted_at=Verification.decode(rel.verify_json).attempted_at,
             )
-            tx.update_relationship(rel_id, now, verify_json=json.dumps(doc, sort_keys=True))
+            tx.update_relationship(rel_id, now, verify_json=done.encode())
 
         await self.write(update)
         await self._reports.evaluate_health()

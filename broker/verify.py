@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 
+from broker.documents import Verification
 from broker.jobs import JobManager
 from broker.protection import ProtectionManager
 from broker.store.base import Store
@@ -126,11 +127,10 @@ class VerifyScheduler:
         return started
 
     def _due_at(self, rel: Relationship) -> float:
-        doc = json.loads(rel.verify_json or "{}")
-        last_ok = float(doc.get("at", 0.0)) or rel.created_at
-        due = last_ok + self.config.interval
-        attempted = float(doc.get("attempted_at", 0.0))
-        if attempted > float(doc.get("at", 0.0)):
+        last = Verification.decode(rel.verify_json)
+        due = (last.at or rel.created_at) + self.config.interval
+        attempted = last.attempted_at
+        if attempted > last.at:
             # The last attempt did not finish with a result: wait before the next one.
             due = max(due, attempted + self.config.retry)
         return due
@@ -140,9 +140,9 @@ class VerifyScheduler:
             rel = tx.get_relationship(rel_id)
             if rel is None:
                 return
-            doc = json.loads(rel.verify_json or "{}")
-            doc["attempted_at"] = now
-            tx.update_relationship(rel_id, now, verify_json=json.dumps(doc, sort_keys=True))
+            last = Verification.decode(rel.verify_json)
+            attempt = dataclasses.replace(last, attempted_at=now)
+            tx.update_relationship(rel_id, now, verify_json=attempt.encode())
 
         await self._store.writing(update)
 

@@ -126,3 +126,17 @@ def test_result_fields_show_zero_values() -> None:
     )
     assert documents.result_fields(result) == {"script": "s.sh", "exit_status": 0, "output": ""}
     assert documents.result_fields(control_pb2.CommandResult()) == {}
+
+
+def test_verification_record_round_trips_and_reads_older_records() -> None:
+    v = documents.Verification(
+        at=10.5, job_id="job-1", by="alice", sequence=4, mismatched_bytes=8192, repaired=True
+    )
+    assert documents.Verification.decode(v.encode()) == v
+    older = json.dumps({"at": 3.0, "job": "job-0", "sequence": 2, "mismatched_bytes": 0})
+    assert documents.Verification.decode(older) == documents.Verification(
+        at=3.0, job_id="job-0", sequence=2
+    )
+    assert documents.Verification.decode("") == documents.Verification()
+    assert documents.Verification.decode('{"at": "soon"}') == documents.Verification()
+    assert documents.Verification.decode('{"version": 9, "at": 1}') == documents.Verification()

@@ -10,13 +10,11 @@ host's advertised endpoint from the store.
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from broker.documents import decode_facts
+from broker.documents import ProtectedVm, decode_facts
 from broker.orchestration import StepFailed
 from broker.policy import Policy
 from broker.store.base import Store
@@ -71,7 +69,7 @@ def configure_replica(rel: Relationship, *, ticket_public_key: bytes) -> control
     """The replica host's grant: from which host, how authenticated, and the VM's disks as
     the broker's inventory knows them (the only disk ids its cycles may name)."""
     policy = Policy.from_json(rel.policy_json)
-    replica_vm = json.loads(rel.replica_vm_json or "{}")
+    replica_vm = ProtectedVm.decode(rel.replica_vm_json)
     return control_pb2.Command(
         configure_replica=control_pb2.ConfigureReplica(
             relationship_id=rel.id,
@@ -84,7 +82,7 @@ def configure_replica(rel: Relationship, *, ticket_public_key: bytes) -> control
             ticket_public_key=ticket_public_key,
             recovery_points=policy.recovery_points,
             point_interval_seconds=3600,
-            adopt=bool(replica_vm.get("adopt")),
+            adopt=replica_vm.adopt,
             disks=granted_disks(replica_vm),
         )
     )
@@ -119,7 +117,7 @@ def configure_source(rel: Relationship, replica: Server) -> control_pb2.Command:
                 start_at=timestamp(policy.initial_at) if policy.initial_at else None,
                 export_path=policy.export_path,
             ),
-            resync_first=bool(json.loads(rel.replica_vm_json).get("adopt")),
+            resync_first=ProtectedVm.decode(rel.replica_vm_json).adopt,
         )
     )
 
@@ -139,13 +137,9 @@ def replication_endpoint(facts_json: str) -> tuple[str, int, int]:
     )
 
 
-def granted_disks(replica_vm: dict[str, Any]) -> list[control_pb2.GrantedDisk]:
+def granted_disks(replica_vm: ProtectedVm) -> list[control_pb2.GrantedDisk]:
     """The disks a replica host accepts for a VM, from the VM's inventory at protection."""
     return [
-        control_pb2.GrantedDisk(
-            disk_id=str(d["id"]),
-            virtual_size=int(d.get("virtual_size") or 0),
-            format=str(d.get("format") or ""),
-        )
-        for d in replica_vm.get("disks", [])
+        control_pb2.GrantedDisk(disk_id=d.id, virtual_size=d.virtual_size, format=d.format)
+        for d in replica_vm.disks
     ]

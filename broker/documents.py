@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from broker.store.base import StoreError
 from sitepair.v1 import common_pb2, control_pb2, replication_pb2
 
 log = logging.getLogger("sitepair.broker.documents")
@@ -320,3 +321,105 @@ class Verification:
         except (TypeError, ValueError):
             log.warning("verification record unreadable; treated as never verified")
             return cls()
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtectedDisk:
+    id: str
+    format: str
+    virtual_size: int
+    file_size: int = 0
+    storage_class: str = ""
+    path: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtectedNic:
+    name: str
+    #: The network on the recovery side (mapped); "" = none.
+    network: str = ""
+    #: The network on the primary side.
+    source_network: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtectedVm:
+    """``relationships.replica_vm_json``: the VM as the broker's inventory knew it when it was
+    protected (what the replica is made for and a failover recreates), stored as
+    ``{"version": 1, ...}`` with these fields; documents from before the version field have
+    the same keys."""
+
+    name: str = ""
+    generation: int = 2
+    cpu_count: int = 1
+    memory_mb: int = 1024
+    disks: tuple[ProtectedDisk, ...] = ()
+    nics: tuple[ProtectedNic, ...] = ()
+    #: An earlier relationship's replica of this VM is reused (a checksum resync, no full copy).
+    adopt: bool = False
+    #: Protection was disabled and the replica left in place, for a later protection to adopt.
+    replica_kept: bool = False
+
+    VERSION = 1
+
+    def reversed(self) -> ProtectedVm:
+        """The VM replicating the other way round: each NIC's two networks swap sides."""
+        return dataclasses.replace(
+            self,
+            nics=tuple(
+                ProtectedNic(n.name, network=n.source_network, source_network=n.network)
+                for n in self.nics
+            ),
+        )
+
+    def encode(self) -> str:
+        doc = dataclasses.asdict(self)
+        doc["version"] = self.VERSION
+        return json.dumps(doc, sort_keys=True)
+
+    @classmethod
+    def decode(cls, text: str) -> ProtectedVm:
+        """The stored VM; a document that cannot be read is a :class:`StoreError` (a
+        relationship cannot be replicated or failed over without it)."""
+        try:
+            doc = json.loads(text or "{}")
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise StoreError("the protected VM's record in the store is not a JSON object")
+        if doc.get("version", cls.VERSION) != cls.VERSION:
+            raise StoreError(
+                f"the protected VM's record has version {doc.get('version')!r}, "
+                f"this broker knows {cls.VERSION}",
+                hint="upgrade this broker to the version that wrote it",
+            )
+        try:
+            return cls(
+                name=str(doc.get("name", "")),
+                generation=int(doc.get("generation", 2)),
+                cpu_count=int(doc.get("cpu_count", 1)),
+                memory_mb=int(doc.get("memory_mb", 1024)),
+                disks=tuple(
+                    ProtectedDisk(
+                        id=str(d["id"]),
+                        format=str(d.get("format") or ""),
+                        virtual_size=int(d.get("virtual_size") or 0),
+                        file_size=int(d.get("file_size") or 0),
+                        storage_class=str(d.get("storage_class") or ""),
+                        path=str(d.get("path") or ""),
+                    )
+                    for d in doc.get("disks", [])
+                ),
+                nics=tuple(
+                    ProtectedNic(
+                        name=str(n["name"]),
+                        network=str(n.get("network") or ""),
+                        source_network=str(n.get("source_network") or ""),
+                    )
+                    for n in doc.get("nics", [])
+                ),
+                adopt=bool(doc.get("adopt", False)),
+                replica_kept=bool(doc.get("replica_kept", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"the protected VM's record in the store is malformed: {exc}") from exc

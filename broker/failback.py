@@ -9,11 +9,11 @@ failover can reverse in the same job (:meth:`commit_step`, :meth:`reverse_steps`
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from broker.agent_commands import AgentCommands
+from broker.documents import ProtectedVm
 from broker.failover_jobs import FAILED_OVER, FailoverJobs, failover_doc
 from broker.orchestration import Orchestration, Step, StepFailed, StepRun
 from broker.reports import ReplicationReports
@@ -179,12 +179,7 @@ class FailbackManager(FailoverJobs):
                     "the old primary is not connected; it must come back before replicating to it"
                 )
             # The relationship now runs the other way round; the NIC mapping too.
-            spec = json.loads(rel.replica_vm_json)
-            for nic in spec.get("nics", []):
-                nic["network"], nic["source_network"] = (
-                    nic.get("source_network", ""),
-                    nic.get("network", ""),
-                )
+            spec = ProtectedVm.decode(rel.replica_vm_json).reversed()
             await self.set_fields(
                 rel_id,
                 primary_server=new,
@@ -192,7 +187,7 @@ class FailbackManager(FailoverJobs):
                 primary_cloud=rel.recovery_cloud,
                 recovery_cloud=rel.primary_cloud,
                 replica_folder="",
-                replica_vm_json=json.dumps(spec),
+                replica_vm_json=spec.encode(),
                 state=RelationshipState.REVERSE_REPLICATING,
                 primary_status_json="{}",
                 replica_status_json="{}",

@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from broker.agent_commands import AgentCommands
+from broker.documents import ProtectedVm
 from broker.orchestration import Orchestration, Orchestrator
 from broker.reports import ReplicationReports
 from broker.store.models import Job, Relationship, RelationshipState
@@ -137,19 +138,16 @@ class FailoverJobs(Orchestrator):
         return self.sessions.get(server_id) is not None
 
     def vm_spec(self, rel: Relationship) -> tuple[common_pb2.VirtualMachine, dict[str, str]]:
-        spec = json.loads(rel.replica_vm_json)
+        spec = ProtectedVm.decode(rel.replica_vm_json)
         vm = common_pb2.VirtualMachine(
             id=rel.vm_id,
-            name=spec.get("name", rel.vm_name),
-            generation=int(spec.get("generation", 2)),
-            cpu_count=int(spec.get("cpu_count", 1)),
-            memory_mb=int(spec.get("memory_mb", 1024)),
-            nics=[
-                common_pb2.VmNic(name=n["name"], network=n.get("network", ""))
-                for n in spec.get("nics", [])
-            ],
+            name=spec.name or rel.vm_name,
+            generation=spec.generation,
+            cpu_count=spec.cpu_count,
+            memory_mb=spec.memory_mb,
+            nics=[common_pb2.VmNic(name=n.name, network=n.network) for n in spec.nics],
         )
-        return vm, {n["name"]: n.get("network", "") for n in spec.get("nics", [])}
+        return vm, {n.name: n.network for n in spec.nics}
 
     async def set_fields(self, rel_id: str, **fields: Any) -> None:
         await self.write(lambda tx: tx.update_relationship(rel_id, self.clock.now(), **fields))

@@ -10,11 +10,10 @@ id, proved to lie directly inside the storage path (:func:`replica_folder`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from broker.documents import decode_facts, decode_metrics
+from broker.documents import ProtectedVm, decode_facts, decode_metrics
 from broker.orchestration import StepFailed
 from broker.store.models import Relationship, Server
 from broker.store.sqlite import Tx
@@ -65,11 +64,11 @@ def replica_folder(storage_path: str, vm_name: str, rel_id: str) -> str:
 
 def place(tx: Tx, rel: Relationship) -> Placement:
     """Choose the replica host: mapped storage with room, memory headroom, fewest replicas."""
-    replica_vm = json.loads(rel.replica_vm_json)
-    disks = replica_vm["disks"]
-    need = sum(int(d.get("file_size") or d["virtual_size"]) for d in disks) + PLACEMENT_MARGIN
+    replica_vm = ProtectedVm.decode(rel.replica_vm_json)
+    disks = replica_vm.disks
+    need = sum(d.file_size or d.virtual_size for d in disks) + PLACEMENT_MARGIN
     storage_map = {m.source: m.target for m in tx.list_mappings("storage")}
-    classes = {d.get("storage_class", "") for d in disks}
+    classes = {d.storage_class for d in disks}
     target_class = ""
     for c in classes:
         if c and c in storage_map:
@@ -103,13 +102,13 @@ def place(tx: Tx, rel: Relationship) -> Placement:
             continue
         memory = facts.memory_total_bytes
         committed = sum(
-            json.loads(r.replica_vm_json).get("memory_mb", 0) << 20
+            ProtectedVm.decode(r.replica_vm_json).memory_mb << 20
             for r in tx.relationships_of_server(server_id)
             if r.replica_server == server_id
         )
-        if memory and committed + (int(replica_vm["memory_mb"]) << 20) > memory:
+        if memory and committed + (replica_vm.memory_mb << 20) > memory:
             refusals.append(
-                f"{server.name} lacks memory for another {replica_vm['memory_mb']} MiB replica VM"
+                f"{server.name} lacks memory for another {replica_vm.memory_mb} MiB replica VM"
             )
             continue
         replicas = sum(

@@ -13,6 +13,7 @@ unfinished step (:mod:`broker.orchestration`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import uuid
@@ -20,7 +21,15 @@ from typing import Any
 
 from broker import placement
 from broker.agent_commands import REPLICATING, AgentCommands
-from broker.documents import State, Verification, progress_message, status_of
+from broker.documents import (
+    ProtectedDisk,
+    ProtectedNic,
+    ProtectedVm,
+    State,
+    Verification,
+    progress_message,
+    status_of,
+)
 from broker.orchestration import Orchestration, Orchestrator, Step, StepRun
 from broker.policy import Policy
 from broker.reports import ReplicationReports
@@ -118,25 +127,35 @@ class ProtectionManager(Orchestrator):
                 and r.disabled_at is not None
                 and r.replica_folder
                 and r.replica_server in recovery_hosts
-                and json.loads(r.replica_vm_json).get("replica_kept")
+                and ProtectedVm.decode(r.replica_vm_json).replica_kept
             ]
             adopt_from = max(earlier, key=lambda r: r.disabled_at or 0.0) if earlier else None
-            replica_vm = {
-                "adopt": adopt_from is not None,
-                "name": vm.name,
-                "generation": vm.generation,
-                "cpu_count": vm.cpu_count,
-                "memory_mb": vm.memory_mb,
-                "disks": disks,
-                "nics": [
-                    {
-                        "name": n["name"],
-                        "network": net_map.get(n["network"], ""),
-                        "source_network": n["network"],
-                    }
+            replica_vm = ProtectedVm(
+                adopt=adopt_from is not None,
+                name=vm.name,
+                generation=vm.generation,
+                cpu_count=vm.cpu_count,
+                memory_mb=vm.memory_mb,
+                disks=tuple(
+                    ProtectedDisk(
+                        id=str(d["id"]),
+                        format=str(d["format"]),
+                        virtual_size=int(d.get("virtual_size") or 0),
+                        file_size=int(d.get("file_size") or 0),
+                        storage_class=str(d.get("storage_class") or ""),
+                        path=str(d.get("path") or ""),
+                    )
+                    for d in disks
+                ),
+                nics=tuple(
+                    ProtectedNic(
+                        name=n["name"],
+                        network=net_map.get(n["network"], ""),
+                        source_network=n["network"],
+                    )
                     for n in nics
-                ],
-            }
+                ),
+            )
             rel = Relationship(
                 id=f"rel-{uuid.uuid4().hex[:12]}",
                 vm_id=vm.vm_id,
@@ -149,7 +168,7 @@ class ProtectionManager(Orchestrator):
                 state=RelationshipState.ENABLING,
                 epoch=1,
                 policy_json=pair.policy_json,
-                replica_vm_json=json.dumps(replica_vm),
+                replica_vm_json=replica_vm.encode(),
                 created_at=now,
                 updated_at=now,
             )
@@ -287,8 +306,8 @@ class ProtectionManager(Orchestrator):
         if rel is None:
             return ""
         sent = {c.kind for c in await self.read(lambda tx: tx.commands_for_job(job.id))}
-        replica_vm = json.loads(rel.replica_vm_json or "{}")
-        adopted = bool(replica_vm.get("adopt"))
+        replica_vm = ProtectedVm.decode(rel.replica_vm_json)
+        adopted = replica_vm.adopt
         undone = []
         if "configure_source" in sent and rel.primary_server:
             undone.append(
@@ -313,14 +332,14 @@ class ProtectionManager(Orchestrator):
                 )
             )
         now = self.clock.now()
-        replica_vm["replica_kept"] = adopted
+        kept = dataclasses.replace(replica_vm, replica_kept=adopted)
         await self.write(
             lambda tx: tx.update_relationship(
                 rel_id,
                 now,
                 state=RelationshipState.DISABLED,
                 disabled_at=now,
-                replica_vm_json=json.dumps(replica_vm),
+                replica_vm_json=kept.encode(),
             )
         )
         self._reports.forget(rel_id)
@@ -441,15 +460,16 @@ class ProtectionManager(Orchestrator):
         async def mark(step: StepRun) -> str:
             now = self.clock.now()
             rel = await self.relationship(rel_id)
-            replica_vm = json.loads(rel.replica_vm_json)
-            replica_vm["replica_kept"] = not delete
+            replica_vm = dataclasses.replace(
+                ProtectedVm.decode(rel.replica_vm_json), replica_kept=not delete
+            )
             await self.write(
                 lambda tx: tx.update_relationship(
                     rel_id,
                     now,
                     state=RelationshipState.DISABLED,
                     disabled_at=now,
-                    replica_vm_json=json.dumps(replica_vm),
+                    replica_vm_json=replica_vm.encode(),
                 )
             )
             self._reports.forget(rel_id)

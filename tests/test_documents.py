@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from google.protobuf import json_format
 
 from broker import documents
 from broker.documents import StoredStatus
+from broker.store.base import StoreError
 from sitepair.v1 import common_pb2, control_pb2, replication_pb2
 
 State = control_pb2.ReplicationState
@@ -140,3 +142,34 @@ def test_verification_record_round_trips_and_reads_older_records() -> None:
     assert documents.Verification.decode("") == documents.Verification()
     assert documents.Verification.decode('{"at": "soon"}') == documents.Verification()
     assert documents.Verification.decode('{"version": 9, "at": 1}') == documents.Verification()
+
+
+def test_protected_vm_round_trips_reverses_and_refuses_a_damaged_record() -> None:
+    vm = documents.ProtectedVm(
+        name="web01",
+        memory_mb=2048,
+        disks=(documents.ProtectedDisk("os", "vhdx", 1 << 30, file_size=1 << 20),),
+        nics=(documents.ProtectedNic("eth0", network="dr-net", source_network="prod-net"),),
+        adopt=True,
+    )
+    assert documents.ProtectedVm.decode(vm.encode()) == vm
+    back = vm.reversed()
+    assert back.nics[0] == documents.ProtectedNic("eth0", "prod-net", "dr-net")
+    assert back.reversed() == vm
+    older = json.dumps(  # as brokers before the version field wrote it
+        {
+            "adopt": False,
+            "name": "db01",
+            "generation": 1,
+            "cpu_count": 2,
+            "memory_mb": 512,
+            "disks": [{"id": "d0", "format": "vhd", "virtual_size": 10, "path": "/v/d0.vhd"}],
+            "nics": [{"name": "n0", "network": "", "source_network": "lan"}],
+            "replica_kept": True,
+        }
+    )
+    old = documents.ProtectedVm.decode(older)
+    assert old.generation == 1 and old.replica_kept and old.disks[0].path == "/v/d0.vhd"
+    for bad in ("[]", "{broken", '{"disks": [{"format": "vhd"}]}', '{"version": 7}'):
+        with pytest.raises(StoreError):
+            documents.ProtectedVm.decode(bad)

@@ -31,6 +31,7 @@ from agent.identity import AgentIdentity
 from agent.replication.sender import ReplicaClient
 from broker.agent_commands import granted_disks, replication_endpoint
 from broker.client import wait_job
+from broker.documents import ProtectedDisk, ProtectedVm
 from broker.orchestration import Orchestration, Orchestrator
 from broker.placement import replica_folder
 from broker.reports import MAX_STATUS_POINTS, STATUS_TEXT_LIMITS
@@ -350,12 +351,12 @@ def test_a_storage_path_that_is_not_absolute_is_refused(root: str) -> None:
 
 def test_the_grant_names_the_vms_disks() -> None:
     disks = granted_disks(
-        {
-            "disks": [
-                {"id": "os", "virtual_size": 4 * MiB, "format": "vhdx", "path": "/x/os.vhdx"},
-                {"id": "data", "virtual_size": 2 * MiB, "format": "vhd"},
-            ]
-        }
+        ProtectedVm(
+            disks=(
+                ProtectedDisk("os", "vhdx", 4 * MiB, path="/x/os.vhdx"),
+                ProtectedDisk("data", "vhd", 2 * MiB),
+            )
+        )
     )
     assert [(d.disk_id, d.virtual_size, d.format) for d in disks] == [
         ("os", 4 * MiB, "vhdx"),

@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sitepair.broker.control")
 
+#: The oldest agent protocol this broker understands (protocol 2 typed the wire's statuses and
+#: command results on new field numbers).
+MIN_AGENT_PROTOCOL = 2
+
 #: How long a new stream may take to say Hello.
 HELLO_TIMEOUT = 30.0
 
@@ -114,6 +118,13 @@ class ControlService(control_pb2_grpc.ControlServicer):
             raise FailedPrecondition(
                 f"agent speaks protocol {hello.protocol_version}, this broker {PROTOCOL_VERSION}",
                 hint="upgrade the broker before its agents",
+            )
+        if hello.protocol_version and hello.protocol_version < MIN_AGENT_PROTOCOL:
+            raise FailedPrecondition(
+                f"agent speaks protocol {hello.protocol_version}, this broker needs "
+                f"{MIN_AGENT_PROTOCOL} or newer (its statuses and command results would be "
+                "misread)",
+                hint="upgrade the agent (sitepair-agent) to this broker's version",
             )
         try:
             facts = bounds.accept_facts(hello.facts)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import grpc
 
-from sitepair import pki
+from sitepair import PROTOCOL_VERSION, pki
 from sitepair.v1 import common_pb2, control_pb2, control_pb2_grpc
 
 MIB = 1024 * 1024
@@ -60,5 +60,5 @@ def hello(facts: common_pb2.HostFacts | None = None) -> control_pb2.Hello:
     return control_pb2.Hello(
         facts=facts or common_pb2.HostFacts(hostname="evil", backend="directory"),
         agent_version="0.0.1",
-        protocol_version=1,
+        protocol_version=PROTOCOL_VERSION,
     )

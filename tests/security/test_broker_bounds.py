@@ -34,7 +34,7 @@ from broker.store.models import (
     Server,
     StoredInventory,
 )
-from sitepair import paths, pki
+from sitepair import PROTOCOL_VERSION, paths, pki
 from sitepair.errors import InvalidArgument
 from sitepair.rpc import CONTROL_MAX_RECEIVE
 from sitepair.v1 import (
@@ -525,3 +525,33 @@ def test_unauthenticated_fields_are_cut_in_the_log(
     assert "250000" in log_file.read_text()[before:]  # the length is kept, the value is not
     assert err.value.code() == code
     assert len(err.value.details() or "") < 1024
+
+
+def test_an_agent_of_an_older_protocol_is_refused_with_the_way_forward(
+    served: BrokerProcess, served_admin: AdminClient, tmp_path: Path
+) -> None:
+    """Protocol 1 sent statuses and command results as free strings on field numbers protocol
+    2 no longer reads: such an agent would be misread (every status refused, every result
+    empty), so the broker says so at the Hello instead."""
+    control = served.run_info()["control"]
+    creds = tmp_path / "creds.json"
+    create_key(served_admin, creds, uses=1)
+    old = register_agent(creds, tmp_path / "old", name="hv-old")
+    stream = RawStream(control, old.channel_credentials())
+    try:
+        older = hello()
+        older.protocol_version = PROTOCOL_VERSION - 1
+        stream.send(hello=older)
+        with pytest.raises(grpc.RpcError) as err:
+            stream.first()
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "upgrade the agent" in (err.value.details() or "")
+    finally:
+        stream.close()
+    # The same host speaking this protocol is welcome.
+    stream = RawStream(control, old.channel_credentials())
+    try:
+        stream.send(hello=hello())
+        assert stream.first().WhichOneof("body") == "welcome"
+    finally:
+        stream.close()

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from broker.home import BrokerHome
 from broker.store.models import InventoryVm, Relationship, RelationshipState
 from broker.store.sqlite import SqliteStore
-from sitepair import paths
+from sitepair import PROTOCOL_VERSION, paths
 from sitepair.errors import InvalidArgument
 from sitepair.v1 import admin_pb2, common_pb2, control_pb2
 from tests.security.control_site import BIG_CHANNEL, MIB
@@ -227,7 +227,9 @@ class Target:
 
     def stream(self, hello: common_pb2.HostFacts, body: list[bytes]) -> None:
         first = control_pb2.AgentMessage(
-            hello=control_pb2.Hello(facts=hello, agent_version="0.1", protocol_version=1)
+            hello=control_pb2.Hello(
+                facts=hello, agent_version="0.1", protocol_version=PROTOCOL_VERSION
+            )
         ).SerializeToString()
         try:
             replies = list(self.connect(iter([first, *body]), timeout=60))

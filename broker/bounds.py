@@ -24,7 +24,8 @@ broke, never anything about the vault.
 * **Inventory**: see :func:`broker.inventory.accept_inventory` (refused whole when it is too big
   or has too many entries; a single VM, network or storage entry that breaks a rule is left out).
 * **Command acknowledgements**: an ack whose command id is longer than :data:`MAX_ID` is
-  dropped; its error and result are cut by the dispatcher (4 KiB, 64 KiB).
+  dropped; its error is cut by the dispatcher (4 KiB), and a result whose stored JSON is over
+  1 MiB is not kept (``broker.documents.MAX_STORED_RESULT``).
 * **Any message** larger than :data:`MAX_AGENT_MESSAGE` is dropped (the gRPC receive limit,
   :data:`sitepair.rpc.CONTROL_MAX_RECEIVE`, normally stops it first).
 

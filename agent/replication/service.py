@@ -6,7 +6,8 @@ persisted so replication continues across agent restarts without the broker. Eac
 relationship has a runner (:mod:`agent.replication.runners`) that starts a cycle every
 copy-frequency interval (counting the intervals a slow cycle overran as missed), backs off after
 failures, and stops for good when the replica reports a higher epoch (this host was failed over
-from: fenced). The replica side is :mod:`agent.replication.receiver`.
+from: fenced). The replica side is :mod:`agent.replication.receiver`; the statuses reported to
+the broker are built by :mod:`agent.replication.report`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from agent.replication.incoming import MAX_DISKS
 from agent.replication.offline import import_export
 from agent.replication.receiver import ReceiverServer, ReplicaRegistry
 from agent.replication.replica import ReplicaStore
+from agent.replication.report import replication_report
 from agent.replication.runners import SourceRunners
 from agent.replication.state import (
     DiskGrant,
@@ -47,9 +49,8 @@ from sitepair.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    SitepairError,
 )
-from sitepair.protoconv import seconds, timestamp
+from sitepair.protoconv import seconds
 from sitepair.rpc import channel_options, error_from_rpc
 from sitepair.v1 import control_pb2, control_pb2_grpc, replication_pb2
 
@@ -578,66 +579,4 @@ class ReplicationService:
     def report(self) -> control_pb2.ReplicationReport:
         """Every relationship's status (runs in a worker thread, so it works on a snapshot of
         ``sources``, which the event loop changes as relationships come and go)."""
-        out = control_pb2.ReplicationReport()
-        for rel_id, rel in list(self.sources.items()):
-            st = rel.stats
-            found = self.state.source(rel_id)
-            sender = found[1] if found is not None else SenderState()
-            out.relationships.add(
-                relationship_id=rel_id,
-                role=control_pb2.ROLE_PRIMARY,
-                vm_id=rel.config.vm_id,
-                state=rel.reported_state(sender),
-                epoch=rel.config.epoch,
-                committed_sequence=st.committed_sequence,
-                cycles_succeeded=st.cycles_succeeded,
-                cycles_failed=st.cycles_failed,
-                cycles_missed=st.cycles_missed,
-                last_success_at=timestamp(st.last_success_at) if st.last_success_at else None,
-                last_cycle_seconds=st.last_cycle_seconds,
-                avg_cycle_seconds=st.avg_cycle_seconds,
-                max_cycle_seconds=st.max_cycle_seconds,
-                last_cycle_bytes=st.last_cycle_bytes,
-                avg_cycle_bytes=int(st.avg_cycle_bytes),
-                max_cycle_bytes=st.max_cycle_bytes,
-                progress_done=st.progress_done,
-                progress_total=st.progress_total,
-                last_error=st.last_error,
-                last_error_code=st.last_error_code,
-                app_consistent_error=st.last_app_consistent_error,
-                app_consistent_failures=st.app_consistent_failures,
-                last_cut_at=timestamp(st.last_cut_at) if st.last_cut_at else None,
-                paused=sender.paused,
-            )
-        for grant in self.state.grants():
-            try:
-                store = self.registry.store(grant)
-            except SitepairError as exc:
-                out.relationships.add(
-                    relationship_id=grant.relationship,
-                    role=control_pb2.ROLE_REPLICA,
-                    state=control_pb2.STATE_REPLICA_ERROR,
-                    last_error=str(exc),
-                )
-                continue
-            s = store.state
-            status = out.relationships.add(
-                relationship_id=grant.relationship,
-                role=control_pb2.ROLE_REPLICA,
-                vm_id=grant.vm_id,
-                state=control_pb2.STATE_REPLICA
-                if s.committed_sequence
-                else control_pb2.STATE_WAITING_FOR_INITIAL,
-                epoch=max(s.epoch, grant.epoch),
-                committed_sequence=s.committed_sequence,
-                last_success_at=timestamp(s.committed_at) if s.committed_at else None,
-                last_cut_at=timestamp(s.cut_at) if s.cut_at else None,
-            )
-            for p in s.points:
-                status.points.add(
-                    sequence=p.sequence,
-                    cut_at=timestamp(p.cut_at),
-                    app_consistent=p.app_consistent,
-                    pinned=bool(p.pins),
-                )
-        return out
+        return replication_report(list(self.sources.values()), self.state, self.registry)

@@ -35,7 +35,7 @@ from broker.store.models import InventoryVm, Relationship, RelationshipState
 from broker.store.sqlite import SqliteStore
 from sitepair import PROTOCOL_VERSION, paths
 from sitepair.errors import InvalidArgument
-from sitepair.v1 import admin_pb2, common_pb2, control_pb2
+from sitepair.v1 import admin_pb2, common_pb2, control_pb2, replication_pb2
 from tests.security.control_site import BIG_CHANNEL, MIB
 from tests.support.agents import register_agent
 from tests.support.brokers import BrokerProcess, create_key
@@ -120,15 +120,16 @@ def statuses(victim_rel: str) -> st.SearchStrategy[control_pb2.RelationshipStatu
     return st.builds(
         control_pb2.RelationshipStatus,
         relationship_id=st.one_of(st.just(victim_rel), ids),
-        role=st.sampled_from(["primary", "replica", "", "admin"]),
-        state=st.sampled_from(["protected", "resynchronizing", "failed", "x" * 1000]),
+        # Every value the enums name, and values they do not (a newer or hostile peer).
+        role=st.sampled_from([*control_pb2.Role.values(), 3, 2**31 - 1]),
+        state=st.sampled_from([*control_pb2.ReplicationState.values(), 99, 2**31 - 1]),
         epoch=u64,
         committed_sequence=u64,
         cycles_succeeded=u64,
         cycles_failed=u64,
         cycles_missed=u64,
         last_error=texts,
-        last_error_code=texts,
+        last_error_code=st.sampled_from([*replication_pb2.ErrorCode.values(), 99, 2**31 - 1]),
         pending_bytes=u64,
         points=st.lists(
             st.builds(control_pb2.RecoveryPoint, sequence=u64, app_consistent=st.booleans()),

@@ -293,7 +293,9 @@ def test_a_step_sends_one_command_per_target_and_finds_it_again_after_a_restart(
 
     def configure(rel: str) -> control_pb2.Command:
         return control_pb2.Command(
-            configure_replica=control_pb2.ConfigureReplica(relationship_id=rel, auth="ticket")
+            configure_replica=control_pb2.ConfigureReplica(
+                relationship_id=rel, auth=control_pb2.AUTH_TICKET
+            )
         )
 
     def once(orch: Orchestrator, step: str, body: control_pb2.Command) -> str:
@@ -557,7 +559,7 @@ def test_reported_text_and_points_are_bounded(sites: Sites) -> None:
             primary.host_id, control_pb2.ReplicationReport(relationships=[huge])
         )
     )
-    doc = json.loads(s.broker.loop.call(_stored(s, v.relationship_id))[0])
+    doc = json.loads(s.broker.loop.call(_stored(s, v.relationship_id))[0])["status"]
     for name, limit in STATUS_TEXT_LIMITS.items():
         assert len(doc.get(name, "")) <= limit, name
     assert len(doc["last_error"]) == STATUS_TEXT_LIMITS["last_error"]

@@ -455,7 +455,7 @@ def test_a_replica_folder_outside_the_replica_locations_is_refused(
         source_host=site.idents["primary"].host_id,
         epoch=1,
         folder=folder,
-        auth="certificate",
+        auth=control_pb2.AUTH_CERTIFICATE,
     )
     cmd.disks.add(disk_id="os", virtual_size=4 * MiB, format="vhdx")
     try:

@@ -69,9 +69,11 @@ def auth_mode(mode: control_pb2.AuthMode.ValueType) -> str:
     """The agent's name of a command's authentication mode; an unset or unknown one is refused."""
     name = AUTH_MODES.get(mode)
     if name is None:
+        shown = "none" if mode == control_pb2.AUTH_MODE_UNSPECIFIED else f"unknown mode {mode}"
         raise InvalidArgument(
-            f"the command names no known authentication mode ({mode}): "
-            "it must be certificate or ticket"
+            f"the command names no authentication mode this agent knows ({shown}): "
+            "it must be certificate or ticket",
+            hint="a broker that sends no mode is older or newer than this agent: upgrade both",
         )
     return name
 

@@ -437,6 +437,26 @@ def _service(site: Site) -> ReplicationService:
     )
 
 
+def test_a_configuration_without_an_authentication_mode_is_refused(site: Site) -> None:
+    """A ConfigureReplica or ConfigureSource that names no AuthMode (an unset field, or one this
+    agent does not know) is refused, and nothing is granted or started."""
+    service = _service(site)
+    replica = control_pb2.ConfigureReplica(
+        relationship_id="rel-x", vm_id="vm-x", source_host=site.idents["primary"].host_id
+    )
+    source = control_pb2.ConfigureSource(relationship_id="rel-y", vm_id="vm-y")
+    try:
+        for mode, shown in ((control_pb2.AUTH_MODE_UNSPECIFIED, "none"), (7, "unknown mode 7")):
+            replica.auth = source.auth = mode  # type: ignore[assignment]
+            with pytest.raises(InvalidArgument, match=f"authentication mode .*{shown}"):
+                asyncio.run(service.configure_replica(replica))
+            with pytest.raises(InvalidArgument, match=f"authentication mode .*{shown}"):
+                asyncio.run(service.configure_source(source))
+        assert service.state.grant("rel-x") is None and service.state.source("rel-y") is None
+    finally:
+        service.state.close()
+
+
 @pytest.mark.parametrize(
     "folder",
     ["/etc/sitepair-x", "../outside", "replicas/../../outside", "replicas", "a\0b"],

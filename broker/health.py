@@ -125,10 +125,10 @@ def evaluate(
                 f"initial replication has not completed{progress}",
             )
         )
-    if (
-        state == RelationshipState.RESYNC_REQUIRED
-        or status.state == control_pb2.ReplicationState.STATE_RESYNC_REQUIRED
-    ):
+    # The primary's STATE_RESYNC_REQUIRED moves a protected relationship to RESYNC_REQUIRED
+    # (broker.reports); not a relationship still being set up or reversed, whose first cycle is
+    # a resync by design.
+    if state == RelationshipState.RESYNC_REQUIRED:
         reasons.append(
             Reason(
                 CRITICAL,

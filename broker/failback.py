@@ -10,11 +10,12 @@ failover can reverse in the same job (:meth:`commit_step`, :meth:`reverse_steps`
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from broker.agent_commands import AgentCommands
 from broker.documents import ProtectedVm
-from broker.failover_jobs import FAILED_OVER, FailoverJobs, failover_doc
+from broker.failover_jobs import FAILED_OVER, FailoverJobs, failover_record
 from broker.orchestration import Orchestration, Step, StepFailed, StepRun
 from broker.reports import ReplicationReports
 from broker.store.models import Job, RelationshipState
@@ -41,11 +42,11 @@ class FailbackManager(FailoverJobs):
     def commit_step(self, rel_id: str) -> Step:
         async def commit(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            doc = failover_doc(rel)
-            if doc.get("committed"):
+            doc = failover_record(rel)
+            if doc.committed:
                 return "committed before"
             await step.send(
-                doc["new_primary"],
+                doc.new_primary,
                 control_pb2.Command(
                     failover_control=control_pb2.FailoverControl(
                         relationship_id=rel.id,
@@ -54,7 +55,7 @@ class FailbackManager(FailoverJobs):
                     )
                 ),
             )
-            await self.set_failover(rel_id, committed=True)
+            await self.set_failover(rel_id, lambda r: replace(r, committed=True))
             await self.set_fields(rel_id, state=RelationshipState.COMMITTED)
             return "committed: other recovery points discarded"
 
@@ -62,12 +63,12 @@ class FailbackManager(FailoverJobs):
 
     async def commit(self, ref: str, *, by: str) -> Job:
         rel = await self.find(ref)
-        doc = failover_doc(rel)
+        doc = failover_record(rel)
         if rel.state not in FAILED_OVER:
             raise FailedPrecondition(
                 f"{rel.vm_name} is {rel.state.value}; only a failed-over VM can be committed"
             )
-        if doc.get("committed"):
+        if doc.committed:
             raise FailedPrecondition(f"the failover of {rel.vm_name} is already committed")
         return await self.start_failover_job("commit-failover", rel, by=by, params={})
 
@@ -76,8 +77,8 @@ class FailbackManager(FailoverJobs):
 
     async def cancel(self, ref: str, *, by: str) -> Job:
         rel = await self.find(ref)
-        doc = failover_doc(rel)
-        if doc.get("committed") or rel.state in (
+        doc = failover_record(rel)
+        if doc.committed or rel.state in (
             RelationshipState.COMMITTED,
             RelationshipState.REVERSE_REPLICATING,
         ):
@@ -96,9 +97,9 @@ class FailbackManager(FailoverJobs):
 
         async def undo(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            doc = failover_doc(rel)
+            doc = failover_record(rel)
             await step.send(
-                doc["new_primary"],
+                doc.new_primary,
                 control_pb2.Command(
                     failover_control=control_pb2.FailoverControl(
                         relationship_id=rel.id,
@@ -111,9 +112,9 @@ class FailbackManager(FailoverJobs):
 
         async def restart(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            doc = failover_doc(rel)
+            doc = failover_record(rel)
             await step.send(
-                doc["old_primary"],
+                doc.old_primary,
                 control_pb2.Command(
                     vm_power=control_pb2.VmPower(
                         vm_id=rel.vm_id, state="running", relationship_id=rel.id, epoch=rel.epoch
@@ -143,14 +144,14 @@ class FailbackManager(FailoverJobs):
             raise FailedPrecondition(
                 f"{rel.vm_name} is {rel.state.value}; reverse replication follows a failover"
             )
-        doc = failover_doc(rel)
+        doc = failover_record(rel)
         return await self.start_failover_job(
             "reverse-replication",
             rel,
             by=by,
             params={},
-            primary=doc["old_primary"],
-            replica=doc["new_primary"],
+            primary=doc.old_primary,
+            replica=doc.new_primary,
         )
 
     def _reverse_job_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
@@ -165,10 +166,10 @@ class FailbackManager(FailoverJobs):
 
         async def prepare(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            doc = failover_doc(rel)
-            if doc.get("reversed"):
+            doc = failover_record(rel)
+            if doc.reversed:
                 return "done before"
-            old, new = doc["old_primary"], doc["new_primary"]
+            old, new = doc.old_primary, doc.new_primary
             if await self.server_gone(old):
                 raise StepFailed(
                     "the old primary was removed from the vault; there is nothing to replicate "
@@ -192,7 +193,9 @@ class FailbackManager(FailoverJobs):
                 primary_status_json="{}",
                 replica_status_json="{}",
             )
-            await self.set_failover(rel_id, reversed=True, fence_pending=False)
+            await self.set_failover(
+                rel_id, lambda r: replace(r, reversed=True, fence_pending=False)
+            )
             rel = await self.relationship(rel_id)
             cmd = self._commands.configure_replica(rel)
             cmd.configure_replica.from_vm = rel.vm_id

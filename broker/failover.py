@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 from broker.agent_commands import AgentCommands
@@ -24,10 +25,9 @@ from broker.failover_jobs import (
     FAILED_OVER,
     REPLICATING,
     FailoverJobs,
-    failover_doc,
-    final_cycle,
-    made_vm,
+    failover_record,
 )
+from broker.failover_record import FailoverRecord, FinalCycle, MadeVm, TestFailover
 from broker.orchestration import Orchestration, Step, StepFailed, StepRun
 from broker.reports import ReplicationReports
 from broker.store.models import Job, RelationshipState
@@ -64,30 +64,32 @@ class FailoverManager(FailoverJobs):
         def run(tx: Tx) -> int:
             rel = tx.get_relationship(json.loads(job.params_json)["relationship"])
             assert rel is not None
-            doc = failover_doc(rel)
-            if doc.get("job") == job.id:
-                return int(doc["epoch"])
+            doc = failover_record(rel)
+            if doc.job == job.id:
+                return doc.epoch
             epoch = rel.epoch + 1
-            new = {
-                "job": job.id,
-                "type": kind,
-                "epoch": epoch,
-                "epoch_before": rel.epoch,
-                "old_primary": rel.primary_server,
-                "new_primary": rel.replica_server,
-                "point": point,
-                "previous_state": rel.state.value,
-                "committed": False,
-                "fence_pending": True,
-            }
-            if "test" in doc:
-                new["test"] = doc["test"]
+            new = FailoverRecord(
+                job=job.id,
+                type=kind,
+                epoch=epoch,
+                epoch_before=rel.epoch,
+                old_primary=rel.primary_server,
+                new_primary=rel.replica_server,
+                point=point,
+                previous_state=rel.state.value,
+                committed=False,
+                fence_pending=True,
+                # A planned failover's final cycle was recorded just before; a test failover
+                # in place stays (its cleanup still needs the record).
+                final=doc.final,
+                test=doc.test,
+            )
             tx.update_relationship(
                 rel.id,
                 self.clock.now(),
                 epoch=epoch,
                 state=RelationshipState.FAILOVER_IN_PROGRESS,
-                failover_json=json.dumps(new, sort_keys=True),
+                failover_json=new.encode(),
             )
             return epoch
 
@@ -105,7 +107,7 @@ class FailoverManager(FailoverJobs):
             raise FailedPrecondition(
                 f"{rel.vm_name} is {rel.state.value}; a planned failover needs it protected"
             )
-        if failover_doc(rel).get("test"):
+        if failover_record(rel).test:
             raise FailedPrecondition(
                 f"a test failover of {rel.vm_name} is in place",
                 hint="clean it up first (vms cleanup-test)",
@@ -123,7 +125,7 @@ class FailoverManager(FailoverJobs):
             rel = await self.relationship(rel_id)
             if (
                 rel.state == RelationshipState.FAILOVER_IN_PROGRESS
-                and failover_doc(rel).get("job") == job.id
+                and failover_record(rel).job == job.id
             ):
                 return "resumed"
             if rel.state not in REPLICATING:
@@ -138,7 +140,7 @@ class FailoverManager(FailoverJobs):
 
         async def shutdown(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            if failover_doc(rel).get("job") == step.job.id:
+            if failover_record(rel).job == step.job.id:
                 return "done before"
             await step.send(
                 rel.primary_server,
@@ -152,7 +154,7 @@ class FailoverManager(FailoverJobs):
 
         async def final(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            if failover_doc(rel).get("job") == step.job.id:
+            if failover_record(rel).job == step.job.id:
                 return "done before"
             sent = await step.send(
                 rel.primary_server,
@@ -163,7 +165,7 @@ class FailoverManager(FailoverJobs):
                 ),
             )
             final = sent.replication_action
-            await self.set_failover(rel_id, final=final_cycle(final))
+            await self.set_failover(rel_id, lambda r: replace(r, final=FinalCycle.of(final)))
             return (
                 f"replica at sequence {final.sequence}, identical to the primary "
                 f"({final.disks_compared} disk(s) compared)"
@@ -202,14 +204,14 @@ class FailoverManager(FailoverJobs):
 
         async def fail_over(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            doc = failover_doc(rel)
+            doc = failover_record(rel)
             vm, nets = self.vm_spec(rel)
             sent = await step.send(
-                doc["new_primary"],
+                doc.new_primary,
                 control_pb2.Command(
                     failover=control_pb2.Failover(
                         relationship_id=rel.id,
-                        epoch=int(doc["epoch"]),
+                        epoch=doc.epoch,
                         point=point,
                         start_vm=True,
                         vm=vm,
@@ -218,15 +220,15 @@ class FailoverManager(FailoverJobs):
                 ),
             )
             made = sent.failover
-            await self.set_failover(rel_id, result=made_vm(made))
+            await self.set_failover(rel_id, lambda r: replace(r, result=MadeVm.of(made)))
             return f"VM {made.vm_name} running from recovery point {made.point}"
 
         async def fence(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            doc = failover_doc(rel)
-            old = doc["old_primary"]
+            doc = failover_record(rel)
+            old = doc.old_primary
             if await self.server_gone(old):
-                await self.set_failover(rel_id, fence_pending=False)
+                await self.set_failover(rel_id, lambda r: replace(r, fence_pending=False))
                 return "the old primary was removed from the vault: every host refuses it"
             if not await self.connected(old):
                 return "the old primary is unreachable; it will be fenced when it reconnects"
@@ -234,11 +236,11 @@ class FailoverManager(FailoverJobs):
                 old,
                 control_pb2.Command(
                     fence=control_pb2.Fence(
-                        relationship_id=rel.id, epoch=int(doc["epoch"]), vm_id=rel.vm_id
+                        relationship_id=rel.id, epoch=doc.epoch, vm_id=rel.vm_id
                     )
                 ),
             )
-            await self.set_failover(rel_id, fence_pending=False)
+            await self.set_failover(rel_id, lambda r: replace(r, fence_pending=False))
             return "replication stopped and VM off on the old primary"
 
         async def complete(step: StepRun) -> str:
@@ -260,7 +262,7 @@ class FailoverManager(FailoverJobs):
         rel = await self.find(ref)
         if rel.state not in (*REPLICATING, RelationshipState.FAILOVER_IN_PROGRESS):
             raise FailedPrecondition(f"{rel.vm_name} is {rel.state.value}; it cannot fail over now")
-        if failover_doc(rel).get("test"):
+        if failover_record(rel).test:
             raise FailedPrecondition(
                 f"a test failover of {rel.vm_name} is in place",
                 hint="clean it up first (vms cleanup-test)",
@@ -307,7 +309,7 @@ class FailoverManager(FailoverJobs):
             raise FailedPrecondition(
                 f"{rel.vm_name} is {rel.state.value}; a test failover needs it protected"
             )
-        if failover_doc(rel).get("test"):
+        if failover_record(rel).test:
             raise FailedPrecondition(
                 f"a test failover of {rel.vm_name} is already in place", hint="clean it up first"
             )
@@ -325,13 +327,11 @@ class FailoverManager(FailoverJobs):
             wanted = params["network"]
             if wanted == "create":
                 name = f"test-{rel.vm_name}-{job.id[-6:]}"
-                await self.set_failover(
-                    rel_id, test={"network": name, "created_network": True, "job": job.id}
-                )
+                test = TestFailover(network=name, created_network=True, job=job.id)
+                await self.set_failover(rel_id, lambda r: replace(r, test=test))
                 return f"isolated network {name} created for the test"
-            await self.set_failover(
-                rel_id, test={"network": wanted, "created_network": False, "job": job.id}
-            )
+            chosen = TestFailover(network=wanted, created_network=False, job=job.id)
+            await self.set_failover(rel_id, lambda r: replace(r, test=chosen))
             return (
                 f"NICs on {wanted}"
                 if wanted
@@ -340,7 +340,9 @@ class FailoverManager(FailoverJobs):
 
         async def create(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            test = failover_doc(rel)["test"]
+            test = failover_record(rel).test
+            if test is None:
+                raise StepFailed("the test failover's record disappeared (cleaned up meanwhile?)")
             vm, nets = self.vm_spec(rel)
             sent = await step.send(
                 rel.replica_server,
@@ -352,12 +354,13 @@ class FailoverManager(FailoverJobs):
                         test=True,
                         start_vm=True,
                         vm=vm,
-                        nic_networks=dict.fromkeys(nets, test["network"]),
+                        nic_networks=dict.fromkeys(nets, test.network),
                     )
                 ),
             )
             made = sent.failover
-            await self.set_failover(rel_id, test={**test, "result": made_vm(made)})
+            made_test = replace(test, result=MadeVm.of(made))
+            await self.set_failover(rel_id, lambda r: replace(r, test=made_test))
             return f"test VM {made.vm_name} running from recovery point {made.point}"
 
         async def done(step: StepRun) -> str:
@@ -371,7 +374,7 @@ class FailoverManager(FailoverJobs):
 
     async def cleanup_test(self, ref: str, *, by: str, notes: str = "") -> Job:
         rel = await self.find(ref)
-        if not failover_doc(rel).get("test"):
+        if not failover_record(rel).test:
             raise FailedPrecondition(f"no test failover of {rel.vm_name} is in place")
         return await self.start_failover_job(
             "cleanup-test-failover", rel, by=by, params={"notes": notes}
@@ -399,10 +402,10 @@ class FailoverManager(FailoverJobs):
 
         async def remove_network(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            test = failover_doc(rel).get("test") or {}
-            await self.set_failover(rel_id, test=None)
-            if test.get("created_network"):
-                return f"network {test['network']} removed"
+            test = failover_record(rel).test
+            await self.set_failover(rel_id, lambda r: replace(r, test=None))
+            if test is not None and test.created_network:
+                return f"network {test.network} removed"
             return "nothing to remove"
 
         async def record(step: StepRun) -> str:
@@ -421,10 +424,10 @@ class FailoverManager(FailoverJobs):
     async def on_server_connected(self, server_id: str) -> None:
         rels = await self.read(lambda tx: tx.list_relationships())
         for rel in rels:
-            doc = failover_doc(rel)
+            doc = failover_record(rel)
             if (
-                doc.get("fence_pending")
-                and doc.get("old_primary") == server_id
+                doc.fence_pending
+                and doc.old_primary == server_id
                 and rel.state in (*FAILED_OVER, RelationshipState.COMMITTED)
             ):
                 jobs = await self.jobs.list(kind="fence-old-primary", limit=20)
@@ -437,16 +440,16 @@ class FailoverManager(FailoverJobs):
 
         async def fence(step: StepRun) -> str:
             rel = await self.relationship(rel_id)
-            doc = failover_doc(rel)
+            doc = failover_record(rel)
             sent = await step.send(
-                doc["old_primary"],
+                doc.old_primary,
                 control_pb2.Command(
                     fence=control_pb2.Fence(
-                        relationship_id=rel.id, epoch=int(doc["epoch"]), vm_id=rel.vm_id
+                        relationship_id=rel.id, epoch=doc.epoch, vm_id=rel.vm_id
                     )
                 ),
             )
-            await self.set_failover(rel_id, fence_pending=False)
+            await self.set_failover(rel_id, lambda r: replace(r, fence_pending=False))
             fenced = sent.fence
             return (
                 f"replication stopped ({fenced.replication_stopped}), "

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any
 
 from broker.agent_commands import AgentCommands
 from broker.documents import ProtectedVm
-from broker.orchestration import Orchestration, Orchestrator
+from broker.failover_record import FailoverRecord
+from broker.orchestration import Orchestration, Orchestrator, StepFailed
 from broker.reports import ReplicationReports
 from broker.store.models import Job, Relationship, RelationshipState
 from broker.store.sqlite import Tx
 from sitepair.errors import FailedPrecondition
-from sitepair.v1 import common_pb2, control_pb2
+from sitepair.v1 import common_pb2
 
 #: States of a VM failed over (and not committed yet).
 FAILED_OVER = (RelationshipState.FAILED_OVER_PLANNED, RelationshipState.FAILED_OVER_UNPLANNED)
@@ -33,36 +35,9 @@ REPLICATING = (
 )
 
 
-def made_vm(result: control_pb2.FailoverResult) -> dict[str, Any]:
-    """What the failover document keeps of the VM a recovery host made (``vms show``)."""
-    ts = result.cut_at
-    return {
-        "epoch": result.epoch,
-        "test": result.test,
-        "point": result.point,
-        "cut_at": ts.seconds + ts.nanos / 1e9,
-        "app_consistent": result.app_consistent,
-        "vm_name": result.vm_name,
-        "vm_id": result.vm_id,
-        "committed": result.committed,
-        "started": result.started,
-    }
-
-
-def final_cycle(result: control_pb2.ReplicationActionResult) -> dict[str, Any]:
-    """What the failover document keeps of a planned failover's final cycle."""
-    return {
-        "sequence": result.sequence,
-        "final_bytes": result.final_bytes,
-        "disks_compared": result.disks_compared,
-        "mismatched_bytes": result.mismatched_bytes,
-    }
-
-
-def failover_doc(rel: Relationship) -> dict[str, Any]:
-    """The relationship's failover record ({} when it has none)."""
-    doc = json.loads(rel.failover_json or "{}")
-    return doc if isinstance(doc, dict) else {}
+def failover_record(rel: Relationship) -> FailoverRecord:
+    """The relationship's failover record (the empty record when it has none)."""
+    return FailoverRecord.decode(rel.failover_json)
 
 
 class FailoverJobs(Orchestrator):
@@ -88,9 +63,9 @@ class FailoverJobs(Orchestrator):
 
     async def _legacy_names(self, job: Job, params: dict[str, Any]) -> dict[str, str]:
         rel = await self.relationship(params["relationship"])
-        doc = failover_doc(rel)
-        if job.kind == "reverse-replication" or doc.get("job") == job.id or doc.get("reversed"):
-            primary, replica = doc.get("old_primary", ""), doc.get("new_primary", "")
+        doc = failover_record(rel)
+        if job.kind == "reverse-replication" or doc.job == job.id or doc.reversed:
+            primary, replica = doc.old_primary, doc.new_primary
         else:
             primary, replica = rel.primary_server, rel.replica_server
         names = await self.host_names()
@@ -152,19 +127,17 @@ class FailoverJobs(Orchestrator):
     async def set_fields(self, rel_id: str, **fields: Any) -> None:
         await self.write(lambda tx: tx.update_relationship(rel_id, self.clock.now(), **fields))
 
-    async def set_failover(self, rel_id: str, **changes: Any) -> dict[str, Any]:
-        def run(tx: Tx) -> dict[str, Any]:
+    async def set_failover(
+        self, rel_id: str, change: Callable[[FailoverRecord], FailoverRecord]
+    ) -> FailoverRecord:
+        """Change the relationship's failover record in one transaction; returns the new one."""
+
+        def run(tx: Tx) -> FailoverRecord:
             rel = tx.get_relationship(rel_id)
-            assert rel is not None
-            doc = failover_doc(rel)
-            for k, v in changes.items():
-                if v is None:
-                    doc.pop(k, None)
-                else:
-                    doc[k] = v
-            tx.update_relationship(
-                rel_id, self.clock.now(), failover_json=json.dumps(doc, sort_keys=True)
-            )
-            return doc
+            if rel is None:
+                raise StepFailed(f"relationship {rel_id} disappeared")
+            record = change(failover_record(rel))
+            tx.update_relationship(rel_id, self.clock.now(), failover_json=record.encode())
+            return record
 
         return await self.write(run)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from pathlib import Path
 
@@ -59,30 +58,34 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.daemon import AgentDaemon
+    from sitepair.service.runtime import ServiceRuntime, log_reloader
 
     home = Path(args.home)
     cfg = config_mod.load(home)
-    log.setup(
-        level=cfg.log.level,
-        json_format=cfg.log.format == "json",
-        file=Path(cfg.log.file) if cfg.log.file else None,
-    )
+    log.configure(cfg.log)
     daemon = AgentDaemon(home, clock=clock_from_env())
+
+    def ready() -> str:
+        ports = daemon.replication.ports
+        brokers = ", ".join(daemon.identity.get().control_addresses)
+        return (
+            f"replication ports: certificate {ports.get('certificate', 0)}, "
+            f"ticket {ports.get('ticket', 0)}; broker {brokers}"
+        )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-
         stopping: list[asyncio.Task[None]] = []
 
         def stop() -> None:
             stopping.append(loop.create_task(daemon.shutdown()))
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(sig, stop)
-            except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
-                signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop))
-        await daemon.run()
+        service = ServiceRuntime(stop=stop, reload=log_reloader(lambda: config_mod.load(home).log))
+        service.install_signal_handlers()
+        try:
+            await daemon.run(on_ready=lambda: service.ready(ready()))
+        finally:
+            await service.close()
 
     asyncio.run(main())
     return EXIT_OK
@@ -145,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_register)
 
-    sp = sub.add_parser("run", help="run the agent until SIGTERM/SIGINT")
+    sp = sub.add_parser("run", help="run the agent until SIGTERM/SIGINT (SIGHUP reloads [log])")
     sp.add_argument("--home", required=True)
     sp.set_defaults(fn=cmd_run)
 

@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from sitepair import log as sitepair_log
 from sitepair import pki
 from sitepair.errors import ConfigError, InvalidArgument
 
@@ -90,9 +91,16 @@ class ReplicationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
+    #: debug, info, warning, error or critical (sitepair.log.LEVELS); reloaded on SIGHUP.
     level: str = "info"
+    #: "json" (one object per line) or "text".
     format: str = "json"
+    #: Log file; empty = standard error.
     file: str = ""
+    #: Rotate the file at this size (0 = never: rotate it with logrotate and SIGHUP).
+    max_bytes: int = sitepair_log.DEFAULT_MAX_BYTES
+    #: Rotated files kept (FILE.1 ... FILE.N).
+    backups: int = sitepair_log.DEFAULT_BACKUPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +125,12 @@ def _path(home: Path, value: Any, where: str) -> Path:
         raise ConfigError(f"{where} must be a path")
     p = Path(value)
     return p if p.is_absolute() else home / p
+
+
+def _int(value: Any, where: str) -> int:
+    if type(value) is not int:
+        raise ConfigError(f"{where} must be a whole number, not {value!r}")
+    return value
 
 
 def _check_keys(data: dict[str, Any], known: set[str], where: str) -> None:
@@ -231,14 +245,17 @@ def parse(text: str, home: Path, *, source: str = "agent.toml") -> AgentConfig:
     )
 
     lg = doc.get("log", {})
-    _check_keys(lg, {"level", "format", "file"}, f"{source} [log]")
+    _check_keys(lg, {"level", "format", "file", "max_bytes", "backups"}, f"{source} [log]")
     log_cfg = LogConfig(
         level=str(lg.get("level", "info")),
         format=str(lg.get("format", "json")),
         file=str(lg.get("file", "")),
+        max_bytes=_int(
+            lg.get("max_bytes", sitepair_log.DEFAULT_MAX_BYTES), f"{source} [log] max_bytes"
+        ),
+        backups=_int(lg.get("backups", sitepair_log.DEFAULT_BACKUPS), f"{source} [log] backups"),
     )
-    if log_cfg.format not in ("json", "text"):
-        raise ConfigError(f'{source} [log] format must be "json" or "text"')
+    sitepair_log.check(log_cfg, f"{source} [log]")
     return AgentConfig(
         home=home,
         cloud=cloud,
@@ -328,6 +345,8 @@ def render(
         'level = "info"',
         'format = "json"',
         'file = ""                  # empty = standard error',
+        "max_bytes = 104857600      # rotate the file at this size (0 = never; logrotate + SIGHUP)",
+        "backups = 5                # rotated files kept",
         "",
     ]
     return "\n".join(lines)

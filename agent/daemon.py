@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from agent import config as config_mod
@@ -166,7 +167,9 @@ class AgentDaemon:
             return []
         return [control_pb2.AgentMessage(replication=report)]
 
-    async def run(self) -> None:
+    async def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
+        """Run until :meth:`shutdown`. ``on_ready`` is called once the replication ports listen:
+        the agent is ready (it serves its peers; the broker connection comes and goes)."""
         ident = self.identity.get()
         log.info(
             "agent starting",
@@ -179,6 +182,8 @@ class AgentDaemon:
             self.journal.close()
             self._home_lock.release()
             raise
+        if on_ready is not None:
+            on_ready()
         tasks = [
             asyncio.create_task(self.replication.run(), name="replication"),
             asyncio.create_task(self.control.run(), name="control"),

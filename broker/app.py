@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -459,9 +459,14 @@ class Broker:
             await asyncio.sleep(600)
             await asyncio.to_thread(self.ctx.server_cert.ensure_fresh)
 
-    async def run(self) -> None:
-        """Start, serve until :meth:`shutdown` is called (or an essential task fails)."""
-        await self.start()
+    async def run(self, *, on_ready: Callable[[BrokerContext], None] | None = None) -> None:
+        """Start, serve until :meth:`shutdown` is called (or an essential task fails).
+
+        ``on_ready`` is called once the store is open and both ports listen: the broker is
+        ready (sitepair.service.runtime tells systemd so)."""
+        ctx = await self.start()
+        if on_ready is not None:
+            on_ready(ctx)
         await self._stopped.wait()
         await self.shutdown()
         if self._failure is not None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,27 +74,32 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from broker.app import Broker
+    from broker.app import Broker, BrokerContext
+    from sitepair.service.runtime import ServiceRuntime, log_reloader
 
     if not args.home:
         raise InvalidArgument("serve needs --home DIR")
     home = BrokerHome(Path(args.home))
     cfg = config_mod.load(home.config)
-    log.setup(
-        level=cfg.log.level,
-        json_format=cfg.log.format == "json",
-        file=Path(cfg.log.file) if cfg.log.file else None,
-    )
+    log.configure(cfg.log)
     broker = Broker(home.root, config=cfg)
 
+    def ready(ctx: BrokerContext) -> str:
+        return (
+            f"serving vault {cfg.vault}: control {ctx.bound_control}, "
+            f"enrollment {ctx.bound_enrollment}, store {ctx.store.description}"
+        )
+
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(sig, broker.request_stop)
-            except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
-                signal.signal(sig, lambda *_: loop.call_soon_threadsafe(broker.request_stop))
-        await broker.run()
+        service = ServiceRuntime(
+            stop=broker.request_stop,
+            reload=log_reloader(lambda: config_mod.load(home.config).log),
+        )
+        service.install_signal_handlers()
+        try:
+            await broker.run(on_ready=lambda ctx: service.ready(ready(ctx)))
+        finally:
+            await service.close()
 
     asyncio.run(main())
     return EXIT_OK
@@ -176,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="PostgreSQL connection string without a password, e.g. postgresql://USER@HOST/DB "
         "(the password comes from SITEPAIR_DB_PASSWORD or ~/.pgpass)",
     )
-    add(sub, "serve", cmd_serve, "run the broker until SIGTERM/SIGINT")
+    add(sub, "serve", cmd_serve, "run the broker until SIGTERM/SIGINT (SIGHUP reloads [log])")
     add(sub, "info", cmd_info, "show the broker's state")
 
     cli_servers.register(sub, add)

@@ -13,6 +13,7 @@ from typing import Any
 
 from broker.health import HealthConfig
 from broker.verify import VerifyConfig
+from sitepair import log as sitepair_log
 from sitepair import pki
 from sitepair.durations import format_duration, parse_duration
 from sitepair.errors import ConfigError, InvalidArgument
@@ -77,11 +78,16 @@ class LimitsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
+    #: debug, info, warning, error or critical (sitepair.log.LEVELS); reloaded on SIGHUP.
     level: str = "info"
     #: "json" (one object per line) or "text".
     format: str = "json"
     #: Log file; empty = standard error.
     file: str = ""
+    #: Rotate the file at this size (0 = never: rotate it with logrotate and SIGHUP).
+    max_bytes: int = sitepair_log.DEFAULT_MAX_BYTES
+    #: Rotated files kept (FILE.1 ... FILE.N).
+    backups: int = sitepair_log.DEFAULT_BACKUPS
 
 
 #: Store backends: the embedded default, and the one several brokers can share.
@@ -227,8 +233,7 @@ def parse(text: str, *, source: str = "broker.toml") -> BrokerConfig:
     cfg = BrokerConfig(vault=vault, **parts)
     if cfg.heartbeat.missed < 1 or cfg.heartbeat.interval <= 0:
         raise ConfigError(f"{source} [heartbeat]: interval must be > 0 and missed >= 1")
-    if cfg.log.format not in ("json", "text"):
-        raise ConfigError(f'{source} [log] format must be "json" or "text"')
+    sitepair_log.check(cfg.log, f"{source} [log]")
     check_store(cfg.store, f"{source} [store]")
     v = cfg.verify
     if v.interval < 0 or v.concurrent < 1 or v.retry <= 0 or v.check_every <= 0:
@@ -303,6 +308,8 @@ max_concurrent_enrollments = 256
 level = "info"
 format = "json"              # or "text"
 file = ""                    # empty = standard error
+max_bytes = 104857600        # rotate the file at this size (0 = never; logrotate + SIGHUP)
+backups = 5                  # rotated files kept
 
 [health]
 lag_warning_cycles = 3.0     # Warning: no successful cycle for this many copy intervals

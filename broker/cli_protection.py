@@ -468,7 +468,10 @@ def register(sub: Subcommands, add: AddCommand) -> None:
     )
 
     sp = add(vms, "list", cmd_vms_list, "list VMs in the inventory")
-    sp.add_argument("--server")
+    sp.add_argument(
+        "--server",
+        help="only this host's VMs, replica copies too (default: every VM once, where it runs)",
+    )
     sp = add(vms, "protected", cmd_vms_protected, "list protected VMs with state and health")
     sp.add_argument("--all", action="store_true", help="include disabled ones")
     sp = add(vms, "show", cmd_vms_show, "show a protected VM: state, health, statistics, points")
@@ -477,7 +480,9 @@ def register(sub: Subcommands, add: AddCommand) -> None:
     protect = job_command(
         lambda a, c: c.call(
             c.stub.ProtectVm,
-            admin_pb2.ProtectVmRequest(vm=a.vm, accept_no_network=a.accept_no_network),
+            admin_pb2.ProtectVmRequest(
+                vm=a.vm, accept_no_network=a.accept_no_network, server=a.server or ""
+            ),
         )
     )
     for parent, name in ((vms, "protect"), (sub, "protect")):
@@ -487,6 +492,11 @@ def register(sub: Subcommands, add: AddCommand) -> None:
             "--accept-no-network",
             action="store_true",
             help="protect even if a NIC's network has no mapping",
+        )
+        sp.add_argument(
+            "--server",
+            help="the host whose copy of the VM to protect, when it is on several "
+            "(default: where it runs)",
         )
         sp.add_argument("--wait", action="store_true", help="watch the job until it finishes")
 

@@ -19,7 +19,7 @@ import logging
 import uuid
 from typing import Any
 
-from broker import placement
+from broker import placement, vm_hosts
 from broker.agent_commands import REPLICATING, AgentCommands
 from broker.documents import (
     ProtectedDisk,
@@ -73,11 +73,13 @@ class ProtectionManager(Orchestrator):
         self.declare("update-replica-address", self._readdress_steps)
 
     # -- enable protection ------------------------------------------------------------------
-    async def protect(self, vm_ref: str, *, by: str, accept_no_network: bool = False) -> Job:
+    async def protect(
+        self, vm_ref: str, *, by: str, accept_no_network: bool = False, server_ref: str = ""
+    ) -> Job:
         now = self.clock.now()
 
         def prepare(tx: Tx) -> Relationship:
-            vm, server = _find_vm(tx, vm_ref)
+            vm, server = _find_vm(tx, vm_ref, server_ref)
             cloud = tx.cloud_of(server.id)
             if cloud is None:
                 raise FailedPrecondition(
@@ -619,16 +621,30 @@ _ACTIONS = {
 }
 
 
-def _find_vm(tx: Tx, ref: str) -> tuple[InventoryVm, Server]:
+def _find_vm(tx: Tx, ref: str, server_ref: str = "") -> tuple[InventoryVm, Server]:
+    """The inventory VM ``ref`` (id or name) names, on ``server_ref`` when given; a VM that
+    exists on two hosts after a failover is the copy where it runs (:mod:`broker.vm_hosts`)."""
     vms = tx.find_vms(ref)
+    where = ""
+    if server_ref:
+        host = tx.find_server(server_ref)
+        vms = [v for v in vms if v.server_id == host.id]
+        where = f" on {host.name}"
     if not vms:
         raise NotFound(
-            f"no VM {ref!r} in the inventory",
+            f"no VM {ref!r} in the inventory{where}",
             hint="see `vms list`; refresh a host with `servers refresh`",
         )
     if len(vms) > 1:
-        hosts = ", ".join(v.server_id for v in vms)
-        raise FailedPrecondition(f"{ref!r} names VMs on several hosts ({hosts}); use the VM id")
+        rels = vm_hosts.latest_relationships(tx.list_relationships(include_disabled=True))
+        vms = vm_hosts.where_it_runs(vms, rels)
+    if len(vms) > 1:
+        names = tx.server_names(sorted({v.server_id for v in vms}))
+        hosts = ", ".join(names.get(v.server_id, v.server_id) for v in vms)
+        raise FailedPrecondition(
+            f"{ref!r} names VMs on several hosts ({hosts})",
+            hint="say which with --server HOST (see `vms list`)",
+        )
     vm = vms[0]
     server = tx.get_server(vm.server_id)
     if server is None or server.removed_at is not None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc.aio
 
-from broker import paging
+from broker import paging, vm_hosts
 from broker.convert import job_to_proto, policy_from_proto, policy_to_proto, relationship_to_proto
 from broker.policy import Policy
 from broker.store.models import Cloud, InventoryVm, Relationship
@@ -108,8 +108,21 @@ class ProtectionAdmin:
 
         def read(tx: Tx) -> admin_pb2.ListVmsResponse:
             server_id = tx.find_server(request.server).id if request.server else ""
-            rows = tx.vm_page(server_id=server_id, after=after, limit=size + 1)
-            rels = {r.vm_id: r for r in tx.list_relationships()}
+            latest = vm_hosts.latest_relationships(tx.list_relationships(include_disabled=True))
+            rels = {i: r for i, r in latest.items() if r.disabled_at is None}
+
+            def other_copy(v: InventoryVm) -> bool:
+                return vm_hosts.is_other_copy(v, rels.get(v.vm_id))
+
+            # All hosts: each VM once, where it runs. Rows are read until a page is full.
+            rows: list[InventoryVm] = []
+            cursor = after
+            while True:
+                batch = tx.vm_page(server_id=server_id, after=cursor, limit=size + 1)
+                rows += [v for v in batch if server_id or not other_copy(v)]
+                if len(batch) <= size or len(rows) > size:
+                    break
+                cursor = (batch[-1].name, batch[-1].server_id, batch[-1].vm_id)
             host_ids = sorted({v.server_id for v in rows})
             names = tx.server_names(host_ids)
             clouds = {sid: tx.cloud_of(sid) or "" for sid in host_ids}
@@ -117,13 +130,16 @@ class ProtectionAdmin:
             def convert(v: InventoryVm) -> admin_pb2.VmInfo:
                 rel = rels.get(v.vm_id)
                 vm, unreadable = _vm_proto(v)
+                state = rel.state.value if rel else ""
+                if rel and other_copy(v):
+                    state = "replica"
                 info = admin_pb2.VmInfo(
                     server_id=v.server_id,
                     server_name=names.get(v.server_id, v.server_id),
                     cloud=clouds.get(v.server_id, ""),
                     vm=vm,
                     relationship_id=rel.id if rel else "",
-                    protection_state=rel.state.value if rel else "",
+                    protection_state=state,
                     health=rel.health if rel else "",
                     withheld=[*v.withheld, *unreadable],
                 )
@@ -288,7 +304,10 @@ class ProtectionAdmin:
         self, request: admin_pb2.ProtectVmRequest, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.Job:
         job = await self.ctx.protection.protect(
-            request.vm, by=identity.id, accept_no_network=request.accept_no_network
+            request.vm,
+            by=identity.id,
+            accept_no_network=request.accept_no_network,
+            server_ref=request.server,
         )
         return job_to_proto(job)
 

@@ -486,7 +486,9 @@ class ListVmsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     server: _builtins.str
-    """"" = all"""
+    """"" = all hosts, each VM once: a VM on two hosts after a failover is listed where it runs.
+    A host's id or name: that host's VMs, a replica copy too (its protection_state "replica").
+    """
     page_size: _builtins.int
     page_token: _builtins.str
     def __init__(
@@ -864,19 +866,23 @@ class ProtectVmRequest(_message.Message):
 
     VM_FIELD_NUMBER: _builtins.int
     ACCEPT_NO_NETWORK_FIELD_NUMBER: _builtins.int
+    SERVER_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     """VM id or name"""
     accept_no_network: _builtins.bool
     """protect even if some NIC's network has no mapping"""
+    server: _builtins.str
+    """"" = where the VM runs; a host's id or name picks its copy"""
     def __init__(
         self,
         *,
         vm: _builtins.str = ...,
         accept_no_network: _builtins.bool = ...,
+        server: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_no_network", b"accept_no_network", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_no_network", b"accept_no_network", "server", b"server", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 from agent import config as config_mod
+from agent import service_unit
 from sitepair import __version__, log
 from sitepair.cliutil import EXIT_OK, print_json, run_main
 from sitepair.clock import clock_from_env, iso
+from sitepair.service.cli import add_commands as add_service_commands
 
 PROG = "sitepair-agent"
 
@@ -156,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--home", required=True)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_status)
+
+    add_service_commands(sub, service_unit.program(), parents=[], home_option=True)
     return p
 
 

@@ -21,13 +21,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from broker import cli_jobs, cli_plans, cli_protection, cli_servers
+from broker import cli_jobs, cli_plans, cli_protection, cli_servers, service_unit
 from broker import config as config_mod
 from broker.cli_support import PROG, Command, Subcommands, admin_client, ts
 from broker.home import BrokerHome
 from sitepair import __version__, log
 from sitepair.cliutil import EXIT_OK, print_json, run_main
 from sitepair.errors import InvalidArgument
+from sitepair.service.cli import add_commands as add_service_commands
 from sitepair.v1 import admin_pb2
 
 # -- init / serve -------------------------------------------------------------------------------
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_jobs.register(sub, add)
     cli_protection.register(sub, add)
     cli_plans.register(sub, add)
+    add_service_commands(sub, service_unit.PROGRAM, parents=[common], home_option=False)
     return p
 
 

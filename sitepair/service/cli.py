@@ -1,0 +1,149 @@
+"""The ``service`` commands both programs share: install, remove, status, start, stop.
+
+Each program describes itself as a :class:`ServiceProgram` (how to build its unit from its home);
+:func:`add_commands` adds ``service install|remove|status|start|stop`` to its parser. On Linux
+these write and drive a systemd unit (:mod:`sitepair.service.systemd`); a program that also runs
+as a Windows service passes ``windows`` (the agent: ``agent/winservice.py``), which handles the
+same commands on Windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from sitepair.cliutil import EXIT_OK, print_json
+from sitepair.errors import FailedPrecondition, InvalidArgument
+from sitepair.service import systemd
+
+
+@dataclasses.dataclass(frozen=True)
+class InstallOptions:
+    home: Path
+    user: str | None
+    unit_dir: Path
+    enable: bool
+    name: str
+
+
+class WindowsService(Protocol):
+    """What a program's Windows service offers the ``service`` commands."""
+
+    def command(self, action: str, options: InstallOptions) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceProgram:
+    #: The program's name, also the default unit name ("sitepair-broker").
+    prog: str
+    #: Build the unit for a home (reads the home's configuration).
+    unit: Callable[[InstallOptions], systemd.UnitSpec]
+    windows: WindowsService | None = None
+
+
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    program: ServiceProgram,
+    *,
+    parents: list[argparse.ArgumentParser],
+    home_option: bool,
+) -> None:
+    """Add the ``service`` group; ``home_option``: add ``--home`` (the agent's commands each
+    take it; the broker's is global)."""
+    group = sub.add_parser(
+        "service",
+        help="install and manage the system service (systemd; Windows for the agent)",
+        parents=parents,
+    )
+    actions = group.add_subparsers(dest="service_action", required=True, metavar="ACTION")
+    helps = {
+        "install": "write the service unit and enable it (systemd), or install the Windows service",
+        "remove": "stop, disable and delete the service",
+        "status": "show the service's state, or how to run it where there is no service manager",
+        "start": "start the service",
+        "stop": "stop the service (the daemon shuts down cleanly)",
+    }
+    for action, text in helps.items():
+        sp = actions.add_parser(action, help=text, parents=parents)
+        if home_option:
+            sp.add_argument("--home", required=True, help="the home the service runs")
+        sp.add_argument(
+            "--name", default=program.prog, help=f"service (unit) name, default {program.prog}"
+        )
+        sp.add_argument(
+            "--unit-dir",
+            default=str(systemd.DEFAULT_UNIT_DIR),
+            help=f"systemd: where the unit file goes (default {systemd.DEFAULT_UNIT_DIR})",
+        )
+        if action in ("install", "remove"):
+            sp.add_argument(
+                "--no-enable",
+                action="store_true",
+                help="systemd: only write (or delete) the unit file; no systemctl calls",
+            )
+        if action == "install":
+            sp.add_argument("--user", help="the account the service runs as (default: root)")
+        sp.set_defaults(fn=lambda args, action=action: run(program, action, args))
+
+
+def _options(args: argparse.Namespace) -> InstallOptions:
+    if not getattr(args, "home", None):
+        raise InvalidArgument("service commands need --home DIR")
+    return InstallOptions(
+        home=Path(args.home).absolute(),
+        user=getattr(args, "user", None),
+        unit_dir=Path(args.unit_dir),
+        enable=not getattr(args, "no_enable", False),
+        name=args.name,
+    )
+
+
+def run(program: ServiceProgram, action: str, args: argparse.Namespace) -> int:
+    options = _options(args)
+    if sys.platform == "win32":
+        if program.windows is None:
+            raise FailedPrecondition(
+                f"{program.prog} has no Windows service",
+                hint=f"run `{program.prog}` in the foreground, or on Linux under systemd",
+            )
+        print(program.windows.command(action, options))
+        return EXIT_OK
+    ctl = systemd.Systemctl(f"{options.name}.service")
+    if action == "install":
+        spec = program.unit(options)
+        path = systemd.write_unit(spec, options.unit_dir)
+        if options.enable:
+            ctl.enable()
+        if getattr(args, "json", False):
+            print_json({"unit": str(path), "enabled": options.enable})
+            return EXIT_OK
+        print(f"wrote {path}")
+        if options.enable:
+            print(f"enabled {spec.unit_file}; start it with: systemctl start {spec.unit_file}")
+        else:
+            print(f"enable it with: systemctl daemon-reload && systemctl enable --now {path.name}")
+        return EXIT_OK
+    path = options.unit_dir / f"{options.name}.service"
+    if action == "remove":
+        if options.enable:
+            ctl.disable()
+        existed = path.exists()
+        path.unlink(missing_ok=True)
+        print(f"removed {path}" if existed else f"no unit at {path}")
+        return EXIT_OK
+    if action == "status":
+        if systemd.Systemctl.available():
+            print(ctl.status(), end="")
+            return EXIT_OK
+        spec = program.unit(options)
+        state = "present" if path.exists() else "not installed"
+        print(f"systemd is not running on this machine; unit file {path}: {state}")
+        print(f"run it in the foreground with: {systemd.command_line(spec.exec_start)}")
+        return EXIT_OK
+    ctl.run(action, f"{options.name}.service")
+    print(f"{'started' if action == 'start' else 'stopped'} {options.name}.service")
+    return EXIT_OK

@@ -12,9 +12,34 @@ from agent import service_unit
 from sitepair import __version__, log
 from sitepair.cliutil import EXIT_OK, print_json, run_main
 from sitepair.clock import clock_from_env, iso
+from sitepair.errors import InvalidArgument
 from sitepair.service.cli import add_commands as add_service_commands
 
 PROG = "sitepair-agent"
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port: use 1-65535, or 0 for any")
+    return value
+
+
+#: The register options that go into agent.toml, with their defaults.
+CONFIG_OPTIONS = {
+    "backend": "directory",
+    "accel": "auto",
+    "vm_root": "vms",
+    "cloud": None,
+    "storage": None,
+    "network": None,
+    "certificate_port": 8084,
+    "ticket_port": 8083,
+}
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -23,13 +48,15 @@ def cmd_register(args: argparse.Namespace) -> int:
     storage = {}
     for item in args.storage or []:
         name, sep, path = item.partition("=")
-        if not sep:
-            raise SystemExit(f"{PROG}: --storage must be NAME=FOLDER, got {item!r}")
+        if not sep or not name or not path:
+            raise InvalidArgument(f"--storage must be NAME=FOLDER, got {item!r}")
         storage[name] = path
     networks = []
     qemu_networks = {}
     for item in args.network or []:
         name, _, rest = item.partition("=")
+        if not name:
+            raise InvalidArgument(f"--network must be NAME[=CIDR,CIDR][@ATTACH], got {item!r}")
         subnets, _, attach = rest.partition("@")
         networks.append((name, [s for s in subnets.split(",") if s]))
         if attach:
@@ -45,8 +72,11 @@ def cmd_register(args: argparse.Namespace) -> int:
         accel=args.accel,
         qemu_networks=qemu_networks,
     )
+    given = any(getattr(args, k) != v for k, v in CONFIG_OPTIONS.items())
     home = Path(args.home)
-    ident = register(Path(args.credentials), name=args.name, home=home, agent_toml=toml)
+    ident = register(
+        Path(args.credentials), name=args.name, home=home, agent_toml=toml, options_given=given
+    )
     if args.json:
         print_json({"host_id": ident.host_id, "site": ident.site, "vault": ident.vault})
     else:
@@ -145,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="VM network NAME[=CIDR,CIDR][@ATTACH]; qemu: ATTACH is bridge:BR, tap:IF, user "
         "or isolated",
     )
-    sp.add_argument("--certificate-port", type=int, default=8084)
-    sp.add_argument("--ticket-port", type=int, default=8083)
+    sp.add_argument(
+        "--certificate-port", type=port, default=8084, help="mutual-TLS replication port"
+    )
+    sp.add_argument("--ticket-port", type=port, default=8083, help="ticket replication port")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_register)
 

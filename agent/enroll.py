@@ -10,6 +10,13 @@ The home is locked (:mod:`sitepair.homelock`) from before the configuration is w
 identity is saved: an agent running on the home (whose identity folder an operator removed to
 register again) refuses the registration before the registration key is used, and two
 registrations on one home cannot interleave.
+
+A failed registration leaves no half-made home: the configuration ``register`` renders from its
+options is checked in memory first (a bad port or name is refused before anything is written),
+and it is written, with the VM folder, only once the broker has answered. A retry with other
+options therefore applies them. A home holding an ``agent.toml`` already (written by hand, or
+left by an older version's failed attempt) keeps it, unless the options ask for another one:
+then the registration is refused with the command that removes it.
 """
 
 from __future__ import annotations
@@ -44,11 +51,13 @@ def register(
     name: str,
     home: Path,
     agent_toml: str | None = None,
+    options_given: bool = True,
     clock: Clock = SYSTEM_CLOCK,
     timeout: float = 30.0,
 ) -> AgentIdentity:
-    """Register this host; returns the saved identity. ``agent_toml`` is written if the home has
-    no configuration yet."""
+    """Register this host; returns the saved identity. ``agent_toml`` is the configuration the
+    options make; a home without one gets it. A home with another one keeps its own when
+    ``options_given`` is false (no configuration option was given) and is refused otherwise."""
     name = pki.check_identifier(name, "server name")
     creds = credentials.load(credentials_path)
     if clock.now() >= creds.expires_at:
@@ -57,10 +66,32 @@ def register(
             hint="ask an operator for a new one: sitepair-broker keys create",
         )
     _check_unregistered(home)
+    new_config = _configuration(home, agent_toml, options_given=options_given)
     ensure_private_dir(home)
     with HomeLock.acquire(home, what="agent home", holder="sitepair-agent register"):
         _check_unregistered(home)  # again, under the lock: another register may have just ended
-        return _register_locked(creds, name=name, home=home, agent_toml=agent_toml, timeout=timeout)
+        return _register_locked(creds, name=name, home=home, new_config=new_config, timeout=timeout)
+
+
+def _configuration(home: Path, agent_toml: str | None, *, options_given: bool) -> str | None:
+    """The configuration text to write on success (None: the home's own is used), checked."""
+    path = home / "agent.toml"
+    if path.exists():
+        config_mod.load(home)  # a broken one is refused now, naming its problem
+        if agent_toml is None or not options_given:
+            return None
+        if path.read_text(encoding="utf-8") != agent_toml:
+            raise FailedPrecondition(
+                f"{path} exists (written by hand, or by an earlier registration that failed) "
+                "and differs from what these options would write",
+                hint=f"to apply the options, remove it and register again: rm {path}; "
+                "to keep it, register without configuration options",
+            )
+        return None
+    if agent_toml is None:
+        raise ConfigError(f"no agent configuration at {path}")
+    config_mod.parse(agent_toml, home, source="the configuration these options make")
+    return agent_toml
 
 
 def _check_unregistered(home: Path) -> None:
@@ -77,13 +108,12 @@ def _register_locked(
     *,
     name: str,
     home: Path,
-    agent_toml: str | None,
+    new_config: str | None,
     timeout: float,
 ) -> AgentIdentity:
-    """The registration proper: write the configuration, call the broker, save the identity."""
-    if agent_toml is not None and not (home / "agent.toml").exists():
-        atomic_write(home / "agent.toml", agent_toml.encode())
-    cfg = config_mod.load(home)
+    """The registration proper: call the broker, then write the configuration, the VM folder and
+    the identity (nothing is written before the broker answered)."""
+    cfg = config_mod.load(home) if new_config is None else config_mod.parse(new_config, home)
 
     key = pki.generate_key()
     request = enrollment_pb2.RegisterRequest(
@@ -121,6 +151,11 @@ def _register_locked(
         cert_pem=response.certificate_pem,
         ca_pem=creds.ca_pem,
     )
+    if new_config is not None:
+        atomic_write(home / "agent.toml", new_config.encode())
+    # The folder VMs live in (and whose volume the host reports): made now, like the other
+    # folders of the home, so the host reports its storage from its first connection.
+    ensure_private_dir(cfg.backend.vm_root)
     agent.save(home)
     log.info(
         "registered",

@@ -87,12 +87,24 @@ def place(tx: Tx, rel: Relationship) -> Placement:
                 refusals.append(f"{server.name} has no storage classification {target_class}")
                 continue
             free = match[0].free_bytes
+            if not match[0].total_bytes:
+                refusals.append(
+                    f"host {server.name} reports no storage at {match[0].path} (the folder is "
+                    "missing or unreadable there)"
+                )
+                continue
             try:
                 folder = replica_folder(match[0].path, rel.vm_name, rel.id)
             except InvalidArgument as exc:
                 refusals.append(f"{server.name}: {exc.message}")
                 continue
         else:
+            if not metrics.volumes:
+                refusals.append(
+                    f"host {server.name} reports no storage (its VM folder and storage "
+                    "folders are missing or unreadable there)"
+                )
+                continue
             free = max((v.free_bytes for v in metrics.volumes), default=0)
             folder = ""
         if free < need:

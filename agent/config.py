@@ -129,7 +129,7 @@ def _path(home: Path, value: Any, where: str) -> Path:
 
 def _int(value: Any, where: str) -> int:
     if type(value) is not int:
-        raise ConfigError(f"{where} must be a whole number, not {value!r}")
+        raise ConfigError(f"{where} must be an integer, not {value!r}")
     return value
 
 

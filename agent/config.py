@@ -15,6 +15,7 @@ from typing import Any
 from sitepair import log as sitepair_log
 from sitepair import pki
 from sitepair.errors import ConfigError, InvalidArgument
+from sitepair.metrics import AgentMetricsConfig, MetricsConfig, parse_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +115,8 @@ class AgentConfig:
     networks: tuple[NetworkConfig, ...] = ()
     replication: ReplicationConfig = ReplicationConfig()
     log: LogConfig = LogConfig()
+    #: The Prometheus endpoint (off by default): :mod:`sitepair.metrics`, docs/metrics.md.
+    metrics: MetricsConfig = dataclasses.field(default_factory=AgentMetricsConfig)
 
     @property
     def scripts_dir(self) -> Path:
@@ -144,7 +147,8 @@ def parse(text: str, home: Path, *, source: str = "agent.toml") -> AgentConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
-    _check_keys(doc, {"cloud", "backend", "storage", "networks", "replication", "log"}, source)
+    sections = {"cloud", "backend", "storage", "networks", "replication", "log", "metrics"}
+    _check_keys(doc, sections, source)
     cloud = doc.get("cloud", "")
     if not isinstance(cloud, str):
         raise ConfigError(f"{source}: cloud must be a string")
@@ -264,6 +268,7 @@ def parse(text: str, home: Path, *, source: str = "agent.toml") -> AgentConfig:
         networks=tuple(nets),
         replication=replication,
         log=log_cfg,
+        metrics=parse_table(doc.get("metrics", {}), AgentMetricsConfig, f"{source} [metrics]"),
     )
 
 
@@ -340,6 +345,13 @@ def render(
         '# With a policy\'s compression on: "adaptive" compresses when that is faster (it',
         '# measures); "always" compresses every batch that shrinks (metered links).',
         'compression = "adaptive"',
+        "",
+        "[metrics]                  # a Prometheus endpoint (docs/metrics.md); off by default",
+        "enabled = false",
+        'listen = "127.0.0.1:9465"  # not loopback: needs tls_cert and tls_key',
+        'tls_cert = ""',
+        'tls_key = ""',
+        'client_ca = ""              # scrapers must show a certificate this CA issued',
         "",
         "[log]",
         'level = "info"',

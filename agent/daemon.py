@@ -21,6 +21,7 @@ from pathlib import Path
 from agent import config as config_mod
 from agent.commands import CommandExecutor, run_script
 from agent.control import ControlClient
+from agent.exporter import AgentMetrics
 from agent.facts import host_facts
 from agent.hosts import make_backend
 from agent.identity import AgentIdentity, repair_pair
@@ -80,6 +81,9 @@ class AgentDaemon:
             reports=self._reports,
         )
         self.renewer = CertificateRenewer(self.home, self.identity, clock)
+        self.metrics = AgentMetrics(self.replication, self.identity.get)
+        #: Where the metrics endpoint listens ("" = off); known once :meth:`run` started it.
+        self.metrics_address = ""
         self._register_handlers()
 
     def _register_handlers(self) -> None:
@@ -176,8 +180,13 @@ class AgentDaemon:
             extra={"fields": {"host_id": ident.host_id, "name": ident.name, "site": ident.site}},
         )
         try:
+            if self.config.metrics.enabled:
+                self.metrics_address = await asyncio.to_thread(
+                    self.metrics.serve, self.config.metrics, self.home
+                )
             await self.replication.start()
         except BaseException:
+            await asyncio.to_thread(self.metrics.shutdown)
             # Nothing runs yet; let the home go, so a retry in this process is not refused.
             self.journal.close()
             self._home_lock.release()
@@ -199,6 +208,7 @@ class AgentDaemon:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(self.metrics.shutdown)
             self.journal.close()
             self._home_lock.release()
             log.info("agent stopped")

@@ -39,6 +39,7 @@ from broker.failover import FailoverManager
 from broker.heartbeats import HeartbeatWriter, LivenessMonitor
 from broker.home import BrokerHome
 from broker.jobs import JobManager, new_id
+from broker.metrics import BrokerMetrics
 from broker.orchestration import Orchestration
 from broker.plans import PlanManager
 from broker.protection import ProtectionManager
@@ -212,6 +213,10 @@ class Broker:
         #: This broker process among those sharing the store (job owner, leader election).
         self.broker_id = new_id("broker")
         self.leadership: Leadership = SoleLeadership(self.broker_id)
+        #: The Prometheus registry and endpoint (:mod:`broker.metrics`); made by :meth:`start`.
+        self.metrics: BrokerMetrics | None = None
+        #: Where the metrics endpoint listens ("" = off).
+        self.metrics_address = ""
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> BrokerContext:
@@ -364,6 +369,17 @@ class Broker:
         ctx.bound_control = _with_port(cfg.listen.control, control_port)
         await self._enroll_server.start()
         await self._control_server.start()
+        self.metrics = BrokerMetrics(
+            store=store,
+            clock=clock,
+            sessions=sessions,
+            serving_not_after=lambda: server_cert.not_after,
+            ca_cert_not_after=pki.not_after(ca.cert),
+        )
+        if cfg.metrics.enabled:
+            self.metrics_address = await asyncio.to_thread(
+                self.metrics.serve, cfg.metrics, home.root
+            )
 
         if store.shared:
             self.leadership = LeaseLeadership(
@@ -505,6 +521,8 @@ class Broker:
             t.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.shutdown)
         if ctx is not None:
             ctx.store.close()
         # Only the broker that wrote the run file removes it; the home lock guarantees no other

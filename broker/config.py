@@ -17,6 +17,8 @@ from sitepair import log as sitepair_log
 from sitepair import pki
 from sitepair.durations import format_duration, parse_duration
 from sitepair.errors import ConfigError, InvalidArgument
+from sitepair.metrics import MetricsConfig
+from sitepair.metrics import check as check_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +153,8 @@ class BrokerConfig:
     health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
     store: StoreConfig = StoreConfig()
     verify: VerifyConfig = dataclasses.field(default_factory=VerifyConfig)
+    #: The Prometheus endpoint (off by default): :mod:`sitepair.metrics`, docs/metrics.md.
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
 
 _KIND_NAMES = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
@@ -222,6 +226,7 @@ def parse(text: str, *, source: str = "broker.toml") -> BrokerConfig:
         "health": HealthConfig,
         "store": StoreConfig,
         "verify": VerifyConfig,
+        "metrics": MetricsConfig,
     }
     unknown = sorted(set(doc) - set(sections))
     if unknown:
@@ -235,6 +240,7 @@ def parse(text: str, *, source: str = "broker.toml") -> BrokerConfig:
         raise ConfigError(f"{source} [heartbeat]: interval must be > 0 and missed >= 1")
     sitepair_log.check(cfg.log, f"{source} [log]")
     check_store(cfg.store, f"{source} [store]")
+    check_metrics(cfg.metrics, f"{source} [metrics]")
     v = cfg.verify
     if v.interval < 0 or v.concurrent < 1 or v.retry <= 0 or v.check_every <= 0:
         raise ConfigError(
@@ -338,6 +344,15 @@ backend = "{store.backend}"
 dsn = {_toml_string(store.dsn)}
 # PostgreSQL only: a leader lease's length; renewed every third of it.
 leader_lease = "{format_duration(store.leader_lease)}"
+
+[metrics]
+# A Prometheus endpoint (docs/metrics.md). Off by default; a listen address that is not
+# loopback needs tls_cert and tls_key (client_ca: scrapers must show a certificate it issued).
+enabled = false
+listen = "127.0.0.1:9464"
+tls_cert = ""
+tls_key = ""
+client_ca = ""
 """
 
 

@@ -33,7 +33,14 @@ from agent.replication import codes
 from agent.replication.blocks import BLOCK, BlockRef, blocks_for, group
 from agent.replication.sender import CyclePlan, CycleRefused, CycleResult, DiskPlan, ReplicaClient
 from agent.replication.state import PendingCycle, ReplicationState, SenderState, SourceConfig
-from agent.replication.stats import FinalCycleReport, State, Stats, VerifyReport
+from agent.replication.stats import (
+    NO_OBSERVER,
+    CycleObserver,
+    FinalCycleReport,
+    State,
+    Stats,
+    VerifyReport,
+)
 from agent.replication.throttle import TokenBucket
 from agent.replication.tracking import DigestStore, differing_ranges, digests_of
 from sitepair import vdisk
@@ -99,6 +106,8 @@ class SourceRelationship:
         self.bucket = TokenBucket(config.bandwidth_limit)
         self.host_bucket = host_bucket
         self.stats = Stats()
+        #: Told of each cycle's end (the agent's metrics); set by the runners.
+        self.observer: CycleObserver = NO_OBSERVER
         self.lock = threading.Lock()  # one cycle (or verify) at a time
         self.last_result: CycleResult | None = None
         self.resync_requested = False
@@ -212,6 +221,7 @@ class SourceRelationship:
         st.cycles_failed += 1
         st.last_error = message
         st.last_error_code = code
+        self.observer.cycle_failed(code)
         if code == codes.STALE_EPOCH:
             st.state = control_pb2.STATE_FENCED
         elif st.state == control_pb2.STATE_RESYNCHRONIZING and self._sender().needs_resync:
@@ -355,6 +365,7 @@ class SourceRelationship:
         st.max_cycle_bytes = max(st.max_cycle_bytes, result.raw_bytes)
         st.total_cycle_bytes += result.raw_bytes
         st.wire_bytes += result.wire_bytes
+        self.observer.cycle_committed(kind, result.seconds, result.raw_bytes, result.wire_bytes)
         st.committed_sequence = next_seq
         st.state = control_pb2.STATE_PROTECTED
         st.last_error = ""

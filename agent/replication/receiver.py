@@ -53,6 +53,7 @@ from agent.replication.blocks import BLOCK, BadBatch
 from agent.replication.incoming import Incoming, Refusal
 from agent.replication.replica import ReplicaStore
 from agent.replication.state import Grant, ReplicationState
+from agent.replication.stats import NO_OBSERVER, CycleObserver
 from sitepair import pki, tickets
 from sitepair.clock import Clock
 from sitepair.errors import (
@@ -178,6 +179,8 @@ class ReplicationServicer:
             per_host=self.limits.per_host,
         )
         self.cycles_committed = 0
+        #: Told of batches and commits (the agent's metrics, :mod:`agent.exporter`).
+        self.observer: CycleObserver = NO_OBSERVER
         self.refusals: list[tuple[codes.ErrorCode, str]] = []
 
     # -- authorization ----------------------------------------------------------------------
@@ -326,6 +329,7 @@ class ReplicationServicer:
                     raise BadBatch(f"a malformed message arrived: {message.error}")
                 kind = message.WhichOneof("body")
                 if kind == "batch":
+                    self.observer.batch_received(message.ByteSize())
                     if incoming.add(message.batch):
                         acked = incoming.make_durable()
                         yield replication_pb2.CycleReply(
@@ -337,6 +341,7 @@ class ReplicationServicer:
                     applied = incoming.finish(message.trailer)
                     incoming = None
                     self.cycles_committed += 1
+                    self.observer.cycle_applied(header.kind, applied)
                     log.info(
                         "cycle committed",
                         extra={

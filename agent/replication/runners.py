@@ -23,6 +23,7 @@ from agent.identity import AgentIdentity
 from agent.replication.engine import SourceRelationship
 from agent.replication.offline import export_cut
 from agent.replication.state import PendingCycle, ReplicationState, SenderState, SourceConfig
+from agent.replication.stats import NO_OBSERVER, CycleObserver
 from agent.replication.throttle import TokenBucket
 from sitepair.clock import Clock
 from sitepair.errors import FailedPrecondition, SitepairError, StaleEpoch
@@ -58,6 +59,8 @@ class SourceRunners:
         self.tickets = tickets
         self.adaptive_compression = adaptive_compression
         self.host_bucket = TokenBucket(0)
+        #: Told of every relationship's cycles (the agent's metrics, :mod:`agent.exporter`).
+        self.observer: CycleObserver = NO_OBSERVER
         self.sources: dict[str, SourceRelationship] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
@@ -117,6 +120,7 @@ class SourceRunners:
             tracker=sender.tracker,
             adaptive_compression=self.adaptive_compression,
         )
+        rel.observer = self.observer
         self.sources[source.relationship] = rel
         self._wake[source.relationship] = asyncio.Event()
         self._tasks[source.relationship] = asyncio.create_task(

@@ -93,3 +93,29 @@ class FinalCycleReport:
     sequence: int  # what the replica holds
     final_bytes: int  # guest bytes the final cycle carried
     disks_compared: int
+
+
+class CycleObserver:
+    """Told of each cycle as it ends, for the agent's metrics (:mod:`agent.exporter`); this
+    base class ignores everything, so replication runs the same without metrics. Called from
+    the cycle's worker thread: an implementation must be thread-safe and must not block."""
+
+    def cycle_committed(
+        self, kind: replication_pb2.CycleKind.ValueType, seconds: float, guest: int, wire: int
+    ) -> None:
+        """A cycle of ``kind`` committed on the replica after ``seconds``, having carried
+        ``guest`` bytes of disk data in ``wire`` bytes on the network."""
+
+    def cycle_failed(self, code: codes.ErrorCode) -> None:
+        """A cycle failed for good (after its retries), for the reason ``code``."""
+
+    def batch_received(self, wire: int) -> None:
+        """Replica side: a batch of ``wire`` bytes arrived."""
+
+    def cycle_applied(self, kind: replication_pb2.CycleKind.ValueType, applied: int) -> None:
+        """Replica side: a cycle of ``kind`` committed, ``applied`` bytes written to the
+        replica's disks."""
+
+
+#: The observer of a relationship nobody measures.
+NO_OBSERVER = CycleObserver()

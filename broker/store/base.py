@@ -123,6 +123,9 @@ class Store(abc.ABC):
     shared: bool = False
     #: Attempts :meth:`transact` makes before it gives up on a retryable failure.
     attempts: int = 5
+    #: Told ("read" or "write", seconds) after each attempt of :meth:`transact` (the broker's
+    #: metrics, :mod:`broker.metrics`); None = nobody listens.
+    on_transaction: Callable[[str, float], None] | None = None
 
     @property
     @abc.abstractmethod
@@ -158,6 +161,7 @@ class Store(abc.ABC):
         bounded (:attr:`attempts`), with a short randomised back-off; the last failure is raised.
         """
         for attempt in range(1, self.attempts + 1):
+            started = time.perf_counter()
             try:
                 with self.write() if write else self.read() as tx:
                     return fn(tx)
@@ -168,7 +172,10 @@ class Store(abc.ABC):
                     "store transaction retried",
                     extra={"fields": {"attempt": attempt, "why": exc.message}},
                 )
-                backoff(attempt)
+            finally:
+                if self.on_transaction is not None:
+                    self.on_transaction("write" if write else "read", time.perf_counter() - started)
+            backoff(attempt)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def reading(self, fn: Callable[[Tx], T]) -> T:

@@ -102,6 +102,11 @@ class JobQueries(Queries):
         jobs = [self.get_job(r[0]) for r in self._all(sql, args)]
         return [j for j in jobs if j is not None]
 
+    def job_counts(self) -> dict[tuple[str, JobState], int]:
+        """How many jobs there are of each (kind, state), for metrics."""
+        rows = self._all("SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state")
+        return {(str(kind), JobState(state)): int(n) for kind, state, n in rows}
+
     def job_page(
         self, *, state: str = "", kind: str = "", after: tuple[float, str] | None, limit: int
     ) -> list[Job]:

@@ -13,6 +13,7 @@ no failover stays "in progress" forever.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import replace
@@ -30,15 +31,46 @@ from broker.failover_jobs import (
 from broker.failover_record import FailoverRecord, FinalCycle, MadeVm, TestFailover
 from broker.orchestration import Orchestration, Step, StepFailed, StepRun
 from broker.reports import ReplicationReports
-from broker.store.models import Job, RelationshipState
+from broker.store.models import Job, JobState, Relationship, RelationshipState
 from broker.store.sqlite import Tx
-from sitepair.errors import FailedPrecondition, InvalidArgument
+from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound
 from sitepair.v1 import control_pb2
 
 log = logging.getLogger("sitepair.broker.failover")
 
 #: The name of the step that raises the epoch (in planned and unplanned failovers).
 RAISE_EPOCH = "Raise the epoch"
+#: How long undoing a failed test failover waits for the recovery host (the command stays queued).
+UNDO_WAIT = 30.0
+#: The named recovery points (besides a sequence number).
+NAMED_POINTS = ("latest", "latest-app-consistent")
+
+
+def check_point_form(point: str) -> None:
+    """``--point`` is latest, latest-app-consistent or a sequence number."""
+    if point not in NAMED_POINTS and not point.isdigit():
+        raise InvalidArgument(
+            f"--point must be latest, latest-app-consistent or a sequence number, not {point!r}"
+        )
+
+
+def check_point_held(rel: Relationship, point: str) -> None:
+    """The replica holds the recovery point asked for (as far as its last report says)."""
+    status = status_of(rel.replica_status_json)
+    if not status.relationship_id:
+        return  # no report yet: the recovery host decides
+    held = sorted({p.sequence for p in status.points} | {status.committed_sequence} - {0})
+    if point.isdigit() and held and int(point) not in held:
+        raise InvalidArgument(
+            f"the replica of {rel.vm_name} holds no recovery point {point}; it holds "
+            f"{', '.join(map(str, held))}",
+            hint=f"see `vms show {rel.vm_name}`, or use --point latest",
+        )
+    if point == "latest-app-consistent" and not any(p.app_consistent for p in status.points):
+        raise InvalidArgument(
+            f"the replica of {rel.vm_name} holds no application-consistent recovery point",
+            hint="use --point latest, or a sequence number (see `vms show`)",
+        )
 
 
 class FailoverManager(FailoverJobs):
@@ -54,7 +86,7 @@ class FailoverManager(FailoverJobs):
         self._failback = failback
         self.declare("planned-failover", self._planned_steps)
         self.declare("unplanned-failover", self._unplanned_steps)
-        self.declare("test-failover", self._test_steps)
+        self.declare("test-failover", self._test_steps, on_failure=self._undo_test)
         self.declare("cleanup-test-failover", self._cleanup_steps)
         self.declare("fence-old-primary", self._fence_steps)
 
@@ -255,11 +287,9 @@ class FailoverManager(FailoverJobs):
 
     # -- unplanned --------------------------------------------------------------------------
     async def unplanned(self, ref: str, *, by: str, point: str = "latest") -> Job:
-        if point not in ("latest", "latest-app-consistent") and not point.isdigit():
-            raise InvalidArgument(
-                f"--point must be latest, latest-app-consistent or a sequence number, not {point!r}"
-            )
+        check_point_form(point)
         rel = await self.find(ref)
+        check_point_held(rel, point)
         if rel.state not in (*REPLICATING, RelationshipState.FAILOVER_IN_PROGRESS):
             raise FailedPrecondition(f"{rel.vm_name} is {rel.state.value}; it cannot fail over now")
         if failover_record(rel).test:
@@ -303,15 +333,32 @@ class FailoverManager(FailoverJobs):
 
     # -- test failover ----------------------------------------------------------------------
     async def test(self, ref: str, *, by: str, point: str = "latest", network: str = "") -> Job:
-        """``network``: "" (no network), the name of an existing network, or "create"."""
+        """``network``: "" (no network), the name of an existing network, or "create". The
+        arguments are checked before the job starts: a job that fails anyway is undone
+        (:meth:`_undo_test`), so it never blocks the next test."""
+        check_point_form(point)
         rel = await self.find(ref)
         if rel.state not in REPLICATING:
             raise FailedPrecondition(
                 f"{rel.vm_name} is {rel.state.value}; a test failover needs it protected"
             )
-        if failover_record(rel).test:
+        check_point_held(rel, point)
+        if network and network != "create":
+            offered = sorted(
+                {n for _, n, _ in await self.read(lambda tx: tx.host_networks(rel.replica_server))}
+            )
+            if network not in offered:
+                names = await self.host_names()
+                raise InvalidArgument(
+                    f"the recovery host {names.get(rel.replica_server, rel.replica_server)} has "
+                    f"no network {network!r}; it has: {', '.join(offered) or 'none'}",
+                    hint='use one of those, "" (no network) or "create" (an isolated one)',
+                )
+        test = failover_record(rel).test
+        if test and not await self._left_by_failed_job(test):
             raise FailedPrecondition(
-                f"a test failover of {rel.vm_name} is already in place", hint="clean it up first"
+                f"a test failover of {rel.vm_name} is already in place",
+                hint=f"clean it up first: vms cleanup-test {rel.vm_name}",
             )
         return await self.start_failover_job(
             "test-failover", rel, by=by, params={"point": point, "network": network}
@@ -371,6 +418,47 @@ class FailoverManager(FailoverJobs):
             Step(f"Create the test VM on {replica} from recovery point {params['point']}", create),
             Step("Complete the test failover", done),
         ]
+
+    async def _left_by_failed_job(self, test: TestFailover) -> bool:
+        """Whether a test failover record is only what a failed job left (no test VM made):
+        a broker before this one did not undo a failed test, and its record must not block."""
+        if test.result is not None or not test.job:
+            return False
+        try:
+            job = await self.jobs.get(test.job)
+        except NotFound:
+            return True
+        return job.state in (JobState.FAILED, JobState.CANCELLED)
+
+    async def _undo_test(self, step: StepRun) -> str:
+        """A failed test-failover job leaves nothing that blocks the next one: the test VM, if
+        the recovery host made one, is removed, and the test record is cleared."""
+        rel_id = json.loads(step.job.params_json)["relationship"]
+        rel = await self.relationship(rel_id)
+        test = failover_record(rel).test
+        if test is None or test.job != step.job.id:
+            return "nothing to undo"
+        undone = "no test VM was made"
+        if test.result is not None:
+            cmd = control_pb2.Command(
+                failover_control=control_pb2.FailoverControl(
+                    relationship_id=rel.id,
+                    action=control_pb2.FailoverControl.CLEANUP_TEST,
+                    epoch=rel.epoch,
+                )
+            )
+            try:
+                await asyncio.wait_for(step.send(rel.replica_server, cmd), UNDO_WAIT)
+                undone = "test VM removed"
+            except (StepFailed, TimeoutError) as exc:
+                # The command stays queued: an offline host removes the test VM when it is back.
+                undone = f"the test VM is removed when the recovery host answers ({exc or 'late'})"
+        await self.set_failover(rel_id, lambda r: replace(r, test=None))
+        log.warning(
+            "test failover failed and was undone",
+            extra={"fields": {"job": step.job.id, "relationship": rel_id, "undone": undone}},
+        )
+        return f"undone: {undone}; a new test failover can start"
 
     async def cleanup_test(self, ref: str, *, by: str, notes: str = "") -> Job:
         rel = await self.find(ref)

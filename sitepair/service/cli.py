@@ -102,9 +102,13 @@ def _options(args: argparse.Namespace) -> InstallOptions:
     )
 
 
+def on_windows() -> bool:
+    return sys.platform == "win32"
+
+
 def run(program: ServiceProgram, action: str, args: argparse.Namespace) -> int:
     options = _options(args)
-    if sys.platform == "win32":
+    if on_windows():
         if program.windows is None:
             raise FailedPrecondition(
                 f"{program.prog} has no Windows service",

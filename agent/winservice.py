@@ -179,12 +179,15 @@ class ServiceHost:
         report: Callable[[str, str], None],
         make_daemon: Callable[[Path], Daemon] = _make_daemon,
         setup_logging: bool = True,
+        log_handler: logging.Handler | None = None,
     ) -> None:
-        """``report(kind, message)`` writes to the Event Log ("info", "warning", "error")."""
+        """``report(kind, message)`` writes to the Event Log ("info", "warning", "error");
+        ``log_handler`` also gets the agent's log records (added after the log is set up)."""
         self.home = home
         self._report = report
         self._make_daemon = make_daemon
         self._setup_logging = setup_logging
+        self._log_handler = log_handler
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._daemon: Daemon | None = None
@@ -198,6 +201,8 @@ class ServiceHost:
         try:
             if self._setup_logging:
                 sitepair_log.configure(config_mod.load(self.home).log)
+            if self._log_handler is not None:
+                logging.getLogger().addHandler(self._log_handler)
             asyncio.run(self._main())
         except Exception as exc:
             self._report("error", f"sitepair agent stopped on an error: {exc}")
@@ -344,13 +349,12 @@ if sys.platform == "win32":  # pragma: no cover - the part that runs on Windows 
             super().__init__(args)
             name = args[0] if args else self._svc_name_
             home = win32serviceutil.GetServiceCustomOption(name, HOME_OPTION)
-            self.host = ServiceHost(Path(str(home)), report=_report)
+            # Warnings and errors of the agent's log also go to the Event Log.
+            events = logging.handlers.NTEventLogHandler(name)
+            events.setLevel(logging.WARNING)
+            self.host = ServiceHost(Path(str(home)), report=_report, log_handler=events)
 
         def SvcDoRun(self) -> None:
-            # Warnings and errors of the agent's log also go to the Event Log.
-            handler = logging.handlers.NTEventLogHandler(self._svc_name_)
-            handler.setLevel(logging.WARNING)
-            logging.getLogger().addHandler(handler)
             self.ReportServiceStatus(win32service.SERVICE_RUNNING)
             if self.host.run() != 0:
                 # An error exit: with the failure-actions flag set, recovery restarts us.

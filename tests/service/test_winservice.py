@@ -11,6 +11,7 @@ Service Control Manager's thread would.
 from __future__ import annotations
 
 import argparse
+import logging
 import threading
 import time
 from pathlib import Path
@@ -203,8 +204,27 @@ def test_stop_before_the_agent_started_runs_nothing(tmp_path: Path) -> None:
     assert made == []
 
 
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_a_failing_agent_is_reported_and_exits_with_an_error(tmp_path: Path) -> None:
     events: list[tuple[str, str]] = []
-    host = ServiceHost(tmp_path, report=lambda k, m: events.append((k, m)), setup_logging=False)
-    assert host.run() == 1  # no agent home here
+    records = Records()  # stands for the Event Log handler AgentService adds
+    host = ServiceHost(
+        tmp_path,
+        report=lambda k, m: events.append((k, m)),
+        setup_logging=False,
+        log_handler=records,
+    )
+    try:
+        assert host.run() == 1  # no agent home here
+    finally:
+        logging.getLogger().removeHandler(records)
     assert events[-1][0] == "error" and "no agent configuration" in events[-1][1]
+    assert [r.getMessage() for r in records.records] == ["agent service failed"]

@@ -375,6 +375,7 @@ class Broker:
             sessions=sessions,
             serving_not_after=lambda: server_cert.not_after,
             ca_cert_not_after=pki.not_after(ca.cert),
+            agent_lifetime=cfg.certificates.agent_lifetime,
         )
         if cfg.metrics.enabled:
             self.metrics_address = await asyncio.to_thread(

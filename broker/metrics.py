@@ -25,11 +25,13 @@ from prometheus_client.registry import Collector
 
 from broker import health
 from broker.documents import StoredStatus, Verification
+from broker.policy import Policy
 from broker.sessions import SessionRegistry
 from broker.store.base import Store
 from broker.store.models import JobState, Relationship, RelationshipState, Server
 from broker.store.repository import Tx
 from sitepair.clock import Clock
+from sitepair.errors import SitepairError
 from sitepair.metrics import MetricsConfig, MetricsServer
 
 #: ``sitepair_health``'s values, by the health the broker stores.
@@ -72,6 +74,13 @@ def rpo_lag(rel: Relationship, now: float) -> float:
     return max(0.0, now - (cut if cut is not None else rel.created_at))
 
 
+def _copy_frequency(rel: Relationship) -> float:
+    try:
+        return float(Policy.from_json(rel.policy_json).copy_frequency)
+    except (ValueError, TypeError, SitepairError):
+        return 0.0  # unreadable policy: health reports it; the lag is still served
+
+
 def pending_bytes(rel: Relationship) -> int:
     """Bytes the running cycle has still to send (0 between cycles), from the primary."""
     stored = StoredStatus.decode(rel.primary_status_json)
@@ -85,10 +94,13 @@ class StoreCollector(Collector):
     """The store-backed metrics, read at scrape time (the scrape's HTTP thread blocks on the
     store; the event loop does not)."""
 
-    def __init__(self, store: Store, clock: Clock, sessions: SessionRegistry) -> None:
+    def __init__(
+        self, store: Store, clock: Clock, sessions: SessionRegistry, agent_lifetime: float
+    ) -> None:
         self.store = store
         self.clock = clock
         self.sessions = sessions
+        self.agent_lifetime = agent_lifetime
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return []  # no description before the first scrape: never read the store at register
@@ -111,6 +123,11 @@ class StoreCollector(Collector):
         )
 
     def _relationships(self, rels: list[Relationship], now: float) -> Iterator[GaugeMetricFamily]:
+        frequency = GaugeMetricFamily(
+            "sitepair_copy_frequency_seconds",
+            "The policy's seconds between cycles (alert rules compare the RPO lag with it).",
+            labels=_VM,
+        )
         lag = GaugeMetricFamily(
             "sitepair_rpo_lag_seconds",
             "Now minus the cut time of the latest committed recovery point (since protection "
@@ -157,6 +174,7 @@ class StoreCollector(Collector):
         for rel in rels:
             labels = (rel.vm_name, rel.id)
             lag.add_metric(labels, rpo_lag(rel, now))
+            frequency.add_metric(labels, _copy_frequency(rel))
             at = last_cut_at(rel)
             if at is not None:
                 cut.add_metric(labels, at)
@@ -169,7 +187,18 @@ class StoreCollector(Collector):
             v = Verification.decode(rel.verify_json)
             mismatch.add_metric(labels, v.mismatched_bytes)
             verified.add_metric(labels, v.at)
-        yield from (lag, cut, health_g, state, paused, pending, resync, mismatch, verified)
+        yield from (
+            lag,
+            frequency,
+            cut,
+            health_g,
+            state,
+            paused,
+            pending,
+            resync,
+            mismatch,
+            verified,
+        )
 
     def _servers(self, servers: list[Server]) -> Iterator[GaugeMetricFamily]:
         expiry = GaugeMetricFamily(
@@ -193,6 +222,12 @@ class StoreCollector(Collector):
         for name, n in counts.items():
             by_state.add_metric((name,), n)
         yield from (expiry, connected, by_state)
+        yield GaugeMetricFamily(
+            "sitepair_agent_certificate_lifetime_seconds",
+            "Lifetime of the certificates this broker issues to hosts ([certificates] "
+            "agent_lifetime); hosts renew at half of it.",
+            value=self.agent_lifetime,
+        )
 
 
 class _BrokerCertificates(Collector):
@@ -224,6 +259,7 @@ class BrokerMetrics:
         sessions: SessionRegistry,
         serving_not_after: Callable[[], float],
         ca_cert_not_after: float,
+        agent_lifetime: float,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.store_seconds = Histogram(
@@ -235,7 +271,7 @@ class BrokerMetrics:
         )
         for kind in ("read", "write"):
             self.store_seconds.labels(kind)  # present from the start, at zero
-        self.registry.register(StoreCollector(store, clock, sessions))
+        self.registry.register(StoreCollector(store, clock, sessions, agent_lifetime))
         self.registry.register(_BrokerCertificates(serving_not_after, ca_cert_not_after))
         self.store = store
         store.on_transaction = self._observe

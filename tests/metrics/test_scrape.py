@@ -9,6 +9,8 @@ from tests.metrics.conftest import Pair, eventually, protect_vm, scrape, value, 
 BROKER_METRICS = {
     # name: type, as prometheus_client's parser reports it
     "sitepair_rpo_lag_seconds": "gauge",
+    "sitepair_copy_frequency_seconds": "gauge",
+    "sitepair_agent_certificate_lifetime_seconds": "gauge",
     "sitepair_last_cut_timestamp_seconds": "gauge",
     "sitepair_health": "gauge",
     "sitepair_relationship_state": "gauge",
@@ -64,6 +66,8 @@ def test_every_metric_is_served_with_plausible_values(pair: Pair) -> None:
     cut = value(b, "sitepair_last_cut_timestamp_seconds", **vm)
     assert 0 <= lag < 600 and now - 600 < cut <= now
     assert value(b, "sitepair_health", **vm) in (0, 1, 2)
+    assert value(b, "sitepair_copy_frequency_seconds", **vm) == 300
+    assert value(b, "sitepair_agent_certificate_lifetime_seconds") == 86400
     assert value(b, "sitepair_relationship_state", state="protected", **vm) == 1
     assert value(b, "sitepair_relationship_state", state="disabled", **vm) == 0
     assert value(b, "sitepair_replication_paused", **vm) == 0

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from broker.cli_support import AddCommand, Command, Subcommands, admin_client, ts
 from broker.client import AdminClient
+from broker.services.admin_checks import JOB_STATES
 from sitepair.cliutil import EXIT_ERROR, EXIT_OK, print_json, print_table, progress_bar
 from sitepair.errors import InvalidArgument
 from sitepair.v1 import admin_pb2
@@ -132,8 +133,8 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         dest="sub", required=True, metavar="ACTION"
     )
     sp = add(jobs, "list", cmd_jobs_list, "list recent jobs")
-    sp.add_argument("--state")
-    sp.add_argument("--kind")
+    sp.add_argument("--state", choices=JOB_STATES, help="only jobs in this state")
+    sp.add_argument("--kind", help="only jobs of this kind, e.g. enable-protection")
     sp.add_argument(
         "--limit", type=int, default=50, help="show the newest N jobs (0 = all; default 50)"
     )

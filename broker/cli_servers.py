@@ -10,7 +10,8 @@ import argparse
 from pathlib import Path
 
 from broker.cli_jobs import job_command, show_job_result
-from broker.cli_support import PROG, AddCommand, Subcommands, admin_client, ts
+from broker.cli_support import PROG, AddCommand, Subcommands, admin_client, int_range, ts
+from broker.services.admin import MAX_KEY_USES
 from sitepair import pki
 from sitepair.cliutil import EXIT_ERROR, EXIT_OK, confirm, print_json, print_table, proto_to_dict
 from sitepair.clock import iso
@@ -251,7 +252,12 @@ def register(sub: Subcommands, add: AddCommand) -> None:
     sp = add(keys, "create", cmd_keys_create, "create a key and write its credentials file")
     sp.add_argument("--site", required=True)
     sp.add_argument("--valid", help="validity, e.g. 5d (default from broker.toml)")
-    sp.add_argument("--uses", type=int, default=1, help="how many hosts may use it (default 1)")
+    sp.add_argument(
+        "--uses",
+        type=int_range(1, MAX_KEY_USES),
+        default=1,
+        help=f"how many hosts may use it, 1 to {MAX_KEY_USES} (default 1)",
+    )
     sp.add_argument("--out", required=True, help="credentials file to write (mode 0600)")
     sp.add_argument("--force", action="store_true", help="overwrite --out")
     sp = add(keys, "list", cmd_keys_list, "list keys")
@@ -263,7 +269,7 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         dest="sub", required=True, metavar="ACTION"
     )
     sp = add(servers, "list", cmd_servers_list, "list servers")
-    sp.add_argument("--site")
+    sp.add_argument("--site", help="only this site's servers")
     sp.add_argument("--all", action="store_true", help="include removed servers")
     sp = add(servers, "show", cmd_servers_show, "show one server")
     sp.add_argument("server", help="id or name")

@@ -41,6 +41,22 @@ def admin_client(args: argparse.Namespace) -> AdminClient:
     return AdminClient(profile, timeout=args.timeout)
 
 
+def int_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``; anything else is refused with
+    the range named."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use {low} to {high}")
+        return value
+
+    return parse
+
+
 def ts(t: Timestamp) -> str:
     """A time from the wire in ISO 8601, or ``-`` when it is not set."""
     value = seconds(t)

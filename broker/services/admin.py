@@ -16,6 +16,7 @@ import grpc.aio
 
 from broker import paging
 from broker.convert import job_to_proto, key_to_proto, server_to_proto
+from broker.services.admin_checks import check_job_state, check_site
 from broker.services.admin_protection import ProtectionAdmin
 from broker.store.models import Job, Operator, RegistrationKey, Server
 from broker.store.sqlite import Tx
@@ -169,6 +170,8 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
         size = paging.page_size(request.page_size)
 
         def read(tx: Tx) -> admin_pb2.ListServersResponse:
+            if request.site:
+                check_site(tx, request.site)
             rows = tx.server_page(
                 site=request.site,
                 include_removed=request.include_removed,
@@ -308,6 +311,8 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.ListJobsResponse:
         after = paging.decode_token(request.page_token, (float, str))
         size = paging.page_size(request.page_size or request.limit)
+
+        check_job_state(request.state)
 
         def read(tx: Tx) -> admin_pb2.ListJobsResponse:
             rows = tx.job_page(state=request.state, kind=request.kind, after=after, limit=size + 1)

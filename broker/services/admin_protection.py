@@ -16,6 +16,7 @@ import grpc.aio
 from broker import paging, vm_hosts
 from broker.convert import job_to_proto, policy_from_proto, policy_to_proto, relationship_to_proto
 from broker.policy import Policy
+from broker.services.admin_checks import check_site
 from broker.store.models import Cloud, InventoryVm, Relationship
 from broker.store.sqlite import Tx
 from sitepair import pki
@@ -155,6 +156,7 @@ class ProtectionAdmin:
     async def CreateCloud(
         self, request: admin_pb2.CreateCloudRequest, context: Ctx, identity: pki.Identity
     ) -> admin_pb2.Cloud:
+        await self._read(lambda tx: check_site(tx, request.site))
         cloud = await self.ctx.clouds.create_cloud(request.name, request.site, request.description)
         return await self._read(lambda tx: self._cloud_proto(tx, cloud))
 

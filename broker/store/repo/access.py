@@ -66,6 +66,15 @@ class AccessQueries(Queries):
             raise FailedPrecondition(f"registration key {key_id} was already revoked")
         return key
 
+    # -- sites -----------------------------------------------------------------------------
+    def known_sites(self) -> list[str]:
+        """The sites a registration key, a server (a removed one too) or a cloud names."""
+        rows = self._all(
+            "SELECT site FROM registration_keys UNION SELECT site FROM servers "
+            "UNION SELECT site FROM clouds ORDER BY 1"
+        )
+        return [str(r[0]) for r in rows]
+
     # -- operators -------------------------------------------------------------------------
     def insert_operator(self, op: Operator) -> None:
         self._db.execute(

@@ -77,7 +77,10 @@ class AgentMetrics(CycleObserver):
             registry=r,
         )
         self.resyncs = Counter(
-            "sitepair_agent_resyncs", "Resynchronization cycles committed.", registry=r
+            "sitepair_agent_resyncs",
+            "Resynchronization cycles committed, by source relationship.",
+            labelnames=("relationship",),
+            registry=r,
         )
         self.received_wire = Counter(
             "sitepair_agent_received_wire_bytes",
@@ -108,13 +111,18 @@ class AgentMetrics(CycleObserver):
 
     # -- CycleObserver (called from cycle threads; prometheus_client is thread-safe) --------
     def cycle_committed(
-        self, kind: replication_pb2.CycleKind.ValueType, seconds: float, guest: int, wire: int
+        self,
+        relationship: str,
+        kind: replication_pb2.CycleKind.ValueType,
+        seconds: float,
+        guest: int,
+        wire: int,
     ) -> None:
         self.cycle_seconds.labels(kind_name(kind)).observe(seconds)
         self.sent_guest.inc(guest)
         self.sent_wire.inc(wire)
         if kind == replication_pb2.RESYNC:
-            self.resyncs.inc()
+            self.resyncs.labels(relationship).inc()
 
     def cycle_failed(self, code: codes.ErrorCode) -> None:
         self.failed.labels(codes.code_name(code) or "none").inc()

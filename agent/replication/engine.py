@@ -365,7 +365,9 @@ class SourceRelationship:
         st.max_cycle_bytes = max(st.max_cycle_bytes, result.raw_bytes)
         st.total_cycle_bytes += result.raw_bytes
         st.wire_bytes += result.wire_bytes
-        self.observer.cycle_committed(kind, result.seconds, result.raw_bytes, result.wire_bytes)
+        self.observer.cycle_committed(
+            self.relationship, kind, result.seconds, result.raw_bytes, result.wire_bytes
+        )
         st.committed_sequence = next_seq
         st.state = control_pb2.STATE_PROTECTED
         st.last_error = ""

@@ -101,10 +101,15 @@ class CycleObserver:
     the cycle's worker thread: an implementation must be thread-safe and must not block."""
 
     def cycle_committed(
-        self, kind: replication_pb2.CycleKind.ValueType, seconds: float, guest: int, wire: int
+        self,
+        relationship: str,
+        kind: replication_pb2.CycleKind.ValueType,
+        seconds: float,
+        guest: int,
+        wire: int,
     ) -> None:
-        """A cycle of ``kind`` committed on the replica after ``seconds``, having carried
-        ``guest`` bytes of disk data in ``wire`` bytes on the network."""
+        """A cycle of ``kind`` of ``relationship`` committed on the replica after ``seconds``,
+        having carried ``guest`` bytes of disk data in ``wire`` bytes on the network."""
 
     def cycle_failed(self, code: codes.ErrorCode) -> None:
         """A cycle failed for good (after its retries), for the reason ``code``."""

@@ -115,7 +115,7 @@ def test_every_metric_is_served_with_plausible_values(pair: Pair) -> None:
     # A resync is counted as one.
     p.action("web01", "resync")
     primary = scrape(p.agent_metrics("hv-a1"))
-    assert value(primary, "sitepair_agent_resyncs", "_total") == 1
+    assert value(primary, "sitepair_agent_resyncs", "_total", relationship=rel) == 1
     assert value(primary, "sitepair_agent_cycle_duration_seconds", "_count", kind="resync") == 1
 
 

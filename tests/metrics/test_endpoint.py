@@ -23,6 +23,7 @@ from broker.home import BrokerHome
 from sitepair.errors import ConfigError
 from sitepair.metrics import MetricsConfig, MetricsServer
 from tests.metrics.conftest import enable_metrics, scrape, value
+from tests.support.agents import AgentThread, register_agent
 from tests.support.brokers import BrokerThread
 
 
@@ -202,3 +203,34 @@ def test_a_broker_whose_metrics_port_is_taken_refuses_to_start(
         b.stop()
     finally:
         squatter.shutdown()
+
+
+def test_an_agent_whose_metrics_port_is_taken_refuses_to_run_and_frees_its_home(
+    broker: BrokerThread, credentials: Path, tmp_path: Path
+) -> None:
+    home = tmp_path / "hv-a1"
+    register_agent(credentials, home, name="hv-a1")
+    squatter = MetricsServer(
+        MetricsConfig(enabled=True, listen="127.0.0.1:0"), CollectorRegistry(), base=tmp_path
+    )
+    address = squatter.start()
+    try:
+        enable_metrics(home / "agent.toml")
+        config = home / "agent.toml"
+        config.write_text(config.read_text().replace('"127.0.0.1:0"', f'"{address}"', 1))
+        agent = AgentThread(home)
+        try:
+            with pytest.raises(ConfigError, match=f"cannot listen on {address}"):
+                agent.wait_connected()
+        finally:
+            agent.stop()
+    finally:
+        squatter.shutdown()
+    # The port is free again: the same home runs, with its endpoint where it was configured.
+    agent = AgentThread(home)
+    try:
+        agent.wait_connected()
+        assert agent.daemon.metrics_address == address
+        assert "sitepair_agent_cycle_duration_seconds" in scrape(address)
+    finally:
+        agent.stop()

@@ -97,12 +97,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.configure(cfg.log)
     daemon = AgentDaemon(home, clock=clock_from_env())
 
-    def ready() -> str:
+    def status() -> str:
         ports = daemon.replication.ports
         brokers = ", ".join(daemon.identity.get().control_addresses)
+        connected = "connected to" if daemon.control.connected.is_set() else "connecting to"
         return (
             f"replication ports: certificate {ports.get('certificate', 0)}, "
-            f"ticket {ports.get('ticket', 0)}; broker {brokers}"
+            f"ticket {ports.get('ticket', 0)}; {connected} the broker {brokers}"
         )
 
     async def main() -> None:
@@ -115,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         service = ServiceRuntime(stop=stop, reload=log_reloader(lambda: config_mod.load(home).log))
         service.install_signal_handlers()
         try:
-            await daemon.run(on_ready=lambda: service.ready(ready()))
+            await daemon.run(on_ready=lambda: service.ready(status(), refresh=status))
         finally:
             await service.close()
 

@@ -23,6 +23,9 @@ from sitepair.service.notify import Notifier
 
 log = logging.getLogger("sitepair.service")
 
+#: How often a daemon's status line is looked at for a change (``systemctl status``).
+REFRESH_SECONDS = 5.0
+
 
 class ServiceRuntime:
     def __init__(
@@ -39,6 +42,7 @@ class ServiceRuntime:
         self._reload = reload
         self._watchdog: asyncio.Task[None] | None = None
         self._ready_status = ""
+        self._refresh: Callable[[], str] | None = None
         self._stopping = False
 
     def install_signal_handlers(self) -> None:
@@ -54,15 +58,20 @@ class ServiceRuntime:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(hup, self.reload)
 
-    def ready(self, status: str) -> None:
-        """The daemon serves: tell the service manager and start the watchdog pings."""
+    def ready(self, status: str, *, refresh: Callable[[], str] | None = None) -> None:
+        """The daemon serves: tell the service manager and start the watchdog pings.
+
+        ``refresh``, if given, is asked for the status line every :data:`REFRESH_SECONDS`
+        (and at each watchdog ping); a changed line is sent as ``STATUS=``."""
         self._ready_status = status
+        self._refresh = refresh
         self.notifier.ready(status)
         log.info("service ready", extra={"fields": {"status": status}})
         interval = self.notifier.watchdog_interval
-        if interval > 0 and self._watchdog is None:
+        if self.notifier.enabled and self._watchdog is None and (interval > 0 or refresh):
+            every = min(interval, REFRESH_SECONDS) if interval > 0 else REFRESH_SECONDS
             self._watchdog = asyncio.get_running_loop().create_task(
-                self._ping(interval), name="watchdog"
+                self._ping(every, watchdog=interval > 0), name="watchdog"
             )
 
     def status(self, status: str) -> None:
@@ -102,10 +111,15 @@ class ServiceRuntime:
                 await self._watchdog
             self._watchdog = None
 
-    async def _ping(self, interval: float) -> None:
+    async def _ping(self, every: float, *, watchdog: bool) -> None:
         while True:
-            self.notifier.watchdog()
-            await asyncio.sleep(interval)
+            if watchdog:
+                self.notifier.watchdog()
+            if self._refresh is not None and not self._stopping:
+                status = self._refresh()
+                if status != self._ready_status:
+                    self.status(status)
+            await asyncio.sleep(every)
 
 
 def log_reloader(load: Callable[[], sitepair_log.LogSettings]) -> Callable[[], str]:

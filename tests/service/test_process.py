@@ -50,9 +50,14 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
         return proc.wait(30)
 
 
-def see_lifecycle(proc: subprocess.Popen[bytes], notify: NotifySocket) -> dict[str, str]:
+def see_lifecycle(
+    proc: subprocess.Popen[bytes], notify: NotifySocket, *, status: str = ""
+) -> dict[str, str]:
+    """READY=1, then (a STATUS= with ``status``,) WATCHDOG=1 three times, STOPPING=1."""
     ready = notify.wait_for(lambda m: m.get("READY") == "1")
     assert ready["MAINPID"] == str(proc.pid)
+    if status:
+        notify.wait_for(lambda m: status in m.get("STATUS", ""))
     for _ in range(3):
         notify.wait_for(lambda m: m.get("WATCHDOG") == "1")
     proc.send_signal(signal.SIGTERM)
@@ -91,10 +96,12 @@ def test_agent_under_its_unit_command_line(
     argv = exec_start(tmp_path / "u" / "sitepair-agent.service")
     proc = start(argv, notify, tmp_path / "agent.out")
     try:
-        ready = see_lifecycle(proc, notify)
+        # The status follows the broker connection: systemctl status shows it connected.
+        ready = see_lifecycle(proc, notify, status="connected to the broker")
     finally:
         stop(proc)
     assert "replication ports: certificate" in ready["STATUS"]
+    assert "connecting to the broker" in ready["STATUS"]
     assert "certificate 0," not in ready["STATUS"]
 
 

@@ -119,6 +119,7 @@ def run(program: ServiceProgram, action: str, args: argparse.Namespace) -> int:
     ctl = systemd.Systemctl(f"{options.name}.service")
     if action == "install":
         spec = program.unit(options)
+        note = _check_account(options) if options.user else None
         path = systemd.write_unit(spec, options.unit_dir)
         if options.enable:
             ctl.enable()
@@ -126,6 +127,8 @@ def run(program: ServiceProgram, action: str, args: argparse.Namespace) -> int:
             print_json({"unit": str(path), "enabled": options.enable})
             return EXIT_OK
         print(f"wrote {path}")
+        if note:
+            print(note)
         if options.enable:
             print(f"enabled {spec.unit_file}; start it with: systemctl start {spec.unit_file}")
         else:
@@ -151,3 +154,25 @@ def run(program: ServiceProgram, action: str, args: argparse.Namespace) -> int:
     ctl.run(action, f"{options.name}.service")
     print(f"{'started' if action == 'start' else 'stopped'} {options.name}.service")
     return EXIT_OK
+
+
+def _check_account(options: InstallOptions) -> str | None:
+    """Refuse an account this machine does not have; a note when it does not own the home."""
+    import pwd  # Unix only, as systemd is
+
+    assert options.user is not None
+    try:
+        account = pwd.getpwnam(options.user)
+    except KeyError:
+        raise InvalidArgument(
+            f"there is no user {options.user!r} on this machine",
+            hint=f"create it first, e.g. useradd --system --home-dir {options.home} "
+            f"--shell /usr/sbin/nologin {options.user}",
+        ) from None
+    owner = options.home.stat().st_uid
+    if owner != account.pw_uid:
+        return (
+            f"note: {options.home} is not owned by {options.user}; the service writes there: "
+            f"chown -R {options.user}: {options.home}"
+        )
+    return None

@@ -42,19 +42,22 @@ def test_broker_unit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     home = init_home(tmp_path / "broker", vault="v1")
     units = tmp_path / "units"
     args = ["service", "install", "--home", str(home.root), "--unit-dir", str(units)]
-    assert broker_cli.main([*args, "--no-enable", "--user", "sitepair"]) == 0
+    assert broker_cli.main([*args, "--no-enable", "--user", "daemon"]) == 0
+    out = capsys.readouterr().out
+    # The home belongs to whoever runs the test, not to the service's account.
+    assert f"chown -R daemon: {home.root}" in out
+    assert "systemctl daemon-reload" in out
     unit = units / "sitepair-broker.service"
     assert setting(unit, "Type") == "notify"
     assert setting(unit, "NotifyAccess") == "main"
     assert setting(unit, "Restart") == "on-failure"
     assert setting(unit, "ExecReload") == "/bin/kill -HUP $MAINPID"
-    assert setting(unit, "User") == "sitepair"
+    assert setting(unit, "User") == "daemon"
     assert setting(unit, "ReadWritePaths") == f"-{home.root.absolute()}"
     assert setting(unit, "EnvironmentFile") == "-/etc/sitepair/sitepair-broker.env"
     argv = exec_start(unit)
     assert Path(argv[0]).is_absolute()
     assert argv[-3:] == ["serve", "--home", str(home.root.absolute())]
-    assert "systemctl daemon-reload" in capsys.readouterr().out
 
 
 def test_agent_unit_opens_its_storage_only(tmp_path: Path) -> None:
@@ -82,6 +85,18 @@ def test_qemu_agent_keeps_host_devices(tmp_path: Path) -> None:
     unit = tmp_path / "u" / "sitepair-agent.service"
     assert setting(unit, "PrivateDevices") == "no"
     assert "AF_NETLINK" in setting(unit, "RestrictAddressFamilies")
+
+
+def test_install_refuses_an_unknown_account(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = init_home(tmp_path / "broker", vault="v1")
+    args = ["service", "install", "--home", str(home.root), "--unit-dir", str(tmp_path / "u")]
+    assert broker_cli.main([*args, "--no-enable", "--user", "no-such-sitepair-user"]) == 1
+    err = capsys.readouterr().err
+    assert "there is no user 'no-such-sitepair-user'" in err
+    assert "useradd --system" in err
+    assert not (tmp_path / "u").exists()
 
 
 def test_install_on_a_folder_that_is_no_home_says_so(

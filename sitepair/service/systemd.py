@@ -142,6 +142,12 @@ def render(spec: UnitSpec) -> str:
         f"PrivateTmp={'no' if under_tmp else 'yes'}",
         "NoNewPrivileges=yes",
         f"PrivateDevices={'no' if spec.host_devices else 'yes'}",
+    ]
+    if spec.host_devices:
+        # ProtectClock= below allows only the devices listed (DeviceAllow=char-rtc r): name
+        # the ones QEMU opens.
+        lines += ["DeviceAllow=/dev/kvm rw", "DeviceAllow=/dev/net/tun rw"]
+    lines += [
         "ProtectKernelTunables=yes",
         "ProtectKernelModules=yes",
         "ProtectKernelLogs=yes",

@@ -84,6 +84,9 @@ def test_qemu_agent_keeps_host_devices(tmp_path: Path) -> None:
     assert agent_cli.main([*args, "--no-enable"]) == 0
     unit = tmp_path / "u" / "sitepair-agent.service"
     assert setting(unit, "PrivateDevices") == "no"
+    # ProtectClock= closes the device list: KVM and taps are named.
+    assert "DeviceAllow=/dev/kvm rw" in unit.read_text()
+    assert "DeviceAllow=/dev/net/tun rw" in unit.read_text()
     assert "AF_NETLINK" in setting(unit, "RestrictAddressFamilies")
 
 

@@ -3,9 +3,15 @@ a site must be one the vault knows, a job state one jobs have."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from broker.store.models import JobState
-from broker.store.sqlite import Tx
 from sitepair.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    # Only for annotations: imported at run time, broker.store.sqlite would load the store
+    # package from the middle (sitepair-broker's first import) and meet a circular import.
+    from broker.store.repository import Tx
 
 #: The states a job can be in, as ``jobs list --state`` takes them.
 JOB_STATES = tuple(state.value for state in JobState)

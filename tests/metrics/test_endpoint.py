@@ -6,6 +6,8 @@ import asyncio
 import datetime
 import ipaddress
 import ssl
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from sitepair.errors import ConfigError
 from sitepair.metrics import MetricsConfig, MetricsServer
 from tests.metrics.conftest import enable_metrics, scrape, value
 from tests.support.agents import AgentThread, register_agent
-from tests.support.brokers import BrokerThread
+from tests.support.brokers import BrokerThread, python_env
 
 
 def _issue(
@@ -234,3 +236,22 @@ def test_an_agent_whose_metrics_port_is_taken_refuses_to_run_and_frees_its_home(
         assert "sitepair_agent_cycle_duration_seconds" in scrape(address)
     finally:
         agent.stop()
+
+
+def test_the_operator_sees_why_serve_refuses_a_public_listen_without_tls(
+    broker_home: BrokerHome,
+) -> None:
+    enable_metrics(broker_home.config)
+    config = broker_home.config
+    config.write_text(config.read_text().replace('"127.0.0.1:0"\ntls', '"0.0.0.0:9464"\ntls'))
+    proc = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "--home", str(broker_home.root), "serve"],
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "not a loopback address" in proc.stderr and "hint:" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not broker_home.run_file.exists()  # it never started

@@ -157,7 +157,7 @@ class MetricsServer:
             )
         except ssl.SSLError as exc:
             raise ConfigError(
-                f"[metrics] cannot use the TLS certificate or key: {exc.reason or exc}",
+                f"[metrics] cannot use the TLS certificate or key: {exc}",
                 hint="tls_cert must be a PEM certificate and tls_key its PEM private key",
             ) from exc
         except OSError as exc:

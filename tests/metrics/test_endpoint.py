@@ -170,6 +170,13 @@ def test_missing_certificate_file_and_busy_port_are_config_errors(tmp_path: Path
     missing = MetricsConfig(enabled=True, listen="127.0.0.1:0", tls_cert="no.crt", tls_key="k")
     with pytest.raises(ConfigError, match=r"tls_cert .*no\.crt does not exist"):
         MetricsServer(missing, registry, base=tmp_path).start()
+    _issue(tmp_path / "one", "one", server=True)
+    _issue(tmp_path / "two", "two", server=True)
+    mismatched = MetricsConfig(
+        enabled=True, listen="127.0.0.1:0", tls_cert="one.crt", tls_key="two.key"
+    )
+    with pytest.raises(ConfigError, match="cannot use the TLS certificate or key"):
+        MetricsServer(mismatched, registry, base=tmp_path).start()
     first = MetricsServer(
         MetricsConfig(enabled=True, listen="127.0.0.1:0"), registry, base=tmp_path
     )

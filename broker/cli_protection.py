@@ -9,6 +9,7 @@ import functools
 from broker.cli_jobs import StartJob, job_command
 from broker.cli_support import AddCommand, Subcommands, admin_client, ts
 from broker.client import AdminClient
+from broker.policy import AUTH_PORTS
 from sitepair.cliutil import EXIT_OK, print_json, print_table, progress_bar
 from sitepair.durations import format_size, parse_duration, parse_size
 from sitepair.errors import InvalidArgument
@@ -163,7 +164,7 @@ def cmd_clouds_pairs(args: argparse.Namespace) -> int:
                 p.policy.recovery_points,
                 f"{p.policy.app_consistent_hours}h" if p.policy.app_consistent_hours else "-",
                 p.policy.authentication,
-                p.policy.port,
+                p.policy.port or AUTH_PORTS.get(p.policy.authentication, 0),
                 p.policy.initial_method,
                 p.protected_vms,
             ]
@@ -217,6 +218,30 @@ def cmd_mappings_list(args: argparse.Namespace, kind: str) -> int:
 
 # -- VMs and their protection -------------------------------------------------------------------
 
+#: What the RPO column shows for a protected VM before its first cycle.
+NO_RPO = "\u2014"
+
+
+def format_rpo(seconds: int) -> str:
+    """An RPO lag as an operator reads it: 42s, 3m, 5h, 2d (whole units, rounded down)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def rpo_cell(v: admin_pb2.VmInfo | admin_pb2.ProtectedVm, protected: bool) -> str:
+    """The RPO of a VM as a table shows it: "" (shown "-") for a VM not protected."""
+    if v.HasField("rpo_seconds"):
+        return format_rpo(v.rpo_seconds)
+    return NO_RPO if protected else ""
+
+
+def where_it_runs(v: admin_pb2.ProtectedVm) -> tuple[str, str]:
+    """(the host the VM runs on, the host replicating from it or "") as the tables show them."""
+    running = v.running_on or v.primary_server
+    return running, v.replica_server if running == v.primary_server else ""
+
 
 def cmd_vms_list(args: argparse.Namespace) -> int:
     with admin_client(args) as c:
@@ -229,7 +254,7 @@ def cmd_vms_list(args: argparse.Namespace) -> int:
         print_json(vms)
         return EXIT_OK
     print_table(
-        ["VM", "HOST", "CLOUD", "STATE", "DISKS", "PROTECTION", "HEALTH"],
+        ["VM", "HOST", "CLOUD", "STATE", "DISKS", "PROTECTION", "HEALTH", "RPO"],
         [
             [
                 v.vm.name,
@@ -239,6 +264,7 @@ def cmd_vms_list(args: argparse.Namespace) -> int:
                 f"{len(v.vm.disks)} ({format_size(sum(d.virtual_size for d in v.vm.disks))})",
                 v.protection_state,
                 v.health,
+                rpo_cell(v, v.protection_state not in ("", "replica", "test-failover")),
             ]
             for v in vms
         ],
@@ -263,8 +289,7 @@ def cmd_vms_protected(args: argparse.Namespace) -> int:
                 v.vm_name,
                 v.state + (" (paused)" if v.paused else ""),
                 v.health,
-                v.primary_server,
-                v.replica_server,
+                *where_it_runs(v),
                 ts(v.primary_status.last_success_at),
                 v.epoch,
                 v.relationship_id,
@@ -287,12 +312,29 @@ def cmd_vms_show(args: argparse.Namespace) -> int:
     print(f"  health         {v.health}")
     for r in v.reasons:
         print(f"    {r.level:<9} {r.message}")
-    print(f"  primary        {v.primary_server} in {v.primary_cloud}")
-    print(f"  replica        {v.replica_server} in {v.recovery_cloud} {v.replica_folder}")
+    running, replica = where_it_runs(v)
+    if replica:
+        print(f"  primary        {v.primary_server} in {v.primary_cloud}")
+        print(f"  replica        {v.replica_server} in {v.recovery_cloud} {v.replica_folder}")
+    else:
+        was = v.primary_server
+        print(f"  primary        {running} in {v.recovery_cloud} (failed over from {was})")
+        print(
+            f"  replica        none: nothing replicates until `vms reverse {v.vm_name}` "
+            f"(the old VM is on {v.primary_server})"
+        )
+    if v.HasField("test_failover"):
+        t = v.test_failover
+        made = f"test VM {t.vm_name} from point {t.point}" if t.vm_name else "being made"
+        print(
+            f"  test failover  {made} on {t.host}, network {t.network or 'none'} "
+            f"(job {t.job_id}); remove it with `vms cleanup-test {v.vm_name}`"
+        )
     compression = "on" if p.compression else "off"
+    port = p.port or AUTH_PORTS.get(p.authentication, 0)
     print(
         f"  policy         every {p.copy_frequency_seconds}s, {p.recovery_points} point(s), "
-        f"{p.authentication} on {p.port}, compression {compression}"
+        f"{p.authentication} on {port}, compression {compression}"
     )
     print(
         f"  cycles         {ps.cycles_succeeded} ok, {ps.cycles_failed} failed, "
@@ -312,6 +354,7 @@ def cmd_vms_show(args: argparse.Namespace) -> int:
     if ps.last_error:
         print(f"  last error     {ps.last_error}")
     print(f"  replica holds  sequence {rs.committed_sequence} (cut {ts(rs.last_cut_at)})")
+    print(f"  RPO            {rpo_cell(v, True)} (now minus the cut time of the latest point)")
     if v.HasField("last_verification"):
         lv = v.last_verification
         outcome = (

@@ -114,6 +114,16 @@ def evaluate(
     state = rel.state
     if state == RelationshipState.DISABLED:
         return NORMAL, []
+    if state == RelationshipState.COMMITTED:
+        reasons.append(
+            Reason(
+                WARNING,
+                "not-replicating",
+                "failed over and committed, but nothing replicates: the VM is unprotected; "
+                f"replicate back with `vms reverse {rel.vm_name}`, or disable protection and "
+                "protect it again",
+            )
+        )
 
     if state in (RelationshipState.ENABLING, RelationshipState.INITIAL_REPLICATION):
         done, total = status.progress_done, status.progress_total

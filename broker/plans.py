@@ -45,6 +45,8 @@ from sitepair.v1 import control_pb2
 log = logging.getLogger("sitepair.broker.plans")
 
 FAILOVER_TYPES = ("planned", "unplanned", "test")
+#: How long ``plans resume`` waits to show the plan past its manual step (seconds).
+RESUME_SHOWN_WITHIN = 5.0
 StepBody = Callable[[StepRun], Awaitable[str]]
 #: What the step of a per-VM plan job does to its VM ("commit the failover of web01").
 _VERBS = {
@@ -387,7 +389,20 @@ class PlanManager(Orchestrator):
         log.info(
             "recovery plan resumed", extra={"fields": {"plan": name, "step": waiting[0], "by": by}}
         )
-        return await self.jobs.get(job.id)
+        return await self._after_resume(job.id, waiting[0])
+
+    async def _after_resume(self, job_id: str, index: int) -> Job:
+        """The job once the plan has gone on past the manual step ``index`` (what ``plans
+        resume`` shows), or as it is after :data:`RESUME_SHOWN_WITHIN` if it has not yet."""
+        latest = await self.jobs.get(job_id)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RESUME_SHOWN_WITHIN):
+                async for job in self.jobs.watch(job_id, poll=0.2):
+                    latest = job
+                    step = next((s for s in job.steps if s.index == index), None)
+                    if job.state.final or step is None or step.state != StepState.RUNNING:
+                        break
+        return latest
 
     async def cleanup_test(self, name: str, *, by: str, notes: str = "") -> Job:
         return await self._per_vm(name, "plan-cleanup-test", by=by, params={"notes": notes})

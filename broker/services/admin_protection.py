@@ -15,13 +15,16 @@ import grpc.aio
 
 from broker import paging, vm_hosts
 from broker.convert import job_to_proto, policy_from_proto, policy_to_proto, relationship_to_proto
+from broker.documents import status_of
+from broker.failover_record import FailoverRecord, TestFailover
 from broker.policy import Policy
 from broker.services.admin_checks import check_site
+from broker.store.base import StoreError
 from broker.store.models import Cloud, InventoryVm, Relationship
 from broker.store.sqlite import Tx
 from sitepair import pki
 from sitepair.errors import InvalidArgument, NotFound
-from sitepair.protoconv import timestamp
+from sitepair.protoconv import seconds, timestamp
 from sitepair.rpc import rpc
 from sitepair.v1 import admin_pb2, common_pb2
 
@@ -77,6 +80,46 @@ def _vm_proto(v: InventoryVm) -> tuple[common_pb2.VirtualMachine, list[str]]:
     return vm, withheld
 
 
+def rpo_seconds(rel: Relationship, now: float) -> int | None:
+    """The RPO lag of ``rel``: ``now`` minus the cut time of the latest point committed on the
+    replica (as it last reported); None before the first cycle."""
+    cut = seconds(status_of(rel.replica_status_json).last_cut_at)
+    if not cut:
+        return None
+    return min(max(0, int(now - cut)), 2**32 - 1)
+
+
+def _test_in_place(rel: Relationship) -> TestFailover | None:
+    try:
+        return FailoverRecord.decode(rel.failover_json).test
+    except StoreError:
+        return None  # vms show still shows the rest; the failover jobs report the damage
+
+
+def protected_proto(rel: Relationship, names: dict[str, str], now: float) -> admin_pb2.ProtectedVm:
+    """A protected VM as the admin API shows it: the stored relationship, where the VM runs
+    now (:mod:`broker.vm_hosts`), its RPO lag and a test failover in place."""
+    msg = relationship_to_proto(rel, names)
+    running, _ = vm_hosts.hosts_now(rel)
+    msg.running_on = names.get(running, running)
+    rpo = rpo_seconds(rel, now)
+    if rpo is not None:
+        msg.rpo_seconds = rpo
+    test = _test_in_place(rel)
+    if test is not None:
+        made = test.result
+        msg.test_failover.CopyFrom(
+            admin_pb2.TestFailoverInfo(
+                vm_name=made.vm_name if made else "",
+                host=names.get(rel.replica_server, rel.replica_server),
+                point=made.point if made else 0,
+                network=test.network,
+                job_id=test.job,
+            )
+        )
+    return msg
+
+
 class ProtectionAdmin:
     ctx: BrokerContext
 
@@ -113,7 +156,20 @@ class ProtectionAdmin:
             rels = {i: r for i, r in latest.items() if r.disabled_at is None}
 
             def other_copy(v: InventoryVm) -> bool:
-                return vm_hosts.is_other_copy(v, rels.get(v.vm_id))
+                """The other copy of a VM whose host where it runs reports it too."""
+                rel = rels.get(v.vm_id)
+                if rel is None or not vm_hosts.is_other_copy(v, rel):
+                    return False
+                running, _ = vm_hosts.hosts_now(rel)
+                return any(c.server_id == running for c in tx.find_vms(v.vm_id))
+
+            # The VMs test failovers in place made, by their id: shown with their relationship.
+            tests = {}
+            for r in rels.values():
+                test = _test_in_place(r)
+                if test is not None and test.result is not None and test.result.vm_id:
+                    tests[test.result.vm_id] = r
+            now = self.ctx.clock.now()
 
             # All hosts: each VM once, where it runs. Rows are read until a page is full.
             rows: list[InventoryVm] = []
@@ -132,8 +188,11 @@ class ProtectionAdmin:
                 rel = rels.get(v.vm_id)
                 vm, unreadable = _vm_proto(v)
                 state = rel.state.value if rel else ""
+                rpo = rpo_seconds(rel, now) if rel else None
                 if rel and other_copy(v):
-                    state = "replica"
+                    state, rpo = "replica", None
+                elif rel is None and v.vm_id in tests:
+                    rel, state = tests[v.vm_id], "test-failover"
                 info = admin_pb2.VmInfo(
                     server_id=v.server_id,
                     server_name=names.get(v.server_id, v.server_id),
@@ -144,6 +203,10 @@ class ProtectionAdmin:
                     health=rel.health if rel else "",
                     withheld=[*v.withheld, *unreadable],
                 )
+                if state == "test-failover":
+                    info.health = ""
+                if rpo is not None:
+                    info.rpo_seconds = rpo
                 return paging.trim(info, ["vm"])
 
             vms, token = paging.fill(rows, size, convert, lambda v: (v.name, v.server_id, v.vm_id))
@@ -347,11 +410,19 @@ class ProtectionAdmin:
                 include_disabled=request.include_disabled, after=after, limit=size + 1
             )
             names = tx.server_names(
-                sorted({sid for r in rows for sid in (r.primary_server, r.replica_server)})
+                sorted(
+                    {
+                        sid
+                        for r in rows
+                        for sid in (r.primary_server, r.replica_server, *vm_hosts.hosts_now(r))
+                    }
+                )
             )
 
+            now = self.ctx.clock.now()
+
             def convert(r: Relationship) -> admin_pb2.ProtectedVm:
-                return paging.trim(relationship_to_proto(r, names), _BULKY_PROTECTED)
+                return paging.trim(protected_proto(r, names, now), _BULKY_PROTECTED)
 
             vms, token = paging.fill(rows, size, convert, lambda r: (r.vm_name, r.id))
             return admin_pb2.ListProtectedResponse(vms=vms, next_page_token=token)
@@ -365,7 +436,7 @@ class ProtectionAdmin:
         def read(tx: Tx) -> admin_pb2.ProtectedVm:
             rel: Relationship = tx.find_relationship(request.vm)
             names = {s.id: s.name for s in tx.list_servers(include_removed=True)}
-            return relationship_to_proto(rel, names)
+            return protected_proto(rel, names, self.ctx.clock.now())
 
         return await self._read(read)
 

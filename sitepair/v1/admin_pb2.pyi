@@ -437,6 +437,7 @@ class VmInfo(_message.Message):
     PROTECTION_STATE_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     WITHHELD_FIELD_NUMBER: _builtins.int
+    RPO_SECONDS_FIELD_NUMBER: _builtins.int
     server_id: _builtins.str
     server_name: _builtins.str
     cloud: _builtins.str
@@ -444,6 +445,10 @@ class VmInfo(_message.Message):
     """"" = not protected"""
     protection_state: _builtins.str
     health: _builtins.str
+    rpo_seconds: _builtins.int
+    """A protected VM's RPO lag where it runs: the broker's now minus the cut time of the latest
+    point committed on the replica; unset before the first cycle and for other VMs.
+    """
     @_builtins.property
     def vm(self) -> _common_pb2.VirtualMachine: ...
     @_builtins.property
@@ -461,12 +466,15 @@ class VmInfo(_message.Message):
         protection_state: _builtins.str = ...,
         health: _builtins.str = ...,
         withheld: _abc.Iterable[_builtins.str] | None = ...,
+        rpo_seconds: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rpo_seconds", b"_rpo_seconds", "rpo_seconds", b"rpo_seconds", "vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud", b"cloud", "health", b"health", "protection_state", b"protection_state", "relationship_id", b"relationship_id", "server_id", b"server_id", "server_name", b"server_name", "vm", b"vm", "withheld", b"withheld"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rpo_seconds", b"_rpo_seconds", "cloud", b"cloud", "health", b"health", "protection_state", b"protection_state", "relationship_id", b"relationship_id", "rpo_seconds", b"rpo_seconds", "server_id", b"server_id", "server_name", b"server_name", "vm", b"vm", "withheld", b"withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rpo_seconds: _TypeAlias = _typing.Literal["rpo_seconds"]  # noqa: Y015
+    _WhichOneofArgType__rpo_seconds: _TypeAlias = _typing.Literal["_rpo_seconds", b"_rpo_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rpo_seconds) -> _WhichOneofReturnType__rpo_seconds | None: ...
 
 Global___VmInfo: _TypeAlias = VmInfo  # noqa: Y015
 
@@ -1004,6 +1012,9 @@ class ProtectedVm(_message.Message):
     FAILOVER_JSON_FIELD_NUMBER: _builtins.int
     LAST_VERIFICATION_FIELD_NUMBER: _builtins.int
     WITHHELD_FIELD_NUMBER: _builtins.int
+    RUNNING_ON_FIELD_NUMBER: _builtins.int
+    RPO_SECONDS_FIELD_NUMBER: _builtins.int
+    TEST_FAILOVER_FIELD_NUMBER: _builtins.int
     relationship_id: _builtins.str
     vm_id: _builtins.str
     vm_name: _builtins.str
@@ -1019,6 +1030,14 @@ class ProtectedVm(_message.Message):
     replica_folder: _builtins.str
     failover_json: _builtins.str
     """the current failover, test failover and fencing state"""
+    running_on: _builtins.str
+    """The host the VM runs on now: primary_server, or after a failover not reversed yet (failed
+    over, or committed without reverse replication) the failover's new primary.
+    """
+    rpo_seconds: _builtins.int
+    """RPO lag: the broker's now minus the replica status's last_cut_at (the cut time of the
+    latest committed point); unset before the first cycle.
+    """
     @_builtins.property
     def reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___HealthReason]: ...
     @_builtins.property
@@ -1036,6 +1055,10 @@ class ProtectedVm(_message.Message):
     @_builtins.property
     def withheld(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """see Server.withheld"""
+
+    @_builtins.property
+    def test_failover(self) -> Global___TestFailoverInfo:
+        """unset unless a test failover is in place"""
 
     def __init__(
         self,
@@ -1060,14 +1083,57 @@ class ProtectedVm(_message.Message):
         failover_json: _builtins.str = ...,
         last_verification: Global___Verification | None = ...,
         withheld: _abc.Iterable[_builtins.str] | None = ...,
+        running_on: _builtins.str = ...,
+        rpo_seconds: _builtins.int | None = ...,
+        test_failover: Global___TestFailoverInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_verification", b"last_verification", "policy", b"policy", "primary_status", b"primary_status", "replica_status", b"replica_status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rpo_seconds", b"_rpo_seconds", "created_at", b"created_at", "last_verification", b"last_verification", "policy", b"policy", "primary_status", b"primary_status", "replica_status", b"replica_status", "rpo_seconds", b"rpo_seconds", "test_failover", b"test_failover"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "epoch", b"epoch", "failover_json", b"failover_json", "health", b"health", "last_verification", b"last_verification", "paused", b"paused", "policy", b"policy", "primary_cloud", b"primary_cloud", "primary_server", b"primary_server", "primary_status", b"primary_status", "reasons", b"reasons", "recovery_cloud", b"recovery_cloud", "relationship_id", b"relationship_id", "replica_folder", b"replica_folder", "replica_server", b"replica_server", "replica_status", b"replica_status", "state", b"state", "vm_id", b"vm_id", "vm_name", b"vm_name", "withheld", b"withheld"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rpo_seconds", b"_rpo_seconds", "created_at", b"created_at", "epoch", b"epoch", "failover_json", b"failover_json", "health", b"health", "last_verification", b"last_verification", "paused", b"paused", "policy", b"policy", "primary_cloud", b"primary_cloud", "primary_server", b"primary_server", "primary_status", b"primary_status", "reasons", b"reasons", "recovery_cloud", b"recovery_cloud", "relationship_id", b"relationship_id", "replica_folder", b"replica_folder", "replica_server", b"replica_server", "replica_status", b"replica_status", "rpo_seconds", b"rpo_seconds", "running_on", b"running_on", "state", b"state", "test_failover", b"test_failover", "vm_id", b"vm_id", "vm_name", b"vm_name", "withheld", b"withheld"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__rpo_seconds: _TypeAlias = _typing.Literal["rpo_seconds"]  # noqa: Y015
+    _WhichOneofArgType__rpo_seconds: _TypeAlias = _typing.Literal["_rpo_seconds", b"_rpo_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rpo_seconds) -> _WhichOneofReturnType__rpo_seconds | None: ...
+
+Global___ProtectedVm: _TypeAlias = ProtectedVm  # noqa: Y015
+
+@_typing.final
+class TestFailoverInfo(_message.Message):
+    """A test failover in place (it runs beside production replication until `vms cleanup-test`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_NAME_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    POINT_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    vm_name: _builtins.str
+    """the test VM ("" until the recovery host made it)"""
+    host: _builtins.str
+    """where it runs (a name)"""
+    point: _builtins.int
+    """the recovery point it was made from"""
+    network: _builtins.str
+    """"" = no network"""
+    job_id: _builtins.str
+    """the test-failover job"""
+    def __init__(
+        self,
+        *,
+        vm_name: _builtins.str = ...,
+        host: _builtins.str = ...,
+        point: _builtins.int = ...,
+        network: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "job_id", b"job_id", "network", b"network", "point", b"point", "vm_name", b"vm_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ProtectedVm: _TypeAlias = ProtectedVm  # noqa: Y015
+Global___TestFailoverInfo: _TypeAlias = TestFailoverInfo  # noqa: Y015
 
 @_typing.final
 class Verification(_message.Message):

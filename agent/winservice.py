@@ -273,6 +273,9 @@ if sys.platform == "win32":  # pragma: no cover - the part that runs on Windows 
             description: str,
             account: str | None,
         ) -> None:
+            if class_string == SERVICE_CLASS:
+                # pywin32's service host finds the class by its module's file path.
+                class_string = win32serviceutil.GetServiceClassString(AgentService)
             win32serviceutil.InstallService(
                 class_string,
                 name,

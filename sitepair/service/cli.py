@@ -83,7 +83,8 @@ def add_commands(
             sp.add_argument(
                 "--no-enable",
                 action="store_true",
-                help="systemd: only write (or delete) the unit file; no systemctl calls",
+                help="systemd: only write (or delete) the unit file, no systemctl calls; "
+                "Windows: install without starting",
             )
         if action == "install":
             sp.add_argument("--user", help="the account the service runs as (default: root)")

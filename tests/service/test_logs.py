@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from broker import config as broker_config
 from broker.app import init_home
 from sitepair import log
 from sitepair.errors import ConfigError
+from tests.support.brokers import python_env
 
 
 def test_broker_refuses_an_unknown_level(
@@ -83,3 +86,31 @@ def test_grpc_core_is_quiet_unless_asked() -> None:
     env = {"GRPC_VERBOSITY": "debug"}
     log.quiet_grpc_core(env)
     assert env["GRPC_VERBOSITY"] == "debug"
+
+
+@pytest.mark.parametrize("verbosity", [None, "ERROR"])
+def test_grpc_core_lines_stay_off_stderr_unless_asked(
+    tmp_path: Path, verbosity: str | None
+) -> None:
+    """A port gRPC cannot bind: the broker says so in its own words; gRPC's C core adds its
+    unformatted line only when GRPC_VERBOSITY asks for it."""
+    home = init_home(tmp_path / "broker", vault="v1")
+    text = home.config.read_text().replace(
+        'enrollment = "127.0.0.1:8444"', 'enrollment = "256.1.1.1:8444"'
+    )
+    home.config.write_text(text)
+    env = python_env()
+    env.pop("GRPC_VERBOSITY", None)
+    if verbosity:
+        env["GRPC_VERBOSITY"] = verbosity
+    done = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "serve", "--home", str(home.root)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "cannot listen on 256.1.1.1:8444" in done.stderr
+    core_line = "add_port.cc" in done.stderr
+    assert core_line is (verbosity is not None), done.stderr

@@ -360,8 +360,11 @@ if sys.platform == "win32":  # pragma: no cover - the part that runs on Windows 
         def SvcDoRun(self) -> None:
             self.ReportServiceStatus(win32service.SERVICE_RUNNING)
             if self.host.run() != 0:
-                # An error exit: with the failure-actions flag set, recovery restarts us.
-                raise SystemExit(1)
+                # An unhandled error ends the service with an error exit, which the recovery
+                # options (with the failure-actions flag) answer with a restart.
+                raise RuntimeError(
+                    "the sitepair agent stopped on an error: see the Event Log and its log file"
+                )
 
         def SvcStop(self) -> None:
             self.ReportServiceStatus(win32service.SERVICE_STOP_PENDING)

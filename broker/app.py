@@ -29,6 +29,7 @@ from typing import Any
 import grpc.aio
 
 from broker import config as config_mod
+from broker import operators
 from broker.agent_commands import AgentCommands
 from broker.auth import BrokerAuthorizer
 from broker.ca import CertificateAuthority, ServerCertificate, write_operator_profile
@@ -268,7 +269,8 @@ class Broker:
             if store.shared
             else await store.writing(lambda tx: tx.disconnect_all_servers(clock.now()))
         )
-        authorizer = BrokerAuthorizer(cfg.vault, removed_servers=removed)
+        revoked = await store.reading(lambda tx: tx.revoked_operator_ids())
+        authorizer = BrokerAuthorizer(cfg.vault, removed_servers=removed, revoked_operators=revoked)
         sessions = SessionRegistry()
         jobs = JobManager(store, clock, owner=self.broker_id)
         dispatcher = CommandDispatcher(store, sessions, clock)
@@ -407,6 +409,8 @@ class Broker:
             store=store, clock=clock, jobs=jobs, protection=protection, config=cfg.verify
         )
         self.spawn(verifier.run(leader=leadership), essential=True)
+        if store.shared:  # other brokers of the store revoke operators too
+            self.spawn(operators.follow_revocations(store, authorizer), essential=True)
         if leadership.is_leader:
             await jobs.recover()
         # A leader that takes over from a broker that is gone recovers that broker's jobs.

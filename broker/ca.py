@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker.home import BrokerHome
 from sitepair import pki
 from sitepair.clock import Clock
-from sitepair.errors import ConfigError
+from sitepair.errors import ConfigError, SitepairError
 from sitepair.fsutil import atomic_write, ensure_private_dir
 
 log = logging.getLogger("sitepair.broker.ca")
@@ -132,6 +132,16 @@ class ServerCertificate:
         self._ips = ip_addresses
         self._lock = threading.Lock()
         self.not_after = 0.0
+
+    def local_operator_cert(self) -> x509.Certificate | None:
+        """The certificate of the home's own operator (``HOME/admin``), None if it is gone.
+        Blocking: file I/O."""
+        try:
+            return pki.load_cert_pem(
+                (self._home.admin_dir / "admin.crt").read_bytes(), what="local operator"
+            )
+        except (OSError, SitepairError):
+            return None
 
     def ensure_fresh(self) -> bool:
         """Issue a new serving certificate if missing or past half life; True if one was made."""

@@ -230,14 +230,40 @@ def cmd_operators_add(args: argparse.Namespace) -> int:
 
 def cmd_operators_list(args: argparse.Namespace) -> int:
     with admin_client(args) as c:
-        resp = c.call(c.stub.ListOperators, admin_pb2.ListOperatorsRequest())
+        request = admin_pb2.ListOperatorsRequest(include_revoked=args.all)
+        resp = c.call(c.stub.ListOperators, request)
     if args.json:
         print_json(list(resp.operators))
         return EXIT_OK
+    headers = ["NAME", "ID", "CREATED", "CERT UNTIL"] + (["REVOKED"] if args.all else [])
     print_table(
-        ["NAME", "ID", "CREATED", "CERT UNTIL"],
-        [[o.name, o.id, ts(o.created_at), ts(o.certificate_not_after)] for o in resp.operators],
+        headers,
+        [
+            [
+                o.name + (" (this home)" if o.local else ""),
+                o.id,
+                ts(o.created_at),
+                ts(o.certificate_not_after),
+            ]
+            + ([ts(o.revoked_at) if o.HasField("revoked_at") else ""] if args.all else [])
+            for o in resp.operators
+        ],
     )
+    return EXIT_OK
+
+
+def cmd_operators_revoke(args: argparse.Namespace) -> int:
+    if not confirm(
+        f"Revoke operator {args.operator}? Its certificate is refused from now on, for good.",
+        assume_yes=args.yes,
+    ):
+        return EXIT_ERROR
+    with admin_client(args) as c:
+        op = c.call(c.stub.RevokeOperator, admin_pb2.RevokeOperatorRequest(operator=args.operator))
+    if args.json:
+        print_json(op)
+    else:
+        print(f"operator {op.name} ({op.id}) revoked; its certificate is refused from now on")
     return EXIT_OK
 
 
@@ -291,4 +317,13 @@ def register(sub: Subcommands, add: AddCommand) -> None:
     sp.add_argument("name")
     sp.add_argument("--out", required=True, help="folder for the new profile")
     sp.add_argument("--valid", help="certificate validity, e.g. 365d")
-    add(ops, "list", cmd_operators_list, "list operators")
+    sp = add(ops, "list", cmd_operators_list, "list operators (this home's own one too)")
+    sp.add_argument("--all", action="store_true", help="include revoked operators")
+    sp = add(
+        ops,
+        "revoke",
+        cmd_operators_revoke,
+        "revoke an operator: the broker refuses its certificate from then on",
+    )
+    sp.add_argument("operator", help='name or id ("local-admin" for a home\'s own operator)')
+    sp.add_argument("--yes", action="store_true", help="do not ask")

@@ -242,7 +242,7 @@ def test_cli_end_to_end_and_errors_without_tracebacks(tmp_path: Path) -> None:
         ops = json.loads(
             cli("--profile", str(tmp_path / "alice"), "--json", "operators", "list").stdout
         )
-        assert [o["name"] for o in ops] == ["alice"]
+        assert [o["name"] for o in ops] == ["local-admin", "alice"]  # the home's own one too
 
         bad = cli("--home", str(root), "servers", "show", "nope", check=False)
         assert bad.returncode == 1 and "no server with id or name 'nope'" in bad.stderr

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 
-from broker import paging
+from broker import operators, paging
 from broker.convert import job_to_proto, key_to_proto, server_to_proto
 from broker.services.admin_checks import check_job_state, check_site
 from broker.services.admin_protection import ProtectionAdmin
@@ -33,6 +33,19 @@ log = logging.getLogger("sitepair.broker.admin")
 
 ADMIN = [pki.Role.ADMIN]
 MAX_KEY_USES = 1000
+
+
+def _operator_proto(o: Operator) -> admin_pb2.Operator:
+    msg = admin_pb2.Operator(
+        id=o.id,
+        name=o.name,
+        created_at=timestamp(o.created_at),
+        certificate_not_after=timestamp(o.cert_not_after),
+        local=o.id == operators.LOCAL_OPERATOR,
+    )
+    if o.removed_at is not None:
+        msg.revoked_at.CopyFrom(timestamp(o.removed_at))
+    return msg
 
 
 class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
@@ -286,20 +299,32 @@ class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
         context: grpc.aio.ServicerContext[Any, Any],
         identity: pki.Identity,
     ) -> admin_pb2.ListOperatorsResponse:
-        def read(tx: Tx) -> list[Operator]:
-            return tx.list_operators()
-
+        everyone = await operators.list_operators(self.ctx.store, self.ctx.server_cert)
         return admin_pb2.ListOperatorsResponse(
             operators=[
-                admin_pb2.Operator(
-                    id=o.id,
-                    name=o.name,
-                    created_at=timestamp(o.created_at),
-                    certificate_not_after=timestamp(o.cert_not_after),
-                )
-                for o in await self.ctx.store.reading(read)
+                _operator_proto(o)
+                for o in everyone
+                if request.include_revoked or o.removed_at is None
             ]
         )
+
+    @rpc(roles=ADMIN)
+    async def RevokeOperator(
+        self,
+        request: admin_pb2.RevokeOperatorRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.Operator:
+        ctx = self.ctx
+        op = await operators.revoke(
+            request.operator,
+            by=identity.id,
+            store=ctx.store,
+            server_cert=ctx.server_cert,
+            authorizer=ctx.authorizer,
+            clock=ctx.clock,
+        )
+        return _operator_proto(op)
 
     # -- jobs -------------------------------------------------------------------------------
     @rpc(roles=ADMIN)

@@ -89,6 +89,11 @@ class AdminStub:
                 request_serializer=sitepair_dot_v1_dot_admin__pb2.ListOperatorsRequest.SerializeToString,
                 response_deserializer=sitepair_dot_v1_dot_admin__pb2.ListOperatorsResponse.FromString,
                 _registered_method=True)
+        self.RevokeOperator = channel.unary_unary(
+                '/sitepair.v1.Admin/RevokeOperator',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.RevokeOperatorRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Operator.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/sitepair.v1.Admin/ListJobs',
                 request_serializer=sitepair_dot_v1_dot_admin__pb2.ListJobsRequest.SerializeToString,
@@ -356,6 +361,13 @@ class AdminServicer:
 
     def ListOperators(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeOperator(self, request, context):
+        """From then on the broker refuses the operator's certificate (PERMISSION_DENIED).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -662,6 +674,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListOperators,
                     request_deserializer=sitepair_dot_v1_dot_admin__pb2.ListOperatorsRequest.FromString,
                     response_serializer=sitepair_dot_v1_dot_admin__pb2.ListOperatorsResponse.SerializeToString,
+            ),
+            'RevokeOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeOperator,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.RevokeOperatorRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Operator.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -1161,6 +1178,33 @@ class Admin:
             '/sitepair.v1.Admin/ListOperators',
             sitepair_dot_v1_dot_admin__pb2.ListOperatorsRequest.SerializeToString,
             sitepair_dot_v1_dot_admin__pb2.ListOperatorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/RevokeOperator',
+            sitepair_dot_v1_dot_admin__pb2.RevokeOperatorRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Operator.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,8 @@ class AdminStub:
     RefreshServer: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RefreshServerRequest, _admin_pb2.Job]
     AddOperator: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddOperatorRequest, _admin_pb2.AddOperatorResponse]
     ListOperators: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListOperatorsRequest, _admin_pb2.ListOperatorsResponse]
+    RevokeOperator: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeOperatorRequest, _admin_pb2.Operator]
+    """From then on the broker refuses the operator's certificate (PERMISSION_DENIED)."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListJobsRequest, _admin_pb2.ListJobsResponse]
     GetJob: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetJobRequest, _admin_pb2.Job]
     WatchJob: _grpc.UnaryStreamMultiCallable[_admin_pb2.GetJobRequest, _admin_pb2.Job]
@@ -102,6 +104,8 @@ class AdminAsyncStub(AdminStub):
     RefreshServer: _aio.UnaryUnaryMultiCallable[_admin_pb2.RefreshServerRequest, _admin_pb2.Job]  # type: ignore[assignment]
     AddOperator: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddOperatorRequest, _admin_pb2.AddOperatorResponse]  # type: ignore[assignment]
     ListOperators: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListOperatorsRequest, _admin_pb2.ListOperatorsResponse]  # type: ignore[assignment]
+    RevokeOperator: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeOperatorRequest, _admin_pb2.Operator]  # type: ignore[assignment]
+    """From then on the broker refuses the operator's certificate (PERMISSION_DENIED)."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListJobsRequest, _admin_pb2.ListJobsResponse]  # type: ignore[assignment]
     GetJob: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetJobRequest, _admin_pb2.Job]  # type: ignore[assignment]
     WatchJob: _aio.UnaryStreamMultiCallable[_admin_pb2.GetJobRequest, _admin_pb2.Job]  # type: ignore[assignment]
@@ -225,6 +229,14 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListOperatorsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListOperatorsResponse, _abc.Awaitable[_admin_pb2.ListOperatorsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeOperator(
+        self,
+        request: _admin_pb2.RevokeOperatorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Operator, _abc.Awaitable[_admin_pb2.Operator]]:
+        """From then on the broker refuses the operator's certificate (PERMISSION_DENIED)."""
 
     @_abc_1.abstractmethod
     def ListJobs(

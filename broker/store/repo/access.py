@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from broker.store.models import Operator, RegistrationKey
@@ -84,3 +85,20 @@ class AccessQueries(Queries):
 
     def list_operators(self) -> list[Operator]:
         return [Operator(*r) for r in self._all("SELECT * FROM operators ORDER BY created_at")]
+
+    def revoke_operator(self, op: Operator, now: float) -> Operator:
+        """Mark ``op`` revoked (recorded first if the store has no row for it: the home's local
+        operator); returns it as stored."""
+        changed = self._db.execute(
+            "UPDATE operators SET removed_at = ? WHERE id = ? AND removed_at IS NULL", (now, op.id)
+        )
+        if changed == 0:
+            row = self._one("SELECT * FROM operators WHERE id = ?", (op.id,))
+            if row is not None:
+                raise FailedPrecondition(f"operator {op.name} ({op.id}) was already revoked")
+            self.insert_operator(dataclasses.replace(op, removed_at=now))
+        return dataclasses.replace(op, removed_at=now)
+
+    def revoked_operator_ids(self) -> set[str]:
+        rows = self._all("SELECT id FROM operators WHERE removed_at IS NOT NULL")
+        return {str(r[0]) for r in rows}

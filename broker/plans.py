@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.failback import FailbackManager
-from broker.failover import FailoverManager
+from broker.failover import FailoverManager, check_point_form
 from broker.orchestration import (
     Orchestration,
     Orchestrator,
@@ -185,6 +185,8 @@ class PlanManager(Orchestrator):
     ) -> Job:
         if failover_type not in FAILOVER_TYPES:
             raise InvalidArgument(f"--type must be one of {', '.join(FAILOVER_TYPES)}")
+        if failover_type != "planned":
+            check_point_form(point)  # before the job: a bad --point never starts a plan
         plan = await self.get(name)
         doc = _doc(plan)
         if not any(g["vms"] for g in doc["groups"]):

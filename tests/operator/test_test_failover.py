@@ -22,6 +22,10 @@ def test_bad_arguments_are_refused_before_a_job_starts(sites: Sites, cli: Run) -
     assert "holds no recovery point 999; it holds" in err and "vms show web01" in err, err
     err = cli("vms", "failover", "web01", "--type", "test", "--network", "nope", status=1)
     assert "has no network 'nope'; it has: corp-b" in err, err
+    cli("plans", "create", "app")
+    cli("plans", "add-vm", "app", "web01")
+    err = cli("plans", "failover", "app", "--type", "test", "--point", "bogus", status=1)
+    assert "--point must be latest, latest-app-consistent or a sequence number" in err
     assert cli("jobs", "list") == jobs_before  # nothing started, nothing left behind
 
     out = cli("vms", "failover", "web01", "--type", "test", "--network", "corp-b", "--wait")

@@ -29,6 +29,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from broker.store.base import StoreError
+from broker.store.models import InventoryVm
 from sitepair.v1 import common_pb2, control_pb2, replication_pb2
 
 log = logging.getLogger("sitepair.broker.documents")
@@ -361,6 +362,41 @@ class ProtectedVm:
     replica_kept: bool = False
 
     VERSION = 1
+
+    @classmethod
+    def from_inventory(
+        cls, vm: InventoryVm, *, net_map: dict[str, str], adopt: bool
+    ) -> ProtectedVm:
+        """The record of ``vm`` as its host's inventory reports it now, its NICs mapped to the
+        recovery side's networks (``net_map``: source network -> target network)."""
+        disks = json.loads(vm.disks_json)
+        nics = json.loads(vm.nics_json)
+        return cls(
+            adopt=adopt,
+            name=vm.name,
+            generation=vm.generation,
+            cpu_count=vm.cpu_count,
+            memory_mb=vm.memory_mb,
+            disks=tuple(
+                ProtectedDisk(
+                    id=str(d["id"]),
+                    format=str(d["format"]),
+                    virtual_size=int(d.get("virtual_size") or 0),
+                    file_size=int(d.get("file_size") or 0),
+                    storage_class=str(d.get("storage_class") or ""),
+                    path=str(d.get("path") or ""),
+                )
+                for d in disks
+            ),
+            nics=tuple(
+                ProtectedNic(
+                    name=n["name"],
+                    network=net_map.get(n["network"], ""),
+                    source_network=n["network"],
+                )
+                for n in nics
+            ),
+        )
 
     def reversed(self) -> ProtectedVm:
         """The VM replicating the other way round: each NIC's two networks swap sides."""

@@ -22,8 +22,6 @@ from typing import Any
 from broker import placement, vm_hosts
 from broker.agent_commands import REPLICATING, AgentCommands
 from broker.documents import (
-    ProtectedDisk,
-    ProtectedNic,
     ProtectedVm,
     State,
     Verification,
@@ -35,18 +33,16 @@ from broker.policy import Policy
 from broker.reports import ReplicationReports
 from broker.store.models import (
     CommandState,
-    InventoryVm,
     Job,
     JobState,
     JobStep,
     Relationship,
     RelationshipState,
-    Server,
     StepState,
 )
 from broker.store.sqlite import Tx
 from sitepair import paths
-from sitepair.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from sitepair.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from sitepair.v1 import control_pb2, replication_pb2
 
 log = logging.getLogger("sitepair.broker.protection")
@@ -79,7 +75,7 @@ class ProtectionManager(Orchestrator):
         now = self.clock.now()
 
         def prepare(tx: Tx) -> Relationship:
-            vm, server = _find_vm(tx, vm_ref, server_ref)
+            vm, server = vm_hosts.find_vm(tx, vm_ref, server_ref)
             cloud = tx.cloud_of(server.id)
             if cloud is None:
                 raise FailedPrecondition(
@@ -132,31 +128,8 @@ class ProtectionManager(Orchestrator):
                 and ProtectedVm.decode(r.replica_vm_json).replica_kept
             ]
             adopt_from = max(earlier, key=lambda r: r.disabled_at or 0.0) if earlier else None
-            replica_vm = ProtectedVm(
-                adopt=adopt_from is not None,
-                name=vm.name,
-                generation=vm.generation,
-                cpu_count=vm.cpu_count,
-                memory_mb=vm.memory_mb,
-                disks=tuple(
-                    ProtectedDisk(
-                        id=str(d["id"]),
-                        format=str(d["format"]),
-                        virtual_size=int(d.get("virtual_size") or 0),
-                        file_size=int(d.get("file_size") or 0),
-                        storage_class=str(d.get("storage_class") or ""),
-                        path=str(d.get("path") or ""),
-                    )
-                    for d in disks
-                ),
-                nics=tuple(
-                    ProtectedNic(
-                        name=n["name"],
-                        network=net_map.get(n["network"], ""),
-                        source_network=n["network"],
-                    )
-                    for n in nics
-                ),
+            replica_vm = ProtectedVm.from_inventory(
+                vm, net_map=net_map, adopt=adopt_from is not None
             )
             rel = Relationship(
                 id=f"rel-{uuid.uuid4().hex[:12]}",
@@ -619,37 +592,6 @@ _ACTIONS = {
     "verify": control_pb2.ReplicationAction.VERIFY,
     "cycle": control_pb2.ReplicationAction.RUN_CYCLE,
 }
-
-
-def _find_vm(tx: Tx, ref: str, server_ref: str = "") -> tuple[InventoryVm, Server]:
-    """The inventory VM ``ref`` (id or name) names, on ``server_ref`` when given; a VM that
-    exists on two hosts after a failover is the copy where it runs (:mod:`broker.vm_hosts`)."""
-    vms = tx.find_vms(ref)
-    where = ""
-    if server_ref:
-        host = tx.find_server(server_ref)
-        vms = [v for v in vms if v.server_id == host.id]
-        where = f" on {host.name}"
-    if not vms:
-        raise NotFound(
-            f"no VM {ref!r} in the inventory{where}",
-            hint="see `vms list`; refresh a host with `servers refresh`",
-        )
-    if len(vms) > 1:
-        rels = vm_hosts.latest_relationships(tx.list_relationships(include_disabled=True))
-        vms = vm_hosts.where_it_runs(vms, rels)
-    if len(vms) > 1:
-        names = tx.server_names(sorted({v.server_id for v in vms}))
-        hosts = ", ".join(names.get(v.server_id, v.server_id) for v in vms)
-        raise FailedPrecondition(
-            f"{ref!r} names VMs on several hosts ({hosts})",
-            hint="say which with --server HOST (see `vms list`)",
-        )
-    vm = vms[0]
-    server = tx.get_server(vm.server_id)
-    if server is None or server.removed_at is not None:
-        raise FailedPrecondition(f"VM {vm.name} is on a host that was removed")
-    return vm, server
 
 
 def _action_outcome(action: str, done: control_pb2.ReplicationActionResult) -> dict[str, Any]:

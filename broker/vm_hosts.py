@@ -14,10 +14,15 @@ failover's new primary (:func:`hosts_now`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from broker.failover_record import FailoverRecord
 from broker.store.base import StoreError
-from broker.store.models import InventoryVm, Relationship, RelationshipState
+from broker.store.models import InventoryVm, Relationship, RelationshipState, Server
+from sitepair.errors import FailedPrecondition, NotFound
+
+if TYPE_CHECKING:
+    from broker.store.repository import Tx
 
 #: States in which the VM runs on the failover's new primary, until replication is reversed.
 _RUNS_ON_NEW_PRIMARY = (
@@ -69,3 +74,34 @@ def where_it_runs(vms: Sequence[InventoryVm], rels: dict[str, Relationship]) -> 
     kept = [v for v in vms if not is_other_copy(v, rels.get(v.vm_id))]
     ids = {v.vm_id for v in kept}
     return kept + [v for v in vms if v.vm_id not in ids]
+
+
+def find_vm(tx: Tx, ref: str, server_ref: str = "") -> tuple[InventoryVm, Server]:
+    """The inventory VM ``ref`` (id or name) names, on ``server_ref`` when given; a VM that
+    exists on two hosts after a failover is the copy where it runs (:func:`where_it_runs`)."""
+    vms = tx.find_vms(ref)
+    where = ""
+    if server_ref:
+        host = tx.find_server(server_ref)
+        vms = [v for v in vms if v.server_id == host.id]
+        where = f" on {host.name}"
+    if not vms:
+        raise NotFound(
+            f"no VM {ref!r} in the inventory{where}",
+            hint="see `vms list`; refresh a host with `servers refresh`",
+        )
+    if len(vms) > 1:
+        rels = latest_relationships(tx.list_relationships(include_disabled=True))
+        vms = where_it_runs(vms, rels)
+    if len(vms) > 1:
+        names = tx.server_names(sorted({v.server_id for v in vms}))
+        hosts = ", ".join(names.get(v.server_id, v.server_id) for v in vms)
+        raise FailedPrecondition(
+            f"{ref!r} names VMs on several hosts ({hosts})",
+            hint="say which with --server HOST (see `vms list`)",
+        )
+    vm = vms[0]
+    server = tx.get_server(vm.server_id)
+    if server is None or server.removed_at is not None:
+        raise FailedPrecondition(f"VM {vm.name} is on a host that was removed")
+    return vm, server

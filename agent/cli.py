@@ -9,7 +9,7 @@ from pathlib import Path
 
 from agent import config as config_mod
 from agent import service_unit
-from sitepair import __version__, log
+from sitepair import __version__, addresses, log
 from sitepair.cliutil import EXIT_OK, print_json, run_main
 from sitepair.clock import clock_from_env, iso
 from sitepair.errors import InvalidArgument
@@ -39,11 +39,35 @@ CONFIG_OPTIONS = {
     "network": None,
     "certificate_port": 8084,
     "ticket_port": 8083,
+    "listen": "127.0.0.1",
+    "advertise": None,
+    "advertise_certificate_port": 0,
+    "advertise_ticket_port": 0,
 }
+
+
+def replication_hosts(listen: str, advertise: str | None) -> tuple[str, str]:
+    """``--listen`` and ``--advertise``, checked before anything is written: addresses, and an
+    advertised address for a receiver listening on every interface."""
+    listen = addresses.check_host(listen, "--listen")
+    advertised = addresses.check_host(advertise, "--advertise") if advertise else ""
+    if advertised and addresses.is_wildcard(advertised):
+        raise InvalidArgument(
+            f"--advertise {advertised} is not an address other hosts can dial",
+            hint="advertise this host's IP address or DNS name",
+        )
+    if addresses.is_wildcard(listen) and not advertised:
+        raise InvalidArgument(
+            f"--listen {listen} (every interface) needs --advertise HOST: the IP address or DNS "
+            "name other hosts dial to reach this one"
+        )
+    return listen, advertised
 
 
 def cmd_register(args: argparse.Namespace) -> int:
     from agent.enroll import register
+
+    listen_host, advertise_host = replication_hosts(args.listen, args.advertise)
 
     storage = {}
     for item in args.storage or []:
@@ -68,6 +92,10 @@ def cmd_register(args: argparse.Namespace) -> int:
         networks=networks,
         certificate_port=args.certificate_port,
         ticket_port=args.ticket_port,
+        listen_host=listen_host,
+        advertise_host=advertise_host,
+        advertise_certificate_port=args.advertise_certificate_port,
+        advertise_ticket_port=args.advertise_ticket_port,
         backend=args.backend,
         accel=args.accel,
         qemu_networks=qemu_networks,
@@ -180,6 +208,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--certificate-port", type=port, default=8084, help="mutual-TLS replication port"
     )
     sp.add_argument("--ticket-port", type=port, default=8083, help="ticket replication port")
+    sp.add_argument(
+        "--listen",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the replica receiver listens on (default 127.0.0.1: replicas from this "
+        "machine only; an address of this host, or 0.0.0.0 with --advertise, for other hosts)",
+    )
+    sp.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="IP address or DNS name other hosts dial to send replicas here (default: the "
+        "--listen address)",
+    )
+    sp.add_argument(
+        "--advertise-certificate-port",
+        type=port,
+        default=0,
+        metavar="PORT",
+        help="certificate port other hosts dial, when a NAT or proxy maps it (default: "
+        "--certificate-port)",
+    )
+    sp.add_argument(
+        "--advertise-ticket-port",
+        type=port,
+        default=0,
+        metavar="PORT",
+        help="ticket port other hosts dial, when a NAT or proxy maps it (default: --ticket-port)",
+    )
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_register)
 

@@ -12,8 +12,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from sitepair import addresses, pki
 from sitepair import log as sitepair_log
-from sitepair import pki
 from sitepair.errors import ConfigError, InvalidArgument
 from sitepair.metrics import AgentMetricsConfig, MetricsConfig, parse_table
 
@@ -71,7 +71,9 @@ class BackendConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ReplicationConfig:
-    #: Address the replication receiver listens on.
+    #: Address the replication receiver listens on: 127.0.0.1 (the default) takes replicas from
+    #: this machine only; another host's agent needs an address it can reach, or 0.0.0.0 / ``::``
+    #: (every interface) with ``advertise_host`` (``register --listen`` / ``--advertise``).
     listen_host: str = "127.0.0.1"
     #: Mutual-TLS (certificate) replication port.
     certificate_port: int = 8084
@@ -235,14 +237,15 @@ def parse(text: str, home: Path, *, source: str = "agent.toml") -> AgentConfig:
         port = r.get(port_key, 0)
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(f"{source} [replication] {port_key} must be a port number")
+    listen_host, advertise_host = _replication_hosts(r, source)
     replication = ReplicationConfig(
-        listen_host=str(r.get("listen_host", "127.0.0.1")),
+        listen_host=listen_host,
         certificate_port=int(r.get("certificate_port", 8084)),
         ticket_port=int(r.get("ticket_port", 8083)),
         default_replica_path=_path(
             home, r.get("default_replica_path", "replicas"), "[replication] default_replica_path"
         ),
-        advertise_host=str(r.get("advertise_host", "")),
+        advertise_host=advertise_host,
         advertise_certificate_port=int(r.get("advertise_certificate_port", 0)),
         advertise_ticket_port=int(r.get("advertise_ticket_port", 0)),
         compression=str(compression),
@@ -272,6 +275,30 @@ def parse(text: str, home: Path, *, source: str = "agent.toml") -> AgentConfig:
     )
 
 
+def _replication_hosts(r: dict[str, Any], source: str) -> tuple[str, str]:
+    """``[replication]`` listen_host and advertise_host, checked: other hosts must be able to dial
+    what this host reports (a wildcard listen host needs an advertised one)."""
+    where = f"{source} [replication]"
+    try:
+        listen = addresses.check_host(
+            str(r.get("listen_host", "127.0.0.1")), f"{where} listen_host"
+        )
+        advertise = str(r.get("advertise_host", ""))
+        if advertise:
+            advertise = addresses.check_host(advertise, f"{where} advertise_host")
+            if addresses.is_wildcard(advertise):
+                raise InvalidArgument(f"{where} advertise_host {advertise} cannot be dialled")
+    except InvalidArgument as exc:
+        raise ConfigError(exc.message, hint=exc.hint) from exc
+    if addresses.is_wildcard(listen) and not advertise:
+        raise ConfigError(
+            f"{where} listen_host {listen} (every interface) needs advertise_host: the address "
+            "other hosts dial",
+            hint="register with --listen 0.0.0.0 --advertise HOST, or set advertise_host",
+        )
+    return listen, advertise
+
+
 def load(home: Path) -> AgentConfig:
     path = home / "agent.toml"
     try:
@@ -296,6 +323,9 @@ def render(
     certificate_port: int = 8084,
     ticket_port: int = 8083,
     listen_host: str = "127.0.0.1",
+    advertise_host: str = "",
+    advertise_certificate_port: int = 0,
+    advertise_ticket_port: int = 0,
     backend: str = "directory",
     accel: str = "auto",
     qemu_networks: dict[str, str] | None = None,
@@ -338,9 +368,14 @@ def render(
     lines += [
         "",
         "[replication]",
+        "# Where the replica receiver listens (127.0.0.1: replicas from this machine only), and",
+        "# what other hosts dial (empty / 0: the listen host and ports).",
         f'listen_host = "{listen_host}"',
         f"certificate_port = {certificate_port}   # mutual TLS",
         f"ticket_port = {ticket_port}        # TLS + broker-signed ticket",
+        f'advertise_host = "{advertise_host}"',
+        f"advertise_certificate_port = {advertise_certificate_port}",
+        f"advertise_ticket_port = {advertise_ticket_port}",
         'default_replica_path = "replicas"',
         '# With a policy\'s compression on: "adaptive" compresses when that is faster (it',
         '# measures); "always" compresses every batch that shrinks (metered links).',

@@ -89,6 +89,7 @@ def init_home(
     server_names: tuple[str, ...] = ("localhost",),
     clock: Clock = SYSTEM_CLOCK,
     store: config_mod.StoreConfig | None = None,
+    advertise: tuple[str, ...] = (),
 ) -> BrokerHome:
     """Create a broker home: config, CA, serving certificate, ticket key, store, local admin.
 
@@ -98,6 +99,10 @@ def init_home(
     running broker's home already holds a configuration, which ``init`` refuses.
     """
     pki.check_vault_name(vault)
+    # Addresses are checked before anything is written (``advertise``: names and IPs agents dial).
+    network = config_mod.network_settings(
+        enrollment=enrollment, control=control, advertise=advertise, server_names=server_names
+    )
     store_config = store or config_mod.StoreConfig()
     config_mod.check_store(store_config)
     home = BrokerHome(Path(root))
@@ -127,10 +132,11 @@ def init_home(
                 control=control,
                 names=server_names,
                 store=store_config,
+                advertise=advertise,
             ).encode(),
         )
         cfg = config_mod.load(home.config)
-        _init_credentials(home, cfg, vault, now=now, clock=clock, control=control)
+        _init_credentials(home, cfg, vault, now=now, clock=clock, control=network.local_control)
         if opened is None:
             opened = open_store(store_config, home)
         with opened.write() as tx:

@@ -54,6 +54,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         control=args.control,
         server_names=tuple(args.server_name or ("localhost",)),
         store=store,
+        advertise=tuple(args.advertise or ()),
     )
     if args.json:
         print_json(
@@ -166,9 +167,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add(sub, "init", cmd_init, "create a broker home (CA, config, store, local operator)")
     sp.add_argument("--vault", required=True, help="vault name (a DNS label)")
-    sp.add_argument("--enrollment", default="127.0.0.1:8444", help="enrollment listen address")
-    sp.add_argument("--control", default="127.0.0.1:8443", help="control/admin listen address")
-    sp.add_argument("--server-name", action="append", help="extra DNS name for the broker cert")
+    sp.add_argument(
+        "--enrollment",
+        default="127.0.0.1:8444",
+        metavar="HOST:PORT",
+        help="where agents enroll (default 127.0.0.1:8444: this machine only; 0.0.0.0:8444 "
+        "for every interface, with --advertise)",
+    )
+    sp.add_argument(
+        "--control",
+        default="127.0.0.1:8443",
+        metavar="HOST:PORT",
+        help="control stream and admin API (default 127.0.0.1:8443: this machine only)",
+    )
+    sp.add_argument(
+        "--advertise",
+        action="append",
+        metavar="HOST",
+        help="an IP address or DNS name agents on other machines dial; repeat for several. "
+        "Written into credentials files with the enrollment and control ports, and added to "
+        "the broker certificate (IPs as IP names, names as DNS names)",
+    )
+    sp.add_argument(
+        "--server-name",
+        action="append",
+        metavar="NAME",
+        help="an extra DNS name for the broker certificate (not advertised)",
+    )
     sp.add_argument(
         "--store",
         choices=config_mod.STORE_BACKENDS,

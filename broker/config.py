@@ -13,8 +13,8 @@ from typing import Any
 
 from broker.health import HealthConfig
 from broker.verify import VerifyConfig
+from sitepair import addresses, pki
 from sitepair import log as sitepair_log
-from sitepair import pki
 from sitepair.durations import format_duration, parse_duration
 from sitepair.errors import ConfigError, InvalidArgument
 from sitepair.metrics import MetricsConfig
@@ -31,7 +31,8 @@ class ListenConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AdvertiseConfig:
-    """Addresses written into credentials files and handed to agents; empty = the listen ones."""
+    """Addresses written into credentials files and handed to agents; empty = the listen ones.
+    Needed when the broker listens on 0.0.0.0 or ``::``, which another machine cannot dial."""
 
     enrollment: tuple[str, ...] = ()
     control: tuple[str, ...] = ()
@@ -45,7 +46,8 @@ class CertificateConfig:
     operator_lifetime: float = 365 * 86400.0
     #: Lifetime of the broker's own serving certificate; renewed at half life without restart.
     server_lifetime: float = 90 * 86400.0
-    #: Extra DNS names and IP addresses for the broker's serving certificate.
+    #: Extra DNS names and IP addresses for the broker's serving certificate (``init`` puts the
+    #: advertised ones here; agents verify the name ``broker.sitepair``, always present).
     server_names: tuple[str, ...] = ("localhost",)
     server_ips: tuple[str, ...] = ("127.0.0.1",)
 
@@ -138,6 +140,111 @@ def check_store(store: StoreConfig, where: str = "[store]") -> None:
         )
     if store.leader_lease < 1:
         raise ConfigError(f"{where} leader_lease must be at least 1s")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSettings:
+    """What ``init`` derives from its address options: where to listen, what to advertise, and
+    the names and IPs of the serving certificate."""
+
+    listen: ListenConfig
+    advertise: AdvertiseConfig
+    server_names: tuple[str, ...]
+    server_ips: tuple[str, ...]
+
+    @property
+    def local_control(self) -> str:
+        """The control address the home's own operator dials (loopback for a wildcard)."""
+        host, port = self.listen.control.rsplit(":", 1)
+        host = host.strip("[]")
+        if addresses.is_wildcard(host):
+            host = "::1" if ":" in host else "127.0.0.1"
+        return addresses.join(host, int(port))
+
+
+def _unique(items: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def network_settings(
+    *,
+    enrollment: str,
+    control: str,
+    advertise: tuple[str, ...] = (),
+    server_names: tuple[str, ...] = ("localhost",),
+) -> NetworkSettings:
+    """Check ``init``'s address options and derive the settings they make.
+
+    ``advertise`` holds the DNS names and IPs other machines dial; each is advertised with the
+    enrollment and the control port. The certificate keeps ``localhost`` and ``127.0.0.1`` (the
+    local operator) and gains every advertised or listened-on name and IP. InvalidArgument, naming
+    the option, for a bad address, a wildcard listen address without ``advertise``, or an
+    advertised address with a port chosen at random (0)."""
+    e_host, e_port = addresses.check_host_port(enrollment, "--enrollment", allow_zero=True)
+    c_host, c_port = addresses.check_host_port(control, "--control", allow_zero=True)
+    hosts = [addresses.check_host(h, "--advertise") for h in advertise]
+    for host in hosts:
+        if addresses.is_wildcard(host):
+            raise InvalidArgument(
+                f"--advertise {host} is not an address another machine can dial",
+                hint="advertise this machine's IP address or DNS name",
+            )
+    if hosts and 0 in (e_port, c_port):
+        raise InvalidArgument(
+            "--advertise needs fixed ports: --enrollment and --control must not use port 0"
+        )
+    for option, host in (("--enrollment", e_host), ("--control", c_host)):
+        if addresses.is_wildcard(host) and not hosts:
+            raise InvalidArgument(
+                f"{option} listens on {host}, which agents cannot dial: say what they dial",
+                hint="add --advertise HOST (this machine's IP or DNS name; repeat for several)",
+            )
+    extra = [addresses.check_host(n, "--server-name") for n in server_names]
+    named = [h for h in [*extra, *hosts, e_host, c_host] if not addresses.is_wildcard(h)]
+    return NetworkSettings(
+        listen=ListenConfig(
+            enrollment=addresses.join(e_host, e_port), control=addresses.join(c_host, c_port)
+        ),
+        advertise=AdvertiseConfig(
+            enrollment=tuple(addresses.join(h, e_port) for h in hosts),
+            control=tuple(addresses.join(h, c_port) for h in hosts),
+        ),
+        server_names=_unique(["localhost", *(h for h in named if not addresses.is_ip(h))]),
+        server_ips=_unique(["127.0.0.1", *(h for h in named if addresses.is_ip(h))]),
+    )
+
+
+def check_network(cfg: BrokerConfig, source: str) -> None:
+    """Refuse listen, advertise and certificate addresses that cannot work (ConfigError)."""
+    try:
+        for key in ("enrollment", "control"):
+            host, _ = addresses.check_host_port(
+                getattr(cfg.listen, key), f"{source} [listen] {key}", allow_zero=True
+            )
+            advertised = getattr(cfg.advertise, key)
+            for item in advertised:
+                where = f"{source} [advertise] {key}"
+                a_host, _ = addresses.check_host_port(item, where)
+                if addresses.is_wildcard(a_host):
+                    raise InvalidArgument(f"{where}: {item} is not an address agents can dial")
+            if addresses.is_wildcard(host) and not advertised:
+                raise InvalidArgument(
+                    f"{source} [listen] {key} is on {host}, which agents cannot dial",
+                    hint=f'set [advertise] {key} = ["HOST:PORT"] (this machine\'s IP or name)',
+                )
+        for name in cfg.certificates.server_names:
+            if addresses.is_ip(addresses.check_host(name, f"{source} [certificates] server_names")):
+                raise InvalidArgument(
+                    f"{source} [certificates] server_names: {name} is an IP address",
+                    hint="put it in server_ips",
+                )
+        for ip in cfg.certificates.server_ips:
+            if not addresses.is_ip(ip):
+                raise InvalidArgument(
+                    f"{source} [certificates] server_ips: {ip!r} is not an IP address"
+                )
+    except InvalidArgument as exc:
+        raise ConfigError(exc.message, hint=exc.hint) from exc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +346,7 @@ def parse(text: str, *, source: str = "broker.toml") -> BrokerConfig:
     if cfg.heartbeat.missed < 1 or cfg.heartbeat.interval <= 0:
         raise ConfigError(f"{source} [heartbeat]: interval must be > 0 and missed >= 1")
     sitepair_log.check(cfg.log, f"{source} [log]")
+    check_network(cfg, source)
     check_store(cfg.store, f"{source} [store]")
     check_metrics(cfg.metrics, f"{source} [metrics]")
     v = cfg.verify
@@ -270,9 +378,17 @@ def render(
     control: str,
     names: tuple[str, ...],
     store: StoreConfig | None = None,
+    advertise: tuple[str, ...] = (),
 ) -> str:
-    """The commented broker.toml that ``init`` writes."""
-    name_list = ", ".join(f'"{n}"' for n in names)
+    """The commented broker.toml that ``init`` writes (addresses checked by
+    :func:`network_settings`, which raises InvalidArgument)."""
+    net = network_settings(
+        enrollment=enrollment, control=control, advertise=advertise, server_names=names
+    )
+
+    def strings(items: tuple[str, ...]) -> str:
+        return ", ".join(_toml_string(i) for i in items)
+
     store = store or StoreConfig()
     check_store(store)
     return f"""# sitepair broker configuration. Durations: 30s, 10m, 24h, 5d.
@@ -280,21 +396,23 @@ vault = "{vault}"
 
 [listen]
 # Agents enroll here (server TLS; the registration secret authenticates the agent).
-enrollment = "{enrollment}"
+enrollment = "{net.listen.enrollment}"
 # Control stream and admin API (mutual TLS).
-control = "{control}"
+control = "{net.listen.control}"
 
 [advertise]
 # Addresses written into credentials files and given to agents; empty = the listen addresses.
-enrollment = []
-control = []
+# Needed when listening on 0.0.0.0 or ::, which another machine cannot dial.
+enrollment = [{strings(net.advertise.enrollment)}]
+control = [{strings(net.advertise.control)}]
 
 [certificates]
 agent_lifetime = "24h"       # agents renew at half life
 operator_lifetime = "365d"
 server_lifetime = "90d"      # the broker renews its own at half life, without a restart
-server_names = [{name_list}]
-server_ips = ["127.0.0.1"]
+# The serving certificate's names and IPs (agents verify "broker.sitepair", always present).
+server_names = [{strings(net.server_names)}]
+server_ips = [{strings(net.server_ips)}]
 
 [keys]
 default_validity = "5d"

@@ -92,11 +92,11 @@ def test_grpc_core_is_quiet_unless_asked() -> None:
 def test_grpc_core_lines_stay_off_stderr_unless_asked(
     tmp_path: Path, verbosity: str | None
 ) -> None:
-    """A port gRPC cannot bind: the broker says so in its own words; gRPC's C core adds its
-    unformatted line only when GRPC_VERBOSITY asks for it."""
+    """An address gRPC cannot bind (TEST-NET-1, on no interface here): the broker says so in its
+    own words; gRPC's C core adds its unformatted line only when GRPC_VERBOSITY asks for it."""
     home = init_home(tmp_path / "broker", vault="v1")
     text = home.config.read_text().replace(
-        'enrollment = "127.0.0.1:8444"', 'enrollment = "256.1.1.1:8444"'
+        'enrollment = "127.0.0.1:8444"', 'enrollment = "192.0.2.1:8444"'
     )
     home.config.write_text(text)
     env = python_env()
@@ -111,6 +111,6 @@ def test_grpc_core_lines_stay_off_stderr_unless_asked(
         timeout=60,
     )
     assert done.returncode == 1
-    assert "cannot listen on 256.1.1.1:8444" in done.stderr
+    assert "cannot listen on 192.0.2.1:8444" in done.stderr
     core_line = "add_port.cc" in done.stderr
     assert core_line is (verbosity is not None), done.stderr

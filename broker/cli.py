@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from broker import cli_jobs, cli_plans, cli_protection, cli_servers, service_unit
+from broker import cli_backup, cli_jobs, cli_plans, cli_protection, cli_servers, service_unit
 from broker import config as config_mod
 from broker.cli_support import PROG, Command, Subcommands, admin_client, ts
 from broker.home import BrokerHome
@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_jobs.register(sub, add)
     cli_protection.register(sub, add)
     cli_plans.register(sub, add)
+    cli_backup.register(sub, add)
     add_service_commands(sub, service_unit.PROGRAM, parents=[common], home_option=False)
     return p
 

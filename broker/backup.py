@@ -303,15 +303,10 @@ def _dump_postgres(dsn: str, out: Path) -> tuple[int, str]:
     with _pg_connect(dsn) as conn:
         schema, _, _ = _pg_state(conn)
     out.touch(mode=0o600)
-    proc = subprocess.run(
+    _pg_run(
         [tool, "--format=custom", f"--schema={schema}", f"--file={out}", f"--dbname={dsn}"],
-        capture_output=True,
-        text=True,
-        env=_pg_env(),
-        check=False,
+        f"pg_dump of {_shown(dsn)}",
     )
-    if proc.returncode != 0:
-        raise BackupError(f"pg_dump of {_shown(dsn)} failed: {proc.stderr.strip()[-2000:]}")
     out.chmod(0o600)
     # Read after the dump: the schema only moves forward, so the manifest never claims less.
     with _pg_connect(dsn) as conn:
@@ -475,29 +470,55 @@ def _restore_postgres(dump: Path, dsn: str, vault: str) -> None:
             + (f" (vault {existing!r})" if existing else ""),
             hint="restore into an empty database: create one, and pass its DSN with --dsn",
         )
-    proc = subprocess.run(
-        [
-            tool,
-            "--no-owner",
-            "--no-privileges",
-            "--exit-on-error",
-            "--single-transaction",
-            f"--dbname={dsn}",
-            str(dump),
-        ],
-        capture_output=True,
-        text=True,
-        env=_pg_env(),
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise BackupError(f"pg_restore into {_shown(dsn)} failed: {proc.stderr.strip()[-2000:]}")
+    listing = _pg_run([tool, "--list", str(dump)], f"pg_restore --list {dump}")
+    # The schema itself is created here, if missing: the dump's CREATE SCHEMA fails on one that
+    # exists, as "public" does in every new database.
+    entries, schemas = [], []
+    for line in listing.splitlines():
+        m = _SCHEMA_ENTRY.match(line)
+        if m:
+            schemas.append(m.group(1))
+        elif not _SCHEMA_COMMENT.match(line):
+            entries.append(line)
+    with _pg_connect(dsn) as conn:
+        from psycopg import sql
+
+        for name in schemas:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(name)))
+    with tempfile.TemporaryDirectory(prefix="sitepair-restore-") as tmp:
+        use = Path(tmp) / "toc.list"
+        use.write_text("\n".join(entries) + "\n", encoding="utf-8")
+        _pg_run(
+            [
+                tool,
+                "--no-owner",
+                "--no-privileges",
+                "--exit-on-error",
+                "--single-transaction",
+                f"--use-list={use}",
+                f"--dbname={dsn}",
+                str(dump),
+            ],
+            f"pg_restore into {_shown(dsn)}",
+        )
     with _pg_connect(dsn) as conn:
         _, _, restored = _pg_state(conn)
     if restored != vault:
         raise BackupError(
             f"after pg_restore, {_shown(dsn)} holds vault {restored!r}, not {vault!r}"
         )
+
+
+#: ``pg_restore --list`` lines of the schema's own entries: "4; 2615 2200 SCHEMA - public owner".
+_SCHEMA_ENTRY = re.compile(r"^\d+; \d+ \d+ SCHEMA - (\S+) ")
+_SCHEMA_COMMENT = re.compile(r"^\d+; \d+ \d+ COMMENT - SCHEMA ")
+
+
+def _pg_run(cmd: list[str], what: str) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_pg_env(), check=False)
+    if proc.returncode != 0:
+        raise BackupError(f"{what} failed: {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
 
 
 _DSN_LINE = re.compile(r'(?m)^dsn = "[^"\n]*"')

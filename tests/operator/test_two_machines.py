@@ -21,6 +21,7 @@ import pytest
 from cryptography import x509
 
 from agent.cli import main as agent_main
+from agent.hosts.directory import DirectoryBackend
 from broker.cli import main as broker_main
 from broker.client import AdminClient, wait_job
 from broker.home import BrokerHome
@@ -292,7 +293,8 @@ def test_hosts_registered_with_listen_and_advertise_replicate_through_advertised
 
         pair(admin)
         source = agents[0]
-        source.daemon.backend.create_vm(
+        home_a = tmp_path / "hv-a1"
+        DirectoryBackend(home_a / "gold" / "vms", storage=(("gold", home_a / "gold"),)).create_vm(
             "web01", disks=[("os", "vhdx", 4 << 20)], cpu=1, memory_mb=256, nics=[("n", "corp-a")]
         )
         eventually(lambda: inventory_has(admin, "web01"), what="VM in inventory")

@@ -39,7 +39,7 @@ from broker.home import BrokerHome
 from sitepair.errors import SitepairError
 from sitepair.v1 import admin_pb2, admin_pb2_grpc
 from tests.harness.network import Network, small_filesystem
-from tests.support.brokers import create_key, make_home, python_env
+from tests.support.brokers import create_key, python_env, tune_timings
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
@@ -140,22 +140,7 @@ class Cluster:
     # -- broker -----------------------------------------------------------------------------
     def start_broker(self) -> None:
         if self.home is None:
-            root = self.root / "broker"
-            self.home = make_home(
-                root, heartbeat=self.heartbeat, offline_critical="10s", store=self.store
-            )
-            host = self.net.broker_host()
-            text = self.home.config.read_text()
-            # Fixed ports, so a restarted broker is where the agents look for it.
-            enroll = self.net.free_port("broker")
-            control = self.net.free_port("broker")
-            text = text.replace('enrollment = "127.0.0.1:0"', f'enrollment = "{host}:{enroll}"')
-            text = text.replace('control = "127.0.0.1:0"', f'control = "{host}:{control}"')
-            if host != "127.0.0.1":
-                text = text.replace(
-                    'server_ips = ["127.0.0.1"]', f'server_ips = ["127.0.0.1", "{host}"]'
-                )
-            self.home.config.write_text(text)
+            self.home = self._init_broker()
         home = self.home
         home.run_file.unlink(missing_ok=True)
         out = (self.root / "broker.out").open("ab")
@@ -187,6 +172,36 @@ class Cluster:
         profile = dataclasses.replace(profile, addresses=(f"{portal[0]}:{portal[1]}",))
         self.admin = AdminClient(profile, timeout=60)
 
+    def _init_broker(self) -> BrokerHome:
+        """``sitepair-broker init`` as docs/operations.md tells an operator: on loopback, the
+        default one-machine addresses (with fixed ports, so a restarted broker is where the
+        agents look for it); in namespaces, every interface with the broker's own address
+        advertised, which puts that address into the credentials files and the certificate."""
+        root = self.root / "broker"
+        host = self.net.broker_host()
+        enroll, control = self.net.free_port("broker"), self.net.free_port("broker")
+        listen = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
+        argv = [sys.executable, "-m", "broker.cli", "init", "--home", str(root), "--vault", "test"]
+        argv += ["--enrollment", f"{listen}:{enroll}", "--control", f"{listen}:{control}"]
+        if listen != host:
+            argv += ["--advertise", host]
+        if self.store is not None and self.store.backend == "postgresql":
+            argv += ["--store", "postgresql", "--dsn", self.store.dsn]
+        done = subprocess.run(
+            self.net.command(argv, None),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=REPO,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"sitepair-broker init failed: {done.stderr}")
+        home = BrokerHome(root)
+        # Test timings only (addresses stay as init wrote them).
+        tune_timings(home, heartbeat=self.heartbeat, offline_critical="10s")
+        return home
+
     def kill_broker(self) -> None:
         assert self.broker is not None
         self.broker.send_signal(signal.SIGKILL)
@@ -211,43 +226,7 @@ class Cluster:
                 (home / "gold" / "vms").mkdir(parents=True, exist_ok=True)
                 creds = self.root / f"{name}.json"
                 create_key(self.admin, creds, site=f"site-{site}")
-                cert_port, ticket_port = self.net.free_port(site), self.net.free_port(site)
-                adv_host, adv_cert = self._advertised(site, cert_port)
-                _, adv_ticket = self._advertised(site, ticket_port)
-                qemu = self.backend == "qemu"
-                toml = agent_config.render(
-                    vm_root="gold/vms",
-                    storage={"gold": str(home / "gold")},
-                    networks=[(f"corp-{site}", ["10.0.0.0/24"])],
-                    certificate_port=cert_port,
-                    ticket_port=ticket_port,
-                    listen_host=self.net.agent_host(site),
-                    backend=self.backend,
-                    # KVM never works on the machines this runs on; the probe would only cost.
-                    accel="tcg" if qemu else "auto",
-                    # Guests get no route anywhere: QEMU user mode with restrict=on.
-                    qemu_networks={f"corp-{site}": "isolated"} if qemu else None,
-                )
-                toml = toml.replace(
-                    'default_replica_path = "replicas"',
-                    f'default_replica_path = "replicas"\nadvertise_host = "{adv_host}"\n'
-                    f"advertise_certificate_port = {adv_cert}\nadvertise_ticket_port = {adv_ticket}",
-                )
-                # register keeps an agent.toml that is already there.
-                (home / "agent.toml").write_text(toml)
-                argv = [
-                    sys.executable,
-                    "-m",
-                    "agent.cli",
-                    "register",
-                    "--credentials",
-                    str(creds),
-                    "--name",
-                    name,
-                    "--home",
-                    str(home),
-                    "--json",
-                ]
+                argv = self._register_command(name, site, home, creds)
                 reg = subprocess.run(
                     self.net.command(argv, site),
                     env=self.env,
@@ -264,6 +243,52 @@ class Cluster:
                 self.agents[name] = agent
                 self.start_agent(name)
         self.wait_connected()
+
+    def _register_command(self, name: str, site: str, home: Path, creds: Path) -> list[str]:
+        """``sitepair-agent register`` as docs/operations.md tells an operator: the receiver
+        listens on the host's own address and advertises what the other site dials (here the
+        WAN link's end, a proxy, hence the advertised ports)."""
+        cert_port, ticket_port = self.net.free_port(site), self.net.free_port(site)
+        adv_host, adv_cert = self._advertised(site, cert_port)
+        _, adv_ticket = self._advertised(site, ticket_port)
+        network = f"corp-{site}=10.0.0.0/24"
+        if self.backend == "qemu":
+            network += "@isolated"  # guests get no route anywhere: QEMU user mode, restrict=on
+        return [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "register",
+            "--credentials",
+            str(creds),
+            "--name",
+            name,
+            "--home",
+            str(home),
+            "--backend",
+            self.backend,
+            # KVM never works on the machines this runs on; the probe would only cost.
+            *(["--accel", "tcg"] if self.backend == "qemu" else []),
+            "--vm-root",
+            "gold/vms",
+            "--storage",
+            f"gold={home / 'gold'}",
+            "--network",
+            network,
+            "--listen",
+            self.net.agent_host(site),
+            "--certificate-port",
+            str(cert_port),
+            "--ticket-port",
+            str(ticket_port),
+            "--advertise",
+            adv_host,
+            "--advertise-certificate-port",
+            str(adv_cert),
+            "--advertise-ticket-port",
+            str(adv_ticket),
+            "--json",
+        ]
 
     def _advertised(self, site: str, port: int) -> tuple[str, int]:
         """The address the *other* site uses for this site's receiver port."""

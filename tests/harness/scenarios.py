@@ -24,6 +24,7 @@ import grpc
 
 from agent.hosts.directory import DirectoryBackend
 from broker.client import wait_job
+from sitepair import addresses, credentials
 from sitepair.errors import SitepairError
 from sitepair.v1 import admin_pb2
 from tests.harness import oracle
@@ -289,9 +290,32 @@ def wait_reason(run: Run, vm: str, code: str, *, present: bool = True, timeout: 
 # -- scenarios ----------------------------------------------------------------------------------
 
 
+def check_addresses(run: Run) -> None:
+    """In namespace mode: the broker and the hosts were configured with non-loopback addresses
+    the documented way (``init --advertise``, ``register --listen/--advertise``), and that is
+    what the credentials files and the hosts' facts carry."""
+    c = run.c
+    if c.net.broker_host() == "127.0.0.1":
+        return
+    creds = credentials.load(c.root / f"{next(iter(c.agents))}.json")
+    dialled = [addresses.check_host_port(a, "enrollment")[0] for a in creds.enrollment_addresses]
+    run.report.check(
+        "credentials name the broker's advertised, non-loopback address",
+        dialled == [c.net.broker_host()],
+        ", ".join(creds.enrollment_addresses),
+    )
+    facts = {name: s.facts.replication_host for name, s in c.servers().items()}
+    run.report.check(
+        "hosts report non-loopback replication addresses",
+        all(not addresses.is_loopback(h) for h in facts.values()),
+        str(facts),
+    )
+
+
 def walkthrough(run: Run) -> None:
     """The ASR VMM-to-VMM walkthrough: register, pair, map, protect, test failover, plan failover."""
     c = run.c
+    check_addresses(run)
     c.pair(policy())
     run.create_vm("hv-a1", "vm1")
     run.create_vm("hv-a2", "vm2")

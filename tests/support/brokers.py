@@ -42,6 +42,27 @@ def make_home(
         clock=clock,
         store=store,
     )
+    tune_timings(
+        home,
+        heartbeat=heartbeat,
+        missed=missed,
+        agent_lifetime=agent_lifetime,
+        offline_critical=offline_critical,
+        log_file=log_file,
+    )
+    return home
+
+
+def tune_timings(
+    home: BrokerHome,
+    *,
+    heartbeat: str = "1s",
+    missed: int = 3,
+    agent_lifetime: str = "24h",
+    offline_critical: str = "4s",
+    log_file: Path | None = None,
+) -> None:
+    """Test-friendly timings (and a log file) in the broker.toml ``init`` wrote."""
     text = home.config.read_text()
     text = re.sub(r'interval = "10s"', f'interval = "{heartbeat}"', text)
     text = re.sub(r"missed = 3", f"missed = {missed}", text)
@@ -52,7 +73,6 @@ def make_home(
     if log_file is not None:
         text = text.replace('file = ""', f'file = "{log_file}"')
     home.config.write_text(text)
-    return home
 
 
 class BrokerThread:

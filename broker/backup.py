@@ -214,7 +214,7 @@ def _copy_sqlite(database: Path, out: Path) -> tuple[int, str]:
         raise BackupError(f"the store {database} does not exist")
     out.touch(mode=0o600)
     try:
-        src = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)
+        src = sqlite3.connect(database.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)
         try:
             dst = sqlite3.connect(out)
             try:
@@ -449,7 +449,7 @@ def _restore_sqlite(copy: Path, database: Path, vault: str) -> None:
         out.flush()
         os.fsync(out.fileno())
     try:
-        conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+        conn = sqlite3.connect(database.resolve().as_uri() + "?mode=ro", uri=True)
         try:
             row = conn.execute("SELECT value FROM meta WHERE key = 'vault'").fetchone()
         finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,6 +225,8 @@ def test_postgresql_store_is_dumped_and_restored_into_an_empty_database(
     pg_dsn: str,  # noqa: F811 - the fixture
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    if shutil.which("pg_dump") is None or shutil.which("pg_restore") is None:
+        pytest.skip("pg_dump/pg_restore not on PATH: install Debian's postgresql-client")
     home = make_home(tmp_path / "broker", store=StoreConfig(backend="postgresql", dsn=pg_dsn))
     broker = BrokerThread(home)
     try:

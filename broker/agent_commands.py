@@ -19,7 +19,7 @@ from broker.orchestration import StepFailed
 from broker.policy import Policy
 from broker.store.base import Store
 from broker.store.models import Relationship, RelationshipState, Server
-from sitepair import tickets
+from sitepair import addresses, tickets
 from sitepair.protoconv import timestamp
 from sitepair.v1 import control_pb2
 
@@ -105,7 +105,7 @@ def configure_source(rel: Relationship, replica: Server) -> control_pb2.Command:
             relationship_id=rel.id,
             vm_id=rel.vm_id,
             replica_host=rel.replica_server,
-            address=f"{host}:{port}",
+            address=addresses.join(host, port),  # [v6]:port for an IPv6 address
             epoch=rel.epoch,
             auth=auth_mode(policy.authentication),
             compression=policy.compression,

@@ -54,7 +54,7 @@ from agent.replication.incoming import Incoming, Refusal
 from agent.replication.replica import ReplicaStore
 from agent.replication.state import Grant, ReplicationState
 from agent.replication.stats import NO_OBSERVER, CycleObserver
-from sitepair import pki, tickets
+from sitepair import addresses, pki, tickets
 from sitepair.clock import Clock
 from sitepair.errors import (
     InvalidArgument,
@@ -588,7 +588,7 @@ class ReceiverServer:
                 maximum_concurrent_rpcs=self.limits.workers,
             )
             server.add_generic_rpc_handlers((self.servicers[mode].handler(),))
-            address = f"{host}:{port}"
+            address = addresses.join(host, port)  # [v6]:port for an IPv6 address
             bound = server.add_secure_port(
                 address, self._credentials(client_auth=mode == "certificate")
             )

@@ -244,17 +244,27 @@ def advertised_broker(
         broker.stop()
 
 
+@pytest.mark.parametrize(
+    ("replica_listen", "replica_advertise"),
+    [("0.0.0.0", "127.0.0.4"), ("::", "::1")],
+    ids=["ipv4", "ipv6"],
+)
 def test_hosts_registered_with_listen_and_advertise_replicate_through_advertised_addresses(
     advertised_broker: tuple[BrokerThread, int, int],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    replica_listen: str,
+    replica_advertise: str,
 ) -> None:
     broker, enroll, control = advertised_broker
     admin = broker.admin()
     agents: list[AgentThread] = []
     try:
-        hosts = {"hv-a1": ("site-a", "127.0.0.3"), "hv-b1": ("site-b", "127.0.0.4")}
-        for name, (site, advertised) in hosts.items():
+        hosts = {
+            "hv-a1": ("site-a", "0.0.0.0", "127.0.0.3"),
+            "hv-b1": ("site-b", replica_listen, replica_advertise),
+        }
+        for name, (site, listen, advertised) in hosts.items():
             creds = tmp_path / f"{name}.json"
             run_broker(
                 *("--home", str(broker.home.root), "keys", "create", "--site", site),
@@ -271,12 +281,12 @@ def test_hosts_registered_with_listen_and_advertise_replicate_through_advertised
                     *("--home", str(home), "--vm-root", "gold/vms"),
                     *("--storage", f"gold={home / 'gold'}", "--network", f"{net}=10.0.0.0/24"),
                     *("--certificate-port", "0", "--ticket-port", "0"),
-                    *("--listen", "0.0.0.0", "--advertise", advertised),
+                    *("--listen", listen, "--advertise", advertised),
                 ]
             )
             assert got == 0, capsys.readouterr()
             cfg = tomllib.loads((home / "agent.toml").read_text())["replication"]
-            assert (cfg["listen_host"], cfg["advertise_host"]) == ("0.0.0.0", advertised)
+            assert (cfg["listen_host"], cfg["advertise_host"]) == (listen, advertised)
             agent = AgentThread(home)
             agents.append(agent)
             agent.wait_connected()
@@ -288,7 +298,7 @@ def test_hosts_registered_with_listen_and_advertise_replicate_through_advertised
             s.name: s
             for s in admin.call(admin.stub.ListServers, admin_pb2.ListServersRequest()).servers
         }
-        for name, (_, advertised) in hosts.items():
+        for name, (_, _, advertised) in hosts.items():
             assert servers[name].facts.replication_host == advertised
 
         pair(admin)
@@ -301,11 +311,14 @@ def test_hosts_registered_with_listen_and_advertise_replicate_through_advertised
         job = admin.call(admin.stub.ProtectVm, admin_pb2.ProtectVmRequest(vm="web01"))
         done = wait_job(admin, job.id)
         assert done.state == "succeeded", (done.error, [(s.name, s.message) for s in done.steps])
-        # ConfigureSource named the replica host's advertised address, and the initial
-        # replication above went through it.
+        # ConfigureSource named the replica host's advertised address (an IPv6 one in
+        # brackets), and the initial replication above went through it.
         (relationship,) = source.daemon.replication.sources.values()
+        assert relationship.config.address == addresses.join(
+            replica_advertise, servers["hv-b1"].facts.certificate_port
+        )
         host, port = addresses.check_host_port(relationship.config.address, "address")
-        assert host == "127.0.0.4"
+        assert host == replica_advertise
         assert port == servers["hv-b1"].facts.certificate_port
         assert ipaddress.ip_address(host).is_loopback  # this machine, through the wildcard
     finally:

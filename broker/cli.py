@@ -56,6 +56,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         store=store,
         advertise=tuple(args.advertise or ()),
     )
+    cfg = config_mod.load(home.config)
+    dialled = list(cfg.advertise.enrollment) or [cfg.listen.enrollment]
     if args.json:
         print_json(
             {
@@ -63,12 +65,15 @@ def cmd_init(args: argparse.Namespace) -> int:
                 "vault": args.vault,
                 "config": str(home.config),
                 "store": store.backend,
+                "enrollment_addresses": dialled,
+                "control_addresses": list(cfg.advertise.control) or [cfg.listen.control],
             }
         )
     else:
         print(f"broker home created in {home.root} (vault {args.vault})")
         print(f"  configuration  {home.config}")
         print(f"  store          {store.backend}")
+        print(f"  agents enroll  {', '.join(dialled)}")
         print(f"  CA             {home.ca_cert}")
         print(f"  local operator {home.admin_dir}")
         print(f"start it with:   {PROG} serve --home {home.root}")

@@ -102,13 +102,14 @@ def test_init_advertises_and_the_certificate_names_what_it_advertises(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     home = BrokerHome(tmp_path / "broker")
-    run_broker(
+    out = run_broker(
         *("init", "--home", str(home.root), "--vault", "v1"),
         *("--enrollment", "0.0.0.0:18444", "--control", "0.0.0.0:18443"),
         *("--advertise", "192.0.2.10", "--advertise", "DR-Broker.example.com"),
         *("--advertise", "2001:db8::10", "--server-name", "broker.internal"),
         capsys=capsys,
     )
+    assert "agents enroll  192.0.2.10:18444, dr-broker.example.com:18444, [2001" in out, out
     dns, ips = sans(home)
     assert dns == {pki.BROKER_DNS_NAME, "localhost", "dr-broker.example.com", "broker.internal"}
     assert ips == {"127.0.0.1", "192.0.2.10", "2001:db8::10"}

@@ -459,3 +459,22 @@ class ProtectedVm:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"the protected VM's record in the store is malformed: {exc}") from exc
+
+
+def committed_cut_at(replica_status_json: str, primary_status_json: str) -> float | None:
+    """The cut time of the latest point the replica committed (its status's ``last_cut_at``;
+    the primary's, which it sets when a cycle commits, while the replica has not reported one),
+    or None before the first point. Host clock, unix seconds."""
+    for text in (replica_status_json, primary_status_json):
+        stored = StoredStatus.decode(text)
+        if stored is not None and stored.status.HasField("last_cut_at"):
+            ts = stored.status.last_cut_at
+            return ts.seconds + ts.nanos / 1e9
+    return None
+
+
+def rpo_lag(replica_status_json: str, primary_status_json: str, now: float) -> float | None:
+    """The RPO lag: ``now`` minus :func:`committed_cut_at` (what a failover now would lose),
+    never below 0 (a host clock ahead of the broker's); None before the first point."""
+    cut = committed_cut_at(replica_status_json, primary_status_json)
+    return None if cut is None else max(0.0, now - cut)

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from broker import health
+from broker import documents, health
 from broker.documents import StoredStatus, Verification
 from broker.policy import Policy
 from broker.sessions import SessionRegistry
@@ -57,21 +57,15 @@ def _snapshot(tx: Tx) -> _Snapshot:
 
 
 def last_cut_at(rel: Relationship) -> float | None:
-    """The cut time of the latest point the replica committed (its status's ``last_cut_at``;
-    the primary's when the replica has not reported one yet), or None before the first."""
-    for text in (rel.replica_status_json, rel.primary_status_json):
-        stored = StoredStatus.decode(text)
-        if stored is not None and stored.status.HasField("last_cut_at"):
-            ts = stored.status.last_cut_at
-            return ts.seconds + ts.nanos / 1e9
-    return None
+    """:func:`broker.documents.committed_cut_at` of ``rel``."""
+    return documents.committed_cut_at(rel.replica_status_json, rel.primary_status_json)
 
 
 def rpo_lag(rel: Relationship, now: float) -> float:
-    """Seconds of changes a failover now would lose: now minus the latest committed point's cut
-    time; before the first point, everything since the VM was protected."""
-    cut = last_cut_at(rel)
-    return max(0.0, now - (cut if cut is not None else rel.created_at))
+    """Seconds of changes a failover now would lose (:func:`broker.documents.rpo_lag`); before
+    the first point, everything since the VM was protected (the metric is always a number)."""
+    lag = documents.rpo_lag(rel.replica_status_json, rel.primary_status_json, now)
+    return lag if lag is not None else max(0.0, now - rel.created_at)
 
 
 def _copy_frequency(rel: Relationship) -> float:

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc.aio
 
-from broker import paging, vm_hosts
+from broker import documents, paging, vm_hosts
 from broker.convert import job_to_proto, policy_from_proto, policy_to_proto, relationship_to_proto
-from broker.documents import status_of
 from broker.failover_record import FailoverRecord, TestFailover
 from broker.policy import Policy
 from broker.services.admin_checks import check_site
@@ -24,7 +23,7 @@ from broker.store.models import Cloud, InventoryVm, Relationship
 from broker.store.sqlite import Tx
 from sitepair import pki
 from sitepair.errors import InvalidArgument, NotFound
-from sitepair.protoconv import seconds, timestamp
+from sitepair.protoconv import timestamp
 from sitepair.rpc import rpc
 from sitepair.v1 import admin_pb2, common_pb2
 
@@ -81,12 +80,10 @@ def _vm_proto(v: InventoryVm) -> tuple[common_pb2.VirtualMachine, list[str]]:
 
 
 def rpo_seconds(rel: Relationship, now: float) -> int | None:
-    """The RPO lag of ``rel``: ``now`` minus the cut time of the latest point committed on the
-    replica (as it last reported); None before the first cycle."""
-    cut = seconds(status_of(rel.replica_status_json).last_cut_at)
-    if not cut:
-        return None
-    return min(max(0, int(now - cut)), 2**32 - 1)
+    """The RPO lag of ``rel`` in whole seconds (:func:`broker.documents.rpo_lag`, the number the
+    metrics serve too); None before the first point."""
+    lag = documents.rpo_lag(rel.replica_status_json, rel.primary_status_json, now)
+    return None if lag is None else min(int(lag), 2**32 - 1)
 
 
 def _test_in_place(rel: Relationship) -> TestFailover | None:

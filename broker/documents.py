@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 
 from broker.store.base import StoreError
 from broker.store.models import InventoryVm
+from sitepair.protoconv import seconds, timestamp
 from sitepair.v1 import common_pb2, control_pb2, replication_pb2
 
 log = logging.getLogger("sitepair.broker.documents")
@@ -73,6 +74,24 @@ def decode_metrics(text: str) -> common_pb2.HostMetrics:
     return decode_message(text, common_pb2.HostMetrics())
 
 
+def load_versioned(text: str, version: int, what: str) -> dict[str, Any]:
+    """The JSON object a versioned record is stored as (``{}`` for none). An object without a
+    ``version`` field is from before it and reads as ``version``; anything else that is not
+    ``version``, or not an object, is a :class:`StoreError` naming ``what``."""
+    try:
+        doc = json.loads(text or "{}")
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise StoreError(f"the {what} in the store is not a JSON object")
+    if doc.get("version", version) != version:
+        raise StoreError(
+            f"the {what} has version {doc.get('version')!r}, this broker knows {version}",
+            hint="upgrade this broker to the version that wrote it",
+        )
+    return doc
+
+
 @dataclasses.dataclass(frozen=True)
 class StoredStatus:
     """A host's last status of one relationship, as the broker keeps it."""
@@ -88,10 +107,7 @@ class StoredStatus:
     @property
     def last_success_at(self) -> float | None:
         """When the last cycle committed (the host's clock), None before the first one."""
-        ts = self.status.last_success_at
-        if not ts.seconds and not ts.nanos:
-            return None
-        return ts.seconds + ts.nanos / 1e9
+        return seconds(self.status.last_success_at) or None
 
     def encode(self) -> str:
         return json.dumps(
@@ -186,18 +202,13 @@ def _parse_v1(doc: dict[str, Any], status: control_pb2.RelationshipStatus) -> No
     )
     last = doc.get("last_success_at")
     if last:
-        status.last_success_at.FromNanoseconds(int(float(last) * 1e9))
+        status.last_success_at.CopyFrom(timestamp(float(last)))
 
 
 def state_name(state: control_pb2.ReplicationState.ValueType) -> str:
     """How a reported state reads to an operator: ``STATE_RESYNC_REQUIRED`` -> "resync required"."""
     name = control_pb2.ReplicationState.Name(state)
     return name.removeprefix("STATE_").replace("_", " ").lower() if state else "unknown"
-
-
-def error_name(code: replication_pb2.ErrorCode.ValueType) -> str:
-    """How an error code reads in a message: ``ERROR_STALE_EPOCH`` -> "stale-epoch"."""
-    return replication_pb2.ErrorCode.Name(code).removeprefix("ERROR_").replace("_", "-").lower()
 
 
 def status_of(text: str) -> control_pb2.RelationshipStatus:
@@ -301,13 +312,9 @@ class Verification:
     @classmethod
     def decode(cls, text: str) -> Verification:
         try:
-            doc = json.loads(text or "{}")
-        except ValueError:
-            doc = None
-        if not isinstance(doc, dict):
-            return cls()
-        if doc.get("version", cls.VERSION) != cls.VERSION:
-            log.warning("verification record of an unknown version ignored")
+            doc = load_versioned(text, cls.VERSION, "verification record")
+        except StoreError as exc:
+            log.warning("verification record ignored", extra={"fields": {"why": exc.message}})
             return cls()
         try:
             return cls(
@@ -417,18 +424,7 @@ class ProtectedVm:
     def decode(cls, text: str) -> ProtectedVm:
         """The stored VM; a document that cannot be read is a :class:`StoreError` (a
         relationship cannot be replicated or failed over without it)."""
-        try:
-            doc = json.loads(text or "{}")
-        except ValueError:
-            doc = None
-        if not isinstance(doc, dict):
-            raise StoreError("the protected VM's record in the store is not a JSON object")
-        if doc.get("version", cls.VERSION) != cls.VERSION:
-            raise StoreError(
-                f"the protected VM's record has version {doc.get('version')!r}, "
-                f"this broker knows {cls.VERSION}",
-                hint="upgrade this broker to the version that wrote it",
-            )
+        doc = load_versioned(text, cls.VERSION, "protected VM's record")
         try:
             return cls(
                 name=str(doc.get("name", "")),
@@ -468,8 +464,7 @@ def committed_cut_at(replica_status_json: str, primary_status_json: str) -> floa
     for text in (replica_status_json, primary_status_json):
         stored = StoredStatus.decode(text)
         if stored is not None and stored.status.HasField("last_cut_at"):
-            ts = stored.status.last_cut_at
-            return ts.seconds + ts.nanos / 1e9
+            return seconds(stored.status.last_cut_at)
     return None
 
 

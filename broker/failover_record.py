@@ -15,7 +15,9 @@ import dataclasses
 import json
 from typing import Any
 
+from broker.documents import load_versioned
 from broker.store.base import StoreError
+from sitepair.protoconv import seconds
 from sitepair.v1 import control_pb2
 
 VERSION = 1
@@ -42,7 +44,7 @@ class MadeVm:
             epoch=result.epoch,
             test=result.test,
             point=result.point,
-            cut_at=result.cut_at.seconds + result.cut_at.nanos / 1e9,
+            cut_at=seconds(result.cut_at),
             app_consistent=result.app_consistent,
             vm_name=result.vm_name,
             vm_id=result.vm_id,
@@ -118,18 +120,7 @@ class FailoverRecord:
     def decode(cls, text: str) -> FailoverRecord:
         """The stored record (the empty one for none); a damaged record is a StoreError: the
         failover jobs cannot go on without it."""
-        try:
-            doc = json.loads(text or "{}")
-        except ValueError:
-            doc = None
-        if not isinstance(doc, dict):
-            raise StoreError("the relationship's failover record in the store is not a JSON object")
-        if doc.get("version", VERSION) != VERSION:
-            raise StoreError(
-                f"the relationship's failover record has version {doc.get('version')!r}, "
-                f"this broker knows {VERSION}",
-                hint="upgrade this broker to the version that wrote it",
-            )
+        doc = load_versioned(text, VERSION, "relationship's failover record")
         try:
             return cls(
                 job=str(doc.get("job", "")),
@@ -153,34 +144,31 @@ class FailoverRecord:
             ) from exc
 
 
-def _fields(cls: type[Any], doc: dict[str, Any]) -> dict[str, Any]:
-    """The keys of ``doc`` that are fields of ``cls`` (older records kept a few more)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in doc.items() if k in names}
-
-
 def _made(doc: Any) -> MadeVm | None:
     if not doc:
         return None
-    made = MadeVm(**_fields(MadeVm, doc))
-    return dataclasses.replace(
-        made,
-        epoch=int(made.epoch),
-        point=int(made.point),
-        cut_at=float(made.cut_at),
-        app_consistent=bool(made.app_consistent),
-        vm_name=str(made.vm_name),
-        vm_id=str(made.vm_id),
-        committed=bool(made.committed),
-        started=bool(made.started),
+    return MadeVm(
+        epoch=int(doc.get("epoch") or 0),
+        test=bool(doc.get("test", False)),
+        point=int(doc.get("point") or 0),
+        cut_at=float(doc.get("cut_at") or 0.0),
+        app_consistent=bool(doc.get("app_consistent", False)),
+        vm_name=str(doc.get("vm_name", "")),
+        vm_id=str(doc.get("vm_id", "")),
+        committed=bool(doc.get("committed", False)),
+        started=bool(doc.get("started", False)),
     )
 
 
 def _final(doc: Any) -> FinalCycle | None:
     if not doc:
         return None
-    final = FinalCycle(**_fields(FinalCycle, doc))
-    return FinalCycle(*(int(getattr(final, f.name)) for f in dataclasses.fields(FinalCycle)))
+    return FinalCycle(
+        sequence=int(doc.get("sequence") or 0),
+        final_bytes=int(doc.get("final_bytes") or 0),
+        disks_compared=int(doc.get("disks_compared") or 0),
+        mismatched_bytes=int(doc.get("mismatched_bytes") or 0),
+    )
 
 
 def _test(doc: Any) -> TestFailover | None:

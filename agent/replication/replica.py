@@ -52,6 +52,7 @@ from sitepair import paths, vdisk
 from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound, SitepairError
 from sitepair.fsutil import atomic_write, ensure_private_dir, fsync_dir, private_file
 from sitepair.logsafe import shown
+from sitepair.protoconv import seconds
 from sitepair.v1 import replication_pb2
 from sitepair.vdisk import ops as vdisk_ops
 
@@ -290,7 +291,7 @@ class ReplicaStore:
         st = self.state
         st.committed_sequence = header.sequence
         st.committed_at = self.now()
-        st.cut_at = header.cut_at.seconds + header.cut_at.nanos / 1e9
+        st.cut_at = seconds(header.cut_at)
         st.app_consistent = header.app_consistent
         st.epoch = max(st.epoch, header.epoch)
         self.save()

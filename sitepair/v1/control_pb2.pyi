@@ -385,6 +385,7 @@ class Command(_message.Message):
     VM_POWER_FIELD_NUMBER: _builtins.int
     FENCE_FIELD_NUMBER: _builtins.int
     REVOKE_HOST_FIELD_NUMBER: _builtins.int
+    GUEST_RUN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     epoch: _builtins.int
     """relationship epoch the command belongs to (0 = not relationship-bound)"""
@@ -416,6 +417,8 @@ class Command(_message.Message):
     def fence(self) -> Global___Fence: ...
     @_builtins.property
     def revoke_host(self) -> Global___RevokeHost: ...
+    @_builtins.property
+    def guest_run(self) -> Global___GuestRun: ...
     def __init__(
         self,
         *,
@@ -435,12 +438,13 @@ class Command(_message.Message):
         vm_power: Global___VmPower | None = ...,
         fence: Global___Fence | None = ...,
         revoke_host: Global___RevokeHost | None = ...,
+        guest_run: Global___GuestRun | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "guest_run", b"guest_run", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "epoch", b"epoch", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "id", b"id", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "epoch", b"epoch", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "guest_run", b"guest_run", "id", b"id", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script", "configure_replica", "configure_source", "remove_relationship", "replication_action", "set_bandwidth", "failover", "failover_control", "vm_power", "fence", "revoke_host"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script", "configure_replica", "configure_source", "remove_relationship", "replication_action", "set_bandwidth", "failover", "failover_control", "vm_power", "fence", "revoke_host", "guest_run"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -603,6 +607,7 @@ class CommandResult(_message.Message):
     VM_POWER_FIELD_NUMBER: _builtins.int
     FENCE_FIELD_NUMBER: _builtins.int
     REVOKE_HOST_FIELD_NUMBER: _builtins.int
+    GUEST_RUN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ping(self) -> Global___PingResult: ...
     @_builtins.property
@@ -629,6 +634,8 @@ class CommandResult(_message.Message):
     def fence(self) -> Global___FenceResult: ...
     @_builtins.property
     def revoke_host(self) -> Global___RevokeHostResult: ...
+    @_builtins.property
+    def guest_run(self) -> Global___GuestRunResult: ...
     def __init__(
         self,
         *,
@@ -645,12 +652,13 @@ class CommandResult(_message.Message):
         vm_power: Global___VmPowerResult | None = ...,
         fence: Global___FenceResult | None = ...,
         revoke_host: Global___RevokeHostResult | None = ...,
+        guest_run: Global___GuestRunResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "guest_run", b"guest_run", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "guest_run", b"guest_run", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script", "configure_replica", "configure_source", "remove_relationship", "replication_action", "set_bandwidth", "failover", "failover_control", "vm_power", "fence", "revoke_host"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script", "configure_replica", "configure_source", "remove_relationship", "replication_action", "set_bandwidth", "failover", "failover_control", "vm_power", "fence", "revoke_host", "guest_run"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -932,6 +940,7 @@ class FailoverResult(_message.Message):
     VM_ID_FIELD_NUMBER: _builtins.int
     COMMITTED_FIELD_NUMBER: _builtins.int
     STARTED_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
     relationship_id: _builtins.str
     epoch: _builtins.int
     test: _builtins.bool
@@ -944,6 +953,10 @@ class FailoverResult(_message.Message):
     started: _builtins.bool
     @_builtins.property
     def cut_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def exact(self) -> Global___ExactProof:
+        """only when the Failover asked prove_exact"""
+
     def __init__(
         self,
         *,
@@ -957,10 +970,11 @@ class FailoverResult(_message.Message):
         vm_id: _builtins.str = ...,
         committed: _builtins.bool = ...,
         started: _builtins.bool = ...,
+        exact: Global___ExactProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cut_at", b"cut_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cut_at", b"cut_at", "exact", b"exact"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_consistent", b"app_consistent", "committed", b"committed", "cut_at", b"cut_at", "epoch", b"epoch", "point", b"point", "relationship_id", b"relationship_id", "started", b"started", "test", b"test", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_consistent", b"app_consistent", "committed", b"committed", "cut_at", b"cut_at", "epoch", b"epoch", "exact", b"exact", "point", b"point", "relationship_id", b"relationship_id", "started", b"started", "test", b"test", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1671,6 +1685,7 @@ class Failover(_message.Message):
     START_VM_FIELD_NUMBER: _builtins.int
     VM_FIELD_NUMBER: _builtins.int
     NIC_NETWORKS_FIELD_NUMBER: _builtins.int
+    PROVE_EXACT_FIELD_NUMBER: _builtins.int
     relationship_id: _builtins.str
     epoch: _builtins.int
     """the raised epoch (a test failover keeps the current one)"""
@@ -1678,6 +1693,10 @@ class Failover(_message.Message):
     """"latest", "latest-app-consistent" or a sequence number"""
     test: _builtins.bool
     start_vm: _builtins.bool
+    prove_exact: _builtins.bool
+    """Test only: make the VM powered off, compare every block of its disks (as the VM will read
+    them) with the recovery point it was made from, record the proof, then start it if start_vm.
+    """
     @_builtins.property
     def vm(self) -> _common_pb2.VirtualMachine:
         """the protected VM: id, name, CPU, memory, generation, NICs"""
@@ -1696,14 +1715,167 @@ class Failover(_message.Message):
         start_vm: _builtins.bool = ...,
         vm: _common_pb2.VirtualMachine | None = ...,
         nic_networks: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        prove_exact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "nic_networks", b"nic_networks", "point", b"point", "relationship_id", b"relationship_id", "start_vm", b"start_vm", "test", b"test", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "nic_networks", b"nic_networks", "point", b"point", "prove_exact", b"prove_exact", "relationship_id", b"relationship_id", "start_vm", b"start_vm", "test", b"test", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Failover: _TypeAlias = Failover  # noqa: Y015
+
+@_typing.final
+class ExactProof(_message.Message):
+    """The proof that a test VM's disks are byte for byte the recovery point it was made from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DiskDigestsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class EarlierDigestsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CHECKED_FIELD_NUMBER: _builtins.int
+    BYTES_COMPARED_FIELD_NUMBER: _builtins.int
+    BLOCKS_COMPARED_FIELD_NUMBER: _builtins.int
+    MISMATCHED_BLOCKS_FIELD_NUMBER: _builtins.int
+    DISK_DIGESTS_FIELD_NUMBER: _builtins.int
+    EARLIER_DIGESTS_FIELD_NUMBER: _builtins.int
+    BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    checked: _builtins.bool
+    bytes_compared: _builtins.int
+    """virtual bytes read on each side"""
+    blocks_compared: _builtins.int
+    mismatched_blocks: _builtins.int
+    block_size: _builtins.int
+    @_builtins.property
+    def disk_digests(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """disk id -> hex BLAKE3 over the disk's per-block digests"""
+
+    @_builtins.property
+    def earlier_digests(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The digest the point had when it was first proven (empty the first time): a later proof that
+        differs means the point's layers changed at rest.
+        """
+
+    def __init__(
+        self,
+        *,
+        checked: _builtins.bool = ...,
+        bytes_compared: _builtins.int = ...,
+        blocks_compared: _builtins.int = ...,
+        mismatched_blocks: _builtins.int = ...,
+        disk_digests: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        earlier_digests: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        block_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "blocks_compared", b"blocks_compared", "bytes_compared", b"bytes_compared", "checked", b"checked", "disk_digests", b"disk_digests", "earlier_digests", b"earlier_digests", "mismatched_blocks", b"mismatched_blocks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExactProof: _TypeAlias = ExactProof  # noqa: Y015
+
+@_typing.final
+class GuestRun(_message.Message):
+    """Runs a program inside a test VM through the host backend's guest channel (QEMU: the guest
+    agent's guest-exec). Only test VMs made by a test failover are accepted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    relationship_id: _builtins.str
+    """the relationship whose test VM runs it"""
+    program: _builtins.str
+    """an absolute path inside the guest"""
+    timeout_seconds: _builtins.int
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        relationship_id: _builtins.str = ...,
+        program: _builtins.str = ...,
+        args: _abc.Iterable[_builtins.str] | None = ...,
+        timeout_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "program", b"program", "relationship_id", b"relationship_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestRun: _TypeAlias = GuestRun  # noqa: Y015
+
+@_typing.final
+class GuestRunResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_NAME_FIELD_NUMBER: _builtins.int
+    EXIT_STATUS_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    TIMED_OUT_FIELD_NUMBER: _builtins.int
+    vm_name: _builtins.str
+    exit_status: _builtins.int
+    output: _builtins.str
+    """stdout then stderr, the last 64 KiB"""
+    timed_out: _builtins.bool
+    def __init__(
+        self,
+        *,
+        vm_name: _builtins.str = ...,
+        exit_status: _builtins.int = ...,
+        output: _builtins.str = ...,
+        timed_out: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_status", b"exit_status", "output", b"output", "timed_out", b"timed_out", "vm_name", b"vm_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestRunResult: _TypeAlias = GuestRunResult  # noqa: Y015
 
 @_typing.final
 class FailoverControl(_message.Message):

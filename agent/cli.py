@@ -9,8 +9,8 @@ from pathlib import Path
 
 from agent import config as config_mod
 from agent import service_unit
-from sitepair import __version__, addresses, log
-from sitepair.cliutil import EXIT_OK, print_json, run_main
+from sitepair import __version__, addresses, cliutil, log
+from sitepair.cliutil import EXIT_OK, Parser, print_json
 from sitepair.clock import clock_from_env, iso
 from sitepair.errors import InvalidArgument
 from sitepair.service.cli import add_commands as add_service_commands
@@ -168,17 +168,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         "renew_at": iso(ident.renew_at()),
         "backend": cfg.backend.kind,
         "vm_root": str(cfg.backend.vm_root),
+        "listen": cfg.replication.listen_host,
+        "certificate_port": cfg.replication.certificate_port,
+        "ticket_port": cfg.replication.ticket_port,
+        "advertise": cfg.replication.advertise_host,
+        "advertise_certificate_port": cfg.replication.advertise_certificate_port,
+        "advertise_ticket_port": cfg.replication.advertise_ticket_port,
     }
     if args.json:
         print_json(doc)
     else:
         for k, v in doc.items():
-            print(f"{k:<22} {v}")
+            print(f"{k:<26} {v if v != '' else '-'}")
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p: argparse.ArgumentParser = Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -249,12 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_status)
 
     add_service_commands(sub, service_unit.program(), parents=[], home_option=True)
+    cliutil.add_completion_command(sub, PROG)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_main(PROG, lambda: int(args.fn(args)))
+    return cliutil.main(PROG, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -145,17 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
 
         o = argparse.ArgumentParser(add_help=False)
         o.add_argument(
-            "--home", default=default(os.environ.get("SITEPAIR_HOME")), help="broker home"
+            "--home",
+            default=default(os.environ.get("SITEPAIR_HOME")),
+            help="broker home folder (default $SITEPAIR_HOME); admin commands use its local "
+            "operator",
         )
         o.add_argument(
             "--profile",
             default=default(os.environ.get("SITEPAIR_PROFILE")),
-            help="operator profile folder",
+            help="operator profile folder made by `operators add` (default $SITEPAIR_PROFILE)",
         )
         o.add_argument(
-            "--json", action="store_true", default=default(False), help="machine-readable output"
+            "--json",
+            action="store_true",
+            default=default(False),
+            help="machine-readable output (errors too, as JSON on standard error)",
         )
-        o.add_argument("--timeout", type=float, default=default(30.0), help="seconds per call")
+        o.add_argument(
+            "--timeout",
+            type=float,
+            default=default(30.0),
+            help="seconds to wait for each answer of the broker (default 30)",
+        )
         return o
 
     common = options(top=False)

@@ -31,6 +31,16 @@ from sitepair.v1 import admin_pb2
 StartJob = Callable[[argparse.Namespace, AdminClient], admin_pb2.Job]
 
 
+def add_wait(sp: argparse.ArgumentParser) -> None:
+    """Add ``--wait`` to a command made with :func:`job_command`."""
+    sp.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the job until it finishes, with its progress (exit status 1 if it fails; "
+        "Ctrl-C stops following, not the job)",
+    )
+
+
 def job_command(start: StartJob) -> Command:
     """A command that starts a job, then follows it (``--wait``) or shows it."""
 
@@ -174,4 +184,4 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         ("watch", cmd_jobs_watch, "follow a job with a progress bar until it finishes"),
         ("cancel", cmd_jobs_cancel, "cancel a job where that is possible"),
     ):
-        add(jobs, name, fn, text).add_argument("id")
+        add(jobs, name, fn, text).add_argument("id", help="the job's id (see `jobs list`)")

@@ -301,7 +301,7 @@ BYTES_FROM = 1 << 20
 
 class ProgressRate:
     """The rate and time left of one progress (a job step's), from successive samples of how much
-    is done: the rate over the last ``window`` seconds of samples, the time left at that rate."""
+    is done: the rate over the last ``window`` seconds, the time left at that rate."""
 
     def __init__(self, window: float = 30.0) -> None:
         self.window = window
@@ -313,7 +313,10 @@ class ProgressRate:
         if self._samples and done < self._samples[-1][1]:
             self._samples.clear()  # the progress started over (a retried step)
         self._samples.append((now, done))
-        self._samples = [(t, d) for t, d in self._samples if t >= now - self.window]
+        # Keep the samples of the window and the last one before it: after a long wait for
+        # an update, the rate is over that wait rather than unknown.
+        while len(self._samples) > 2 and self._samples[1][0] <= now - self.window:
+            del self._samples[0]
         (t0, d0), (t1, d1) = self._samples[0], self._samples[-1]
         if t1 <= t0 or d1 <= d0:
             return ""

@@ -35,7 +35,9 @@ def unexplained(parser: argparse.ArgumentParser) -> list[str]:
             continue
         if isinstance(action, argparse._SubParsersAction):
             missing += [
-                f"{parser.prog} {choice.dest}" for choice in action._choices_actions if not choice.help
+                f"{parser.prog} {choice.dest}"
+                for choice in action._choices_actions
+                if not choice.help
             ]
         elif not action.help:
             missing.append(f"{parser.prog} {'/'.join(action.option_strings) or action.dest}")

@@ -14,7 +14,9 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from agent.cli import main as agent_main
+from broker.cli import main as broker_main
 from broker.client import AdminClient
+from broker.home import BrokerHome
 from sitepair.cliutil import proto_to_dict
 from sitepair.v1 import admin_pb2, control_pb2
 from sitepair.vdisk.cli import main as vdisk_main
@@ -184,3 +186,18 @@ def test_encoder_keeps_64_bit_values_exact_and_decodes_documents() -> None:
 
     mapped = proto_to_dict(control_pb2.RunScript(env={"A": "1"}))
     assert mapped["env"] == {"A": "1"}
+
+
+def test_broker_service_commands_answer_json(
+    broker_home: BrokerHome, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--home", str(broker_home.root), "service"]
+    units = ["--unit-dir", str(tmp_path / "u"), "--json"]
+    assert broker_main([*base, "install", *units, "--no-enable"]) == 0
+    unit = tmp_path / "u" / "sitepair-broker.service"
+    assert json.loads(capsys.readouterr().out) == {"unit": str(unit), "enabled": False}
+    assert broker_main([*base, "status", *units]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["unit"] == str(unit) and status["installed"] is True
+    assert broker_main([*base, "remove", *units, "--no-enable"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"unit": str(unit), "removed": True}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from agent import config as config_mod
 from agent import service_unit
-from sitepair import __version__, addresses, log
-from sitepair.cliutil import EXIT_OK, print_json, run_main
+from sitepair import __version__, addresses, cliutil, log
+from sitepair.cliutil import EXIT_OK, Parser, print_json
 from sitepair.clock import clock_from_env, iso
 from sitepair.errors import InvalidArgument
 from sitepair.service.cli import add_commands as add_service_commands
@@ -168,24 +168,34 @@ def cmd_status(args: argparse.Namespace) -> int:
         "renew_at": iso(ident.renew_at()),
         "backend": cfg.backend.kind,
         "vm_root": str(cfg.backend.vm_root),
+        "listen": cfg.replication.listen_host,
+        "certificate_port": cfg.replication.certificate_port,
+        "ticket_port": cfg.replication.ticket_port,
+        "advertise": cfg.replication.advertise_host,
+        "advertise_certificate_port": cfg.replication.advertise_certificate_port,
+        "advertise_ticket_port": cfg.replication.advertise_ticket_port,
     }
     if args.json:
         print_json(doc)
     else:
         for k, v in doc.items():
-            print(f"{k:<22} {v}")
+            print(f"{k:<26} {v if v != '' else '-'}")
     return EXIT_OK
 
 
+HOME_HELP = "the agent home folder `register` made"
+JSON_HELP = "machine-readable output (errors too, as JSON on standard error)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p: argparse.ArgumentParser = Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sp = sub.add_parser("register", help="enroll this host with a broker")
     sp.add_argument("--credentials", required=True, help="file from `sitepair-broker keys create`")
     sp.add_argument("--name", required=True, help="server name shown in the broker")
-    sp.add_argument("--home", required=True, help="agent home folder")
+    sp.add_argument("--home", required=True, help="agent home folder to create")
     sp.add_argument(
         "--backend",
         default="directory",
@@ -193,11 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="host backend: directory (portable), hyperv (Windows), qemu (Linux)",
     )
     sp.add_argument(
-        "--accel", default="auto", choices=config_mod.ACCELS, help="qemu backend: accelerator"
+        "--accel",
+        default="auto",
+        choices=config_mod.ACCELS,
+        help="qemu backend: accelerator (default auto: KVM where it works)",
     )
-    sp.add_argument("--vm-root", default="vms", help="directory and qemu backends: VM folders")
-    sp.add_argument("--cloud", help="cloud this host joins")
-    sp.add_argument("--storage", action="append", help="storage classification NAME=FOLDER")
+    sp.add_argument(
+        "--vm-root",
+        default="vms",
+        help="directory and qemu backends: the folder of VM folders, relative to the home "
+        "(default vms)",
+    )
+    sp.add_argument("--cloud", help="cloud this host joins (default: none yet)")
+    sp.add_argument(
+        "--storage",
+        action="append",
+        help="storage classification NAME=FOLDER where replicas may go (repeat for several)",
+    )
     sp.add_argument(
         "--network",
         action="append",
@@ -205,9 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
         "or isolated",
     )
     sp.add_argument(
-        "--certificate-port", type=port, default=8084, help="mutual-TLS replication port"
+        "--certificate-port",
+        type=port,
+        default=8084,
+        help="mutual-TLS replication port (default 8084; 0: any free one)",
     )
-    sp.add_argument("--ticket-port", type=port, default=8083, help="ticket replication port")
+    sp.add_argument(
+        "--ticket-port",
+        type=port,
+        default=8083,
+        help="ticket replication port (default 8083; 0: any free one)",
+    )
     sp.add_argument(
         "--listen",
         default="127.0.0.1",
@@ -236,25 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="ticket port other hosts dial, when a NAT or proxy maps it (default: --ticket-port)",
     )
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp.set_defaults(fn=cmd_register)
 
     sp = sub.add_parser("run", help="run the agent until SIGTERM/SIGINT (SIGHUP reloads [log])")
-    sp.add_argument("--home", required=True)
+    sp.add_argument("--home", required=True, help=HOME_HELP)
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("status", help="show this agent's identity and configuration")
-    sp.add_argument("--home", required=True)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--home", required=True, help=HOME_HELP)
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp.set_defaults(fn=cmd_status)
 
     add_service_commands(sub, service_unit.program(), parents=[], home_option=True)
+    cliutil.add_completion_command(sub, PROG)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_main(PROG, lambda: int(args.fn(args)))
+    return cliutil.main(PROG, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from broker import cli_backup, cli_jobs, cli_plans, cli_protection, cli_servers,
 from broker import config as config_mod
 from broker.cli_support import PROG, Command, Subcommands, admin_client, ts
 from broker.home import BrokerHome
-from sitepair import __version__, log
-from sitepair.cliutil import EXIT_OK, print_json, run_main
+from sitepair import __version__, cliutil, log
+from sitepair.cliutil import EXIT_OK, Parser, print_json
 from sitepair.errors import InvalidArgument
 from sitepair.service.cli import add_commands as add_service_commands
 from sitepair.v1 import admin_pb2
@@ -145,21 +145,32 @@ def build_parser() -> argparse.ArgumentParser:
 
         o = argparse.ArgumentParser(add_help=False)
         o.add_argument(
-            "--home", default=default(os.environ.get("SITEPAIR_HOME")), help="broker home"
+            "--home",
+            default=default(os.environ.get("SITEPAIR_HOME")),
+            help="broker home folder (default $SITEPAIR_HOME); admin commands use its local "
+            "operator",
         )
         o.add_argument(
             "--profile",
             default=default(os.environ.get("SITEPAIR_PROFILE")),
-            help="operator profile folder",
+            help="operator profile folder made by `operators add` (default $SITEPAIR_PROFILE)",
         )
         o.add_argument(
-            "--json", action="store_true", default=default(False), help="machine-readable output"
+            "--json",
+            action="store_true",
+            default=default(False),
+            help="machine-readable output (errors too, as JSON on standard error)",
         )
-        o.add_argument("--timeout", type=float, default=default(30.0), help="seconds per call")
+        o.add_argument(
+            "--timeout",
+            type=float,
+            default=default(30.0),
+            help="seconds to wait for each answer of the broker (default 30)",
+        )
         return o
 
     common = options(top=False)
-    p = argparse.ArgumentParser(
+    p: argparse.ArgumentParser = Parser(
         prog=PROG, description=__doc__.splitlines()[0], parents=[options(top=True)]
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -220,12 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     cli_plans.register(sub, add)
     cli_backup.register(sub, add)
     add_service_commands(sub, service_unit.PROGRAM, parents=[common], home_option=False)
+    cliutil.add_completion_command(sub, PROG)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_main(PROG, lambda: int(args.fn(args)))
+    return cliutil.main(PROG, build_parser(), argv)
 
 
 if __name__ == "__main__":

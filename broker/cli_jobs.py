@@ -9,17 +9,36 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 
-from broker.cli_support import AddCommand, Command, Subcommands, admin_client, ts
+from broker.cli_support import PROG, AddCommand, Command, Subcommands, admin_client, ts
 from broker.client import AdminClient
 from broker.services.admin_checks import JOB_STATES
-from sitepair.cliutil import EXIT_ERROR, EXIT_OK, print_json, print_table, progress_bar
+from sitepair.cliutil import (
+    EXIT_ERROR,
+    EXIT_OK,
+    Interrupted,
+    ProgressRate,
+    print_json,
+    print_table,
+    progress_bar,
+)
 from sitepair.errors import InvalidArgument
 from sitepair.v1 import admin_pb2
 
 #: Asks the broker to start a job (or to change one) and returns the job it answered with.
 StartJob = Callable[[argparse.Namespace, AdminClient], admin_pb2.Job]
+
+
+def add_wait(sp: argparse.ArgumentParser) -> None:
+    """Add ``--wait`` to a command made with :func:`job_command`."""
+    sp.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the job until it finishes, with its progress (exit status 1 if it fails; "
+        "Ctrl-C stops following, not the job)",
+    )
 
 
 def job_command(start: StartJob) -> Command:
@@ -59,32 +78,54 @@ def show_job_result(args: argparse.Namespace, job: admin_pb2.Job) -> int:
 
 
 def watch(args: argparse.Namespace, client: AdminClient, job_id: str) -> int:
-    """Follow a job until it is final: one line per change (a progress line on a terminal)."""
+    """Follow a job until it is final: one line per change (a progress line on a terminal), a
+    step's progress with its rate and time left. Ctrl-C stops following, not the job: the error
+    says so and how to follow it again (exit status 130)."""
     last: admin_pb2.Job | None = None
     tty = sys.stdout.isatty() and not args.json
-    for job in client.watch_job(job_id):
-        last = job
-        if args.json:
-            continue
-        running = [s for s in job.steps if s.state == "running"]
-        step = running[0] if running else None
-        line = f"{job.state:<9} {job.kind} {job.target}"
-        if step is not None:
-            line += f" | {step.index + 1}/{len(job.steps)} {step.name}"
-            if step.progress_total:
-                line += " " + progress_bar(step.progress_done, step.progress_total)
-            elif step.message:
-                line += f": {step.message}"
+    rates: dict[int, ProgressRate] = {}
+    try:
+        for job in client.watch_job(job_id):
+            last = job
+            if args.json:
+                continue
+            line = progress_line(job, rates, time.monotonic())
+            if tty:
+                sys.stdout.write("\r\033[K" + line[:200])
+                sys.stdout.flush()
+            else:
+                print(line, flush=True)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"stopped following job {job_id}; the job keeps running on the broker",
+            hint=f"follow it with `{PROG} jobs watch {job_id}`",
+        ) from None
+    finally:
         if tty:
-            sys.stdout.write("\r\033[K" + line[:200])
-            sys.stdout.flush()
-        else:
-            print(line)
-    if tty:
-        sys.stdout.write("\n")
+            sys.stdout.write("\n")
     if last is None:
         raise InvalidArgument(f"no job {job_id}")
     return show_job_result(args, last)
+
+
+def progress_line(job: admin_pb2.Job, rates: dict[int, ProgressRate], now: float) -> str:
+    """A job's state as one line: its running step, and that step's progress (``rates`` keeps
+    each step's samples across lines)."""
+    running = [s for s in job.steps if s.state == "running"]
+    step = running[0] if running else None
+    line = f"{job.state:<9} {job.kind} {job.target}"
+    if step is None:
+        return line
+    line += f" | {step.index + 1}/{len(job.steps)} {step.name}"
+    if step.progress_total:
+        rate = rates.setdefault(step.index, ProgressRate())
+        line += " " + progress_bar(step.progress_done, step.progress_total)
+        speed = rate.sample(now, step.progress_done, step.progress_total)
+        if speed:
+            line += f" {speed}"
+    elif step.message:
+        line += f": {step.message}"
+    return line
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
@@ -143,4 +184,4 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         ("watch", cmd_jobs_watch, "follow a job with a progress bar until it finishes"),
         ("cancel", cmd_jobs_cancel, "cancel a job where that is possible"),
     ):
-        add(jobs, name, fn, text).add_argument("id")
+        add(jobs, name, fn, text).add_argument("id", help="the job's id (see `jobs list`)")

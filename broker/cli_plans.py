@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from broker.cli_jobs import job_command
+from broker.cli_jobs import add_wait, job_command
 from broker.cli_support import AddCommand, Command, Subcommands, admin_client
 from broker.client import AdminClient
 from sitepair.cliutil import EXIT_OK, print_json, print_table
@@ -45,6 +45,10 @@ def plan_command(
     return run
 
 
+PLAN = "the recovery plan's name (see `plans list`)"
+GROUP = "the group's number, 1 for the first (default 1)"
+
+
 def register(sub: Subcommands, add: AddCommand) -> None:
     """Add the ``plans`` commands."""
     plans = sub.add_parser("plans", help="recovery plans").add_subparsers(
@@ -62,15 +66,15 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         ),
         "create a recovery plan (with group 1)",
     )
-    sp.add_argument("name")
-    sp.add_argument("--description")
+    sp.add_argument("name", help=PLAN)
+    sp.add_argument("--description", help="free text shown with the plan")
     sp = add(
         plans,
         "show",
         plan_command(lambda a, c: c.call(c.stub.GetPlan, admin_pb2.PlanRef(name=a.name))),
         "show a plan",
     )
-    sp.add_argument("name")
+    sp.add_argument("name", help=PLAN)
 
     def plans_list(args: argparse.Namespace) -> int:
         with admin_client(args) as c:
@@ -94,14 +98,14 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         plan_command(lambda a, c: c.call(c.stub.DeletePlan, admin_pb2.PlanRef(name=a.name))),
         "delete a plan",
     )
-    sp.add_argument("name")
+    sp.add_argument("name", help=PLAN)
     sp = add(
         plans,
         "add-group",
         plan_command(lambda a, c: c.call(c.stub.AddPlanGroup, admin_pb2.PlanRef(name=a.name))),
         "add the next group",
     )
-    sp.add_argument("name")
+    sp.add_argument("name", help=PLAN)
     sp = add(
         plans,
         "add-vm",
@@ -113,9 +117,9 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         ),
         "add a protected VM to a group",
     )
-    sp.add_argument("name")
-    sp.add_argument("vm")
-    sp.add_argument("--group", type=int, default=1)
+    sp.add_argument("name", help=PLAN)
+    sp.add_argument("vm", help="the protected VM's name or id (see `vms protected`)")
+    sp.add_argument("--group", type=int, default=1, help=GROUP)
 
     def add_action(a: argparse.Namespace) -> admin_pb2.AddPlanActionRequest:
         return admin_pb2.AddPlanActionRequest(
@@ -137,17 +141,26 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         plan_command(lambda a, c: c.call(c.stub.AddPlanAction, add_action(a))),
         "add a script or manual action before/after a group",
     )
-    sp.add_argument("name")
-    sp.add_argument("--group", type=int, default=1)
-    sp.add_argument("--when", choices=["before", "after"], default="after")
+    sp.add_argument("name", help=PLAN)
+    sp.add_argument("--group", type=int, default=1, help=GROUP)
+    sp.add_argument(
+        "--when",
+        choices=["before", "after"],
+        default="after",
+        help="run it before or after the group's VMs fail over (default after)",
+    )
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--script", help="file name in the recovery agent's scripts folder")
     g.add_argument(
         "--manual", help="instructions for the operator; the plan waits for `plans resume`"
     )
     sp.add_argument("--arg", action="append", help="script argument (repeat)")
-    sp.add_argument("--script-timeout", type=int, default=300, help="script timeout, seconds")
-    sp.add_argument("--action-name", help="how the action is shown in the job")
+    sp.add_argument(
+        "--script-timeout", type=int, default=300, help="script timeout in seconds (default 300)"
+    )
+    sp.add_argument(
+        "--action-name", help="how the action is shown in the job (default: the script's name)"
+    )
 
     sp = add(
         plans,
@@ -160,10 +173,15 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         ),
         "fail a whole plan over, group by group",
     )
-    sp.add_argument("name")
-    sp.add_argument("--type", choices=["planned", "unplanned", "test"], required=True)
+    sp.add_argument("name", help=PLAN)
+    sp.add_argument(
+        "--type",
+        choices=["planned", "unplanned", "test"],
+        required=True,
+        help="planned, unplanned or test failover of every VM, as `vms failover --type`",
+    )
     sp.add_argument("--point", help="unplanned/test: latest (default), latest-app-consistent, N")
-    sp.add_argument("--wait", action="store_true")
+    add_wait(sp)
     sp = add(
         plans,
         "cleanup-test",
@@ -175,21 +193,21 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         ),
         "clean up a plan's test failover",
     )
-    sp.add_argument("name")
-    sp.add_argument("--notes")
-    sp.add_argument("--wait", action="store_true")
+    sp.add_argument("name", help=PLAN)
+    sp.add_argument("--notes", help="what the test showed; kept in the job")
+    add_wait(sp)
     sp = add(
         plans,
         "commit",
         job_command(lambda a, c: c.call(c.stub.PlanCommit, admin_pb2.PlanRef(name=a.name))),
         "commit the failover of every VM in the plan",
     )
-    sp.add_argument("name")
-    sp.add_argument("--wait", action="store_true")
+    sp.add_argument("name", help=PLAN)
+    add_wait(sp)
     sp = add(
         plans,
         "resume",
         job_command(lambda a, c: c.call(c.stub.PlanResume, admin_pb2.PlanRef(name=a.name))),
         "let a plan waiting at a manual action go on",
     )
-    sp.add_argument("name")
+    sp.add_argument("name", help=PLAN)

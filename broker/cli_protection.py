@@ -6,7 +6,7 @@ import argparse
 import datetime as dt
 import functools
 
-from broker.cli_jobs import StartJob, job_command
+from broker.cli_jobs import StartJob, add_wait, job_command
 from broker.cli_support import AddCommand, Subcommands, admin_client, ts
 from broker.client import AdminClient
 from broker.policy import AUTH_PORTS
@@ -50,19 +50,46 @@ def policy_from_args(args: argparse.Namespace) -> admin_pb2.Policy:
 
 def add_policy_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--copy-frequency", default="5m", help="30s, 5m or 15m (default 5m)")
-    sp.add_argument("--recovery-points", type=int, default=0, help="additional hourly points, 0-24")
     sp.add_argument(
-        "--app-consistent-hours", type=int, default=0, help="0-12, fewer than the points"
+        "--recovery-points", type=int, default=0, help="additional hourly points, 0-24 (default 0)"
     )
-    sp.add_argument("--no-compression", action="store_true")
-    sp.add_argument("--authentication", choices=["certificate", "ticket"], default="certificate")
+    sp.add_argument(
+        "--app-consistent-hours",
+        type=int,
+        default=0,
+        help="hours between app-consistent points, 0-12, fewer than the points (default 0: none)",
+    )
+    sp.add_argument(
+        "--no-compression",
+        action="store_true",
+        help="send blocks uncompressed (default: compressed)",
+    )
+    sp.add_argument(
+        "--authentication",
+        choices=["certificate", "ticket"],
+        default="certificate",
+        help="how the replica host authenticates the primary: mutual TLS certificates "
+        "(default) or a ticket over TLS",
+    )
     sp.add_argument("--port", type=int, default=0, help="replication port (default 8084 / 8083)")
-    sp.add_argument("--initial", choices=["network", "scheduled", "offline"], default="network")
+    sp.add_argument(
+        "--initial",
+        choices=["network", "scheduled", "offline"],
+        default="network",
+        help="initial replication: over the network now (default), at --initial-at, or "
+        "offline through --export-path/--import-path",
+    )
     sp.add_argument("--initial-at", help="start time of a scheduled initial replication (ISO 8601)")
     sp.add_argument("--export-path", help="offline: folder on the primary hosts")
     sp.add_argument("--import-path", help="offline: folder on the recovery hosts")
-    sp.add_argument("--delete-replica-on-disable", action="store_true")
-    sp.add_argument("--bandwidth", help="per-VM limit in bytes per second, e.g. 50M")
+    sp.add_argument(
+        "--delete-replica-on-disable",
+        action="store_true",
+        help="delete the replica when protection is disabled (default: keep it)",
+    )
+    sp.add_argument(
+        "--bandwidth", help="per-VM limit in bytes per second, e.g. 50M (default: no limit)"
+    )
 
 
 # -- clouds and pairs ---------------------------------------------------------------------------
@@ -415,6 +442,14 @@ def _cleanup_test(a: argparse.Namespace, c: AdminClient) -> admin_pb2.Job:
 
 # -- parser -------------------------------------------------------------------------------------
 
+CLOUD = "the cloud's name (see `clouds list`)"
+VM = "the protected VM's name or id (see `vms protected`)"
+FAILOVER_TYPES = ["planned", "unplanned", "test"]
+FAILOVER_TYPE_HELP = (
+    "planned: shut down, send the last changes, start at the recovery site; unplanned: start "
+    "from a recovery point (the primary is lost); test: a copy beside replication"
+)
+
 
 def register(sub: Subcommands, add: AddCommand) -> None:
     """Add the protection commands: clouds, mappings, VMs and their protection."""
@@ -424,29 +459,29 @@ def register(sub: Subcommands, add: AddCommand) -> None:
     )
 
     sp = add(clouds, "create", cmd_clouds_create, "create a cloud (a group of hosts at one site)")
-    sp.add_argument("name")
-    sp.add_argument("--site", required=True)
-    sp.add_argument("--description")
+    sp.add_argument("name", help="the new cloud's name")
+    sp.add_argument("--site", required=True, help="the site its hosts are at")
+    sp.add_argument("--description", help="free text shown with the cloud")
     add(clouds, "list", cmd_clouds_list, "list clouds")
     sp = add(clouds, "show", cmd_clouds_show, "show a cloud")
-    sp.add_argument("name")
+    sp.add_argument("name", help=CLOUD)
     sp = add(clouds, "delete", cmd_clouds_delete, "delete a cloud (not while paired)")
-    sp.add_argument("name")
+    sp.add_argument("name", help=CLOUD)
     for name, fn, text in (
         ("add-host", cmd_clouds_add_host, "add a host to a cloud"),
         ("remove-host", cmd_clouds_remove_host, "remove a host from a cloud"),
     ):
         sp = add(clouds, name, fn, text)
-        sp.add_argument("cloud")
-        sp.add_argument("server")
+        sp.add_argument("cloud", help=CLOUD)
+        sp.add_argument("server", help="the host's name or id (see `servers list`)")
     sp = add(
         clouds,
         "refresh",
         job_command(lambda a, c: c.call(c.stub.RefreshCloud, admin_pb2.CloudRef(name=a.name))),
         "ask every host of a cloud to resend its inventory",
     )
-    sp.add_argument("name")
-    sp.add_argument("--wait", action="store_true")
+    sp.add_argument("name", help=CLOUD)
+    add_wait(sp)
     sp = add(
         clouds,
         "pair",
@@ -460,9 +495,9 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         ),
         "pair a primary cloud with a recovery cloud, with a protection policy",
     )
-    sp.add_argument("primary")
-    sp.add_argument("recovery")
-    sp.add_argument("--wait", action="store_true")
+    sp.add_argument("primary", help="the cloud whose VMs are protected")
+    sp.add_argument("recovery", help="the cloud their replicas go to")
+    add_wait(sp)
     add_policy_arguments(sp)
     sp = add(
         clouds,
@@ -475,11 +510,11 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         ),
         "change the policy of a pair (applied to its protected VMs)",
     )
-    sp.add_argument("primary")
-    sp.add_argument("--wait", action="store_true")
+    sp.add_argument("primary", help="the pair's primary cloud")
+    add_wait(sp)
     add_policy_arguments(sp)
     sp = add(clouds, "unpair", cmd_clouds_unpair, "remove a pairing (no VM may be protected)")
-    sp.add_argument("primary")
+    sp.add_argument("primary", help="the pair's primary cloud")
     add(clouds, "pairs", cmd_clouds_pairs, "list cloud pairs and their policies")
 
     # -- mappings --
@@ -494,10 +529,10 @@ def register(sub: Subcommands, add: AddCommand) -> None:
             functools.partial(cmd_map, kind=kind),
             f"map a source {src_help} to a target one",
         )
-        sp.add_argument("source")
-        sp.add_argument("target")
+        sp.add_argument("source", help=f"the {src_help} at the primary site")
+        sp.add_argument("target", help=f"the {src_help} at the recovery site to use for it")
         sp = add(grp, "unmap", functools.partial(cmd_unmap, kind=kind), "remove a mapping")
-        sp.add_argument("source")
+        sp.add_argument("source", help=f"the mapped {src_help} at the primary site")
         add(
             grp,
             "list",
@@ -518,7 +553,7 @@ def register(sub: Subcommands, add: AddCommand) -> None:
     sp = add(vms, "protected", cmd_vms_protected, "list protected VMs with state and health")
     sp.add_argument("--all", action="store_true", help="include disabled ones")
     sp = add(vms, "show", cmd_vms_show, "show a protected VM: state, health, statistics, points")
-    sp.add_argument("vm")
+    sp.add_argument("vm", help=VM)
 
     protect = job_command(
         lambda a, c: c.call(
@@ -530,7 +565,7 @@ def register(sub: Subcommands, add: AddCommand) -> None:
     )
     for parent, name in ((vms, "protect"), (sub, "protect")):
         sp = add(parent, name, protect, "enable protection of a VM")
-        sp.add_argument("vm")
+        sp.add_argument("vm", help="the VM's name or id (see `vms list`)")
         sp.add_argument(
             "--accept-no-network",
             action="store_true",
@@ -541,19 +576,27 @@ def register(sub: Subcommands, add: AddCommand) -> None:
             help="the host whose copy of the VM to protect, when it is on several "
             "(default: where it runs)",
         )
-        sp.add_argument("--wait", action="store_true", help="watch the job until it finishes")
+        add_wait(sp)
 
     sp = add(vms, "disable", job_command(_disable), "disable protection of a VM")
-    sp.add_argument("vm")
+    sp.add_argument("vm", help=VM)
     g = sp.add_mutually_exclusive_group()
-    g.add_argument("--delete-replica", action="store_true")
-    g.add_argument("--keep-replica", action="store_true")
-    sp.add_argument("--wait", action="store_true")
+    g.add_argument(
+        "--delete-replica",
+        action="store_true",
+        help="delete the replica (default: as the pair's policy says)",
+    )
+    g.add_argument(
+        "--keep-replica",
+        action="store_true",
+        help="keep the replica (default: as the pair's policy says)",
+    )
+    add_wait(sp)
 
     # -- failover --
     sp = add(vms, "failover", job_command(_failover), "fail a VM over: planned, unplanned or test")
-    sp.add_argument("vm")
-    sp.add_argument("--type", choices=["planned", "unplanned", "test"], required=True)
+    sp.add_argument("vm", help=VM)
+    sp.add_argument("--type", choices=FAILOVER_TYPES, required=True, help=FAILOVER_TYPE_HELP)
     sp.add_argument(
         "--point",
         help="unplanned/test: latest (default), latest-app-consistent, or a sequence number",
@@ -564,7 +607,7 @@ def register(sub: Subcommands, add: AddCommand) -> None:
     sp.add_argument(
         "--network", help='test: "" (no network, default), an existing network, or "create"'
     )
-    sp.add_argument("--wait", action="store_true")
+    add_wait(sp)
 
     failover_steps: tuple[tuple[str, StartJob, str], ...] = (
         (
@@ -585,15 +628,15 @@ def register(sub: Subcommands, add: AddCommand) -> None:
     )
     for name, start, text in failover_steps:
         sp = add(vms, name, job_command(start), text)
-        sp.add_argument("vm")
-        sp.add_argument("--wait", action="store_true")
+        sp.add_argument("vm", help=VM)
+        add_wait(sp)
 
     sp = add(
         vms, "cleanup-test", job_command(_cleanup_test), "remove a test failover's VM and network"
     )
-    sp.add_argument("vm")
+    sp.add_argument("vm", help=VM)
     sp.add_argument("--notes", help="what the test showed; kept in the job")
-    sp.add_argument("--wait", action="store_true")
+    add_wait(sp)
 
     for action, text in (
         ("pause", "pause replication"),
@@ -603,7 +646,7 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         ("cycle", "run a replication cycle now"),
     ):
         sp = add(vms, action, job_command(_replication_action(action)), text)
-        sp.add_argument("vm")
-        sp.add_argument("--wait", action="store_true")
+        sp.add_argument("vm", help=VM)
+        add_wait(sp)
         if action == "verify":
             sp.add_argument("--no-repair", action="store_true", help="only report mismatches")

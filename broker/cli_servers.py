@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from broker.cli_jobs import job_command, show_job_result
+from broker.cli_jobs import add_wait, job_command, show_job_result
 from broker.cli_support import PROG, AddCommand, Subcommands, admin_client, int_range, ts
 from broker.services.admin import MAX_KEY_USES
 from sitepair import pki
@@ -276,7 +276,7 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         dest="sub", required=True, metavar="ACTION"
     )
     sp = add(keys, "create", cmd_keys_create, "create a key and write its credentials file")
-    sp.add_argument("--site", required=True)
+    sp.add_argument("--site", required=True, help="the site the hosts that use it join")
     sp.add_argument("--valid", help="validity, e.g. 5d (default from broker.toml)")
     sp.add_argument(
         "--uses",
@@ -289,7 +289,7 @@ def register(sub: Subcommands, add: AddCommand) -> None:
     sp = add(keys, "list", cmd_keys_list, "list keys")
     sp.add_argument("--all", action="store_true", help="include expired, used up and revoked")
     sp = add(keys, "revoke", cmd_keys_revoke, "revoke a key")
-    sp.add_argument("id")
+    sp.add_argument("id", help="the key's id (see `keys list`)")
 
     servers = sub.add_parser("servers", help="registered hosts").add_subparsers(
         dest="sub", required=True, metavar="ACTION"
@@ -305,18 +305,18 @@ def register(sub: Subcommands, add: AddCommand) -> None:
     sp = add(servers, "ping", cmd_servers_ping, "send a ping command through the control stream")
     sp.add_argument("server", help="id or name")
     sp.add_argument("--note", default="", help="text the agent echoes back")
-    sp.add_argument("--wait", action="store_true", help="watch the job until it finishes")
+    add_wait(sp)
     sp = add(servers, "refresh", cmd_servers_refresh, "ask a server to resend its inventory")
     sp.add_argument("server", help="id or name")
-    sp.add_argument("--wait", action="store_true", help="watch the job until it finishes")
+    add_wait(sp)
 
     ops = sub.add_parser("operators", help="operator certificates").add_subparsers(
         dest="sub", required=True, metavar="ACTION"
     )
     sp = add(ops, "add", cmd_operators_add, "issue an operator profile (key made here)")
-    sp.add_argument("name")
+    sp.add_argument("name", help="the operator's name, shown in jobs they start")
     sp.add_argument("--out", required=True, help="folder for the new profile")
-    sp.add_argument("--valid", help="certificate validity, e.g. 365d")
+    sp.add_argument("--valid", help="certificate validity, e.g. 365d (default from broker.toml)")
     sp = add(ops, "list", cmd_operators_list, "list operators (this home's own one too)")
     sp.add_argument("--all", action="store_true", help="include revoked operators")
     sp = add(

@@ -109,14 +109,24 @@ def on_windows() -> bool:
 
 def run(program: ServiceProgram, action: str, args: argparse.Namespace) -> int:
     options = _options(args)
+    as_json = getattr(args, "json", False)
+
+    def show(doc: dict[str, object], *lines: str) -> int:
+        if as_json:
+            print_json(doc)
+        else:
+            for line in lines:
+                print(line)
+        return EXIT_OK
+
     if on_windows():
         if program.windows is None:
             raise FailedPrecondition(
                 f"{program.prog} has no Windows service",
                 hint=f"run `{program.prog}` in the foreground, or on Linux under systemd",
             )
-        print(program.windows.command(action, options))
-        return EXIT_OK
+        said = program.windows.command(action, options)
+        return show({"service": options.name, "action": action, "message": said}, said)
     ctl = systemd.Systemctl(f"{options.name}.service")
     if action == "install":
         spec = program.unit(options)
@@ -124,37 +134,37 @@ def run(program: ServiceProgram, action: str, args: argparse.Namespace) -> int:
         path = systemd.write_unit(spec, options.unit_dir)
         if options.enable:
             ctl.enable()
-        if getattr(args, "json", False):
-            print_json({"unit": str(path), "enabled": options.enable})
-            return EXIT_OK
-        print(f"wrote {path}")
-        if note:
-            print(note)
-        if options.enable:
-            print(f"enabled {spec.unit_file}; start it with: systemctl start {spec.unit_file}")
+            then = f"enabled {spec.unit_file}; start it with: systemctl start {spec.unit_file}"
         else:
-            print(f"enable it with: systemctl daemon-reload && systemctl enable --now {path.name}")
-        return EXIT_OK
+            then = f"enable it with: systemctl daemon-reload && systemctl enable --now {path.name}"
+        lines = [f"wrote {path}", *([note] if note else []), then]
+        return show({"unit": str(path), "enabled": options.enable}, *lines)
     path = options.unit_dir / f"{options.name}.service"
     if action == "remove":
         if options.enable:
             ctl.disable()
         existed = path.exists()
         path.unlink(missing_ok=True)
-        print(f"removed {path}" if existed else f"no unit at {path}")
-        return EXIT_OK
+        said = f"removed {path}" if existed else f"no unit at {path}"
+        return show({"unit": str(path), "removed": existed}, said)
     if action == "status":
+        doc: dict[str, object] = {"unit": str(path), "installed": path.exists()}
         if systemd.Systemctl.available():
-            print(ctl.status(), end="")
-            return EXIT_OK
+            said = ctl.status()
+            return show({**doc, "systemd": True, "status": said}, said.rstrip("\n"))
         spec = program.unit(options)
+        foreground = systemd.command_line(spec.exec_start)
         state = "present" if path.exists() else "not installed"
-        print(f"systemd is not running on this machine; unit file {path}: {state}")
-        print(f"run it in the foreground with: {systemd.command_line(spec.exec_start)}")
-        return EXIT_OK
+        return show(
+            {**doc, "systemd": False, "foreground": foreground},
+            f"systemd is not running on this machine; unit file {path}: {state}",
+            f"run it in the foreground with: {foreground}",
+        )
     ctl.run(action, f"{options.name}.service")
-    print(f"{'started' if action == 'start' else 'stopped'} {options.name}.service")
-    return EXIT_OK
+    done = "started" if action == "start" else "stopped"
+    return show(
+        {"unit": f"{options.name}.service", "state": done}, f"{done} {options.name}.service"
+    )
 
 
 def _check_account(options: InstallOptions) -> str | None:

@@ -12,18 +12,18 @@ binary suffixes (``64M``, ``1G``, ``4K``, ``2T``) and ``0x`` hexadecimal.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import enum
 import json
 import os
 import re
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sitepair.errors import SitepairError, VirtualDiskError
+import argcomplete
+
+from sitepair import cliutil
+from sitepair.errors import InvalidArgument, SitepairError, VirtualDiskError
 
 PROG = "sitepair-vdisk"
 EXIT_SAME = 0
@@ -34,7 +34,7 @@ _SUFFIXES = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
 _SIZE_RE = re.compile(r"^\s*(0x[0-9a-fA-F]+|\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
 
 
-class UsageError(Exception):
+class UsageError(InvalidArgument):
     """A command-line mistake; reported like any other error."""
 
 
@@ -61,76 +61,110 @@ def parse_byte(text: str) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
+        raise UsageError(message, hint=f"see '{self.prog} --help'")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser: argparse.ArgumentParser = _Parser(
         prog=PROG,
         description="Inspect and manipulate VHD, VHDX and raw images; read qcow2 images.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt_choices = ["raw", "vhd", "vhdx"]  # formats sitepair writes
     read_choices = [*fmt_choices, "qcow2"]  # and those it only reads
+    image = "the image file (.vhd, .vhdx, .raw/.img, or qcow2 where only read)"
 
     p = sub.add_parser("info", help="describe an image (and its parents)")
-    p.add_argument("path")
+    p.add_argument("path", help=image)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("-f", "--format", choices=read_choices, help="skip format detection")
+    p.add_argument(
+        "-f", "--format", choices=read_choices, help="the image's format (default: detected)"
+    )
+    p.set_defaults(fn=_cmd_info)
 
     p = sub.add_parser("create", help="create an image")
-    p.add_argument("path")
+    p.add_argument("path", help="the image file to create (must not exist)")
     p.add_argument(
         "-O", "--format", choices=fmt_choices, help="image format (default: from the extension)"
     )
     p.add_argument(
         "--subformat",
         choices=["fixed", "dynamic", "differencing"],
-        help="default: differencing with --parent, else dynamic",
+        help="how space is allocated (default: differencing with --parent, else dynamic)",
     )
-    p.add_argument("--size", type=parse_size, help="virtual size, e.g. 64M or 1G")
-    p.add_argument("--block-size", type=parse_size, help="allocation block size")
+    p.add_argument(
+        "--size", type=parse_size, help="virtual size, e.g. 64M or 1G (not with --parent)"
+    )
+    p.add_argument(
+        "--block-size",
+        type=parse_size,
+        help="allocation block size, e.g. 2M (default: the format's, 2M for VHD, 32M for VHDX)",
+    )
     p.add_argument("--parent", help="parent image of a differencing disk")
-    p.add_argument("--logical-sector-size", type=int, help="VHDX: 512 or 4096")
-    p.add_argument("--physical-sector-size", type=int, help="VHDX: 512 or 4096")
+    p.add_argument("--logical-sector-size", type=int, help="VHDX: 512 or 4096 bytes (default 512)")
+    p.add_argument(
+        "--physical-sector-size", type=int, help="VHDX: 512 or 4096 bytes (default 4096)"
+    )
+    p.set_defaults(fn=_cmd_create)
 
     p = sub.add_parser("read", help="read guest bytes (to standard output or --out)")
-    p.add_argument("path")
-    p.add_argument("offset", type=parse_size)
-    p.add_argument("length", type=parse_size)
-    p.add_argument("--out", help="write the bytes to this file instead")
-    p.add_argument("-f", "--format", choices=read_choices, help="skip format detection")
+    p.add_argument("path", help=image)
+    p.add_argument("offset", type=parse_size, help="where to start, in bytes (e.g. 0, 1M, 0x200)")
+    p.add_argument("length", type=parse_size, help="how many bytes to read (e.g. 512, 4K)")
+    p.add_argument("--out", help="write the bytes to this file (default: standard output)")
+    p.add_argument(
+        "-f", "--format", choices=read_choices, help="the image's format (default: detected)"
+    )
+    p.set_defaults(fn=_cmd_read)
 
     p = sub.add_parser("write", help="write guest bytes")
-    p.add_argument("path")
-    p.add_argument("offset", type=parse_size)
+    p.add_argument("path", help="the image file to write into")
+    p.add_argument("offset", type=parse_size, help="where to start, in bytes (e.g. 0, 1M, 0x200)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pattern", type=parse_byte, help="fill with this byte (needs --length)")
     src.add_argument("--from", dest="from_file", help="copy this file's bytes")
     src.add_argument("--zero", action="store_true", help="zero the range (needs --length)")
     p.add_argument("--length", type=parse_size, help="bytes to write with --pattern/--zero")
-    p.add_argument("-f", "--format", choices=fmt_choices, help="skip format detection")
+    p.add_argument(
+        "-f", "--format", choices=fmt_choices, help="the image's format (default: detected)"
+    )
+    p.set_defaults(fn=_cmd_write)
 
     p = sub.add_parser(
         "compare", help="compare guest contents: exit 0 same, 1 different (first offset printed)"
     )
-    p.add_argument("a")
-    p.add_argument("b")
-    p.add_argument("-f", dest="format_a", choices=read_choices, help="format of A")
-    p.add_argument("-F", dest="format_b", choices=read_choices, help="format of B")
+    p.add_argument("a", help="the first image")
+    p.add_argument("b", help="the second image")
+    p.add_argument(
+        "-f", dest="format_a", choices=read_choices, help="format of A (default: detected)"
+    )
+    p.add_argument(
+        "-F", dest="format_b", choices=read_choices, help="format of B (default: detected)"
+    )
+    p.set_defaults(fn=_cmd_compare)
 
     p = sub.add_parser("convert", help="copy an image (a chain is flattened) into a new one")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="the image to copy (its parents are read too)")
+    p.add_argument("dst", help="the new image file (must not exist)")
     p.add_argument(
         "-O", "--format", choices=fmt_choices, help="output format (default: from the extension)"
     )
-    p.add_argument("--subformat", choices=["fixed", "dynamic"], default="dynamic")
-    p.add_argument("--block-size", type=parse_size)
-    p.add_argument("-f", dest="src_format", choices=read_choices, help="format of SRC")
+    p.add_argument(
+        "--subformat",
+        choices=["fixed", "dynamic"],
+        default="dynamic",
+        help="how the new image allocates space (default dynamic)",
+    )
+    p.add_argument(
+        "--block-size", type=parse_size, help="the new image's block size (default: the format's)"
+    )
+    p.add_argument(
+        "-f", dest="src_format", choices=read_choices, help="format of SRC (default: detected)"
+    )
+    p.set_defaults(fn=_cmd_convert)
 
     p = sub.add_parser("merge", help="merge a differencing disk into its parent and remove it")
-    p.add_argument("child")
+    p.add_argument("child", help="the differencing disk to merge")
     p.add_argument(
         "--relink",
         action="append",
@@ -138,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GRANDCHILD",
         help="a child of CHILD to point at the parent afterwards (repeatable)",
     )
+    p.set_defaults(fn=_cmd_merge)
+    cliutil.add_completion_command(sub, PROG)
     return parser
 
 
@@ -148,20 +184,6 @@ def _format_from_extension(path: str, what: str) -> str:
     if ext not in mapping:
         raise UsageError(f"cannot tell the {what} format from {path!r}; pass --format")
     return mapping[ext]
-
-
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def describe_size(n: int) -> str:
@@ -198,7 +220,7 @@ def _print_info(info: Any, indent: str = "") -> None:
     for key in sorted(info.details):
         value = info.details[key]
         if isinstance(value, list | dict):
-            value = json.dumps(_jsonable(value))
+            value = json.dumps(cliutil.jsonable(value))
         rows.append((key.replace("_", " "), str(value)))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -214,7 +236,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     with open_disk(args.path, read_only=True, format=args.format) as disk:
         info = disk.info()
     if args.json:
-        print(json.dumps(_jsonable(info), indent=2, sort_keys=True))
+        cliutil.print_json(info)
     else:
         _print_info(info)
     return 0
@@ -339,47 +361,40 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {
-    "info": _cmd_info,
-    "create": _cmd_create,
-    "read": _cmd_read,
-    "write": _cmd_write,
-    "compare": _cmd_compare,
-    "convert": _cmd_convert,
-    "merge": _cmd_merge,
-}
-
-
-def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+def _fail(message: str, code: str, hint: str | None = None) -> int:
+    cliutil.report_error(PROG, message, hint=hint, code=code, one_line=True)
     return EXIT_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sitepair-vdisk`` console script; returns the exit status."""
-    try:
-        args = build_parser().parse_args(argv)
-        return _COMMANDS[args.command](args)
-    except UsageError as exc:
-        return _fail(str(exc))
-    except SitepairError as exc:
-        return _fail(str(exc))
-    except BrokenPipeError:
-        # The reader went away (``... | head``); silence the flush at exit too.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        return _fail("interrupted")
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        return _fail(f"{where}{exc.strerror or exc}")
-    except Exception as exc:  # the last line of defence: never a traceback
-        if os.environ.get("SITEPAIR_DEBUG"):
-            raise
-        return _fail(
-            f"internal error: {type(exc).__name__}: {exc} (set SITEPAIR_DEBUG=1 for a traceback)"
-        )
+    parser = build_parser()
+    argcomplete.autocomplete(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with cliutil.json_errors("--json" in argv):
+        try:
+            args = parser.parse_args(argv)
+            return int(args.fn(args))
+        except SitepairError as exc:
+            return _fail(exc.message, exc.status, exc.hint)
+        except BrokenPipeError:
+            # The reader went away (``... | head``); silence the flush at exit too.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            return _fail("interrupted", cliutil.Interrupted.status)
+        except OSError as exc:
+            cliutil.report_os_error(PROG, exc)
+            return EXIT_ERROR
+        except Exception as exc:  # the last line of defence: never a traceback
+            if os.environ.get("SITEPAIR_DEBUG"):
+                raise
+            return _fail(
+                f"internal error: {type(exc).__name__}: {exc} (set SITEPAIR_DEBUG=1 for a "
+                "traceback)",
+                "INTERNAL",
+            )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from broker import cli_drills
 from broker.cli_jobs import job_command
 from broker.cli_support import AddCommand, Command, Subcommands, admin_client
 from broker.client import AdminClient
@@ -193,3 +194,4 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         "let a plan waiting at a manual action go on",
     )
     sp.add_argument("name")
+    cli_drills.register(plans, add)

@@ -11,6 +11,21 @@ On the **old primary**, fencing stops replication of the relationship and powers
 for reverse replication, the old VM's disk chains become the replica of the new direction, so a
 checksum resync sends only the blocks that differ.
 
+**Exact proof** (a test failover with ``prove_exact``, what a DR drill asks): the test VM is
+registered powered off, then :func:`prove_test` reads every block of each of its disks as the VM
+will read them (its registered chain: the backend's new child, or its flattened copy, over the
+point's layers) and every block of the recovery point's own chain, and compares their BLAKE3
+digests (:data:`PROOF_BLOCK` blocks). The proof is kept in the test record, so a repeated command
+answers it without reading again, and the point keeps the per-disk digests of its first proof,
+which later proofs report as ``earlier_digests``: a point whose layers changed at rest (bit rot,
+a stray writer) shows as a digest that moved. A mismatch is a finding, not an error; the broker
+judges the drill. But the VM is started (``start_vm``) only when the proof is clean: no mismatched
+block and no digest that moved. A VM that does not read what the point holds tests nothing, and
+booting it would write into the evidence; it stays off for inspection until cleanup. The disks
+are read with no lock held (the point's layers are pinned, so nothing changes them, and
+replication goes on into the replica's active layer meanwhile): the store's lock is taken only to
+read the record and the point, and again to record the proof.
+
 Every step records its outcome in the replica's state, so a step repeated after a crash or a
 redelivered command returns what was done instead of doing it again. A step carrying an epoch
 lower than the highest the host has seen is refused (StaleEpoch). The record is a dict in the
@@ -19,11 +34,14 @@ replica's state; what a step answers the broker is built from it (:func:`failove
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
+
+import blake3
 
 from agent.hosts.base import HostBackend, RegisteredVm
 from agent.replication.replica import DiskState, Point, ReplicaStore
@@ -32,11 +50,14 @@ from sitepair import vdisk
 from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound
 from sitepair.protoconv import timestamp
 from sitepair.v1 import control_pb2
+from sitepair.vdisk import ops as vdisk_ops
 
 log = logging.getLogger("sitepair.agent.failover")
 
 LATEST = "latest"
 LATEST_APP = "latest-app-consistent"
+#: The block an exact proof compares (and reports in ExactProof.block_size).
+PROOF_BLOCK = 1024 * 1024
 
 
 def settle(store: ReplicaStore) -> None:
@@ -103,6 +124,19 @@ def failover_result(relationship: str, record: dict[str, Any]) -> control_pb2.Fa
         vm_id=str(record["vm_id"]),
         committed=bool(record.get("committed")),
         started=bool(record.get("started")),
+        exact=_exact_proof(record["exact"]) if record.get("exact") else None,
+    )
+
+
+def _exact_proof(proof: dict[str, Any]) -> control_pb2.ExactProof:
+    return control_pb2.ExactProof(
+        checked=True,
+        bytes_compared=int(proof["bytes_compared"]),
+        blocks_compared=int(proof["blocks_compared"]),
+        mismatched_blocks=int(proof["mismatched_blocks"]),
+        disk_digests=dict(proof["disk_digests"]),
+        earlier_digests=dict(proof["earlier_digests"]),
+        block_size=int(proof["block_size"]),
     )
 
 
@@ -119,8 +153,15 @@ def failover(
     start: bool,
     test: bool,
     now: float,
+    prove_exact: bool = False,
 ) -> control_pb2.FailoverResult:
+    """Make the VM of a failover or test failover. With ``prove_exact`` (test only) the test VM
+    is registered off and ``start`` is left to :func:`prove_test`, which the caller runs next,
+    without the relationship's locks."""
     rel = store.state.relationship
+    if prove_exact and not test:
+        raise InvalidArgument("an exact proof is made of a test failover only")
+    start_now = start and not prove_exact
     state.observe_epoch(rel, epoch)
     with store.lock:
         st = store.state
@@ -168,7 +209,7 @@ def failover(
             memory_mb=int(vm.get("memory_mb", 1024)),
             generation=int(vm.get("generation", 2)),
             nics=[(n["name"], nic_networks.get(n["name"], "")) for n in vm.get("nics", [])],
-            state="running" if start else "off",
+            state="running" if start_now else "off",
             replace=not test and existing is not None,
         )
         record = {
@@ -183,7 +224,8 @@ def failover(
             "children": list(registered.created),
             "previous_vm": registered.previous,
             "committed": False,
-            "started": start,
+            "started": start_now,
+            "prove_exact": prove_exact,
         }
         if test:
             st.tests["test"] = record
@@ -198,6 +240,122 @@ def failover(
         },
     )
     return failover_result(rel, record)
+
+
+def prove_test(
+    store: ReplicaStore, backend: HostBackend, *, start: bool
+) -> control_pb2.FailoverResult:
+    """Prove that the test VM :func:`failover` registered (off, ``prove_exact``) reads exactly
+    its recovery point, record the proof, then start the VM if ``start`` and the proof is clean.
+    Done once: a repeated call answers the recorded proof (and finishes a start a crash cut
+    short). The disks are read without the store's lock (module docstring)."""
+    rel = store.state.relationship
+    with store.lock:
+        record = store.state.tests.get("test")
+        if record is None:
+            raise FailedPrecondition(
+                f"no test failover of {rel} is in place to prove",
+                hint="make a test failover with prove_exact",
+            )
+        if not record.get("prove_exact"):
+            raise FailedPrecondition(
+                f"the test failover of {rel} in place was made without an exact proof "
+                "(its VM may have run and written its disks)",
+                hint="clean it up, then make the test failover again with prove_exact",
+            )
+        source: dict[str, list[Path]] | None = None
+        if record.get("exact") is None:
+            point = store.point(int(record["point"]))
+            source = point_chains(store, point)
+            earlier = dict(point.proven_digests)
+    if source is not None:
+        proof = compare_chains(source, backend.disk_chains(str(record["vm_id"])))
+        proof["earlier_digests"] = earlier
+        with store.lock:
+            current = store.state.tests.get("test")
+            if current is None or current["vm_id"] != record["vm_id"]:
+                raise FailedPrecondition(
+                    f"the test failover of {rel} was cleaned up while its disks were compared"
+                )
+            record = current
+            if record.get("exact") is None:  # the first proof recorded is the answer
+                record["exact"] = proof
+                point = store.point(int(record["point"]))
+                if not point.proven_digests:
+                    point.proven_digests = dict(proof["disk_digests"])
+                store.save()
+        log.warning(
+            "test failover VM proven" if proof_clean(record["exact"]) else "exact proof failed",
+            extra={
+                "fields": {
+                    "relationship": rel,
+                    "vm": record["vm_name"],
+                    "point": record["point"],
+                    "mismatched_blocks": record["exact"]["mismatched_blocks"],
+                    "digests_moved": _moved(record["exact"]),
+                }
+            },
+        )
+    if start and not record.get("started") and proof_clean(record["exact"]):
+        backend.set_vm_state(str(record["vm_id"]), "running")
+        with store.lock:
+            record["started"] = True
+            store.save()
+    return failover_result(rel, record)
+
+
+def _moved(proof: dict[str, Any]) -> list[str]:
+    """The disks whose digest differs from the one their point's first proof read."""
+    earlier = proof["earlier_digests"]
+    return sorted(d for d, v in proof["disk_digests"].items() if d in earlier and earlier[d] != v)
+
+
+def proof_clean(proof: dict[str, Any]) -> bool:
+    """No block differs, and no disk's digest moved since the point was first proven."""
+    return proof["mismatched_blocks"] == 0 and not _moved(proof)
+
+
+def compare_chains(
+    source: dict[str, list[Path]], copy: dict[str, list[Path]], *, block: int = PROOF_BLOCK
+) -> dict[str, Any]:
+    """Compare, block by block, each disk of ``source`` (chains, base first) with the disk of
+    the same id in ``copy``, as their top layers read with their parents. The per-disk digest
+    is BLAKE3 over the source's per-block digests. Blocks beyond the smaller virtual size count
+    as mismatched. A disk the copy lacks is an error (a backend that made the VM wrongly)."""
+    missing = sorted(set(source) - set(copy))
+    if missing:
+        raise FailedPrecondition(
+            f"the test VM has no disk {missing[0]} of its recovery point; it was not made whole",
+            hint="clean up the test failover and make it again",
+        )
+    bytes_compared = blocks = mismatched = 0
+    digests: dict[str, str] = {}
+    for disk_id in sorted(source):
+        with (
+            vdisk.open_disk(source[disk_id][-1], read_only=True) as a,
+            vdisk.open_disk(copy[disk_id][-1], read_only=True) as b,
+        ):
+            hasher = blake3.blake3()
+            empty: tuple[int, list[bytes], set[int]] = (0, [], set())
+            windows = itertools.zip_longest(
+                vdisk_ops.iter_digests(a, block), vdisk_ops.iter_digests(b, block), fillvalue=empty
+            )
+            for (_, ours, _), (_, theirs, _) in windows:
+                for x, y in itertools.zip_longest(ours, theirs):
+                    mismatched += x != y
+                    if x is not None:
+                        hasher.update(x)
+                blocks += max(len(ours), len(theirs))
+            bytes_compared += max(a.virtual_size, b.virtual_size)
+            digests[disk_id] = hasher.hexdigest()
+    return {
+        "bytes_compared": bytes_compared,
+        "blocks_compared": blocks,
+        "mismatched_blocks": mismatched,
+        "disk_digests": digests,
+        "earlier_digests": {},
+        "block_size": block,
+    }
 
 
 def _undo_vm(backend: HostBackend, record: dict[str, Any]) -> None:

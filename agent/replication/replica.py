@@ -80,6 +80,10 @@ class Point:
     app_consistent: bool
     layers: dict[str, str]  # disk id -> layer (relative path) holding the point's top
     pins: list[str] = dataclasses.field(default_factory=list)
+    #: Disk id -> hex digest of the point's content when an exact proof first read it (see
+    #: agent.replication.failover.prove_test); empty until then. A later proof that reads
+    #: another digest has found the point's layers changed at rest.
+    proven_digests: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

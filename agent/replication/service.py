@@ -382,9 +382,15 @@ class ReplicationService:
                 start=cmd.start_vm,
                 test=cmd.test,
                 now=self.clock.now(),
+                prove_exact=cmd.prove_exact,
             )
         finally:
             busy.release()
+        if cmd.prove_exact:
+            # Cycles go on while the test VM's disks are read: its point's layers are pinned.
+            result = await asyncio.to_thread(
+                failover_mod.prove_test, store, self.backend, start=cmd.start_vm
+            )
         if not cmd.test:
             # Cycles of the old epoch are refused from now on.
             await asyncio.to_thread(

@@ -436,6 +436,8 @@ class DrillManager(Orchestrator):
         params = json.loads(job.params_json)
         steps = self.steps_of(job.kind, job.target, params)
         job, _ = await self.unfinished(job, steps)
+        if params["manual_left_out"]:  # shown with the evidence: a drill waits for nobody
+            await self._remember(job, "manual_left_out", params["manual_left_out"])
         over = {s.name for s in job.steps if s.state in _OVER}
         failover = {s.name for s in steps[: self._failover_count(params)]}
         for i, step in enumerate(steps):
@@ -731,6 +733,10 @@ class DrillManager(Orchestrator):
         }
         state = DrillState.PASSED if passed else DrillState.FAILED
         await self._finish_record(params["drill"], state, reason, evidence)
+        try:  # before the job ends: whoever waits for it sees the health the drill left
+            await self._reports.evaluate_health()
+        except SitepairError:
+            log.exception("health evaluation after a drill failed")
         if passed:
             await self.jobs.succeed(job.id, result)
         else:
@@ -749,12 +755,6 @@ class DrillManager(Orchestrator):
                 }
             },
         )
-        try:
-            await (
-                self._reports.evaluate_health()
-            )  # a failed drill shows at once, not at the next tick
-        except SitepairError:
-            log.exception("health evaluation after a drill failed")
         return passed
 
     async def _finish_record(

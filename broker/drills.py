@@ -82,6 +82,8 @@ OUTPUT_TAIL = 4096
 MAX_PROOF_DISKS, MAX_PROOF_TEXT = 64, 256
 #: The shortest schedule: a drill boots every VM of the plan.
 MIN_EVERY = 3600.0
+#: A drill recorded as running without a job for this long was left by a stopped broker.
+ORPHAN_AFTER = 600.0
 #: Job steps' names (the failover steps are the plan's own).
 EVIDENCE_STEP = "Collect the recovery points and exact proofs"
 CLEANUP_STEP = "Clean up the test failover"
@@ -316,6 +318,7 @@ class DrillManager(Orchestrator):
     async def start(self, name: str, *, by: str) -> Job:
         """Drill a plan now (refused before the job starts if it cannot be drilled)."""
         doc, rels = await self.drillable(name)
+        await self._settle_orphan(name)
         now = self.clock.now()
         drill = Drill(
             id=new_id("drill"),
@@ -372,6 +375,28 @@ class DrillManager(Orchestrator):
         )
         self.spawn(self.run(job))
         return job
+
+    async def _settle_orphan(self, plan: str) -> None:
+        """A drill recorded as running whose job is over (failed by a restart before it could
+        record itself) or was never made (a broker stopped in between) is failed, so it does
+        not block the plan's next drill forever."""
+        drill = await self.read(lambda tx: tx.running_drill(plan))
+        if drill is None:
+            return
+        if drill.job_id:
+            try:
+                over = (await self.jobs.get(drill.job_id)).state.final
+            except NotFound:
+                over = True
+        else:
+            over = self.clock.now() - drill.started_at > ORPHAN_AFTER
+        if over:
+            await self._finish_record(
+                drill.id,
+                DrillState.FAILED,
+                "the drill's job ended before the drill was recorded",
+                {},
+            )
 
     async def record_skipped(self, name: str, reason: str, *, by: str) -> Drill:
         """A scheduled drill that could not run: kept in the history with its reason."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from broker.client import AdminClient, wait_job
 from broker.drills import SCHEDULER, DrillScheduler
+from broker.store.models import Drill, DrillState
 from sitepair.clock import OffsetClock
 from sitepair.v1 import admin_pb2
 from tests.drills.conftest import drills, has_test_vm, make_plan, protect
@@ -38,14 +39,20 @@ def test_a_scheduled_drill_runs_when_due_and_is_skipped_with_its_reason(sites: S
     assert s.broker.loop.call(scheduler_ahead(s, 0).tick()) == []
     assert drills(s) == []
 
+    # A drill a stopped broker left "running" (its job gone) does not block the next one.
+    orphan = Drill("drill-orphan", "web", "job-gone", DrillState.RUNNING, "", "op", 1.0, None)
+    s.broker.loop.call(s.broker.ctx.store.writing(lambda tx: tx.insert_drill(orphan)))
+
     # An hour later it is due: a drill job carried by the scheduler, which passes (no checks:
     # the test VM proven exact and started is the drill).
     (due,) = s.broker.loop.call(scheduler_ahead(s, HOUR + 1).tick())
     assert due.plan == "web" and due.job and not due.skipped
     job = wait_job(a, due.job)
     assert job.state == "succeeded" and job.created_by == SCHEDULER
-    (ran,) = drills(s, "web")
+    ran, settled = drills(s, "web")
     assert (ran.id, ran.state, ran.started_by) == (due.drill, "passed", SCHEDULER)
+    assert (settled.id, settled.state) == ("drill-orphan", "failed")
+    assert settled.reason == "the drill's job ended before the drill was recorded"
     assert not has_test_vm(s, "web01")
     # The same moment again: the schedule moved on, nothing runs twice.
     assert s.broker.loop.call(scheduler_ahead(s, HOUR + 1).tick()) == []
@@ -55,7 +62,7 @@ def test_a_scheduled_drill_runs_when_due_and_is_skipped_with_its_reason(sites: S
     assert wait_job(a, test.id).state == "succeeded"
     (due,) = s.broker.loop.call(scheduler_ahead(s, 2 * HOUR + 2).tick())
     assert due.skipped and not due.job
-    skipped, passed = drills(s, "web")
+    skipped, passed, _ = drills(s, "web")
     assert passed.id == ran.id
     assert skipped.state == "skipped" and skipped.started_by == SCHEDULER
     assert skipped.reason == "a test failover of web01 is in place"

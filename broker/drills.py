@@ -277,7 +277,7 @@ class DrillManager(Orchestrator):
             )
         rels = []
         for rid in rids:
-            rel = await self.relationship(rid) if await self._exists(rid) else None
+            rel = await self._relationship_or_none(rid)
             if rel is None or rel.disabled_at is not None:
                 raise FailedPrecondition(
                     f"relationship {rid} in the plan is not protected any more"
@@ -309,9 +309,9 @@ class DrillManager(Orchestrator):
                     )
         return doc, rels
 
-    async def _exists(self, rel_id: str) -> bool:
-        def read(tx: Tx) -> bool:
-            return tx.get_relationship(rel_id) is not None
+    async def _relationship_or_none(self, rel_id: str) -> Relationship | None:
+        def read(tx: Tx) -> Relationship | None:
+            return tx.get_relationship(rel_id)
 
         return await self.read(read)
 
@@ -456,8 +456,9 @@ class DrillManager(Orchestrator):
 
     async def run(self, job: Job) -> bool:
         """Run the drill's unfinished steps. A failing test failover skips the rest of the
-        failover and the checks; a failing check does not stop the others; the evidence and
-        the cleanup always run. Then the drill's outcome is recorded."""
+        failover; a failing failover or exact proof skips the checks (nothing to check); a
+        failing check does not stop the others; the evidence and the cleanup always run. Then
+        the drill's outcome is recorded."""
         params = json.loads(job.params_json)
         steps = self.steps_of(job.kind, job.target, params)
         job, _ = await self.unfinished(job, steps)
@@ -465,32 +466,36 @@ class DrillManager(Orchestrator):
             await self._remember(job, "manual_left_out", params["manual_left_out"])
         over = {s.name for s in job.steps if s.state in _OVER}
         failover = {s.name for s in steps[: self._failover_count(params)]}
+        # A failure up to the evidence means test VMs not up or not proven: no checks.
+        before_checks = {*failover, EVIDENCE_STEP}
         for i, step in enumerate(steps):
             if step.name in over:
                 continue  # a broker before a restart ran it
             result = await self._result(job)
-            if result.get("failover_failed") and (
+            if result.get("vms_not_ready") and (
                 step.name in failover or step.name.startswith("Check: ")
             ):
                 await self.jobs.step(
                     job.id,
                     step.name,
                     StepState.SKIPPED,
-                    message="not run: the test failover failed",
+                    message="not run: the test VMs are not all up and proven exact",
                 )
                 continue
             await self.jobs.step(job.id, step.name, StepState.RUNNING)
             try:
                 message = await step.run(StepRun(self, job, step.name, i))
             except SitepairError as exc:
-                await self._step_failed(job, step.name, exc.message, failover=step.name in failover)
+                await self._step_failed(
+                    job, step.name, exc.message, ready=step.name not in before_checks
+                )
                 continue
             except Exception as exc:
                 log.exception(
                     "drill step crashed", extra={"fields": {"job": job.id, "step": step.name}}
                 )
                 await self._step_failed(
-                    job, step.name, f"internal error: {exc}", failover=step.name in failover
+                    job, step.name, f"internal error: {exc}", ready=step.name not in before_checks
                 )
                 continue
             await self.jobs.step(job.id, step.name, StepState.SUCCEEDED, message=message)
@@ -504,13 +509,15 @@ class DrillManager(Orchestrator):
             for g in params["doc"]["groups"]
         )
 
-    async def _step_failed(self, job: Job, name: str, message: str, *, failover: bool) -> None:
+    async def _step_failed(self, job: Job, name: str, message: str, *, ready: bool) -> None:
+        """A step failed: the drill fails with the first reason; ``ready``: the test VMs were
+        up and proven before it (otherwise the checks are not run)."""
         await self.jobs.step(job.id, name, StepState.FAILED, message=message)
         result = await self._result(job)
         if not result.get("reason"):
             await self._remember(job, "reason", f"{name}: {message}")
-        if failover:
-            await self._remember(job, "failover_failed", True)
+        if not ready:
+            await self._remember(job, "vms_not_ready", True)
 
     async def _result(self, job: Job) -> dict[str, Any]:
         current = await self.jobs.get(job.id)
@@ -526,7 +533,8 @@ class DrillManager(Orchestrator):
     async def _children(self, job: Job) -> list[Job]:
         """The drill's test-failover jobs (the plan's group steps keep them as "group-N")."""
         result = await self._result(job)
-        ids = [c for key, v in sorted(result.items()) if key.startswith("group-") for c in v]
+        groups = sorted(int(k.removeprefix("group-")) for k in result if k.startswith("group-"))
+        ids = [c for g in groups for c in result[f"group-{g}"]]
         return [await self.jobs.get(c) for c in ids]
 
     async def _evidence_step(self, step: StepRun) -> str:

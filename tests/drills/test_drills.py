@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.replication.replica import ReplicaStore
 from broker.cli import main as cli_main
 from broker.client import wait_job
+from sitepair import vdisk
 from sitepair.v1 import admin_pb2
 from tests.drills.conftest import drills, has_test_vm, make_plan, protect
 from tests.metrics.conftest import scrape, value
@@ -167,3 +169,48 @@ def test_a_failing_then_a_passing_drill_with_evidence_cleanup_health_and_metrics
         admin_pb2.ListDrillsRequest(page_size=1, page_token=first.next_page_token),
     )
     assert [d.id for d in second.drills] == [failed.id]
+
+
+def test_a_point_changed_at_rest_fails_the_next_drill_without_running_checks(
+    sites: Sites, tmp_path: Path
+) -> None:
+    """The second drill of the same recovery point finds its layers changed since the first
+    proof (bit rot on the recovery host): the test VM stays off, the checks are not run, the
+    drill fails naming the disk, and it still cleans up."""
+    s = sites
+    protect(s, (("web01", "hv-a1"),))
+    make_plan(s, "web", [["web01"]])
+    flag = tmp_path / "status"
+    flag.write_text("0")
+    s.admin.call(
+        s.admin.stub.AddPlanCheck,
+        admin_pb2.AddPlanCheckRequest(
+            plan="web",
+            check=admin_pb2.PlanCheck(
+                name="up", kind="script", vm="web01", program="check-db.py", args=[str(flag)]
+            ),
+        ),
+    )
+    job, first = drill(s, "web")
+    assert job.state == "succeeded" and first.state == "passed"
+    (vm,) = first.vms
+    # Bit rot in the proven point's layer of the os disk, on the recovery host.
+    store = ReplicaStore.open(Path(s.protected("web01").replica_folder))
+    layer = store.path(store.point(vm.point).layers["os"])
+    with vdisk.open_disk(layer) as d:
+        d.write(4096, b"\x00rotten\x00")
+
+    job, second = drill(s, "web")
+    assert job.state == "failed" and second.state == "failed"
+    (again,) = second.vms
+    assert again.point == vm.point and again.changed_at_rest
+    assert again.exact.disk_digests["os"] != vm.exact.disk_digests["os"]
+    assert dict(again.exact.earlier_digests) == dict(vm.exact.disk_digests)
+    assert second.reason.startswith("Collect the recovery points and exact proofs: web01: ")
+    assert "changed at rest" in second.reason and "os" in second.reason
+    assert [(st.name, st.state) for st in job.steps][-2:] == [
+        ("Check: up", "skipped"),
+        ("Clean up the test failover", "succeeded"),
+    ]
+    assert second.checks == [] and second.cleaned_up and not has_test_vm(s, "web01")
+    assert "drill-failed" in reasons(s, "web01")

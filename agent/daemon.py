@@ -127,6 +127,9 @@ class AgentDaemon:
         async def failover_control(cmd: control_pb2.Command) -> control_pb2.CommandResult:
             return Result(failover_control=await rep.failover_control(cmd.failover_control))
 
+        async def guest_run(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+            return Result(guest_run=await rep.guest_run(cmd.guest_run))
+
         async def vm_power(cmd: control_pb2.Command) -> control_pb2.CommandResult:
             return Result(vm_power=await rep.vm_power(cmd.vm_power))
 
@@ -147,6 +150,7 @@ class AgentDaemon:
             "set_bandwidth": bandwidth,
             "failover": failover,
             "failover_control": failover_control,
+            "guest_run": guest_run,
             "vm_power": vm_power,
             "fence": fence,
             "revoke_host": revoke_host,

@@ -133,6 +133,18 @@ class RegisteredVm:
     previous: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class GuestProgramResult:
+    """What a program run inside a guest (:meth:`HostBackend.guest_run`) came to."""
+
+    #: Its exit status (128 + the signal that killed it); -1 when it timed out.
+    exit_status: int
+    #: The last 64 KiB of its stdout then stderr, decoded as UTF-8 (bad bytes replaced).
+    output: str
+    #: It was still running at the deadline (and may still be: it is not stopped).
+    timed_out: bool
+
+
 def storage_class_of(storage: tuple[tuple[str, Path], ...], path: Path) -> str:
     """The storage classification whose folder holds ``path`` (symlinks resolved), or ""."""
     for name, folder in storage:
@@ -279,6 +291,16 @@ class HostBackend(abc.ABC):
     @abc.abstractmethod
     def disk_chains(self, vm_ref: str) -> dict[str, list[Path]]:
         """Each disk's layers, base first, as absolute paths."""
+
+    @abc.abstractmethod
+    def guest_run(
+        self, vm_ref: str, program: str, args: list[str], timeout: float
+    ) -> GuestProgramResult:
+        """Run ``program`` (an absolute path inside the guest) with ``args`` in the running VM
+        through the backend's guest channel, waiting up to ``timeout`` seconds for it to exit.
+        A backend with no such channel, or a guest not listening on it, raises
+        FailedPrecondition saying so. The caller has checked the arguments and that the VM
+        is a test VM (a drill's check): never a production VM."""
 
     def settle_disks(self, vm_ref: str) -> dict[str, list[Path]]:
         """The VM is off: make its disks chains that ``sitepair.vdisk`` can write (a replica

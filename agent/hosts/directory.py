@@ -45,6 +45,7 @@ from agent.hosts import changelog, hooks, vmlock, vmspec
 from agent.hosts.base import (
     Cut,
     DiskRecord,
+    GuestProgramResult,
     HostBackend,
     HostInventory,
     NetworkRecord,
@@ -291,6 +292,16 @@ class DirectoryBackend(HostBackend):
             self.remove_vm(str(folder.name))
         else:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def guest_run(
+        self, vm_ref: str, program: str, args: list[str], timeout: float
+    ) -> GuestProgramResult:
+        """Refused: a directory VM is a folder; no guest runs, so nothing can run in it."""
+        _folder, spec = self.find_vm(vm_ref)
+        raise FailedPrecondition(
+            f"VM {spec.name} is a directory-backend VM: it has no guest to run {program} in",
+            hint="check its disks from a script on the host (a recovery plan's script action)",
+        )
 
     def remove_vm(self, vm_ref: str) -> Path:
         """Delete a VM's folder (its own layers, logs and vm.json). Layers its chains name

@@ -56,6 +56,7 @@ from agent.config import NetworkConfig
 from agent.hosts.base import (
     Cut,
     DiskRecord,
+    GuestProgramResult,
     HostBackend,
     HostInventory,
     NetworkRecord,
@@ -281,6 +282,19 @@ class HyperVBackend(HostBackend):
             "write into them",
             hint="run the workload inside the guest; simulated workloads need the directory "
             "backend",
+        )
+
+    def guest_run(
+        self, vm_ref: str, program: str, args: list[str], timeout: float
+    ) -> GuestProgramResult:
+        """Not yet: the way will be PowerShell Direct (``Invoke-Command -VMName``), which needs
+        credentials of an account in the guest, something sitepair does not hold yet."""
+        vm = self._resolve(vm_ref)
+        raise FailedPrecondition(
+            f"VM {vm.name} runs on Hyper-V: running programs in its guest is not implemented yet "
+            "(it will use PowerShell Direct, Invoke-Command -VMName, with credentials of an "
+            "account in the guest)",
+            hint="check the test VM from a script on the host (a recovery plan's script action)",
         )
 
     # -- registering VMs (failover): agent.hosts.hyperv_register -----------------------------

@@ -37,6 +37,7 @@ from agent.hosts import qemu_guest_agent, qemu_vm
 from agent.hosts.base import (
     Cut,
     DiskRecord,
+    GuestProgramResult,
     HostBackend,
     HostInventory,
     NetworkRecord,
@@ -304,6 +305,21 @@ class QemuBackend(HostBackend):
             layers.state.pending = {}
             layers.distrust("the VM's disks became a replica")
             return {d.id: layers.chain(d.id) for d in spec.disks}
+
+    def guest_run(
+        self, vm_ref: str, program: str, args: list[str], timeout: float
+    ) -> GuestProgramResult:
+        """Through qemu-guest-agent's ``guest-exec`` on the VM's ``org.qemu.guest_agent.0``
+        channel (every VM has it): :func:`qemu_guest_agent.run_program`."""
+        folder, spec = self.find_vm(vm_ref)
+        if self._instance(folder) is None:
+            raise FailedPrecondition(
+                f"VM {spec.name} is off; a program runs only in a running guest",
+                hint="start the VM first",
+            )
+        return qemu_guest_agent.run_program(
+            Runtime(folder).qga, vm=spec.name, program=program, args=args, timeout=timeout
+        )
 
     def remove_vm(self, vm_ref: str) -> Path:
         """Power the VM off if it runs, and delete its folder."""

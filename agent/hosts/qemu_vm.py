@@ -353,7 +353,8 @@ def command_line(
         f"file,id=serial0,path={_opt(rt.serial)},append=on",
         "-serial",
         "chardev:serial0",
-        # qemu-guest-agent's channel (application-consistent cuts; qemu_guest_agent.py).
+        # qemu-guest-agent's channel (application-consistent cuts, programs a drill runs in a
+        # test VM; qemu_guest_agent.py).
         "-chardev",
         f"socket,id=qga0,path={_opt(rt.qga)},server=on,wait=off",
         "-device",

@@ -28,7 +28,8 @@ disks, commits staged cycles into them and manages the recovery points.
 (when the point interval has passed, or the cycle is application-consistent): the active layer is
 frozen and a new differencing child becomes the active layer. The oldest point is always the
 base; when there are more than N points, the layer of the second oldest is merged into the base
-and the oldest point is dropped (never while a test failover pins either of them).
+and the oldest point is dropped (never while a failover or test failover pins any point: its VM
+runs on every layer up to its point, so points accumulate until it is cleaned up).
 """
 
 from __future__ import annotations
@@ -389,10 +390,11 @@ class ReplicaStore:
         with self.lock:
             st = self.state
             while len(st.points) > max(max_points, 0) and len(st.points) >= 2:
-                oldest, second = st.points[0], st.points[1]
-                if oldest.pins or second.pins:
+                if any(p.pins for p in st.points):
+                    # A pinned point's VM runs on every layer up to its own, the base included,
+                    # and a merge rewrites the base and deletes the second oldest layer.
                     break
-                st.intent = {"op": "prune", "sequence": oldest.sequence}
+                st.intent = {"op": "prune", "sequence": st.points[0].sequence}
                 self.save()
                 self._finish_intent()
                 dropped += 1

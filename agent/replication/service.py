@@ -27,6 +27,7 @@ from agent.config import AgentConfig
 from agent.hosts.base import HostBackend
 from agent.identity import AgentIdentity
 from agent.replication import failover as failover_mod
+from agent.replication import guest
 from agent.replication.engine import SourceRelationship
 from agent.replication.failover import LATEST, LATEST_APP, adopt_vm_as_replica, check_point_kind
 from agent.replication.incoming import MAX_DISKS
@@ -397,6 +398,13 @@ class ReplicationService:
                 self.state.put_grant, dataclasses.replace(grant, epoch=cmd.epoch)
             )
         return result
+
+    async def guest_run(self, cmd: control_pb2.GuestRun) -> control_pb2.GuestRunResult:
+        """Run a program in the relationship's test VM (agent.replication.guest)."""
+        request = guest.check_guest_run(cmd)
+        grant = await asyncio.to_thread(self.registry.grant, request.relationship)
+        store = await asyncio.to_thread(self.registry.store, grant)
+        return await asyncio.to_thread(guest.run_in_test_vm, store, self.backend, request)
 
     async def failover_control(
         self, cmd: control_pb2.FailoverControl

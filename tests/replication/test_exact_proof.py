@@ -306,3 +306,50 @@ def test_a_state_file_from_before_exact_proofs_loads(
     assert not fo.failover_result(REL, old.state.tests["test"]).HasField("exact")
     assert fo.cleanup_test(old, backend).done
     assert proven_test_failover(old, backend, state).exact.mismatched_blocks == 0
+
+
+def test_pruning_leaves_the_layers_of_a_pinned_later_point_alone(
+    store: ReplicaStore, backend: DirectoryBackend, state: ReplicationState
+) -> None:
+    """A test VM over the newest of several points: replication goes on and seals more points
+    than the policy keeps; merging the oldest ones away would rewrite and delete layers the
+    test VM runs on (they are below its point), so no point is merged while one is pinned."""
+
+    def commit_and_seal(sequence: int) -> None:
+        with store.lock:
+            for disk_id in store.state.disks:
+                with vdisk.open_disk(store.latest_chain(disk_id)) as d:
+                    d.write(3 * MiB, f"sequence {sequence}".encode())
+            store.state.committed_sequence = sequence
+            store.save()
+        store.maybe_seal(max_points=3, interval=0, app_consistent=False, force=True)
+
+    commit_and_seal(5)  # sequence 4 is in the layer sealed with 5
+    commit_and_seal(6)
+    assert [p.sequence for p in store.state.points] == [3, 5, 6]
+    made = fo.failover(
+        store,
+        backend,
+        state,
+        epoch=1,
+        point_kind="sequence",
+        sequence=6,
+        vm=VM,
+        nic_networks={},
+        start=False,
+        test=True,
+        now=100.0,
+        prove_exact=True,
+    )
+    proof = fo.prove_test(store, backend, start=False).exact
+    commit_and_seal(7)
+    commit_and_seal(8)
+    assert [p.sequence for p in store.state.points] == [3, 5, 6, 7, 8]  # 6 is pinned
+    again = fo.compare_chains(
+        fo.point_chains(store, store.point(6)), backend.disk_chains(made.vm_id)
+    )
+    assert again["mismatched_blocks"] == 0 and again["disk_digests"] == dict(proof.disk_digests)
+    # Once the test VM is cleaned up, the next seal prunes back to the policy's three points.
+    fo.cleanup_test(store, backend)
+    commit_and_seal(9)
+    assert [p.sequence for p in store.state.points] == [7, 8, 9]

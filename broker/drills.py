@@ -71,7 +71,7 @@ CHECK_KINDS = ("script", "guest")
 #: Checks one plan may have.
 MAX_CHECKS = 32
 #: Arguments of one check, and characters of one argument.
-MAX_ARGS, MAX_ARG = 64, 4096
+MAX_ARGS, MAX_ARG, MAX_ARGS_TOTAL = 64, 4096, 64 * 1024
 #: Characters of a check's name and of a guest program's path.
 MAX_NAME, MAX_PROGRAM = 128, 1024
 #: A check's timeout, seconds: 1 s to 1 h.
@@ -89,6 +89,9 @@ EVIDENCE_STEP = "Collect the recovery points and exact proofs"
 CLEANUP_STEP = "Clean up the test failover"
 #: Step states a drill does not run again after a broker restart.
 _OVER = (StepState.SUCCEEDED, StepState.FAILED, StepState.SKIPPED)
+#: How the agent says a guest's agent did not answer (agent/hosts/qemu_guest_agent.py), and
+#: how long a guest check waits before asking again while the test VM boots.
+GUEST_NOT_UP, GUEST_RETRY = "no guest agent answered", 2.0
 #: A script's failure as the agent words it (agent/commands.py run_script).
 _SCRIPT_EXIT = re.compile(r"exited with status (-?\d+); output: (.*)", re.DOTALL)
 
@@ -212,10 +215,14 @@ class DrillManager(Orchestrator):
                 hint="see `plans show PLAN` for the plan's VMs",
             )
         args = list(args or [])
-        if len(args) > MAX_ARGS or any(len(a) > MAX_ARG or "\x00" in a for a in args):
+        if (
+            len(args) > MAX_ARGS
+            or sum(len(a) for a in args) > MAX_ARGS_TOTAL
+            or any(len(a) > MAX_ARG or "\x00" in a for a in args)
+        ):
             raise InvalidArgument(
-                f"a check takes at most {MAX_ARGS} arguments of at most {MAX_ARG} characters, "
-                "without NUL"
+                f"a check takes at most {MAX_ARGS} arguments of at most {MAX_ARG} characters "
+                f"({MAX_ARGS_TOTAL} in all), without NUL"
             )
         if not 1 <= timeout_seconds <= MAX_CHECK_TIMEOUT:
             raise InvalidArgument(f"a check's timeout is 1 s to {MAX_CHECK_TIMEOUT} s")
@@ -365,7 +372,7 @@ class DrillManager(Orchestrator):
             )
         except Exception:
             await self._finish_record(
-                drill.id, DrillState.FAILED, "the drill's job not created", {}
+                drill.id, DrillState.FAILED, "the drill's job could not be created", {}
             )
             raise
         await self.write(lambda tx: tx.update_drill(drill.id, job_id=job.id))
@@ -661,18 +668,7 @@ class DrillManager(Orchestrator):
         test = failover_record(rel).test
         test_vm = test.result.vm_name if test is not None and test.result is not None else ""
         if check["kind"] == "guest":
-            sent = await step.send(
-                rel.replica_server,
-                control_pb2.Command(
-                    guest_run=control_pb2.GuestRun(
-                        relationship_id=rel.id,
-                        program=check["program"],
-                        args=check.get("args", []),
-                        timeout_seconds=int(check["timeout"]),
-                    )
-                ),
-            )
-            ran = sent.guest_run
+            ran = await self._guest_run(step, rel, check)
             return {
                 "exit_status": ran.exit_status,
                 "timed_out": ran.timed_out,
@@ -706,6 +702,31 @@ class DrillManager(Orchestrator):
             "exit_status": sent.run_script.exit_status,
             "output_tail": _tail(sent.run_script.output),
         }
+
+    async def _guest_run(
+        self, step: StepRun, rel: Relationship, check: dict[str, Any]
+    ) -> control_pb2.GuestRunResult:
+        """Run a guest check; a test VM that has just started is still booting, so while its
+        guest agent does not answer yet the check is sent again, within the check's timeout."""
+        deadline = self.clock.monotonic() + int(check["timeout"])
+        command = control_pb2.Command(
+            guest_run=control_pb2.GuestRun(
+                relationship_id=rel.id,
+                program=check["program"],
+                args=check.get("args", []),
+                timeout_seconds=int(check["timeout"]),
+            )
+        )
+        while True:
+            try:
+                sent = await step.send(rel.replica_server, command)
+            except StepFailed as exc:
+                if GUEST_NOT_UP not in exc.message or self.clock.monotonic() >= deadline:
+                    raise
+                await step.progress("waiting for the test VM's guest agent (the guest boots)")
+                await asyncio.sleep(GUEST_RETRY)
+                continue
+            return sent.guest_run
 
     async def _cleanup_step(self, step: StepRun) -> str:
         """Remove every test VM this drill made (also after a failure); what cannot be removed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from broker.client import AdminClient, wait_job
 from broker.drills import SCHEDULER, DrillScheduler
+from broker.home import BrokerHome
 from broker.store.models import Drill, DrillState
 from sitepair.clock import OffsetClock
 from sitepair.v1 import admin_pb2
@@ -94,3 +95,34 @@ def test_a_deleted_plans_schedule_is_dropped_with_a_skipped_drill(
     (skipped,) = a.call(a.stub.ListDrills, admin_pb2.ListDrillsRequest()).drills
     assert (skipped.plan, skipped.state) == ("gone", "skipped")
     assert broker.loop.call(broker.ctx.store.reading(lambda tx: tx.list_drill_schedules())) == []
+
+
+def test_a_schedule_survives_a_broker_restart(broker_home: BrokerHome) -> None:
+    first = BrokerThread(broker_home)
+    try:
+        with first.admin() as a:
+            a.call(a.stub.CreatePlan, admin_pb2.CreatePlanRequest(name="erp"))
+            set_ = a.call(
+                a.stub.SetDrillSchedule,
+                admin_pb2.SetDrillScheduleRequest(plan="erp", every_seconds=7 * 86400),
+            )
+    finally:
+        first.stop()
+    second = BrokerThread(broker_home)
+    try:
+        with second.admin() as a:
+            assert a.call(a.stub.GetPlan, admin_pb2.PlanRef(name="erp")).drill_every_seconds == (
+                7 * 86400
+            )
+        assert second.broker.drill_scheduler is not None
+        later = DrillScheduler(
+            store=second.ctx.store, clock=OffsetClock(7 * 86400 + 1), drills=second.ctx.drills
+        )
+        (due,) = second.loop.call(later.tick())  # due as set before the restart
+        assert due.plan == "erp" and due.skipped == "recovery plan erp has no VMs"
+        schedule = second.loop.call(
+            second.ctx.store.reading(lambda tx: tx.get_drill_schedule("erp"))
+        )
+        assert schedule is not None and schedule.next_at > set_.next_at.seconds
+    finally:
+        second.stop()

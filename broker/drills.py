@@ -848,6 +848,8 @@ def drill_proto(drill: Drill) -> admin_pb2.Drill:
 # -- the schedule ---------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Due:
+    """A scheduled drill that came due: started (its job) or skipped (why)."""
+
     plan: str
     drill: str
     job: str = ""

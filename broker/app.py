@@ -35,6 +35,7 @@ from broker.auth import BrokerAuthorizer
 from broker.ca import CertificateAuthority, ServerCertificate, write_operator_profile
 from broker.clouds import CloudManager
 from broker.commands import CommandDispatcher
+from broker.drills import DrillManager, DrillScheduler
 from broker.failback import FailbackManager
 from broker.failover import FailoverManager
 from broker.heartbeats import HeartbeatWriter, LivenessMonitor
@@ -224,6 +225,8 @@ class Broker:
         self.metrics: BrokerMetrics | None = None
         #: Where the metrics endpoint listens ("" = off).
         self.metrics_address = ""
+        #: Starts the scheduled drills (:mod:`broker.drills`); made by :meth:`start`.
+        self.drill_scheduler: DrillScheduler | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> BrokerContext:
@@ -313,6 +316,7 @@ class Broker:
             orchestration, commands=commands, reports=reports, failback=failback
         )
         plans = PlanManager(orchestration, failover=failover, failback=failback)
+        drills = DrillManager(orchestration, plans=plans, failover=failover, reports=reports)
         ctx = BrokerContext(
             config=cfg,
             clock=clock,
@@ -331,6 +335,7 @@ class Broker:
             failover=failover,
             failback=failback,
             plans=plans,
+            drills=drills,
             ticket_key=ticket_key,
             started_at=clock.now(),
         )
@@ -415,6 +420,8 @@ class Broker:
             store=store, clock=clock, jobs=jobs, protection=protection, config=cfg.verify
         )
         self.spawn(verifier.run(leader=leadership), essential=True)
+        self.drill_scheduler = DrillScheduler(store=store, clock=clock, drills=drills)
+        self.spawn(self.drill_scheduler.run(leader=leadership), essential=True)
         if store.shared:  # other brokers of the store revoke operators too
             self.spawn(operators.follow_revocations(store, authorizer), essential=True)
         if leadership.is_leader:

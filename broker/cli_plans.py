@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from broker import cli_drills
 from broker.cli_jobs import add_wait, job_command
 from broker.cli_support import AddCommand, Command, Subcommands, admin_client
 from broker.client import AdminClient
@@ -211,3 +212,4 @@ def register(sub: Subcommands, add: AddCommand) -> None:
         "let a plan waiting at a manual action go on",
     )
     sp.add_argument("name", help=PLAN)
+    cli_drills.register(plans, add)

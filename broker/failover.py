@@ -19,6 +19,8 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from google.protobuf import json_format
+
 from broker.agent_commands import AgentCommands
 from broker.documents import status_of
 from broker.failback import FailbackManager
@@ -332,10 +334,20 @@ class FailoverManager(FailoverJobs):
         ]
 
     # -- test failover ----------------------------------------------------------------------
-    async def test(self, ref: str, *, by: str, point: str = "latest", network: str = "") -> Job:
+    async def test(
+        self,
+        ref: str,
+        *,
+        by: str,
+        point: str = "latest",
+        network: str = "",
+        prove_exact: bool = False,
+    ) -> Job:
         """``network``: "" (no network), the name of an existing network, or "create". The
         arguments are checked before the job starts: a job that fails anyway is undone
-        (:meth:`_undo_test`), so it never blocks the next test."""
+        (:meth:`_undo_test`), so it never blocks the next test. ``prove_exact``: the recovery
+        host proves the test VM's disks byte for byte the recovery point before starting it;
+        the proof is the job's result ``{"exact": ExactProof as JSON}`` (drills read it)."""
         check_point_form(point)
         rel = await self.find(ref)
         if rel.state not in REPLICATING:
@@ -361,7 +373,10 @@ class FailoverManager(FailoverJobs):
                 hint=f"clean it up first: vms cleanup-test {rel.vm_name}",
             )
         return await self.start_failover_job(
-            "test-failover", rel, by=by, params={"point": point, "network": network}
+            "test-failover",
+            rel,
+            by=by,
+            params={"point": point, "network": network, "prove_exact": prove_exact},
         )
 
     def _test_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
@@ -402,12 +417,16 @@ class FailoverManager(FailoverJobs):
                         start_vm=True,
                         vm=vm,
                         nic_networks=dict.fromkeys(nets, test.network),
+                        prove_exact=bool(params.get("prove_exact")),
                     )
                 ),
             )
             made = sent.failover
             made_test = replace(test, result=MadeVm.of(made))
             await self.set_failover(rel_id, lambda r: replace(r, test=made_test))
+            if params.get("prove_exact"):
+                proof = json_format.MessageToDict(made.exact, preserving_proto_field_name=True)
+                await self.jobs.set_state(step.job.id, step.job.state, result={"exact": proof})
             return f"test VM {made.vm_name} running from recovery point {made.point}"
 
         async def done(step: StepRun) -> str:

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Mapping, Sequence
 
 from broker.documents import ErrorCode, StoredStatus, Verification
 from broker.policy import Policy
-from broker.store.models import Relationship, RelationshipState, Server
+from broker.store.models import (
+    Drill,
+    DrillState,
+    RecoveryPlan,
+    Relationship,
+    RelationshipState,
+    Server,
+)
 from sitepair.v1 import control_pb2
 
 NORMAL, WARNING, CRITICAL = "normal", "warning", "critical"
@@ -97,6 +105,31 @@ class CycleHistory:
         return missed / total if total else 0.0
 
 
+def drill_reasons(
+    last_drills: Mapping[str, tuple[Drill, float]], plans: Iterable[RecoveryPlan]
+) -> dict[str, list[Reason]]:
+    """Relationship id -> a Warning for each plan it is in whose last drill failed (a passing
+    drill of the plan clears it; a skipped drill changes nothing)."""
+    out: dict[str, list[Reason]] = {}
+    for plan in plans:
+        last = last_drills.get(plan.name)
+        if last is None or last[0].state != DrillState.FAILED:
+            continue
+        drill = last[0]
+        reason = Reason(
+            WARNING,
+            "drill-failed",
+            f"the last drill of recovery plan {plan.name} ({drill.id}) failed: "
+            f"{drill.reason[:300]}; see `plans drill-show {drill.id}`, fix it, then "
+            f"`plans drill {plan.name}` (a passing drill clears this)",
+        )
+        doc = json.loads(plan.doc_json)
+        for group in doc.get("groups", []):
+            for rel_id in group.get("vms", []):
+                out.setdefault(rel_id, []).append(reason)
+    return out
+
+
 def evaluate(
     rel: Relationship,
     *,
@@ -106,7 +139,9 @@ def evaluate(
     config: HealthConfig,
     history: CycleHistory,
     agent_lifetime: float,
+    drills: Sequence[Reason] = (),
 ) -> tuple[str, list[Reason]]:
+    """``drills``: the relationship's failed drills (:func:`drill_reasons`)."""
     reasons: list[Reason] = []
     policy = Policy.from_json(rel.policy_json)
     stored = StoredStatus.decode(rel.primary_status_json)
@@ -114,6 +149,7 @@ def evaluate(
     state = rel.state
     if state == RelationshipState.DISABLED:
         return NORMAL, []
+    reasons.extend(drills)
     if state == RelationshipState.COMMITTED:
         reasons.append(
             Reason(

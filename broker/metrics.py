@@ -1,4 +1,4 @@
-"""The broker's Prometheus metrics: protected VMs, hosts, jobs, the store and control streams.
+"""The broker's Prometheus metrics: protected VMs, hosts, jobs, drills, the store, control streams.
 
 Most of what an operator watches is state the store holds: each relationship's last statuses
 from its two hosts, health, verification, each host's certificate and connection, the jobs. Those
@@ -28,7 +28,14 @@ from broker.documents import StoredStatus, Verification
 from broker.policy import Policy
 from broker.sessions import SessionRegistry
 from broker.store.base import Store
-from broker.store.models import JobState, Relationship, RelationshipState, Server
+from broker.store.models import (
+    Drill,
+    DrillState,
+    JobState,
+    Relationship,
+    RelationshipState,
+    Server,
+)
 from broker.store.repository import Tx
 from sitepair.clock import Clock
 from sitepair.errors import SitepairError
@@ -50,10 +57,14 @@ class _Snapshot:
     relationships: list[Relationship]
     servers: list[Server]
     jobs: dict[tuple[str, JobState], int]
+    #: Each existing plan's last drill that ran, and when its last passing drill started.
+    drills: dict[str, tuple[Drill, float]]
 
 
 def _snapshot(tx: Tx) -> _Snapshot:
-    return _Snapshot(tx.list_relationships(), tx.list_servers(), tx.job_counts())
+    plans = {p.name for p in tx.list_plans()}
+    drills = {plan: last for plan, last in tx.last_drills().items() if plan in plans}
+    return _Snapshot(tx.list_relationships(), tx.list_servers(), tx.job_counts(), drills)
 
 
 def last_cut_at(rel: Relationship) -> float | None:
@@ -110,6 +121,7 @@ class StoreCollector(Collector):
         for (kind, state), count in sorted(snap.jobs.items()):
             jobs.add_metric((kind, state.value), count)
         yield jobs
+        yield from self._drills(snap.drills)
         yield GaugeMetricFamily(
             "sitepair_control_streams",
             "Agents holding a control stream to this broker process.",
@@ -193,6 +205,29 @@ class StoreCollector(Collector):
             mismatch,
             verified,
         )
+
+    def _drills(self, drills: dict[str, tuple[Drill, float]]) -> Iterator[GaugeMetricFamily]:
+        result = GaugeMetricFamily(
+            "sitepair_drill_last_result",
+            "The last drill of a recovery plan that ran: 1 passed, 0 failed (skipped drills "
+            "do not count).",
+            labels=("plan",),
+        )
+        run = GaugeMetricFamily(
+            "sitepair_drill_last_run_timestamp_seconds",
+            "When the last drill of a recovery plan that ran started (unix seconds).",
+            labels=("plan",),
+        )
+        success = GaugeMetricFamily(
+            "sitepair_drill_last_success_timestamp_seconds",
+            "When the last passing drill of a recovery plan started (unix seconds; 0 = never).",
+            labels=("plan",),
+        )
+        for plan, (drill, passed_at) in sorted(drills.items()):
+            result.add_metric((plan,), 1 if drill.state == DrillState.PASSED else 0)
+            run.add_metric((plan,), drill.started_at)
+            success.add_metric((plan,), passed_at)
+        yield from (result, run, success)
 
     def _servers(self, servers: list[Server]) -> Iterator[GaugeMetricFamily]:
         expiry = GaugeMetricFamily(

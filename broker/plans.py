@@ -101,7 +101,7 @@ class PlanManager(Orchestrator):
         if not await self.write(lambda tx: tx.delete_plan(name)):
             raise NotFound(f"no recovery plan {name!r}")
 
-    async def _edit(self, name: str, change: Callable[[Tx, dict[str, Any]], None]) -> RecoveryPlan:
+    async def edit(self, name: str, change: Callable[[Tx, dict[str, Any]], None]) -> RecoveryPlan:
         def run(tx: Tx) -> RecoveryPlan:
             plan = tx.get_plan(name)
             if plan is None:
@@ -119,7 +119,7 @@ class PlanManager(Orchestrator):
         def change(tx: Tx, doc: dict[str, Any]) -> None:
             doc["groups"].append({"vms": [], "before": [], "after": []})
 
-        return await self._edit(name, change)
+        return await self.edit(name, change)
 
     async def add_vm(self, name: str, group: int, vm: str) -> RecoveryPlan:
         def change(tx: Tx, doc: dict[str, Any]) -> None:
@@ -130,7 +130,7 @@ class PlanManager(Orchestrator):
                     raise FailedPrecondition(f"VM {rel.vm_name} is already in this plan")
             g["vms"].append(rel.id)
 
-        return await self._edit(name, change)
+        return await self.edit(name, change)
 
     async def add_action(
         self,
@@ -161,7 +161,7 @@ class PlanManager(Orchestrator):
         def change(tx: Tx, doc: dict[str, Any]) -> None:
             _group(doc, group)[when].append(action)
 
-        return await self._edit(name, change)
+        return await self.edit(name, change)
 
     # -- running ----------------------------------------------------------------------------
     async def _relationships(self, doc: dict[str, Any]) -> dict[str, Relationship]:
@@ -202,10 +202,16 @@ class PlanManager(Orchestrator):
         return job
 
     def _failover_steps(self, target: str, params: dict[str, Any]) -> list[Step]:
+        return self.failover_steps(params["doc"], params["type"], params["point"])
+
+    def failover_steps(
+        self, doc: dict[str, Any], ftype: str, point: str, *, prove_exact: bool = False
+    ) -> list[Step]:
         """Group after group: its actions before, the failover of its VMs, its actions after.
         Action names are the operator's and may repeat: repeats are numbered (see
-        :func:`unique_names`), so each step has a name of its own."""
-        doc, ftype, point = params["doc"], params["type"], params["point"]
+        :func:`unique_names`), so each step has a name of its own. ``prove_exact`` (test
+        failovers: drills, :mod:`broker.drills`) has each recovery host prove its test VM's
+        disks byte for byte the recovery point before starting it."""
         names: list[str] = []
         bodies: list[StepBody] = []
         for gi, g in enumerate(doc["groups"], start=1):
@@ -214,7 +220,11 @@ class PlanManager(Orchestrator):
                 bodies.append(self._action_step(gi=gi, group=g, action=action, ftype=ftype))
             if g["vms"]:
                 names.append(f"Group {gi}: {ftype} failover of {len(g['vms'])} VM(s)")
-                bodies.append(self._group_step(gi=gi, group=g, ftype=ftype, point=point))
+                bodies.append(
+                    self._group_step(
+                        gi=gi, group=g, ftype=ftype, point=point, prove_exact=prove_exact
+                    )
+                )
             for action in g["after"]:
                 names.append(f"Group {gi}: after: {action['name']}")
                 bodies.append(self._action_step(gi=gi, group=g, action=action, ftype=ftype))
@@ -264,7 +274,9 @@ class PlanManager(Orchestrator):
         state = current.state if not current.state.final else JobState.RUNNING
         await self.jobs.set_state(job.id, state, result=result)
 
-    def _group_step(self, *, gi: int, group: dict[str, Any], ftype: str, point: str) -> StepBody:
+    def _group_step(
+        self, *, gi: int, group: dict[str, Any], ftype: str, point: str, prove_exact: bool
+    ) -> StepBody:
         async def run(step: StepRun) -> str:
             job = step.job
             result = await self._result(job)
@@ -278,7 +290,9 @@ class PlanManager(Orchestrator):
                             rid, by=f"plan/{job.id}", point=point
                         )
                     else:
-                        child = await self._failover.test(rid, by=f"plan/{job.id}", point=point)
+                        child = await self._failover.test(
+                            rid, by=f"plan/{job.id}", point=point, prove_exact=prove_exact
+                        )
                     children.append(child.id)
                 await self._remember(job, f"group-{gi}", children)
             outcomes = await asyncio.gather(*(self._wait_job(c) for c in children))

@@ -16,7 +16,7 @@ import json
 import logging
 
 from broker.documents import StoredStatus, progress_message, status_of
-from broker.health import CycleHistory, HealthConfig, evaluate
+from broker.health import CycleHistory, HealthConfig, drill_reasons, evaluate
 from broker.orchestration import StepFailed, StepRun
 from broker.store.base import Store
 from broker.store.leadership import Leader
@@ -199,6 +199,7 @@ class ReplicationReports:
 
         def run(tx: Tx) -> list[tuple[str, str]]:
             out = []
+            drills = drill_reasons(tx.last_drills(), tx.list_plans())
             for rel in tx.list_relationships():
                 health, reasons = evaluate(
                     rel,
@@ -208,6 +209,7 @@ class ReplicationReports:
                     config=self._health_config,
                     history=self.history,
                     agent_lifetime=self._agent_lifetime,
+                    drills=drills.get(rel.id, ()),
                 )
                 reasons_json = json.dumps([r.as_dict() for r in reasons], sort_keys=True)
                 if health != rel.health or reasons_json != rel.health_reasons_json:

@@ -179,7 +179,7 @@ def test_migration_7_names_the_step_of_each_stored_command(
             (cid, "host-1", "ping", b"", "pending", 1.0, job_id, step),
         )
 
-    assert store.migrate() == 7
+    assert store.migrate(to=7) == 7
     with store.read() as tx:
         named = {c.id: (c.job_step, c.job_step_name) for c in tx.open_commands("host-1")}
     assert named == {

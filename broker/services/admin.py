@@ -17,6 +17,7 @@ import grpc.aio
 from broker import operators, paging
 from broker.convert import job_to_proto, key_to_proto, server_to_proto
 from broker.services.admin_checks import check_job_state, check_site
+from broker.services.admin_drills import DrillAdmin
 from broker.services.admin_protection import ProtectionAdmin
 from broker.store.models import Job, Operator, RegistrationKey, Server
 from broker.store.sqlite import Tx
@@ -48,7 +49,7 @@ def _operator_proto(o: Operator) -> admin_pb2.Operator:
     return msg
 
 
-class AdminService(ProtectionAdmin, admin_pb2_grpc.AdminServicer):
+class AdminService(ProtectionAdmin, DrillAdmin, admin_pb2_grpc.AdminServicer):
     def __init__(self, ctx: BrokerContext) -> None:
         self.ctx = ctx
         self.authorizer = ctx.authorizer

@@ -18,6 +18,7 @@ from broker.convert import job_to_proto, policy_from_proto, policy_to_proto, rel
 from broker.failover_record import FailoverRecord, TestFailover
 from broker.policy import Policy
 from broker.services.admin_checks import check_site
+from broker.services.admin_drills import plan_checks
 from broker.store.base import StoreError
 from broker.store.models import Cloud, InventoryVm, Relationship
 from broker.store.sqlite import Tx
@@ -510,6 +511,9 @@ class ProtectionAdmin:
                             timeout_seconds=int(a.get("timeout", 0)),
                             instructions=a.get("instructions", ""),
                         )
+            msg.checks.extend(plan_checks(plan.doc_json, tx))
+            schedule = tx.get_drill_schedule(plan.name)
+            msg.drill_every_seconds = int(schedule.every_seconds) if schedule else 0
             return msg
 
         return await self._read(read)

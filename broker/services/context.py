@@ -15,6 +15,7 @@ from broker.auth import BrokerAuthorizer
 from broker.ca import CertificateAuthority, ServerCertificate
 from broker.clouds import CloudManager
 from broker.commands import CommandDispatcher
+from broker.drills import DrillManager
 from broker.failback import FailbackManager
 from broker.failover import FailoverManager
 from broker.heartbeats import HeartbeatWriter
@@ -49,6 +50,7 @@ class BrokerContext:
     failover: FailoverManager
     failback: FailbackManager
     plans: PlanManager
+    drills: DrillManager
     ticket_key: ed25519.Ed25519PrivateKey
     started_at: float
     bound_enrollment: str = ""

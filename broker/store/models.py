@@ -294,3 +294,37 @@ class RecoveryPlan:
     doc_json: str
     created_at: float
     updated_at: float
+
+
+class DrillState(enum.StrEnum):
+    RUNNING = "running"
+    PASSED = "passed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclasses.dataclass(frozen=True)
+class Drill:
+    """A disaster-recovery drill of a recovery plan (see :mod:`broker.drills`)."""
+
+    id: str
+    plan: str
+    job_id: str
+    state: DrillState
+    reason: str
+    started_by: str
+    started_at: float
+    finished_at: float | None
+    #: What the drill found (:class:`broker.drills.Evidence`, as JSON).
+    evidence_json: str = "{}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DrillSchedule:
+    """How often a plan is drilled, and when next (the leader broker's scheduler runs it)."""
+
+    plan: str
+    every_seconds: float
+    next_at: float
+    set_by: str
+    updated_at: float

@@ -105,12 +105,20 @@ class RecoveryPlan(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     GROUPS_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    DRILL_EVERY_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
+    drill_every_seconds: _builtins.int
+    """scheduled drills (plans drill --every); 0 = none"""
     @_builtins.property
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanGroup]: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanCheck]:
+        """what a drill of the plan checks (plans add-check)"""
+
     def __init__(
         self,
         *,
@@ -118,10 +126,12 @@ class RecoveryPlan(_message.Message):
         description: _builtins.str = ...,
         groups: _abc.Iterable[Global___PlanGroup] | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        checks: _abc.Iterable[Global___PlanCheck] | None = ...,
+        drill_every_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "groups", b"groups", "name", b"name", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "description", b"description", "drill_every_seconds", b"drill_every_seconds", "groups", b"groups", "name", b"name", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2027,3 +2037,390 @@ class GetJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetJobRequest: _TypeAlias = GetJobRequest  # noqa: Y015
+
+@_typing.final
+class PlanCheck(_message.Message):
+    """-- disaster-recovery drills --
+
+    A check a drill runs once the plan's test VMs are up.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VM_FIELD_NUMBER: _builtins.int
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """unique in the plan; shown in the drill's evidence"""
+    kind: _builtins.str
+    """"script" (on the recovery host) or "guest" (in a test VM)"""
+    vm: _builtins.str
+    """guest: required; script: optional (where and for what)"""
+    relationship_id: _builtins.str
+    program: _builtins.str
+    """script: a file name in the recovery agent's scripts"""
+    timeout_seconds: _builtins.int
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """folder; guest: an absolute path inside the test VM"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        vm: _builtins.str = ...,
+        relationship_id: _builtins.str = ...,
+        program: _builtins.str = ...,
+        args: _abc.Iterable[_builtins.str] | None = ...,
+        timeout_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "kind", b"kind", "name", b"name", "program", b"program", "relationship_id", b"relationship_id", "timeout_seconds", b"timeout_seconds", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanCheck: _TypeAlias = PlanCheck  # noqa: Y015
+
+@_typing.final
+class AddPlanCheckRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    CHECK_FIELD_NUMBER: _builtins.int
+    plan: _builtins.str
+    @_builtins.property
+    def check(self) -> Global___PlanCheck: ...
+    def __init__(
+        self,
+        *,
+        plan: _builtins.str = ...,
+        check: Global___PlanCheck | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["check", b"check"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddPlanCheckRequest: _TypeAlias = AddPlanCheckRequest  # noqa: Y015
+
+@_typing.final
+class RemovePlanCheckRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    plan: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        plan: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovePlanCheckRequest: _TypeAlias = RemovePlanCheckRequest  # noqa: Y015
+
+@_typing.final
+class DrillSchedule(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    EVERY_SECONDS_FIELD_NUMBER: _builtins.int
+    NEXT_AT_FIELD_NUMBER: _builtins.int
+    SET_BY_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    plan: _builtins.str
+    every_seconds: _builtins.int
+    """0 = no scheduled drills"""
+    set_by: _builtins.str
+    @_builtins.property
+    def next_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanCheck]:
+        """the plan's checks, for the operator to see what runs"""
+
+    def __init__(
+        self,
+        *,
+        plan: _builtins.str = ...,
+        every_seconds: _builtins.int = ...,
+        next_at: _timestamp_pb2.Timestamp | None = ...,
+        set_by: _builtins.str = ...,
+        checks: _abc.Iterable[Global___PlanCheck] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_at", b"next_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "every_seconds", b"every_seconds", "next_at", b"next_at", "plan", b"plan", "set_by", b"set_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrillSchedule: _TypeAlias = DrillSchedule  # noqa: Y015
+
+@_typing.final
+class SetDrillScheduleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    EVERY_SECONDS_FIELD_NUMBER: _builtins.int
+    plan: _builtins.str
+    every_seconds: _builtins.int
+    """0 = off"""
+    def __init__(
+        self,
+        *,
+        plan: _builtins.str = ...,
+        every_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["every_seconds", b"every_seconds", "plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDrillScheduleRequest: _TypeAlias = SetDrillScheduleRequest  # noqa: Y015
+
+@_typing.final
+class ListDrillsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    plan: _builtins.str
+    """"" = every plan"""
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        plan: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDrillsRequest: _TypeAlias = ListDrillsRequest  # noqa: Y015
+
+@_typing.final
+class ListDrillsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRILLS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def drills(self) -> _containers.RepeatedCompositeFieldContainer[Global___Drill]: ...
+    def __init__(
+        self,
+        *,
+        drills: _abc.Iterable[Global___Drill] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drills", b"drills", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDrillsResponse: _TypeAlias = ListDrillsResponse  # noqa: Y015
+
+@_typing.final
+class GetDrillRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDrillRequest: _TypeAlias = GetDrillRequest  # noqa: Y015
+
+@_typing.final
+class DrillVm(_message.Message):
+    """What a drill found about one VM of the plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    TEST_VM_FIELD_NUMBER: _builtins.int
+    RECOVERY_HOST_FIELD_NUMBER: _builtins.int
+    POINT_FIELD_NUMBER: _builtins.int
+    CUT_AT_FIELD_NUMBER: _builtins.int
+    RPO_SECONDS_FIELD_NUMBER: _builtins.int
+    RUNNING_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
+    CHANGED_AT_REST_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    relationship_id: _builtins.str
+    test_vm: _builtins.str
+    recovery_host: _builtins.str
+    point: _builtins.int
+    """the recovery point's cycle sequence"""
+    rpo_seconds: _builtins.float
+    """the test failover's start minus the point's cut time"""
+    running_after_seconds: _builtins.float
+    """from the test failover's start until the VM ran"""
+    changed_at_rest: _builtins.bool
+    """an earlier proof of the same point had other digests"""
+    error: _builtins.str
+    """the VM's test failover failed"""
+    @_builtins.property
+    def cut_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def exact(self) -> _control_pb2.ExactProof: ...
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        relationship_id: _builtins.str = ...,
+        test_vm: _builtins.str = ...,
+        recovery_host: _builtins.str = ...,
+        point: _builtins.int = ...,
+        cut_at: _timestamp_pb2.Timestamp | None = ...,
+        rpo_seconds: _builtins.float = ...,
+        running_after_seconds: _builtins.float = ...,
+        exact: _control_pb2.ExactProof | None = ...,
+        changed_at_rest: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cut_at", b"cut_at", "exact", b"exact"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_at_rest", b"changed_at_rest", "cut_at", b"cut_at", "error", b"error", "exact", b"exact", "point", b"point", "recovery_host", b"recovery_host", "relationship_id", b"relationship_id", "rpo_seconds", b"rpo_seconds", "running_after_seconds", b"running_after_seconds", "test_vm", b"test_vm", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrillVm: _TypeAlias = DrillVm  # noqa: Y015
+
+@_typing.final
+class DrillCheckResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VM_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    EXIT_STATUS_FIELD_NUMBER: _builtins.int
+    TIMED_OUT_FIELD_NUMBER: _builtins.int
+    OUTPUT_TAIL_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    kind: _builtins.str
+    vm: _builtins.str
+    passed: _builtins.bool
+    exit_status: _builtins.int
+    timed_out: _builtins.bool
+    output_tail: _builtins.str
+    error: _builtins.str
+    """the check could not run"""
+    seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        vm: _builtins.str = ...,
+        passed: _builtins.bool = ...,
+        exit_status: _builtins.int = ...,
+        timed_out: _builtins.bool = ...,
+        output_tail: _builtins.str = ...,
+        error: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "exit_status", b"exit_status", "kind", b"kind", "name", b"name", "output_tail", b"output_tail", "passed", b"passed", "seconds", b"seconds", "timed_out", b"timed_out", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrillCheckResult: _TypeAlias = DrillCheckResult  # noqa: Y015
+
+@_typing.final
+class Drill(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STARTED_BY_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    RTO_SECONDS_FIELD_NUMBER: _builtins.int
+    VMS_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    CLEANED_UP_FIELD_NUMBER: _builtins.int
+    CLEANUP_ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    plan: _builtins.str
+    job_id: _builtins.str
+    state: _builtins.str
+    """"running", "passed", "failed", "skipped" """
+    reason: _builtins.str
+    """failed: the first reason; skipped: why it did not run"""
+    started_by: _builtins.str
+    """the operator, or "scheduler" """
+    rto_seconds: _builtins.float
+    """from the first test failover's start until every test VM ran"""
+    cleaned_up: _builtins.bool
+    cleanup_error: _builtins.str
+    """what is left to clean up (run `plans cleanup-test`)"""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___DrillVm]: ...
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DrillCheckResult]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        plan: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        started_by: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+        rto_seconds: _builtins.float = ...,
+        vms: _abc.Iterable[Global___DrillVm] | None = ...,
+        checks: _abc.Iterable[Global___DrillCheckResult] | None = ...,
+        cleaned_up: _builtins.bool = ...,
+        cleanup_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "cleaned_up", b"cleaned_up", "cleanup_error", b"cleanup_error", "finished_at", b"finished_at", "id", b"id", "job_id", b"job_id", "plan", b"plan", "reason", b"reason", "rto_seconds", b"rto_seconds", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "vms", b"vms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Drill: _TypeAlias = Drill  # noqa: Y015

@@ -294,6 +294,36 @@ class AdminStub:
                 request_serializer=sitepair_dot_v1_dot_admin__pb2.PlanRef.SerializeToString,
                 response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
                 _registered_method=True)
+        self.AddPlanCheck = channel.unary_unary(
+                '/sitepair.v1.Admin/AddPlanCheck',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.AddPlanCheckRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+                _registered_method=True)
+        self.RemovePlanCheck = channel.unary_unary(
+                '/sitepair.v1.Admin/RemovePlanCheck',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.RemovePlanCheckRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+                _registered_method=True)
+        self.DrillPlan = channel.unary_unary(
+                '/sitepair.v1.Admin/DrillPlan',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.PlanRef.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.SetDrillSchedule = channel.unary_unary(
+                '/sitepair.v1.Admin/SetDrillSchedule',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.SetDrillScheduleRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.DrillSchedule.FromString,
+                _registered_method=True)
+        self.ListDrills = channel.unary_unary(
+                '/sitepair.v1.Admin/ListDrills',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.ListDrillsRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.ListDrillsResponse.FromString,
+                _registered_method=True)
+        self.GetDrill = channel.unary_unary(
+                '/sitepair.v1.Admin/GetDrill',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.GetDrillRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.Drill.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -617,6 +647,45 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddPlanCheck(self, request, context):
+        """-- disaster-recovery drills of recovery plans --
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemovePlanCheck(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrillPlan(self, request, context):
+        """Starts a drill now: a test failover of the whole plan with exact proof, its checks, cleanup.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDrillSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDrills(self, request, context):
+        """Newest first. Paging: see ListVmsRequest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDrill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -879,6 +948,36 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.PlanResume,
                     request_deserializer=sitepair_dot_v1_dot_admin__pb2.PlanRef.FromString,
                     response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'AddPlanCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddPlanCheck,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.AddPlanCheckRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.SerializeToString,
+            ),
+            'RemovePlanCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemovePlanCheck,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.RemovePlanCheckRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.SerializeToString,
+            ),
+            'DrillPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrillPlan,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.PlanRef.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'SetDrillSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDrillSchedule,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.SetDrillScheduleRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.DrillSchedule.SerializeToString,
+            ),
+            'ListDrills': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDrills,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.ListDrillsRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.ListDrillsResponse.SerializeToString,
+            ),
+            'GetDrill': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDrill,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.GetDrillRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.Drill.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2285,6 +2384,168 @@ class Admin:
             '/sitepair.v1.Admin/PlanResume',
             sitepair_dot_v1_dot_admin__pb2.PlanRef.SerializeToString,
             sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddPlanCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/AddPlanCheck',
+            sitepair_dot_v1_dot_admin__pb2.AddPlanCheckRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemovePlanCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/RemovePlanCheck',
+            sitepair_dot_v1_dot_admin__pb2.RemovePlanCheckRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.RecoveryPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrillPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/DrillPlan',
+            sitepair_dot_v1_dot_admin__pb2.PlanRef.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDrillSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/SetDrillSchedule',
+            sitepair_dot_v1_dot_admin__pb2.SetDrillScheduleRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.DrillSchedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDrills(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/ListDrills',
+            sitepair_dot_v1_dot_admin__pb2.ListDrillsRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.ListDrillsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDrill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/GetDrill',
+            sitepair_dot_v1_dot_admin__pb2.GetDrillRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.Drill.FromString,
             options,
             channel_credentials,
             insecure,

@@ -89,6 +89,15 @@ class AdminStub:
     PlanCleanupTest: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PlanCleanupRequest, _admin_pb2.Job]
     PlanCommit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.Job]
     PlanResume: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.Job]
+    AddPlanCheck: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddPlanCheckRequest, _admin_pb2.RecoveryPlan]
+    """-- disaster-recovery drills of recovery plans --"""
+    RemovePlanCheck: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemovePlanCheckRequest, _admin_pb2.RecoveryPlan]
+    DrillPlan: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.Job]
+    """Starts a drill now: a test failover of the whole plan with exact proof, its checks, cleanup."""
+    SetDrillSchedule: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetDrillScheduleRequest, _admin_pb2.DrillSchedule]
+    ListDrills: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDrillsRequest, _admin_pb2.ListDrillsResponse]
+    """Newest first. Paging: see ListVmsRequest."""
+    GetDrill: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetDrillRequest, _admin_pb2.Drill]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -151,6 +160,15 @@ class AdminAsyncStub(AdminStub):
     PlanCleanupTest: _aio.UnaryUnaryMultiCallable[_admin_pb2.PlanCleanupRequest, _admin_pb2.Job]  # type: ignore[assignment]
     PlanCommit: _aio.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.Job]  # type: ignore[assignment]
     PlanResume: _aio.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.Job]  # type: ignore[assignment]
+    AddPlanCheck: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddPlanCheckRequest, _admin_pb2.RecoveryPlan]  # type: ignore[assignment]
+    """-- disaster-recovery drills of recovery plans --"""
+    RemovePlanCheck: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemovePlanCheckRequest, _admin_pb2.RecoveryPlan]  # type: ignore[assignment]
+    DrillPlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.PlanRef, _admin_pb2.Job]  # type: ignore[assignment]
+    """Starts a drill now: a test failover of the whole plan with exact proof, its checks, cleanup."""
+    SetDrillSchedule: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetDrillScheduleRequest, _admin_pb2.DrillSchedule]  # type: ignore[assignment]
+    ListDrills: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDrillsRequest, _admin_pb2.ListDrillsResponse]  # type: ignore[assignment]
+    """Newest first. Paging: see ListVmsRequest."""
+    GetDrill: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetDrillRequest, _admin_pb2.Drill]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -522,5 +540,50 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.PlanRef,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def AddPlanCheck(
+        self,
+        request: _admin_pb2.AddPlanCheckRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RecoveryPlan, _abc.Awaitable[_admin_pb2.RecoveryPlan]]:
+        """-- disaster-recovery drills of recovery plans --"""
+
+    @_abc_1.abstractmethod
+    def RemovePlanCheck(
+        self,
+        request: _admin_pb2.RemovePlanCheckRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RecoveryPlan, _abc.Awaitable[_admin_pb2.RecoveryPlan]]: ...
+
+    @_abc_1.abstractmethod
+    def DrillPlan(
+        self,
+        request: _admin_pb2.PlanRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Job, _abc.Awaitable[_admin_pb2.Job]]:
+        """Starts a drill now: a test failover of the whole plan with exact proof, its checks, cleanup."""
+
+    @_abc_1.abstractmethod
+    def SetDrillSchedule(
+        self,
+        request: _admin_pb2.SetDrillScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DrillSchedule, _abc.Awaitable[_admin_pb2.DrillSchedule]]: ...
+
+    @_abc_1.abstractmethod
+    def ListDrills(
+        self,
+        request: _admin_pb2.ListDrillsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListDrillsResponse, _abc.Awaitable[_admin_pb2.ListDrillsResponse]]:
+        """Newest first. Paging: see ListVmsRequest."""
+
+    @_abc_1.abstractmethod
+    def GetDrill(
+        self,
+        request: _admin_pb2.GetDrillRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Drill, _abc.Awaitable[_admin_pb2.Drill]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

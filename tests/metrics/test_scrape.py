@@ -26,6 +26,10 @@ BROKER_METRICS = {
     "sitepair_control_streams": "gauge",
     "sitepair_store_transaction_seconds": "histogram",
     "sitepair_broker_certificate_expiry_timestamp_seconds": "gauge",
+    # one sample per recovery plan that was drilled (tests/drills scrapes them)
+    "sitepair_drill_last_result": "gauge",
+    "sitepair_drill_last_run_timestamp_seconds": "gauge",
+    "sitepair_drill_last_success_timestamp_seconds": "gauge",
 }
 
 AGENT_METRICS = {

@@ -33,6 +33,7 @@ from broker import operators
 from broker.agent_commands import AgentCommands
 from broker.auth import BrokerAuthorizer
 from broker.ca import CertificateAuthority, ServerCertificate, write_operator_profile
+from broker.ca_rotation import CaRotation
 from broker.clouds import CloudManager
 from broker.commands import CommandDispatcher
 from broker.failback import FailbackManager
@@ -47,6 +48,7 @@ from broker.protection import ProtectionManager
 from broker.reports import ReplicationReports
 from broker.servers import ServerOperations
 from broker.services.admin import AdminService
+from broker.services.ca import CaAdminService
 from broker.services.context import BrokerContext
 from broker.services.control import ControlService
 from broker.services.enrollment import EnrollmentService
@@ -333,6 +335,15 @@ class Broker:
             plans=plans,
             ticket_key=ticket_key,
             started_at=clock.now(),
+            ca_rotation=CaRotation(
+                home=home,
+                ca=ca,
+                server_cert=server_cert,
+                store=store,
+                dispatcher=dispatcher,
+                clock=clock,
+                operator_lifetime=cfg.certificates.operator_lifetime,
+            ),
         )
         self.ctx = ctx
         limits = cfg.limits
@@ -367,6 +378,11 @@ class Broker:
         )
         add_servicer(
             admin_pb2_grpc.add_AdminServicer_to_server, AdminService(ctx), self._control_server
+        )
+        add_servicer(
+            admin_pb2_grpc.add_CertificateAuthorityServicer_to_server,
+            CaAdminService(ctx),
+            self._control_server,
         )
         control_port = self._bind(
             self._control_server,

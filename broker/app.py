@@ -341,6 +341,7 @@ class Broker:
                 server_cert=server_cert,
                 store=store,
                 dispatcher=dispatcher,
+                sessions=sessions,
                 clock=clock,
                 operator_lifetime=cfg.certificates.operator_lifetime,
             ),

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from broker.commands import CommandDispatcher
+    from broker.sessions import SessionRegistry
 
 log = logging.getLogger("sitepair.broker.ca")
 
@@ -69,6 +70,7 @@ class CaRotation:
         server_cert: ServerCertificate,
         store: Store,
         dispatcher: CommandDispatcher,
+        sessions: SessionRegistry,
         clock: Clock,
         operator_lifetime: float,
     ) -> None:
@@ -77,6 +79,7 @@ class CaRotation:
         self._server_cert = server_cert
         self._store = store
         self._dispatcher = dispatcher
+        self._sessions = sessions
         self._clock = clock
         self._operator_lifetime = operator_lifetime
         self._lock = asyncio.Lock()
@@ -92,9 +95,10 @@ class CaRotation:
                 await asyncio.to_thread(self._refresh_local_operator, reissue=False)
                 note = (
                     "every host is asked to trust the new CA beside the current one. Operators "
-                    "with a profile from `operators add`: put `sitepair-broker ca bundle` into "
-                    "the profile's ca.crt. Next: `sitepair-broker ca status` until every host "
-                    "confirmed the bundle, then `sitepair-broker ca rotate activate`"
+                    "with a profile from `operators add`: write the bundle into it "
+                    "(`sitepair-broker ca bundle --out PROFILE/ca.crt --profile PROFILE`). "
+                    "Next: `sitepair-broker ca status` until every host confirmed the bundle, "
+                    "then `sitepair-broker ca rotate activate`"
                 )
             elif phase == Request.ACTIVATE:
                 await self._gate(
@@ -116,7 +120,7 @@ class CaRotation:
                     "the new CA (`ca status`)"
                 )
             elif phase == Request.FINISH:
-                await self._gate(
+                left_behind = await self._gate(
                     lambda s, meta: meta[1] != ca.id,
                     "still hold a certificate of the old CA",
                     force=force,
@@ -126,6 +130,17 @@ class CaRotation:
                 )
                 archived = await asyncio.to_thread(ca.finish_rotation)
                 await asyncio.to_thread(self._refresh_local_operator, reissue=False)
+                # Their streams were authenticated by the old CA: end them; a new handshake
+                # with that certificate is refused.
+                for s in left_behind:
+                    self._sessions.close(
+                        s.id,
+                        control_pb2.Goodbye(
+                            reason=control_pb2.Goodbye.SHUTTING_DOWN,
+                            message="the vault's CA was rotated and this host's certificate is "
+                            "of the old CA: register the host again",
+                        ),
+                    )
                 note = (
                     f"the old CA is no longer trusted; its key is archived in {archived}. "
                     "If the rotation was because that key leaked, delete the folder"
@@ -144,18 +159,20 @@ class CaRotation:
 
     async def _gate(
         self, pending: Callable[[Server, HostTrust], bool], what: str, *, force: bool, hint: str
-    ) -> None:
-        """Refuse the phase, naming the hosts ``pending`` picks (unless ``force``)."""
+    ) -> list[Server]:
+        """Refuse the phase, naming the hosts ``pending`` picks, unless ``force``: then return
+        them."""
         hosts = await self._hosts()
         late = [s for s, meta in hosts if pending(s, meta)]
         if not late:
-            return
+            return []
         names = ", ".join(f"{s.name} ({s.id})" for s in late)
         if not force:
             raise FailedPrecondition(f"{len(late)} host(s) {what}: {names}", hint=hint)
         log.warning(
             "CA rotation forced past hosts", extra={"fields": {"why": what, "hosts": names}}
         )
+        return late
 
     def _refresh_local_operator(self, *, reissue: bool) -> None:
         refresh_local_operator(

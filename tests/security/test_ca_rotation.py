@@ -415,3 +415,69 @@ def test_an_activation_interrupted_anywhere_is_completed_on_load(tmp_path: Path)
     assert loaded.phase == Phase.NONE and loaded.generation == 3
     assert [pki.key_id(c) for c in loaded.bundle] == [new]
     assert (folder / "ca.crt").exists() and (folder / "ca.key").exists()
+
+
+def test_a_host_registered_mid_rotation_gets_the_bundle_and_the_operator_sees_it(
+    broker: BrokerThread,
+    admin: AdminClient,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    ca(capsys, broker.home, "rotate", "start")
+    creds = tmp_path / "late.json"
+    create_key(admin, creds, site="site-a")
+    register_agent(creds, tmp_path / "late", name="hv-late")
+    agent = AgentThread(tmp_path / "late")
+    agent.wait_connected()
+    try:
+        eventually(lambda: all_hosts(capsys, broker.home, "bundle_current"), what="confirmed")
+        assert len(agent.daemon.identity.get().trusted) == 2
+        # The text views an operator reads, and the bundle for an operator's profile.
+        assert cli_main(["ca", "status", "--home", str(broker.home.root)]) == 0
+        out = capsys.readouterr().out
+        assert "phase        started (generation 1)" in out
+        assert "hv-late" in out and "current" in out and "issuing" in out and "trusted" in out
+        bundle = tmp_path / "profile-ca.crt"
+        assert (
+            cli_main(["ca", "bundle", "--out", str(bundle), "--home", str(broker.home.root)]) == 0
+        )
+        assert {pki.key_id(c) for c in x509.load_pem_x509_certificates(bundle.read_bytes())} == {
+            pki.key_id(c) for c in broker.ctx.ca.bundle
+        }
+    finally:
+        agent.stop()
+
+
+def test_an_agent_without_rotation_is_named_and_a_forced_finish_ends_its_stream(
+    broker: BrokerThread, hosts: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = broker.home
+    one, two = AgentThread(hosts["hv-1"]), AgentThread(hosts["hv-2"])
+    # hv-2 plays an agent from before CA rotation: it has no handler for the command.
+    two.daemon.executor._handlers.pop("trust_bundle")
+    try:
+        one.wait_connected()
+        two.wait_connected()
+        ca(capsys, home, "rotate", "start")
+
+        def hv2() -> dict[str, Any]:
+            status = ca(capsys, home, "status")
+            found: dict[str, Any] = next(h for h in status["hosts"] if h["name"] == "hv-2")
+            return found
+
+        eventually(lambda: "does not know the command" in hv2()["error"], what="hv-2 refuses")
+        assert "hv-2" in ca(capsys, home, "rotate", "activate", status=1)
+        ca(capsys, home, "rotate", "activate", "--force")
+        eventually(
+            lambda: pki.issuer_id(one.daemon.identity.get().cert) == broker.ctx.ca.id,
+            what="hv-1 renewed",
+        )
+        err = ca(capsys, home, "rotate", "finish", status=1)
+        assert "hv-2" in err and "hv-1" not in err
+        assert two.daemon.control.connected.is_set()  # its stream predates the rotation
+        ca(capsys, home, "rotate", "finish", "--force")
+        eventually(lambda: not hv2()["connected"], what="hv-2's stream ended")
+        assert one.daemon.control.connected.is_set()
+    finally:
+        one.stop()
+        two.stop()

@@ -399,7 +399,7 @@ class Broker:
             clock=clock,
             sessions=sessions,
             serving_not_after=lambda: server_cert.not_after,
-            ca_cert_not_after=pki.not_after(ca.cert),
+            ca_cert_not_after=lambda: pki.not_after(ca.cert),
             agent_lifetime=cfg.certificates.agent_lifetime,
         )
         if cfg.metrics.enabled:

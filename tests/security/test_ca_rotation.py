@@ -25,6 +25,7 @@ from broker.cli import main as cli_main
 from broker.client import AdminClient, wait_job
 from broker.home import BrokerHome
 from sitepair import pki, vdisk
+from sitepair.clock import OffsetClock
 from sitepair.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -37,7 +38,7 @@ from tests.operator.test_backup import protected_site  # noqa: F401 - fixture
 from tests.protection.conftest import Sites, eventually
 from tests.protection.test_walkthrough import replica_content
 from tests.support.agents import AgentThread, register_agent
-from tests.support.brokers import BrokerProcess, BrokerThread, create_key
+from tests.support.brokers import BrokerProcess, BrokerThread, create_key, make_home
 
 
 def ca(capsys: pytest.CaptureFixture[str], home: BrokerHome, *args: str, status: int = 0) -> Any:
@@ -481,3 +482,26 @@ def test_an_agent_without_rotation_is_named_and_a_forced_finish_ends_its_stream(
     finally:
         one.stop()
         two.stop()
+
+
+def test_the_ca_expiry_metric_follows_the_issuing_ca(tmp_path: Path) -> None:
+    # The broker's clock runs two days ahead, so the new CA expires two days after the old one.
+    home = make_home(tmp_path / "broker")
+    broker = BrokerThread(home, clock=OffsetClock(2 * 86400))
+    try:
+        metrics = broker.broker.metrics
+        assert metrics is not None
+
+        def ca_expiry() -> float | None:
+            return metrics.registry.get_sample_value(
+                "sitepair_broker_certificate_expiry_timestamp_seconds", {"certificate": "ca"}
+            )
+
+        old = pki.not_after(broker.ctx.ca.cert)
+        assert ca_expiry() == old
+        Request = admin_pb2.RotateCaRequest
+        for phase in (Request.START, Request.ACTIVATE):
+            broker.loop.call(broker.ctx.ca_rotation.rotate(phase, force=False, by="test"))
+        assert ca_expiry() == pki.not_after(broker.ctx.ca.cert) > old + 86400
+    finally:
+        broker.stop()

@@ -51,6 +51,8 @@ META_ISSUER = "ca.issuer."
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: How much of an agent's refusal is kept.
 MAX_ERROR = 500
+#: How many hosts a refused phase names (``ca status`` lists them all).
+MAX_NAMED = 20
 #: What the store holds of one host's trust: the bundle digest it confirmed, the key id of the
 #: CA that issued its certificate, why it refused the last bundle ("" each when none).
 HostTrust: TypeAlias = tuple[str, str, str]
@@ -102,7 +104,7 @@ class CaRotation:
                 )
             elif phase == Request.ACTIVATE:
                 await self._gate(
-                    lambda s, meta: meta[0] != ca.bundle_digest,
+                    lambda trust: trust[0] != ca.bundle_digest,
                     "have not confirmed the new trust bundle",
                     force=force,
                     hint="connect them and wait (`sitepair-broker ca status`), remove the "
@@ -121,7 +123,7 @@ class CaRotation:
                 )
             elif phase == Request.FINISH:
                 left_behind = await self._gate(
-                    lambda s, meta: meta[1] != ca.id,
+                    lambda trust: trust[1] != ca.id,
                     "still hold a certificate of the old CA",
                     force=force,
                     hint="connect them and wait for their renewal (`sitepair-broker ca "
@@ -158,15 +160,17 @@ class CaRotation:
         return status
 
     async def _gate(
-        self, pending: Callable[[Server, HostTrust], bool], what: str, *, force: bool, hint: str
+        self, pending: Callable[[HostTrust], bool], what: str, *, force: bool, hint: str
     ) -> list[Server]:
-        """Refuse the phase, naming the hosts ``pending`` picks, unless ``force``: then return
-        them."""
+        """Refuse the phase, naming the hosts whose trust ``pending`` picks (the first
+        :data:`MAX_NAMED`), unless ``force``: then return them."""
         hosts = await self._hosts()
-        late = [s for s, meta in hosts if pending(s, meta)]
+        late = [s for s, trust in hosts if pending(trust)]
         if not late:
             return []
-        names = ", ".join(f"{s.name} ({s.id})" for s in late)
+        names = ", ".join(f"{s.name} ({s.id})" for s in late[:MAX_NAMED])
+        if len(late) > MAX_NAMED:
+            names += f" and {len(late) - MAX_NAMED} more (see `sitepair-broker ca status`)"
         if not force:
             raise FailedPrecondition(f"{len(late)} host(s) {what}: {names}", hint=hint)
         log.warning(

@@ -32,7 +32,12 @@ from broker import config as config_mod
 from broker import operators
 from broker.agent_commands import AgentCommands
 from broker.auth import BrokerAuthorizer
-from broker.ca import CertificateAuthority, ServerCertificate, write_operator_profile
+from broker.ca import (
+    CertificateAuthority,
+    ServerCertificate,
+    refresh_local_operator,
+    write_operator_profile,
+)
 from broker.ca_rotation import CaRotation
 from broker.clouds import CloudManager
 from broker.commands import CommandDispatcher
@@ -267,6 +272,15 @@ class Broker:
             lifetime=cfg.certificates.server_lifetime,
             dns_names=cfg.certificates.server_names,
             ip_addresses=cfg.certificates.server_ips,
+        )
+        # A home whose ca/ was copied from the broker that ran a CA rotation phase (several
+        # brokers on one store): its own operator follows here.
+        await asyncio.to_thread(
+            refresh_local_operator,
+            home,
+            ca,
+            now=clock.now(),
+            lifetime=cfg.certificates.operator_lifetime,
         )
         removed = await store.reading(lambda tx: tx.removed_server_ids())
         # A broker that has just started has no agent connected. On a shared store, agents are

@@ -489,16 +489,22 @@ def _complete_finish(home: BrokerHome) -> Path | None:
 
 
 def refresh_local_operator(
-    home: BrokerHome, ca: CertificateAuthority, *, now: float, lifetime: float, reissue: bool
+    home: BrokerHome, ca: CertificateAuthority, *, now: float, lifetime: float
 ) -> bool:
-    """Give the home's own operator (``HOME/admin``) the current trust bundle and, with
-    ``reissue``, a certificate of the issuing CA for its existing key. False when the home
-    has no local operator. The bundle is written first: with it, either certificate works."""
+    """Keep the home's own operator (``HOME/admin``) working across a CA rotation: give it the
+    current trust bundle and, when its certificate is not of the issuing CA, a new one for its
+    existing key. True when something was written (False too when the home has no local
+    operator). The bundle is written first: with it, either certificate works."""
     folder = home.admin_dir
     if not (folder / "admin.key").exists():
         return False
-    atomic_write(folder / "ca.crt", ca.pem)
-    if reissue:
+    wrote = False
+    bundle = folder / "ca.crt"
+    if not bundle.exists() or bundle.read_bytes() != ca.pem:
+        atomic_write(bundle, ca.pem)
+        wrote = True
+    current = folder / "admin.crt"
+    if not current.exists() or pki.issuer_id(pki.load_cert(current)) != ca.id:
         key = pki.load_private_key(folder / "admin.key")
         cert = ca.issue(
             key.public_key(),
@@ -507,5 +513,6 @@ def refresh_local_operator(
             now=now,
             lifetime=lifetime,
         )
-        atomic_write(folder / "admin.crt", pki.cert_to_pem(cert))
-    return True
+        atomic_write(current, pki.cert_to_pem(cert))
+        wrote = True
+    return wrote

@@ -94,7 +94,7 @@ class CaRotation:
             ca = self._ca
             if phase == Request.START:
                 await asyncio.to_thread(ca.start_rotation, self._clock.now())
-                await asyncio.to_thread(self._refresh_local_operator, reissue=False)
+                await asyncio.to_thread(self._refresh_local_operator)
                 note = (
                     "every host is asked to trust the new CA beside the current one. Operators "
                     "with a profile from `operators add`: write the bundle into it "
@@ -113,7 +113,7 @@ class CaRotation:
                 )
                 await asyncio.to_thread(ca.activate_rotation)
                 await asyncio.to_thread(self._server_cert.ensure_fresh, force=True)
-                await asyncio.to_thread(self._refresh_local_operator, reissue=True)
+                await asyncio.to_thread(self._refresh_local_operator)
                 note = (
                     "the new CA issues; every host is asked to renew its certificate now. "
                     "Operators with a profile from `operators add`: get a new one "
@@ -131,7 +131,7 @@ class CaRotation:
                     "are refused from then on and must register again)",
                 )
                 archived = await asyncio.to_thread(ca.finish_rotation)
-                await asyncio.to_thread(self._refresh_local_operator, reissue=False)
+                await asyncio.to_thread(self._refresh_local_operator)
                 # Their streams were authenticated by the old CA: end them; a new handshake
                 # with that certificate is refused.
                 for s in left_behind:
@@ -178,13 +178,9 @@ class CaRotation:
         )
         return late
 
-    def _refresh_local_operator(self, *, reissue: bool) -> None:
+    def _refresh_local_operator(self) -> None:
         refresh_local_operator(
-            self._home,
-            self._ca,
-            now=self._clock.now(),
-            lifetime=self._operator_lifetime,
-            reissue=reissue,
+            self._home, self._ca, now=self._clock.now(), lifetime=self._operator_lifetime
         )
 
     def _trust_command(self, *, renew: bool) -> control_pb2.Command:

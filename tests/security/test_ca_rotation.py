@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -37,6 +38,8 @@ from sitepair.v1 import (
 from tests.operator.test_backup import protected_site  # noqa: F401 - fixture
 from tests.protection.conftest import Sites, eventually
 from tests.protection.test_walkthrough import replica_content
+from tests.store_pg.conftest import pg_cluster, pg_dsn  # noqa: F401 - fixtures
+from tests.store_pg.test_brokers import _copy, _init
 from tests.support.agents import AgentThread, register_agent
 from tests.support.brokers import BrokerProcess, BrokerThread, create_key, make_home
 
@@ -505,3 +508,56 @@ def test_the_ca_expiry_metric_follows_the_issuing_ca(tmp_path: Path) -> None:
         assert ca_expiry() == pki.not_after(broker.ctx.ca.cert) > old + 86400
     finally:
         broker.stop()
+
+
+def test_brokers_sharing_postgresql_follow_a_rotation_copied_between_their_homes(
+    pg_dsn: str,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The procedure docs/security.md gives for several brokers: each phase on one broker, then
+    its ca/ folder copied into the other's home and that broker restarted."""
+    home1 = _init(tmp_path / "b1", pg_dsn)
+    first = BrokerThread(home1)
+    home2 = _copy(home1, tmp_path / "b2")
+    second = BrokerThread(home2)
+    agent: AgentThread | None = None
+    try:
+        creds = tmp_path / "hv.json"
+        with first.admin() as a:
+            create_key(a, creds, site="site-a")
+        register_agent(creds, tmp_path / "hv", name="hv-1")
+        agent = AgentThread(tmp_path / "hv")
+        agent.wait_connected()
+        for phase in ("start", "activate"):
+            ca(capsys, home1, "rotate", phase)
+            second.stop()
+            shutil.rmtree(home2.ca_dir)
+            shutil.copytree(home1.ca_dir, home2.ca_dir)
+            second = BrokerThread(home2)
+            one, two = ca(capsys, home1, "status"), ca(capsys, home2, "status")
+            assert (two["phase"], two["bundle_sha256"]) == (one["phase"], one["bundle_sha256"])
+        # What the host confirmed through the first broker, the second reads from the store.
+        eventually(
+            lambda: (
+                all_hosts(capsys, home2, "bundle_current")
+                and all_hosts(capsys, home2, "issuer_current")
+            ),
+            what="hv-1 renewed by the new CA, seen by the second broker",
+        )
+        # The second broker serves a certificate of the new CA and takes the host's new one.
+        new_id = second.ctx.ca.id
+        assert pki.issuer_id(pki.load_cert(home2.server_cert)) == new_id
+        ident = AgentIdentity.load(tmp_path / "hv")
+        target = [("grpc.ssl_target_name_override", pki.BROKER_DNS_NAME)]
+        with grpc.secure_channel(second.control, ident.channel_credentials(), options=target) as ch:
+            got = control_pb2_grpc.ControlStub(ch).Renew(
+                control_pb2.RenewRequest(csr_der=pki.make_csr(pki.generate_key(), "hv-1")),
+                timeout=5,
+            )
+        assert pki.issuer_id(pki.load_cert_pem(got.certificate_pem)) == new_id
+    finally:
+        if agent is not None:
+            agent.stop()
+        second.stop()
+        first.stop()

@@ -139,6 +139,9 @@ class AgentDaemon:
         async def revoke_host(cmd: control_pb2.Command) -> control_pb2.CommandResult:
             return Result(revoke_host=await rep.revoke_host(cmd.revoke_host))
 
+        async def trust_bundle(cmd: control_pb2.Command) -> control_pb2.CommandResult:
+            return Result(trust_bundle=await self.renewer.apply_trust(cmd.trust_bundle))
+
         handlers = {
             "ping": ping,
             "refresh_inventory": refresh,
@@ -154,6 +157,7 @@ class AgentDaemon:
             "vm_power": vm_power,
             "fence": fence,
             "revoke_host": revoke_host,
+            "trust_bundle": trust_bundle,
         }
         for kind, handler in handlers.items():
             self.executor.register(kind, handler)

@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 
 from agent import config as config_mod
 from agent.facts import host_facts
@@ -127,7 +128,8 @@ def _register_locked(
     response = _call(creds, request, timeout)
 
     cert = pki.load_cert_pem(response.certificate_pem, what="certificate from the broker")
-    pki.verify_issued_by(cert, creds.ca_cert)
+    # The credentials' CA, or during a CA rotation either CA of the bundle they carry.
+    pki.issued_by_any(cert, x509.load_pem_x509_certificates(creds.ca_pem))
     if cert.public_key() != key.public_key():
         raise SitepairError("the broker returned a certificate for another key; nothing saved")
     identity = pki.identity_from_cert(cert)

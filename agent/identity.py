@@ -4,8 +4,11 @@
 
     <home>/identity/agent.key     private key, 0600, generated here and never sent anywhere
     <home>/identity/agent.crt     certificate signed by the broker CA
-    <home>/identity/ca.crt        the broker CA pinned at registration
-    <home>/identity/identity.json host id, name, site, vault, broker addresses
+    <home>/identity/ca.crt        the CAs this agent trusts, for the broker and its peers: the
+                                  broker CA pinned at registration, replaced only by a trust
+                                  bundle the broker sends during a CA rotation
+    <home>/identity/identity.json host id, name, site, vault, broker addresses, and the
+                                  generation of the trust bundle held
 
 Renewal writes a new key and certificate side by side and switches with atomic renames (key
 first is never visible alone: both are renamed only after both are written and fsync'd).
@@ -62,10 +65,17 @@ class AgentIdentity:
     key_pem: bytes
     cert_pem: bytes
     ca_pem: bytes
+    #: The generation of the trust bundle in ``ca_pem`` (0: the CA pinned at registration).
+    trust_generation: int = 0
 
     @property
     def cert(self) -> x509.Certificate:
         return pki.load_cert_pem(self.cert_pem)
+
+    @property
+    def trusted(self) -> list[x509.Certificate]:
+        """The CA certificates in ``ca_pem``."""
+        return x509.load_pem_x509_certificates(self.ca_pem)
 
     @property
     def not_before(self) -> float:
@@ -113,8 +123,9 @@ class AgentIdentity:
                 key_pem=key_pem,
                 cert_pem=cert_pem,
                 ca_pem=ca_pem,
+                trust_generation=int(info.get("trust_generation", 0)),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{files.info} is incomplete (missing {exc})") from exc
 
     def save(self, home: Path) -> None:
@@ -122,6 +133,12 @@ class AgentIdentity:
         ensure_private_dir(files.directory)
         atomic_write(files.key, self.key_pem, private=True)
         atomic_write(files.cert, self.cert_pem)
+        self.save_trust(home)
+
+    def save_trust(self, home: Path) -> None:
+        """Persist the trust bundle, then its generation (a crash between the two leaves the
+        new bundle with the old generation: the broker's redelivery writes it again)."""
+        files = IdentityFiles(home)
         atomic_write(files.ca, self.ca_pem)
         doc = {
             "host_id": self.host_id,
@@ -130,6 +147,7 @@ class AgentIdentity:
             "vault": self.vault,
             "control_addresses": list(self.control_addresses),
             "enrollment_addresses": list(self.enrollment_addresses),
+            "trust_generation": self.trust_generation,
         }
         atomic_write(files.info, (json.dumps(doc, indent=2) + "\n").encode())
 

@@ -1,15 +1,24 @@
-"""Certificate renewal at half life, with a fresh key each time, over mutual TLS.
+"""Certificate renewal at half life, with a fresh key each time, over mutual TLS, and the trust
+bundle a CA rotation sends.
 
 The current certificate authenticates the renewal; the broker signs the new public key with the
 identity from its own record. If the broker cannot be reached the renewer retries with backoff;
 if the certificate has already expired, mutual TLS is impossible and the agent must register
 again (the log says so).
+
+During a CA rotation (docs/security.md) the broker sends a ``TrustBundle``: the CAs to trust,
+for the broker and for peers. :meth:`CertificateRenewer.apply_trust` takes it only if it holds
+the CA that issued this agent's current certificate (so no broker can make the agent drop the
+anchor it works with in one step) and is not older than the bundle held; it is stored with
+atomic writes and used for every new connection from then on. ``renew`` asks for a certificate
+of the new CA at once rather than at half life.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -19,7 +28,7 @@ import grpc.aio
 from agent.identity import AgentIdentity
 from sitepair import pki
 from sitepair.clock import Clock, iso
-from sitepair.errors import SitepairError, Unauthenticated
+from sitepair.errors import InvalidArgument, SitepairError, Unauthenticated
 from sitepair.rpc import channel_options, error_from_rpc
 from sitepair.v1 import control_pb2, control_pb2_grpc
 
@@ -45,9 +54,60 @@ class CertificateRenewer:
         self._holder = holder
         self._clock = clock
         self._stop = asyncio.Event()
+        #: One renewal or trust change at a time (a rotation's commands may arrive together).
+        self._lock = asyncio.Lock()
         self.renewals = 0
 
     async def renew_now(self) -> AgentIdentity:
+        async with self._lock:
+            return await self._renew()
+
+    async def apply_trust(self, bundle: control_pb2.TrustBundle) -> control_pb2.TrustBundleResult:
+        """Take a CA rotation's trust bundle (see the module docstring); refused with a reason
+        the broker records."""
+        async with self._lock:
+            current = self._holder.get()
+            if bundle.generation >= current.trust_generation:
+                cas = pki.load_bundle(bundle.bundle_pem, now=self._clock.now())
+                try:
+                    pki.issued_by_any(current.cert, cas)
+                except InvalidArgument:
+                    raise InvalidArgument(
+                        "the trust bundle does not hold the CA that issued this host's "
+                        "certificate; kept the CAs trusted now",
+                        hint="the broker must send a bundle with both the current and the new CA",
+                    ) from None
+                current = dataclasses.replace(
+                    current, ca_pem=pki.bundle_to_pem(cas), trust_generation=bundle.generation
+                )
+                await asyncio.to_thread(current.save_trust, self._home)
+                self._holder.set(current)
+                log.info(
+                    "trust bundle stored",
+                    extra={"fields": {"generation": bundle.generation, "cas": len(cas)}},
+                )
+            else:
+                log.info(
+                    "older trust bundle ignored",
+                    extra={
+                        "fields": {
+                            "generation": bundle.generation,
+                            "held": current.trust_generation,
+                        }
+                    },
+                )
+            cas = current.trusted
+            renewed = bundle.renew and pki.issuer_id(current.cert) != pki.key_id(cas[0])
+            if renewed:
+                current = await self._renew()
+            return control_pb2.TrustBundleResult(
+                bundle_sha256=pki.bundle_digest(cas),
+                generation=current.trust_generation,
+                issuer_id=pki.issuer_id(current.cert),
+                renewed=renewed,
+            )
+
+    async def _renew(self) -> AgentIdentity:
         current = self._holder.get()
         if self._clock.now() >= current.not_after:
             raise Unauthenticated(
@@ -67,7 +127,7 @@ class CertificateRenewer:
             except grpc.aio.AioRpcError as exc:
                 raise error_from_rpc(exc, peer=f"broker at {address}") from None
         cert = pki.load_cert_pem(response.certificate_pem, what="renewed certificate")
-        pki.verify_issued_by(cert, pki.load_cert_pem(current.ca_pem))
+        pki.issued_by_any(cert, current.trusted)
         ident = pki.identity_from_cert(cert)
         if cert.public_key() != key.public_key() or ident.id != current.host_id:
             raise SitepairError(

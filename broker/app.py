@@ -32,7 +32,13 @@ from broker import config as config_mod
 from broker import operators
 from broker.agent_commands import AgentCommands
 from broker.auth import BrokerAuthorizer
-from broker.ca import CertificateAuthority, ServerCertificate, write_operator_profile
+from broker.ca import (
+    CertificateAuthority,
+    ServerCertificate,
+    refresh_local_operator,
+    write_operator_profile,
+)
+from broker.ca_rotation import CaRotation
 from broker.clouds import CloudManager
 from broker.commands import CommandDispatcher
 from broker.drills import DrillManager, DrillScheduler
@@ -48,6 +54,7 @@ from broker.protection import ProtectionManager
 from broker.reports import ReplicationReports
 from broker.servers import ServerOperations
 from broker.services.admin import AdminService
+from broker.services.ca import CaAdminService
 from broker.services.context import BrokerContext
 from broker.services.control import ControlService
 from broker.services.enrollment import EnrollmentService
@@ -269,6 +276,15 @@ class Broker:
             dns_names=cfg.certificates.server_names,
             ip_addresses=cfg.certificates.server_ips,
         )
+        # A home whose ca/ was copied from the broker that ran a CA rotation phase (several
+        # brokers on one store): its own operator follows here.
+        await asyncio.to_thread(
+            refresh_local_operator,
+            home,
+            ca,
+            now=clock.now(),
+            lifetime=cfg.certificates.operator_lifetime,
+        )
         removed = await store.reading(lambda tx: tx.removed_server_ids())
         # A broker that has just started has no agent connected. On a shared store, agents are
         # connected to the other brokers; the leader's liveness monitor disconnects those of a
@@ -338,6 +354,16 @@ class Broker:
             drills=drills,
             ticket_key=ticket_key,
             started_at=clock.now(),
+            ca_rotation=CaRotation(
+                home=home,
+                ca=ca,
+                server_cert=server_cert,
+                store=store,
+                dispatcher=dispatcher,
+                sessions=sessions,
+                clock=clock,
+                operator_lifetime=cfg.certificates.operator_lifetime,
+            ),
         )
         self.ctx = ctx
         limits = cfg.limits
@@ -373,6 +399,11 @@ class Broker:
         add_servicer(
             admin_pb2_grpc.add_AdminServicer_to_server, AdminService(ctx), self._control_server
         )
+        add_servicer(
+            admin_pb2_grpc.add_CertificateAuthorityServicer_to_server,
+            CaAdminService(ctx),
+            self._control_server,
+        )
         control_port = self._bind(
             self._control_server,
             cfg.listen.control,
@@ -387,7 +418,7 @@ class Broker:
             clock=clock,
             sessions=sessions,
             serving_not_after=lambda: server_cert.not_after,
-            ca_cert_not_after=pki.not_after(ca.cert),
+            ca_cert_not_after=lambda: pki.not_after(ca.cert),
             agent_lifetime=cfg.certificates.agent_lifetime,
         )
         if cfg.metrics.enabled:

@@ -5,6 +5,7 @@ A backup is one folder, every file mode 0600 (folders 0700)::
     manifest.json        what follows, with versions, the schema version and a SHA-256 per file
     broker.toml          the configuration
     ca/ca.key, ca.crt    the vault's certificate authority: the root of trust of every identity
+    ca/...               a CA rotation's files too: the other CA, rotation.json, the archive
     tickets/signing.key  the key that signs replication tickets
     admin/               the home's local operator profile
     store/broker.db      the SQLite store, or

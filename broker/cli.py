@@ -23,6 +23,7 @@ from typing import Any
 
 from broker import cli_backup, cli_jobs, cli_plans, cli_protection, cli_servers, service_unit
 from broker import config as config_mod
+from broker.cli_ca import register as register_ca_commands
 from broker.cli_support import PROG, Command, Subcommands, admin_client, ts
 from broker.home import BrokerHome
 from sitepair import __version__, cliutil, log
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_protection.register(sub, add)
     cli_plans.register(sub, add)
     cli_backup.register(sub, add)
+    register_ca_commands(sub, add)
     add_service_commands(sub, service_unit.PROGRAM, parents=[common], home_option=False)
     cliutil.add_completion_command(sub, PROG)
     return p

@@ -109,6 +109,8 @@ class AdminClient:
             self.address, creds, options=channel_options(target_name=pki.BROKER_DNS_NAME)
         )
         self.stub = admin_pb2_grpc.AdminStub(self._channel)
+        #: The CA rotation API (``sitepair-broker ca``), on the same connection.
+        self.ca = admin_pb2_grpc.CertificateAuthorityStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()

@@ -4,7 +4,11 @@
 
     <home>/broker.toml            configuration
     <home>/broker.db              the embedded store (SQLite)
-    <home>/ca/ca.key, ca.crt      the vault's certificate authority (key 0600, folder 0700)
+    <home>/ca/ca.key, ca.crt      the vault's certificate authority (key 0600, folder 0700): the
+                                  CA that issues
+    <home>/ca/next.*, previous.*  during a CA rotation, the other CA every host trusts too
+    <home>/ca/rotation.json       the rotation's phase and generation (docs/security.md)
+    <home>/ca/archive/<id>/       CAs a finished rotation retired, kept to read old signatures
     <home>/tls/server.key, .crt   the broker's serving certificate (renewed automatically)
     <home>/tickets/signing.key    Ed25519 key that signs replication tickets
     <home>/admin/                 a local operator's credentials (see ``broker.client.Profile``)
@@ -46,6 +50,14 @@ class BrokerHome:
     @property
     def ca_cert(self) -> Path:
         return self.ca_dir / "ca.crt"
+
+    @property
+    def ca_rotation(self) -> Path:
+        return self.ca_dir / "rotation.json"
+
+    @property
+    def ca_archive(self) -> Path:
+        return self.ca_dir / "archive"
 
     @property
     def tls_dir(self) -> Path:

@@ -262,7 +262,7 @@ class StoreCollector(Collector):
 class _BrokerCertificates(Collector):
     """The broker's own certificates: its serving certificate and the vault's CA."""
 
-    def __init__(self, serving: Callable[[], float], ca_not_after: float) -> None:
+    def __init__(self, serving: Callable[[], float], ca_not_after: Callable[[], float]) -> None:
         self.serving = serving
         self.ca_not_after = ca_not_after
 
@@ -273,7 +273,7 @@ class _BrokerCertificates(Collector):
             labels=("certificate",),
         )
         g.add_metric(("serving",), self.serving())
-        g.add_metric(("ca",), self.ca_not_after)
+        g.add_metric(("ca",), self.ca_not_after())  # the issuing CA: a rotation changes it
         yield g
 
 
@@ -287,7 +287,7 @@ class BrokerMetrics:
         clock: Clock,
         sessions: SessionRegistry,
         serving_not_after: Callable[[], float],
-        ca_cert_not_after: float,
+        ca_cert_not_after: Callable[[], float],
         agent_lifetime: float,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import hashlib
 import ipaddress
 import re
 from pathlib import Path
@@ -325,3 +326,81 @@ def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 fingerprint, hex with colons (what operators compare by eye)."""
     digest = cert.fingerprint(hashes.SHA256()).hex().upper()
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+# -- trust bundles (CA rotation) --------------------------------------------------------------
+
+#: At most this many CA certificates in a trust bundle (a rotation needs two).
+MAX_BUNDLE_CERTS = 4
+#: And at most this many bytes of PEM.
+MAX_BUNDLE_BYTES = 64 * 1024
+
+
+def key_id(cert: x509.Certificate) -> str:
+    """A CA's key identifier (hex): what the certificates it signs name as their issuer
+    (:func:`issuer_id`)."""
+    try:
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return ski.digest.hex()
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest.hex()
+
+
+def issuer_id(cert: x509.Certificate) -> str:
+    """The key identifier of the CA that signed ``cert`` ("" when it does not say)."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return ""
+    return aki.key_identifier.hex() if aki.key_identifier else ""
+
+
+def bundle_to_pem(cas: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> bytes:
+    return b"".join(cert_to_pem(c) for c in cas)
+
+
+def bundle_digest(cas: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> str:
+    """SHA-256 over the bundle's set of certificates: the same CAs in another order (the issuing
+    one first changes with a rotation's phase) are the same bundle."""
+    fingerprints = sorted(c.fingerprint(hashes.SHA256()).hex() for c in cas)
+    return hashlib.sha256("\n".join(fingerprints).encode()).hexdigest()
+
+
+def load_bundle(data: bytes, *, what: str = "trust bundle", now: float) -> list[x509.Certificate]:
+    """Parse and check a trust bundle: 1 to :data:`MAX_BUNDLE_CERTS` self-signed CA
+    certificates, each valid at ``now``."""
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise InvalidArgument(f"{what} is larger than {MAX_BUNDLE_BYTES // 1024} KiB")
+    try:
+        cas = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise InvalidArgument(f"{what} is not valid PEM: {exc}") from exc
+    if not 1 <= len(cas) <= MAX_BUNDLE_CERTS:
+        raise InvalidArgument(
+            f"{what} holds {len(cas)} certificates; 1 to {MAX_BUNDLE_CERTS} are allowed"
+        )
+    for ca in cas:
+        try:
+            constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            constraints = None
+        if constraints is None or not constraints.ca:
+            raise InvalidArgument(f"{what} holds a certificate that is not a CA")
+        try:
+            ca.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise InvalidArgument(f"{what} holds a CA certificate that is not self-signed") from exc
+        if not not_before(ca) <= now < not_after(ca):
+            raise InvalidArgument(f"{what} holds a CA certificate that is not valid now")
+    return cas
+
+
+def issued_by_any(cert: x509.Certificate, cas: list[x509.Certificate]) -> x509.Certificate:
+    """The CA of ``cas`` that signed ``cert``; refused when none did."""
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return ca
+    raise InvalidArgument("certificate was not issued by any CA of the trust bundle")

@@ -556,7 +556,9 @@ class ReceiverServer:
         self.ports: dict[str, int] = {}
 
     def _credentials(self, *, client_auth: bool) -> grpc.ServerCredentials:
-        loaded = [self._identity().cert_pem]
+        # A renewal changes the certificate, a CA rotation the trust bundle: either reloads.
+        first = self._identity()
+        loaded = [(first.cert_pem, first.ca_pem)]
 
         def config() -> grpc.ServerCertificateConfiguration:
             ident = self._identity()
@@ -566,9 +568,9 @@ class ReceiverServer:
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:
             ident = self._identity()
-            if ident.cert_pem == loaded[0]:
+            if (ident.cert_pem, ident.ca_pem) == loaded[0]:
                 return None
-            loaded[0] = ident.cert_pem
+            loaded[0] = (ident.cert_pem, ident.ca_pem)
             return config()
 
         return grpc.dynamic_ssl_server_credentials(

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from broker import config as config_mod
 from broker.auth import BrokerAuthorizer
 from broker.ca import CertificateAuthority, ServerCertificate
+from broker.ca_rotation import CaRotation
 from broker.clouds import CloudManager
 from broker.commands import CommandDispatcher
 from broker.drills import DrillManager
@@ -53,6 +54,7 @@ class BrokerContext:
     drills: DrillManager
     ticket_key: ed25519.Ed25519PrivateKey
     started_at: float
+    ca_rotation: CaRotation
     bound_enrollment: str = ""
     bound_control: str = ""
 

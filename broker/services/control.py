@@ -29,6 +29,7 @@ import grpc.aio
 
 from broker import bounds
 from broker.agent_commands import replication_endpoint
+from broker.ca_rotation import record_issuer
 from broker.inventory import accept_inventory, join_declared_cloud, sync_inventory
 from broker.sessions import AgentSession
 from broker.store.models import HeartbeatRecord, Relationship, Server, StoredInventory
@@ -177,6 +178,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         )
         reader = asyncio.create_task(self._read(request_iterator, session))
         await ctx.failover.on_server_connected(server.id)
+        await ctx.ca_rotation.on_connected(server.id)
         if moved:
             log.warning(
                 "replication address of a host changed; updating the primaries replicating to it",
@@ -241,7 +243,9 @@ class ControlService(control_pb2_grpc.ControlServicer):
                             command=shown(message.ack.command_id),
                         )
                         continue
-                    await ctx.dispatcher.handle_ack(session.server_id, message.ack)
+                    done = await ctx.dispatcher.handle_ack(session.server_id, message.ack)
+                    if done is not None and done.kind == "trust_bundle":
+                        await ctx.ca_rotation.on_ack(session.server_id, message.ack)
                 elif kind == "replication":
                     await ctx.reports.on_report(session.server_id, message.replication)
                 else:
@@ -372,6 +376,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             tx.update_server_certificate(
                 server.id, format(cert.serial_number, "x"), pki.not_after(cert)
             )
+            record_issuer(tx, server.id, cert)
 
         await ctx.store.writing(record)
         log.info(

@@ -31,6 +31,7 @@ import grpc.aio
 from cryptography import x509
 
 from broker import bounds
+from broker.ca_rotation import record_issuer
 from broker.store.models import Server
 from sitepair import credentials, pki
 from sitepair.clock import iso
@@ -158,6 +159,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                     cloud=facts.cloud,
                 )
                 tx.insert_server(server)
+                record_issuer(tx, host_id, cert)
                 return _Outcome(server=server, cert=cert)
 
         outcome = await asyncio.to_thread(enroll)

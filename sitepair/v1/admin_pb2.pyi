@@ -2424,3 +2424,190 @@ class Drill(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Drill: _TypeAlias = Drill  # noqa: Y015
+
+@_typing.final
+class GetCaStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCaStatusRequest: _TypeAlias = GetCaStatusRequest  # noqa: Y015
+
+@_typing.final
+class RotateCaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Phase:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _PhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[RotateCaRequest._Phase.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        PHASE_UNSPECIFIED: RotateCaRequest._Phase.ValueType  # 0
+        START: RotateCaRequest._Phase.ValueType  # 1
+        ACTIVATE: RotateCaRequest._Phase.ValueType  # 2
+        FINISH: RotateCaRequest._Phase.ValueType  # 3
+
+    class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper): ...
+    PHASE_UNSPECIFIED: RotateCaRequest.Phase.ValueType  # 0
+    START: RotateCaRequest.Phase.ValueType  # 1
+    ACTIVATE: RotateCaRequest.Phase.ValueType  # 2
+    FINISH: RotateCaRequest.Phase.ValueType  # 3
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    phase: Global___RotateCaRequest.Phase.ValueType
+    force: _builtins.bool
+    def __init__(
+        self,
+        *,
+        phase: Global___RotateCaRequest.Phase.ValueType = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "phase", b"phase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateCaRequest: _TypeAlias = RotateCaRequest  # noqa: Y015
+
+@_typing.final
+class CaCertificate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_SHA256_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    ISSUING_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """key identifier (hex)"""
+    subject: _builtins.str
+    fingerprint_sha256: _builtins.str
+    issuing: _builtins.bool
+    """signs new certificates"""
+    @_builtins.property
+    def not_before(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        fingerprint_sha256: _builtins.str = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
+        not_after: _timestamp_pb2.Timestamp | None = ...,
+        issuing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after", "not_before", b"not_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint_sha256", b"fingerprint_sha256", "id", b"id", "issuing", b"issuing", "not_after", b"not_after", "not_before", b"not_before", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaCertificate: _TypeAlias = CaCertificate  # noqa: Y015
+
+@_typing.final
+class CaHost(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
+    BUNDLE_SHA256_FIELD_NUMBER: _builtins.int
+    BUNDLE_CURRENT_FIELD_NUMBER: _builtins.int
+    ISSUER_ID_FIELD_NUMBER: _builtins.int
+    ISSUER_CURRENT_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_NOT_AFTER_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    name: _builtins.str
+    site: _builtins.str
+    bundle_sha256: _builtins.str
+    """the bundle it confirmed ("" = none since the rotation began)"""
+    bundle_current: _builtins.bool
+    issuer_id: _builtins.str
+    """the CA that issued its certificate ("" = unknown: before rotation)"""
+    issuer_current: _builtins.bool
+    error: _builtins.str
+    """why it refused the last bundle"""
+    connected: _builtins.bool
+    @_builtins.property
+    def certificate_not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        site: _builtins.str = ...,
+        bundle_sha256: _builtins.str = ...,
+        bundle_current: _builtins.bool = ...,
+        issuer_id: _builtins.str = ...,
+        issuer_current: _builtins.bool = ...,
+        certificate_not_after: _timestamp_pb2.Timestamp | None = ...,
+        error: _builtins.str = ...,
+        connected: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate_not_after", b"certificate_not_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_current", b"bundle_current", "bundle_sha256", b"bundle_sha256", "certificate_not_after", b"certificate_not_after", "connected", b"connected", "error", b"error", "id", b"id", "issuer_current", b"issuer_current", "issuer_id", b"issuer_id", "name", b"name", "site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaHost: _TypeAlias = CaHost  # noqa: Y015
+
+@_typing.final
+class CaStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    CERTIFICATES_FIELD_NUMBER: _builtins.int
+    BUNDLE_SHA256_FIELD_NUMBER: _builtins.int
+    BUNDLE_PEM_FIELD_NUMBER: _builtins.int
+    HOSTS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    COMMANDS_SENT_FIELD_NUMBER: _builtins.int
+    phase: _builtins.str
+    """none, started, activated"""
+    generation: _builtins.int
+    bundle_sha256: _builtins.str
+    bundle_pem: _builtins.bytes
+    note: _builtins.str
+    """what the operator does next"""
+    commands_sent: _builtins.int
+    """trust-bundle commands the phase sent"""
+    @_builtins.property
+    def certificates(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaCertificate]: ...
+    @_builtins.property
+    def hosts(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaHost]: ...
+    def __init__(
+        self,
+        *,
+        phase: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        certificates: _abc.Iterable[Global___CaCertificate] | None = ...,
+        bundle_sha256: _builtins.str = ...,
+        bundle_pem: _builtins.bytes = ...,
+        hosts: _abc.Iterable[Global___CaHost] | None = ...,
+        note: _builtins.str = ...,
+        commands_sent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_pem", b"bundle_pem", "bundle_sha256", b"bundle_sha256", "certificates", b"certificates", "commands_sent", b"commands_sent", "generation", b"generation", "hosts", b"hosts", "note", b"note", "phase", b"phase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaStatus: _TypeAlias = CaStatus  # noqa: Y015

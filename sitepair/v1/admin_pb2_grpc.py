@@ -2555,3 +2555,128 @@ class Admin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class CertificateAuthorityStub:
+    """-- CA rotation (docs/security.md, "Rotating the CA") -----------------------------------------
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetCaStatus = channel.unary_unary(
+                '/sitepair.v1.CertificateAuthority/GetCaStatus',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.GetCaStatusRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.CaStatus.FromString,
+                _registered_method=True)
+        self.RotateCa = channel.unary_unary(
+                '/sitepair.v1.CertificateAuthority/RotateCa',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.RotateCaRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.CaStatus.FromString,
+                _registered_method=True)
+
+
+class CertificateAuthorityServicer:
+    """-- CA rotation (docs/security.md, "Rotating the CA") -----------------------------------------
+
+    """
+
+    def GetCaStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateCa(self, request, context):
+        """One phase: START makes a new CA that every host is asked to trust beside the current one;
+        ACTIVATE lets the new CA issue (refused while a host has not confirmed the bundle, unless
+        force); FINISH stops trusting the old CA (refused while a host holds a certificate of it,
+        unless force).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CertificateAuthorityServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetCaStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCaStatus,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.GetCaStatusRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.CaStatus.SerializeToString,
+            ),
+            'RotateCa': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateCa,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.RotateCaRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.CaStatus.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sitepair.v1.CertificateAuthority', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sitepair.v1.CertificateAuthority', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CertificateAuthority:
+    """-- CA rotation (docs/security.md, "Rotating the CA") -----------------------------------------
+
+    """
+
+    @staticmethod
+    def GetCaStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.CertificateAuthority/GetCaStatus',
+            sitepair_dot_v1_dot_admin__pb2.GetCaStatusRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.CaStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateCa(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.CertificateAuthority/RotateCa',
+            sitepair_dot_v1_dot_admin__pb2.RotateCaRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.CaStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

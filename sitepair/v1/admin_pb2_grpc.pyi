@@ -587,3 +587,55 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.Drill, _abc.Awaitable[_admin_pb2.Drill]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class CertificateAuthorityStub:
+    """-- CA rotation (docs/security.md, "Rotating the CA") -----------------------------------------"""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> CertificateAuthorityAsyncStub: ...
+    GetCaStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetCaStatusRequest, _admin_pb2.CaStatus]
+    RotateCa: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateCaRequest, _admin_pb2.CaStatus]
+    """One phase: START makes a new CA that every host is asked to trust beside the current one;
+    ACTIVATE lets the new CA issue (refused while a host has not confirmed the bundle, unless
+    force); FINISH stops trusting the old CA (refused while a host holds a certificate of it,
+    unless force).
+    """
+
+@_typing.type_check_only
+class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
+    """-- CA rotation (docs/security.md, "Rotating the CA") -----------------------------------------"""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetCaStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetCaStatusRequest, _admin_pb2.CaStatus]  # type: ignore[assignment]
+    RotateCa: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateCaRequest, _admin_pb2.CaStatus]  # type: ignore[assignment]
+    """One phase: START makes a new CA that every host is asked to trust beside the current one;
+    ACTIVATE lets the new CA issue (refused while a host has not confirmed the bundle, unless
+    force); FINISH stops trusting the old CA (refused while a host holds a certificate of it,
+    unless force).
+    """
+
+class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
+    """-- CA rotation (docs/security.md, "Rotating the CA") -----------------------------------------"""
+
+    @_abc_1.abstractmethod
+    def GetCaStatus(
+        self,
+        request: _admin_pb2.GetCaStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CaStatus, _abc.Awaitable[_admin_pb2.CaStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def RotateCa(
+        self,
+        request: _admin_pb2.RotateCaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CaStatus, _abc.Awaitable[_admin_pb2.CaStatus]]:
+        """One phase: START makes a new CA that every host is asked to trust beside the current one;
+        ACTIVATE lets the new CA issue (refused while a host has not confirmed the bundle, unless
+        force); FINISH stops trusting the old CA (refused while a host holds a certificate of it,
+        unless force).
+        """
+
+def add_CertificateAuthorityServicer_to_server(servicer: CertificateAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

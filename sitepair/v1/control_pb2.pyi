@@ -386,6 +386,7 @@ class Command(_message.Message):
     FENCE_FIELD_NUMBER: _builtins.int
     REVOKE_HOST_FIELD_NUMBER: _builtins.int
     GUEST_RUN_FIELD_NUMBER: _builtins.int
+    TRUST_BUNDLE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     epoch: _builtins.int
     """relationship epoch the command belongs to (0 = not relationship-bound)"""
@@ -419,6 +420,8 @@ class Command(_message.Message):
     def revoke_host(self) -> Global___RevokeHost: ...
     @_builtins.property
     def guest_run(self) -> Global___GuestRun: ...
+    @_builtins.property
+    def trust_bundle(self) -> Global___TrustBundle: ...
     def __init__(
         self,
         *,
@@ -439,12 +442,13 @@ class Command(_message.Message):
         fence: Global___Fence | None = ...,
         revoke_host: Global___RevokeHost | None = ...,
         guest_run: Global___GuestRun | None = ...,
+        trust_bundle: Global___TrustBundle | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "guest_run", b"guest_run", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "guest_run", b"guest_run", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "trust_bundle", b"trust_bundle", "vm_power", b"vm_power"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "epoch", b"epoch", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "guest_run", b"guest_run", "id", b"id", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "created_at", b"created_at", "epoch", b"epoch", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "guest_run", b"guest_run", "id", b"id", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "trust_bundle", b"trust_bundle", "vm_power", b"vm_power"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script", "configure_replica", "configure_source", "remove_relationship", "replication_action", "set_bandwidth", "failover", "failover_control", "vm_power", "fence", "revoke_host", "guest_run"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script", "configure_replica", "configure_source", "remove_relationship", "replication_action", "set_bandwidth", "failover", "failover_control", "vm_power", "fence", "revoke_host", "guest_run", "trust_bundle"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -608,6 +612,7 @@ class CommandResult(_message.Message):
     FENCE_FIELD_NUMBER: _builtins.int
     REVOKE_HOST_FIELD_NUMBER: _builtins.int
     GUEST_RUN_FIELD_NUMBER: _builtins.int
+    TRUST_BUNDLE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ping(self) -> Global___PingResult: ...
     @_builtins.property
@@ -636,6 +641,8 @@ class CommandResult(_message.Message):
     def revoke_host(self) -> Global___RevokeHostResult: ...
     @_builtins.property
     def guest_run(self) -> Global___GuestRunResult: ...
+    @_builtins.property
+    def trust_bundle(self) -> Global___TrustBundleResult: ...
     def __init__(
         self,
         *,
@@ -653,12 +660,13 @@ class CommandResult(_message.Message):
         fence: Global___FenceResult | None = ...,
         revoke_host: Global___RevokeHostResult | None = ...,
         guest_run: Global___GuestRunResult | None = ...,
+        trust_bundle: Global___TrustBundleResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "guest_run", b"guest_run", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "guest_run", b"guest_run", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "trust_bundle", b"trust_bundle", "vm_power", b"vm_power"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "guest_run", b"guest_run", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "vm_power", b"vm_power"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "configure_replica", b"configure_replica", "configure_source", b"configure_source", "failover", b"failover", "failover_control", b"failover_control", "fence", b"fence", "guest_run", b"guest_run", "ping", b"ping", "refresh_inventory", b"refresh_inventory", "remove_relationship", b"remove_relationship", "replication_action", b"replication_action", "revoke_host", b"revoke_host", "run_script", b"run_script", "set_bandwidth", b"set_bandwidth", "trust_bundle", b"trust_bundle", "vm_power", b"vm_power"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script", "configure_replica", "configure_source", "remove_relationship", "replication_action", "set_bandwidth", "failover", "failover_control", "vm_power", "fence", "revoke_host", "guest_run"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ping", "refresh_inventory", "run_script", "configure_replica", "configure_source", "remove_relationship", "replication_action", "set_bandwidth", "failover", "failover_control", "vm_power", "fence", "revoke_host", "guest_run", "trust_bundle"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -2005,3 +2013,69 @@ class Fence(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Fence: _TypeAlias = Fence  # noqa: Y015
+
+@_typing.final
+class TrustBundle(_message.Message):
+    """-- CA rotation (docs/security.md, "Rotating the CA") -----------------------------------------
+
+    To every host while the vault's CA is rotated: trust exactly these CA certificates, for the
+    broker and for peer hosts on the replication ports. The agent refuses a bundle that does not
+    hold the CA that issued its current certificate, and ignores one older than what it holds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUNDLE_PEM_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    RENEW_FIELD_NUMBER: _builtins.int
+    bundle_pem: _builtins.bytes
+    """PEM CA certificates, the issuing CA first (at most 4)"""
+    generation: _builtins.int
+    """raised by each phase of a rotation; never goes back"""
+    renew: _builtins.bool
+    """the issuing CA changed: renew the certificate now"""
+    def __init__(
+        self,
+        *,
+        bundle_pem: _builtins.bytes = ...,
+        generation: _builtins.int = ...,
+        renew: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_pem", b"bundle_pem", "generation", b"generation", "renew", b"renew"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrustBundle: _TypeAlias = TrustBundle  # noqa: Y015
+
+@_typing.final
+class TrustBundleResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUNDLE_SHA256_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    ISSUER_ID_FIELD_NUMBER: _builtins.int
+    RENEWED_FIELD_NUMBER: _builtins.int
+    bundle_sha256: _builtins.str
+    """the bundle the agent holds now (sitepair.pki.bundle_digest)"""
+    generation: _builtins.int
+    """and its generation"""
+    issuer_id: _builtins.str
+    """key id of the CA that issued the agent's certificate now"""
+    renewed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        bundle_sha256: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        issuer_id: _builtins.str = ...,
+        renewed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_sha256", b"bundle_sha256", "generation", b"generation", "issuer_id", b"issuer_id", "renewed", b"renewed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrustBundleResult: _TypeAlias = TrustBundleResult  # noqa: Y015

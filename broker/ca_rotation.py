@@ -9,7 +9,11 @@ gates read, kept in the store's ``meta`` table beside the host's id:
 * ``ca.bundle.<host>``: the digest of the bundle the host confirmed holding
   (:func:`sitepair.pki.bundle_digest`); ``ca.bundle_error.<host>`` why it refused the last one;
 * ``ca.issuer.<host>``: the key id of the CA that issued the host's certificate, written by the
-  broker itself each time it issues one (enrollment, renewal), never taken from the host.
+  broker itself each time it issues one (enrollment, renewal), never taken from the host;
+* ``ca.held.<host>``: the issuer of the certificate the host says it holds, from its answer to
+  the last ``TrustBundle``. A certificate counts as the new CA's only when both agree: the
+  broker may have issued one that the host never stored (it crashed before the write), and a
+  host that claims a certificate the broker never issued to it gains nothing.
 
 ``activate`` is refused while a host has not confirmed the bundle: the new CA's certificates
 (the broker's first) would be refused by it. ``finish`` is refused while a host holds a
@@ -48,14 +52,24 @@ log = logging.getLogger("sitepair.broker.ca")
 META_BUNDLE = "ca.bundle."
 META_BUNDLE_ERROR = "ca.bundle_error."
 META_ISSUER = "ca.issuer."
+META_HELD = "ca.held."
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: A CA's key id (sitepair.pki.key_id: a SHA-1 subject key identifier, or longer).
+_KEY_ID = re.compile(r"^[0-9a-f]{40,128}$")
 #: How much of an agent's refusal is kept.
 MAX_ERROR = 500
 #: How many hosts a refused phase names (``ca status`` lists them all).
 MAX_NAMED = 20
 #: What the store holds of one host's trust: the bundle digest it confirmed, the key id of the
-#: CA that issued its certificate, why it refused the last bundle ("" each when none).
+#: CA that issued its certificate (when the broker's record and the host's answer agree), why it
+#: refused the last bundle ("" each when none).
 HostTrust: TypeAlias = tuple[str, str, str]
+
+
+def _issuer(issued: str | None, held: str | None) -> str:
+    """The CA of a host's certificate, known only when what the broker issued is what the host
+    says it holds ("" otherwise)."""
+    return issued if issued and issued == held else ""
 
 
 def record_issuer(tx: Tx, server_id: str, cert: x509.Certificate) -> None:
@@ -207,11 +221,11 @@ class CaRotation:
         if ca.generation == 0:
             return
 
-        def read(tx: Tx) -> tuple[str | None, str | None, bool]:
+        def read(tx: Tx) -> tuple[str | None, str, bool]:
             waiting = any(c.kind == "trust_bundle" for c in tx.open_commands(server_id))
             return (
                 tx.get_meta(META_BUNDLE + server_id),
-                tx.get_meta(META_ISSUER + server_id),
+                _issuer(tx.get_meta(META_ISSUER + server_id), tx.get_meta(META_HELD + server_id)),
                 waiting,
             )
 
@@ -226,15 +240,23 @@ class CaRotation:
         dispatcher as this host's)."""
         if ack.state == control_pb2.CommandAck.SUCCEEDED:
             digest = ack.result.trust_bundle.bundle_sha256
-            if not _HEX64.match(digest):
+            held = ack.result.trust_bundle.issuer_id
+            if not _HEX64.match(digest) or not _KEY_ID.match(held):
                 log.warning(
-                    "trust bundle confirmation without a digest ignored",
-                    extra={"fields": {"server": server_id, "digest": shown(digest)}},
+                    "trust bundle confirmation without a digest or issuer ignored",
+                    extra={
+                        "fields": {
+                            "server": server_id,
+                            "digest": shown(digest),
+                            "held": shown(held),
+                        }
+                    },
                 )
                 return
 
             def confirmed(tx: Tx) -> None:
                 tx.set_meta(META_BUNDLE + server_id, digest)
+                tx.set_meta(META_HELD + server_id, held)
                 tx.set_meta(META_BUNDLE_ERROR + server_id, "")
 
             await self._store.writing(confirmed)
@@ -256,7 +278,7 @@ class CaRotation:
                     s,
                     (
                         tx.get_meta(META_BUNDLE + s.id) or "",
-                        tx.get_meta(META_ISSUER + s.id) or "",
+                        _issuer(tx.get_meta(META_ISSUER + s.id), tx.get_meta(META_HELD + s.id)),
                         tx.get_meta(META_BUNDLE_ERROR + s.id) or "",
                     ),
                 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from broker.cli_jobs import job_command
+from broker.cli_jobs import add_wait, job_command
 from broker.cli_support import AddCommand, Subcommands, admin_client, int_range, ts
 from broker.drills import MAX_CHECK_TIMEOUT
 from sitepair.cliutil import EXIT_ERROR, EXIT_OK, print_json, print_table
@@ -181,7 +181,7 @@ def register(plans: Subcommands, add: AddCommand) -> None:
         return show_checks(args, plan)
 
     sp = add(plans, "add-check", add_check, "add a check that drills of the plan run")
-    sp.add_argument("name")
+    sp.add_argument("name", help="the recovery plan's name (see `plans list`)")
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument(
         "--script",
@@ -211,7 +211,7 @@ def register(plans: Subcommands, add: AddCommand) -> None:
         return show_checks(args, plan)
 
     sp = add(plans, "remove-check", remove_check, "remove a check from a plan")
-    sp.add_argument("name")
+    sp.add_argument("name", help="the recovery plan's name (see `plans list`)")
     sp.add_argument("check", help="the check's name (see `plans add-check` output)")
 
     sp = add(
@@ -220,13 +220,13 @@ def register(plans: Subcommands, add: AddCommand) -> None:
         cmd_drill,
         "drill a plan now (test failover, exact proof, checks, cleanup), or schedule drills",
     )
-    sp.add_argument("name")
+    sp.add_argument("name", help="the recovery plan's name (see `plans list`)")
     sp.add_argument(
         "--every",
         help="schedule a drill this often (e.g. 7d; at least 1h; the first one interval from "
         "now), or off",
     )
-    sp.add_argument("--wait", action="store_true", help="follow the drill until it is over")
+    add_wait(sp)
 
     sp = add(plans, "drills", cmd_drills, "list drills, newest first")
     sp.add_argument("name", nargs="?", help="only this plan's drills")
@@ -235,4 +235,4 @@ def register(plans: Subcommands, add: AddCommand) -> None:
     )
 
     sp = add(plans, "drill-show", cmd_drill_show, "show a drill's evidence")
-    sp.add_argument("id")
+    sp.add_argument("id", help="the drill's id (see `plans drills`)")

@@ -2538,8 +2538,9 @@ class CaHost(_message.Message):
     """the bundle it confirmed ("" = none since the rotation began)"""
     bundle_current: _builtins.bool
     issuer_id: _builtins.str
-    """the CA that issued its certificate ("" = unknown: before rotation)"""
+    """the CA of the certificate the host holds ("" = not known: no"""
     issuer_current: _builtins.bool
+    """TrustBundle answered yet, or not the one the broker issued)"""
     error: _builtins.str
     """why it refused the last bundle"""
     connected: _builtins.bool

@@ -261,9 +261,25 @@ def test_activate_and_finish_are_refused_naming_the_hosts_left_behind(
         two = None
         ca(capsys, home, "rotate", "activate")
         eventually(
-            lambda: pki.issuer_id(AgentIdentity.load(hosts["hv-1"]).cert) == broker.ctx.ca.id,
-            what="hv-1 renewed",
+            lambda: (
+                [h["name"] for h in ca(capsys, home, "status")["hosts"] if h["issuer_current"]]
+                == ["hv-1"]
+            ),
+            what="hv-1 renewed and said so",
         )
+        assert pki.issuer_id(AgentIdentity.load(hosts["hv-1"]).cert) == broker.ctx.ca.id
+        # hv-2 asks for a renewal and crashes before it stores the answer: the broker issued a
+        # certificate of the new CA, but hv-2 still holds the old one, and finish must say so.
+        target = [("grpc.ssl_target_name_override", pki.BROKER_DNS_NAME)]
+        offline = AgentIdentity.load(hosts["hv-2"])
+        with grpc.secure_channel(
+            broker.control, offline.channel_credentials(), options=target
+        ) as ch:
+            csr = pki.make_csr(pki.generate_key(), "hv-2")
+            lost = control_pb2_grpc.ControlStub(ch).Renew(
+                control_pb2.RenewRequest(csr_der=csr), timeout=5
+            )
+        assert pki.issuer_id(pki.load_cert_pem(lost.certificate_pem)) == broker.ctx.ca.id
         err = ca(capsys, home, "rotate", "finish", status=1)
         assert "1 host(s) still hold a certificate of the old CA" in err
         assert "hv-2" in err and "hv-1" not in err
@@ -272,7 +288,6 @@ def test_activate_and_finish_are_refused_naming_the_hosts_left_behind(
         # Forced: hv-2, still holding the old CA's certificate, is refused from then on.
         ca(capsys, home, "rotate", "finish", "--force")
         left_behind = AgentIdentity.load(hosts["hv-2"])
-        target = [("grpc.ssl_target_name_override", pki.BROKER_DNS_NAME)]
         with grpc.secure_channel(
             broker.control, left_behind.channel_credentials(), options=target
         ) as ch:

@@ -10,6 +10,7 @@ from the journal without running anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -166,7 +167,8 @@ async def run_script(
 
     Only a bare file name inside ``scripts_dir`` is accepted, so the broker cannot make an agent
     run an arbitrary program. Output (stdout and stderr, interleaved) is kept up to 64 KiB.
-    A non-zero exit status or a timeout is a failure whose message carries the output's tail.
+    A non-zero exit status or a timeout is a failure whose message carries the output's tail,
+    unless the request asks for them in the result (``report_exit``: a drill's check).
     """
     name = request.script
     if not name or Path(name).name != name or name.startswith("."):
@@ -188,17 +190,36 @@ async def run_script(
         env=env,
         cwd=str(scripts_dir),
     )
+    out = bytearray()  # what the script said so far, its last MAX_SCRIPT_OUTPUT bytes kept
+
+    async def collect() -> None:
+        assert proc.stdout is not None
+        while data := await proc.stdout.read(65536):
+            out.extend(data)
+            if len(out) > 2 * MAX_SCRIPT_OUTPUT:
+                del out[:-MAX_SCRIPT_OUTPUT]
+
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout=timeout)
+        await asyncio.wait_for(asyncio.gather(collect(), proc.wait()), timeout=timeout)
     except TimeoutError:
+        # What was read before the timeout is kept: a hung script's last words say where.
         proc.kill()
-        out, _ = await proc.communicate()
+        await proc.wait()
+        with contextlib.suppress(TimeoutError):  # a child of the script may hold the pipe
+            await asyncio.wait_for(collect(), timeout=5)
+        if request.report_exit:
+            return control_pb2.RunScriptResult(
+                script=name,
+                exit_status=proc.returncode if proc.returncode is not None else -9,
+                output=out[-MAX_SCRIPT_OUTPUT:].decode(errors="replace"),
+                timed_out=True,
+            )
         tail = out[-2000:].decode(errors="replace")
         raise FailedPrecondition(
             f"script {name} timed out after {timeout} s; output: {tail}"
         ) from None
     text = out[-MAX_SCRIPT_OUTPUT:].decode(errors="replace")
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not request.report_exit:
         raise FailedPrecondition(
             f"script {name} exited with status {proc.returncode}; output: {text[-2000:]}"
         )

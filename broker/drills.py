@@ -92,7 +92,8 @@ _OVER = (StepState.SUCCEEDED, StepState.FAILED, StepState.SKIPPED)
 #: How the agent says a guest's agent did not answer (agent/hosts/qemu_guest_agent.py), and
 #: how long a guest check waits before asking again while the test VM boots.
 GUEST_NOT_UP, GUEST_RETRY = "no guest agent answered", 2.0
-#: A script's failure as the agent words it (agent/commands.py run_script).
+#: A script's failure as an agent without ``RunScript.report_exit`` words it
+#: (agent/commands.py run_script): such agents fail the command instead of answering the status.
 _SCRIPT_EXIT = re.compile(r"exited with status (-?\d+); output: (.*)", re.DOTALL)
 
 
@@ -695,11 +696,13 @@ class DrillManager(Orchestrator):
                     args=check.get("args", []),
                     timeout_seconds=int(check["timeout"]),
                     env=env,
+                    report_exit=True,
                 )
             ),
         )
         return {
             "exit_status": sent.run_script.exit_status,
+            "timed_out": sent.run_script.timed_out,
             "output_tail": _tail(sent.run_script.output),
         }
 

@@ -225,6 +225,31 @@ def test_failed_script_reports_status_and_output(
         )
         done = broker.loop.call(broker.ctx.dispatcher.wait(cmd.id))
         assert done.state.value == "failed" and "file name in the scripts folder" in done.error
+        # A drill's check asks for the status in the result: the command succeeds with it, and
+        # a script past its timeout is answered as timed out, not as an error.
+        (home / "scripts" / "slow.py").write_text(
+            "import time\nprint('begun', flush=True)\ntime.sleep(60)\n"
+        )
+        for script, timeout in (("fail.py", 30), ("slow.py", 1)):
+            cmd = broker.loop.call(
+                broker.ctx.dispatcher.submit(
+                    ident.host_id,
+                    control_pb2.Command(
+                        run_script=control_pb2.RunScript(
+                            script=script, timeout_seconds=timeout, report_exit=True
+                        )
+                    ),
+                )
+            )
+            done = broker.loop.call(broker.ctx.dispatcher.wait(cmd.id))
+            assert done.state.value == "succeeded", done.error
+            result = decode_result("run_script", done.result_json).run_script
+            if script == "fail.py":
+                assert (result.exit_status, result.timed_out) == (3, False)
+                assert "disk is on fire" in result.output
+            else:
+                assert result.timed_out and result.exit_status != 0
+                assert "begun" in result.output
     finally:
         agent.stop()
 

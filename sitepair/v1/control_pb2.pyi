@@ -518,9 +518,14 @@ class RunScript(_message.Message):
     ARGS_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
+    REPORT_EXIT_FIELD_NUMBER: _builtins.int
     script: _builtins.str
     """file name inside <agent home>/scripts"""
     timeout_seconds: _builtins.int
+    report_exit: _builtins.bool
+    """A non-zero exit status or a timeout is answered in the result instead of failing the
+    command (a drill's check, whose failure is evidence, not an error of the agent).
+    """
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -532,10 +537,11 @@ class RunScript(_message.Message):
         args: _abc.Iterable[_builtins.str] | None = ...,
         timeout_seconds: _builtins.int = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        report_exit: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "env", b"env", "script", b"script", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "env", b"env", "report_exit", b"report_exit", "script", b"script", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -724,20 +730,24 @@ class RunScriptResult(_message.Message):
     SCRIPT_FIELD_NUMBER: _builtins.int
     EXIT_STATUS_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
+    TIMED_OUT_FIELD_NUMBER: _builtins.int
     script: _builtins.str
     exit_status: _builtins.int
     output: _builtins.str
     """stdout and stderr interleaved, the last 64 KiB"""
+    timed_out: _builtins.bool
+    """report_exit: the script was killed at its timeout"""
     def __init__(
         self,
         *,
         script: _builtins.str = ...,
         exit_status: _builtins.int = ...,
         output: _builtins.str = ...,
+        timed_out: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_status", b"exit_status", "output", b"output", "script", b"script"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_status", b"exit_status", "output", b"output", "script", b"script", "timed_out", b"timed_out"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -219,8 +219,9 @@ async def run_script(
             f"script {name} timed out after {timeout} s; output: {tail}"
         ) from None
     text = out[-MAX_SCRIPT_OUTPUT:].decode(errors="replace")
-    if proc.returncode != 0 and not request.report_exit:
+    status = await proc.wait()
+    if status != 0 and not request.report_exit:
         raise FailedPrecondition(
-            f"script {name} exited with status {proc.returncode}; output: {text[-2000:]}"
+            f"script {name} exited with status {status}; output: {text[-2000:]}"
         )
-    return control_pb2.RunScriptResult(script=name, exit_status=proc.returncode, output=text)
+    return control_pb2.RunScriptResult(script=name, exit_status=status, output=text)

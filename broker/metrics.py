@@ -72,11 +72,12 @@ def last_cut_at(rel: Relationship) -> float | None:
     return documents.committed_cut_at(rel.replica_status_json, rel.primary_status_json)
 
 
-def rpo_lag(rel: Relationship, now: float) -> float:
-    """Seconds of changes a failover now would lose (:func:`broker.documents.rpo_lag`); before
-    the first point, everything since the VM was protected (the metric is always a number)."""
-    lag = documents.rpo_lag(rel.replica_status_json, rel.primary_status_json, now)
-    return lag if lag is not None else max(0.0, now - rel.created_at)
+def rpo_lag(rel: Relationship, cut_at: float | None, now: float) -> float:
+    """Seconds of changes a failover now would lose: ``now`` minus the latest committed cut
+    (:func:`last_cut_at`, passed in so a scrape decodes the statuses once; the same value as
+    :func:`broker.documents.rpo_lag`); before the first point, everything since the VM was
+    protected (the metric is always a number)."""
+    return max(0.0, now - (cut_at if cut_at is not None else rel.created_at))
 
 
 def _copy_frequency(rel: Relationship) -> float:
@@ -179,9 +180,9 @@ class StoreCollector(Collector):
         resync_states = (RelationshipState.RESYNC_REQUIRED, RelationshipState.RESYNCHRONIZING)
         for rel in rels:
             labels = (rel.vm_name, rel.id)
-            lag.add_metric(labels, rpo_lag(rel, now))
-            frequency.add_metric(labels, _copy_frequency(rel))
             at = last_cut_at(rel)
+            lag.add_metric(labels, rpo_lag(rel, at, now))
+            frequency.add_metric(labels, _copy_frequency(rel))
             if at is not None:
                 cut.add_metric(labels, at)
             health_g.add_metric(labels, HEALTH_VALUES.get(rel.health, 2))

@@ -345,3 +345,62 @@ def pair(admin: AdminClient) -> None:
         admin.stub.Map, admin_pb2.MapRequest(kind="network", source="corp-a", target="corp-b")
     )
     admin.call(admin.stub.Map, admin_pb2.MapRequest(kind="storage", source="gold", target="gold"))
+
+
+def test_a_broker_behind_nat_is_reached_on_the_ports_its_config_advertises(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A NAT maps other ports (and another address) onto the broker's: the operator writes the
+    outside addresses into ``[advertise]`` (docs/operator-guide.md), and registration and the
+    control stream both go through the mapping, although the broker's certificate does not
+    name the outside address (agents verify ``broker.sitepair``)."""
+    from tests.harness.network.proxy import FaultProxy
+
+    enroll, control = free_port(), free_port()
+    home = BrokerHome(tmp_path / "broker")
+    run_broker(
+        *("init", "--home", str(home.root), "--vault", "test"),
+        *("--enrollment", f"127.0.0.1:{enroll}", "--control", f"127.0.0.1:{control}"),
+        capsys=capsys,
+    )
+    nat = FaultProxy(name="nat", listen_host="127.0.0.5")
+    try:
+        outside_enroll = nat.add_route(f"127.0.0.1:{enroll}")
+        outside_control = nat.add_route(f"127.0.0.1:{control}")
+        assert outside_enroll.listen[1] != enroll and outside_control.listen[1] != control
+        text = home.config.read_text()
+        for key, route in (("enrollment", outside_enroll), ("control", outside_control)):
+            text = text.replace(f"{key} = []", f'{key} = ["{route.address}"]', 1)
+        home.config.write_text(text)
+        assert "127.0.0.5" not in sans(home)[1]
+        tune_timings(home)
+        broker = BrokerThread(home)
+        agent: AgentThread | None = None
+        try:
+            creds = tmp_path / "hv-a1.json"
+            run_broker(
+                *("--home", str(home.root), "keys", "create", "--site", "east"),
+                *("--out", str(creds)),
+                capsys=capsys,
+            )
+            assert credentials.load(creds).enrollment_addresses == (outside_enroll.address,)
+            agent_home = tmp_path / "hv-a1"
+            got = agent_main(
+                [
+                    *("register", "--credentials", str(creds), "--name", "hv-a1"),
+                    *("--home", str(agent_home), "--certificate-port", "0", "--ticket-port", "0"),
+                ]
+            )
+            assert got == 0, capsys.readouterr()
+            registered = nat.stats.snapshot().connections
+            assert registered >= 1  # the registration went through the NAT
+            agent = AgentThread(agent_home)
+            agent.wait_connected()
+            assert agent.daemon.identity.get().control_addresses == (outside_control.address,)
+            assert nat.stats.snapshot().connections > registered  # and so does the stream
+        finally:
+            if agent is not None:
+                agent.stop()
+            broker.stop()
+    finally:
+        nat.close()

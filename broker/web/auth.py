@@ -171,7 +171,7 @@ class Authenticator:
         response.set_cookie(
             SESSION_COOKIE,
             session.secret,
-            max_age=max(1, int(session.grant.expires_at - ctx.clock.now())),
+            max_age=max(1, int(session.grant.expires_at - session.grant.created_at)),
             path="/",
             secure=True,
             httponly=True,

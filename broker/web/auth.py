@@ -116,6 +116,13 @@ class Authenticator:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if (
+            request.path == LOGIN_PATH
+            and "token" in request.query
+            and _peer_certificate(request) is None
+        ):
+            # A new sign-in replaces whatever session the browser had (a revoked one too).
+            return await handler(request)
         try:
             found = await self._way_in(request)
         except Refused as exc:

@@ -127,6 +127,10 @@ def test_a_revoked_operator_is_refused_at_once_by_certificate_and_by_session(
     # Nor does bob get a new login token: the admin API refuses him.
     with pytest.raises(PermissionDenied):
         dashboard.login_token(bob)
+    # Another operator signs in on the same browser, whose cookie is still bob's.
+    token = dashboard.login_token()
+    replaced = fetch(f"{dashboard.url}/login?token={token}", dashboard.anonymous(), cookie=session)
+    assert replaced.status == 303 and replaced.cookie(SESSION_COOKIE)
 
 
 # -- login tokens and sessions -----------------------------------------------------------------

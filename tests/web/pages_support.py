@@ -32,7 +32,7 @@ from tests.protection.conftest import (
 )
 from tests.support.brokers import BrokerThread
 
-__all__ = ["CSRF", "Dashboard", "dashboard_fixture", "sites"]
+__all__ = ["CSRF", "Dashboard", "PagesClient", "dashboard_fixture", "sites"]
 
 #: The CSRF token the stand-in hands to pages and wants back in every POST.
 CSRF = "stand-in-csrf-token"
@@ -68,10 +68,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 @dataclasses.dataclass
-class Dashboard:
+class PagesClient:
+    """HTTP to the pages' app at ``base``."""
+
     base: str
-    sites: Sites
-    operator: pki.Identity
 
     def _open(self, req: urllib.request.Request) -> Reply:
         opener = urllib.request.build_opener(_NoRedirect)
@@ -100,6 +100,14 @@ class Dashboard:
                 elif not line and data:
                     yield "\n".join(data)
                     data = []
+
+
+@dataclasses.dataclass
+class Dashboard(PagesClient):
+    """The pages of the ``sites`` fixture's broker, signed in as ``operator``."""
+
+    sites: Sites
+    operator: pki.Identity
 
 
 def serve_pages(broker: BrokerThread, identity: pki.Identity) -> tuple[web.AppRunner, str]:

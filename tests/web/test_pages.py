@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 
 from broker.client import wait_job
-from broker.web.pages import views
+from broker.web.pages import chart, views
+from broker.web.pages.chart import Series
 from sitepair.v1 import admin_pb2
 from tests.protection.conftest import Sites, eventually, inventory_has
 from tests.protection.test_walkthrough import MiB, make_vm, setup_pair
@@ -106,7 +107,11 @@ def test_a_hostile_vm_name_is_escaped_and_filters_work(dashboard: Dashboard) -> 
     assert bad.status == 400
     assert "unknown health &#39;purple&#39;; use one of normal, warning, critical" in bad.body
 
-    vm = dashboard.get("/vms/" + HOSTILE.replace("/", "%2F"))
+    # Its link on the list leads to its page, where the name is escaped too.
+    link = re.search(r'<a href="(/vms/[^"]*)">&lt;script', page.body)
+    assert link is not None
+    vm = dashboard.get(link.group(1))
+    assert vm.status == 200 and '<section id="health"' in vm.body
     assert HOSTILE not in vm.body and "&lt;script&gt;" in vm.body
 
 
@@ -256,3 +261,21 @@ def test_vendored_htmx_is_the_published_release() -> None:
         base64.b64encode(digest).decode()
         == "2OatzQy1H+Zd/IIrjr1TcuDGqLXeHhbooAyJY1KdQMKnr4LZ22k31GBLdYKHmVjg"
     )
+
+
+def test_cycle_chart_scales_into_its_box_and_draws_nothing_without_data() -> None:
+    assert chart.line_chart([Series("lag", "lag", [])], y_label="s", x_text={}) is None
+    drawn = chart.line_chart(
+        [Series("lag", "lag", [(1000.0, 60.0), (4600.0, 120.0), (8200.0, 30.0)])],
+        y_label="s",
+        x_text={1000.0: "00:16", 4600.0: "01:16", 8200.0: "02:16"},
+    )
+    assert drawn is not None
+    ((_, points),) = drawn.lines
+    xs = [float(p.split(",")[0]) for p in points.split()]
+    ys = [float(p.split(",")[1]) for p in points.split()]
+    assert xs[0] == chart.LEFT and xs[-1] == chart.WIDTH - chart.RIGHT  # the whole width
+    assert min(ys) == chart.TOP  # the largest value at the top
+    assert ys[2] > ys[0] > ys[1]  # 30 s lowest on the page, 120 s highest
+    assert [m[3] for m in drawn.markers] == ["lag: 60 s", "lag: 120 s", "lag: 30 s"]
+    assert [t for _, t in drawn.x_ticks] == ["00:16", "01:16", "02:16"]

@@ -25,7 +25,7 @@ def add_routes(app: web.Application) -> None:
         ("/servers", views.servers),
         ("/clouds", views.clouds),
         ("/vms", views.vms),
-        ("/vms/{name}", views.vm),
+        ("/vms/{name:.+}", views.vm),  # a VM name may hold a "/" (%2F in its links)
         ("/jobs", views.jobs),
         ("/jobs/{id}", views.job),
         ("/jobs/{id}/events", views.job_events),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import jinja2
 from aiohttp import web
@@ -82,6 +83,12 @@ def health_icon(health: str) -> str:
     return HEALTH_ICONS.get(health, "?")
 
 
+def path_part(value: str) -> str:
+    """``value`` as one segment of a URL path: every character but letters, digits and ``_.-~``
+    is %-escaped, a ``/`` too (Jinja's ``urlencode`` keeps it)."""
+    return quote(value, safe="")
+
+
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
@@ -92,6 +99,7 @@ def environment() -> jinja2.Environment:
     )
     env.filters.update(
         iso=timestamp_iso,
+        part=path_part,
         utc=utc_text,
         size=size_text,
         duration=duration_text,

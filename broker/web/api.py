@@ -16,7 +16,7 @@ request's work grows with the vault.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -167,7 +167,7 @@ class DashboardApi:
     async def job(self, job_id: str) -> admin_pb2.Job:
         return await self._call(AdminService.GetJob, admin_pb2.GetJobRequest(id=job_id))
 
-    async def watch_job(self, job_id: str) -> AsyncIterator[admin_pb2.Job]:
+    async def watch_job(self, job_id: str) -> AsyncGenerator[admin_pb2.Job, None]:
         """The job now and after every change until it is final (the WatchJob stream)."""
         self.ctx.authorizer.authorize(self.operator, _ADMIN)
         watch = AdminService.WatchJob.__wrapped__

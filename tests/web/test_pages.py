@@ -8,9 +8,15 @@ import hashlib
 import itertools
 import json
 import re
+import threading
+import urllib.request
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
+import pytest
+
 from broker.client import wait_job
+from broker.web.api import DashboardApi
 from broker.web.pages import chart, views
 from broker.web.pages.chart import Series
 from sitepair.v1 import admin_pb2
@@ -140,7 +146,40 @@ def test_job_page_and_its_event_stream(dashboard: Dashboard) -> None:
     assert dashboard.get("/jobs/job-nothing/events").status == 404
 
 
-def test_jobs_list_filters_and_pages(dashboard: Dashboard, monkeypatch: object) -> None:
+def test_event_stream_of_a_waiting_job_keeps_alive_and_stops_when_the_browser_leaves(
+    dashboard: Dashboard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = dashboard.sites
+    monkeypatch.setattr(views, "KEEPALIVE", 0.05)
+    stopped = threading.Event()
+    watch = DashboardApi.watch_job
+
+    async def watched(self: DashboardApi, job_id: str) -> AsyncGenerator[admin_pb2.Job, None]:
+        try:
+            async for job in watch(self, job_id):
+                yield job
+        finally:
+            stopped.set()  # the page's watch of the job ended
+
+    monkeypatch.setattr(DashboardApi, "watch_job", watched)
+    s.hosts["hv-b2"].stop()  # its ping waits for it to come back
+    a = s.admin
+    ping = a.call(a.stub.PingServer, admin_pb2.PingServerRequest(server="hv-b2"))
+    try:
+        with urllib.request.urlopen(f"{dashboard.base}/jobs/{ping.id}/events", timeout=30) as r:
+            lines: list[str] = []
+            while lines.count(": still watching") < 2:
+                lines.append(r.readline().decode().rstrip("\n"))
+        assert lines[0] == "event: job" and lines[1].startswith('data: <div id="job"')
+        assert not stopped.is_set()  # still watching while the browser listens
+        assert stopped.wait(10)  # the browser left: the next keepalive found out
+        job = a.call(a.stub.GetJob, admin_pb2.GetJobRequest(id=ping.id))
+        assert job.state in ("running", "waiting")  # not because the job ended
+    finally:
+        a.call(a.stub.CancelJob, admin_pb2.GetJobRequest(id=ping.id))
+
+
+def test_jobs_list_filters_and_pages(dashboard: Dashboard, monkeypatch: pytest.MonkeyPatch) -> None:
     s = dashboard.sites
     a = s.admin
     pings = [
@@ -155,7 +194,7 @@ def test_jobs_list_filters_and_pages(dashboard: Dashboard, monkeypatch: object) 
     ]
     assert dashboard.get("/jobs?state=sleeping").status == 400
 
-    monkeypatch.setattr(views, "PAGE_ROWS", 2)  # type: ignore[attr-defined]
+    monkeypatch.setattr(views, "PAGE_ROWS", 2)
     first = dashboard.get("/jobs?state=succeeded")
     assert rows(first.body, "data-job") == [pings[2].id, pings[1].id]
     more = re.search(r'<a href="([^"]+)" rel="next">', first.body)

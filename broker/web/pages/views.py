@@ -4,6 +4,7 @@ and turns an admin API error into a page that says what went wrong and what to d
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -91,6 +92,8 @@ ACTION_TEXT = {
         "",
     ),
 }
+#: Seconds between keepalive comments of a job's event stream while the job does not change.
+KEEPALIVE = 15.0
 #: Actions whose confirmation asks which recovery point to use.
 POINT_ACTIONS = ("test-failover", "failover-unplanned")
 
@@ -299,26 +302,50 @@ async def job(request: web.Request, api: DashboardApi) -> web.StreamResponse:
 @handled
 async def job_events(request: web.Request, api: DashboardApi) -> web.StreamResponse:
     """Server-sent events: the re-rendered ``#job`` after every change it shows; ends when the
-    job is final."""
+    job is final. While nothing changes, a comment every :data:`KEEPALIVE` seconds finds a
+    browser that went away (the write fails), so an abandoned stream of a job that waits for
+    hours stops watching at once instead of when the job ends."""
     job_id = request.match_info["id"]
     await api.job(job_id)  # an unknown job is a 404 page, before the stream starts
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
     )
     await resp.prepare(request)
-    with contextlib.suppress(ConnectionResetError):  # the browser went away
-        try:
-            sent = ""
-            async for current in api.watch_job(job_id):
-                html = fragment(request, "job_fragment.html", **_job_values(request, api, current))
-                if html == sent:
-                    continue  # a change the page does not show (the job's update time)
-                sent = html
-                data = "".join(f"data: {line}\n" for line in html.splitlines())
-                await resp.write(f"event: job\n{data}\n".encode())
-        except SitepairError as exc:
-            await resp.write(f"event: failure\ndata: {exc.message.splitlines()[0]}\n\n".encode())
+    changes = api.watch_job(job_id)
+    pending: asyncio.Task[admin_pb2.Job] | None = None
+    sent = ""
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(changes))
+            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE)
+            if not done:
+                await resp.write(b": still watching\n\n")
+                continue
+            try:
+                current = pending.result()
+            except StopAsyncIteration:
+                break
+            finally:
+                pending = None
+            html = fragment(request, "job_fragment.html", **_job_values(request, api, current))
+            if html == sent:
+                continue  # a change the page does not show (the job's update time)
+            sent = html
+            data = "".join(f"data: {line}\n" for line in html.splitlines())
+            await resp.write(f"event: job\n{data}\n".encode())
         await resp.write_eof()
+    except SitepairError as exc:
+        with contextlib.suppress(ConnectionResetError):
+            await resp.write(f"event: failure\ndata: {exc.message.splitlines()[0]}\n\n".encode())
+            await resp.write_eof()
+    except ConnectionResetError:
+        pass  # the browser went away
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.wait({pending})  # the generator stops before it is closed
+        await changes.aclose()
     return resp
 
 

@@ -48,6 +48,8 @@ def test_vm_list_and_page_show_state_rpo_and_points(dashboard: Dashboard) -> Non
     setup_pair(s)
     pv = protect(s, "vm1")
 
+    home = dashboard.get("/")
+    assert home.status == 302 and home.headers["Location"] == "/vms"
     page = dashboard.get("/vms")
     assert page.status == 200
     assert rows(page.body, "data-vm") == ["vm1"]
@@ -81,6 +83,27 @@ def test_vm_list_and_page_show_state_rpo_and_points(dashboard: Dashboard) -> Non
     # htmx's refresh asks for the same URL and gets the table alone.
     part = dashboard.get("/vms", headers={"HX-Request": "true"})
     assert part.status == 200 and '<table id="vms">' in part.body and "<html" not in part.body
+
+
+def test_health_turns_critical_with_its_reason_when_the_recovery_host_stops(
+    dashboard: Dashboard,
+) -> None:
+    s = dashboard.sites
+    setup_pair(s)
+    pv = protect(s, "vm1")
+    assert rows(dashboard.get("/vms?health=critical").body, "data-vm") == []
+    s.hosts[pv.replica_server].stop()
+
+    def critical_row() -> str:
+        page = dashboard.get("/vms?health=critical").body
+        return page.split('<tr data-vm="vm1">')[1].split("</tr>")[0] if "data-vm" in page else ""
+
+    row = str(eventually(critical_row, what="vm1 critical on the page"))
+    assert re.search(r'<td class="health">.*Critical', row)
+    assert f"the replica host {pv.replica_server} has been offline for" in row
+    assert rows(dashboard.get("/vms?health=normal").body, "data-vm") == []
+    vm = dashboard.get("/vms/vm1").body
+    assert "replica-host-offline" in vm.split('<section id="health"')[1].split("</section>")[0]
 
 
 def test_a_hostile_vm_name_is_escaped_and_filters_work(dashboard: Dashboard) -> None:
@@ -212,6 +235,23 @@ def test_servers_and_clouds_pages(dashboard: Dashboard) -> None:
     row = servers.body.split('<tr data-server="hv-a1">')[1].split("</tr>")[0]
     assert "site-a" in row and "Connected" in row
     assert re.search(r'<td class="cert"><time datetime=', row)
+    version = s.admin.call(s.admin.stub.GetServer, admin_pb2.GetServerRequest(server="hv-a1"))
+    assert f'<td class="version">{version.agent_version}</td>' in row
+
+    def metrics_shown() -> str:
+        page = dashboard.get("/servers").body
+        row = page.split('<tr data-server="hv-a1">')[1].split("</tr>")[0]
+        return row if re.search(r'<td class="memory">[\d.]+ \w+ of [\d.]+ \w+</td>', row) else ""
+
+    assert re.search(r'<td class="cpu">\d+ %', str(eventually(metrics_shown, what="metrics")))
+    s.hosts["hv-a2"].stop()
+    eventually(
+        lambda: (
+            '<span class="conn conn-disconnected">Disconnected</span>'
+            in dashboard.get("/servers").body.split('<tr data-server="hv-a2">')[1].split("</tr>")[0]
+        ),
+        what="hv-a2 disconnected on the page",
+    )
     clouds = dashboard.get("/clouds")
     assert rows(clouds.body, "data-cloud") == ["cloud-a", "cloud-b"]
     pair = clouds.body.split('<tr data-pair="cloud-a">')[1].split("</tr>")[0]

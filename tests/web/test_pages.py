@@ -14,15 +14,24 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from broker.client import wait_job
 from broker.web.api import DashboardApi
 from broker.web.pages import chart, views
 from broker.web.pages.chart import Series
+from sitepair import pki
 from sitepair.v1 import admin_pb2
 from tests.protection.conftest import Sites, eventually, inventory_has
 from tests.protection.test_walkthrough import MiB, make_vm, setup_pair
-from tests.web.pages_support import CSRF, Dashboard, dashboard_fixture, sites  # noqa: F401
+from tests.web.pages_support import (  # noqa: F401 - fixtures
+    CSRF,
+    Dashboard,
+    PagesClient,
+    dashboard_fixture,
+    serve_pages,
+    sites,
+)
 
 STATIC = Path(__file__).resolve().parents[2] / "broker" / "web" / "static"
 HOSTILE = '<script>alert("owned")</script>'
@@ -309,6 +318,37 @@ def test_plan_actions_confirm_and_start_jobs_as_the_operator(dashboard: Dashboar
     refused = dashboard.post("/plans/erp/resume", {"csrf": CSRF})
     assert refused.status == 409 and "Traceback" not in refused.body
     assert "recovery plan erp is not waiting for an operator" in refused.body
+
+
+def test_a_revoked_operator_reads_nothing_and_starts_nothing(dashboard: Dashboard) -> None:
+    """The pages authorise every call as the admin API does: the attacker here holds a
+    dashboard identity whose operator was revoked a moment ago."""
+    s = dashboard.sites
+    a = s.admin
+    setup_pair(s)
+    protect(s, "vm1")
+    a.call(a.stub.CreatePlan, admin_pb2.CreatePlanRequest(name="erp"))
+    a.call(a.stub.AddPlanVm, admin_pb2.AddPlanVmRequest(plan="erp", group=1, vm="vm1"))
+    csr = pki.make_csr(pki.generate_key(), "mallory")
+    added = a.call(a.stub.AddOperator, admin_pb2.AddOperatorRequest(name="mallory", csr_der=csr))
+    mallory = pki.identity_from_cert(x509.load_pem_x509_certificate(added.certificate_pem))
+    runner, base = serve_pages(s.broker, mallory)
+    try:
+        client = PagesClient(base)
+        before = client.get("/vms")
+        assert before.status == 200 and '<span class="operator">mallory</span>' in before.body
+        a.call(a.stub.RevokeOperator, admin_pb2.RevokeOperatorRequest(operator="mallory"))
+        for path in ("/vms", "/vms/vm1", "/jobs", "/plans/erp/confirm/test-failover"):
+            refused = client.get(path)
+            assert refused.status == 403, path
+            assert f"operator {mallory.id} was revoked" in refused.body
+            assert 'data-vm="vm1"' not in refused.body
+        went = client.post("/plans/erp/test-failover", {"csrf": CSRF, "point": "latest"})
+        assert went.status == 403
+        kinds = [j.kind for j in a.call(a.stub.ListJobs, admin_pb2.ListJobsRequest()).jobs]
+        assert "plan-failover" not in kinds
+    finally:
+        s.broker.loop.call(runner.cleanup())
 
 
 def test_drill_pages(dashboard: Dashboard) -> None:

@@ -15,7 +15,7 @@ import jinja2
 from aiohttp import web
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from broker.web.api import DashboardApi
+from broker.web.api import DashboardApi, Leadership
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -117,18 +117,35 @@ async def page(
     request: web.Request, api: DashboardApi, template: str, *, status: int = 200, **values: Any
 ) -> web.Response:
     """A whole page: the template inside the layout, with what the layout shows."""
-    info = await api.broker_info()
+    layout = {
+        "vault": (await api.broker_info()).vault,
+        "operator": await api.operator_name(),
+        "leadership": await api.leadership(),
+    }
+    return _response(request, template, status, layout | values)
+
+
+def error_page(
+    request: web.Request, api: DashboardApi, status: int, message: str, hint: str
+) -> web.Response:
+    """The error page, with a layout that asks the admin API nothing: the error may be that
+    it refuses this operator."""
+    layout = {
+        "vault": api.ctx.config.vault,
+        "operator": api.operator.id,
+        "leadership": Leadership(is_leader=True),  # no banner: nothing was read
+    }
+    values = {"message": message, "hint": hint}
+    return _response(request, "error.html", status, layout | values)
+
+
+def _response(
+    request: web.Request, template: str, status: int, values: dict[str, Any]
+) -> web.Response:
     html = (
         request.app[TEMPLATE_ENV]
         .get_template(template)
-        .render(
-            vault=info.vault,
-            operator=await api.operator_name(),
-            leadership=await api.leadership(),
-            csrf=request["csrf"],
-            path=request.path,
-            **values,
-        )
+        .render(csrf=request["csrf"], path=request.path, **values)
     )
     return web.Response(text=html, content_type="text/html", status=status)
 

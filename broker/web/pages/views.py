@@ -22,6 +22,7 @@ from broker.web.api import PLAN_ACTIONS, DashboardApi
 from broker.web.pages.chart import Series, line_chart
 from broker.web.pages.render import (
     duration_text,
+    error_page,
     fragment,
     page,
     timestamp_iso,
@@ -109,14 +110,8 @@ def handled(fn: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse
         try:
             return await fn(request, api)
         except SitepairError as exc:
-            return await page(
-                request,
-                api,
-                "error.html",
-                status=HTTP_STATUS.get(exc.status, 500),
-                message=exc.message,
-                hint=exc.hint,
-            )
+            status = HTTP_STATUS.get(exc.status, 500)
+            return error_page(request, api, status, exc.message, exc.hint or "")
 
     return handle
 

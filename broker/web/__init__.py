@@ -9,9 +9,9 @@ through the admin API's own handlers.
 What the core hands every page handler it lets through:
 
 * ``request.app[CONTEXT]``: the broker's :class:`~broker.services.context.BrokerContext`;
-* ``request[OPERATOR]`` (``"operator"``): the signed-in operator's :class:`sitepair.pki.Identity`
+* ``request[OPERATOR]``: the signed-in operator's :class:`sitepair.pki.Identity`
   (role admin, authorised for this request as the admin API authorises a call);
-* ``request[CSRF]`` (``"csrf"``): the token every form that POSTs carries as
+* ``request[CSRF]``: the token every form that POSTs carries as
   ``<input type="hidden" name="csrf" value="...">`` (or a script sends as the
   ``X-CSRF-Token`` header); a POST without it is refused before its handler runs.
 """
@@ -21,12 +21,13 @@ from __future__ import annotations
 from aiohttp import web
 
 from broker.services.context import BrokerContext
+from sitepair import pki
 
 #: The broker's context, in the application.
 CONTEXT = web.AppKey("context", BrokerContext)
-#: The request keys the authentication middleware sets (plain strings: the pages' contract).
-OPERATOR = "operator"
-CSRF = "csrf"
+#: The request keys the authentication middleware sets.
+OPERATOR = web.RequestKey("operator", pki.Identity)
+CSRF = web.RequestKey("csrf", str)
 #: The form field and the header that carry the CSRF token.
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "X-CSRF-Token"

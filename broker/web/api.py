@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 
 from broker.services.admin import AdminService
 from broker.services.context import BrokerContext
-from broker.web import CONTEXT
+from broker.web import CONTEXT, OPERATOR
 from sitepair import pki
 from sitepair.errors import InvalidArgument
 from sitepair.v1 import admin_pb2
@@ -76,7 +76,7 @@ class DashboardApi:
 
     @classmethod
     def for_request(cls, request: web.Request) -> DashboardApi:
-        return cls(request.app[CONTEXT], request["operator"])
+        return cls(request.app[CONTEXT], request[OPERATOR])
 
     async def _call(self, rpc: Callable[..., Coroutine[Any, Any, M]], message: Message) -> M:
         """Run an admin RPC's handler body as the operator, authorised as the RPC would be."""

@@ -16,7 +16,7 @@ Without either, a page gets 401 and a page that says how to sign in, nothing els
 
 Requests that change something (any method but GET, HEAD, OPTIONS) must also come from the
 dashboard itself: an ``Origin`` header, when the browser sends one, must be the dashboard's own,
-and the CSRF token of the request (``request["csrf"]``, put in each form by the pages) must come
+and the CSRF token of the request (``request[CSRF]``, put in each form by the pages) must come
 back in the ``csrf`` form field or the ``X-CSRF-Token`` header. The token is an HMAC of the way
 in (the certificate's fingerprint, or the session) under a key derived from the vault's ticket
 signing key, which every broker of the vault holds: a form rendered by one broker posts to

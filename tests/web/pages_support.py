@@ -1,58 +1,40 @@
-"""The dashboard's pages against a real broker and real agents, served by a small aiohttp app.
+"""The dashboard's pages against a real broker and real agents, served by the real server.
 
-The app here is the pages' routes behind :func:`standin_auth`, a STAND-IN for the core helper's
-authentication middleware (``broker/web/auth.py``, branch ``webcore``): it lets every request in
-as the broker's local operator and checks a fixed CSRF token on POSTs. The lead's merge replaces
-this app with ``broker.web.server.create_app`` (TLS, certificates, sessions); the pages and
-their tests stay as they are. Plain HTTP on loopback, because TLS is core's part.
-
-The app runs on the broker's own event loop, as the real dashboard does, so the pages call the
-admin API's handlers exactly where the gRPC server calls them.
+:func:`serve_pages` starts the broker's own :class:`broker.web.server.DashboardServer` (HTTPS with
+the broker's serving certificate, the authentication middleware, CSRF checks) on the broker's
+event loop, for the ``sites`` fixture's broker, whose configuration leaves the dashboard off.
+The client presents an operator's certificate, as a browser with the profile imported does, and
+sends the CSRF token the middleware derives for that certificate (read back from the pages).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from email.message import Message
+from pathlib import Path
 
 import pytest
-from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from broker import operators
-from broker.web import CONTEXT
-from broker.web.pages import add_routes
+from broker.web.auth import csrf_key, csrf_token
+from broker.web.server import DashboardServer
 from sitepair import pki
 from tests.protection.conftest import (
     Sites,
     sites,  # the fixture the dashboard's builds on
 )
 from tests.support.brokers import BrokerThread
+from tests.support.dashboard import client_context
 
-__all__ = ["CSRF", "Dashboard", "PagesClient", "dashboard_fixture", "sites"]
-
-#: The CSRF token the stand-in hands to pages and wants back in every POST.
-CSRF = "stand-in-csrf-token"
-
-
-def standin_auth(identity: pki.Identity) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """STAND-IN for core's middleware: sets ``request["operator"]`` and ``request["csrf"]`` as
-    the contract says, and refuses a POST without the token (403) as core does."""
-
-    @web.middleware
-    async def middleware(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        request["operator"] = identity
-        request["csrf"] = CSRF
-        if request.method == "POST" and (await request.post()).get("csrf") != CSRF:
-            raise web.HTTPForbidden(text="the form's CSRF token is missing or wrong")
-        return await handler(request)
-
-    return middleware
+__all__ = ["Dashboard", "PagesClient", "dashboard_fixture", "sites"]
 
 
 @dataclasses.dataclass
@@ -69,12 +51,17 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 @dataclasses.dataclass
 class PagesClient:
-    """HTTP to the pages' app at ``base``."""
+    """HTTPS to the dashboard at ``base``, presenting the certificate in ``tls``; ``csrf`` is
+    the token the dashboard expects back in forms from that certificate."""
 
     base: str
+    tls: ssl.SSLContext
+    csrf: str
 
     def _open(self, req: urllib.request.Request) -> Reply:
-        opener = urllib.request.build_opener(_NoRedirect)
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=self.tls), _NoRedirect
+        )
         try:
             with opener.open(req, timeout=30) as resp:
                 return Reply(resp.status, resp.headers, resp.read().decode())
@@ -90,7 +77,7 @@ class PagesClient:
 
     def stream(self, path: str) -> Iterator[str]:
         """The server-sent events of ``path``: each event's data, until the server ends it."""
-        with urllib.request.urlopen(self.base + path, timeout=60) as resp:
+        with urllib.request.urlopen(self.base + path, timeout=60, context=self.tls) as resp:
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             data: list[str] = []
             for raw in resp:
@@ -104,27 +91,42 @@ class PagesClient:
 
 @dataclasses.dataclass
 class Dashboard(PagesClient):
-    """The pages of the ``sites`` fixture's broker, signed in as ``operator``."""
+    """The dashboard of the ``sites`` fixture's broker, signed in as ``operator``."""
 
     sites: Sites
     operator: pki.Identity
 
 
-def serve_pages(broker: BrokerThread, identity: pki.Identity) -> tuple[web.AppRunner, str]:
-    """The pages' app on the broker's loop; returns its runner and base URL."""
+@dataclasses.dataclass
+class Served:
+    """A dashboard served for a test, and a client signed in with one certificate."""
 
-    async def start() -> tuple[web.AppRunner, str]:
-        app = web.Application(middlewares=[standin_auth(identity)])
-        app[CONTEXT] = broker.ctx
-        add_routes(app)
-        runner = web.AppRunner(app, shutdown_timeout=1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        return runner, f"http://{host}:{port}"
+    server: DashboardServer
+    client: PagesClient
+    broker: BrokerThread
 
-    return broker.loop.call(start())
+    def stop(self) -> None:
+        self.broker.loop.call(self.server.stop())
+
+
+def serve_pages(broker: BrokerThread, cert: Path, key: Path) -> Served:
+    """The broker's dashboard on a free port (its configuration turned on here), and a client
+    presenting ``cert``/``key`` and trusting the vault CA."""
+
+    async def start() -> tuple[DashboardServer, str]:
+        ctx = broker.ctx
+        ctx.config = dataclasses.replace(
+            ctx.config,
+            dashboard=dataclasses.replace(ctx.config.dashboard, enabled=True, listen="127.0.0.1:0"),
+        )
+        server = DashboardServer(ctx, broker.home)
+        return server, await server.start()
+
+    server, bound = broker.loop.call(start())
+    der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(serialization.Encoding.DER)
+    csrf = csrf_token(csrf_key(broker.ctx), "certificate:" + hashlib.sha256(der).hexdigest())
+    tls = client_context((broker.home.admin_dir / "ca.crt").read_bytes(), cert, key)
+    return Served(server, PagesClient(f"https://{bound}", tls, csrf), broker)
 
 
 def local_operator(broker: BrokerThread) -> pki.Identity:
@@ -134,11 +136,16 @@ def local_operator(broker: BrokerThread) -> pki.Identity:
     )
 
 
+def serve_as_local_operator(broker: BrokerThread) -> Served:
+    admin = broker.home.admin_dir
+    return serve_pages(broker, admin / "admin.crt", admin / "admin.key")
+
+
 @pytest.fixture(name="dashboard")
 def dashboard_fixture(sites: Sites) -> Iterator[Dashboard]:
-    identity = local_operator(sites.broker)
-    runner, base = serve_pages(sites.broker, identity)
+    served = serve_as_local_operator(sites.broker)
+    c = served.client
     try:
-        yield Dashboard(base, sites, identity)
+        yield Dashboard(c.base, c.tls, c.csrf, sites, local_operator(sites.broker))
     finally:
-        sites.broker.loop.call(runner.cleanup())
+        served.stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 from tests.store_pg.conftest import pg_cluster, pg_dsn  # noqa: F401 - fixtures
 from tests.store_pg.test_brokers import _copy, _init
 from tests.support.brokers import BrokerThread
-from tests.web.pages_support import PagesClient, local_operator, serve_pages
+from tests.web.pages_support import serve_as_local_operator
 
 
 def test_a_follower_says_so_and_names_the_leader(pg_dsn: str, tmp_path: Path) -> None:  # noqa: F811
@@ -20,11 +20,11 @@ def test_a_follower_says_so_and_names_the_leader(pg_dsn: str, tmp_path: Path) ->
         try:
             assert not follower.broker.leadership.is_leader  # what the banner must reflect
             for broker, banner in ((follower, True), (leader, False)):
-                runner, base = serve_pages(broker, local_operator(broker))
+                served = serve_as_local_operator(broker)
                 try:
-                    page = PagesClient(base).get("/vms")
+                    page = served.client.get("/vms")
                 finally:
-                    broker.loop.call(runner.cleanup())
+                    served.stop()
                 assert page.status == 200
                 assert ('id="follower"' in page.body) is banner
                 if banner:

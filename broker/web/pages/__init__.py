@@ -1,9 +1,9 @@
 """The dashboard's pages (docs/dashboard-pages.md): every route but sign-in and sign-out.
 
 ``add_routes(app)`` is called by ``broker.web.server.create_app``; the authentication middleware
-has set ``request["operator"]`` and ``request["csrf"]`` before any handler here runs, and refused
-a POST without the right CSRF token. Handlers (:mod:`broker.web.pages.views`) read and act only
-through :class:`broker.web.api.DashboardApi`.
+has set ``request[broker.web.OPERATOR]`` and ``request[broker.web.CSRF]`` before any handler
+here runs, and refused a POST without the right CSRF token. Handlers
+(:mod:`broker.web.pages.views`) read and act only through :class:`broker.web.api.DashboardApi`.
 """
 
 from __future__ import annotations

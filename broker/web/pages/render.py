@@ -15,6 +15,7 @@ import jinja2
 from aiohttp import web
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from broker.web import CSRF
 from broker.web.api import DashboardApi, Leadership
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -145,7 +146,7 @@ def _response(
     html = (
         request.app[TEMPLATE_ENV]
         .get_template(template)
-        .render(csrf=request["csrf"], path=request.path, **values)
+        .render(csrf=request[CSRF], path=request.path, **values)
     )
     return web.Response(text=html, content_type="text/html", status=status)
 

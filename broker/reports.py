@@ -14,17 +14,19 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 
 from broker.documents import StoredStatus, progress_message, status_of
 from broker.health import CycleHistory, HealthConfig, drill_reasons, evaluate
 from broker.orchestration import StepFailed, StepRun
 from broker.store.base import Store
 from broker.store.leadership import Leader
-from broker.store.models import Relationship, RelationshipState
+from broker.store.models import Cycle, Relationship, RelationshipState
 from broker.store.repository import RelationshipChanges
 from broker.store.sqlite import Tx
 from sitepair.clock import Clock
 from sitepair.errors import SitepairError
+from sitepair.protoconv import seconds
 from sitepair.v1 import control_pb2
 
 log = logging.getLogger("sitepair.broker.reports")
@@ -60,6 +62,35 @@ _PRIMARY_MOVES: dict[int, tuple[RelationshipState, tuple[RelationshipState, ...]
 }
 #: Recovery points kept from a status (24 hourly points, the latest, and room for pinned ones).
 MAX_STATUS_POINTS = 64
+#: The largest value the store's 64-bit signed integers hold (a host reports unsigned ones).
+MAX_STORED_INT = 2**63 - 1
+#: Longest cycle duration kept in the cycle history (a week; a report beyond it is not a cycle).
+MAX_CYCLE_SECONDS = 7 * 86400.0
+
+
+def cycle_of(status: control_pb2.RelationshipStatus) -> Cycle | None:
+    """The cycle a primary's status says it committed last, for the cycle history; None before
+    the first one, or when the host's numbers are not a cycle (not finite, negative, or past what
+    the store holds): a hostile or confused host cannot fail the report's transaction."""
+    if not status.committed_sequence or not status.HasField("last_success_at"):
+        return None
+    finished = seconds(status.last_success_at)
+    cut = seconds(status.last_cut_at) if status.HasField("last_cut_at") else finished
+    took = status.last_cycle_seconds
+    if (
+        status.committed_sequence > MAX_STORED_INT
+        or not all(math.isfinite(v) and v >= 0 for v in (finished, cut, took))
+        or took > MAX_CYCLE_SECONDS
+    ):
+        return None
+    return Cycle(
+        relationship_id=status.relationship_id,
+        sequence=status.committed_sequence,
+        finished_at=finished,
+        cut_at=cut,
+        seconds=took,
+        bytes=min(status.last_cycle_bytes, MAX_STORED_INT),
+    )
 
 
 class ReplicationReports:
@@ -80,6 +111,9 @@ class ReplicationReports:
         self._reported = asyncio.Condition()
         self._refused_count = 0
         self._refused_logged_at: float | None = None
+        #: The sequence of each relationship's cycle last kept in the history, so a status
+        #: repeated every second writes nothing more (after a restart: one write, ignored).
+        self._cycle_kept: dict[str, int] = {}
 
     async def next_report(self, within: float) -> None:
         """Wait until a host's statuses were taken, or ``within`` seconds."""
@@ -104,6 +138,7 @@ class ReplicationReports:
     def forget(self, rel_id: str) -> None:
         """A relationship was disabled: its cycle history goes."""
         self.history.forget(rel_id)
+        self._cycle_kept.pop(rel_id, None)
 
     async def on_report(self, server_id: str, report: control_pb2.ReplicationReport) -> None:
         """Take the statuses a host reports, for the relationships it is party to only.
@@ -138,7 +173,10 @@ class ReplicationReports:
             return
         docs = [(st, _stored(st, now).encode()) for st in kept.values()]
 
+        recorded: dict[str, int] = {}
+
         def update(tx: Tx) -> list[control_pb2.RelationshipStatus]:
+            recorded.clear()  # a transaction retried from the start records again
             taken: list[control_pb2.RelationshipStatus] = []
             for st, doc in docs:
                 rel = tx.get_relationship(st.relationship_id)  # again: it may have changed
@@ -151,6 +189,10 @@ class ReplicationReports:
                 fields: RelationshipChanges = {}
                 if st.role == Role.ROLE_PRIMARY:
                     fields["primary_status_json"] = doc
+                    cycle = cycle_of(st)
+                    if cycle is not None and self._cycle_kept.get(rel.id) != cycle.sequence:
+                        tx.record_cycle(cycle)
+                        recorded[rel.id] = cycle.sequence
                     move = _PRIMARY_MOVES.get(st.state)
                     if move is not None and rel.state in move[1]:
                         fields["state"] = move[0]
@@ -161,6 +203,7 @@ class ReplicationReports:
             return taken
 
         taken: list[control_pb2.RelationshipStatus] = await self._store.writing(update)
+        self._cycle_kept.update(recorded)
         for status in taken:
             if status.role == Role.ROLE_PRIMARY:
                 self.history.add(

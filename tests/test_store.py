@@ -598,3 +598,26 @@ def test_pages_walk_every_row_once_and_leave_oversized_values_unread(
         ]
         assert [k.id for k in tx.key_page(after=None, limit=5)] == ["key-1"]
         assert tx.key_page(after=(1.0, "key-1"), limit=5) == []
+
+
+def test_cycles_are_kept_once_newest_first_and_pruned(open_store: OpenStore) -> None:
+    from broker.store.models import Cycle
+
+    store = open_store()
+    store.migrate()
+
+    def cycle(seq: int, rel: str = "rel-1") -> Cycle:
+        return Cycle(rel, seq, 1000.0 + seq, 990.0 + seq, 1.5, 2**63 - 1 if seq == 3 else seq)
+
+    with store.write() as tx:
+        added = [tx.record_cycle(cycle(n), keep=4) for n in (1, 2, 3, 3, 4, 5, 6)]
+        tx.record_cycle(cycle(1, rel="rel-2"), keep=4)
+    assert added == [True, True, True, False, True, True, True]
+    with store.read() as tx:
+        kept = tx.recent_cycles("rel-1", 10)
+        other = tx.recent_cycles("rel-2", 10)
+        newest = tx.recent_cycles("rel-1", 2)
+    assert [c.sequence for c in kept] == [6, 5, 4, 3]  # the oldest two pruned, newest first
+    assert kept[3].bytes == 2**63 - 1 and kept[0].cut_at == 996.0
+    assert [c.sequence for c in other] == [1]
+    assert [c.sequence for c in newest] == [6, 5]

@@ -21,6 +21,7 @@ from broker.services.admin_checks import check_site
 from broker.services.admin_drills import plan_checks
 from broker.store.base import StoreError
 from broker.store.models import Cloud, InventoryVm, Relationship
+from broker.store.repo.cycles import CYCLES_KEPT
 from broker.store.sqlite import Tx
 from sitepair import pki
 from sitepair.errors import InvalidArgument, NotFound
@@ -116,6 +117,10 @@ def protected_proto(rel: Relationship, names: dict[str, str], now: float) -> adm
             )
         )
     return msg
+
+
+#: Cycles ListCycles answers when the request names no limit.
+DEFAULT_CYCLES = 200
 
 
 class ProtectionAdmin:
@@ -435,6 +440,34 @@ class ProtectionAdmin:
             rel: Relationship = tx.find_relationship(request.vm)
             names = {s.id: s.name for s in tx.list_servers(include_removed=True)}
             return protected_proto(rel, names, self.ctx.clock.now())
+
+        return await self._read(read)
+
+    @rpc(roles=ADMIN)
+    async def ListCycles(
+        self, request: admin_pb2.ListCyclesRequest, context: Ctx, identity: pki.Identity
+    ) -> admin_pb2.ListCyclesResponse:
+        if request.limit > CYCLES_KEPT:
+            raise InvalidArgument(f"limit must be at most {CYCLES_KEPT} (0 = {DEFAULT_CYCLES})")
+        limit = request.limit or DEFAULT_CYCLES
+
+        def read(tx: Tx) -> admin_pb2.ListCyclesResponse:
+            rel: Relationship = tx.find_relationship(request.vm)
+            # One more than asked: the oldest listed cycle's lag needs the cut before it.
+            cycles = tx.recent_cycles(rel.id, limit + 1)
+            resp = admin_pb2.ListCyclesResponse(vm_name=rel.vm_name, relationship_id=rel.id)
+            for c, before in zip(cycles[:limit], [*cycles[1:], None], strict=False):
+                resp.cycles.append(
+                    admin_pb2.CycleRecord(
+                        sequence=c.sequence,
+                        finished_at=timestamp(c.finished_at),
+                        cut_at=timestamp(c.cut_at),
+                        seconds=c.seconds,
+                        bytes=c.bytes,
+                        lag_seconds=max(0.0, c.finished_at - before.cut_at) if before else 0.0,
+                    )
+                )
+            return resp
 
         return await self._read(read)
 

@@ -347,3 +347,15 @@ class DashboardGrant:
     cert_not_after: float
     created_at: float
     expires_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Cycle:
+    """A replication cycle the broker saw commit (its primary's report); host clock."""
+
+    relationship_id: str
+    sequence: int
+    finished_at: float
+    cut_at: float
+    seconds: float
+    bytes: int

@@ -22,6 +22,7 @@ from broker.store.repo.access import AccessQueries
 from broker.store.repo.brokers import BrokerQueries
 from broker.store.repo.clouds import CloudQueries
 from broker.store.repo.commands import CommandQueries
+from broker.store.repo.cycles import CycleQueries
 from broker.store.repo.dashboard import DashboardQueries
 from broker.store.repo.drills import DrillQueries
 from broker.store.repo.inventory import InventoryQueries
@@ -44,6 +45,7 @@ class Tx(
     CommandQueries,
     CloudQueries,
     RelationshipQueries,
+    CycleQueries,
     PlanQueries,
     DrillQueries,
     DashboardQueries,

@@ -147,6 +147,12 @@ class DashboardApi:
     async def protected_vm(self, vm: str) -> admin_pb2.ProtectedVm:
         return await self._call(AdminService.GetProtected, admin_pb2.ProtectedRef(vm=vm))
 
+    async def cycles(self, vm: str, limit: int = 0) -> admin_pb2.ListCyclesResponse:
+        """The VM's recent replication cycles, newest first (``limit`` 0: the API's default)."""
+        return await self._call(
+            AdminService.ListCycles, admin_pb2.ListCyclesRequest(vm=vm, limit=limit)
+        )
+
     async def vm_jobs(self, vm_name: str, limit: int = 20) -> list[admin_pb2.Job]:
         """The VM's newest jobs (target ``vm/NAME``) among the vault's newest
         :data:`VM_JOBS_SCAN` jobs."""

@@ -2661,3 +2661,100 @@ class DashboardLogin(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DashboardLogin: _TypeAlias = DashboardLogin  # noqa: Y015
+
+@_typing.final
+class ListCyclesRequest(_message.Message):
+    """-- cycle history -------------------------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """a protected VM's name or id, or a relationship id"""
+    limit: _builtins.int
+    """newest N (0 = 200; at most 3000)"""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCyclesRequest: _TypeAlias = ListCyclesRequest  # noqa: Y015
+
+@_typing.final
+class CycleRecord(_message.Message):
+    """A replication cycle the broker saw commit, as its primary host reported it (host clock)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    CUT_AT_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    LAG_SECONDS_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    seconds: _builtins.float
+    """how long the cycle took"""
+    bytes: _builtins.int
+    """guest bytes it moved"""
+    lag_seconds: _builtins.float
+    """The RPO lag just before it committed: its finish minus the previous cycle's cut (the most a
+    failover in that interval would have lost); 0 for the oldest cycle listed.
+    """
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def cut_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+        cut_at: _timestamp_pb2.Timestamp | None = ...,
+        seconds: _builtins.float = ...,
+        bytes: _builtins.int = ...,
+        lag_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cut_at", b"cut_at", "finished_at", b"finished_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "cut_at", b"cut_at", "finished_at", b"finished_at", "lag_seconds", b"lag_seconds", "seconds", b"seconds", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CycleRecord: _TypeAlias = CycleRecord  # noqa: Y015
+
+@_typing.final
+class ListCyclesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_NAME_FIELD_NUMBER: _builtins.int
+    RELATIONSHIP_ID_FIELD_NUMBER: _builtins.int
+    CYCLES_FIELD_NUMBER: _builtins.int
+    vm_name: _builtins.str
+    relationship_id: _builtins.str
+    @_builtins.property
+    def cycles(self) -> _containers.RepeatedCompositeFieldContainer[Global___CycleRecord]:
+        """newest first"""
+
+    def __init__(
+        self,
+        *,
+        vm_name: _builtins.str = ...,
+        relationship_id: _builtins.str = ...,
+        cycles: _abc.Iterable[Global___CycleRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycles", b"cycles", "relationship_id", b"relationship_id", "vm_name", b"vm_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCyclesResponse: _TypeAlias = ListCyclesResponse  # noqa: Y015

@@ -329,6 +329,11 @@ class AdminStub:
                 request_serializer=sitepair_dot_v1_dot_admin__pb2.CreateDashboardLoginRequest.SerializeToString,
                 response_deserializer=sitepair_dot_v1_dot_admin__pb2.DashboardLogin.FromString,
                 _registered_method=True)
+        self.ListCycles = channel.unary_unary(
+                '/sitepair.v1.Admin/ListCycles',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.ListCyclesRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.ListCyclesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -699,6 +704,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCycles(self, request, context):
+        """A protected VM's recent replication cycles, newest first (the dashboard's cycle charts).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -996,6 +1008,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.CreateDashboardLogin,
                     request_deserializer=sitepair_dot_v1_dot_admin__pb2.CreateDashboardLoginRequest.FromString,
                     response_serializer=sitepair_dot_v1_dot_admin__pb2.DashboardLogin.SerializeToString,
+            ),
+            'ListCycles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCycles,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.ListCyclesRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.ListCyclesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2591,6 +2608,33 @@ class Admin:
             '/sitepair.v1.Admin/CreateDashboardLogin',
             sitepair_dot_v1_dot_admin__pb2.CreateDashboardLoginRequest.SerializeToString,
             sitepair_dot_v1_dot_admin__pb2.DashboardLogin.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCycles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/ListCycles',
+            sitepair_dot_v1_dot_admin__pb2.ListCyclesRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.ListCyclesResponse.FromString,
             options,
             channel_credentials,
             insecure,

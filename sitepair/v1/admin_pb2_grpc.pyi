@@ -102,6 +102,8 @@ class AdminStub:
     """-- the web dashboard (docs/dashboard.md) --
     A one-time login token for the caller's browser: `operators login --browser`.
     """
+    ListCycles: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCyclesRequest, _admin_pb2.ListCyclesResponse]
+    """A protected VM's recent replication cycles, newest first (the dashboard's cycle charts)."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -177,6 +179,8 @@ class AdminAsyncStub(AdminStub):
     """-- the web dashboard (docs/dashboard.md) --
     A one-time login token for the caller's browser: `operators login --browser`.
     """
+    ListCycles: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCyclesRequest, _admin_pb2.ListCyclesResponse]  # type: ignore[assignment]
+    """A protected VM's recent replication cycles, newest first (the dashboard's cycle charts)."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -603,6 +607,14 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         """-- the web dashboard (docs/dashboard.md) --
         A one-time login token for the caller's browser: `operators login --browser`.
         """
+
+    @_abc_1.abstractmethod
+    def ListCycles(
+        self,
+        request: _admin_pb2.ListCyclesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCyclesResponse, _abc.Awaitable[_admin_pb2.ListCyclesResponse]]:
+        """A protected VM's recent replication cycles, newest first (the dashboard's cycle charts)."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -555,3 +555,36 @@ def test_an_agent_of_an_older_protocol_is_refused_with_the_way_forward(
         assert stream.first().WhichOneof("body") == "welcome"
     finally:
         stream.close()
+
+
+def test_a_hosts_cycle_numbers_never_fail_its_report() -> None:
+    """The cycle history takes a primary's numbers as they come: values a hostile or confused
+    host sends that the store cannot hold (not finite, negative, past 64-bit signed) are left
+    out of the history, or clamped, instead of failing the report's transaction."""
+    import math
+
+    from broker.reports import MAX_STORED_INT, cycle_of
+    from sitepair.protoconv import timestamp
+
+    def status(**fields: object) -> control_pb2.RelationshipStatus:
+        base: dict[str, object] = {
+            "relationship_id": "rel-1",
+            "committed_sequence": 7,
+            "last_success_at": timestamp(2000.0),
+            "last_cut_at": timestamp(1990.0),
+            "last_cycle_seconds": 3.0,
+            "last_cycle_bytes": 4096,
+        }
+        base.update(fields)
+        return control_pb2.RelationshipStatus(**base)  # type: ignore[arg-type]
+
+    good = cycle_of(status())
+    assert good is not None and (good.sequence, good.cut_at, good.bytes) == (7, 1990.0, 4096)
+    assert cycle_of(status(committed_sequence=0)) is None  # no cycle yet
+    assert cycle_of(status(committed_sequence=2**64 - 1)) is None
+    assert cycle_of(status(last_cycle_seconds=math.nan)) is None
+    assert cycle_of(status(last_cycle_seconds=-1.0)) is None
+    assert cycle_of(status(last_cycle_seconds=math.inf)) is None
+    assert cycle_of(status(last_success_at=timestamp(-5.0))) is None
+    clamped = cycle_of(status(last_cycle_bytes=2**64 - 1))
+    assert clamped is not None and clamped.bytes == MAX_STORED_INT

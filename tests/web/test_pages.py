@@ -401,3 +401,48 @@ def test_cycle_chart_scales_into_its_box_and_draws_nothing_without_data() -> Non
     assert ys[2] > ys[0] > ys[1]  # 30 s lowest on the page, 120 s highest
     assert [m[3] for m in drawn.markers] == ["lag: 60 s", "lag: 120 s", "lag: 30 s"]
     assert [t for _, t in drawn.x_ticks] == ["00:16", "01:16", "02:16"]
+
+
+def test_a_vm_page_charts_its_cycles_size_duration_and_lag(dashboard: Dashboard) -> None:
+    """Each cycle the primary reports committed is kept once (ListCycles), and the VM page
+    draws size, duration and lag over them, with the numbers in a table."""
+    s = dashboard.sites
+    setup_pair(s)
+    protect(s, "vm1")
+    a = s.admin
+    for n in range(2):
+        with s.hosts["hv-a1"].backend.open_writer("vm1") as w:  # something for the cycle to send
+            w.write("os", n * MiB, bytes([n + 1]) * (256 << 10))
+            w.flush()
+        done = s.job(
+            a.call(
+                a.stub.ReplicationAction,
+                admin_pb2.ReplicationActionRequest(vm="vm1", action="cycle"),
+            )
+        )
+    last = json.loads(done.steps[0].message)["sequence"]
+    # The history holds what the primary reported: cycles that commit within one report
+    # interval of each other (these two, on demand) may be seen as the later one only.
+    cycles = eventually(
+        lambda: (
+            (c := a.call(a.stub.ListCycles, admin_pb2.ListCyclesRequest(vm="vm1")).cycles)
+            and c[0].sequence == last
+            and c
+        ),
+        what=f"cycle {last} in the history",
+    )
+    assert len(cycles) >= 2
+    sequences = [c.sequence for c in cycles]
+    assert sequences == sorted(set(sequences), reverse=True)  # each once, newest first
+    newest, previous = cycles[0], cycles[1]
+    assert newest.lag_seconds == pytest.approx(
+        newest.finished_at.ToSeconds() - previous.cut_at.ToSeconds(), abs=1
+    )
+    assert (
+        a.call(a.stub.ListCycles, admin_pb2.ListCyclesRequest(vm="vm1", limit=1)).cycles[0]
+        == newest
+    )
+    page = dashboard.get("/vms/vm1").body
+    for drawn in ("cycle-size-chart", "cycle-duration-chart", "cycle-lag-chart"):
+        assert f'<svg id="{drawn}"' in page
+    assert rows(page, "data-cycle")[0] == str(newest.sequence)

@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from broker.services.admin_checks import JOB_STATES
 from broker.store.models import RelationshipState
 from broker.web.api import PLAN_ACTIONS, DashboardApi
-from broker.web.pages.chart import Series, line_chart
+from broker.web.pages.chart import Chart, Series, line_chart
 from broker.web.pages.render import (
     duration_text,
     error_page,
@@ -205,6 +205,75 @@ class PointRow:
     interval: float | None
 
 
+#: Cycles the VM page charts (the newest), and rows of its cycle table.
+CHART_CYCLES, CYCLE_ROWS = 200, 20
+
+
+@dataclasses.dataclass(frozen=True)
+class CycleChart:
+    """One of the VM page's cycle charts: what it shows, its unit, and the chart."""
+
+    id: str
+    title: str
+    chart: Chart
+
+
+@dataclasses.dataclass(frozen=True)
+class CycleRow:
+    sequence: int
+    finished_at: str
+    seconds: float
+    bytes: int
+    lag_seconds: float
+
+    @classmethod
+    def of(cls, c: admin_pb2.CycleRecord) -> CycleRow:
+        return cls(c.sequence, timestamp_iso(c.finished_at), c.seconds, c.bytes, c.lag_seconds)
+
+
+def cycle_charts(cycles: list[admin_pb2.CycleRecord]) -> list[CycleChart]:
+    """Size, duration and lag of ``cycles`` (oldest first) over time: three charts, since their
+    units differ; none before two cycles."""
+    if len(cycles) < 2:
+        return []
+    at = [float(c.finished_at.ToSeconds()) for c in cycles]
+    ticks = {
+        x: utc_text(timestamp_iso(c.finished_at))[11:16] for x, c in zip(at, cycles, strict=True)
+    }
+    shown = [
+        (
+            "cycle-size",
+            "Size of each cycle (MiB)",
+            "MiB",
+            "size",
+            [c.bytes / (1 << 20) for c in cycles],
+        ),
+        (
+            "cycle-duration",
+            "Duration of each cycle (seconds)",
+            "s",
+            "duration",
+            [c.seconds for c in cycles],
+        ),
+        (
+            "cycle-lag",
+            "RPO lag just before each cycle committed (seconds)",
+            "s",
+            "lag",
+            [c.lag_seconds for c in cycles[1:]],
+        ),
+    ]
+    charts = []
+    for id_, title, unit, css, values in shown:
+        xs = at[len(at) - len(values) :]
+        chart = line_chart(
+            [Series(title, css, list(zip(xs, values, strict=True)))], y_label=unit, x_text=ticks
+        )
+        if chart is not None:
+            charts.append(CycleChart(id_, title, chart))
+    return charts
+
+
 @handled
 async def vm(request: web.Request, api: DashboardApi) -> web.StreamResponse:
     pv = await api.protected_vm(request.match_info["name"])
@@ -220,23 +289,15 @@ async def vm(request: web.Request, api: DashboardApi) -> web.StreamResponse:
         interval = float(cut_at - points[i - 1][1]) if i else None
         iso = timestamp_iso(Timestamp(seconds=cut_at))
         rows.append(PointRow(sequence, iso, app_consistent, interval))
-    lag = [
-        (float(cut_at), r.interval, r.cut_at)
-        for (_, cut_at, _), r in zip(points, rows, strict=True)
-        if r.interval is not None
-    ]
-    chart = line_chart(
-        [Series("lag before the point", "lag", [(x, y) for x, y, _ in lag])],
-        y_label="s",
-        x_text={x: utc_text(iso)[11:16] for x, _, iso in lag},
-    )
+    cycles = list(reversed((await api.cycles(pv.relationship_id, CHART_CYCLES)).cycles))
     return await page(
         request,
         api,
         "vm.html",
         vm=pv,
         points=list(reversed(rows)),
-        chart=chart,
+        charts=cycle_charts(cycles),
+        cycles=[CycleRow.of(c) for c in reversed(cycles[-CYCLE_ROWS:])],
         jobs=await api.vm_jobs(pv.vm_name),
         has_rpo=pv.HasField("rpo_seconds"),
     )

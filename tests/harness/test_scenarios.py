@@ -25,10 +25,12 @@ SHORT = {
 }
 
 
-#: rpo-hold soaks for 40 s: it runs in make test-slow, so the default run stays under 15 minutes
-#: (each of the others takes seconds).
+#: rpo-hold soaks for 40 s, bad-link and kill-soak take half a minute each: they run in make
+#: test-slow (CI runs both), so the default run stays under 15 minutes (the others take seconds).
+SLOW_LOOPBACK = {"rpo-hold", "bad-link", "kill-soak"}
 LOOPBACK = [
-    pytest.param(name, marks=pytest.mark.slow) if name == "rpo-hold" else name for name in SHORT
+    pytest.param(name, marks=pytest.mark.slow) if name in SLOW_LOOPBACK else name
+    for name in SHORT
 ]
 
 

@@ -146,6 +146,7 @@ def setup(pair: Pair, tmp_path: Path):  # type: ignore[no-untyped-def]
     receiver.stop()
 
 
+@pytest.mark.slow  # about 30 s each: in make test-slow, which CI runs too
 def test_receiver_killed_at_random_moments(setup) -> None:  # type: ignore[no-untyped-def]
     pair, backend, vm, config, receiver, root, tmp_path = setup
     rng = random.Random(1234)
@@ -201,6 +202,7 @@ def test_receiver_killed_at_random_moments(setup) -> None:  # type: ignore[no-un
     assert mid_cycle >= KILLS // 4, f"only {mid_cycle} of {KILLS} kills hit a cycle in flight"
 
 
+@pytest.mark.slow
 def test_sender_killed_at_random_moments(setup) -> None:  # type: ignore[no-untyped-def]
     pair, backend, vm, _config, receiver, root, tmp_path = setup
     rng = random.Random(99)

@@ -1,4 +1,4 @@
-"""The dashboard's pages (docs/dashboard-pages.md): every route but sign-in and sign-out.
+"""The dashboard's pages (docs/dashboard.md): every route but sign-in and sign-out.
 
 ``add_routes(app)`` is called by ``broker.web.server.create_app``; the authentication middleware
 has set ``request[broker.web.OPERATOR]`` and ``request[broker.web.CSRF]`` before any handler

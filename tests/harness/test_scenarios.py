@@ -29,8 +29,7 @@ SHORT = {
 #: test-slow (CI runs both), so the default run stays under 15 minutes (the others take seconds).
 SLOW_LOOPBACK = {"rpo-hold", "bad-link", "kill-soak"}
 LOOPBACK = [
-    pytest.param(name, marks=pytest.mark.slow) if name in SLOW_LOOPBACK else name
-    for name in SHORT
+    pytest.param(name, marks=pytest.mark.slow) if name in SLOW_LOOPBACK else name for name in SHORT
 ]
 
 

@@ -5,7 +5,8 @@ home refuses before it opens the store or changes anything, since a broker that 
 marks every host disconnected and writes ``run/broker.json``. It then opens the store (SQLite
 in the home, or the PostgreSQL database that ``[store]`` names), joins the brokers sharing it
 (leader election), loads the CA, binds the enrollment port (server TLS) and the control/admin
-port (mutual TLS, ``require_client_auth``), and starts the sibling tasks (heartbeat writer,
+port (mutual TLS, ``require_client_auth``) and, when ``[dashboard] enabled``, the web dashboard
+(HTTPS, :mod:`broker.web`), and starts the sibling tasks (heartbeat writer,
 liveness monitor, certificate renewal); the liveness monitor, the health loop and job recovery
 run on the leader only (:mod:`broker.store.postgres` says why). ``Broker.shutdown()`` is
 idempotent: it stops accepting, tells connected agents Goodbye(SHUTTING_DOWN), lets calls drain
@@ -63,6 +64,7 @@ from broker.store.base import Store
 from broker.store.leadership import Leadership, LeaseLeadership, SoleLeadership
 from broker.store.sqlite import SqliteStore
 from broker.verify import VerifyScheduler
+from broker.web.server import DashboardServer
 from sitepair import pki, tickets
 from sitepair.clock import SYSTEM_CLOCK, Clock
 from sitepair.errors import ConfigError, FailedPrecondition
@@ -234,6 +236,8 @@ class Broker:
         self.metrics_address = ""
         #: Starts the scheduled drills (:mod:`broker.drills`); made by :meth:`start`.
         self.drill_scheduler: DrillScheduler | None = None
+        #: The web dashboard (:mod:`broker.web`), when ``[dashboard] enabled``.
+        self.dashboard: DashboardServer | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> BrokerContext:
@@ -425,6 +429,9 @@ class Broker:
             self.metrics_address = await asyncio.to_thread(
                 self.metrics.serve, cfg.metrics, home.root
             )
+        if cfg.dashboard.enabled:
+            self.dashboard = DashboardServer(ctx, home, requests=self.metrics.dashboard_requests)
+            ctx.bound_dashboard = await self.dashboard.start()
 
         if store.shared:
             self.leadership = LeaseLeadership(
@@ -467,6 +474,7 @@ class Broker:
                     "vault": cfg.vault,
                     "enrollment": ctx.bound_enrollment,
                     "control": ctx.bound_control,
+                    "dashboard": ctx.bound_dashboard,
                     "store": store.description,
                     "broker": self.broker_id,
                     "leader": leadership.is_leader,
@@ -496,6 +504,8 @@ class Broker:
             "enrollment": self.ctx.bound_enrollment,
             "control": self.ctx.bound_control,
         }
+        if self.ctx.bound_dashboard:
+            doc["dashboard"] = self.ctx.bound_dashboard
         atomic_write(self.home.run_file, (json.dumps(doc, indent=2) + "\n").encode())
         self._wrote_run_file = True
 
@@ -556,6 +566,8 @@ class Broker:
         for server in (self._enroll_server, self._control_server):
             if server is not None:
                 await server.stop(grace)
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         if self._liveness is not None:
             await self._liveness.shutdown()
         # Give the leader lease up while the store is still open: another broker leads at once.

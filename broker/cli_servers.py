@@ -7,12 +7,14 @@ Registration keys let hosts register; servers are the registered hosts; operator
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from broker.cli_jobs import add_wait, job_command, show_job_result
 from broker.cli_support import PROG, AddCommand, Subcommands, admin_client, int_range, ts
 from broker.services.admin import MAX_KEY_USES
-from sitepair import pki
+from sitepair import addresses, pki
 from sitepair.cliutil import EXIT_ERROR, EXIT_OK, confirm, print_json, print_table, proto_to_dict
 from sitepair.clock import iso
 from sitepair.durations import format_size, parse_duration
@@ -267,6 +269,43 @@ def cmd_operators_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def dashboard_url(address: str, dialed: str, token: str) -> str:
+    """The sign-in URL of a dashboard bound at ``address``; a wildcard host is replaced by the
+    host the admin API was dialed at (the same broker)."""
+    host, port = addresses.check_host_port(address, "the dashboard address")
+    if addresses.is_wildcard(host):
+        host, _ = addresses.check_host_port(dialed, "the broker address")
+    return f"https://{addresses.join(host, port)}/login?token={token}"
+
+
+def _has_display() -> bool:
+    if sys.platform in ("win32", "darwin"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def cmd_operators_login(args: argparse.Namespace) -> int:
+    if not args.browser:
+        raise InvalidArgument(
+            "say where to sign in: --browser",
+            hint=f"`{PROG} operators login --browser` prints a one-time link that signs a web "
+            "browser in to the dashboard",
+        )
+    with admin_client(args) as c:
+        login = c.call(c.stub.CreateDashboardLogin, admin_pb2.CreateDashboardLoginRequest())
+        url = dashboard_url(login.address, c.address, login.token)
+    if args.json:
+        print_json({"url": url, "expires_at": ts(login.expires_at)})
+        return EXIT_OK
+    print(f"open this link within a minute; it signs one browser in, once:\n  {url}")
+    if not args.no_open and _has_display():
+        import webbrowser
+
+        if not webbrowser.open(url):
+            print("(no web browser could be started here: open the link yourself)")
+    return EXIT_OK
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 
@@ -327,3 +366,16 @@ def register(sub: Subcommands, add: AddCommand) -> None:
     )
     sp.add_argument("operator", help='name or id ("local-admin" for a home\'s own operator)')
     sp.add_argument("--yes", action="store_true", help="do not ask")
+    sp = add(
+        ops,
+        "login",
+        cmd_operators_login,
+        "sign a web browser in to the dashboard as this profile's operator",
+    )
+    sp.add_argument(
+        "--browser",
+        action="store_true",
+        help="print a one-time sign-in link for the dashboard (valid for a minute), and open "
+        "it when this machine has a display",
+    )
+    sp.add_argument("--no-open", action="store_true", help="only print the link")

@@ -112,6 +112,53 @@ class StoreConfig:
     leader_lease: float = 15.0
 
 
+#: The dashboard's default port (docs/dashboard.md): beside the control port 8443.
+DASHBOARD_PORT = 9443
+
+
+@dataclasses.dataclass(frozen=True)
+class DashboardConfig:
+    """``[dashboard]``: the web dashboard (:mod:`broker.web`), HTTPS only, off by default.
+    Relative paths are relative to the home."""
+
+    #: Serve the dashboard at all.
+    enabled: bool = False
+    #: HOST:PORT to listen on (port 0 picks a free one: tests). Operators' browsers dial it.
+    listen: str = f"127.0.0.1:{DASHBOARD_PORT}"
+    #: PEM certificate (chain) and key from the operator's own PKI, both or neither; empty =
+    #: the broker's own serving certificate (``tls/``), renewed and reloaded automatically.
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: How long a browser session lasts after ``operators login --browser`` signs it in.
+    session_lifetime: float = 8 * 3600.0
+
+
+#: Longest and shortest session a browser may keep.
+MAX_SESSION_LIFETIME = 24 * 3600.0
+MIN_SESSION_LIFETIME = 60.0
+
+
+def check_dashboard(dashboard: DashboardConfig, where: str = "[dashboard]") -> None:
+    """Refuse dashboard settings that cannot work (ConfigError naming the setting)."""
+    try:
+        addresses.check_host_port(dashboard.listen, f"{where} listen", allow_zero=True)
+    except InvalidArgument as exc:
+        raise ConfigError(
+            exc.message, hint=exc.hint or f'for example listen = "127.0.0.1:{DASHBOARD_PORT}"'
+        ) from exc
+    if bool(dashboard.tls_cert) != bool(dashboard.tls_key):
+        raise ConfigError(
+            f"{where} tls_cert and tls_key go together: set both, or neither",
+            hint="leave both empty to serve with the broker's own certificate (tls/)",
+        )
+    if not MIN_SESSION_LIFETIME <= dashboard.session_lifetime <= MAX_SESSION_LIFETIME:
+        raise ConfigError(
+            f"{where} session_lifetime must be between 1m and 24h, "
+            f"not {format_duration(dashboard.session_lifetime)}",
+            hint='the default is "8h": a working day, then `operators login --browser` again',
+        )
+
+
 def check_store(store: StoreConfig, where: str = "[store]") -> None:
     """Refuse a store setting that cannot work, and a password written into the DSN."""
     if store.backend not in STORE_BACKENDS:
@@ -262,6 +309,8 @@ class BrokerConfig:
     verify: VerifyConfig = dataclasses.field(default_factory=VerifyConfig)
     #: The Prometheus endpoint (off by default): :mod:`sitepair.metrics`, docs/metrics.md.
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    #: The web dashboard (off by default): :mod:`broker.web`, docs/dashboard.md.
+    dashboard: DashboardConfig = DashboardConfig()
 
 
 _KIND_NAMES = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
@@ -280,6 +329,7 @@ _DURATION_FIELDS = {
     "check_every",
     "clock_skew_warning",
     "clock_skew_critical",
+    "session_lifetime",
 }
 
 
@@ -334,6 +384,7 @@ def parse(text: str, *, source: str = "broker.toml") -> BrokerConfig:
         "store": StoreConfig,
         "verify": VerifyConfig,
         "metrics": MetricsConfig,
+        "dashboard": DashboardConfig,
     }
     unknown = sorted(set(doc) - set(sections))
     if unknown:
@@ -349,6 +400,7 @@ def parse(text: str, *, source: str = "broker.toml") -> BrokerConfig:
     check_network(cfg, source)
     check_store(cfg.store, f"{source} [store]")
     check_metrics(cfg.metrics, f"{source} [metrics]")
+    check_dashboard(cfg.dashboard, f"{source} [dashboard]")
     v = cfg.verify
     if v.interval < 0 or v.concurrent < 1 or v.retry <= 0 or v.check_every <= 0:
         raise ConfigError(
@@ -471,6 +523,17 @@ listen = "127.0.0.1:9464"
 tls_cert = ""
 tls_key = ""
 client_ca = ""
+
+[dashboard]
+# The web dashboard (docs/dashboard.md), HTTPS only. Off by default. Operators sign in with
+# their admin certificate, or with `sitepair-broker operators login --browser`.
+enabled = false
+listen = "127.0.0.1:{DASHBOARD_PORT}"
+# Empty: the broker's own serving certificate (tls/), renewed and reloaded automatically; or
+# a certificate and key from your own PKI (PEM; both or neither).
+tls_cert = ""
+tls_key = ""
+session_lifetime = "8h"      # a browser session, at most; 1m to 24h
 """
 
 

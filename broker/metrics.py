@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -301,6 +301,13 @@ class BrokerMetrics:
         )
         for kind in ("read", "write"):
             self.store_seconds.labels(kind)  # present from the start, at zero
+        #: Responses of the web dashboard (:mod:`broker.web.server`), refusals included.
+        self.dashboard_requests = Counter(
+            "sitepair_dashboard_requests",
+            "Responses of this broker's web dashboard, by HTTP status.",
+            labelnames=("status",),
+            registry=self.registry,
+        )
         self.registry.register(StoreCollector(store, clock, sessions, agent_lifetime))
         self.registry.register(_BrokerCertificates(serving_not_after, ca_cert_not_after))
         self.store = store

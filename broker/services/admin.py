@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 
-from broker import operators, paging
+from broker import dashboard_logins, operators, paging
 from broker.convert import job_to_proto, key_to_proto, server_to_proto
 from broker.services.admin_checks import check_job_state, check_site
 from broker.services.admin_drills import DrillAdmin
@@ -22,7 +22,7 @@ from broker.services.admin_protection import ProtectionAdmin
 from broker.store.models import Job, Operator, RegistrationKey, Server
 from broker.store.sqlite import Tx
 from sitepair import __version__, credentials, pki
-from sitepair.errors import InvalidArgument, NotFound
+from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound
 from sitepair.protoconv import timestamp
 from sitepair.rpc import rpc
 from sitepair.v1 import admin_pb2, admin_pb2_grpc
@@ -326,6 +326,28 @@ class AdminService(ProtectionAdmin, DrillAdmin, admin_pb2_grpc.AdminServicer):
             clock=ctx.clock,
         )
         return _operator_proto(op)
+
+    @rpc(roles=ADMIN)
+    async def CreateDashboardLogin(
+        self,
+        request: admin_pb2.CreateDashboardLoginRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        identity: pki.Identity,
+    ) -> admin_pb2.DashboardLogin:
+        ctx = self.ctx
+        if not ctx.bound_dashboard:
+            raise FailedPrecondition(
+                "this broker does not serve the web dashboard",
+                hint="set [dashboard] enabled = true in its broker.toml and restart it "
+                "(docs/dashboard.md)",
+            )
+        login = await dashboard_logins.create_login(ctx.store, ctx.clock, identity)
+        log.info("dashboard login token issued", extra={"fields": {"operator": identity.id}})
+        return admin_pb2.DashboardLogin(
+            token=login.token,
+            expires_at=timestamp(login.expires_at),
+            address=ctx.bound_dashboard,
+        )
 
     # -- jobs -------------------------------------------------------------------------------
     @rpc(roles=ADMIN)

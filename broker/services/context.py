@@ -57,6 +57,8 @@ class BrokerContext:
     ca_rotation: CaRotation
     bound_enrollment: str = ""
     bound_control: str = ""
+    #: Where the web dashboard listens ("" = off: ``[dashboard] enabled = false``).
+    bound_dashboard: str = ""
 
     def enrollment_addresses(self) -> list[str]:
         return list(self.config.advertise.enrollment) or [self.bound_enrollment]

@@ -328,3 +328,22 @@ class DrillSchedule:
     next_at: float
     set_by: str
     updated_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DashboardGrant:
+    """A way into the web dashboard (:mod:`broker.web.logins`): a one-time login token, or the
+    browser session it became. The store keeps only the hash of its secret, and the identity of
+    the operator's certificate, which is authorised again on every use."""
+
+    #: SHA-256 (hex) of the secret (the token, or the session cookie).
+    id: str
+    operator: str
+    vault: str
+    role: str
+    site: str
+    #: The operator certificate's serial number (hex) and expiry.
+    cert_serial: str
+    cert_not_after: float
+    created_at: float
+    expires_at: float

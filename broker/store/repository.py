@@ -22,6 +22,7 @@ from broker.store.repo.access import AccessQueries
 from broker.store.repo.brokers import BrokerQueries
 from broker.store.repo.clouds import CloudQueries
 from broker.store.repo.commands import CommandQueries
+from broker.store.repo.dashboard import DashboardQueries
 from broker.store.repo.drills import DrillQueries
 from broker.store.repo.inventory import InventoryQueries
 from broker.store.repo.jobs import JobQueries
@@ -45,5 +46,6 @@ class Tx(
     RelationshipQueries,
     PlanQueries,
     DrillQueries,
+    DashboardQueries,
 ):
     """The repository: every query the broker makes, inside one transaction."""

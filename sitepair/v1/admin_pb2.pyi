@@ -2612,3 +2612,52 @@ class CaStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CaStatus: _TypeAlias = CaStatus  # noqa: Y015
+
+@_typing.final
+class CreateDashboardLoginRequest(_message.Message):
+    """-- the web dashboard -------------------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDashboardLoginRequest: _TypeAlias = CreateDashboardLoginRequest  # noqa: Y015
+
+@_typing.final
+class DashboardLogin(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """Open https://<dashboard>/login?token=<token> once, before expires_at (a minute): the browser
+    gets a session for the operator who asked, which the broker re-authorises on every request.
+    """
+    address: _builtins.str
+    """Where this broker's dashboard listens (HOST:PORT as bound; a wildcard host means "any
+    address of this broker": dial the one used for the admin API).
+    """
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "expires_at", b"expires_at", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DashboardLogin: _TypeAlias = DashboardLogin  # noqa: Y015

@@ -324,6 +324,11 @@ class AdminStub:
                 request_serializer=sitepair_dot_v1_dot_admin__pb2.GetDrillRequest.SerializeToString,
                 response_deserializer=sitepair_dot_v1_dot_admin__pb2.Drill.FromString,
                 _registered_method=True)
+        self.CreateDashboardLogin = channel.unary_unary(
+                '/sitepair.v1.Admin/CreateDashboardLogin',
+                request_serializer=sitepair_dot_v1_dot_admin__pb2.CreateDashboardLoginRequest.SerializeToString,
+                response_deserializer=sitepair_dot_v1_dot_admin__pb2.DashboardLogin.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -686,6 +691,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateDashboardLogin(self, request, context):
+        """-- the web dashboard (docs/dashboard.md) --
+        A one-time login token for the caller's browser: `operators login --browser`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -978,6 +991,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetDrill,
                     request_deserializer=sitepair_dot_v1_dot_admin__pb2.GetDrillRequest.FromString,
                     response_serializer=sitepair_dot_v1_dot_admin__pb2.Drill.SerializeToString,
+            ),
+            'CreateDashboardLogin': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateDashboardLogin,
+                    request_deserializer=sitepair_dot_v1_dot_admin__pb2.CreateDashboardLoginRequest.FromString,
+                    response_serializer=sitepair_dot_v1_dot_admin__pb2.DashboardLogin.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2546,6 +2564,33 @@ class Admin:
             '/sitepair.v1.Admin/GetDrill',
             sitepair_dot_v1_dot_admin__pb2.GetDrillRequest.SerializeToString,
             sitepair_dot_v1_dot_admin__pb2.Drill.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateDashboardLogin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sitepair.v1.Admin/CreateDashboardLogin',
+            sitepair_dot_v1_dot_admin__pb2.CreateDashboardLoginRequest.SerializeToString,
+            sitepair_dot_v1_dot_admin__pb2.DashboardLogin.FromString,
             options,
             channel_credentials,
             insecure,

@@ -98,6 +98,10 @@ class AdminStub:
     ListDrills: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDrillsRequest, _admin_pb2.ListDrillsResponse]
     """Newest first. Paging: see ListVmsRequest."""
     GetDrill: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetDrillRequest, _admin_pb2.Drill]
+    CreateDashboardLogin: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateDashboardLoginRequest, _admin_pb2.DashboardLogin]
+    """-- the web dashboard (docs/dashboard.md) --
+    A one-time login token for the caller's browser: `operators login --browser`.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -169,6 +173,10 @@ class AdminAsyncStub(AdminStub):
     ListDrills: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDrillsRequest, _admin_pb2.ListDrillsResponse]  # type: ignore[assignment]
     """Newest first. Paging: see ListVmsRequest."""
     GetDrill: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetDrillRequest, _admin_pb2.Drill]  # type: ignore[assignment]
+    CreateDashboardLogin: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateDashboardLoginRequest, _admin_pb2.DashboardLogin]  # type: ignore[assignment]
+    """-- the web dashboard (docs/dashboard.md) --
+    A one-time login token for the caller's browser: `operators login --browser`.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -585,6 +593,16 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetDrillRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Drill, _abc.Awaitable[_admin_pb2.Drill]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateDashboardLogin(
+        self,
+        request: _admin_pb2.CreateDashboardLoginRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DashboardLogin, _abc.Awaitable[_admin_pb2.DashboardLogin]]:
+        """-- the web dashboard (docs/dashboard.md) --
+        A one-time login token for the caller's browser: `operators login --browser`.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -30,6 +30,8 @@ BROKER_METRICS = {
     "sitepair_drill_last_result": "gauge",
     "sitepair_drill_last_run_timestamp_seconds": "gauge",
     "sitepair_drill_last_success_timestamp_seconds": "gauge",
+    # served with no sample until the web dashboard answers (tests/web counts them)
+    "sitepair_dashboard_requests": "counter",
 }
 
 AGENT_METRICS = {

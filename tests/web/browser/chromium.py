@@ -99,10 +99,12 @@ class Chromium:
             self._manager.__exit__(None, None, None)
             raise
 
-    def operator(self, origin: str, cert: Path, key: Path) -> BrowserContext:
-        """A browser context presenting the certificate ``cert``/``key`` to ``origin``."""
+    def operator(self, origin: str, cert: Path, key: Path, **options: Any) -> BrowserContext:
+        """A browser context presenting the certificate ``cert``/``key`` to ``origin``
+        (``options``: more of Playwright's context options, e.g. ``timezone_id``)."""
         return self.context(
-            client_certificates=[{"origin": origin, "certPath": str(cert), "keyPath": str(key)}]
+            client_certificates=[{"origin": origin, "certPath": str(cert), "keyPath": str(key)}],
+            **options,
         )
 
     def context(self, **options: Any) -> BrowserContext:

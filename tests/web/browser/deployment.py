@@ -18,7 +18,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.client import AdminClient
 from broker.operators import LOCAL_OPERATOR
@@ -168,10 +168,12 @@ class Deployment:
         url: str = json.loads(out.stdout)["url"]
         return url
 
-    def operator_context(self) -> BrowserContext:
+    def operator_context(self, **options: Any) -> BrowserContext:
         """A browser with the local operator's certificate (``admin/admin.crt``) imported."""
         admin = self.home.admin_dir
-        return self.chromium.operator(self.origin, admin / "admin.crt", admin / "admin.key")
+        return self.chromium.operator(
+            self.origin, admin / "admin.crt", admin / "admin.key", **options
+        )
 
     # -- life cycle -----------------------------------------------------------------------------
 

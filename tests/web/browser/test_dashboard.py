@@ -8,6 +8,7 @@ server-sent events, and is gone after any navigation or reload.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from pathlib import Path
 
@@ -36,7 +37,9 @@ LIVE = 45_000
 #: same-origin`` (still no Referer to any other site): with it these tests pass. Strict, so the
 #: fix makes them fail until this mark is removed.
 FORMS_REFUSED = pytest.mark.xfail(
-    strict=True, reason="core refuses the Origin: null a browser sends under no-referrer"
+    strict=True,
+    raises=AssertionError,
+    reason="core refuses the Origin: null a browser sends under no-referrer",
 )
 
 
@@ -231,6 +234,46 @@ def test_a_test_failover_and_its_cleanup_from_the_plan_page(
     assert cleanup.state == "succeeded" and cleanup.created_by == OPERATOR
     assert cleanup.id != test.id
     assert not deployment.sites.protected("web1").HasField("test_failover")
+
+
+# -- in the operator's zone, by keyboard --------------------------------------------------------
+
+
+def test_times_are_shown_in_the_browser_s_zone_with_utc_on_hover(deployment: Deployment) -> None:
+    deployment.protected("web1")
+    tokyo = deployment.operator_context(timezone_id="Asia/Tokyo", locale="en-US")
+    try:
+        page = tokyo.new_page()
+        page.goto(deployment.origin + "/vms/web1")
+        when = page.locator("section#points time").first
+        expect(when).to_contain_text("GMT+9")  # app.js: the browser's zone (UTC+9, no DST)
+        stamp = dt.datetime.fromisoformat(str(when.get_attribute("datetime")))
+        local = stamp.astimezone(dt.timezone(dt.timedelta(hours=9)))
+        assert local.strftime("%I:%M:%S") in when.inner_text()
+        title = str(when.get_attribute("title"))
+        assert title.endswith(" UTC") and stamp.strftime("%H:%M:%S") in title
+    finally:
+        tokyo.close()
+
+
+def test_the_keyboard_reaches_every_section_with_a_visible_focus(
+    deployment: Deployment, operator: BrowserContext
+) -> None:
+    page = operator.new_page()
+    page.goto(deployment.origin + "/vms")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent.trim()") == "Skip to the content"
+    focus = """() => {
+        const e = document.activeElement, s = getComputedStyle(e);
+        return [e.textContent.trim(), s.outlineStyle, s.outlineWidth];
+    }"""
+    for label in ("Servers", "Clouds", "VMs", "Jobs", "Plans", "Drills"):
+        page.keyboard.press("Tab")
+        name, style, width = page.evaluate(focus)
+        assert name == label
+        assert style != "none" and width != "0px", (label, style, width)
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(deployment.origin + "/drills")
 
 
 # -- the main pages, as pictures ----------------------------------------------------------------

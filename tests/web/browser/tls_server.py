@@ -86,9 +86,7 @@ class TlsServer:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
         await site.start()
-        server = site._server  # aiohttp exposes the bound port only here
-        assert server is not None
-        port: int = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        port: int = runner.addresses[0][1]
         return runner, port
 
     def close(self) -> None:

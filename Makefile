@@ -34,3 +34,4 @@ bench: setup
 	$(PY) bench/vdisk.py
 	$(PY) bench/control_plane.py
 	$(PY) bench/replication.py
+	$(PY) bench/dashboard.py

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything sitepair needs on a fresh Debian machine, idempotently:
 #   - Debian packages the tests and the demo use (qemu-utils, libvhdi-utils, rsync, iproute2,
-#     postgresql), installed with apt-get when running as root and missing;
+#     postgresql, chromium), installed with apt-get when running as root and missing;
 #   - a virtual environment in .venv with the project (editable) and its dev tools, pinned by
 #     requirements/constraints.txt.
 # Re-running is cheap: the venv step is skipped while pyproject.toml and the constraints are unchanged.
@@ -11,9 +11,13 @@ cd "$(dirname "$0")/.."
 # qemu-system-x86 and the rest of the second group: the test guest (tests/support/guest.py)
 # is built from Debian packages (busybox, e2fsck, a FAT boot disk with SYSLINUX) and booted by
 # QEMU; apt (apt-get download) fetches its kernel package at test time.
+# chromium and libnss3-tools: the dashboard's browser tests (tests/web/browser) drive Debian's
+# headless Chromium with Playwright (`playwright install` cannot download browsers here) and
+# trust the vault CA in the browser's NSS database with certutil, as an operator would.
 DEBS=(qemu-utils libvhdi-utils rsync iproute2 postgresql make
       qemu-system-x86 busybox-static e2fsprogs dosfstools mtools syslinux syslinux-common apt
-      qemu-guest-agent)
+      qemu-guest-agent
+      chromium libnss3-tools)
 missing=()
 for p in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

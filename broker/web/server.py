@@ -40,7 +40,9 @@ CONTENT_SECURITY_POLICY = (
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" with the
+    # dashboard's own forms, which the CSRF defence must refuse; no Referer leaves the site.
+    "Referrer-Policy": "same-origin",
 }
 #: Static files (scripts, styles) may be cached; pages never are.
 STATIC_PREFIX = "/static/"

@@ -128,7 +128,7 @@ def test_security_headers_on_every_response(dashboard: Dashboard) -> None:
         assert "script-src 'self'" in h["Content-Security-Policy"]
         assert "frame-ancestors 'none'" in h["Content-Security-Policy"]
         assert h["X-Content-Type-Options"] == "nosniff", what
-        assert h["Referrer-Policy"] == "no-referrer", what
+        assert h["Referrer-Policy"] == "same-origin", what
         assert h["Cache-Control"] == "no-store", what
     static = fetch(f"{dashboard.url}/static/app.css", dashboard.admin())
     assert static.status == 200 and "Cache-Control" not in static.headers

@@ -29,19 +29,6 @@ from playwright.sync_api import BrowserContext, Page, expect
 #: Long enough for a throttled initial copy, a test failover, or a host turning Critical.
 LIVE = 45_000
 
-#: A real browser posts the dashboard's forms with ``Origin: null``: the pages are served with
-#: ``Referrer-Policy: no-referrer``, and the Fetch standard then serializes a POST's origin as
-#: "null" (Chromium does). broker/web/auth.py refuses any Origin that is not
-#: ``https://<host>``, so every form (sign out, a plan action's confirmation) is refused with
-#: 403 "This form was sent from another site". Fixed by serving ``Referrer-Policy:
-#: same-origin`` (still no Referer to any other site): with it these tests pass. Strict, so the
-#: fix makes them fail until this mark is removed.
-FORMS_REFUSED = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="core refuses the Origin: null a browser sends under no-referrer",
-)
-
 
 def mark_document(page: Page) -> None:
     page.evaluate("window.sitepairTestMark = 'still here'")
@@ -105,7 +92,6 @@ def test_an_operator_signs_in_through_the_cli_s_login_link(deployment: Deploymen
         stranger.close()
 
 
-@FORMS_REFUSED
 def test_signing_out_ends_the_session(deployment: Deployment) -> None:
     browser = deployment.chromium.context()
     try:
@@ -212,7 +198,6 @@ def run_plan_action(page: Page, d: Deployment, action: str) -> admin_pb2.Job:
     return job
 
 
-@FORMS_REFUSED
 def test_a_test_failover_and_its_cleanup_from_the_plan_page(
     deployment: Deployment, operator: BrowserContext
 ) -> None:

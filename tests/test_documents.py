@@ -126,7 +126,12 @@ def test_result_fields_show_zero_values() -> None:
     result = control_pb2.CommandResult(
         run_script=control_pb2.RunScriptResult(script="s.sh", exit_status=0, output="")
     )
-    assert documents.result_fields(result) == {"script": "s.sh", "exit_status": 0, "output": ""}
+    assert documents.result_fields(result) == {
+        "script": "s.sh",
+        "exit_status": 0,
+        "output": "",
+        "timed_out": False,
+    }
     assert documents.result_fields(control_pb2.CommandResult()) == {}
 
 

@@ -196,6 +196,7 @@ class AdminService(ProtectionAdmin, DrillAdmin, admin_pb2_grpc.AdminServicer):
 
             def convert(s: Server) -> admin_pb2.Server:
                 msg = server_to_proto(s, vm_count=counts.get(s.id, 0))
+                msg.cloud = tx.cloud_of(s.id) or ""
                 return paging.trim(msg, ["metrics", "facts"])
 
             servers, token = paging.fill(rows, size, convert, lambda s: (s.site, s.name, s.id))
@@ -216,6 +217,7 @@ class AdminService(ProtectionAdmin, DrillAdmin, admin_pb2_grpc.AdminServicer):
             msg = server_to_proto(
                 server, tx.get_inventory(server.id), with_inventory=True, vm_count=count
             )
+            msg.cloud = tx.cloud_of(server.id) or ""
             return paging.trim(
                 msg, ["inventory", "metrics", "facts"], limit=paging.MAX_RESPONSE_BYTES
             )

@@ -1514,6 +1514,7 @@ class Server(_message.Message):
     agent_version: _builtins.str
     vm_count: _builtins.int
     cloud: _builtins.str
+    """the cloud the host is in ("" = none yet; `clouds add-host`)"""
     clock_offset_seconds: _builtins.float
     """the host's clock minus the broker's, at the last heartbeat"""
     @_builtins.property

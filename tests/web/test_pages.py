@@ -245,6 +245,10 @@ def test_servers_and_clouds_pages(dashboard: Dashboard) -> None:
     assert re.search(r'<td class="cert"><time datetime=', row)
     version = s.admin.call(s.admin.stub.GetServer, admin_pb2.GetServerRequest(server="hv-a1"))
     assert f'<td class="version">{version.agent_version}</td>' in row
+    # The cloud an operator placed the host in (the admin API's Server.cloud, also GetServer).
+    assert "<td>cloud-a</td>" in row and version.cloud == "cloud-a"
+    listed = s.admin.call(s.admin.stub.ListServers, admin_pb2.ListServersRequest()).servers
+    assert {x.name: x.cloud for x in listed}["hv-b2"] == "cloud-b"
 
     def metrics_shown() -> str:
         page = dashboard.get("/servers").body

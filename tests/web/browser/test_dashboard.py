@@ -261,6 +261,28 @@ def test_the_keyboard_reaches_every_section_with_a_visible_focus(
     expect(page).to_have_url(deployment.origin + "/drills")
 
 
+def test_a_phone_sized_screen_scrolls_tables_not_pages(
+    deployment: Deployment, operator: BrowserContext
+) -> None:
+    """On a phone (390 px wide) the nav wraps and stays whole, and a wide table scrolls inside
+    its own box: the page itself never needs scrolling sideways."""
+    deployment.protected("web1")
+    page = operator.new_page()
+    page.set_viewport_size({"width": 390, "height": 844})
+    overflow = "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    for path, hook in (
+        ("/vms", "table#vms"),
+        ("/vms/web1", "section#points"),
+        ("/servers", "table#servers"),
+    ):
+        page.goto(deployment.origin + path)
+        expect(page.locator(hook)).to_be_visible()
+        assert page.evaluate(overflow) <= 0, path
+        for label in ("Servers", "Clouds", "VMs", "Jobs", "Plans", "Drills"):
+            box = page.get_by_role("link", name=label, exact=True).bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, label
+
+
 # -- the main pages, as pictures ----------------------------------------------------------------
 
 

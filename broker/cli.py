@@ -128,6 +128,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"enrollment          {', '.join(info.enrollment_addresses)}")
     print(f"control             {', '.join(info.control_addresses)}")
     print(f"store               {info.store}")
+    print(
+        "leader              "
+        + ("this broker" if info.is_leader else (info.leader or "none live (an election is due)"))
+    )
     print(f"connected servers   {info.connected_servers}")
     print(f"serving cert until  {ts(info.server_certificate_not_after)}")
     print(f"CA until            {ts(info.ca_not_after)}")

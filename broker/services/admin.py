@@ -62,6 +62,7 @@ class AdminService(ProtectionAdmin, DrillAdmin, admin_pb2_grpc.AdminServicer):
         identity: pki.Identity,
     ) -> admin_pb2.BrokerInfo:
         ctx = self.ctx
+        is_leader, leader = await self._leadership()
         return admin_pb2.BrokerInfo(
             vault=ctx.config.vault,
             version=__version__,
@@ -72,7 +73,20 @@ class AdminService(ProtectionAdmin, DrillAdmin, admin_pb2_grpc.AdminServicer):
             connected_servers=len(ctx.sessions),
             server_certificate_not_after=timestamp(ctx.server_cert.not_after),
             ca_not_after=timestamp(pki.not_after(ctx.ca.cert)),
+            is_leader=is_leader,
+            leader=leader,
         )
+
+    async def _leadership(self) -> tuple[bool, str]:
+        """A broker alone on its store (SQLite) always leads; brokers sharing one elect the
+        broker with the oldest live lease (:mod:`broker.store.leadership`)."""
+        ctx = self.ctx
+        if not ctx.store.shared:
+            return True, ""
+        members = await ctx.store.reading(lambda tx: tx.live_brokers())
+        if not members:
+            return False, ""
+        return members[0].id == ctx.jobs.owner, members[0].description
 
     # -- registration keys ------------------------------------------------------------------
     @rpc(roles=ADMIN)

@@ -97,16 +97,9 @@ class DashboardApi:
         return self.operator.id
 
     async def leadership(self) -> Leadership:
-        """A broker alone on its store (SQLite) always leads; brokers sharing one elect the
-        broker with the oldest live lease (:mod:`broker.store.leadership`)."""
-        if not self.ctx.store.shared:
-            return Leadership(is_leader=True)
-        members = await self.ctx.store.reading(lambda tx: tx.live_brokers())
-        if not members:
-            return Leadership(is_leader=False)
-        return Leadership(
-            is_leader=members[0].id == self.ctx.jobs.owner, leader=members[0].description
-        )
+        """Whether this broker leads, as the admin API's GetBrokerInfo says."""
+        info = await self._call(AdminService.GetBrokerInfo, admin_pb2.GetBrokerInfoRequest())
+        return Leadership(is_leader=info.is_leader, leader=info.leader)
 
     # -- servers, clouds, pairs -------------------------------------------------------------
     async def servers(

@@ -1283,11 +1283,18 @@ class BrokerInfo(_message.Message):
     CONNECTED_SERVERS_FIELD_NUMBER: _builtins.int
     SERVER_CERTIFICATE_NOT_AFTER_FIELD_NUMBER: _builtins.int
     CA_NOT_AFTER_FIELD_NUMBER: _builtins.int
+    IS_LEADER_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
     vault: _builtins.str
     version: _builtins.str
     store: _builtins.str
     """"sqlite:/path" or "postgresql://host/db" (no password)"""
     connected_servers: _builtins.int
+    is_leader: _builtins.bool
+    """Whether this broker leads the brokers sharing its store (always, for a broker alone on
+    SQLite), and the leader's description (host, pid, control address; "" when not known).
+    """
+    leader: _builtins.str
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1310,10 +1317,12 @@ class BrokerInfo(_message.Message):
         connected_servers: _builtins.int = ...,
         server_certificate_not_after: _timestamp_pb2.Timestamp | None = ...,
         ca_not_after: _timestamp_pb2.Timestamp | None = ...,
+        is_leader: _builtins.bool = ...,
+        leader: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ca_not_after", b"ca_not_after", "server_certificate_not_after", b"server_certificate_not_after", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_not_after", b"ca_not_after", "connected_servers", b"connected_servers", "control_addresses", b"control_addresses", "enrollment_addresses", b"enrollment_addresses", "server_certificate_not_after", b"server_certificate_not_after", "started_at", b"started_at", "store", b"store", "vault", b"vault", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_not_after", b"ca_not_after", "connected_servers", b"connected_servers", "control_addresses", b"control_addresses", "enrollment_addresses", b"enrollment_addresses", "is_leader", b"is_leader", "leader", b"leader", "server_certificate_not_after", b"server_certificate_not_after", "started_at", b"started_at", "store", b"store", "vault", b"vault", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

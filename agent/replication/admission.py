@@ -48,7 +48,7 @@ class Deadline:
 
     def __init__(self, dog: Watchdog, target: _Cancellable, timeout: float) -> None:
         self._dog = dog
-        self.target = target
+        self.target: _Cancellable | None = target
         self.timeout = timeout
         self.expires_at = dog.now() + timeout
         self.active = True
@@ -67,6 +67,10 @@ class Deadline:
     def done(self) -> None:
         self.active = False
         self._dog.rearm(self, None)
+        # The heap keeps this entry until its time passes (lazy deletion); it must not keep
+        # the call: gRPC holds an ended call's HTTP/2 stream open while its context lives, and
+        # a connection kept across calls would run out of streams.
+        self.target = None
 
 
 class Watchdog:
@@ -120,6 +124,8 @@ class Watchdog:
                     self._cond.wait(wait)
                     continue
             for d in due:
+                if d.target is None:
+                    continue
                 self.cancelled += 1
                 try:
                     d.target.cancel()

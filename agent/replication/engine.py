@@ -18,11 +18,12 @@ A crash anywhere leaves the outstanding record and the cut; the next call picks 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import blake3
@@ -115,6 +116,9 @@ class SourceRelationship:
         self.retired = False
         #: The last cycle finished an earlier, interrupted cut instead of taking a new one.
         self.resent_cut = False
+        self._client: ReplicaClient | None = None
+        self._client_key: tuple[str, str, bytes, bytes, bytes] | None = None
+        self._stopped = False
 
     def retire(self) -> None:
         """Refuse further work: a new :class:`SourceRelationship` with the new configuration
@@ -134,13 +138,53 @@ class SourceRelationship:
         return self.config.relationship
 
     def client(self) -> ReplicaClient:
-        return ReplicaClient(
-            identity=self.identity(),
-            replica_host=self.config.replica_host,
-            address=self.config.address,
-            auth=self.config.auth,
-            ticket_provider=self.ticket_provider,
-        )
+        """The connection to the replica, kept across cycles (one TLS handshake, not one per
+        cycle) while the address, the authentication and this host's identity stay the same: a
+        renewed certificate or a new trust bundle makes a new connection. gRPC reconnects a
+        kept channel by itself; a call that fails as Unavailable drops it all the same, so a
+        retry starts on a new one. Called with :attr:`lock` held."""
+        ident = self.identity()
+        cfg = self.config
+        key = (cfg.address, cfg.auth, ident.key_pem, ident.cert_pem, ident.ca_pem)
+        if self._client is not None and self._client_key != key:
+            self.close()
+        if self._client is None:
+            self._client = ReplicaClient(
+                identity=ident,
+                replica_host=self.config.replica_host,
+                address=self.config.address,
+                auth=self.config.auth,
+                ticket_provider=self.ticket_provider,
+            )
+            self._client_key = key
+        return self._client
+
+    def close(self) -> None:
+        """Close the connection to the replica (the next cycle opens a new one)."""
+        if self._client is not None:
+            self._client.close()
+        self._client = None
+        self._client_key = None
+
+    def stop(self) -> None:
+        """This object is done with (its runner stopped, or it was reconfigured): close the
+        connection to the replica now, or when the cycle in flight ends."""
+        self._stopped = True
+        if self.lock.acquire(blocking=False):
+            try:
+                self.close()
+            finally:
+                self.lock.release()
+
+    @contextlib.contextmanager
+    def _connected(self) -> Iterator[None]:
+        """Hold :attr:`lock` for one cycle or check; after :meth:`stop`, close at the end."""
+        with self.lock:
+            try:
+                yield
+            finally:
+                if self._stopped:
+                    self.close()
 
     def reported_state(self, sender: SenderState) -> State:
         """The state to report (see :meth:`Stats.reported`)."""
@@ -161,7 +205,7 @@ class SourceRelationship:
         on a new one, up to :data:`TRANSIENT_BACKOFF` times: the same cut is sent again and the
         replica resumes after the last batch it holds, so a retry costs little and the cycle
         still lands whole or not at all."""
-        with self.lock:
+        with self._connected():
             if self.retired:
                 return None
             retries = 0
@@ -195,6 +239,7 @@ class SourceRelationship:
         try:
             return self._run_cycle(client, app_consistent=app_consistent, final=final)
         except Unavailable:
+            self.close()  # the retry, or the next cycle, starts on a new connection
             raise  # counted by run_cycle once it gives up
         except CycleRefused as exc:
             if exc.code == codes.BUSY:
@@ -211,8 +256,6 @@ class SourceRelationship:
         except SitepairError as exc:
             self._failed(codes.code_of(exc), str(exc))
             raise
-        finally:
-            client.close()
 
     def _failed(self, code: codes.ErrorCode, message: str) -> None:
         """Count a failed cycle. A replica at a newer epoch fences this host; a resync that
@@ -446,7 +489,7 @@ class SourceRelationship:
         VM's final state: every block's digest compared on both sides. A difference raises, so
         a planned failover never goes on with data missing."""
         result = self.run_cycle(final=True)
-        with self.lock:
+        with self._connected():
             self._check_current()
             client = self.client()
             try:
@@ -461,8 +504,9 @@ class SourceRelationship:
                     if ranges:
                         mismatches[disk_id] = ranges
                 state = client.get_state(self.relationship)
-            finally:
-                client.close()
+            except Unavailable:
+                self.close()
+                raise
         compared = sum(1 for _ in folder_chains)
         if mismatches:
             total = sum(n for r in mismatches.values() for _, n in r)
@@ -491,7 +535,7 @@ class SourceRelationship:
         A fresh cut is taken and sent as a delta cycle, so both sides hold exactly that cut;
         its layers stay frozen until the comparison is done. Mismatching blocks are reported
         and, with ``repair``, sent again in a resync cycle."""
-        with self.lock:
+        with self._connected():
             self._check_current()
             client = self.client()
             try:
@@ -541,8 +585,9 @@ class SourceRelationship:
                 return VerifyReport(
                     disks=mismatches, repaired=bool(mismatches) and repair, sequence=result.sequence
                 )
-            finally:
-                client.close()
+            except Unavailable:
+                self.close()
+                raise
 
     def _send_cut(
         self,

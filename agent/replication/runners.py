@@ -82,8 +82,10 @@ class SourceRunners:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         current = self.sources.pop(rel, None)
-        if current is not None and retire:
-            current.retire()
+        if current is not None:
+            if retire:
+                current.retire()
+            current.stop()
         return current is not None
 
     async def shutdown(self) -> None:
@@ -93,6 +95,8 @@ class SourceRunners:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self._tasks.clear()
+        for rel in self.sources.values():
+            rel.stop()
 
     def set_paused(self, rel: str, paused: bool) -> None:
         """Pause or resume ``rel`` (blocking: SQLite); the runner skips its cycles while paused."""

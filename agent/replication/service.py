@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,26 +89,58 @@ def tracker_name(tracker: control_pb2.Tracker.ValueType) -> str:
 
 
 class BrokerTickets:
-    """Asks the broker for a fresh ticket per connection (ticket authentication)."""
+    """Asks the broker for a ticket per replication call (ticket authentication), over one
+    channel kept open for the agent's identity.
+
+    A ticket cannot be kept for a second call: the receiver remembers every ticket's nonce and
+    refuses it the second time (sitepair.tickets), so each call still costs one ``IssueTicket``.
+    What is saved is the TLS handshake with the broker: the channel is built once and rebuilt
+    only when the identity (a renewed certificate, a CA rotation's trust bundle) or the broker
+    address changes. ``issued`` and ``channels_opened`` count both, for tests and benchmarks."""
 
     def __init__(self, identity: Callable[[], AgentIdentity]) -> None:
         self._identity = identity
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._key: tuple[str, bytes, bytes, bytes] | None = None
+        self.issued = 0
+        self.channels_opened = 0
+
+    def _stub(self, ident: AgentIdentity, address: str) -> control_pb2_grpc.ControlStub:
+        key = (address, ident.key_pem, ident.cert_pem, ident.ca_pem)
+        with self._lock:
+            if self._channel is None or self._key != key:
+                if self._channel is not None:
+                    self._channel.close()
+                self._channel = grpc.secure_channel(
+                    address,
+                    ident.channel_credentials(),
+                    options=channel_options(target_name=pki.BROKER_DNS_NAME),
+                )
+                self._key = key
+                self.channels_opened += 1
+            return control_pb2_grpc.ControlStub(self._channel)
 
     def __call__(self, relationship: str) -> str:
         ident = self._identity()
         address = ident.control_addresses[0]
-        with grpc.secure_channel(
-            address,
-            ident.channel_credentials(),
-            options=channel_options(target_name=pki.BROKER_DNS_NAME),
-        ) as channel:
-            try:
-                resp = control_pb2_grpc.ControlStub(channel).IssueTicket(
-                    control_pb2.TicketRequest(relationship_id=relationship), timeout=30
-                )
-            except grpc.RpcError as exc:
-                raise error_from_rpc(exc, peer=f"broker at {address}") from None
+        stub = self._stub(ident, address)
+        try:
+            resp = stub.IssueTicket(
+                control_pb2.TicketRequest(relationship_id=relationship), timeout=30
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, peer=f"broker at {address}") from None
+        with self._lock:
+            self.issued += 1
         return str(resp.ticket)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = None
+            self._key = None
 
 
 class ReplicationService:
@@ -179,6 +212,8 @@ class ReplicationService:
         self._closed = True
         self._stop.set()
         await self.runners.shutdown()
+        if isinstance(self.tickets, BrokerTickets):
+            self.tickets.close()
         await asyncio.to_thread(self.receiver.stop, 2.0)
         await asyncio.to_thread(self.state.close)
 

@@ -170,6 +170,9 @@ class SourceRelationship:
         """This object is done with (its runner stopped, or it was reconfigured): close the
         connection to the replica now, or when the cycle in flight ends."""
         self._stopped = True
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
         if self.lock.acquire(blocking=False):
             try:
                 self.close()
@@ -178,13 +181,15 @@ class SourceRelationship:
 
     @contextlib.contextmanager
     def _connected(self) -> Iterator[None]:
-        """Hold :attr:`lock` for one cycle or check; after :meth:`stop`, close at the end."""
-        with self.lock:
-            try:
+        """Hold :attr:`lock` for one cycle or check. After :meth:`stop`, the connection is
+        closed once the lock is free (checked after the release, so a stop that came while the
+        lock was held is never missed)."""
+        try:
+            with self.lock:
                 yield
-            finally:
-                if self._stopped:
-                    self.close()
+        finally:
+            if self._stopped:
+                self._close_if_idle()
 
     def reported_state(self, sender: SenderState) -> State:
         """The state to report (see :meth:`Stats.reported`)."""

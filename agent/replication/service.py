@@ -103,6 +103,10 @@ class BrokerTickets:
         self._lock = threading.Lock()
         self._channel: grpc.Channel | None = None
         self._key: tuple[str, bytes, bytes, bytes] | None = None
+        #: The channel an identity change replaced: calls still on it finish there (closing
+        #: it at once would cancel another relationship's ticket request); closed at the next
+        #: change, hours later, or at close().
+        self._retired: grpc.Channel | None = None
         self.issued = 0
         self.channels_opened = 0
 
@@ -110,8 +114,9 @@ class BrokerTickets:
         key = (address, ident.key_pem, ident.cert_pem, ident.ca_pem)
         with self._lock:
             if self._channel is None or self._key != key:
-                if self._channel is not None:
-                    self._channel.close()
+                if self._retired is not None:
+                    self._retired.close()
+                self._retired = self._channel
                 self._channel = grpc.secure_channel(
                     address,
                     ident.channel_credentials(),
@@ -137,9 +142,10 @@ class BrokerTickets:
 
     def close(self) -> None:
         with self._lock:
-            if self._channel is not None:
-                self._channel.close()
-            self._channel = None
+            for channel in (self._channel, self._retired):
+                if channel is not None:
+                    channel.close()
+            self._channel = self._retired = None
             self._key = None
 
 

@@ -689,14 +689,22 @@ def bad_link(run: Run) -> None:
     faults: list[tuple[str, Callable[[], None]]] = [
         ("a flipped byte 64 KiB into the stream", lambda: c.net.corrupt_next(64 << 10)),
         ("the stream cut after 200 KiB", lambda: c.net.cut_next(200 << 10)),
-        ("a flipped byte in the replies", lambda: c.net.corrupt_next(2 << 10, "down")),
+        ("a flipped byte in the replies", lambda: c.net.corrupt_next(200, "down")),
     ]
     for what, arm in faults:
         run.wait_writes("vm1", len(run.log("vm1").records()) + 40)
+        armed = c.net.stats
+        before = armed.corrupted + armed.cut
         arm()
         run.report.faults.append(what)
         if try_cycle(run, "vm1").state != "succeeded":
             failed += 1
+        # The fault hit the cycle's stream (replication keeps its connection across cycles:
+        # an armed fault takes the next bytes that cross the link, on whatever connection).
+        after = c.net.stats
+        run.report.check(
+            f"{what}: injected", after.corrupted + after.cut > before, str(after)[:200]
+        )
         run.check_replica("vm1")  # whatever happened, the replica is one point in time
     run.wait_writes("vm1", len(run.log("vm1").records()) + 40)
     job = c.call(

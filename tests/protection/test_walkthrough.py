@@ -302,8 +302,8 @@ def test_disable_with_and_without_delete_replica(sites: Sites) -> None:
 
 
 def test_ticket_authentication_through_the_broker(sites: Sites) -> None:
-    """Policy with ticket authentication: the primary asks the broker for a ticket per
-    connection and replicates over the replica's 8083-mode port."""
+    """Policy with ticket authentication: the primary asks the broker for a ticket per call
+    (over one kept broker channel) and replicates over the replica's 8083-mode port."""
     s = sites
     a = s.admin
     a.call(a.stub.CreateCloud, admin_pb2.CreateCloudRequest(name="cloud-a", site="site-a"))

@@ -263,8 +263,7 @@ def test_a_broken_connection_is_retried_within_the_cycle(pair: Pair, tmp_path: P
         result = rel.run_cycle()
         assert result is not None and result.resumed_from > 0
         write_random(backend, vm, models, random.Random(22), 60)
-        rel.close()  # cycles keep their connection: the proxy corrupts the next new one
-        proxy.corrupt_next(256 << 10)
+        proxy.corrupt_next(256 << 10)  # on the connection the cycles keep
         assert rel.run_cycle() is not None
         assert (proxy.stats.cut, proxy.stats.corrupted) == (1, 1)
         assert rel.stats.cycles_failed == 0 and rel.stats.cycles_succeeded == 2

@@ -12,8 +12,11 @@ router namespace while the test process stays in the host's.
 How a byte travels, per connection and direction ("up" = client to server, "down" = back):
 
 1. read from the source socket (up to 64 KiB at a time);
-2. armed faults for this connection: ``cut`` (forward up to the offset, then close both sides),
-   ``corrupt`` (flip one byte at that stream offset);
+2. armed faults: ``cut`` (forward up to the offset, then close both sides), ``corrupt`` (flip
+   one byte at that offset). A fault is armed for a direction and taken by the first chunk that
+   crosses the link in that direction afterwards, on whichever connection carries it (a new one,
+   or one kept open across calls, as replication keeps its connections); its offset counts from
+   there;
 3. the profile's reset stand-in may reset the connection (RST both sides);
 4. the proxy's rate limit, when it enforces one: one token bucket per *physical direction* of
    the link (from one site to the other), shared by every connection, like a real link;
@@ -372,11 +375,13 @@ class FaultProxy:
     # -- faults on demand -------------------------------------------------------------------------
 
     def corrupt_next(self, offset: int, direction: Direction = "up") -> None:
-        """Flip the byte at stream ``offset`` of the next connection (in ``direction``)."""
+        """Flip the byte ``offset`` bytes into what next crosses the link in ``direction`` (on a
+        new connection or one already open)."""
         self._do(lambda: self._armed.append(_Fault("corrupt", offset, direction)))
 
     def cut_next(self, after_bytes: int, direction: Direction = "up") -> None:
-        """Forward ``after_bytes`` of the next connection's stream, then reset it (truncation)."""
+        """Forward ``after_bytes`` more of what next crosses the link in ``direction``, then
+        reset that connection (truncation)."""
         self._do(lambda: self._armed.append(_Fault("cut", after_bytes, direction)))
 
     @property
@@ -483,10 +488,9 @@ class FaultProxy:
                 conn.abort()
                 return
             self.stats.connections += 1
-            faults, self._armed = self._armed, []
             results = await asyncio.gather(
-                self._pipe(conn, reader, upstream, "up", faults),
-                self._pipe(conn, up_reader, writer, "down", faults),
+                self._pipe(conn, reader, upstream, "up"),
+                self._pipe(conn, up_reader, writer, "down"),
                 return_exceptions=True,
             )
             if not all(r is True for r in results):
@@ -526,12 +530,11 @@ class FaultProxy:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         direction: Direction,
-        faults: list[_Fault],
     ) -> bool:
         """Move one direction until EOF (True) or a fault or error ended the connection."""
         line: asyncio.Queue[tuple[float, bytes | object]] = asyncio.Queue(IN_FLIGHT_CHUNKS)
-        cut = next((f.offset for f in faults if f.kind == "cut" and f.direction == direction), None)
-        corrupt = [f.offset for f in faults if f.kind == "corrupt" and f.direction == direction]
+        cut: int | None = None  # stream offsets of the faults this direction took
+        corrupt: list[int] = []
         loop = asyncio.get_running_loop()
         last_due = 0.0
 
@@ -542,6 +545,7 @@ class FaultProxy:
             return last_due
 
         async def produce() -> None:
+            nonlocal cut
             seen = 0
             while True:
                 try:
@@ -556,6 +560,12 @@ class FaultProxy:
                 if conn.aborted:
                     await line.put((last_due, _RESET))
                     return
+                for fault in self._take_armed(direction):
+                    if fault.kind == "cut":
+                        at = seen + fault.offset
+                        cut = at if cut is None else min(cut, at)
+                    else:
+                        corrupt.append(seen + fault.offset)
                 cutting = cut is not None and seen + len(data) >= cut
                 if cut is not None and cutting:
                     data = data[: max(0, cut - seen)]
@@ -630,6 +640,14 @@ class FaultProxy:
             await asyncio.wait([producer])
             if not producer.cancelled():
                 producer.exception()  # retrieved: the connection's outcome is already decided
+
+    def _take_armed(self, direction: Direction) -> list[_Fault]:
+        """The faults armed for ``direction``, taken (the proxy's loop only)."""
+        if not self._armed:
+            return []
+        taken = [f for f in self._armed if f.direction == direction]
+        self._armed = [f for f in self._armed if f.direction != direction]
+        return taken
 
     # -- shutting down ----------------------------------------------------------------------------
 

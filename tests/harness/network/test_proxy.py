@@ -145,7 +145,7 @@ def test_corrupted_byte_is_caught_by_tls_and_never_delivered(
             assert any(isinstance(e, ssl.SSLError) for e in tls_echo.wait_errors())
         else:  # the client's TLS rejected the record
             assert isinstance(error, ssl.SSLError)
-        with tls_client(connect(proxy), tls[1]) as clean:  # only the next connection was hit
+        with tls_client(connect(proxy), tls[1]) as clean:  # one fault, taken once
             assert exchange(clean, payload) == (payload, None)
 
 
@@ -163,6 +163,22 @@ def test_cut_stream_is_caught_by_tls(
         # both ends see the stream end without TLS close_notify: never mistaken for a clean end
         assert isinstance(error, (ssl.SSLError, ConnectionError))
         assert any(isinstance(e, (ssl.SSLError, ConnectionError)) for e in tls_echo.wait_errors())
+
+
+def test_a_fault_armed_on_an_open_connection_hits_its_next_bytes(echo: EchoServer) -> None:
+    """Replication keeps its connections across calls: a fault armed while one is open takes
+    the next bytes that cross the link in its direction, counted from there."""
+    first = random.Random(5).randbytes(4096)
+    second = random.Random(6).randbytes(4096)
+    with FaultProxy(echo.target) as proxy, connect(proxy) as sock:
+        assert exchange(sock, first) == (first, None)  # open, and clean
+        proxy.corrupt_next(100)
+        got, error = exchange(sock, second)
+        assert error is None and proxy.stats.corrupted == 1 and proxy.stats.connections == 1
+        expected = bytearray(second)
+        expected[100] ^= 0xFF
+        assert got == bytes(expected)  # byte 100 of what crossed after arming, once
+        assert exchange(sock, first) == (first, None)
 
 
 def test_reset_stand_in_resets_the_connection(echo: EchoServer) -> None:

@@ -234,11 +234,13 @@ class WanLink:
         return self.proxy.partitioned
 
     def corrupt_next(self, offset: int, direction: Literal["up", "down"] = "up") -> None:
-        """Flip the byte at ``offset`` of the next connection's stream (client to server: up)."""
+        """Flip the byte ``offset`` bytes into what next crosses the link in ``direction``
+        (client to server: up), on a new connection or one kept open."""
         self.proxy.corrupt_next(offset, direction)
 
     def cut_next(self, after_bytes: int, direction: Literal["up", "down"] = "up") -> None:
-        """Let ``after_bytes`` of the next connection's stream through, then reset it."""
+        """Let ``after_bytes`` more of what next crosses the link in ``direction`` through,
+        then reset that connection."""
         self.proxy.cut_next(after_bytes, direction)
 
     def reset_all(self) -> int:

@@ -297,7 +297,7 @@ def test_plan_actions_confirm_and_start_jobs_as_the_operator(dashboard: Dashboar
     assert dashboard.get("/plans/erp/confirm/explode").status == 404
     assert dashboard.get("/plans/nope/confirm/commit").status == 404
 
-    # Without the form's token the (stand-in) middleware refuses; nothing starts.
+    # Without the form's token the middleware refuses; nothing starts.
     assert dashboard.post("/plans/erp/test-failover", {"point": "latest"}).status == 403
     bad = dashboard.post("/plans/erp/test-failover", {"csrf": dashboard.csrf, "point": "yesterday"})
     assert bad.status == 400

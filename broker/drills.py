@@ -471,7 +471,7 @@ class DrillManager(Orchestrator):
         steps = self.steps_of(job.kind, job.target, params)
         job, _ = await self.unfinished(job, steps)
         if params["manual_left_out"]:  # shown with the evidence: a drill waits for nobody
-            await self._remember(job, "manual_left_out", params["manual_left_out"])
+            await self.remember(job, "manual_left_out", params["manual_left_out"])
         over = {s.name for s in job.steps if s.state in _OVER}
         failover = {s.name for s in steps[: self._failover_count(params)]}
         # A failure up to the evidence means test VMs not up or not proven: no checks.
@@ -479,7 +479,7 @@ class DrillManager(Orchestrator):
         for i, step in enumerate(steps):
             if step.name in over:
                 continue  # a broker before a restart ran it
-            result = await self._result(job)
+            result = await self.job_result(job)
             if result.get("vms_not_ready") and (
                 step.name in failover or step.name.startswith("Check: ")
             ):
@@ -521,26 +521,15 @@ class DrillManager(Orchestrator):
         """A step failed: the drill fails with the first reason; ``ready``: the test VMs were
         up and proven before it (otherwise the checks are not run)."""
         await self.jobs.step(job.id, name, StepState.FAILED, message=message)
-        result = await self._result(job)
+        result = await self.job_result(job)
         if not result.get("reason"):
-            await self._remember(job, "reason", f"{name}: {message}")
+            await self.remember(job, "reason", f"{name}: {message}")
         if not ready:
-            await self._remember(job, "vms_not_ready", True)
-
-    async def _result(self, job: Job) -> dict[str, Any]:
-        current = await self.jobs.get(job.id)
-        return json.loads(current.result_json) if current.result_json else {}
-
-    async def _remember(self, job: Job, key: str, value: Any) -> None:
-        result = await self._result(job)
-        result[key] = value
-        current = await self.jobs.get(job.id)
-        state = current.state if not current.state.final else JobState.RUNNING
-        await self.jobs.set_state(job.id, state, result=result)
+            await self.remember(job, "vms_not_ready", True)
 
     async def _children(self, job: Job) -> list[Job]:
         """The drill's test-failover jobs (the plan's group steps keep them as "group-N")."""
-        result = await self._result(job)
+        result = await self.job_result(job)
         groups = sorted(int(k.removeprefix("group-")) for k in result if k.startswith("group-"))
         ids = [c for g in groups for c in result[f"group-{g}"]]
         return [await self.jobs.get(c) for c in ids]
@@ -578,9 +567,9 @@ class DrillManager(Orchestrator):
                 if problem:
                     problems.append(problem)
             vms.append(json_format.MessageToDict(evidence, preserving_proto_field_name=True))
-        await self._remember(step.job, "vms", vms)
+        await self.remember(step.job, "vms", vms)
         if len(ran_at) == len(params["relationships"]) and started_at:
-            await self._remember(step.job, "rto_seconds", max(ran_at) - min(started_at))
+            await self.remember(step.job, "rto_seconds", max(ran_at) - min(started_at))
         if problems:
             raise StepFailed("; ".join(problems))
         proven = sum(1 for v in vms if v.get("exact", {}).get("checked"))
@@ -641,8 +630,8 @@ class DrillManager(Orchestrator):
                 and not outcome.get("timed_out")
                 and outcome.get("exit_status", 0) == 0
             )
-            result = await self._result(step.job)
-            await self._remember(step.job, "checks", [*result.get("checks", []), outcome])
+            result = await self.job_result(step.job)
+            await self.remember(step.job, "checks", [*result.get("checks", []), outcome])
             lines = str(outcome.get("output_tail", "")).strip().splitlines()
             said = f": {lines[-1][:200]}" if lines else ""
             if outcome.get("error"):
@@ -737,7 +726,7 @@ class DrillManager(Orchestrator):
         job = step.job
         params = json.loads(job.params_json)
         ours = {c.id for c in await self._children(job)}
-        result = await self._result(job)
+        result = await self.job_result(job)
         cleanups: dict[str, str] = result.get("cleanups", {})
         left: list[str] = []
         removed: list[str] = []
@@ -755,7 +744,7 @@ class DrillManager(Orchestrator):
                     left.append(f"{rel.vm_name} ({exc.message})")
                     continue
                 cleanups[rid] = child.id
-                await self._remember(job, "cleanups", cleanups)
+                await self.remember(job, "cleanups", cleanups)
             done = await self._wait(cleanups[rid])
             if done.state == JobState.SUCCEEDED:
                 removed.append(rel.vm_name)
@@ -766,9 +755,9 @@ class DrillManager(Orchestrator):
                 f"the test failover of {', '.join(left)} is not cleaned up: run "
                 f"`plans cleanup-test {params['plan']}`"
             )
-            await self._remember(job, "cleanup_error", error)
+            await self.remember(job, "cleanup_error", error)
             raise StepFailed(error)
-        await self._remember(job, "cleaned_up", True)
+        await self.remember(job, "cleaned_up", True)
         return f"removed the test VMs of {', '.join(removed)}" if removed else "nothing to remove"
 
     async def _wait(self, job_id: str) -> Job:
@@ -778,7 +767,7 @@ class DrillManager(Orchestrator):
         return final
 
     async def _finish(self, job: Job, params: dict[str, Any]) -> bool:
-        result = await self._result(job)
+        result = await self.job_result(job)
         reason = str(result.get("reason", ""))
         passed = not reason
         evidence = {

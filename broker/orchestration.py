@@ -30,7 +30,7 @@ from broker.documents import decode_result
 from broker.jobs import JobManager
 from broker.sessions import SessionRegistry
 from broker.store.base import Store
-from broker.store.models import Command, CommandState, Job, Relationship, StepState
+from broker.store.models import Command, CommandState, Job, JobState, Relationship, StepState
 from broker.store.sqlite import Tx
 from sitepair.clock import Clock
 from sitepair.errors import SitepairError
@@ -152,6 +152,19 @@ class Orchestrator:
 
     def steps_of(self, kind: str, target: str, params: dict[str, Any]) -> list[Step]:
         return self._declared[kind][0](target, params)
+
+    async def job_result(self, job: Job) -> dict[str, Any]:
+        """The result a running job has gathered so far (its steps add to it)."""
+        current = await self.jobs.get(job.id)
+        return json.loads(current.result_json) if current.result_json else {}
+
+    async def remember(self, job: Job, key: str, value: Any) -> None:
+        """Add ``key`` to a running job's result (a job ended and resumed runs again)."""
+        result = await self.job_result(job)
+        result[key] = value
+        current = await self.jobs.get(job.id)
+        state = current.state if not current.state.final else JobState.RUNNING
+        await self.jobs.set_state(job.id, state, result=result)
 
     async def create_job(self, kind: str, target: str, params: dict[str, Any], *, by: str) -> Job:
         """A job of a declared kind, created with its steps' names (not started)."""

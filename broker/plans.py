@@ -257,29 +257,18 @@ class PlanManager(Orchestrator):
                 job.id,
                 JobState.SUCCEEDED,
                 error="; ".join(failures),
-                result=await self._result(job),
+                result=await self.job_result(job),
             )
         else:
-            await self.jobs.succeed(job.id, await self._result(job))
+            await self.jobs.succeed(job.id, await self.job_result(job))
         return True
-
-    async def _result(self, job: Job) -> dict[str, Any]:
-        current = await self.jobs.get(job.id)
-        return json.loads(current.result_json) if current.result_json else {}
-
-    async def _remember(self, job: Job, key: str, value: Any) -> None:
-        result = await self._result(job)
-        result[key] = value
-        current = await self.jobs.get(job.id)
-        state = current.state if not current.state.final else JobState.RUNNING
-        await self.jobs.set_state(job.id, state, result=result)
 
     def _group_step(
         self, *, gi: int, group: dict[str, Any], ftype: str, point: str, prove_exact: bool
     ) -> StepBody:
         async def run(step: StepRun) -> str:
             job = step.job
-            result = await self._result(job)
+            result = await self.job_result(job)
             children: list[str] = result.get(f"group-{gi}", [])
             if not children:
                 for rid in group["vms"]:
@@ -294,7 +283,7 @@ class PlanManager(Orchestrator):
                             rid, by=f"plan/{job.id}", point=point, prove_exact=prove_exact
                         )
                     children.append(child.id)
-                await self._remember(job, f"group-{gi}", children)
+                await self.remember(job, f"group-{gi}", children)
             outcomes = await asyncio.gather(*(self._wait_job(c) for c in children))
             failed = [f"{o.target}: {o.error}" for o in outcomes if o.state != JobState.SUCCEEDED]
             if failed:
@@ -346,12 +335,12 @@ class PlanManager(Orchestrator):
                     ),
                 )
             except StepFailed as exc:
-                await self._remember(
+                await self.remember(
                     job, f"action-{index}", {"name": action["name"], "error": exc.message}
                 )
                 raise
             ran = result.run_script
-            await self._remember(
+            await self.remember(
                 job,
                 f"action-{index}",
                 {
@@ -375,7 +364,7 @@ class PlanManager(Orchestrator):
         )
         await self.jobs.set_state(job.id, JobState.WAITING)
         while True:
-            result = await self._result(job)
+            result = await self.job_result(job)
             if index in result.get("resumed", []):
                 await self.jobs.set_state(job.id, JobState.RUNNING)
                 return f"resumed by {result.get('resumed_by', {}).get(str(index), 'an operator')}"
@@ -456,7 +445,7 @@ class PlanManager(Orchestrator):
 
             async def run(step: StepRun, rid: str = rid, i: int = i) -> str:
                 job = step.job
-                result = await self._result(job)
+                result = await self.job_result(job)
                 child_id = result.get(f"vm-{i}")
                 if child_id is None:
                     if job.kind == "plan-cleanup-test":
@@ -466,7 +455,7 @@ class PlanManager(Orchestrator):
                     else:
                         child = await self._failback.commit(rid, by=f"plan/{job.id}")
                     child_id = child.id
-                    await self._remember(job, f"vm-{i}", child_id)
+                    await self.remember(job, f"vm-{i}", child_id)
                 done = await self._wait_job(child_id)
                 if done.state != JobState.SUCCEEDED:
                     raise StepFailed(done.error)

@@ -42,7 +42,8 @@ from broker.ca import (
 from broker.ca_rotation import CaRotation
 from broker.clouds import CloudManager
 from broker.commands import CommandDispatcher
-from broker.drills import DrillManager, DrillScheduler
+from broker.drill_schedule import DrillScheduler
+from broker.drills import DrillManager
 from broker.failback import FailbackManager
 from broker.failover import FailoverManager
 from broker.heartbeats import HeartbeatWriter, LivenessMonitor

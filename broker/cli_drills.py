@@ -11,7 +11,7 @@ import argparse
 
 from broker.cli_jobs import add_wait, job_command
 from broker.cli_support import AddCommand, Subcommands, admin_client, int_range, ts
-from broker.drills import MAX_CHECK_TIMEOUT
+from broker.drill_checks import MAX_CHECK_TIMEOUT
 from sitepair.cliutil import EXIT_ERROR, EXIT_OK, print_json, print_table
 from sitepair.durations import format_duration, parse_duration
 from sitepair.errors import InvalidArgument

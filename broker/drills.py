@@ -26,24 +26,37 @@ until a drill passes, and the metrics show each plan's last drill (:mod:`broker.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from google.protobuf import json_format
 
+from broker.drill_checks import (
+    CHECK_KINDS,
+    MAX_ARG,
+    MAX_ARGS,
+    MAX_ARGS_TOTAL,
+    MAX_CHECK_TIMEOUT,
+    MAX_CHECKS,
+    MAX_NAME,
+    OUTPUT_TAIL,
+    accept_proof,
+    changed_at_rest,
+    check_program,
+    check_text,
+    checks_of,
+    output_tail,
+    plan_vms,
+)
 from broker.failover import FailoverManager
 from broker.failover_jobs import failover_record
 from broker.jobs import new_id
 from broker.orchestration import Orchestration, Orchestrator, Step, StepFailed, StepRun
 from broker.plans import PlanManager
 from broker.reports import ReplicationReports
-from broker.store.base import Store
-from broker.store.leadership import Leader
 from broker.store.models import (
     Drill,
     DrillSchedule,
@@ -56,7 +69,6 @@ from broker.store.models import (
     StepState,
 )
 from broker.store.sqlite import Tx
-from sitepair.clock import Clock
 from sitepair.errors import FailedPrecondition, InvalidArgument, NotFound, SitepairError
 from sitepair.protoconv import timestamp
 from sitepair.v1 import admin_pb2, control_pb2
@@ -67,19 +79,6 @@ log = logging.getLogger("sitepair.broker.drills")
 DRILL_KIND = "plan-drill"
 #: The operator name scheduled drills carry.
 SCHEDULER = "scheduler"
-CHECK_KINDS = ("script", "guest")
-#: Checks one plan may have.
-MAX_CHECKS = 32
-#: Arguments of one check, and characters of one argument.
-MAX_ARGS, MAX_ARG, MAX_ARGS_TOTAL = 64, 4096, 64 * 1024
-#: Characters of a check's name and of a guest program's path.
-MAX_NAME, MAX_PROGRAM = 128, 1024
-#: A check's timeout, seconds: 1 s to 1 h.
-MAX_CHECK_TIMEOUT = 3600
-#: Characters of a check's output kept in the evidence (its tail).
-OUTPUT_TAIL = 4096
-#: Disks of one exact proof, and characters of a disk id or a digest in it.
-MAX_PROOF_DISKS, MAX_PROOF_TEXT = 64, 256
 #: The shortest schedule: a drill boots every VM of the plan.
 MIN_EVERY = 3600.0
 #: A drill recorded as running without a job for this long was left by a stopped broker.
@@ -95,87 +94,6 @@ GUEST_NOT_UP, GUEST_RETRY = "no guest agent answered", 2.0
 #: A script's failure as an agent without ``RunScript.report_exit`` words it
 #: (agent/commands.py run_script): such agents fail the command instead of answering the status.
 _SCRIPT_EXIT = re.compile(r"exited with status (-?\d+); output: (.*)", re.DOTALL)
-
-
-# -- checks: stored in the plan's document, ``doc["checks"]`` ---------------------------------
-def _check_text(value: str, what: str, limit: int) -> str:
-    if not value or len(value) > limit or not value.isprintable():
-        raise InvalidArgument(f"{what} must be 1 to {limit} printable characters, not {value!r}")
-    return value
-
-
-def check_program(kind: str, program: str) -> str:
-    """A script is a bare file name in the recovery agent's scripts folder (the agent refuses
-    anything else too); a guest program is an absolute path inside the test VM."""
-    if kind == "script":
-        _check_text(program, "a check script", MAX_NAME)
-        if PurePosixPath(program).name != program or "\\" in program or program.startswith("."):
-            raise InvalidArgument(
-                f"--script {program!r} must be a file name in the recovery agent's scripts "
-                "folder (no folders, not hidden)",
-                hint="put the script in the scripts folder of the recovery hosts' agents",
-            )
-        return program
-    _check_text(program, "a guest program", MAX_PROGRAM)
-    if not (PurePosixPath(program).is_absolute() or PureWindowsPath(program).is_absolute()):
-        raise InvalidArgument(
-            f"--guest {program!r} must be an absolute path inside the VM "
-            "(e.g. /usr/local/bin/check-web)"
-        )
-    return program
-
-
-def _checks(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    checks: list[dict[str, Any]] = doc.setdefault("checks", [])
-    return checks
-
-
-def _plan_vms(doc: dict[str, Any]) -> list[str]:
-    return [rid for g in doc["groups"] for rid in g["vms"]]
-
-
-def check_proto(check: dict[str, Any], names: dict[str, str]) -> admin_pb2.PlanCheck:
-    """A stored check as the admin API shows it (``names``: relationship id -> VM name)."""
-    rid = check.get("relationship", "")
-    return admin_pb2.PlanCheck(
-        name=check["name"],
-        kind=check["kind"],
-        vm=names.get(rid, rid),
-        relationship_id=rid,
-        program=check["program"],
-        args=check.get("args", []),
-        timeout_seconds=int(check.get("timeout", 0)),
-    )
-
-
-# -- evidence from the wire ------------------------------------------------------------------
-def accept_proof(proof: control_pb2.ExactProof) -> control_pb2.ExactProof:
-    """An exact proof as a recovery host sent it, checked before it is kept: bounded maps of
-    printable disk ids and hexadecimal digests."""
-    for field in (proof.disk_digests, proof.earlier_digests):
-        if len(field) > MAX_PROOF_DISKS:
-            raise StepFailed(
-                f"the exact proof names {len(field)} disks (at most {MAX_PROOF_DISKS})"
-            )
-        for disk, digest in field.items():
-            if not disk or len(disk) > MAX_PROOF_TEXT or not disk.isprintable():
-                raise StepFailed("the exact proof names a disk by an unprintable or long id")
-            if len(digest) > MAX_PROOF_TEXT or any(c not in "0123456789abcdef" for c in digest):
-                raise StepFailed(f"the exact proof of disk {disk} has a digest that is not hex")
-    return proof
-
-
-def changed_at_rest(proof: control_pb2.ExactProof) -> list[str]:
-    """Disks whose digest differs from the one an earlier proof of the same point recorded."""
-    return sorted(
-        d
-        for d, earlier in proof.earlier_digests.items()
-        if earlier and earlier != proof.disk_digests.get(d)
-    )
-
-
-def _tail(text: str) -> str:
-    return text[-OUTPUT_TAIL:]
 
 
 # -- the manager ------------------------------------------------------------------------------
@@ -228,19 +146,19 @@ class DrillManager(Orchestrator):
         if not 1 <= timeout_seconds <= MAX_CHECK_TIMEOUT:
             raise InvalidArgument(f"a check's timeout is 1 s to {MAX_CHECK_TIMEOUT} s")
         label = name or f"{kind} {program}" + (f" on {vm}" if vm else "")
-        _check_text(label, "a check's name", MAX_NAME)
+        check_text(label, "a check's name", MAX_NAME)
 
         def change(tx: Tx, doc: dict[str, Any]) -> None:
             rid = ""
             if vm:
                 rel = tx.find_relationship(vm)
-                if rel.id not in _plan_vms(doc):
+                if rel.id not in plan_vms(doc):
                     raise InvalidArgument(
                         f"VM {rel.vm_name} is not in this plan",
                         hint="add it with `plans add-vm`, or name one of the plan's VMs",
                     )
                 rid = rel.id
-            checks = _checks(doc)
+            checks = checks_of(doc)
             if len(checks) >= MAX_CHECKS:
                 raise FailedPrecondition(f"a plan has at most {MAX_CHECKS} checks")
             if any(c["name"] == label for c in checks):
@@ -263,7 +181,7 @@ class DrillManager(Orchestrator):
 
     async def remove_check(self, plan: str, name: str) -> RecoveryPlan:
         def change(tx: Tx, doc: dict[str, Any]) -> None:
-            checks = _checks(doc)
+            checks = checks_of(doc)
             kept = [c for c in checks if c["name"] != name]
             if len(kept) == len(checks):
                 known = ", ".join(repr(c["name"]) for c in checks) or "none"
@@ -278,7 +196,7 @@ class DrillManager(Orchestrator):
         the first thing in the way otherwise."""
         plan = await self._plans.get(name)
         doc: dict[str, Any] = json.loads(plan.doc_json)
-        rids = _plan_vms(doc)
+        rids = plan_vms(doc)
         if not rids:
             raise FailedPrecondition(
                 f"recovery plan {name} has no VMs", hint="add some with `plans add-vm`"
@@ -364,7 +282,7 @@ class DrillManager(Orchestrator):
                     "plan": name,
                     "drill": drill.id,
                     "doc": drilled,
-                    "checks": _checks(doc),
+                    "checks": checks_of(doc),
                     "relationships": [r.id for r in rels],
                     "vms": {r.id: r.vm_name for r in rels},
                     "manual_left_out": manual,
@@ -619,7 +537,7 @@ class DrillManager(Orchestrator):
             except StepFailed as exc:
                 m = _SCRIPT_EXIT.search(exc.message)
                 if m:  # a script that ran and failed: its exit status and output
-                    outcome.update(exit_status=int(m.group(1)), output_tail=_tail(m.group(2)))
+                    outcome.update(exit_status=int(m.group(1)), output_tail=output_tail(m.group(2)))
                 else:
                     outcome.update(
                         error=exc.message[:OUTPUT_TAIL], timed_out="timed out" in exc.message
@@ -662,7 +580,7 @@ class DrillManager(Orchestrator):
             return {
                 "exit_status": ran.exit_status,
                 "timed_out": ran.timed_out,
-                "output_tail": _tail(ran.output),
+                "output_tail": output_tail(ran.output),
             }
         tests = {}
         for r in rels:
@@ -692,7 +610,7 @@ class DrillManager(Orchestrator):
         return {
             "exit_status": sent.run_script.exit_status,
             "timed_out": sent.run_script.timed_out,
-            "output_tail": _tail(sent.run_script.output),
+            "output_tail": output_tail(sent.run_script.output),
         }
 
     async def _guest_run(
@@ -835,71 +753,3 @@ def drill_proto(drill: Drill) -> admin_pb2.Drill:
     if drill.finished_at is not None:
         msg.finished_at.CopyFrom(timestamp(drill.finished_at))
     return msg
-
-
-# -- the schedule ---------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Due:
-    """A scheduled drill that came due: started (its job) or skipped (why)."""
-
-    plan: str
-    drill: str
-    job: str = ""
-    skipped: str = ""
-
-
-class DrillScheduler:
-    """Starts the drills that are due, on the leader broker only. A schedule's next time is
-    moved on before its drill starts, in one conditional update, so a drill runs once even
-    when brokers change leadership in between; a broker that was down does not make up for
-    the drills it missed: one drill runs, and the next is one interval later."""
-
-    def __init__(
-        self, *, store: Store, clock: Clock, drills: DrillManager, check_every: float = 60.0
-    ) -> None:
-        self._store = store
-        self._clock = clock
-        self._drills = drills
-        self.check_every = check_every
-
-    async def run(self, *, leader: Leader | None = None) -> None:
-        while True:
-            await asyncio.sleep(self.check_every)
-            if leader is None or leader.is_leader:
-                try:
-                    await self.tick()
-                except SitepairError:
-                    log.exception("scheduled drills could not start")
-
-    async def tick(self) -> list[Due]:
-        """Start (or record as skipped) every drill that is due now."""
-        now = self._clock.now()
-        schedules = await self._store.reading(lambda tx: tx.list_drill_schedules())
-        out: list[Due] = []
-        for s in schedules:
-            if s.next_at > now:
-                continue
-            following = s.next_at + s.every_seconds
-            if following <= now:
-                following = now + s.every_seconds
-            if not await self._move(s, following):
-                continue  # another broker took this one
-            try:
-                job = await self._drills.start(s.plan, by=SCHEDULER)
-            except SitepairError as exc:
-                if isinstance(exc, NotFound):  # the plan was deleted: its schedule goes
-                    await self._drills.set_schedule(s.plan, 0, by=SCHEDULER, known=False)
-                skipped = await self._drills.record_skipped(s.plan, exc.message, by=SCHEDULER)
-                out.append(Due(s.plan, skipped.id, skipped=exc.message))
-                continue
-            drill = json.loads(job.params_json)["drill"]
-            out.append(Due(s.plan, drill, job=job.id))
-        return out
-
-    async def _move(self, schedule: DrillSchedule, next_at: float) -> bool:
-        def move(tx: Tx) -> bool:
-            return tx.move_drill_schedule(
-                schedule.plan, seen_next_at=schedule.next_at, next_at=next_at
-            )
-
-        return await self._store.writing(move)

@@ -13,7 +13,8 @@ import grpc.aio
 
 from broker import paging
 from broker.convert import job_to_proto
-from broker.drills import check_proto, drill_proto
+from broker.drill_checks import check_proto
+from broker.drills import drill_proto
 from broker.store.models import DrillSchedule
 from broker.store.sqlite import Tx
 from sitepair import pki

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.drills import MAX_PROOF_DISKS, accept_proof, changed_at_rest, drill_proto
+from broker.drill_checks import MAX_PROOF_DISKS, accept_proof, changed_at_rest
+from broker.drills import drill_proto
 from broker.orchestration import StepFailed
 from broker.store.base import Store
 from broker.store.models import Drill, DrillSchedule, DrillState

@@ -4,7 +4,8 @@ ahead, sitepair/clock.py), skipped with a recorded reason when the plan cannot b
 from __future__ import annotations
 
 from broker.client import AdminClient, wait_job
-from broker.drills import SCHEDULER, DrillScheduler
+from broker.drill_schedule import DrillScheduler
+from broker.drills import SCHEDULER
 from broker.home import BrokerHome
 from broker.store.models import Drill, DrillState
 from sitepair.clock import OffsetClock

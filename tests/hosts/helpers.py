@@ -160,7 +160,9 @@ class WriterLog:
             text = self.path.read_text()
         except FileNotFoundError:
             return 0, 0, False, False
-        for line in text.splitlines():
+        # Only whole lines count: the writer may be half-way through its last one ("S " without
+        # its number yet), which is not a mark at all.
+        for line in text.split("\n")[:-1]:
             if line.startswith("S "):
                 started = int(line[2:])
             elif line.startswith("D "):
